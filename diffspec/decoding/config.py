@@ -1,0 +1,81 @@
+"""Decoding options as one validated dataclass (the `generate()` config pattern).
+
+Validation that needs the model or prompts (max positions, empty prompts)
+happens in `state.Canvas`; everything knowable from the options alone is
+checked here so a bad CLI flag fails before any model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+REMASKING = ("low_confidence", "random")
+POLICIES = ("schedule", "threshold", "factor")
+CACHES = ("none", "prefix", "dual", "dkv-decode", "dkv-greedy", "dkv-prefill")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    gen_length: int = 48
+    block_length: int = 16
+    steps: int = 48
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    policy: str = "schedule"
+    threshold: float = 0.9
+    factor: float = 1.0
+    cache: str = "none"
+    refresh_interval: int = 8
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
+        if self.block_length < 1:
+            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length}); "
+                f"try block_length {self._divisor_hint()}"
+            )
+        if self.steps < 1 or self.steps > self.gen_length:
+            raise ValueError(f"steps must be in [1, gen_length={self.gen_length}], got {self.steps}")
+        if self.policy == "schedule" and self.steps % self.num_blocks:
+            raise ValueError(
+                f"steps ({self.steps}) must be a multiple of the number of blocks "
+                f"(gen_length/block_length = {self.num_blocks})"
+            )
+        if self.remasking not in REMASKING:
+            raise ValueError(f"unknown remasking {self.remasking!r}; choose one of {', '.join(REMASKING)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 0 < self.threshold <= 1 and not (self.policy != "threshold" and self.threshold == 0.9):
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor <= 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.cache not in CACHES:
+            raise ValueError(f"unknown cache {self.cache!r}; choose one of {', '.join(CACHES)}")
+        if self.refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {self.refresh_interval}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def _divisor_hint(self) -> str:
+        ds = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
+        return " or ".join(str(d) for d in ds[-4:])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def replace(self, **kw: Any) -> "DecodeConfig":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,144 @@
+"""The masked-diffusion decoding loop shared by vanilla LLaDA, Fast-dLLM and dKV-Cache.
+
+One loop, close to LLaDA's pseudo-code: for each block, repeatedly ask the
+cache strategy for the block's logits, propose tokens (argmax or Gumbel
+sampling), score confidences, let the policy pick which masked positions to
+commit, and tell the cache what was committed. Vanilla sampling is the
+`none` cache with the `schedule` policy; the other methods only swap those two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..models.tokenizer import Tokenizer
+from .cache import make_cache
+from .config import DecodeConfig
+from .meter import CostMeter, MeteredModel
+from .policies import num_transfer_tokens, select_factor, select_threshold, select_topk
+from .state import Canvas
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # generated ids per prompt, cut at the first EOS
+    texts: list[str]
+    meter: CostMeter
+    config: DecodeConfig
+    raw_ids: list[list[int]] = field(default_factory=list, repr=False)  # full canvas tail, uncut
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.meter.summary(), "config": self.config.to_dict()}
+
+
+def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """LLaDA's sampler: argmax(exp(l) / (-log u)^T) in float64 (low precision hurts sampling quality)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    gumbel = (-torch.log(u.clamp_min(1e-300))) ** temperature
+    return logits.exp() / gumbel
+
+
+def propose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Candidate tokens and their confidence (softmax prob of the candidate, or random)."""
+    x0 = add_gumbel_noise(logits, cfg.temperature, generator).argmax(dim=-1)
+    if cfg.remasking == "low_confidence":
+        p = F.softmax(logits.to(torch.float64), dim=-1)
+        conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+    else:
+        conf = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+    return x0, conf
+
+
+def select(conf: Tensor, cfg: DecodeConfig, k: int) -> Tensor:
+    if cfg.policy == "threshold":
+        return select_threshold(conf, cfg.threshold)
+    if cfg.policy == "factor":
+        return select_factor(conf, cfg.factor)
+    return select_topk(conf, k)
+
+
+def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None) -> None:
+    """Fill every masked slot of `canvas` in place, block by block."""
+    if cfg.cfg_scale > 0 and cfg.cache != "none":
+        raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
+    cache = make_cache(cfg, model, canvas)
+    steps_per_block = cfg.steps // cfg.num_blocks
+    for b in range(cfg.num_blocks):
+        s, e = canvas.block_bounds(b, cfg.block_length)
+        cache.begin_block(s, e)
+        plan = num_transfer_tokens(cfg.block_length, steps_per_block)
+        step = 0
+        while True:
+            masked = canvas.x[:, s:e] == canvas.mask_id
+            if not masked.any():
+                break
+            logits = cache.block_logits(step)
+            if cfg.cfg_scale > 0:
+                uncond = canvas.x.clone()
+                uncond[:, : canvas.prompt_len] = torch.where(
+                    canvas.attention_mask[:, : canvas.prompt_len], canvas.mask_id, uncond[:, : canvas.prompt_len]
+                )
+                un = model(uncond, attention_mask=canvas.attention_mask).logits[:, s:e]
+                logits = un + (cfg.cfg_scale + 1) * (logits - un)
+            x0, conf = propose(logits, cfg, generator)
+            conf = torch.where(masked, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
+            k = plan[step] if step < len(plan) else 1
+            chosen = select(conf, cfg, k)
+            canvas.x[:, s:e] = torch.where(chosen, x0, canvas.x[:, s:e])
+            cache.after_commit(chosen, step)
+            step += 1
+
+
+def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+@torch.inference_mode()
+def diffusion_generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    cfg: DecodeConfig,
+    progress: bool = False,
+    meter: CostMeter | None = None,
+) -> GenerationResult:
+    """Decode `prompts` with a masked diffusion model in batches of `cfg.batch_size`."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    mcfg = model.config
+    meter = meter or CostMeter()
+    metered = MeteredModel(model, meter, meter.primary)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    encoded = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty; give some text to complete")
+        encoded.append(tokenizer.encode(p))
+    token_ids, raw = [], []
+    bar = tqdm(total=len(encoded), desc=f"decode[{cfg.policy},{cfg.cache}]", disable=not progress, leave=False)
+    with meter.timed(device):
+        for start in range(0, len(encoded), cfg.batch_size):
+            batch = encoded[start : start + cfg.batch_size]
+            canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id,
+                                         mcfg.max_sequence_length, device)
+            decode_canvas(metered, canvas, cfg, generator)
+            for row in canvas.generated().tolist():
+                raw.append(row)
+                token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
+            meter.tokens_generated += canvas.batch_size * cfg.gen_length
+            meter.sequences += canvas.batch_size
+            bar.update(len(batch))
+    bar.close()
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+    return GenerationResult(token_ids, texts, meter, cfg, raw)

@@ -1,0 +1,128 @@
+"""One cost meter for every decoder, so methods are compared on the same axes.
+
+`nfe` counts model calls (a batched call counts once and its batch size is
+recorded); `sequence_forwards` counts how many sequences each call advanced,
+which is what tokens-per-forward divides by, so batching prompts together does
+not change a method's TPF. FLOPs come from the model's own estimate
+(2·params·tokens + attention), so a cheap drafter step and an expensive
+verifier step are comparable.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+
+@dataclass
+class ModelCost:
+    nfe: int = 0
+    sequence_forwards: int = 0
+    tokens_processed: int = 0
+    flops: float = 0.0
+    max_batch: int = 0
+
+    def add(self, other: "ModelCost") -> None:
+        self.nfe += other.nfe
+        self.sequence_forwards += other.sequence_forwards
+        self.tokens_processed += other.tokens_processed
+        self.flops += other.flops
+        self.max_batch = max(self.max_batch, other.max_batch)
+
+
+@dataclass
+class CostMeter:
+    """Accumulates cost per named model. `primary` is the model whose forwards
+    define tokens-per-forward (the verifier / target in speculative methods)."""
+
+    primary: str = "model"
+    models: dict[str, ModelCost] = field(default_factory=dict)
+    tokens_generated: int = 0
+    sequences: int = 0
+    wall_seconds: float = 0.0
+
+    def record(self, name: str, batch: int, n_query: int, n_keys: int, flops: float, sequences: int | None = None) -> None:
+        c = self.models.setdefault(name, ModelCost())
+        c.nfe += 1
+        c.sequence_forwards += batch if sequences is None else sequences
+        c.tokens_processed += batch * n_query
+        c.flops += flops
+        c.max_batch = max(c.max_batch, batch)
+
+    @contextmanager
+    def timed(self, device: torch.device | None = None) -> Iterator[None]:
+        def sync() -> None:
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.wall_seconds += time.perf_counter() - t0
+
+    def merge(self, other: "CostMeter") -> None:
+        for name, c in other.models.items():
+            self.models.setdefault(name, ModelCost()).add(c)
+        self.tokens_generated += other.tokens_generated
+        self.sequences += other.sequences
+        self.wall_seconds += other.wall_seconds
+
+    @property
+    def nfe(self) -> int:
+        return sum(c.nfe for c in self.models.values())
+
+    @property
+    def flops(self) -> float:
+        return sum(c.flops for c in self.models.values())
+
+    @property
+    def tokens_processed(self) -> int:
+        return sum(c.tokens_processed for c in self.models.values())
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per forward of the primary model, per sequence."""
+        c = self.models.get(self.primary)
+        return self.tokens_generated / c.sequence_forwards if c and c.sequence_forwards else 0.0
+
+    @property
+    def tokens_per_forward_all(self) -> float:
+        n = sum(c.sequence_forwards for c in self.models.values())
+        return self.tokens_generated / n if n else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        per_seq = max(self.sequences, 1)
+        return {
+            "nfe": self.nfe,
+            "nfe_per_sequence": sum(c.sequence_forwards for c in self.models.values()) / per_seq,
+            "tokens_processed": self.tokens_processed,
+            "flops": self.flops,
+            "tokens_generated": self.tokens_generated,
+            "tokens_per_forward": self.tokens_per_forward,
+            "tokens_per_forward_all": self.tokens_per_forward_all,
+            "wall_seconds": self.wall_seconds,
+            "sequences": self.sequences,
+            "models": {k: asdict(v) for k, v in self.models.items()},
+        }
+
+
+class MeteredModel:
+    """Calls a model and charges the meter: one wrapper, so no method can forget."""
+
+    def __init__(self, model: torch.nn.Module, meter: CostMeter, name: str = "model"):
+        self.model, self.meter, self.name = model, meter, name
+        self.config = model.config
+
+    def __call__(self, input_ids: torch.Tensor, *, sequences: int | None = None, **kw: Any):
+        out = self.model(input_ids, **kw)
+        B, Q = input_ids.shape
+        cache = kw.get("kv_cache")
+        n_keys = cache.last_n_keys if cache is not None else Q
+        self.meter.record(self.name, B, Q, n_keys, B * self.model.forward_flops(Q, n_keys), sequences)
+        return out

@@ -1,0 +1,154 @@
+"""Checkpoint IO in Hugging Face layout: config.json + safetensors + tokenizer.json.
+
+Reads single-file or sharded (`model.safetensors.index.json`) weights with
+`safetensors` directly, never the network. Every failure a user can cause
+(missing directory, corrupt file, weights that do not fit the config) becomes
+a `CheckpointError` that names the file and what to change.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .llada import LLaDAConfig, LLaDAModel
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "llada-arith"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as asked."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but CUDA is not available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors weights in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"weight shard {f} named in the index is missing")
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises several unrelated error types
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
+    return state
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    f = Path(path) / "tokenizer.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json")
+    try:
+        return Tokenizer.from_file(f)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(
+    path: str | Path | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> tuple[LLaDAModel, Tokenizer]:
+    """Load a LLaDA-layout checkpoint (default: the bundled arith model)."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    raw = read_config(path)
+    if "d_model" not in raw:
+        raise CheckpointError(
+            f"{path}/config.json is not a LLaDA config (model_type={raw.get('model_type')!r}); "
+            "diffspec's masked-diffusion loader expects LLaDA keys such as d_model and n_layers"
+        )
+    try:
+        cfg = LLaDAConfig.from_hf_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.embedding_size:
+        raise CheckpointError(
+            f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.embedding_size}; "
+            "the tokenizer.json does not belong to this model"
+        )
+    state = _read_weights(path)
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path} do not match config.json: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
+        )
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(t.shape)}")
+    model.load_state_dict({k: v.to(dt) for k, v in state.items()}, assign=True)
+    return model.to(dev).eval(), tok
+
+
+def save_model(model: LLaDAModel, tokenizer: Tokenizer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json (LLaDA layout)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.weight_tying:
+        state.pop("model.transformer.ff_out.weight", None)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    tokenizer.save(path / "tokenizer.json")
+    return path

@@ -1,0 +1,170 @@
+"""Masked-diffusion SFT (LLaDA's objective) for small models on the arith tasks.
+
+Loss: draw t ~ U(0, 1] per example (stratified over the batch to cut
+variance), mask each answer token with probability t, and average the
+cross-entropy on masked tokens weighted by 1/t over all answer tokens. The
+prompt is never masked. Answers are padded with EOS to the generation length
+the decoder will use, exactly as the decoder's canvas looks at inference.
+Batches are bucketed by length so little compute goes to padding.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..decoding.config import DecodeConfig
+from ..decoding.diffusion import diffusion_generate
+from ..models.checkpoint import resolve_device, save_model
+from ..models.llada import LLaDAConfig, LLaDAModel
+from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
+from ..tasks import Example, arith_examples, arith_mc_examples, score
+from .common import cosine_lr, load_train_state, make_optimizer, read_train_config, save_train_state, seed_everything
+
+
+def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    tcfg = cfg.get("tokenizer", {})
+    n = int(tcfg.get("corpus_problems", 20000))
+    texts = [e.prompt + e.solution for e in arith_examples("train", n, seed=10_000)]
+    texts += [e.prompt + e.solution for e in arith_mc_examples("train", n // 10, seed=10_000)]
+    return train_bpe(texts, int(tcfg.get("vocab_size", 512)))
+
+
+def encode_example(tok: Tokenizer, ex: Example, gen_length: int, eos_id: int) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, answer ids padded with EOS to gen_length) or None if the answer does not fit."""
+    p = tok.encode(ex.prompt)
+    a = tok.encode(ex.solution)
+    if len(a) >= gen_length:
+        return None
+    return p, a + [eos_id] * (gen_length - len(a))
+
+
+class MDMBatcher:
+    """Endless length-bucketed batches from a pool of encoded examples."""
+
+    def __init__(self, items: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int):
+        self.items, self.bs, self.pad = items, batch_size, pad_id
+        self.rng = random.Random(seed)
+        self.queue: list[list[int]] = []
+
+    def _refill(self) -> None:
+        idx = self.rng.sample(range(len(self.items)), min(len(self.items), self.bs * 16))
+        idx.sort(key=lambda i: len(self.items[i][0]) + len(self.items[i][1]))
+        batches = [idx[i : i + self.bs] for i in range(0, len(idx) - self.bs + 1, self.bs)]
+        self.rng.shuffle(batches)
+        self.queue.extend(batches)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids (B, T), answer mask (B, T), attention mask (B, T); right-padded."""
+        if not self.queue:
+            self._refill()
+        rows = [self.items[i] for i in self.queue.pop()]
+        T = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), T), self.pad, dtype=torch.long)
+        ans = torch.zeros((len(rows), T), dtype=torch.bool)
+        att = torch.zeros((len(rows), T), dtype=torch.bool)
+        for r, (p, a) in enumerate(rows):
+            ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+            ans[r, len(p) : len(p) + len(a)] = True
+            att[r, : len(p) + len(a)] = True
+        return ids, ans, att
+
+
+def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch.Tensor, mask_id: int,
+             eps: float = 1e-3) -> torch.Tensor:
+    B = ids.shape[0]
+    t = (torch.arange(B, device=ids.device) + torch.rand(B, device=ids.device)) / B  # stratified U(0,1)
+    p_mask = ((1 - eps) * t + eps)[:, None]
+    masked = (torch.rand(ids.shape, device=ids.device) < p_mask) & ans
+    noisy = torch.where(masked, mask_id, ids)
+    logits = model(noisy, attention_mask=att).logits
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
+    return (ce / p_mask.expand_as(ids)[masked]).sum() / ans.sum().clamp(min=1)
+
+
+def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_length: int, block_length: int) -> float:
+    model.eval()
+    cfg = DecodeConfig(gen_length=gen_length, block_length=block_length, steps=gen_length, batch_size=64)
+    res = diffusion_generate(model, tok, [e.prompt for e in examples], cfg)
+    model.train()
+    return sum(score(e, t)["correct"] for e, t in zip(examples, res.texts)) / len(examples)
+
+
+def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
+              device: str | None = None, max_steps: int | None = None) -> Path:
+    cfg = read_train_config(config_path)
+    tr, dcfg = cfg["train"], cfg.get("data", {})
+    out_dir = Path(out or cfg["out"])
+    state_path = Path(cfg.get("state_dir", f"runs/{out_dir.name}")) / "trainer_state.pt"
+    seed_everything(int(tr.get("seed", 0)))
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    dev = resolve_device(device or tr.get("device", "auto"))
+
+    tok = build_tokenizer(cfg)
+    eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
+    mcfg = LLaDAConfig(**{**cfg["model"], "vocab_size": tok.vocab_size, "mask_token_id": mask_id, "eos_token_id": eos_id})
+    model = LLaDAModel(mcfg).to(dev)
+    print(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
+
+    gen_length = int(dcfg.get("gen_length", 48))
+    n_pool = int(dcfg.get("pool", 100_000))
+    mc_frac = float(dcfg.get("mc_fraction", 0.1))
+    long_frac = float(dcfg.get("long_fraction", 0.0))
+    long_lengths = list(dcfg.get("long_lengths", [64, 96, 128]))
+    rng = random.Random(int(tr.get("seed", 0)))
+    items = []
+    for ex in arith_examples("train", n_pool, seed=int(tr.get("seed", 0))):
+        L = rng.choice(long_lengths) if rng.random() < long_frac else gen_length
+        enc = encode_example(tok, ex, L, eos_id)
+        if enc:
+            items.append(enc)
+    for ex in arith_mc_examples("train", int(n_pool * mc_frac), seed=int(tr.get("seed", 0))):
+        enc = encode_example(tok, ex, int(dcfg.get("mc_gen_length", 8)), eos_id)
+        if enc:
+            items.append(enc)
+    batcher = MDMBatcher(items, int(tr.get("batch_size", 64)), eos_id, int(tr.get("seed", 0)))
+    val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0)
+
+    total = int(max_steps or tr.get("steps", 2000))
+    opt = make_optimizer(model, float(tr.get("lr", 1e-3)), float(tr.get("weight_decay", 0.1)))
+    step, extra = 0, {"history": []}
+    if resume:
+        step, extra = load_train_state(state_path, model, opt)
+        print(f"resumed from {state_path} at step {step}")
+    model.train()
+    max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
+    t0 = time.time()
+    bar = tqdm(total=total, initial=step, desc="train mdm")
+    eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
+    while step < total:
+        lr = cosine_lr(step, total, float(tr.get("lr", 1e-3)), int(tr.get("warmup", 100)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, ans, att = (t.to(dev) for t in batcher.next())
+        loss = mdm_loss(model, ids, ans, att, mask_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tr.get("grad_clip", 1.0)))
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        timeout = time.time() - t0 > max_seconds
+        if step % eval_every == 0 or step == total or timeout:
+            acc = evaluate(model, tok, val, gen_length, int(dcfg.get("block_length", 16)))
+            extra["history"].append({"step": step, "loss": loss.item(), "val_accuracy": acc, "minutes": (time.time() - t0) / 60})
+            tqdm.write(f"step {step}: loss {loss.item():.3f}  val exact-match {acc:.3f}")
+        if step % save_every == 0 or step == total or timeout:
+            save_model(model, tok, out_dir)
+            save_train_state(state_path, step, model, opt, extra)
+        if timeout:
+            tqdm.write(f"stopping at step {step}: max_minutes reached")
+            break
+    bar.close()
+    return out_dir
