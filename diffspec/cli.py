@@ -1,0 +1,166 @@
+"""`diffspec generate | eval | bench | train` — thin argparse layer over the API.
+
+User errors (bad options, missing or corrupt checkpoints, unknown tasks)
+print one `diffspec: error: ...` line and exit 2; only real bugs traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .models.checkpoint import CheckpointError
+
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedError, KeyError)
+
+
+def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
+    g = p.add_argument_group("decoding")
+    if with_method:
+        g.add_argument("--method", default="vanilla", help="vanilla | fast-dllm | dkv-cache (default vanilla)")
+    g.add_argument("--gen-length", type=int, help="tokens to generate (task default, 48 for arith)")
+    g.add_argument("--block-length", type=int, help="semi-autoregressive block size (must divide gen-length)")
+    g.add_argument("--steps", type=int, help="denoising steps for the schedule policy (default gen-length)")
+    g.add_argument("--remasking", choices=None, help="low_confidence | random")
+    g.add_argument("--temperature", type=float, help="0 = greedy; >0 Gumbel sampling in float64")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (0 = off)")
+    g.add_argument("--policy", help="schedule | threshold | factor")
+    g.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --policy threshold")
+    g.add_argument("--factor", type=float, help="factor > 0 for --policy factor")
+    g.add_argument("--cache", help="none | prefix | dual | dkv-decode | dkv-greedy | dkv-prefill")
+    g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--batch-size", type=int, help="prompts decoded together (default 32)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="checkpoint directory (default: the bundled arith model)")
+    m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    m.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on cpu, bf16 on cuda)")
+
+
+def _options(a: argparse.Namespace) -> dict:
+    keys = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
+            "factor", "cache", "refresh_interval", "seed", "batch_size"]
+    return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from .api import generate, resolve_model
+    from .evaluate import task_config
+    from .tasks import gsm8k_prompt
+
+    template = a.template or ("qa" if a.model is None else "raw")
+    if template not in ("qa", "raw"):
+        raise ValueError(f"unknown --template {template!r}; use qa or raw")
+    prompt = gsm8k_prompt(a.prompt) if template == "qa" else a.prompt
+    opts = _options(a)
+    if "steps" not in opts and "gen_length" in opts:
+        opts["steps"] = opts["gen_length"]
+    cfg = task_config("arith", a.method, **opts)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype)
+    res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
+    print(res.texts[0].strip())
+    s = res.meter.summary()
+    print(f"[{a.method}] forwards {s['nfe']}, tokens/forward {s['tokens_per_forward']:.2f}, "
+          f"GFLOPs {s['flops'] / 1e9:.2f}, {s['wall_seconds']:.2f}s", file=sys.stderr)
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from .api import resolve_model
+    from .evaluate import evaluate, task_config, write_json
+
+    opts = _options(a)
+    if "steps" not in opts and "gen_length" in opts:
+        opts["steps"] = opts["gen_length"]
+    cfg = task_config(a.task, a.method, **opts)
+    from .tasks import load_examples
+
+    examples = load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype)
+    r = evaluate(a.task, model, tok, a.method, cfg, examples=examples)
+    r["model"] = a.model or "bundled:llada-arith"
+    flex = f", flexible {r['accuracy_flexible']:.1%}" if "accuracy_flexible" in r else ""
+    print(f"{a.task} [{a.method}] accuracy {r['accuracy']:.1%}{flex} on {r['n']} | forwards/seq "
+          f"{r['nfe_per_sequence']:.1f} | tokens/forward {r['tokens_per_forward']:.2f} | GFLOPs {r['flops'] / 1e9:.1f} "
+          f"| {r['wall_seconds']:.1f}s")
+    if a.out:
+        write_json(r, a.out)
+        print(f"wrote {a.out}", file=sys.stderr)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .api import resolve_model
+    from .bench.runner import run_bench, suite
+
+    specs = a.methods or suite(a.suite, a.task)
+    overrides = _options(a)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype)
+    command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
+              overrides=overrides, command=command)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    if a.kind == "mdm":
+        from .train.mdm import train_mdm
+
+        out = train_mdm(a.config, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
+        print(f"saved {out}")
+    else:
+        raise ValueError(f"unknown training kind {a.kind!r}; use mdm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffspec", description="Fast, honest inference for diffusion language models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt (completion on stdout, cost on stderr)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--template", help="qa: wrap as 'Question: …\\nAnswer:' (default for the bundled model); raw: as is")
+    _decode_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="accuracy and cost of one method on a task")
+    e.add_argument("--task", default="arith", help="arith | arith-mc | gsm8k | mmlu")
+    e.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
+    e.add_argument("--limit", type=int, help="number of examples (default 500 for arith, all for files)")
+    e.add_argument("--k-shot", type=int, help="few-shot exemplars (gsm8k default 5, mmlu 0)")
+    e.add_argument("--out", help="write the result JSON here")
+    _decode_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="sweep methods on the same examples: table, JSON and Pareto plot")
+    b.add_argument("--task", default="arith")
+    b.add_argument("--data")
+    b.add_argument("--limit", type=int, default=500)
+    b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (issue: Fast-dLLM/dKV)")
+    b.add_argument("--methods", nargs="+", help="specs like vanilla:steps=24 fast-dllm:cache=dual,policy=threshold")
+    b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    _decode_args(b, with_method=False)
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train a small model from a JSON config")
+    t.add_argument("kind", help="mdm")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", help="checkpoint directory (default: the config's 'out')")
+    t.add_argument("--resume", action="store_true", help="continue from the saved trainer state")
+    t.add_argument("--device", default=None)
+    t.add_argument("--max-steps", type=int)
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"diffspec: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

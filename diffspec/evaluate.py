@@ -1,0 +1,64 @@
+"""Accuracy and cost of one method on one task, as a JSON-ready dict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .api import build_config, generate
+from .decoding.config import DecodeConfig
+from .tasks import Example, load_examples, score
+
+# Generation shapes that fit each task's answers (overridable per run).
+TASK_DEFAULTS: dict[str, dict[str, int]] = {
+    "arith": {"gen_length": 48, "block_length": 16, "steps": 48},
+    "arith-mc": {"gen_length": 8, "block_length": 8, "steps": 8},
+    "gsm8k": {"gen_length": 256, "block_length": 32, "steps": 256},
+    "mmlu": {"gen_length": 8, "block_length": 8, "steps": 8},
+}
+
+
+def task_config(task: str, method: str, **options: Any) -> DecodeConfig:
+    base = {**TASK_DEFAULTS.get(task, {}), **{k: v for k, v in options.items() if v is not None}}
+    return build_config(method, **base)
+
+
+def evaluate(
+    task: str,
+    model: Any,
+    tokenizer: Any,
+    method: str = "vanilla",
+    config: DecodeConfig | None = None,
+    examples: list[Example] | None = None,
+    limit: int | None = None,
+    data: str | Path | None = None,
+    progress: bool = True,
+    keep_samples: bool = True,
+) -> dict[str, Any]:
+    examples = examples if examples is not None else load_examples(task, limit=limit, data=data)
+    cfg = config or task_config(task, method)
+    res = generate([e.prompt for e in examples], model=model, tokenizer=tokenizer, method=method,
+                   progress=progress, config=cfg)
+    scores = [score(e, t) for e, t in zip(examples, res.texts)]
+    n = len(examples)
+    out: dict[str, Any] = {
+        "task": task,
+        "method": method,
+        "accuracy": sum(s["correct"] for s in scores) / n,
+        "n": n,
+        **res.meter.summary(),
+        "config": cfg.to_dict(),
+    }
+    if any("flexible_correct" in s for s in scores):
+        out["accuracy_flexible"] = sum(s.get("flexible_correct", False) for s in scores) / n
+    if keep_samples:
+        out["samples"] = [{"prompt": e.prompt[-200:], "gold": e.gold, "completion": t, **s}
+                          for e, t, s in zip(examples, res.texts, scores)]
+    return out
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
