@@ -88,6 +88,9 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
                 )
                 un = model(uncond, attention_mask=canvas.attention_mask).logits[:, s:e]
                 logits = un + (cfg.cfg_scale + 1) * (logits - un)
+            # Never propose the mask token itself: committing it would leave the slot
+            # masked, and with greedy decoding the loop would then never terminate.
+            logits = logits.index_fill(-1, torch.tensor([canvas.mask_id], device=logits.device), -torch.inf)
             x0, conf = propose(logits, cfg, generator)
             conf = torch.where(masked, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
             k = plan[step] if step < len(plan) else 1
@@ -95,6 +98,8 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
             canvas.x[:, s:e] = torch.where(chosen, x0, canvas.x[:, s:e])
             cache.after_commit(chosen, step)
             step += 1
+            if step > cfg.block_length:  # every policy commits >= 1 per row and step
+                raise RuntimeError(f"block {b} still has masks after {step} steps; the logits may contain NaN")
 
 
 def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:

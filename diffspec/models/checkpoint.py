@@ -83,9 +83,12 @@ def read_config(path: str | Path) -> dict:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
     try:
-        return json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object of config keys, not {type(raw).__name__}")
+    return raw
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -181,7 +181,10 @@ class LLaDAModel(nn.Module):
         if not cfg.weight_tying:
             t.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.model.transformer = t
-        self.apply(self._init_weights)
+        # Skip init on the meta device (load_model builds there, then assigns real
+        # weights): meta normal_ goes through torch._refs and imports dynamo (~4 s).
+        if not t.wte.weight.is_meta:
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

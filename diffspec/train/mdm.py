@@ -110,6 +110,14 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
     mcfg = LLaDAConfig(**{**cfg["model"], "vocab_size": tok.vocab_size, "mask_token_id": mask_id, "eos_token_id": eos_id})
     model = LLaDAModel(mcfg).to(dev)
+    if tr.get("init_from"):  # warm start from a saved checkpoint (weights only, fresh optimizer)
+        from ..models.checkpoint import load_model
+
+        init, init_tok = load_model(tr["init_from"], device=dev, dtype=torch.float32)
+        if init_tok.vocab_size != tok.vocab_size or init.config.d_model != mcfg.d_model:
+            raise ValueError(f"init_from {tr['init_from']} does not match this config's tokenizer/model shape")
+        model.load_state_dict(init.state_dict())
+        print(f"initialised weights from {tr['init_from']}")
     print(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
 
     gen_length = int(dcfg.get("gen_length", 48))
@@ -138,12 +146,17 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         step, extra = load_train_state(state_path, model, opt)
         print(f"resumed from {state_path} at step {step}")
     model.train()
+    # A time budget (max_minutes > 0) trades exact step-for-step reproducibility for
+    # finishing on time; set max_minutes 0 for a run fixed by `steps` alone.
     max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
-    t0 = time.time()
+    t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
     bar = tqdm(total=total, initial=step, desc="train mdm")
     eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
     while step < total:
-        lr = cosine_lr(step, total, float(tr.get("lr", 1e-3)), int(tr.get("warmup", 100)))
+        # With a time budget the schedule follows whichever runs out first, steps or
+        # minutes, so a slow or busy machine still ends with a fully decayed LR.
+        progress_step = max(step, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else step
+        lr = cosine_lr(progress_step, total, float(tr.get("lr", 1e-3)), int(tr.get("warmup", 100)))
         for g in opt.param_groups:
             g["lr"] = lr
         ids, ans, att = (t.to(dev) for t in batcher.next())
@@ -155,13 +168,14 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-        timeout = time.time() - t0 > max_seconds
+        timeout = time.time() - t0 > max_seconds or progress_step >= total
         if step % eval_every == 0 or step == total or timeout:
             acc = evaluate(model, tok, val, gen_length, int(dcfg.get("block_length", 16)))
             extra["history"].append({"step": step, "loss": loss.item(), "val_accuracy": acc, "minutes": (time.time() - t0) / 60})
             tqdm.write(f"step {step}: loss {loss.item():.3f}  val exact-match {acc:.3f}")
         if step % save_every == 0 or step == total or timeout:
             save_model(model, tok, out_dir)
+            extra["elapsed_seconds"] = time.time() - t0
             save_train_state(state_path, step, model, opt, extra)
         if timeout:
             tqdm.write(f"stopping at step {step}: max_minutes reached")
