@@ -55,8 +55,6 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise ValueError(f"unknown --template {template!r}; use qa or raw")
     prompt = gsm8k_prompt(a.prompt) if template == "qa" else a.prompt
     opts = _options(a)
-    if "steps" not in opts and "gen_length" in opts:
-        opts["steps"] = opts["gen_length"]
     cfg = task_config("arith", a.method, **opts)
     model, tok = resolve_model(a.model, None, a.device, a.dtype)
     res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
@@ -71,8 +69,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .evaluate import evaluate, task_config, write_json
 
     opts = _options(a)
-    if "steps" not in opts and "gen_length" in opts:
-        opts["steps"] = opts["gen_length"]
     cfg = task_config(a.task, a.method, **opts)
     from .tasks import load_examples
 

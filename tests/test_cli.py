@@ -1,0 +1,157 @@
+"""CLI and API surface: the commands README promises, their JSON, and one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffspec.api import build_config
+from diffspec.bench.plot import pareto_front
+from diffspec.bench.runner import parse_spec
+from diffspec.cli import main
+from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, save_model
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_prints_completion_and_cost(tiny_checkpoint, capsys):
+    rc, out, err = run(["generate", "--prompt", "Tom has 5 apples.", "--model", str(tiny_checkpoint),
+                        "--template", "qa", "--gen-length", "16", "--block-length", "8"], capsys)
+    assert rc == 0
+    assert out.endswith("\n") and out.count("\n") >= 1
+    assert "forwards 16" in err  # steps default to gen-length
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "fast-dllm", "--cache", "dual", "--policy", "threshold", "--threshold", "0.9"],
+    ["--method", "fast-dllm", "--cache", "prefix", "--policy", "factor", "--factor", "1.0"],
+    ["--method", "dkv-cache", "--cache", "dkv-decode", "--refresh-interval", "4"],
+])
+def test_generate_with_accelerated_methods(tiny_checkpoint, capsys, extra):
+    rc, _, err = run(["generate", "--prompt", "Ana has 3 pens.", "--model", str(tiny_checkpoint),
+                      "--gen-length", "16", "--block-length", "8", *extra], capsys)
+    assert rc == 0, err
+
+
+def test_eval_writes_json_with_required_fields(tiny_checkpoint, tmp_path, capsys):
+    out_file = tmp_path / "r.json"
+    rc, out, _ = run(["eval", "--task", "arith", "--limit", "4", "--model", str(tiny_checkpoint),
+                      "--gen-length", "16", "--block-length", "8", "--steps", "8", "--out", str(out_file)], capsys)
+    assert rc == 0
+    r = json.loads(out_file.read_text())
+    for key in ("accuracy", "n", "nfe", "tokens_per_forward", "flops", "wall_seconds", "config"):
+        assert key in r
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 4
+    assert r["config"]["steps"] == 8 and r["tokens_per_forward"] == pytest.approx(2.0)
+    assert "accuracy" in out
+
+
+def test_eval_arith_mc_uses_letter_scoring(make_model, tokenizer, tmp_path, capsys):
+    ckpt = save_model(make_model(max_sequence_length=512), tokenizer, tmp_path / "long")
+    rc, out, err = run(["eval", "--task", "arith-mc", "--limit", "3", "--model", str(ckpt)], capsys)
+    assert rc == 0 and "arith-mc" in out, err
+
+
+def test_bench_writes_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
+    rc, out, err = run(["bench", "--model", str(tiny_checkpoint), "--limit", "3", "--out", str(tmp_path),
+                      "--gen-length", "16", "--block-length", "8",
+                      "--methods", "vanilla:steps=16", "vanilla:steps=4", "fast-dllm:cache=dual,policy=threshold"], capsys)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["label"] for r in res["rows"]][0] == "vanilla steps=16"
+    assert res["rows"][1]["speedup_nfe"] == pytest.approx(4.0)
+    assert res["rows"][0]["speedup_wall"] == pytest.approx(1.0)
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    assert "| method |" in out and (tmp_path / "table.md").is_file()
+
+
+def _one_line_error(rc: int, err: str, needle: str) -> None:
+    assert rc == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffspec: error:"), err
+    assert needle in lines[0]
+
+
+def test_missing_model_dir_is_one_line(tmp_path, capsys):
+    rc, _, err = run(["generate", "--prompt", "hi", "--model", str(tmp_path / "nope")], capsys)
+    _one_line_error(rc, err, "does not exist")
+
+
+def test_corrupt_safetensors_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    rc, _, err = run(["generate", "--prompt", "hi", "--model", str(bad)], capsys)
+    _one_line_error(rc, err, "safetensors")
+
+
+def test_config_weights_mismatch_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["d_model"] = 128
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run(["generate", "--prompt", "hi", "--model", str(bad)], capsys)
+    _one_line_error(rc, err, "shape")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--task", "nope"], "unknown task"),
+    (["eval", "--task", "arith", "--steps", "7"], "multiple of the number of blocks"),
+    (["eval", "--task", "arith", "--method", "magic"], "unknown method"),
+    (["eval", "--task", "arith", "--method", "vanilla", "--cache", "dual"], "does not use cache"),
+    (["eval", "--task", "arith", "--method", "fast-dllm", "--threshold", "1.5"], "threshold"),
+    (["eval", "--task", "gsm8k", "--data", "/nonexistent/gsm8k.jsonl"], "not found"),
+    (["bench", "--methods", "vanilla:bogus=3"], "bad option"),
+    (["bench", "--methods", "vanilla:steps=abc"], "needs a int"),
+    (["generate", "--prompt", "hi", "--device", "tpu"], "device"),
+    (["generate", "--prompt", "hi", "--dtype", "float8"], "dtype"),
+])
+def test_bad_options_are_one_line(argv, needle, tiny_checkpoint, capsys):
+    if "--model" not in argv and argv[0] != "bench" or argv[0] == "bench":
+        argv = [*argv, "--model", str(tiny_checkpoint)]
+    rc, _, err = run(argv, capsys)
+    _one_line_error(rc, err, needle)
+
+
+def test_empty_prompt_is_one_line(tiny_checkpoint, capsys):
+    rc, _, err = run(["generate", "--prompt", "  ", "--model", str(tiny_checkpoint), "--template", "raw"], capsys)
+    _one_line_error(rc, err, "empty")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffspec.cli", "generate", "--prompt", "x", "--model",
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("diffspec: error:")
+
+
+def test_build_config_presets_and_errors():
+    assert build_config("fast-dllm").cache == "dual" and build_config("fast-dllm").policy == "threshold"
+    assert build_config("dkv-cache").cache == "dkv-decode"
+    assert build_config("vanilla", steps=12).steps == 12
+    with pytest.raises(ValueError, match="unknown decoding option"):
+        build_config("vanilla", stepz=3)
+    with pytest.raises(ValueError, match="does not use cache"):
+        build_config("fast-dllm", cache="dkv-decode")
+    with pytest.raises(ValueError, match="schedule"):
+        build_config("vanilla", policy="threshold")
+
+
+def test_parse_spec_and_pareto_front():
+    assert parse_spec("fast-dllm:cache=dual,threshold=0.8") == ("fast-dllm", {"cache": "dual", "threshold": 0.8})
+    assert pareto_front([(1, 50), (2, 40), (3, 70), (4, 70)]) == [(1, 50), (3, 70)]
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model.safetensors").is_file(), reason="bundled model not present")
+def test_bundled_model_generates(capsys):
+    rc, out, err = run(["generate", "--prompt", "Tom has 5 apples. Tom buys 3 more. How many apples does Tom have now?"], capsys)
+    assert rc == 0 and "####" in out, out
