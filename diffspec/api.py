@@ -3,7 +3,9 @@
 Methods are presets over one `DecodeConfig` (cache × policy); a user option
 always wins over the preset, but combinations that would silently mean a
 different method (e.g. `vanilla` with a cache) are rejected so a result is
-never labelled with the wrong method name.
+never labelled with the wrong method name. `dualdiffusion` is speculative:
+its options live in a `DualConfig` (a drafter DecodeConfig plus the loop's
+options) and it takes a second model, the drafter.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .decoding.config import DecodeConfig
 from .decoding.diffusion import GenerationResult, diffusion_generate
 from .models.checkpoint import load_model
 from .models.tokenizer import Tokenizer
+from .spec.dualdiffusion import DUAL_OPTIONS, SELF, DualConfig, build_dual_config, dualdiffusion_generate
 
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"cache": "none", "policy": "schedule"},
@@ -27,12 +30,22 @@ _ALLOWED_CACHES = {
     "fast-dllm": ("none", "prefix", "dual"),
     "dkv-cache": ("dkv-decode", "dkv-greedy", "dkv-prefill"),
 }
+SPEC_METHODS = ("dualdiffusion",)
+METHOD_NAMES = (*METHODS, *SPEC_METHODS)
 
 
-def build_config(method: str = "vanilla", base: DecodeConfig | None = None, **options: Any) -> DecodeConfig:
+def build_config(method: str = "vanilla", base: DecodeConfig | DualConfig | None = None,
+                 **options: Any) -> DecodeConfig | DualConfig:
     """Method preset, then `base`, then explicit options (None means 'not given')."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHOD_NAMES:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    if method == "dualdiffusion":
+        return build_dual_config(base, **options)
+    if isinstance(base, DualConfig):
+        raise ValueError(f"method {method!r} cannot start from a DualDiffusion config; pass a DecodeConfig")
+    dual_only = sorted(k for k in options if k in DUAL_OPTIONS and options[k] is not None)
+    if dual_only:
+        raise ValueError(f"option(s) {dual_only} only apply to method 'dualdiffusion', not {method!r}")
     unknown = set(options) - set(DecodeConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown decoding option(s) {sorted(unknown)}; valid: {sorted(DecodeConfig.__dataclass_fields__)}")
@@ -63,6 +76,21 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
     return model, tokenizer
 
 
+def resolve_drafter(drafter: Any, cfg: DualConfig, verifier: torch.nn.Module, drafter_tokenizer: Tokenizer | None,
+                    dtype: str | None = None) -> tuple[torch.nn.Module | None, Tokenizer | None]:
+    """The drafter model and its tokenizer: an object as given, `cfg.drafter` loaded
+    onto the verifier's device, or (None, None) for 'self' (the verifier drafts)."""
+    if isinstance(drafter, torch.nn.Module):
+        return drafter, drafter_tokenizer
+    if drafter is not None:
+        raise ValueError(f"drafter must be a checkpoint path, 'self', a model object or None; "
+                         f"got {type(drafter).__name__}")
+    if cfg.drafter == SELF:
+        return None, None
+    param = next(verifier.parameters())
+    return load_model(cfg.drafter, device=param.device, dtype=dtype or param.dtype)
+
+
 def generate(
     prompts: str | Sequence[str],
     model: Any = None,
@@ -71,16 +99,32 @@ def generate(
     progress: bool = False,
     device: str | None = "cpu",
     dtype: str | None = None,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | DualConfig | None = None,
+    drafter: Any = None,
+    drafter_tokenizer: Tokenizer | None = None,
     **options: Any,
 ) -> GenerationResult:
-    """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache).
+    """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion).
 
     `model` is a checkpoint directory, a loaded model, or None for the bundled
-    model; `options` are `DecodeConfig` fields (steps, gen_length, threshold...).
+    model; `options` are `DecodeConfig` fields (steps, gen_length, threshold...)
+    and, for dualdiffusion, `DualConfig` options (rule, rule_threshold,
+    num_drafter_steps, drafter_cache, drafter_policy, drafter_threshold...).
+    `drafter` (dualdiffusion only) is a checkpoint path, 'self' / None (the
+    verifier's own model with the drafter config, default dual cache +
+    threshold 0.9) or a loaded model sharing the verifier's tokenizer.
     """
+    if method != "dualdiffusion" and (drafter is not None or drafter_tokenizer is not None):
+        raise ValueError(f"drafter= only applies to method 'dualdiffusion', not {method!r}")
+    if isinstance(drafter, (str, Path)):
+        options["drafter"], drafter = str(drafter), None
     cfg = build_config(method, config, **options)
     model, tokenizer = resolve_model(model, tokenizer, device, dtype)
     if isinstance(prompts, str):
         prompts = [prompts]
+    if isinstance(cfg, DualConfig):
+        if isinstance(drafter, torch.nn.Module):
+            cfg = cfg.replace(drafter=f"<{type(drafter).__name__} object>")
+        d_model, d_tok = resolve_drafter(drafter, cfg, model, drafter_tokenizer, dtype)
+        return dualdiffusion_generate(model, tokenizer, list(prompts), cfg, d_model, d_tok, progress=progress)
     return diffusion_generate(model, tokenizer, list(prompts), cfg, progress=progress)

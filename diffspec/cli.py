@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .models.checkpoint import CheckpointError
+from .spec.dualdiffusion import DUAL_OPTIONS
 
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedError, KeyError)
 
@@ -19,7 +20,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedErr
 def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g = p.add_argument_group("decoding")
     if with_method:
-        g.add_argument("--method", default="vanilla", help="vanilla | fast-dllm | dkv-cache (default vanilla)")
+        g.add_argument("--method", default="vanilla",
+                       help="vanilla | fast-dllm | dkv-cache | dualdiffusion (default vanilla)")
     g.add_argument("--gen-length", type=int, help="tokens to generate (task default, 48 for arith)")
     g.add_argument("--block-length", type=int, help="semi-autoregressive block size (must divide gen-length)")
     g.add_argument("--steps", type=int, help="denoising steps for the schedule policy (default gen-length)")
@@ -33,6 +35,21 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, help="prompts decoded together (default 32)")
+    d = p.add_argument_group("dualdiffusion (drafter drafts, --model verifies)")
+    d.add_argument("--drafter", help="drafter checkpoint directory, or 'self' = the verifier's model (default self)")
+    d.add_argument("--drafter-cache", help="drafter's cache (default dual)")
+    d.add_argument("--drafter-policy", help="drafter's unmasking policy (default threshold)")
+    d.add_argument("--drafter-threshold", type=float, help="drafter's threshold-policy confidence (default 0.9)")
+    d.add_argument("--rule", help="exact_match | confidence_threshold | disagreement_with_confidence | "
+                                  "kl_divergence | unmask_confidence | trust_verifier | no_verification")
+    d.add_argument("--rule-threshold", type=float, help="τ of the rule: probability in (0, 1], KL in nats > 0")
+    d.add_argument("--num-drafter-steps", type=int, help="drafter steps per iteration (default 4)")
+    d.add_argument("--num-verifier-steps", type=int, help="verifier forwards per iteration (default 1)")
+    d.add_argument("--max-iterations", type=int, help="draft/verify iterations before the verifier fills the rest "
+                                                      "(default gen-length)")
+    d.add_argument("--verifier-view", help="drafted (default) | masked | stepwise: what the verifier sees of the drafts")
+    d.add_argument("--no-progress-guard", dest="progress_guard", action="store_const", const=False,
+                   help="do not fill a stalled row's first re-masked cell with the verifier's token")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="checkpoint directory (default: the bundled arith model)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
@@ -42,6 +59,7 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
 def _options(a: argparse.Namespace) -> dict:
     keys = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
             "factor", "cache", "refresh_interval", "seed", "batch_size"]
+    keys += list(DUAL_OPTIONS)
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
@@ -60,7 +78,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
     res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
     print(res.texts[0].strip())
     s = res.meter.summary()
-    print(f"[{a.method}] forwards {s['nfe']}, tokens/forward {s['tokens_per_forward']:.2f}, "
+    per_model = ""
+    if len(s["models"]) > 1:  # speculative: the paper's steps = drafter + verifier forwards
+        per_model = " (" + " + ".join(f"{name} {c['nfe']}" for name, c in s["models"].items()) + ")"
+    print(f"[{a.method}] forwards {s['nfe']}{per_model}, tokens/forward {s['tokens_per_forward']:.2f}, "
           f"GFLOPs {s['flops'] / 1e9:.2f}, {s['wall_seconds']:.2f}s", file=sys.stderr)
 
 

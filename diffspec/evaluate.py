@@ -7,6 +7,7 @@ from typing import Any
 
 from .api import build_config, generate
 from .decoding.config import DecodeConfig
+from .spec.dualdiffusion import DualConfig
 from .tasks import Example, load_examples, score
 
 # Generation shapes that fit each task's answers (overridable per run).
@@ -18,7 +19,7 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 
-def task_config(task: str, method: str, **options: Any) -> DecodeConfig:
+def task_config(task: str, method: str, **options: Any) -> DecodeConfig | DualConfig:
     given = {k: v for k, v in options.items() if v is not None}
     base = {**TASK_DEFAULTS.get(task, {}), **given}
     if "gen_length" in given and "steps" not in given:  # full steps unless told otherwise
@@ -31,7 +32,7 @@ def evaluate(
     model: Any,
     tokenizer: Any,
     method: str = "vanilla",
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | DualConfig | None = None,
     examples: list[Example] | None = None,
     limit: int | None = None,
     data: str | Path | None = None,
@@ -52,6 +53,8 @@ def evaluate(
         **res.meter.summary(),
         "config": cfg.to_dict(),
     }
+    if res.stats:  # speculative methods: what happened to the drafts
+        out["spec"] = res.stats
     if any("flexible_correct" in s for s in scores):
         out["accuracy_flexible"] = sum(s.get("flexible_correct", False) for s in scores) / n
     if keep_samples:

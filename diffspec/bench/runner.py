@@ -14,39 +14,69 @@ from typing import Any
 
 import torch
 
-from ..api import METHODS
+from ..api import METHOD_NAMES
 from ..decoding.config import DecodeConfig
 from ..evaluate import TASK_DEFAULTS, evaluate, task_config, write_json
+from ..spec.dualdiffusion import DUAL_OPTIONS, DualConfig
 from ..tasks import load_examples
 from .plot import pareto_plot
 from .table import format_table
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'fast-dllm:cache=dual,policy=threshold,threshold=0.9' -> ('fast-dllm', {...})."""
+    """'fast-dllm:cache=dual,policy=threshold,threshold=0.9' -> ('fast-dllm', {...}).
+
+    dualdiffusion specs also take the loop's options, e.g.
+    'dualdiffusion:rule=exact_match,num_drafter_steps=4,drafter=self'.
+    """
     method, _, rest = spec.partition(":")
     method = method.strip()
-    if method not in METHODS:
-        raise ValueError(f"bench spec {spec!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    opts: dict[str, Any] = {}
+    if method not in METHOD_NAMES:
+        raise ValueError(f"bench spec {spec!r}: unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     fields = DecodeConfig.__dataclass_fields__
+    parsers: dict[str, Any] = {k: type(f.default) for k, f in fields.items()}
+    if method == "dualdiffusion":
+        parsers.update(DUAL_OPTIONS)
+    opts: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, val = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not eq or key not in fields:
-            raise ValueError(f"bench spec {spec!r}: bad option {item!r}; use key=value with keys from {sorted(fields)}")
-        typ = type(fields[key].default)
+        if not eq or key not in parsers:
+            raise ValueError(f"bench spec {spec!r}: bad option {item!r}; "
+                             f"use key=value with keys from {sorted(parsers)}")
+        parse = parsers[key]
         try:
-            opts[key] = typ(val)
+            opts[key] = parse(val.strip())
         except ValueError:
-            raise ValueError(f"bench spec {spec!r}: {key} needs a {typ.__name__}, got {val!r}") from None
+            name = getattr(parse, "__name__", "value").lstrip("_").replace("parse_", "")
+            raise ValueError(f"bench spec {spec!r}: {key} needs a {name}, got {val!r}") from None
     return method, opts
 
 
+# Short names in dualdiffusion labels: N drafter steps, M verifier forwards, τ rule threshold.
+_DUAL_SHORT = {"num_drafter_steps": "N", "num_verifier_steps": "M", "rule_threshold": "τ"}
+
+
 def label_of(method: str, opts: dict[str, Any]) -> str:
+    if method == "dualdiffusion":
+        parts = [method, str(opts.get("rule", DualConfig.rule))]
+        for k, v in opts.items():
+            if k == "rule":
+                continue
+            if k == "drafter" and v != "self":
+                v = Path(str(v)).name or v  # a checkpoint directory reads best by its name
+            parts.append(f"{_DUAL_SHORT.get(k, k)}={v}")
+        return " ".join(parts)
     if not opts:
         return method
     return method + " " + " ".join(f"{k}={v}" for k, v in opts.items())
+
+
+def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Command-line overrides that apply to `method`: the dualdiffusion ones only to dualdiffusion specs."""
+    if method == "dualdiffusion":
+        return dict(overrides)
+    return {k: v for k, v in overrides.items() if k not in DUAL_OPTIONS}
 
 
 def suite(name: str, task: str) -> list[str]:
@@ -78,7 +108,8 @@ def run_bench(
     if not specs:
         raise ValueError("no methods to benchmark")
     parsed = [parse_spec(s) for s in specs]
-    configs = [task_config(task, m, **{**(overrides or {}), **o}) for m, o in parsed]  # validate all first
+    # validate all first
+    configs = [task_config(task, m, **{**options_for(m, overrides or {}), **o}) for m, o in parsed]
     examples = load_examples(task, limit=limit, data=data)
     rows = []
     for (method, opts), cfg, spec in zip(parsed, configs, specs):

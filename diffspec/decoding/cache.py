@@ -56,6 +56,8 @@ class CacheStrategy(Protocol):
 
     def after_commit(self, chosen: Tensor, step: int) -> None: ...
 
+    def invalidate_from(self, start: Tensor) -> None: ...
+
 
 class NoCache:
     """Vanilla: one full bidirectional forward per step."""
@@ -73,6 +75,9 @@ class NoCache:
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
         pass
+
+    def invalidate_from(self, start: Tensor) -> None:
+        pass  # nothing is kept between forwards
 
 
 class KVStore:
@@ -223,6 +228,15 @@ class CachedDecoding:
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
         pass  # commits show up as stale or uncached cells at the next forward
+
+    def invalidate_from(self, start: Tensor) -> None:
+        """Forget the K/V of row r's cells at columns >= start[r] (speculative roll-back).
+
+        They become uncached, so the next forward recomputes them under the
+        strategy's usual rule; nothing else about the strategy changes.
+        """
+        cols = torch.arange(self.canvas.length, device=self.store.valid.device)
+        self.store.valid = self.store.valid & (cols[None, :] < start.to(cols.device)[:, None])
 
 
 class PrefixCache(CachedDecoding):

@@ -29,11 +29,15 @@ class GenerationResult:
     token_ids: list[list[int]]  # generated ids per prompt, cut at the first EOS
     texts: list[str]
     meter: CostMeter
-    config: DecodeConfig
+    config: Any  # DecodeConfig, or a speculative method's config (anything with to_dict())
     raw_ids: list[list[int]] = field(default_factory=list, repr=False)  # full canvas tail, uncut
+    stats: dict[str, Any] = field(default_factory=dict)  # method-specific counts (e.g. speculative acceptance)
 
     def summary(self) -> dict[str, Any]:
-        return {**self.meter.summary(), "config": self.config.to_dict()}
+        out = {**self.meter.summary(), "config": self.config.to_dict()}
+        if self.stats:
+            out["spec"] = self.stats
+        return out
 
 
 def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -65,41 +69,102 @@ def select(conf: Tensor, cfg: DecodeConfig, k: int) -> Tensor:
     return select_topk(conf, k)
 
 
+@dataclass
+class StepOutput:
+    """What one decoding step did to the current block [s, e) of the canvas."""
+
+    s: int
+    e: int
+    chosen: Tensor  # bool (B, e - s): cells committed by this step
+    logits: Tensor  # (B, e - s, V): the logits the step decided on (mask token at -inf)
+
+
+class BlockDecoder:
+    """The decoding loop of one canvas, runnable one step at a time.
+
+    `step()` performs one iteration on the first block that still has masks
+    in any row, keeping the cache strategy alive between calls, so a
+    speculative method can run a few drafter steps, change the canvas, roll
+    the decoder back and go on. `run()` is the plain loop (`decode_canvas`).
+
+    The per-block step counter drives the schedule policy's plan; it restarts
+    when the decoder enters a block and after a `rollback`, so a block whose
+    cells were re-masked is decoded again at the same rate.
+    """
+
+    def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None):
+        if cfg.cfg_scale > 0 and cfg.cache != "none":
+            raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
+        if canvas.gen_length != cfg.gen_length:
+            raise ValueError(f"canvas has {canvas.gen_length} generation slots but gen_length is {cfg.gen_length}")
+        self.model, self.canvas, self.cfg, self.generator = model, canvas, cfg, generator
+        self.cache = make_cache(cfg, model, canvas)
+        self.plan = num_transfer_tokens(cfg.block_length, cfg.steps // cfg.num_blocks)
+        self.block: int | None = None
+        self.step_in_block = 0
+        self._mask_index = torch.tensor([canvas.mask_id], device=canvas.x.device)
+
+    def current_block(self) -> int | None:
+        """The first block in which some row still has a masked cell (None when done)."""
+        c, cfg = self.canvas, self.cfg
+        gen = c.masked()[:, c.prompt_len :].reshape(c.batch_size, cfg.num_blocks, cfg.block_length)
+        todo = gen.any(-1).any(0).nonzero()
+        return int(todo[0]) if len(todo) else None
+
+    def step(self) -> StepOutput | None:
+        """One forward and one commit on the current block; None when nothing is masked."""
+        b = self.current_block()
+        if b is None:
+            return None
+        c, cfg, model = self.canvas, self.cfg, self.model
+        s, e = c.block_bounds(b, cfg.block_length)
+        if b != self.block:
+            self.block, self.step_in_block = b, 0
+            self.cache.begin_block(s, e)
+        step = self.step_in_block
+        masked = c.x[:, s:e] == c.mask_id
+        logits = self.cache.block_logits(step)
+        if cfg.cfg_scale > 0:
+            uncond = c.x.clone()
+            uncond[:, : c.prompt_len] = torch.where(
+                c.attention_mask[:, : c.prompt_len], c.mask_id, uncond[:, : c.prompt_len]
+            )
+            un = model(uncond, attention_mask=c.attention_mask).logits[:, s:e]
+            logits = un + (cfg.cfg_scale + 1) * (logits - un)
+        # Never propose the mask token itself: committing it would leave the slot
+        # masked, and with greedy decoding the loop would then never terminate.
+        logits = logits.index_fill(-1, self._mask_index, -torch.inf)
+        x0, conf = propose(logits, cfg, self.generator)
+        conf = torch.where(masked, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
+        k = self.plan[step] if step < len(self.plan) else 1
+        chosen = select(conf, cfg, k)
+        c.x[:, s:e] = torch.where(chosen, x0, c.x[:, s:e])
+        self.cache.after_commit(chosen, step)
+        self.step_in_block += 1
+        if self.step_in_block > cfg.block_length:  # every policy commits >= 1 per row and step
+            raise RuntimeError(f"block {b} still has masks after {self.step_in_block} steps; "
+                               "the logits may contain NaN")
+        return StepOutput(s, e, chosen, logits)
+
+    def rollback(self, start: Tensor) -> None:
+        """Someone else changed the canvas: drop cached K/V of row r from column start[r] on.
+
+        Cells whose token changed would be recomputed anyway (the cache spots
+        them); this also drops cells computed *in the context* of the old
+        tokens, like truncating an AR KV cache at the first changed position.
+        The step counter restarts so the schedule plan applies afresh.
+        """
+        self.cache.invalidate_from(start)
+        self.step_in_block = 0
+
+    def run(self) -> None:
+        while self.step() is not None:
+            pass
+
+
 def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None) -> None:
     """Fill every masked slot of `canvas` in place, block by block."""
-    if cfg.cfg_scale > 0 and cfg.cache != "none":
-        raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
-    cache = make_cache(cfg, model, canvas)
-    steps_per_block = cfg.steps // cfg.num_blocks
-    for b in range(cfg.num_blocks):
-        s, e = canvas.block_bounds(b, cfg.block_length)
-        cache.begin_block(s, e)
-        plan = num_transfer_tokens(cfg.block_length, steps_per_block)
-        step = 0
-        while True:
-            masked = canvas.x[:, s:e] == canvas.mask_id
-            if not masked.any():
-                break
-            logits = cache.block_logits(step)
-            if cfg.cfg_scale > 0:
-                uncond = canvas.x.clone()
-                uncond[:, : canvas.prompt_len] = torch.where(
-                    canvas.attention_mask[:, : canvas.prompt_len], canvas.mask_id, uncond[:, : canvas.prompt_len]
-                )
-                un = model(uncond, attention_mask=canvas.attention_mask).logits[:, s:e]
-                logits = un + (cfg.cfg_scale + 1) * (logits - un)
-            # Never propose the mask token itself: committing it would leave the slot
-            # masked, and with greedy decoding the loop would then never terminate.
-            logits = logits.index_fill(-1, torch.tensor([canvas.mask_id], device=logits.device), -torch.inf)
-            x0, conf = propose(logits, cfg, generator)
-            conf = torch.where(masked, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
-            k = plan[step] if step < len(plan) else 1
-            chosen = select(conf, cfg, k)
-            canvas.x[:, s:e] = torch.where(chosen, x0, canvas.x[:, s:e])
-            cache.after_commit(chosen, step)
-            step += 1
-            if step > cfg.block_length:  # every policy commits >= 1 per row and step
-                raise RuntimeError(f"block {b} still has masks after {step} steps; the logits may contain NaN")
+    BlockDecoder(model, canvas, cfg, generator).run()
 
 
 def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:

@@ -1,0 +1,391 @@
+"""DualDiffusion: a cheap drafter runs a few steps, a full verifier checks, a rule decides.
+
+The loop on one canvas (`dual_decode_canvas`), per iteration:
+
+1. draft: the drafter (any `DecodeConfig` cache × policy, on the verifier's
+   own model or on a smaller MDM sharing its tokenizer) runs
+   `num_drafter_steps` steps of its usual loop, each on the first block that
+   still has a mask in some row;
+2. verify: the verifier runs up to `num_verifier_steps` full bidirectional
+   forwards (no cache) on the drafted canvas, seen through `verifier_view`
+   ("drafted": as is, the paper's loop; "masked": this iteration's drafts
+   hidden; "stepwise": each draft scored on the canvas it was drafted from,
+   all views in one batched forward). After each forward the rule
+   (`spec.rules`) re-masks or overwrites cells drafted in this iteration (and
+   `unmask_confidence` commits masked cells of the drafter's current block).
+   A forward that changes nothing ends the verification early: another one
+   on the same canvas would say the same;
+3. progress guard (on by default; `progress_guard=False` gives the bare
+   loop): a row that had drafts re-masked and ends the iteration with no more
+   decoded cells than it started with gets its leftmost re-masked cell filled
+   with the verifier's argmax (AR speculative decoding's correction token),
+   so a drafter that keeps proposing a rejected token cannot stall the row;
+4. roll back: in every row the verifier changed, the drafter's KV cache is
+   truncated at the row's first cell that is masked or was changed (those
+   cells and all after them are recomputed at its next forward), its block
+   step counter restarts, and it resumes on the first block with masks
+   (re-entering an earlier block starts that block afresh, with the cache's
+   block-start refresh). Rows the verifier left unchanged keep their cache, so
+   a verifier that accepts everything leaves the drafter exactly as if it ran
+   alone.
+
+Iterations repeat until nothing is masked or `max_iterations` ran (default
+gen_length). The finish is deterministic: if masks remain, one more verifier
+forward on the canvas (charged to the verifier) fills every remaining mask
+with its argmax. The mask token is never proposed, by drafter or verifier.
+
+Cost: the meter has separate entries "drafter" and "verifier" and
+`meter.primary = "verifier"` (tokens-per-forward is per verifier forward;
+`tokens_per_forward_all` per any forward). The paper's "steps" are drafter +
+verifier forwards: the meter's `nfe` (per prompt: `nfe_per_sequence`; a
+batched multi-view verification counts one forward per prompt). FLOPs and
+wall clock sit alongside, so a cheap drafter step is not counted like a
+verifier step. `SpecStats` (in `GenerationResult.stats`) counts drafts,
+re-masks, replacements, guard fills and finish fills.
+
+Batching: rows share the drafter's block position and the iteration
+boundaries (as in every block decoder here), so when the verifier rejects
+drafts a row's output can depend on its batch companions; with nothing
+rejected (e.g. `no_verification`) a batch decodes exactly as each row alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..decoding.config import DecodeConfig
+from ..decoding.diffusion import GenerationResult, _cut_at_eos
+from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.state import Canvas
+from ..models.tokenizer import Tokenizer
+from .core import VIEWS, DiffusionDrafter, FullForwardVerifier, apply_verdict, verifier_views
+from .rules import Rule, VerifyInput, make_rule, resolve_threshold
+
+SELF = "self"
+
+
+def _parse_bool(s: str) -> bool:
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {s!r}")
+
+
+# DualDiffusion's own options (beyond DecodeConfig fields) and how to parse them from text.
+DUAL_OPTIONS: dict[str, Any] = {
+    "drafter": str,
+    "drafter_cache": str,
+    "drafter_policy": str,
+    "drafter_threshold": float,
+    "rule": str,
+    "rule_threshold": float,
+    "num_drafter_steps": int,
+    "num_verifier_steps": int,
+    "max_iterations": int,
+    "verifier_view": str,
+    "progress_guard": _parse_bool,
+}
+# The drafter's decoding when nothing else is said: Fast-dLLM's dual cache + threshold 0.9.
+DRAFTER_PRESET: dict[str, Any] = {"cache": "dual", "policy": "threshold", "threshold": 0.9}
+
+
+@dataclass(frozen=True)
+class DualConfig:
+    """Options of a DualDiffusion run, validated on construction.
+
+    `decode` is the drafter's DecodeConfig; it also fixes the canvas
+    (gen_length, block_length), the seed and the batch size. `drafter` names
+    the drafter model: "self" (the verifier's model) or a checkpoint path.
+    """
+
+    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(**DRAFTER_PRESET))
+    drafter: str = SELF
+    rule: str = "exact_match"
+    rule_threshold: float | None = None  # None: the rule's default (see spec.rules)
+    num_drafter_steps: int = 4
+    num_verifier_steps: int = 1
+    max_iterations: int | None = None  # None: gen_length
+    verifier_view: str = "drafted"
+    progress_guard: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.decode, DecodeConfig):
+            raise ValueError(f"decode must be a DecodeConfig, got {type(self.decode).__name__}")
+        if not str(self.drafter).strip():
+            raise ValueError("drafter must be 'self' or a checkpoint directory")
+        object.__setattr__(self, "rule_threshold", resolve_threshold(self.rule, self.rule_threshold))
+        for name in ("num_drafter_steps", "num_verifier_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1 (or unset for gen_length), got {self.max_iterations}")
+        if self.verifier_view not in VIEWS:
+            raise ValueError(f"unknown verifier_view {self.verifier_view!r}; choose one of {', '.join(VIEWS)}")
+
+    @property
+    def iterations(self) -> int:
+        return self.max_iterations or self.decode.gen_length
+
+    # DecodeConfig-like surface, so code that reads the canvas shape or batching keeps working.
+    @property
+    def gen_length(self) -> int:
+        return self.decode.gen_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.decode.batch_size
+
+    def replace(self, **kw: Any) -> "DualConfig":
+        if "rule" in kw and "rule_threshold" not in kw:
+            kw["rule_threshold"] = None  # a new rule starts from its own default threshold
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decode"] = self.decode.to_dict()
+        return d
+
+
+@dataclass
+class SpecStats:
+    """What happened to the drafts, summed over rows (and batches)."""
+
+    iterations: int = 0
+    drafter_steps: int = 0
+    drafted: int = 0  # cells the drafter committed (re-drafts of re-masked cells count again)
+    remasked: int = 0
+    replaced: int = 0  # drafted cells overwritten with the verifier's token
+    verifier_unmasked: int = 0  # masked cells committed by the verifier (unmask_confidence)
+    guard_fills: int = 0
+    finish_filled: int = 0  # masks left after max_iterations, filled by the final verifier forward
+
+    def add(self, other: "SpecStats") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["acceptance_rate"] = 1 - (self.remasked + self.replaced) / self.drafted if self.drafted else 0.0
+        accepted = self.drafted - self.remasked - self.replaced
+        d["accepted_per_iteration"] = accepted / self.iterations if self.iterations else 0.0
+        return d
+
+
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's first True, or the row length when there is none."""
+    T = mask.shape[1]
+    cols = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, cols, torch.full_like(cols, T)).min(dim=1).values
+
+
+def dual_decode_canvas(
+    drafter: DiffusionDrafter,
+    verifier: FullForwardVerifier,
+    rule: Rule,
+    canvas: Canvas,
+    cfg: DualConfig,
+) -> SpecStats:
+    """Fill every masked cell of `canvas` in place by draft / verify / roll-back iterations."""
+    stats = SpecStats()
+    P, bl = canvas.prompt_len, cfg.decode.block_length
+    while canvas.masked().any() and stats.iterations < cfg.iterations:
+        stats.iterations += 1
+        decoded_before = (~canvas.masked()).sum(1)
+        draft = drafter.draft(cfg.num_drafter_steps)
+        stats.drafter_steps += draft.steps_run
+        stats.drafted += int(draft.cells.sum())
+        if not rule.spec.needs_verifier:
+            continue
+        drafted_x = canvas.x.clone()
+        review = draft.cells.clone()  # drafts still under review
+        remasked = torch.zeros_like(review)
+        last_logits = None
+        for _ in range(cfg.num_verifier_steps):
+            if not review.any() and not rule.spec.unmasks:
+                break
+            hide, pick = verifier_views(cfg.verifier_view, review, draft.step, with_plain=rule.spec.unmasks)
+            logits = verifier.score(canvas, hide)  # (K, B, L, V)
+            logits = torch.gather(logits, 0, pick[None, :, P:, None].expand(1, -1, -1, logits.shape[-1]))[0]
+            last_logits = logits
+            gen_review = review[:, P:]
+            verdict = rule(VerifyInput(
+                tokens=canvas.x[:, P:],
+                drafted=gen_review,
+                verifier_logits=logits,
+                drafter_logprobs=draft.logprobs_at(review) if rule.spec.needs_drafter_logprobs else None,
+                may_unmask=_current_block_masks(canvas, bl) if rule.spec.unmasks else None,
+            ))
+            changed = apply_verdict(canvas, verdict)
+            stats.remasked += int(verdict.remask.sum())
+            stats.replaced += int((verdict.commit & gen_review & changed).sum())
+            stats.verifier_unmasked += int((verdict.commit & ~gen_review).sum())
+            remasked[:, P:] |= verdict.remask
+            review[:, P:] &= ~verdict.remask
+            if not changed.any():
+                break
+        if cfg.progress_guard and last_logits is not None:
+            stats.guard_fills += _guard(canvas, remasked, decoded_before, last_logits)
+        changed_rows = (canvas.x != drafted_x).any(1)
+        if changed_rows.any():
+            start = _first_true(canvas.masked() | (canvas.x != drafted_x))
+            start = torch.where(changed_rows, start, torch.full_like(start, canvas.length))
+            drafter.rollback(start)
+    if canvas.masked().any():  # max_iterations ran out: one verifier forward fills the rest
+        logits = verifier.score(canvas, torch.zeros_like(canvas.x, dtype=torch.bool)[None])[0]
+        gen = canvas.x[:, P:]
+        left = gen == canvas.mask_id
+        stats.finish_filled += int(left.sum())
+        canvas.x[:, P:] = torch.where(left, logits.argmax(-1), gen)
+    return stats
+
+
+def _current_block_masks(canvas: Canvas, block_length: int) -> torch.Tensor:
+    """Bool (B, L): masked cells in each row's block of its first masked cell (the drafter's frontier)."""
+    gen = canvas.x[:, canvas.prompt_len :] == canvas.mask_id
+    first = _first_true(gen)
+    block = torch.div(first, block_length, rounding_mode="floor")
+    cols = torch.arange(gen.shape[1], device=gen.device)
+    return gen & (torch.div(cols, block_length, rounding_mode="floor")[None, :] == block[:, None])
+
+
+def _guard(canvas: Canvas, remasked: torch.Tensor, decoded_before: torch.Tensor, logits: torch.Tensor) -> int:
+    """Fill the leftmost re-masked cell of rows that made no progress with the verifier's argmax."""
+    P = canvas.prompt_len
+    still = remasked & canvas.masked()
+    stuck = ((~canvas.masked()).sum(1) <= decoded_before) & still.any(1)
+    if not stuck.any():
+        return 0
+    rows = stuck.nonzero()[:, 0]
+    cols = _first_true(still)[rows]
+    canvas.x[rows, cols] = logits.argmax(-1)[rows, cols - P]
+    return len(rows)
+
+
+# ---------------------------------------------------------------- models and generation
+
+def check_compatible(drafter: torch.nn.Module, verifier: torch.nn.Module,
+                     drafter_tokenizer: Tokenizer | None = None, verifier_tokenizer: Tokenizer | None = None) -> None:
+    """Drafter and verifier must read and write the same token ids, with unshifted logits."""
+    d, v = drafter.config, verifier.config
+    if (d.vocab_size, d.embedding_size) != (v.vocab_size, v.embedding_size):
+        raise ValueError(
+            f"drafter and verifier vocabularies differ (drafter vocab_size {d.vocab_size} / {d.embedding_size} logits, "
+            f"verifier {v.vocab_size} / {v.embedding_size}); the drafter must share the verifier's tokenizer"
+        )
+    for name in ("mask_token_id", "eos_token_id"):
+        if getattr(d, name) != getattr(v, name):
+            raise ValueError(f"drafter and verifier disagree on {name} (drafter {getattr(d, name)}, "
+                             f"verifier {getattr(v, name)}); they must share a tokenizer and its special tokens")
+    for who, m in (("drafter", drafter), ("verifier", verifier)):
+        if getattr(m, "logits_shifted", False):
+            raise ValueError(f"the {who} ({type(m).__name__}) shifts its logits; DualDiffusion compares logit i "
+                             "with token i and needs LLaDA-style (unshifted) models")
+    if drafter_tokenizer is not None and verifier_tokenizer is not None \
+            and drafter_tokenizer.fingerprint() != verifier_tokenizer.fingerprint():
+        raise ValueError("drafter and verifier tokenizers differ (tokenizer.json vocabularies do not match); "
+                         "train the drafter with the verifier's tokenizer")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def dualdiffusion_generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    cfg: DualConfig,
+    drafter_model: torch.nn.Module | None = None,
+    drafter_tokenizer: Tokenizer | None = None,
+    progress: bool = False,
+    meter: CostMeter | None = None,
+) -> GenerationResult:
+    """Decode `prompts` with DualDiffusion: `model` verifies, `drafter_model` (default: `model`) drafts."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    drafter_model = model if drafter_model is None else drafter_model
+    check_compatible(drafter_model, model, drafter_tokenizer, tokenizer)
+    if _device(drafter_model) != _device(model):
+        raise ValueError(f"drafter is on {_device(drafter_model)} but the verifier is on {_device(model)}")
+    rule = make_rule(cfg.rule, cfg.rule_threshold)
+    dcfg = cfg.decode
+    meter = meter or CostMeter(primary="verifier")
+    meter.primary = "verifier"
+    d_metered = MeteredModel(drafter_model, meter, "drafter")
+    verifier = FullForwardVerifier(MeteredModel(model, meter, "verifier"))
+    mcfg = model.config
+    max_pos = min(mcfg.max_sequence_length, drafter_model.config.max_sequence_length)
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(dcfg.seed)
+    encoded = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty; give some text to complete")
+        encoded.append(tokenizer.encode(p))
+    stats = SpecStats()
+    token_ids, raw = [], []
+    bar = tqdm(total=len(encoded), desc=f"dualdiffusion[{cfg.rule},N={cfg.num_drafter_steps}]",
+               disable=not progress, leave=False)
+    with meter.timed(device):
+        for start in range(0, len(encoded), dcfg.batch_size):
+            batch = encoded[start : start + dcfg.batch_size]
+            canvas = Canvas.from_prompts(batch, dcfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id, max_pos, device)
+            drafter = DiffusionDrafter(d_metered, canvas, dcfg, generator,
+                                       keep_logprobs=rule.spec.needs_drafter_logprobs)
+            stats.add(dual_decode_canvas(drafter, verifier, rule, canvas, cfg))
+            for row in canvas.generated().tolist():
+                raw.append(row)
+                token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
+            meter.tokens_generated += canvas.batch_size * dcfg.gen_length
+            meter.sequences += canvas.batch_size
+            bar.update(len(batch))
+    bar.close()
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+    return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
+
+
+def build_dual_config(base: DualConfig | DecodeConfig | None = None, **options: Any) -> DualConfig:
+    """DualDiffusion options -> DualConfig (None means 'not given').
+
+    DecodeConfig fields (gen_length, block_length, steps, seed, batch_size,
+    temperature...) shape the canvas and the drafter; `drafter_cache`,
+    `drafter_policy`, `drafter_threshold` pick the drafter's cache × policy
+    (default dual + threshold 0.9). The verifier always runs full forwards,
+    so plain `cache` / `policy` / `threshold` are rejected as ambiguous.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    ambiguous = sorted({"cache", "policy", "threshold"} & set(given))
+    if ambiguous:
+        raise ValueError(
+            f"method 'dualdiffusion' does not take {', '.join(ambiguous)}: the verifier always runs full forwards; "
+            f"set the drafter's with {', '.join('drafter_' + k for k in ambiguous)} "
+            f"(--{' / --'.join('drafter-' + k for k in ambiguous)})"
+        )
+    decode_fields = set(DecodeConfig.__dataclass_fields__)
+    loop_fields = set(DualConfig.__dataclass_fields__) - {"decode"}
+    unknown = set(given) - decode_fields - set(DUAL_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown dualdiffusion option(s) {sorted(unknown)}; valid: "
+                         f"{sorted((decode_fields - {'cache', 'policy', 'threshold'}) | set(DUAL_OPTIONS))}")
+    if isinstance(base, DualConfig):
+        decode, loop = base.decode.to_dict(), {k: getattr(base, k) for k in loop_fields}
+    else:
+        decode, loop = {**(base.to_dict() if base else {}), **DRAFTER_PRESET}, {}
+    for k in ("cache", "policy", "threshold"):
+        if f"drafter_{k}" in given:
+            decode[k] = given[f"drafter_{k}"]
+    decode.update({k: v for k, v in given.items() if k in decode_fields})
+    loop.update({k: v for k, v in given.items() if k in loop_fields})
+    if "drafter" in loop:
+        loop["drafter"] = str(loop["drafter"])
+    if "rule" in given and "rule_threshold" not in given:
+        loop["rule_threshold"] = None  # a new rule starts from its own default threshold
+    return DualConfig(decode=DecodeConfig(**decode), **loop)
