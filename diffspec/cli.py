@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--task", default="arith")
     b.add_argument("--data")
     b.add_argument("--limit", type=int, default=500)
-    b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (issue: Fast-dLLM/dKV)")
+    b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both)")
     b.add_argument("--methods", nargs="+", help="specs like vanilla:steps=24 fast-dllm:cache=dual,policy=threshold")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     _decode_args(b, with_method=False)

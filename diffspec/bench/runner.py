@@ -91,7 +91,19 @@ def suite(name: str, task: str) -> list[str]:
             "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
             "dkv-cache:cache=dkv-decode", "dkv-cache:cache=dkv-greedy", "dkv-cache:cache=dkv-prefill",
         ]
-    raise ValueError(f"unknown suite {name!r}; choose steps or cache")
+    if name == "dual":
+        d = "dualdiffusion:drafter=self"
+        return [
+            f"vanilla:steps={L}", f"vanilla:steps={L // 4}", "fast-dllm:cache=dual,policy=threshold",
+            "dkv-cache:cache=dkv-decode",
+            f"{d},rule=exact_match,num_drafter_steps=2,verifier_view=masked",
+            f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=masked",
+            f"{d},rule=confidence_threshold,num_drafter_steps=4,verifier_view=masked",
+            f"{d},rule=trust_verifier,num_drafter_steps=4,verifier_view=masked",
+            f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=stepwise",
+            f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=drafted",
+        ]
+    raise ValueError(f"unknown suite {name!r}; choose steps, cache or dual")
 
 
 def run_bench(
