@@ -50,7 +50,11 @@ def build_config(method: str = "vanilla", base: DecodeConfig | DualConfig | None
     if unknown:
         raise ValueError(f"unknown decoding option(s) {sorted(unknown)}; valid: {sorted(DecodeConfig.__dataclass_fields__)}")
     given = {k: v for k, v in options.items() if v is not None}
-    merged = {**(base.to_dict() if base else {}), **METHODS[method], **given}
+    if base is None and "gen_length" in given and "steps" not in given:
+        given["steps"] = given["gen_length"]  # full steps unless told otherwise
+    # The preset is only the starting point: an explicit base config and explicit
+    # options both win over it, so a result is never run with other settings than asked.
+    merged = {**METHODS[method], **(base.to_dict() if base else {}), **given}
     cfg = DecodeConfig(**merged)
     if cfg.cache not in _ALLOWED_CACHES[method]:
         raise ValueError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from .models.checkpoint import CheckpointError
 from .spec.dualdiffusion import DUAL_OPTIONS
 
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedError)
 
 
 def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"diffspec: error: {msg}", file=sys.stderr)
+        print(f"diffspec: error: {e}", file=sys.stderr)
         return 2
     return 0
 

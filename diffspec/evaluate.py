@@ -51,7 +51,7 @@ def evaluate(
         "accuracy": sum(s["correct"] for s in scores) / n,
         "n": n,
         **res.meter.summary(),
-        "config": cfg.to_dict(),
+        "config": res.config.to_dict(),
     }
     if res.stats:  # speculative methods: what happened to the drafts
         out["spec"] = res.stats

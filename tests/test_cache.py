@@ -169,9 +169,9 @@ def test_dkv_decode_caches_a_token_one_step_after_it_is_decoded(monkeypatch):
     snapshots: list[torch.Tensor] = []
     forward = KVStore.forward
 
-    def spy(self, model, canvas, need, write):
+    def spy(self, model, canvas, need, write, sequences=None):
         snapshots.append(canvas.x[0].clone())
-        idx, logits = forward(self, model, canvas, need, write)
+        idx, logits = forward(self, model, canvas, need, write, sequences)
         fed.append(set(idx.tolist()))
         return idx, logits
 

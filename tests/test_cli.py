@@ -146,6 +146,15 @@ def test_build_config_presets_and_errors():
         build_config("vanilla", policy="threshold")
 
 
+def test_explicit_config_is_never_overridden_by_the_method_preset():
+    for method, cache, policy in [("fast-dllm", "prefix", "schedule"), ("fast-dllm", "none", "factor"),
+                                  ("dkv-cache", "dkv-greedy", "schedule"), ("dkv-cache", "dkv-prefill", "schedule")]:
+        cfg = build_config(method, cache=cache, policy=policy)
+        again = build_config(method, cfg)  # what generate(config=cfg) does
+        assert (again.cache, again.policy) == (cache, policy)
+    assert build_config("vanilla", gen_length=32).steps == 32  # full steps follow gen_length in the API too
+
+
 def test_parse_spec_and_pareto_front():
     assert parse_spec("fast-dllm:cache=dual,threshold=0.8") == ("fast-dllm", {"cache": "dual", "threshold": 0.8})
     assert pareto_front([(1, 50), (2, 40), (3, 70), (4, 70)]) == [(1, 50), (3, 70)]

@@ -80,6 +80,8 @@ def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def suite(name: str, task: str) -> list[str]:
+    if task not in TASK_DEFAULTS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
     L = TASK_DEFAULTS[task]["gen_length"]
     if name == "steps":
         return [f"vanilla:steps={s}" for s in (L, L // 2, L // 4, L // 8)]

@@ -71,7 +71,10 @@ class NoCache:
 
     def block_logits(self, step: int) -> Tensor:
         c = self.canvas
-        return self.model(c.x, attention_mask=c.attention_mask).logits[:, self.s : self.e]
+        # Rows whose block is already decoded ride along in the batch: their compute
+        # is charged, but they are not counted as advanced (TPF must not depend on batching).
+        working = int((c.x[:, self.s : self.e] == c.mask_id).any(1).sum())
+        return self.model(c.x, attention_mask=c.attention_mask, sequences=working).logits[:, self.s : self.e]
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
         pass
@@ -119,7 +122,8 @@ class KVStore:
         """Valid cells whose token changed since their K/V were stored (e.g. a mask since decoded)."""
         return self.valid & (self.token != x)
 
-    def forward(self, model: MeteredModel, canvas: Canvas, need: Tensor, write: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, model: MeteredModel, canvas: Canvas, need: Tensor, write: Tensor,
+                sequences: int | None = None) -> tuple[Tensor, Tensor]:
         """Run the model on every column some row `need`s and keep the `write` cells' K/V.
 
         need, write: bool (B, T), write ⊆ need. Returns (idx, logits): the fed
@@ -136,7 +140,8 @@ class KVStore:
         self._all_keys = len(keys) == self.length
         self._full = self._all_fresh and len(idx) == self.length
         self.last_n_keys = len(keys)
-        out = model(canvas.x[:, idx], positions=idx, attention_mask=canvas.attention_mask, kv_cache=self)
+        out = model(canvas.x[:, idx], positions=idx, attention_mask=canvas.attention_mask, kv_cache=self,
+                    sequences=sequences)
         self.valid = (self.valid & ~need) | write  # recomputed but not kept: no longer valid
         self.token = torch.where(write, canvas.x, self.token)
         return idx, out.logits
@@ -216,7 +221,7 @@ class CachedDecoding:
         need = ~self.store.valid | self.store.stale(c.x)
         need[:, s:e] |= candidates
         need[working & self.refresh_due()] = True
-        idx, logits = self.store.forward(self.model, c, need, need & self.cacheable())
+        idx, logits = self.store.forward(self.model, c, need, need & self.cacheable(), sequences=int(working.sum()))
         self.row_steps += working
         self.block_start = False
         # Block columns that were not fed are decoded and cached; the policy

@@ -89,7 +89,9 @@ class CostMeter:
     def tokens_per_forward(self) -> float:
         """Generated tokens per forward of the primary model, per sequence."""
         c = self.models.get(self.primary)
-        return self.tokens_generated / c.sequence_forwards if c and c.sequence_forwards else 0.0
+        if c and c.sequence_forwards:
+            return self.tokens_generated / c.sequence_forwards
+        return self.tokens_per_forward_all  # e.g. a speculative run whose verifier never ran
 
     @property
     def tokens_per_forward_all(self) -> float:
