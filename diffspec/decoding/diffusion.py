@@ -9,7 +9,7 @@ commit, and tell the cache what was committed. Vanilla sampling is the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,51 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
+def run_batches(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    cfg: DecodeConfig,
+    meter: CostMeter,
+    decode_batch: Callable[[Canvas], None],
+    desc: str,
+    progress: bool = False,
+    max_positions: int | None = None,
+) -> tuple[list[list[int]], list[str], list[list[int]]]:
+    """Validate and encode prompts, decode them batch by batch with `decode_batch`,
+    and charge tokens and wall clock to `meter`; shared by every diffusion method.
+
+    Returns (ids cut at EOS, texts, raw generation ids)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    mcfg = model.config
+    device = next(model.parameters()).device
+    encoded = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty; give some text to complete")
+        encoded.append(tokenizer.encode(p))
+    token_ids, raw = [], []
+    bar = tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False)
+    with meter.timed(device):
+        for start in range(0, len(encoded), cfg.batch_size):
+            batch = encoded[start : start + cfg.batch_size]
+            canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id,
+                                         max_positions or mcfg.max_sequence_length, device)
+            decode_batch(canvas)
+            for row in canvas.generated().tolist():
+                raw.append(row)
+                token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
+            meter.tokens_generated += canvas.batch_size * cfg.gen_length
+            meter.sequences += canvas.batch_size
+            bar.update(len(batch))
+    bar.close()
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+    return token_ids, texts, raw
+
+
 @torch.inference_mode()
 def diffusion_generate(
     model: torch.nn.Module,
@@ -181,34 +226,10 @@ def diffusion_generate(
     meter: CostMeter | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with a masked diffusion model in batches of `cfg.batch_size`."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("no prompts given")
-    mcfg = model.config
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    encoded = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is empty; give some text to complete")
-        encoded.append(tokenizer.encode(p))
-    token_ids, raw = [], []
-    bar = tqdm(total=len(encoded), desc=f"decode[{cfg.policy},{cfg.cache}]", disable=not progress, leave=False)
-    with meter.timed(device):
-        for start in range(0, len(encoded), cfg.batch_size):
-            batch = encoded[start : start + cfg.batch_size]
-            canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id,
-                                         mcfg.max_sequence_length, device)
-            decode_canvas(metered, canvas, cfg, generator)
-            for row in canvas.generated().tolist():
-                raw.append(row)
-                token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
-            meter.tokens_generated += canvas.batch_size * cfg.gen_length
-            meter.sequences += canvas.batch_size
-            bar.update(len(batch))
-    bar.close()
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    token_ids, texts, raw = run_batches(
+        model, tokenizer, prompts, cfg, meter, lambda canvas: decode_canvas(metered, canvas, cfg, generator),
+        desc=f"decode[{cfg.policy},{cfg.cache}]", progress=progress)
     return GenerationResult(token_ids, texts, meter, cfg, raw)

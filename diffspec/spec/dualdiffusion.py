@@ -54,10 +54,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..decoding.config import DecodeConfig
-from ..decoding.diffusion import GenerationResult, _cut_at_eos
+from ..decoding.diffusion import GenerationResult, run_batches
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
@@ -307,10 +306,6 @@ def dualdiffusion_generate(
     meter: CostMeter | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with DualDiffusion: `model` verifies, `drafter_model` (default: `model`) drafts."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("no prompts given")
     drafter_model = model if drafter_model is None else drafter_model
     check_compatible(drafter_model, model, drafter_tokenizer, tokenizer)
     if _device(drafter_model) != _device(model):
@@ -321,34 +316,17 @@ def dualdiffusion_generate(
     meter.primary = "verifier"
     d_metered = MeteredModel(drafter_model, meter, "drafter")
     verifier = FullForwardVerifier(MeteredModel(model, meter, "verifier"))
-    mcfg = model.config
-    max_pos = min(mcfg.max_sequence_length, drafter_model.config.max_sequence_length)
-    device = _device(model)
-    generator = torch.Generator(device=device).manual_seed(dcfg.seed)
-    encoded = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is empty; give some text to complete")
-        encoded.append(tokenizer.encode(p))
+    generator = torch.Generator(device=_device(model)).manual_seed(dcfg.seed)
     stats = SpecStats()
-    token_ids, raw = [], []
-    bar = tqdm(total=len(encoded), desc=f"dualdiffusion[{cfg.rule},N={cfg.num_drafter_steps}]",
-               disable=not progress, leave=False)
-    with meter.timed(device):
-        for start in range(0, len(encoded), dcfg.batch_size):
-            batch = encoded[start : start + dcfg.batch_size]
-            canvas = Canvas.from_prompts(batch, dcfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id, max_pos, device)
-            drafter = DiffusionDrafter(d_metered, canvas, dcfg, generator,
-                                       keep_logprobs=rule.spec.needs_drafter_logprobs)
-            stats.add(dual_decode_canvas(drafter, verifier, rule, canvas, cfg))
-            for row in canvas.generated().tolist():
-                raw.append(row)
-                token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
-            meter.tokens_generated += canvas.batch_size * dcfg.gen_length
-            meter.sequences += canvas.batch_size
-            bar.update(len(batch))
-    bar.close()
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+
+    def decode_batch(canvas: Canvas) -> None:
+        drafter = DiffusionDrafter(d_metered, canvas, dcfg, generator, keep_logprobs=rule.spec.needs_drafter_logprobs)
+        stats.add(dual_decode_canvas(drafter, verifier, rule, canvas, cfg))
+
+    token_ids, texts, raw = run_batches(
+        model, tokenizer, prompts, dcfg, meter, decode_batch,
+        desc=f"dualdiffusion[{cfg.rule},N={cfg.num_drafter_steps}]", progress=progress,
+        max_positions=min(model.config.max_sequence_length, drafter_model.config.max_sequence_length))
     return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
 
 
