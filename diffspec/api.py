@@ -3,9 +3,10 @@
 Methods are presets over one `DecodeConfig` (cache × policy); a user option
 always wins over the preset, but combinations that would silently mean a
 different method (e.g. `vanilla` with a cache) are rejected so a result is
-never labelled with the wrong method name. `dualdiffusion` is speculative:
-its options live in a `DualConfig` (a drafter DecodeConfig plus the loop's
-options) and it takes a second model, the drafter.
+never labelled with the wrong method name. Speculative methods
+(`dualdiffusion`, `psd`) keep their own options in their own config (a
+DecodeConfig plus the loop's options); `SPEC_METHODS` says which options
+belong to which, so an option given to the wrong method is an error.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .decoding.diffusion import GenerationResult, diffusion_generate
 from .models.checkpoint import load_model
 from .models.tokenizer import Tokenizer
 from .spec.dualdiffusion import DUAL_OPTIONS, SELF, DualConfig, build_dual_config, dualdiffusion_generate
+from .spec.psd import PSD_OPTIONS, PSDConfig, build_psd_config, psd_generate
 
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"cache": "none", "policy": "schedule"},
@@ -30,22 +32,34 @@ _ALLOWED_CACHES = {
     "fast-dllm": ("none", "prefix", "dual"),
     "dkv-cache": ("dkv-decode", "dkv-greedy", "dkv-prefill"),
 }
-SPEC_METHODS = ("dualdiffusion",)
+# Speculative methods: their own options (name -> parser from text), config builder and config type.
+SPEC_METHODS: dict[str, tuple[dict[str, Any], Any, type]] = {
+    "dualdiffusion": (DUAL_OPTIONS, build_dual_config, DualConfig),
+    "psd": (PSD_OPTIONS, build_psd_config, PSDConfig),
+}
 METHOD_NAMES = (*METHODS, *SPEC_METHODS)
+AnyConfig = DecodeConfig | DualConfig | PSDConfig
 
 
-def build_config(method: str = "vanilla", base: DecodeConfig | DualConfig | None = None,
-                 **options: Any) -> DecodeConfig | DualConfig:
+def method_options(method: str) -> dict[str, Any]:
+    """The options only `method` takes (beyond DecodeConfig fields), with their text parsers."""
+    return dict(SPEC_METHODS[method][0]) if method in SPEC_METHODS else {}
+
+
+def build_config(method: str = "vanilla", base: AnyConfig | None = None, **options: Any) -> AnyConfig:
     """Method preset, then `base`, then explicit options (None means 'not given')."""
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    if method == "dualdiffusion":
-        return build_dual_config(base, **options)
-    if isinstance(base, DualConfig):
-        raise ValueError(f"method {method!r} cannot start from a DualDiffusion config; pass a DecodeConfig")
-    dual_only = sorted(k for k in options if k in DUAL_OPTIONS and options[k] is not None)
-    if dual_only:
-        raise ValueError(f"option(s) {dual_only} only apply to method 'dualdiffusion', not {method!r}")
+    foreign = {k: m for m, (opts, _, _) in SPEC_METHODS.items() if m != method
+               for k in opts if options.get(k) is not None and k not in method_options(method)}
+    if foreign:
+        raise ValueError("; ".join(f"option {k!r} only applies to method {m!r}, not {method!r}"
+                                   for k, m in sorted(foreign.items())))
+    if base is not None and not isinstance(base, DecodeConfig) and \
+            not (method in SPEC_METHODS and isinstance(base, SPEC_METHODS[method][2])):
+        raise ValueError(f"method {method!r} cannot start from a {type(base).__name__}; pass a DecodeConfig")
+    if method in SPEC_METHODS:
+        return SPEC_METHODS[method][1](base, **options)
     unknown = set(options) - set(DecodeConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown decoding option(s) {sorted(unknown)}; valid: {sorted(DecodeConfig.__dataclass_fields__)}")
@@ -103,12 +117,12 @@ def generate(
     progress: bool = False,
     device: str | None = "cpu",
     dtype: str | None = None,
-    config: DecodeConfig | DualConfig | None = None,
+    config: AnyConfig | None = None,
     drafter: Any = None,
     drafter_tokenizer: Tokenizer | None = None,
     **options: Any,
 ) -> GenerationResult:
-    """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion).
+    """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd).
 
     `model` is a checkpoint directory, a loaded model, or None for the bundled
     model; `options` are `DecodeConfig` fields (steps, gen_length, threshold...)
@@ -117,6 +131,7 @@ def generate(
     `drafter` (dualdiffusion only) is a checkpoint path, 'self' / None (the
     verifier's own model with the drafter config, default dual cache +
     threshold 0.9) or a loaded model sharing the verifier's tokenizer.
+    For psd, `options` also take `depths` (e.g. (1, 3, 5, 7)) and `lossless`.
     """
     if method != "dualdiffusion" and (drafter is not None or drafter_tokenizer is not None):
         raise ValueError(f"drafter= only applies to method 'dualdiffusion', not {method!r}")
@@ -131,4 +146,6 @@ def generate(
             cfg = cfg.replace(drafter=f"<{type(drafter).__name__} object>")
         d_model, d_tok = resolve_drafter(drafter, cfg, model, drafter_tokenizer, dtype)
         return dualdiffusion_generate(model, tokenizer, list(prompts), cfg, d_model, d_tok, progress=progress)
+    if isinstance(cfg, PSDConfig):
+        return psd_generate(model, tokenizer, list(prompts), cfg, progress=progress)
     return diffusion_generate(model, tokenizer, list(prompts), cfg, progress=progress)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .models.checkpoint import CheckpointError
 from .spec.dualdiffusion import DUAL_OPTIONS
+from .spec.psd import PSD_OPTIONS
 
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedError)
 
@@ -21,16 +22,19 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g = p.add_argument_group("decoding")
     if with_method:
         g.add_argument("--method", default="vanilla",
-                       help="vanilla | fast-dllm | dkv-cache | dualdiffusion (default vanilla)")
+                       help="vanilla | fast-dllm | dkv-cache | dualdiffusion | psd (default vanilla)")
     g.add_argument("--gen-length", type=int, help="tokens to generate (task default, 48 for arith)")
     g.add_argument("--block-length", type=int, help="semi-autoregressive block size (must divide gen-length)")
     g.add_argument("--steps", type=int, help="denoising steps for the schedule policy (default gen-length)")
     g.add_argument("--remasking", choices=None, help="low_confidence | random")
     g.add_argument("--temperature", type=float, help="0 = greedy; >0 Gumbel sampling in float64")
     g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (0 = off)")
-    g.add_argument("--policy", help="schedule | threshold | factor")
+    g.add_argument("--policy", help="schedule | threshold | factor | local")
     g.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --policy threshold")
     g.add_argument("--factor", type=float, help="factor > 0 for --policy factor")
+    g.add_argument("--local-threshold", type=float,
+                   help="--policy local: relaxed threshold for cells next to a confident anchor (default 0.7)")
+    g.add_argument("--local-radius", type=int, help="--policy local: columns an anchor reaches (default 1)")
     g.add_argument("--cache", help="none | prefix | dual | dkv-decode | dkv-greedy | dkv-prefill")
     g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -50,6 +54,10 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     d.add_argument("--verifier-view", help="drafted (default) | masked | stepwise: what the verifier sees of the drafts")
     d.add_argument("--no-progress-guard", dest="progress_guard", action="store_const", const=False,
                    help="do not fill a stalled row's first re-masked cell with the verifier's token")
+    s = p.add_argument_group("psd (nested drafts verified in one batched forward)")
+    s.add_argument("--depths", help="nested draft depths, increasing, below block-length (default 1,3,5,7)")
+    s.add_argument("--lossless", action="store_const", const=True,
+                   help="exactly the output of one-token greedy decoding, with fewer forwards")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="checkpoint directory (default: the bundled arith model)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
@@ -58,8 +66,8 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
 
 def _options(a: argparse.Namespace) -> dict:
     keys = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
-            "factor", "cache", "refresh_interval", "seed", "batch_size"]
-    keys += list(DUAL_OPTIONS)
+            "factor", "local_threshold", "local_radius", "cache", "refresh_interval", "seed", "batch_size"]
+    keys += list(DUAL_OPTIONS) + list(PSD_OPTIONS)
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--task", default="arith")
     b.add_argument("--data")
     b.add_argument("--limit", type=int, default=500)
-    b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both)")
+    b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
+                        "| psd (PSD vs greedy and Fast-dLLM)")
     b.add_argument("--methods", nargs="+", help="specs like vanilla:steps=24 fast-dllm:cache=dual,policy=threshold")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     _decode_args(b, with_method=False)

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .api import build_config, generate
+from .api import AnyConfig, build_config, generate
 from .decoding.config import DecodeConfig
-from .spec.dualdiffusion import DualConfig
 from .tasks import Example, load_examples, score
 
 # Generation shapes that fit each task's answers (overridable per run).
@@ -19,7 +18,7 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 
-def task_config(task: str, method: str, **options: Any) -> DecodeConfig | DualConfig:
+def task_config(task: str, method: str, **options: Any) -> AnyConfig:
     given = {k: v for k, v in options.items() if v is not None}
     base = {**TASK_DEFAULTS.get(task, {}), **given}
     if "gen_length" in given and "steps" not in given:  # full steps unless told otherwise
@@ -32,7 +31,7 @@ def evaluate(
     model: Any,
     tokenizer: Any,
     method: str = "vanilla",
-    config: DecodeConfig | DualConfig | None = None,
+    config: AnyConfig | None = None,
     examples: list[Example] | None = None,
     limit: int | None = None,
     data: str | Path | None = None,

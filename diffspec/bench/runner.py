@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..api import METHOD_NAMES
+from ..api import METHOD_NAMES, SPEC_METHODS, method_options
 from ..decoding.config import DecodeConfig
 from ..evaluate import TASK_DEFAULTS, evaluate, task_config, write_json
-from ..spec.dualdiffusion import DUAL_OPTIONS, DualConfig
+from ..spec.dualdiffusion import DualConfig
 from ..tasks import load_examples
 from .plot import pareto_plot
 from .table import format_table
@@ -26,8 +26,9 @@ from .table import format_table
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'fast-dllm:cache=dual,policy=threshold,threshold=0.9' -> ('fast-dllm', {...}).
 
-    dualdiffusion specs also take the loop's options, e.g.
-    'dualdiffusion:rule=exact_match,num_drafter_steps=4,drafter=self'.
+    Speculative specs also take their own options, e.g.
+    'dualdiffusion:rule=exact_match,num_drafter_steps=4,drafter=self' or
+    'psd:policy=local,depths=1;3;5;7' (depths separated by ';' inside a spec).
     """
     method, _, rest = spec.partition(":")
     method = method.strip()
@@ -35,8 +36,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"bench spec {spec!r}: unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     fields = DecodeConfig.__dataclass_fields__
     parsers: dict[str, Any] = {k: type(f.default) for k, f in fields.items()}
-    if method == "dualdiffusion":
-        parsers.update(DUAL_OPTIONS)
+    parsers.update(method_options(method))
     opts: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, val = item.partition("=")
@@ -46,7 +46,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
                              f"use key=value with keys from {sorted(parsers)}")
         parse = parsers[key]
         try:
-            opts[key] = parse(val.strip())
+            val = val.strip().replace(";", ",") if key == "depths" else val.strip()
+            opts[key] = parse(val)
         except ValueError:
             name = getattr(parse, "__name__", "value").lstrip("_").replace("parse_", "")
             raise ValueError(f"bench spec {spec!r}: {key} needs a {name}, got {val!r}") from None
@@ -69,14 +70,14 @@ def label_of(method: str, opts: dict[str, Any]) -> str:
         return " ".join(parts)
     if not opts:
         return method
-    return method + " " + " ".join(f"{k}={v}" for k, v in opts.items())
+    fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    return method + " " + " ".join(f"{k}={fmt(v)}" for k, v in opts.items())
 
 
 def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Command-line overrides that apply to `method`: the dualdiffusion ones only to dualdiffusion specs."""
-    if method == "dualdiffusion":
-        return dict(overrides)
-    return {k: v for k, v in overrides.items() if k not in DUAL_OPTIONS}
+    """Command-line overrides that apply to `method`: a speculative method's own options only to its specs."""
+    others = {k for m, (opts, _, _) in SPEC_METHODS.items() if m != method for k in opts}
+    return {k: v for k, v in overrides.items() if k not in others or k in method_options(method)}
 
 
 def suite(name: str, task: str) -> list[str]:
@@ -105,7 +106,13 @@ def suite(name: str, task: str) -> list[str]:
             f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=stepwise",
             f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=drafted",
         ]
-    raise ValueError(f"unknown suite {name!r}; choose steps, cache or dual")
+    if name == "psd":
+        return [
+            f"vanilla:steps={L}", "fast-dllm:cache=none,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
+            "psd:policy=threshold", "psd:policy=threshold,depths=1;3", "psd:policy=threshold,depths=1;3;5;7;11;15",
+            "psd:policy=local", "psd:policy=factor", "psd:policy=threshold,cache=dual", "psd:lossless=true",
+        ]
+    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual or psd")
 
 
 def run_bench(

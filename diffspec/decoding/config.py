@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 REMASKING = ("low_confidence", "random")
-POLICIES = ("schedule", "threshold", "factor")
+POLICIES = ("schedule", "threshold", "factor", "local")
 CACHES = ("none", "prefix", "dual", "dkv-decode", "dkv-greedy", "dkv-prefill")
 
 
@@ -25,6 +25,8 @@ class DecodeConfig:
     policy: str = "schedule"
     threshold: float = 0.9
     factor: float = 1.0
+    local_threshold: float = 0.7  # policy "local": relaxed threshold next to an anchor
+    local_radius: int = 1  # policy "local": how many columns an anchor reaches
     cache: str = "none"
     refresh_interval: int = 8
     seed: int = 0
@@ -57,6 +59,11 @@ class DecodeConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if not 0 < self.threshold <= 1 and not (self.policy != "threshold" and self.threshold == 0.9):
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.policy == "local":
+            if not 0 < self.local_threshold <= self.threshold:
+                raise ValueError(f"local_threshold must be in (0, threshold={self.threshold}], got {self.local_threshold}")
+            if self.local_radius < 1:
+                raise ValueError(f"local_radius must be >= 1, got {self.local_radius}")
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
         if self.cache not in CACHES:

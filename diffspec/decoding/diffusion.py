@@ -20,7 +20,7 @@ from ..models.tokenizer import Tokenizer
 from .cache import make_cache
 from .config import DecodeConfig
 from .meter import CostMeter, MeteredModel
-from .policies import num_transfer_tokens, select_factor, select_threshold, select_topk
+from .policies import num_transfer_tokens, select_factor, select_local, select_threshold, select_topk
 from .state import Canvas
 
 
@@ -66,6 +66,8 @@ def select(conf: Tensor, cfg: DecodeConfig, k: int) -> Tensor:
         return select_threshold(conf, cfg.threshold)
     if cfg.policy == "factor":
         return select_factor(conf, cfg.factor)
+    if cfg.policy == "local":
+        return select_local(conf, cfg.threshold, cfg.local_threshold, cfg.local_radius)
     return select_topk(conf, k)
 
 

@@ -8,6 +8,7 @@ with any policy because policies never look at the model.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -44,3 +45,18 @@ def select_factor(conf: Tensor, factor: float) -> Tensor:
     ok = ((n + 1) * (1 - sorted_conf) < factor) & torch.isfinite(sorted_conf)
     run = ok.long().cumprod(dim=-1).sum(dim=-1)  # length of the leading run that satisfies the rule
     return select_topk(conf, run.clamp(min=1))
+
+
+def select_local(conf: Tensor, threshold: float, local_threshold: float, radius: int) -> Tensor:
+    """LocalLeap-style: confident anchors (>= threshold) commit, and so do masked
+    neighbours within `radius` columns of an anchor at the relaxed `local_threshold`.
+
+    Why: a token next to a confidently decoded one is usually constrained by it
+    (the next digit of a number, the `=` after an operand), so its confidence is
+    trustworthy at a lower bar; isolated positions keep the strict threshold.
+    """
+    finite = torch.isfinite(conf)
+    anchor = (conf >= threshold) & finite
+    near = F.max_pool1d(anchor[:, None].float(), kernel_size=2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+    sel = anchor | (near & finite & (conf >= local_threshold))
+    return sel | select_topk(conf, 1)

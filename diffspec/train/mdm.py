@@ -146,6 +146,12 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         step, extra = load_train_state(state_path, model, opt)
         print(f"resumed from {state_path} at step {step}")
     model.train()
+    # Mixed precision keeps fp32 master weights; bf16 matmuls are ~1.3x faster even on
+    # an AVX512-BF16 laptop CPU, and the usual choice on GPUs.
+    amp_name = str(tr.get("amp", "none"))
+    if amp_name not in ("none", "bf16"):
+        raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_name == "bf16")
     # A time budget (max_minutes > 0) trades exact step-for-step reproducibility for
     # finishing on time; set max_minutes 0 for a run fixed by `steps` alone.
     max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
@@ -160,7 +166,8 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         for g in opt.param_groups:
             g["lr"] = lr
         ids, ans, att = (t.to(dev) for t in batcher.next())
-        loss = mdm_loss(model, ids, ans, att, mask_id)
+        with amp:
+            loss = mdm_loss(model, ids, ans, att, mask_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(tr.get("grad_clip", 1.0)))

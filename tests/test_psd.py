@@ -1,0 +1,279 @@
+"""PSD: policies, nested drafts, hierarchical / greedy-chain acceptance, the loop, caches, wiring.
+
+Pure pieces are tested on hand-built confidences and verifier outputs; the
+loop on tiny random LLaDA models; the lossless variant against vanilla greedy
+on a tiny model (batch of different prompt lengths) and on 50 `arith` prompts
+with the bundled model.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffspec.api import build_config, generate
+from diffspec.bench.runner import label_of, parse_spec, run_bench, suite
+from diffspec.cli import main
+from diffspec.decoding.config import DecodeConfig
+from diffspec.decoding.diffusion import diffusion_generate
+from diffspec.decoding.meter import CostMeter, MeteredModel
+from diffspec.decoding.policies import select_local
+from diffspec.decoding.state import Canvas
+from diffspec.spec.psd import (PSDConfig, ViewScorer, build_psd_config, greedy_chain_accept, hierarchical_accept,
+                               nested_drafts, psd_generate)
+
+NEG = -math.inf
+PROMPTS = ["Tom has 5 pens.", "Ana has 12 cards. Ana gets 3 more. How many cards does Ana have now?", "Sam"]
+
+
+@pytest.fixture(scope="module")
+def model(make_model):
+    return make_model(seed=3)
+
+
+# ================================================================ pure pieces
+
+def test_local_policy_relaxes_only_next_to_an_anchor():
+    conf = torch.tensor([[0.95, 0.8, 0.75, 0.8, NEG, 0.6],
+                         [0.5, 0.6, 0.4, NEG, 0.3, 0.2]], dtype=torch.float64)
+    sel = select_local(conf, threshold=0.9, local_threshold=0.7, radius=1)
+    # row 0: anchor at 0; its neighbour 1 (0.8) passes the relaxed bar; 3 (0.8) is not next to an anchor
+    assert sel[0].tolist() == [True, True, False, False, False, False]
+    # row 1: no anchor, so only the single best cell
+    assert sel[1].tolist() == [False, True, False, False, False, False]
+    wide = select_local(conf[:1], threshold=0.9, local_threshold=0.7, radius=2)
+    assert wide[0].tolist() == [True, True, True, False, False, False]
+
+
+def test_nested_drafts_follow_one_ranking_and_nest():
+    conf = torch.tensor([[0.5, NEG, 0.9, 0.7, 0.6],
+                         [0.3, 0.3, NEG, NEG, NEG]], dtype=torch.float64)
+    d = nested_drafts(conf, [1, 3])
+    assert d.shape == (2, 2, 5)
+    assert d[0, 0].tolist() == [False, False, True, False, False]
+    assert d[1, 0].tolist() == [False, False, True, True, True]
+    assert d[0, 1].tolist() == [True, False, False, False, False]  # tie goes to the lower column
+    assert d[1, 1].tolist() == [True, True, False, False, False]  # capped at the 2 candidates
+    assert bool((d[1] >= d[0]).all())
+
+
+def test_hierarchical_acceptance_keeps_the_deepest_consistent_draft():
+    drafts = torch.tensor([[[0, 1, 0, 0, 0]], [[0, 1, 1, 1, 0]], [[1, 1, 1, 1, 1]]], dtype=torch.bool)
+    tokens = torch.tensor([[10, 11, 12, 13, 14]])
+
+    def pred(*rows):
+        return torch.tensor([[r] for r in rows])
+
+    ok = [10, 11, 12, 13, 14]
+    assert hierarchical_accept(drafts, tokens, pred(ok, ok, ok)).tolist() == [3]
+    # view 1 predicts something else at cell 3, which draft 2 adds: stop at draft 1
+    assert hierarchical_accept(drafts, tokens, pred(ok, [10, 11, 12, 99, 14], ok)).tolist() == [1]
+    # view 0 disagrees with draft 1's only cell: nothing is kept
+    assert hierarchical_accept(drafts, tokens, pred([10, 99, 12, 13, 14], ok, ok)).tolist() == [0]
+    # a disagreement at a cell the next draft does not add is irrelevant
+    assert hierarchical_accept(drafts, tokens, pred([99, 11, 99, 99, 99], [99, 11, 12, 13, 99], ok)).tolist() == [3]
+    # a capped draft that adds nothing is not deeper
+    capped = torch.stack([drafts[0], drafts[1], drafts[1]])
+    assert hierarchical_accept(capped, tokens, pred(ok, ok, ok)).tolist() == [2]
+
+
+def _logits_for(best_cells: list[int], tokens: list[int], L: int = 4, V: int = 6) -> torch.Tensor:
+    """(L, V) logits whose greedy choice is cell best_cells[0] with tokens[cell] (others less confident)."""
+    out = torch.zeros(L, V)
+    for c in range(L):
+        out[c, tokens[c]] = 1.0
+    out[best_cells[0], tokens[best_cells[0]]] = 5.0
+    return out
+
+
+def test_greedy_chain_accepts_only_exact_greedy_steps():
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    drafts = torch.tensor([[[0, 0, 1, 0]], [[0, 1, 1, 0]]], dtype=torch.bool)  # adds cell 2, then cell 1
+    cand = torch.ones(1, 4, dtype=torch.bool)
+    good = torch.stack([_logits_for([2], [1, 2, 3, 4]), _logits_for([1], [1, 2, 3, 4]),
+                        _logits_for([0], [1, 2, 3, 4])])[:, None]
+    assert greedy_chain_accept(drafts, tokens, good, cand).tolist() == [2]
+    # view 1 would pick cell 3 next, not cell 1: only draft 1 survives
+    wrong_cell = good.clone()
+    wrong_cell[1, 0] = _logits_for([3], [1, 2, 3, 4])
+    assert greedy_chain_accept(drafts, tokens, wrong_cell, cand).tolist() == [1]
+    # view 0 picks cell 2 but with another token: nothing survives
+    wrong_token = good.clone()
+    wrong_token[0, 0] = _logits_for([2], [1, 2, 5, 4])
+    assert greedy_chain_accept(drafts, tokens, wrong_token, cand).tolist() == [0]
+
+
+# ================================================================ the loop
+
+def _vanilla_greedy(model, tokenizer, prompts, **kw):
+    cfg = DecodeConfig(**{"gen_length": 16, "block_length": 8, "steps": 16, **kw})
+    return diffusion_generate(model, tokenizer, prompts, cfg)
+
+
+def test_lossless_equals_vanilla_greedy_on_a_batch(model, tokenizer):
+    van = _vanilla_greedy(model, tokenizer, PROMPTS)
+    for depths in [(1,), (1, 2, 3), (1, 2, 3, 4, 5, 6, 7)]:
+        res = psd_generate(model, tokenizer, PROMPTS, build_psd_config(
+            gen_length=16, block_length=8, lossless=True, depths=depths))
+        assert res.raw_ids == van.raw_ids
+        assert res.meter.nfe <= van.meter.nfe
+    one = psd_generate(model, tokenizer, PROMPTS[1:2], build_psd_config(gen_length=16, block_length=8, lossless=True))
+    assert one.raw_ids == van.raw_ids[1:2]
+
+
+def _lossless_on_arith(n: int, depths: tuple[int, ...]) -> None:
+    from diffspec.models.checkpoint import load_model
+    from diffspec.tasks import arith_examples
+
+    m, tok = load_model()
+    prompts = [e.prompt for e in arith_examples("test", n, seed=0)]
+    van = diffusion_generate(m, tok, prompts, DecodeConfig(gen_length=48, block_length=16, steps=48, batch_size=n))
+    res = psd_generate(m, tok, prompts, build_psd_config(gen_length=48, block_length=16, lossless=True,
+                                                         depths=depths, batch_size=n))
+    assert res.raw_ids == van.raw_ids
+    assert res.meter.models["model"].sequence_forwards < van.meter.models["model"].sequence_forwards
+
+
+def test_lossless_equals_vanilla_greedy_on_arith_prompts():
+    _lossless_on_arith(12, (1, 2, 3))
+
+
+@pytest.mark.slow
+def test_lossless_equals_vanilla_greedy_on_50_arith_prompts():
+    """The issue's bar (≥ 50 prompts, default depths 1..7); minutes on 2 CPU cores, so marked slow."""
+    _lossless_on_arith(50, tuple(range(1, 8)))
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("policy", ["threshold", "factor", "local"])
+def test_psd_decodes_every_cell_with_every_cache_and_policy(model, tokenizer, cache, policy):
+    cfg = build_psd_config(gen_length=16, block_length=8, cache=cache, policy=policy, depths=(1, 3, 5))
+    res = psd_generate(model, tokenizer, PROMPTS, cfg)
+    assert all(model.config.mask_token_id not in r for r in res.raw_ids)
+    assert len(res.raw_ids[0]) == 16
+    s = res.stats
+    assert s["committed"] + s["accepted"] == 16 * len(PROMPTS)
+    assert res.meter.models["model"].max_batch == 4 * len(PROMPTS)  # view 0 + three drafts per prompt
+    again = psd_generate(model, tokenizer, PROMPTS, cfg)
+    assert again.raw_ids == res.raw_ids  # deterministic
+
+
+def test_threshold_one_with_depth_one_is_greedy_at_one_token_per_view(model, tokenizer):
+    """τ = 1 commits one cell; with the draft check the result still equals greedy
+    whenever each accepted draft is the greedy choice, and never has masks."""
+    res = psd_generate(model, tokenizer, PROMPTS, build_psd_config(gen_length=16, block_length=8, threshold=1.0,
+                                                                   depths=(1,)))
+    assert res.stats["committed"] >= res.stats["iterations"]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_shared_kv_views_equal_full_forwards_on_an_unchanged_canvas(model, tokenizer, cache):
+    """With the canvas unchanged since the seed, every stored K/V is what a full
+    forward computes, so cached views must reproduce full-forward logits."""
+    ids = [tokenizer.encode(p) for p in PROMPTS]
+    canvas = Canvas.from_prompts(ids, 16, model.config.mask_token_id, model.config.pad_token_id, 128)
+    P = canvas.prompt_len
+    canvas.x[:, P : P + 3] = torch.tensor([5, 6, 7])  # something decoded before the block
+    meter = CostMeter()
+    scorer = ViewScorer(MeteredModel(model, meter), canvas, cache)
+    s, e = canvas.block_bounds(1, 8)
+    scorer.seed(s, e, working=3)
+    views = canvas.x[None].repeat(2, 1, 1)
+    logits, n = scorer.verify(views, working=3)
+    full = model(canvas.x, attention_mask=canvas.attention_mask).logits[:, s : s + n]
+    full = full.index_fill(-1, torch.tensor([canvas.mask_id]), -torch.inf)
+    for k in range(2):
+        assert torch.allclose(logits[k], full, atol=1e-5, equal_nan=True)
+    assert n == (canvas.length - s if cache == "prefix" else 8)
+    assert meter.models["model"].nfe == 2 and meter.models["model"].max_batch == 6
+
+
+def test_batched_verification_counts_one_forward_per_call(model, tokenizer):
+    res = psd_generate(model, tokenizer, PROMPTS[:1], build_psd_config(gen_length=16, block_length=8,
+                                                                      depths=(1, 3)))
+    c = res.meter.models["model"]
+    assert c.nfe == res.stats["iterations"] + res.stats["seed_forwards"]
+    assert c.sequence_forwards == c.nfe  # one prompt: each call advances it once
+    assert res.meter.tokens_per_forward == pytest.approx(16 / c.nfe)
+
+
+# ================================================================ options and errors
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(depths=()), "depths is empty"),
+    (dict(depths=(3, 1)), "strictly increasing"),
+    (dict(depths=(1, 1)), "strictly increasing"),
+    (dict(depths=(0, 2)), ">= 1"),
+    (dict(depths=(1, 16)), "does not fit a block of 16"),
+    (dict(depths="1,x"), "comma-separated integers"),
+    (dict(threshold=1.5), r"threshold must be in \(0, 1\]"),
+    (dict(threshold=0.0), r"threshold must be in \(0, 1\]"),
+    (dict(policy="local", local_threshold=0.95), "local_threshold"),
+    (dict(policy="schedule"), "adaptive policy"),
+    (dict(cache="dkv-decode"), "supports caches"),
+    (dict(temperature=0.5), "temperature 0"),
+    (dict(remasking="random"), "low_confidence"),
+    (dict(lossless=True, cache="dual"), "needs cache 'none'"),
+    (dict(lossless=True, depths=(1, 3)), "depths must be 1..D"),
+    (dict(lossless=True, policy="threshold"), "does not take policy"),
+    (dict(speed="max"), "unknown psd option"),
+])
+def test_psd_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build_psd_config(**kw)
+
+
+def test_psd_options_and_presets():
+    cfg = build_config("psd")
+    assert isinstance(cfg, PSDConfig) and cfg.depths == (1, 3, 5, 7) and cfg.decode.policy == "threshold"
+    loss = build_config("psd", lossless=True, gen_length=32)
+    assert loss.depths == tuple(range(1, 8)) and loss.decode.steps == 32
+    assert build_config("psd", base=cfg, depths="2,4").depths == (2, 4)
+    with pytest.raises(ValueError, match="only applies to method 'psd'"):
+        build_config("fast-dllm", depths=(1, 2))
+    with pytest.raises(ValueError, match="only applies to method 'dualdiffusion'"):
+        build_config("psd", rule="exact_match")
+    with pytest.raises(ValueError, match="cannot start from a PSDConfig"):
+        build_config("vanilla", base=cfg)
+    d = cfg.to_dict()
+    assert d["depths"] == [1, 3, 5, 7] and d["decode"]["threshold"] == 0.9
+
+
+def test_bench_psd_specs_parse_and_run(tiny_checkpoint, tmp_path, capsys):
+    method, opts = parse_spec("psd:policy=local,depths=1;3;5,lossless=false")
+    assert method == "psd" and opts == {"policy": "local", "depths": (1, 3, 5), "lossless": False}
+    assert label_of(method, opts) == "psd policy=local depths=1,3,5 lossless=False"
+    assert any(s.startswith("psd:lossless") for s in suite("psd", "arith"))
+    from diffspec.models.checkpoint import load_model
+
+    m, tok = load_model(tiny_checkpoint)
+    r = run_bench(m, tok, ["vanilla:steps=16", "psd:lossless=true", "psd:depths=1;3"], limit=3, out_dir=tmp_path,
+                  overrides={"gen_length": 16, "block_length": 8})
+    rows = r["rows"]
+    assert rows[1]["spec"] == "psd:lossless=true" and rows[1]["accuracy"] == rows[0]["accuracy"]
+    assert "spec" in rows[2] and rows[2]["config"]["depths"] == [1, 3]
+    capsys.readouterr()
+
+
+def test_cli_generate_psd(tiny_checkpoint, capsys):
+    base = ["generate", "--prompt", "Tom has 5 pens.", "--model", str(tiny_checkpoint), "--gen-length", "16",
+            "--block-length", "8"]
+    assert main(base + ["--method", "vanilla"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(base + ["--method", "psd", "--lossless"]) == 0
+    out = capsys.readouterr()
+    assert out.out == greedy and "[psd]" in out.err
+    assert main(base + ["--method", "psd", "--policy", "local", "--depths", "1,2", "--cache", "dual"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--method", "psd", "--depths", "5,3"]) == 2
+    assert "strictly increasing" in capsys.readouterr().err
+    assert main(base + ["--method", "fast-dllm", "--lossless"]) == 2
+    assert "only applies to method 'psd'" in capsys.readouterr().err
+
+
+def test_api_generate_psd(model, tokenizer):
+    res = generate(PROMPTS[:2], model=model, tokenizer=tokenizer, method="psd", gen_length=16, block_length=8,
+                   lossless=True)
+    van = _vanilla_greedy(model, tokenizer, PROMPTS[:2])
+    assert res.texts == van.texts and res.summary()["spec"]["iterations"] > 0
