@@ -46,8 +46,15 @@ def method_options(method: str) -> dict[str, Any]:
     return dict(SPEC_METHODS[method][0]) if method in SPEC_METHODS else {}
 
 
-def build_config(method: str = "vanilla", base: AnyConfig | None = None, **options: Any) -> AnyConfig:
-    """Method preset, then `base`, then explicit options (None means 'not given')."""
+def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict: bool = True,
+                 **options: Any) -> AnyConfig:
+    """Method preset, then `base`, then explicit options (None means 'not given').
+
+    strict: refuse options the resulting config would ignore (a threshold with
+    the schedule policy...) rather than run something other than what was asked.
+    `diffspec bench` turns it off, since its command-line overrides apply to
+    every row of a sweep and some rows have no use for them.
+    """
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     foreign = {k: m for m, (opts, _, _) in SPEC_METHODS.items() if m != method
@@ -59,7 +66,18 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, **optio
             not (method in SPEC_METHODS and isinstance(base, SPEC_METHODS[method][2])):
         raise ValueError(f"method {method!r} cannot start from a {type(base).__name__}; pass a DecodeConfig")
     if method in SPEC_METHODS:
-        return SPEC_METHODS[method][1](base, **options)
+        cfg = SPEC_METHODS[method][1](base, **options)
+        decode = cfg.decode
+    else:
+        cfg = decode = _build_decode_config(method, base, **options)
+    unused = decode.unused_options({k for k, v in options.items() if v is not None})
+    if strict and unused:
+        raise ValueError(f"option(s) {unused} have no effect with policy {decode.policy!r} and cache "
+                         f"{decode.cache!r} (method {method!r}); drop them or pick the policy/cache that uses them")
+    return cfg
+
+
+def _build_decode_config(method: str, base: DecodeConfig | None, **options: Any) -> DecodeConfig:
     unknown = set(options) - set(DecodeConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown decoding option(s) {sorted(unknown)}; valid: {sorted(DecodeConfig.__dataclass_fields__)}")

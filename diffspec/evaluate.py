@@ -18,12 +18,12 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 
-def task_config(task: str, method: str, **options: Any) -> AnyConfig:
+def task_config(task: str, method: str, strict: bool = True, **options: Any) -> AnyConfig:
     given = {k: v for k, v in options.items() if v is not None}
     base = {**TASK_DEFAULTS.get(task, {}), **given}
     if "gen_length" in given and "steps" not in given:  # full steps unless told otherwise
         base["steps"] = given["gen_length"]
-    return build_config(method, **base)
+    return build_config(method, strict=strict, **base)
 
 
 def evaluate(

@@ -130,7 +130,7 @@ def run_bench(
         raise ValueError("no methods to benchmark")
     parsed = [parse_spec(s) for s in specs]
     # validate all first
-    configs = [task_config(task, m, **{**options_for(m, overrides or {}), **o}) for m, o in parsed]
+    configs = [task_config(task, m, strict=False, **{**options_for(m, overrides or {}), **o}) for m, o in parsed]
     examples = load_examples(task, limit=limit, data=data)
     rows = []
     for (method, opts), cfg, spec in zip(parsed, configs, specs):

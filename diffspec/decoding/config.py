@@ -33,6 +33,7 @@ class DecodeConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.gen_length < 1:
             raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
         if self.block_length < 1:
@@ -73,6 +74,18 @@ class DecodeConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
+    def unused_options(self, given: set[str] | list[str]) -> list[str]:
+        """Options in `given` that this config would silently ignore (e.g. a threshold
+        with the schedule policy), so callers can refuse them instead."""
+        used_by = {
+            "threshold": self.policy in ("threshold", "local"),
+            "factor": self.policy == "factor",
+            "local_threshold": self.policy == "local",
+            "local_radius": self.policy == "local",
+            "refresh_interval": self.cache in ("dkv-decode", "dkv-greedy"),
+        }
+        return sorted(k for k in given if used_by.get(k) is False)
+
     def _divisor_hint(self) -> str:
         ds = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
         return " or ".join(str(d) for d in ds[-4:])
@@ -86,3 +99,21 @@ class DecodeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_field_types(cfg: Any) -> None:
+    """Reject wrongly typed options up front (a string "48" would fail deep inside torch)."""
+    for name, f in cfg.__dataclass_fields__.items():
+        value, default = getattr(cfg, name), f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{name} must be a {type(default).__name__}, got {value!r} ({type(value).__name__})")

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..decoding.config import DecodeConfig
+from ..decoding.config import DecodeConfig, check_field_types
 from ..decoding.diffusion import GenerationResult, run_batches
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
@@ -113,6 +113,7 @@ class DualConfig:
     progress_guard: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not isinstance(self.decode, DecodeConfig):
             raise ValueError(f"decode must be a DecodeConfig, got {type(self.decode).__name__}")
         if not str(self.drafter).strip():

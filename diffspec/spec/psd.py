@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decoding.config import DecodeConfig
+from ..decoding.config import DecodeConfig, check_field_types
 from ..decoding.diffusion import GenerationResult, propose, run_batches, select
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
@@ -94,6 +94,7 @@ class PSDConfig:
         if not isinstance(d, DecodeConfig):
             raise ValueError(f"decode must be a DecodeConfig, got {type(d).__name__}")
         object.__setattr__(self, "depths", parse_depths(self.depths))
+        check_field_types(self)
         if not self.depths:
             raise ValueError("depths is empty; give at least one draft depth, e.g. 1,3,5,7")
         if any(b <= a for a, b in zip(self.depths, self.depths[1:])):
