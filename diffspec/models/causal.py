@@ -1,0 +1,482 @@
+"""Qwen3: the autoregressive (causal) target model for speculative decoding.
+
+Parameter names mirror transformers' `Qwen3ForCausalLM` (`model.layers.{i}.self_attn.q_proj` ...)
+so a real Qwen3 directory loads with `load_state_dict` and no renaming, and
+tests can check logits against transformers itself. The math (RMSNorm, fp32
+rotate-half RoPE) is shared with `llada.py`; what Qwen3 adds is a per-head
+RMSNorm on queries and keys before RoPE, and a `head_dim` that need not equal
+`hidden_size / num_attention_heads`.
+
+Decoding keeps keys and values in a preallocated `CausalKVCache`. Speculative
+decoding needs two things from it beyond plain appending: `crop` to drop
+rejected draft tokens, and `attn_mask_override` in the forward so a whole
+tree of drafts can be verified in one call with a tree-shaped mask.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, _read_weights, load_tokenizer, read_config, resolve_device, resolve_dtype
+from .llada import ModelOutput, RMSNorm, apply_rope, rope_cos_sin
+from .tokenizer import Tokenizer
+
+__all__ = ["Qwen3Config", "Qwen3Model", "CausalKVCache", "ModelOutput", "load_causal", "save_causal"]
+
+
+@dataclass
+class Qwen3Config:
+    """The fields of a transformers Qwen3 `config.json` that change the math.
+
+    Defaults are a tiny model for tests, except `rope_theta` and `rms_norm_eps`,
+    which are transformers' own fallbacks so a config.json lacking them means
+    the same thing here as there. `head_dim=None` means hidden_size // heads.
+    """
+
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    eos_token_id: int | list[int] | None = None
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even number for rotate-half RoPE, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
+            )
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
+        for name in ("bos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            if tid is not None and not 0 <= tid < self.vocab_size:
+                raise ValueError(f"config {name}={tid} is outside the vocabulary ({self.vocab_size})")
+        for tid in self.eos_token_ids:
+            if not 0 <= tid < self.vocab_size:
+                raise ValueError(f"config eos_token_id={tid} is outside the vocabulary ({self.vocab_size})")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """EOS ids as a tuple: Qwen3 configs give one id or a list (chat models stop on several)."""
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen3Config":
+        """Read a transformers Qwen3 config.json (4.x or 5.x layout); unknown keys go to `extra`.
+
+        Features this implementation lacks (biases, sliding windows, scaled
+        RoPE) raise instead of being ignored, because ignoring them would load
+        silently wrong logits.
+        """
+        model_type = d.get("model_type")
+        if model_type is not None and model_type != "qwen3":
+            raise ValueError(f"model_type is {model_type!r}, not 'qwen3'")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"config lacks Qwen3 keys {missing}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("attention_bias"):
+            raise ValueError("attention_bias=true is not supported (Qwen3 projections have no biases)")
+        if d.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported; only full attention is implemented")
+        layer_types = d.get("layer_types") or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"layer_types {sorted(set(layer_types))} are not supported; only 'full_attention'")
+        # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} is not supported; only plain (default) RoPE")
+
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: d[k] for k in known if d.get(k) is not None}
+        if "rope_theta" not in kw and rope.get("rope_theta") is not None:
+            kw["rope_theta"] = rope["rope_theta"]
+        consumed = known | {"model_type", "architectures", "hidden_act", "attention_bias", "use_sliding_window",
+                            "layer_types", "rope_parameters", "rope_scaling", "sliding_window"}
+        kw["extra"] = {k: v for k, v in d.items() if k not in consumed}
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that transformers (4.x and 5.x) loads as the same Qwen3ForCausalLM."""
+        d = dict(self.extra)
+        d.update({k: v for k, v in asdict(self).items() if k != "extra"})
+        d.update(
+            model_type="qwen3",
+            architectures=["Qwen3ForCausalLM"],
+            hidden_act="silu",
+            attention_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            rope_scaling=None,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+        )
+        return d
+
+
+class CausalKVCache:
+    """Preallocated keys/values (after RoPE) for every layer: (B, H_kv, max_len, D) each.
+
+    All rows share one `length`: slots [0, length) are valid. Left padding is
+    handled by the caller's `attention_mask`, not here, which keeps the cache
+    a plain buffer. Preallocating avoids a torch.cat per layer per token and
+    makes `crop` (rejecting draft tokens) free: it only moves `length`.
+
+    The model calls `append` once per layer during a forward, then `advance`
+    once at the end, so every layer of one forward writes the same slots.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if min(num_layers, batch_size, num_kv_heads, head_dim, max_len) < 1:
+            raise ValueError("CausalKVCache sizes must all be >= 1")
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.length = 0
+
+    @classmethod
+    def for_model(
+        cls, model: "Qwen3Model", batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> "CausalKVCache":
+        """A cache shaped for `model`, on its device and (by default) in its dtype."""
+        cfg = model.config
+        w = model.model.embed_tokens.weight
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim,
+                   max_len or cfg.max_position_embeddings, device=w.device, dtype=dtype or w.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write (B, H_kv, Q, D) at slots [length, length+Q); return views of slots [0, length+Q)."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark n more slots valid; the model calls this after all layers appended."""
+        self.length += n
+
+    def crop(self, n: int) -> None:
+        """Keep only the first n positions, e.g. to drop rejected draft tokens."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop the cache to {n}: it holds {self.length} positions")
+        self.length = n
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
+                layer: int, kv_cache: CausalKVCache | None) -> Tensor:
+        B, Q, _ = x.shape
+        cfg = self.cfg
+        # Per-head norm on (B, Q, H, D) before the transpose and before RoPE, as Qwen3 does.
+        q = self.q_norm(self.q_proj(x).view(B, Q, -1, cfg.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, Q, -1, cfg.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, Q, -1, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)
+        if cfg.num_key_value_heads != cfg.num_attention_heads:
+            # repeat_interleave rather than SDPA's enable_gqa, which needs torch >= 2.5.
+            rep = cfg.num_attention_heads // cfg.num_key_value_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.o_proj(att.transpose(1, 2).reshape(B, Q, -1))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg)
+        self.mlp = Qwen3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
+                layer: int, kv_cache: CausalKVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, layer, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(
+    n_query: int,
+    past: int,
+    attention_mask: Tensor | None,
+    override: Tensor | None,
+    device: torch.device,
+) -> tuple[Tensor | None, bool]:
+    """(bool mask broadcastable to (B, H, Q, K) or None, is_causal) for SDPA, K = past + Q.
+
+    Query j sits in cache slot past+j. Without padding or override, the cheap
+    paths apply: one query sees every key (mask None) and an empty cache uses
+    SDPA's built-in causal mask. Otherwise the mask is built explicitly, and
+    every query may always see its own slot: a padded query (whose keys are
+    all masked) then yields finite garbage, whereas some SDPA kernels (older
+    torch, some CUDA backends) return NaN for a fully masked row, which would
+    be stored in the cache and leak into real rows via 0 * NaN.
+    """
+    n_keys = past + n_query
+    if override is None and attention_mask is None:
+        if n_query == 1:
+            return None, False
+        if past == 0:
+            return None, True
+    if override is not None:
+        mask = override.to(torch.bool)
+    else:
+        q_slot = torch.arange(past, n_keys, device=device)[:, None]
+        mask = torch.arange(n_keys, device=device)[None, :] <= q_slot
+    if attention_mask is not None:
+        mask = mask & attention_mask.to(torch.bool)[:, None, None, :]
+    diag = torch.zeros(n_query, n_keys, dtype=torch.bool, device=device)
+    diag[:, past:] = torch.eye(n_query, dtype=torch.bool, device=device)
+    return mask | diag, False
+
+
+class Qwen3Model(nn.Module):
+    """Qwen3 causal LM; logit i predicts token i+1."""
+
+    logits_shifted = True  # output i predicts position i+1, as in Dream-style models
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Skip init on the meta device (load_causal builds there, then assigns real
+        # weights): meta normal_ goes through torch._refs and imports dynamo (~4 s).
+        if not self.model.embed_tokens.weight.is_meta:
+            self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the input embedding is a lookup (no FLOPs) unless it doubles as the head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_word_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def forward_flops(self, n_query: int, n_keys: int) -> float:
+        """FLOPs of one sequence's forward: 2·params·tokens plus attention scores and mixing."""
+        cfg = self.config
+        attn_dim = cfg.num_attention_heads * cfg.head_dim
+        return 2.0 * self.num_params() * n_query + 4.0 * cfg.num_hidden_layers * attn_dim * n_query * n_keys
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> CausalKVCache:
+        """An empty `CausalKVCache` for this model (max_len defaults to max_position_embeddings)."""
+        return CausalKVCache.for_model(self, batch_size, max_len)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        kv_cache: CausalKVCache | None = None,
+        attn_mask_override: Tensor | None = None,
+        output_hidden_states: bool = False,
+        hidden_layers: Sequence[int] | None = None,
+    ) -> ModelOutput:
+        """Run Q new tokens, attending to themselves and to everything already in `kv_cache`.
+
+        input_ids (B, Q). positions (Q,) or (B, Q) RoPE positions; default
+        past..past+Q-1 where past = kv_cache.length (pass explicit per-row
+        positions for left-padded batches). attention_mask (B, past+Q) bool over
+        *keys*, True = attend, covering cached and new slots. attn_mask_override
+        (B or 1, 1 or H, Q, past+Q) bool replaces the causal mask (tree
+        verification); attention_mask still applies on top of it. The new K/V
+        are appended to `kv_cache`, which then holds past+Q positions.
+
+        Hidden states index like transformers': 0 is the embedding output, i is
+        the output of layer i-1 (before the final norm). output_hidden_states
+        returns all num_hidden_layers+1; hidden_layers returns just those
+        indices (negative allowed), in the order given, and implies the former.
+        """
+        cfg = self.config
+        B, Q = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        n_keys = past + Q
+        if kv_cache is not None:
+            if kv_cache.batch_size != B:
+                raise ValueError(f"kv_cache was built for batch size {kv_cache.batch_size}, got {B} rows")
+            if n_keys > kv_cache.max_len:
+                raise ValueError(f"kv_cache holds {past} of {kv_cache.max_len} positions; {Q} more do not fit")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, n_keys):
+            raise ValueError(f"attention_mask must be (B, past+Q) = {(B, n_keys)}, got {tuple(attention_mask.shape)}")
+        if attn_mask_override is not None:
+            s = tuple(attn_mask_override.shape)
+            if len(s) != 4 or s[0] not in (1, B) or s[1] not in (1, cfg.num_attention_heads) or s[2:] != (Q, n_keys):
+                raise ValueError(f"attn_mask_override must be (B, 1 or H, Q, past+Q) = ({B}, 1, {Q}, {n_keys}), got {s}")
+        if positions is None:
+            positions = torch.arange(past, n_keys, device=input_ids.device)
+        elif tuple(positions.shape) not in ((Q,), (B, Q)):
+            raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, got {tuple(positions.shape)}")
+
+        n_states = cfg.num_hidden_layers + 1
+        wanted: list[int] = []
+        if hidden_layers is not None:
+            for i in hidden_layers:
+                if not -n_states <= i < n_states:
+                    raise ValueError(f"hidden layer index {i} is out of range for {n_states} hidden states")
+                wanted.append(i % n_states)
+        elif output_hidden_states:
+            wanted = list(range(n_states))
+        keep = set(wanted)
+
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        mask, is_causal = build_attention_mask(Q, past, attention_mask, attn_mask_override, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        states: dict[int, Tensor] = {0: x} if 0 in keep else {}
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, is_causal, i, kv_cache)
+            if i + 1 in keep:
+                states[i + 1] = x
+        if kv_cache is not None:
+            kv_cache.advance(Q)
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if cfg.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(x, head)
+        hidden = tuple(states[i] for i in wanted) if hidden_layers is not None or output_hidden_states else None
+        return ModelOutput(logits=logits, hidden_states=hidden)
+
+
+def _check_state(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path} do not match config.json: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
+        )
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(t.shape)}")
+
+
+def load_causal(
+    path: str | Path,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> tuple[Qwen3Model, Tokenizer]:
+    """Load a Hugging Face Qwen3 directory (config.json, safetensors, tokenizer.json) in eval mode."""
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    raw = read_config(path)
+    if raw.get("model_type") != "qwen3":
+        raise CheckpointError(
+            f"{path}/config.json is not a Qwen3 config (model_type={raw.get('model_type')!r}); "
+            "the causal loader supports only model_type 'qwen3'"
+        )
+    try:
+        cfg = Qwen3Config.from_hf_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
+            "the tokenizer.json does not belong to this model"
+        )
+    state = _read_weights(path)
+    # Harmless extras some exporters write: a tied head stored twice, old RoPE buffers.
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Qwen3Model(cfg)
+    _check_state(model.state_dict(), state, path)
+    model.load_state_dict({k: v.to(dt) for k, v in state.items()}, assign=True)
+    return model.to(dev).eval(), tok
+
+
+def save_causal(model: Qwen3Model, tokenizer: Tokenizer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json in transformers' Qwen3 layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    tokenizer.save(path / "tokenizer.json")
+    return path
