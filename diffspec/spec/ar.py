@@ -1,0 +1,411 @@
+"""Autoregressive decoding and classic speculative decoding (Leviathan et al. 2023; Chen et al. 2023).
+
+`ar_generate` is the baseline every AR speculative method must reproduce: a
+KV-cached loop (prefill the prompt, then one token per forward), greedy or
+temperature sampling. Batches are left-padded, with per-row RoPE positions and
+a key mask, so a batch decodes exactly as its rows would alone.
+
+`spec_generate` is the textbook drafter/target loop with a small AR drafter
+that shares the target's tokenizer. Per round the drafter proposes γ tokens
+with its own cache; the target scores [last token, d_1..d_γ] in one forward
+over its cache (γ+1 queries, logit j predicting position j+1); the acceptance
+rule keeps a prefix d_1..d_k and adds one token of the target's own (the
+correction at the first rejection, or a bonus after all γ); both caches are
+cropped to the accepted length. Greedy acceptance (longest prefix equal to the
+target's argmax) makes the output token-for-token `ar_generate`'s greedy
+output; with temperature > 0 the rejection rule (`rejection_accept`) makes
+every emitted token exactly distributed as the target's sampler.
+
+Speculative rows are decoded one at a time: rows accept different numbers of
+tokens per round, so a batch would need ragged caches (or padding inside the
+cache) for a CPU-scale baseline whose per-row cost is what we measure.
+
+Cost: `MeteredModel`s named "drafter" and "target", meter.primary = "target",
+so `meter.tokens_per_forward` is generated tokens per target forward (the
+prefill forward, which yields the first token, included). `stats` reports the
+acceptance per verification round: rounds, drafted, accepted, and
+acceptance_length τ = (accepted + rounds) / rounds.
+
+Generation stops for a row after it emits an EOS id of the model config
+(`stop_at_eos`); `token_ids` are cut before the first EOS, `raw_ids` keep it.
+`tokens_generated` counts tokens actually produced (EOS included), so AR
+decoding has exactly one token per forward.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..decoding.config import check_field_types
+from ..decoding.diffusion import GenerationResult
+from ..decoding.meter import CostMeter, MeteredModel
+from ..models.causal import CausalKVCache
+from ..models.tokenizer import Tokenizer
+
+__all__ = ["ARConfig", "SpecConfig", "ar_generate", "spec_generate", "greedy_accept", "rejection_accept",
+           "check_compatible"]
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    """Options of plain AR decoding, validated on construction.
+
+    temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / T)
+    with a generator seeded from `seed` (so a run is reproducible, though a
+    different batch_size draws the random numbers in a different order).
+    """
+
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    seed: int = 0
+    stop_at_eos: bool = True
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def replace(self, **kw: Any) -> "ARConfig":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SpecConfig(ARConfig):
+    """ARConfig plus `gamma`, the tokens the drafter proposes per round.
+
+    Rows are decoded one at a time, so `batch_size` only matters for the AR
+    baseline run with the same options.
+    """
+
+    gamma: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+
+
+class _Cache(CausalKVCache):
+    """A CausalKVCache that tells `MeteredModel` how many keys the last forward attended to.
+
+    The meter reads `last_n_keys` after the call, when `length` already counts
+    the new queries, so past + Q is just `length`.
+    """
+
+    @property
+    def last_n_keys(self) -> int:
+        return self.length
+
+
+# ---------------------------------------------------------------- sampling and acceptance (unit-tested)
+
+
+def _probs(logits: Tensor, temperature: float) -> Tensor:
+    return F.softmax(logits.float() / temperature, dim=-1)
+
+
+def sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """(..., V) logits -> (...) token ids: argmax when temperature is 0, else a softmax(l / T) draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    p = _probs(logits, temperature)
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
+
+
+def greedy_accept(target_logits: Tensor, drafts: Sequence[int]) -> tuple[int, int]:
+    """(k, token): the longest draft prefix equal to the target's argmax, and the target's next token.
+
+    target_logits (γ+1, V): row j predicts the token after d_j (row 0: after
+    the last verified token). The token is the argmax at row k: the
+    correction of d_{k+1}, or the bonus when all γ drafts match.
+    """
+    best = target_logits.argmax(dim=-1).tolist()
+    k = 0
+    while k < len(drafts) and drafts[k] == best[k]:
+        k += 1
+    return k, best[k]
+
+
+def rejection_accept(p: Tensor, q: Tensor, drafts: Sequence[int], generator: torch.Generator | None) -> tuple[int, int]:
+    """(k, token) by the speculative-sampling rule, so every emitted token is distributed as p.
+
+    p (γ+1, V): target probabilities; q (γ, V): the drafter's, from which
+    d_j was drawn. Draft d_j is kept with probability min(1, p_j(d)/q_j(d));
+    at the first rejection the token is drawn from normalize(max(0, p_j - q_j)),
+    and after γ acceptances it is a bonus draw from p_γ. (If p and q agree to
+    rounding, the residual can vanish; then p itself is used.)
+    """
+    for j, d in enumerate(drafts):
+        u = torch.rand((), generator=generator, device=p.device, dtype=p.dtype)
+        if u * q[j, d] <= p[j, d]:  # u < p/q without dividing by a tiny q
+            continue
+        residual = (p[j] - q[j]).clamp_min(0)
+        if not residual.sum() > 0:
+            residual = p[j]
+        return j, int(torch.multinomial(residual, 1, generator=generator))
+    k = len(drafts)
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+# ---------------------------------------------------------------- shared checks
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
+    cfg = model.config
+    ids = getattr(cfg, "eos_token_ids", None)
+    if ids is None:
+        eos = getattr(cfg, "eos_token_id", None)
+        ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    return frozenset(ids)
+
+
+def _max_positions(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or cfg.max_sequence_length
+
+
+def _check_ar(model: torch.nn.Module, who: str) -> None:
+    if not getattr(model, "logits_shifted", False):
+        raise ValueError(f"the {who} ({type(model).__name__}) is not an autoregressive model: "
+                         "AR decoding needs logit i to predict token i+1 (e.g. a Qwen3Model)")
+
+
+def check_compatible(target: torch.nn.Module, drafter: torch.nn.Module) -> None:
+    """The drafter must be AR, on the target's device, and read/write the same token ids."""
+    _check_ar(target, "target")
+    _check_ar(drafter, "drafter")
+    tv, dv = target.config.vocab_size, drafter.config.vocab_size
+    if tv != dv:
+        raise ValueError(f"drafter and target vocabularies differ (drafter vocab_size {dv}, target {tv}); "
+                         "the drafter must share the target's tokenizer")
+    if _eos_ids(target) != _eos_ids(drafter):
+        raise ValueError(f"drafter and target disagree on eos ids (drafter {sorted(_eos_ids(drafter))}, "
+                         f"target {sorted(_eos_ids(target))}); they must share a tokenizer and its special tokens")
+    if _device(drafter) != _device(target):
+        raise ValueError(f"drafter is on {_device(drafter)} but the target is on {_device(target)}")
+
+
+def _encode(tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, vocab_size: int,
+            max_positions: int) -> list[list[int]]:
+    """Prompt ids, refusing prompts that are empty, out of vocabulary or too long to finish."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    encoded = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty; give some text to complete")
+        ids = tokenizer.encode(p)
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to no tokens")
+        if max(ids) >= vocab_size:
+            raise ValueError(f"prompt {i} has token id {max(ids)} but the model embeds only {vocab_size} tokens; "
+                             "the tokenizer does not belong to this model")
+        if len(ids) + cfg.max_new_tokens > max_positions:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} that is "
+                             f"beyond max_position_embeddings={max_positions}")
+        encoded.append(ids)
+    return encoded
+
+
+def _finish(tokenizer: Tokenizer, raw: list[list[int]], eos: frozenset[int], cfg: ARConfig,
+            meter: CostMeter) -> tuple[list[list[int]], list[str]]:
+    cut = []
+    for row in raw:
+        stop = next((i for i, t in enumerate(row) if t in eos), len(row)) if cfg.stop_at_eos else len(row)
+        cut.append(row[:stop])
+    meter.tokens_generated += sum(len(r) for r in raw)
+    meter.sequences += len(raw)
+    return cut, [tokenizer.decode(ids, skip_special_tokens=True) for ids in cut]
+
+
+# ---------------------------------------------------------------- plain AR decoding
+
+
+def _ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: frozenset[int],
+              generator: torch.Generator) -> list[list[int]]:
+    """Decode left-padded rows together; a row stops growing after its EOS, the batch when all stopped.
+
+    Finished rows are still fed (their tokens are ignored) but are not counted
+    as sequences advanced, so tokens per forward stays exactly 1.
+    """
+    device = _device(model.model)
+    B, W = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(B, W, dtype=torch.long, device=device)
+    mask = torch.zeros(B, W, dtype=torch.bool, device=device)
+    for r, row in enumerate(rows):
+        ids[r, W - len(row):] = torch.tensor(row, device=device)
+        mask[r, W - len(row):] = True
+    padded = not bool(mask.all())
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = _Cache.for_model(model.model, B, W + cfg.max_new_tokens)
+
+    logits = model(ids, positions=positions, attention_mask=mask if padded else None, kv_cache=cache).logits[:, -1]
+    pos = positions[:, -1:] + 1
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(cfg.max_new_tokens):
+        tok = sample(logits, cfg.temperature, generator)
+        for r, t in enumerate(tok.tolist()):
+            if not done[r]:
+                out[r].append(t)
+                done[r] = cfg.stop_at_eos and t in eos
+        if all(done) or step == cfg.max_new_tokens - 1:
+            break
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits = model(tok[:, None], positions=pos, attention_mask=mask if padded else None, kv_cache=cache,
+                       sequences=done.count(False)).logits[:, -1]
+        pos = pos + 1
+    return out
+
+
+@torch.inference_mode()
+def ar_generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    cfg: ARConfig,
+    meter: CostMeter | None = None,
+    *,
+    progress: bool = False,
+) -> GenerationResult:
+    """Decode `prompts` autoregressively with a KV cache, in left-padded batches of `cfg.batch_size`."""
+    _check_ar(model, "model")
+    meter = meter or CostMeter()
+    metered = MeteredModel(model, meter, meter.primary)
+    eos = _eos_ids(model)
+    encoded = _encode(tokenizer, prompts, cfg, model.config.vocab_size, _max_positions(model))
+    generator = torch.Generator(device=_device(model)).manual_seed(cfg.seed)
+    raw: list[list[int]] = []
+    with meter.timed(_device(model)), tqdm(total=len(encoded), desc="ar", disable=not progress, leave=False) as bar:
+        for start in range(0, len(encoded), cfg.batch_size):
+            batch = encoded[start:start + cfg.batch_size]
+            raw.extend(_ar_batch(metered, batch, cfg, eos, generator))
+            bar.update(len(batch))
+    token_ids, texts = _finish(tokenizer, raw, eos, cfg, meter)
+    return GenerationResult(token_ids, texts, meter, cfg, raw)
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+@dataclass
+class ARSpecStats:
+    rounds: int = 0  # target verification forwards (the prefill forward is not a round)
+    drafted: int = 0
+    accepted: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["acceptance_length"] = (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        d["acceptance_rate"] = self.accepted / self.drafted if self.drafted else 0.0
+        return d
+
+
+def _draft(drafter: MeteredModel, cache: _Cache, seq: list[int], n: int, temperature: float,
+           generator: torch.Generator) -> tuple[list[int], Tensor | None]:
+    """n drafter tokens after `seq`, feeding first whatever of `seq` its cache lacks; q (n, V) when sampling."""
+    device = _device(drafter.model)
+    feed, drafts, qs = seq[cache.length:], [], []
+    for _ in range(n):
+        logits = drafter(torch.tensor([feed], device=device), kv_cache=cache).logits[0, -1]
+        if temperature == 0:
+            d = int(logits.argmax())
+        else:
+            q = _probs(logits, temperature)
+            d = int(torch.multinomial(q, 1, generator=generator))
+            qs.append(q)
+        drafts.append(d)
+        feed = [d]
+    return drafts, (torch.stack(qs) if qs else None)
+
+
+def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cfg: SpecConfig,
+              eos: frozenset[int], generator: torch.Generator, stats: ARSpecStats) -> list[int]:
+    """Speculatively decode one row; returns its generated ids (EOS included when it stopped there).
+
+    Invariants between rounds: `seq` = prompt + generated; the target cache
+    holds seq[:-1] (the last token is the first query of the next
+    verification); the drafter cache holds some prefix of seq.
+    """
+    device = _device(target.model)
+    budget, T = cfg.max_new_tokens, cfg.temperature
+    t_cache = _Cache.for_model(target.model, 1, len(prompt) + budget)
+    d_cache = _Cache.for_model(drafter.model, 1, len(prompt) + budget)
+    first = target(torch.tensor([prompt], device=device), kv_cache=t_cache).logits[0, -1]
+    out = [int(sample(first, T, generator))]
+    seq = prompt + out
+    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos):
+        n = len(seq)
+        gamma = min(cfg.gamma, budget - len(out) - 1)  # never draft past the budget
+        drafts, q = _draft(drafter, d_cache, seq, gamma, T, generator)
+        logits = target(torch.tensor([seq[-1:] + drafts], device=device), kv_cache=t_cache).logits[0]
+        if T == 0:
+            k, token = greedy_accept(logits, drafts)
+        else:
+            p = _probs(logits, T)
+            k, token = rejection_accept(p, q if q is not None else p[:0], drafts, generator)
+        stats.rounds += 1
+        stats.drafted += gamma
+        stats.accepted += k
+        t_cache.crop(n + k)
+        d_cache.crop(min(d_cache.length, n + k))
+        new = drafts[:k] + [token]
+        if cfg.stop_at_eos:
+            cut = next((i for i, t in enumerate(new) if t in eos), None)
+            new = new if cut is None else new[:cut + 1]
+        out += new
+        seq += new
+    return out
+
+
+@torch.inference_mode()
+def spec_generate(
+    target: torch.nn.Module,
+    drafter: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    cfg: SpecConfig,
+    meter: CostMeter | None = None,
+    *,
+    progress: bool = False,
+) -> GenerationResult:
+    """Decode `prompts` with `target`, speculating `cfg.gamma` tokens per round with `drafter`, row by row."""
+    if not isinstance(cfg, SpecConfig):
+        raise ValueError(f"spec_generate needs a SpecConfig, got {type(cfg).__name__}")
+    check_compatible(target, drafter)
+    meter = meter or CostMeter(primary="target")
+    meter.primary = "target"
+    t_metered, d_metered = MeteredModel(target, meter, "target"), MeteredModel(drafter, meter, "drafter")
+    eos = _eos_ids(target)
+    encoded = _encode(tokenizer, prompts, cfg, target.config.vocab_size,
+                      min(_max_positions(target), _max_positions(drafter)))
+    generator = torch.Generator(device=_device(target)).manual_seed(cfg.seed)
+    stats = ARSpecStats()
+    with meter.timed(_device(target)), \
+            tqdm(total=len(encoded), desc=f"spec[γ={cfg.gamma}]", disable=not progress, leave=False) as bar:
+        raw = []
+        for ids in encoded:
+            raw.append(_spec_row(t_metered, d_metered, ids, cfg, eos, generator, stats))
+            bar.update(1)
+    token_ids, texts = _finish(tokenizer, raw, eos, cfg, meter)
+    return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
