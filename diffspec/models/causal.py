@@ -214,6 +214,25 @@ class CausalKVCache:
             raise ValueError(f"cannot crop the cache to {n}: it holds {self.length} positions")
         self.length = n
 
+    def keep(self, start: int, indices: Sequence[int] | Tensor) -> None:
+        """Compact after tree verification: move the K/V at absolute slots `indices` to slots
+        start..start+len-1 in every layer, and keep exactly those (length = start + len).
+
+        Slots before `start` are untouched. Tree verification appends every draft
+        node; keeping only the anchor and the accepted path leaves a cache that
+        looks as if those tokens had been fed one by one (their RoPE positions were
+        already the path's positions).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.k[0].device).reshape(-1)
+        if not 0 <= start <= self.length:
+            raise ValueError(f"cannot keep from slot {start}: the cache holds {self.length} positions")
+        if idx.numel() and not (int(idx.min()) >= 0 and int(idx.max()) < self.length):
+            raise ValueError(f"slots {idx.tolist()} are not all in [0, {self.length})")
+        end = start + idx.numel()
+        for buf in (*self.k, *self.v):
+            buf[:, :, start:end] = buf[:, :, idx]  # advanced indexing copies first, so overlaps are safe
+        self.length = end
+
 
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config):

@@ -1,0 +1,333 @@
+"""DFlash: a small block-diffusion drafter conditioned on an AR target's hidden states.
+
+The drafter sees a window [anchor, mask, mask, ...] (the anchor is the last
+verified token) and fills every masked position in one forward: attention
+inside the window is bidirectional, and it is conditioned on the target's
+hidden states of the committed tokens. Those hidden states (several target
+layers, concatenated) are projected by one linear layer + RMSNorm into
+"context features", which every drafter layer turns into extra keys/values
+with its *own* k_proj / v_proj (RoPE at their absolute positions) and
+prepends to the window's keys/values. Window queries attend to all context
+keys and to every window position.
+
+The drafter shares the target's input embedding and LM head, frozen: it
+keeps a plain reference to the target (not a registered submodule), so its
+`state_dict` holds only its own weights and a checkpoint is small and cannot
+go stale against the target's. Logits are *unshifted*: window position i
+predicts the token at position i (position 0 is the anchor itself).
+
+The same class serves as D²SD's variable-prefix (VP) drafter: the window
+length W is free (γ for the block drafter, γ₂ for the VP drafter), and a VP
+window simply has some drafted tokens after the anchor before the masks.
+
+No context K/V cache: every call recomputes the context keys/values from the
+stored hidden states. For the short sequences this library runs on CPU that
+costs little next to the target, and it keeps the drafter stateless (D²SD
+calls it on a batch of windows sharing one context). `forward_flops` charges
+the recomputation honestly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .causal import Qwen3Model, _check_state
+from .checkpoint import CheckpointError, _read_weights, read_config
+from .llada import RMSNorm, apply_rope, rope_cos_sin
+
+__all__ = ["DFlashConfig", "DFlashDrafter", "check_target", "save_dflash", "load_dflash"]
+
+
+@dataclass
+class DFlashConfig:
+    """Shape of a DFlash drafter. `hidden_size` and `vocab_size` must be the target's
+    (the drafter reuses its embedding and LM head); `target_layers` index the
+    target's hidden states like transformers (0 = embeddings, i = output of layer i-1).
+    `block_size` is γ, the window the drafter was built/trained for (anchor included);
+    `mask_token_id` is the id fed at positions to fill (required)."""
+
+    hidden_size: int = 48
+    vocab_size: int = 512
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 96
+    target_layers: tuple[int, ...] = (1, 2)
+    block_size: int = 16
+    mask_token_id: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vocab_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"DFlashConfig {name} must be an int >= 1, got {v!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if isinstance(self.target_layers, int) or not self.target_layers:
+            raise ValueError(f"target_layers must be a non-empty sequence of hidden-state indices, "
+                             f"got {self.target_layers!r}")
+        self.target_layers = tuple(int(i) for i in self.target_layers)
+        if any(i < 0 for i in self.target_layers) or len(set(self.target_layers)) != len(self.target_layers):
+            raise ValueError(f"target_layers must be distinct non-negative indices, got {self.target_layers}")
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"block_size (γ) must be >= 2 (the anchor plus at least one draft), got {self.block_size}")
+        if self.mask_token_id is None:
+            raise ValueError("mask_token_id is required: the id of the tokenizer's mask token (<|mdm_mask|>)")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id={self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
+
+    @classmethod
+    def for_target(cls, target: Qwen3Model, mask_token_id: int, **kw: Any) -> "DFlashConfig":
+        """A config whose shared shapes (hidden, vocab, RoPE, head_dim) are copied from `target`."""
+        t = target.config
+        base = dict(hidden_size=t.hidden_size, vocab_size=t.vocab_size, head_dim=t.head_dim,
+                    rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, mask_token_id=mask_token_id)
+        return cls(**{**base, **kw})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_layers"] = list(self.target_layers)
+        return {"model_type": "dflash", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DFlashConfig":
+        if d.get("model_type", "dflash") != "dflash":
+            raise ValueError(f"model_type is {d['model_type']!r}, not 'dflash'")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type"})
+        if unknown:
+            raise ValueError(f"unknown DFlash config keys {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_target(cfg: DFlashConfig, target: nn.Module) -> None:
+    """A drafter fits a target only if it can reuse its embedding/head and read its hidden states."""
+    if not getattr(target, "logits_shifted", False) or not hasattr(target, "model"):
+        raise ValueError(f"the DFlash target must be an autoregressive Qwen3Model, got {type(target).__name__}")
+    t = target.config
+    if cfg.hidden_size != t.hidden_size:
+        raise ValueError(f"drafter hidden_size {cfg.hidden_size} != target hidden_size {t.hidden_size}; "
+                         "the drafter shares the target's embedding and LM head")
+    if cfg.vocab_size != t.vocab_size:
+        raise ValueError(f"drafter vocab_size {cfg.vocab_size} != target vocab_size {t.vocab_size}; "
+                         "the drafter must share the target's tokenizer")
+    n_states = t.num_hidden_layers + 1
+    bad = [i for i in cfg.target_layers if i >= n_states]
+    if bad:
+        raise ValueError(f"target_layers {bad} are out of range: the target has {n_states} hidden states "
+                         f"(0 = embeddings .. {n_states - 1} = last layer)")
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_k: tuple[Tensor, Tensor],
+                mask: Tensor | None) -> Tensor:
+        """x (B, W, d) normed window states; ctx (B, C, d) context features. Keys = [ctx; window]."""
+        B, W, _ = x.shape
+        hd = self.cfg.head_dim
+        kv_in = torch.cat([ctx, x], dim=1)
+        q = self.q_norm(self.q_proj(x).view(B, W, -1, hd)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(kv_in).view(B, kv_in.shape[1], -1, hd)).transpose(1, 2)
+        v = self.v_proj(kv_in).view(B, kv_in.shape[1], -1, hd).transpose(1, 2)
+        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
+        if self.cfg.n_kv_heads != self.cfg.n_heads:
+            rep = self.cfg.n_heads // self.cfg.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # not causal: bidirectional window
+        return self.o_proj(att.transpose(1, 2).reshape(B, W, -1))
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashLayer(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.self_attn = DFlashAttention(cfg)
+        self.mlp = DFlashMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_k: tuple[Tensor, Tensor],
+                mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_k, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _rows(positions: Tensor, B: int, n: int, what: str) -> Tensor:
+    if tuple(positions.shape) not in ((n,), (B, n)):
+        raise ValueError(f"{what} must be ({n},) or ({B}, {n}), got {tuple(positions.shape)}")
+    return positions.expand(B, n)
+
+
+class DFlashDrafter(nn.Module):
+    """The DFlash block drafter bound to one AR target (see the module docstring)."""
+
+    logits_shifted = False  # window position i predicts token i
+
+    def __init__(self, cfg: DFlashConfig, target: Qwen3Model):
+        super().__init__()
+        check_target(cfg, target)
+        self.config = cfg
+        H = cfg.hidden_size
+        self.fc = nn.Linear(len(cfg.target_layers) * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.__dict__["_target"] = target  # bypasses Module.__setattr__: not a submodule, not in state_dict
+        if not self.fc.weight.is_meta:
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+
+    @property
+    def target(self) -> Qwen3Model:
+        return self.__dict__["_target"]
+
+    def bind(self, target: Qwen3Model) -> "DFlashDrafter":
+        """Share the embedding and LM head of another (compatible) target from now on."""
+        check_target(self.config, target)
+        self.__dict__["_target"] = target
+        return self
+
+    def _embed_and_head(self) -> tuple[Tensor, Tensor]:
+        """The target's embedding and head weights, detached: the drafter never trains them."""
+        t = self.target
+        emb = t.model.embed_tokens.weight
+        head = emb if t.config.tie_word_embeddings else t.lm_head.weight
+        return emb.detach(), head.detach()
+
+    def num_params(self) -> int:
+        """The drafter's own parameters (the shared embedding/head are the target's)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward_flops(self, n_query: int, n_keys: int) -> float:
+        """FLOPs for one window of n_query positions over n_keys = context + window keys.
+
+        Context tokens go through fc and every layer's k/v projections (recomputed
+        each call); window tokens through everything plus the shared LM head.
+        """
+        cfg = self.config
+        H, n_ctx = cfg.hidden_size, max(n_keys - n_query, 0)
+        ctx_params = self.fc.weight.numel() + sum(
+            l.self_attn.k_proj.weight.numel() + l.self_attn.v_proj.weight.numel() for l in self.layers)
+        window_params = self.num_params() - self.fc.weight.numel() + H * cfg.vocab_size
+        attn = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * n_query * n_keys
+        return 2.0 * window_params * n_query + 2.0 * ctx_params * n_ctx + attn
+
+    def context_features(self, ctx_hidden: Tensor) -> Tensor:
+        """(B, C, L·H) concatenated target hidden states -> (B, C, H) context features."""
+        want = len(self.config.target_layers) * self.config.hidden_size
+        if ctx_hidden.dim() != 3 or ctx_hidden.shape[-1] != want:
+            raise ValueError(f"ctx_hidden must be (B, C, {want}) = len(target_layers) × hidden_size, "
+                             f"got {tuple(ctx_hidden.shape)}")
+        return self.hidden_norm(self.fc(ctx_hidden))
+
+    def forward(
+        self,
+        block_ids: Tensor,
+        block_positions: Tensor,
+        ctx_hidden: Tensor,
+        ctx_positions: Tensor,
+        ctx_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, W, V) for every window position (unshifted).
+
+        block_ids (B, W): anchor then drafted tokens and/or mask ids.
+        block_positions (W,) or (B, W): their absolute positions.
+        ctx_hidden (B, C, L·H): target hidden states at `target_layers`, concatenated
+        in that order, of the committed tokens before the anchor; ctx_positions
+        (C,) or (B, C). ctx_mask (B, C) bool, True = attend (for ragged contexts).
+        """
+        if block_ids.dim() != 2:
+            raise ValueError(f"block_ids must be (B, W), got {tuple(block_ids.shape)}")
+        B, W = block_ids.shape
+        ctx = self.context_features(ctx_hidden)
+        if ctx.shape[0] not in (1, B):
+            raise ValueError(f"ctx_hidden has batch {ctx.shape[0]} but block_ids has {B}")
+        ctx = ctx.expand(B, -1, -1)
+        C = ctx.shape[1]
+        bpos = _rows(block_positions, B, W, "block_positions")
+        cpos = _rows(ctx_positions, B, C, "ctx_positions")
+        cfg = self.config
+        rope_q = rope_cos_sin(bpos, cfg.head_dim, cfg.rope_theta)
+        rope_k = rope_cos_sin(torch.cat([cpos, bpos], dim=1), cfg.head_dim, cfg.rope_theta)
+        mask = None
+        if ctx_mask is not None:
+            if tuple(ctx_mask.shape) != (B, C):
+                raise ValueError(f"ctx_mask must be (B, C) = {(B, C)}, got {tuple(ctx_mask.shape)}")
+            keys = torch.cat([ctx_mask.to(torch.bool), ctx_mask.new_ones(B, W, dtype=torch.bool)], dim=1)
+            mask = keys[:, None, None, :]
+        emb, head = self._embed_and_head()
+        x = F.embedding(block_ids, emb)
+        for layer in self.layers:
+            x = layer(x, ctx, rope_q, rope_k, mask)
+        return F.linear(self.norm(x), head)
+
+
+def save_dflash(drafter: DFlashDrafter, path: str | Path) -> Path:
+    """Write config.json and model.safetensors (the drafter's own weights only)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_dflash(path: str | Path, target: Qwen3Model) -> DFlashDrafter:
+    """Load a drafter saved by `save_dflash` and bind it to `target`, on its device and in its dtype.
+
+    Missing or corrupt files raise CheckpointError; a drafter built for a target
+    of another hidden size or vocabulary raises ValueError.
+    """
+    path = Path(path)
+    raw = read_config(path)
+    if raw.get("model_type") != "dflash":
+        raise CheckpointError(f"{path}/config.json is not a DFlash drafter config (model_type="
+                              f"{raw.get('model_type')!r}, expected 'dflash')")
+    try:
+        cfg = DFlashConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    check_target(cfg, target)
+    state = _read_weights(path)
+    with torch.device("meta"):
+        drafter = DFlashDrafter(cfg, target)
+    _check_state(drafter.state_dict(), state, path)
+    w = target.model.embed_tokens.weight
+    drafter.load_state_dict({k: v.to(device=w.device, dtype=w.dtype) for k, v in state.items()}, assign=True)
+    return drafter.eval()

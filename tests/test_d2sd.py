@@ -1,0 +1,262 @@
+"""DFlash and D²SD speculative decoding: exactness vs. AR greedy, long acceptances with oracle drafters,
+KV compaction, cost accounting and errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffspec.models.causal import CausalKVCache, Qwen3Config, Qwen3Model
+from diffspec.models.dflash import DFlashConfig, DFlashDrafter
+from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
+from diffspec.spec.ar import ARConfig, SpecConfig, ar_generate
+from diffspec.spec.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
+from diffspec.spec.tree import DraftTree
+
+TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+PROMPTS = ["Question: 12+7=", "Question: what is 3 * 45?\nAnswer:", "7", "Question: 100-1"]
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.15 * noise)
+
+
+def make_target(tokenizer, seed: int = 0, **kw) -> Qwen3Model:
+    cfg = Qwen3Config(**{**TINY, "vocab_size": tokenizer.vocab_size,
+                         "eos_token_id": tokenizer.token_to_id(EOS_TOKEN), **kw})
+    m = Qwen3Model(cfg).eval()
+    randomize(m, seed)
+    return m
+
+
+def make_drafter(target: Qwen3Model, tokenizer, seed: int = 1, cls: type = DFlashDrafter, **kw) -> DFlashDrafter:
+    cfg = DFlashConfig.for_target(target, tokenizer.token_to_id(MASK_TOKEN), **{"target_layers": (1, 3), **kw})
+    d = cls(cfg, target).eval()
+    randomize(d, seed)
+    return d
+
+
+class Oracle(DFlashDrafter):
+    """A drafter that 'knows' the target's greedy continuation: one-hot logits of `greedy[position]`.
+
+    Window offsets in `wrong` get a wrong token with low confidence, so the
+    first draft breaks there and D²SD's posterior should re-anchor just before it.
+    """
+
+    greedy: list[int] = []
+    wrong: tuple[int, ...] = ()
+
+    def forward(self, block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask=None):
+        B, W = block_ids.shape
+        V = self.config.vocab_size
+        pos = block_positions.expand(B, W).reshape(-1).tolist()
+        truth = torch.tensor([self.greedy[p] if p < len(self.greedy) else 0 for p in pos]).view(B, W)
+        logits = torch.zeros(B, W, V).scatter_(2, truth[..., None], 10.0)
+        for j in self.wrong:
+            if j < W:
+                logits[:, j] = 0.0
+                logits[torch.arange(B), j, (truth[:, j] + 1) % V] = 2.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def target(tokenizer) -> Qwen3Model:
+    return make_target(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def drafters(target, tokenizer) -> dict[str, DFlashDrafter]:
+    return {"block": make_drafter(target, tokenizer, seed=1, block_size=8),
+            "vp": make_drafter(target, tokenizer, seed=2, n_layers=1, target_layers=(2,), block_size=16)}
+
+
+def greedy_sequence(target, tokenizer, prompt: str, n: int) -> list[int]:
+    res = ar_generate(target, tokenizer, [prompt], ARConfig(max_new_tokens=n, stop_at_eos=False))
+    return tokenizer.encode(prompt) + res.raw_ids[0]
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(k=0), "k .* must be >= 1"),
+    (dict(gamma=8, gamma2=7), "gamma2"),
+    (dict(gamma=1), "gamma must be >= 2"),
+    (dict(temperature=0.7), "greedy only"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(k="4"), "k must be a int"),
+])
+def test_config_validation(kw, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        D2SDConfig(**kw)
+
+
+def test_config_defaults() -> None:
+    c = D2SDConfig()
+    assert (c.gamma, c.gamma2, c.k, c.temperature) == (16, 32, 4, 0.0)
+    assert c.replace(k=2).to_dict()["k"] == 2
+    assert DFlashSpecConfig().gamma == 16
+    with pytest.raises(ValueError, match="gamma must be >= 2"):
+        DFlashSpecConfig(gamma=1)
+
+
+# --- KV compaction ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_cache_keep_equals_sequential_cache(target) -> None:
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(2, 300, (1, 5), generator=g)
+    tree = DraftTree.from_branches(11, [[21, 22], [31, 32, 33]])  # nodes: 0 anchor, 1-2 branch 1, 3-5 branch 2
+    cache = CausalKVCache.for_model(target, 1, 32)
+    target(prefix, kv_cache=cache)
+    P = cache.length
+    out = target(torch.tensor([tree.tokens]), positions=tree.positions(P), kv_cache=cache,
+                 attn_mask_override=tree.attention_mask(P)[None, None])
+    committed = torch.cat([prefix, torch.tensor([[11, 31, 32, 33]])], dim=1)
+    full = target(committed).logits[0]
+    assert torch.allclose(out.logits[0, [0, 3, 4, 5]], full[P:], atol=1e-4)  # tree mask = per-branch causal
+    cache.keep(P, [P + 0, P + 3, P + 4, P + 5])
+    assert cache.length == P + 4
+    nxt = target(torch.tensor([[7, 8]]), kv_cache=cache).logits[0]
+    ref = target(torch.cat([committed, torch.tensor([[7, 8]])], dim=1)).logits[0, -2:]
+    assert torch.allclose(nxt, ref, atol=1e-4)
+    cache.keep(2, [])  # keeping nothing after slot 2 is a crop
+    assert cache.length == 2
+    with pytest.raises(ValueError, match="not all in"):
+        cache.keep(0, [5])
+    with pytest.raises(ValueError, match="cannot keep from slot"):
+        cache.keep(3, [0])
+
+
+# --- exactness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [2, 4, 8])
+def test_dflash_equals_ar_greedy(target, drafters, tokenizer, gamma) -> None:
+    cfg = DFlashSpecConfig(max_new_tokens=14, gamma=gamma)
+    ar = ar_generate(target, tokenizer, PROMPTS, cfg)
+    res = dflash_generate(target, drafters["block"], tokenizer, PROMPTS, cfg)
+    assert res.raw_ids == ar.raw_ids and res.token_ids == ar.token_ids and res.texts == ar.texts
+    s, m = res.stats, res.meter
+    assert m.primary == "target" and set(m.models) == {"target", "drafter"}
+    assert m.models["target"].nfe == s["rounds"] + len(PROMPTS)
+    assert m.models["drafter"].nfe == s["drafter_forwards"] <= s["rounds"]
+    assert m.tokens_generated == sum(len(r) for r in res.raw_ids)
+    assert s["max_tree_nodes"] <= gamma and 1 <= s["acceptance_length"] <= gamma
+
+
+@pytest.mark.parametrize("k, gamma, gamma2", [(1, 4, 4), (2, 4, 8), (4, 8, 16), (3, 3, 12)])
+def test_d2sd_equals_ar_greedy(target, drafters, tokenizer, k, gamma, gamma2) -> None:
+    cfg = D2SDConfig(max_new_tokens=16, gamma=gamma, gamma2=gamma2, k=k)
+    ar = ar_generate(target, tokenizer, PROMPTS, cfg)
+    res = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
+    assert res.raw_ids == ar.raw_ids and res.token_ids == ar.token_ids
+    s, m = res.stats, res.meter
+    assert set(m.models) == {"target", "drafter", "vp_drafter"} and m.primary == "target"
+    assert m.models["target"].nfe == s["rounds"] + len(PROMPTS)  # one target forward per round
+    assert m.models["vp_drafter"].nfe == s["vp_forwards"] == m.models["drafter"].nfe  # ONE batched VP call
+    assert m.models["vp_drafter"].max_batch <= k + 1 and s["mean_vp_batch"] >= 1
+    assert s["max_tree_nodes"] <= 1 + (k + 1) * (gamma2 - 1)
+    assert m.tokens_per_forward == pytest.approx(m.tokens_generated / (s["rounds"] + len(PROMPTS)))
+
+
+def test_stop_at_eos(target, drafters, tokenizer) -> None:
+    free = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(max_new_tokens=12, stop_at_eos=False)).raw_ids[0]
+    eos = free[4]
+    first = free.index(eos)
+    t = copy.deepcopy(target)
+    t.config.eos_token_id = eos
+    block, vp = copy.deepcopy(drafters["block"]).bind(t), copy.deepcopy(drafters["vp"]).bind(t)
+    cfg = D2SDConfig(max_new_tokens=12, gamma=4, gamma2=8, k=2)
+    for res in (dflash_generate(t, block, tokenizer, PROMPTS[:1], cfg),
+                d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], cfg)):
+        assert res.raw_ids[0] == free[:first + 1] and res.token_ids[0] == free[:first]
+        assert res.meter.tokens_generated == first + 1
+
+
+# --- oracle drafters: long acceptances, deep trees ----------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_oracle_drafters_give_long_acceptances(target, tokenizer, prompt) -> None:
+    budget, gamma, gamma2 = 40, 8, 16
+    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
+    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
+    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
+    block.greedy = vp.greedy = greedy
+    ar = ar_generate(target, tokenizer, [prompt], ARConfig(max_new_tokens=budget, stop_at_eos=False))
+    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
+
+    perfect = dflash_generate(target, block, tokenizer, [prompt], cfg)
+    assert perfect.raw_ids == ar.raw_ids
+    assert perfect.stats["accepted"] == perfect.stats["drafted"]  # every draft accepted
+    assert perfect.stats["rounds"] == -(-(budget - 1) // gamma)  # γ tokens per round
+    assert perfect.stats["acceptance_length"] > gamma - 1
+
+    block.wrong = (4,)  # the first draft breaks at d_4 (low confidence): DFlash keeps d_1..d_3 + bonus
+    broken = dflash_generate(target, block, tokenizer, [prompt], cfg)
+    assert broken.raw_ids == ar.raw_ids
+    assert broken.stats["acceptance_length"] == pytest.approx(4.0, abs=0.5)
+
+    d2 = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
+    assert d2.raw_ids == ar.raw_ids
+    s = d2.stats
+    # The posterior puts its mass on "3 accepted"; the VP drafter re-anchors there and runs to γ₂.
+    assert s["acceptance_length"] > 2 * broken.stats["acceptance_length"]
+    assert s["rounds"] == -(-(budget - 1) // gamma2)  # γ₂ tokens per round (the last one cut by the budget)
+    assert s["max_tree_nodes"] > gamma2  # several deep branches in one tree
+    assert d2.meter.models["target"].nfe == s["rounds"] + 1 < broken.meter.models["target"].nfe
+
+
+@pytest.mark.parametrize("k, gamma, gamma2, wrong, vp_wrong", [
+    (1, 4, 4, (2,), (3,)), (2, 6, 12, (1, 4), (7,)), (4, 8, 16, (3, 5), (6, 11)), (3, 8, 8, (7,), ())])
+def test_noisy_oracles_stay_exact(target, tokenizer, k, gamma, gamma2, wrong, vp_wrong) -> None:
+    """Drafts that break at several depths in both drafters: partial acceptances inside deep branches."""
+    budget = 30
+    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
+    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
+    block.wrong, vp.wrong = wrong, vp_wrong
+    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=k, stop_at_eos=False)
+    for prompt in PROMPTS:
+        block.greedy = vp.greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
+        ar = ar_generate(target, tokenizer, [prompt], cfg)
+        d2 = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
+        df = dflash_generate(target, block, tokenizer, [prompt], cfg)
+        assert d2.raw_ids == ar.raw_ids == df.raw_ids
+        assert 0 < d2.stats["accepted"] < d2.stats["drafted"]
+        assert d2.stats["acceptance_length"] >= df.stats["acceptance_length"]
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_errors(target, drafters, tokenizer) -> None:
+    cfg = D2SDConfig(max_new_tokens=8, gamma=4, gamma2=8, k=2)
+    block, vp = drafters["block"], drafters["vp"]
+    wide = make_target(tokenizer, vocab_size=tokenizer.vocab_size + 8)
+    with pytest.raises(ValueError, match="drafter: drafter vocab_size"):
+        dflash_generate(target, make_drafter(wide, tokenizer), tokenizer, PROMPTS, cfg)
+    with pytest.raises(ValueError, match="vp_drafter: drafter vocab_size"):
+        d2sd_generate(target, block, make_drafter(wide, tokenizer), tokenizer, PROMPTS, cfg)
+    with pytest.raises(ValueError, match="hidden_size"):
+        d2sd_generate(target, make_drafter(make_target(tokenizer, hidden_size=64), tokenizer), vp, tokenizer,
+                      PROMPTS, cfg)
+    with pytest.raises(ValueError, match="out of range"):
+        dflash_generate(make_target(tokenizer, num_hidden_layers=2), block, tokenizer, PROMPTS, cfg)
+    with pytest.raises(ValueError, match="must be a DFlashDrafter"):
+        dflash_generate(target, target, tokenizer, PROMPTS, cfg)
+    with pytest.raises(ValueError, match="D2SDConfig"):
+        d2sd_generate(target, block, vp, tokenizer, PROMPTS, DFlashSpecConfig())
+    with pytest.raises(ValueError, match="DFlashSpecConfig"):
+        dflash_generate(target, block, tokenizer, PROMPTS, SpecConfig())
+    with pytest.raises(ValueError, match="needs a vp_drafter"):
+        d2sd_generate(target, block, None, tokenizer, PROMPTS, cfg)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        d2sd_generate(target, block, vp, tokenizer, ["1+1", " "], cfg)

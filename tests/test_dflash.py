@@ -1,0 +1,192 @@
+"""DFlash block drafter: shapes, shared (unsaved) target weights, attention pattern, checkpoint IO, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffspec.models.causal import Qwen3Config, Qwen3Model
+from diffspec.models.checkpoint import CheckpointError
+from diffspec.models.dflash import DFlashConfig, DFlashDrafter, load_dflash, save_dflash
+from diffspec.models.tokenizer import MASK_TOKEN
+
+TINY = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, eos_token_id=0)
+MASK = 1
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough (and norm gains away from 1) that wiring bugs show in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.15 * noise)
+
+
+def make_target(seed: int = 0, **kw) -> Qwen3Model:
+    m = Qwen3Model(Qwen3Config(**{**TINY, **kw})).eval()
+    randomize(m, seed)
+    return m
+
+
+def make_drafter(target: Qwen3Model, seed: int = 1, **kw) -> DFlashDrafter:
+    d = DFlashDrafter(DFlashConfig.for_target(target, MASK, **{"target_layers": (1, 3), "block_size": 8, **kw}),
+                      target).eval()
+    randomize(d, seed)
+    return d
+
+
+@pytest.fixture(scope="module")
+def target() -> Qwen3Model:
+    return make_target()
+
+
+@pytest.fixture(scope="module")
+def drafter(target) -> DFlashDrafter:
+    return make_drafter(target)
+
+
+def inputs(B: int = 2, W: int = 8, C: int = 5, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    block = torch.full((B, W), MASK)
+    block[:, 0] = torch.randint(2, 300, (B,), generator=g)
+    ctx = torch.randn(B, C, 2 * 48, generator=g)
+    return block, torch.arange(C, C + W), ctx, torch.arange(C)
+
+
+@torch.no_grad()
+def test_shapes_and_any_window(drafter) -> None:
+    block, bpos, ctx, cpos = inputs()
+    assert drafter(block, bpos, ctx, cpos).shape == (2, 8, 300)
+    block32, bpos32, _, _ = inputs(W=32)
+    assert drafter(block32, bpos32.expand(2, 32), ctx, cpos.expand(2, 5)).shape == (2, 32, 300)  # (B, W) positions
+    one = drafter(block[:1], bpos, ctx[:1], cpos)
+    assert torch.allclose(one, drafter(block, bpos, ctx, cpos)[:1], atol=1e-5)  # rows are independent
+    shared = drafter(block, bpos, ctx[:1], cpos)  # one context broadcast over a batch of windows
+    assert torch.allclose(shared[1], drafter(block[1:], bpos, ctx[:1], cpos)[0], atol=1e-5)
+
+
+def test_state_dict_holds_only_drafter_weights(drafter, target) -> None:
+    keys = set(drafter.state_dict())
+    assert not any("embed" in k or "lm_head" in k for k in keys)
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_norm.weight",
+            "layers.1.mlp.down_proj.weight"} <= keys
+    assert not set(target.state_dict()) & keys
+    assert drafter.num_params() == sum(v.numel() for v in drafter.state_dict().values())
+    assert drafter.target is target
+    assert drafter.forward_flops(8, 13) > drafter.forward_flops(8, 8) > 0
+
+
+def test_shared_embedding_and_head_are_frozen(target) -> None:
+    d = make_drafter(target)
+    block, bpos, ctx, cpos = inputs()
+    d(block, bpos, ctx, cpos).sum().backward()
+    assert target.model.embed_tokens.weight.grad is None
+    assert d.fc.weight.grad is not None and d.layers[0].self_attn.k_proj.weight.grad is not None
+
+
+@torch.no_grad()
+def test_window_is_bidirectional(drafter) -> None:
+    block, bpos, ctx, cpos = inputs()
+    base = drafter(block, bpos, ctx, cpos)
+    later = block.clone()
+    later[:, 6] = 42  # a later window token changes earlier positions (no causal mask)
+    out = drafter(later, bpos, ctx, cpos)
+    assert not torch.allclose(out[:, 1], base[:, 1], atol=1e-4)
+    assert not torch.allclose(out[:, 0], base[:, 0], atol=1e-4)
+
+
+@torch.no_grad()
+def test_context_sensitivity_and_mask(drafter) -> None:
+    block, bpos, ctx, cpos = inputs()
+    base = drafter(block, bpos, ctx, cpos)
+    moved = ctx.clone()
+    moved[:, 2] += 1.0
+    assert not torch.allclose(drafter(block, bpos, moved, cpos), base, atol=1e-4)
+    assert not torch.allclose(drafter(block, bpos + 1, ctx, cpos), base, atol=1e-4)  # positions matter (RoPE)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert torch.allclose(drafter(block, bpos, ctx, cpos, ctx_mask=mask), base, atol=1e-5)
+    mask[:, 2] = False  # a masked-out context entry cannot influence the drafts
+    a = drafter(block, bpos, ctx, cpos, ctx_mask=mask)
+    assert torch.allclose(a, drafter(block, bpos, moved, cpos, ctx_mask=mask), atol=1e-5)
+    keep = [0, 1, 3, 4]
+    assert torch.allclose(a, drafter(block, bpos, ctx[:, keep], cpos[keep]), atol=1e-5)
+
+
+def test_save_load_roundtrip(tmp_path: Path, drafter, target) -> None:
+    save_dflash(drafter, tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["model_type"] == "dflash" and cfg["target_layers"] == [1, 3] and cfg["mask_token_id"] == MASK
+    loaded = load_dflash(tmp_path / "d", target)
+    assert loaded.config == drafter.config and not loaded.training
+    block, bpos, ctx, cpos = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(block, bpos, ctx, cpos), drafter(block, bpos, ctx, cpos))
+    assert DFlashConfig.from_dict(drafter.config.to_dict()) == drafter.config
+
+
+def test_checkpoint_errors(tmp_path: Path, drafter, target) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_dflash(tmp_path / "nope", target)
+    d = save_dflash(drafter, tmp_path / "d")
+    (d / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_dflash(d, target)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_dflash(d, target)
+    save_dflash(drafter, d)
+    (d / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_dflash(d, target)
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    with pytest.raises(CheckpointError, match="not a DFlash"):
+        load_dflash(d, target)
+    (d / "config.json").write_text(json.dumps({**drafter.config.to_dict(), "n_layers": 3}))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_dflash(d, target)
+    (d / "config.json").write_text(json.dumps({**drafter.config.to_dict(), "bogus": 1}))
+    with pytest.raises(CheckpointError, match="unknown DFlash config keys"):
+        load_dflash(d, target)
+    save_dflash(drafter, d)
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_dflash(d, make_target(hidden_size=64))
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_dflash(d, make_target(vocab_size=320))
+    with pytest.raises(ValueError, match="out of range"):
+        load_dflash(d, make_target(num_hidden_layers=2))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(mask_token_id=None), "mask_token_id is required"),
+    (dict(mask_token_id=300), "outside the vocabulary"),
+    (dict(target_layers=()), "non-empty"),
+    (dict(target_layers=(1, 1)), "distinct"),
+    (dict(block_size=1), "block_size"),
+    (dict(n_heads=3), "divisible"),
+    (dict(head_dim=15), "even"),
+    (dict(n_layers=0), "n_layers"),
+])
+def test_bad_configs_raise(change: dict, match: str) -> None:
+    kw = dict(hidden_size=48, vocab_size=300, mask_token_id=MASK)
+    with pytest.raises(ValueError, match=match):
+        DFlashConfig(**{**kw, **change})
+
+
+def test_drafter_target_mismatch_raises(target, tokenizer) -> None:
+    assert tokenizer.token_to_id(MASK_TOKEN) is not None
+    with pytest.raises(ValueError, match="hidden_size"):
+        DFlashDrafter(DFlashConfig(hidden_size=64, vocab_size=300, mask_token_id=MASK), target)
+    with pytest.raises(ValueError, match="autoregressive"):
+        DFlashDrafter(DFlashConfig(hidden_size=48, vocab_size=300, mask_token_id=MASK), torch.nn.Linear(2, 2))
+    d = make_drafter(target)
+    with pytest.raises(ValueError, match="vocab_size"):
+        d.bind(make_target(vocab_size=320))
+    other = make_target(seed=5)
+    assert d.bind(other).target is other
+    with pytest.raises(ValueError, match="ctx_hidden must be"):
+        block, bpos, ctx, cpos = inputs()
+        d(block, bpos, ctx[..., :48], cpos)
