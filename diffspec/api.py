@@ -21,6 +21,7 @@ from .models.checkpoint import load_model
 from .models.tokenizer import Tokenizer
 from .spec.dualdiffusion import DUAL_OPTIONS, SELF, DualConfig, build_dual_config, dualdiffusion_generate
 from .spec.psd import PSD_OPTIONS, PSDConfig, build_psd_config, psd_generate
+from .spec.armethods import AR_METHODS, DEFAULT_TARGET, ARMethodConfig, ar_method_generate, ar_options, build_ar_config
 
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"cache": "none", "policy": "schedule"},
@@ -37,13 +38,23 @@ SPEC_METHODS: dict[str, tuple[dict[str, Any], Any, type]] = {
     "dualdiffusion": (DUAL_OPTIONS, build_dual_config, DualConfig),
     "psd": (PSD_OPTIONS, build_psd_config, PSDConfig),
 }
-METHOD_NAMES = (*METHODS, *SPEC_METHODS)
-AnyConfig = DecodeConfig | DualConfig | PSDConfig
+METHOD_NAMES = (*METHODS, *SPEC_METHODS, *AR_METHODS)
+AnyConfig = DecodeConfig | DualConfig | PSDConfig | ARMethodConfig
 
 
 def method_options(method: str) -> dict[str, Any]:
     """The options only `method` takes (beyond DecodeConfig fields), with their text parsers."""
+    if method in AR_METHODS:
+        return ar_options(method)
     return dict(SPEC_METHODS[method][0]) if method in SPEC_METHODS else {}
+
+
+def _owner_of_options() -> dict[str, list[str]]:
+    owners: dict[str, list[str]] = {}
+    for m in (*SPEC_METHODS, *AR_METHODS):
+        for k in method_options(m):
+            owners.setdefault(k, []).append(m)
+    return owners
 
 
 def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict: bool = True,
@@ -57,11 +68,14 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    foreign = {k: m for m, (opts, _, _) in SPEC_METHODS.items() if m != method
-               for k in opts if options.get(k) is not None and k not in method_options(method)}
+    own = method_options(method)
+    foreign = {k: ms for k, ms in _owner_of_options().items()
+               if options.get(k) is not None and k not in own and k not in DecodeConfig.__dataclass_fields__}
     if foreign:
-        raise ValueError("; ".join(f"option {k!r} only applies to method {m!r}, not {method!r}"
-                                   for k, m in sorted(foreign.items())))
+        raise ValueError("; ".join(f"option {k!r} only applies to method {' / '.join(repr(m) for m in ms)}, "
+                                   f"not {method!r}" for k, ms in sorted(foreign.items())))
+    if method in AR_METHODS:
+        return build_ar_config(method, base if isinstance(base, ARMethodConfig) else None, **options)
     if base is not None and not isinstance(base, DecodeConfig) and \
             not (method in SPEC_METHODS and isinstance(base, SPEC_METHODS[method][2])):
         raise ValueError(f"method {method!r} cannot start from a {type(base).__name__}; pass a DecodeConfig")
@@ -98,15 +112,37 @@ def _build_decode_config(method: str, base: DecodeConfig | None, **options: Any)
     return cfg
 
 
+def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | None = None,
+             default: str | Path | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+    """Load a checkpoint by its config's model_type: Qwen3 (AR) or LLaDA (masked diffusion)."""
+    from .models.checkpoint import read_config
+
+    path = path if path is not None else default
+    if path is not None and (Path(path) / "config.json").is_file() and \
+            read_config(Path(path)).get("model_type") == "qwen3":
+        from .models.causal import load_causal
+
+        return load_causal(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype)
+
+
 def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = "cpu",
-                  dtype: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+                  dtype: str | None = None, method: str = "vanilla") -> tuple[torch.nn.Module, Tokenizer]:
+    """A loaded (model, tokenizer): paths are loaded by model_type; None is the bundled
+    model of the method's family (the LLaDA arith model, or the Qwen3 arith target)."""
+    if model is None and method in AR_METHODS:
+        if not DEFAULT_TARGET.is_dir():
+            raise FileNotFoundError(f"method {method!r} needs an autoregressive target and no bundled one exists "
+                                    f"yet at {DEFAULT_TARGET}; pass --model with a Qwen3 checkpoint")
+        return load_any(DEFAULT_TARGET, device=device, dtype=dtype)
     if model is None or isinstance(model, (str, Path)):
-        return load_model(model, device=device, dtype=dtype)
+        return load_any(model, device=device, dtype=dtype)
     if tokenizer is None:
         raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
-    if tokenizer.vocab_size > model.config.embedding_size:
+    embeds = getattr(model.config, "embedding_size", None) or model.config.vocab_size
+    if tokenizer.vocab_size > embeds:
         raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds {model.config.embedding_size}; "
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds {embeds}; "
             "they do not belong together"
         )
     return model, tokenizer
@@ -150,13 +186,23 @@ def generate(
     verifier's own model with the drafter config, default dual cache +
     threshold 0.9) or a loaded model sharing the verifier's tokenizer.
     For psd, `options` also take `depths` (e.g. (1, 3, 5, 7)) and `lossless`.
+    AR-target methods (ar, ar-spec, dflash, d2sd) take a Qwen3-layout `model`,
+    `gen_length` as max_new_tokens, `gamma` (and `gamma2`, `k` for d2sd), and
+    `drafter` / `vp_drafter` as paths or loaded models.
     """
-    if method != "dualdiffusion" and (drafter is not None or drafter_tokenizer is not None):
-        raise ValueError(f"drafter= only applies to method 'dualdiffusion', not {method!r}")
+    takes_drafter = ("dualdiffusion", *[m for m in AR_METHODS if m != "ar"])
+    if method not in takes_drafter and (drafter is not None or drafter_tokenizer is not None):
+        raise ValueError(f"drafter= only applies to methods {', '.join(takes_drafter)}, not {method!r}")
     if isinstance(drafter, (str, Path)):
         options["drafter"], drafter = str(drafter), None
+    vp_drafter = options.pop("vp_drafter", None) if method == "d2sd" else None
+    if isinstance(vp_drafter, (str, Path)):
+        options["vp_drafter"], vp_drafter = str(vp_drafter), None
     cfg = build_config(method, config, **options)
-    model, tokenizer = resolve_model(model, tokenizer, device, dtype)
+    model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method)
+    if isinstance(cfg, ARMethodConfig):
+        return ar_method_generate(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), cfg,
+                                  drafter=drafter, vp_drafter=vp_drafter, progress=progress)
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(cfg, DualConfig):

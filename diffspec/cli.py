@@ -22,7 +22,8 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g = p.add_argument_group("decoding")
     if with_method:
         g.add_argument("--method", default="vanilla",
-                       help="vanilla | fast-dllm | dkv-cache | dualdiffusion | psd (default vanilla)")
+                       help="vanilla | fast-dllm | dkv-cache | dualdiffusion | psd; with an AR (Qwen3) --model: "
+                            "ar | ar-spec | dflash | d2sd (default vanilla)")
     g.add_argument("--gen-length", type=int, help="tokens to generate (task default, 48 for arith)")
     g.add_argument("--block-length", type=int, help="semi-autoregressive block size (must divide gen-length)")
     g.add_argument("--steps", type=int, help="denoising steps for the schedule policy (default gen-length)")
@@ -58,6 +59,12 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     s.add_argument("--depths", help="nested draft depths, increasing, below block-length (default 1,3,5,7)")
     s.add_argument("--lossless", action="store_const", const=True,
                    help="exactly the output of one-token greedy decoding, with fewer forwards")
+    a = p.add_argument_group("AR target (ar, ar-spec, dflash, d2sd; --drafter is the AR / DFlash drafter)")
+    a.add_argument("--gamma", type=int, help="draft tokens per round (ar-spec, default 4) or the DFlash block γ "
+                                             "(dflash / d2sd, default 16)")
+    a.add_argument("--gamma2", type=int, help="d2sd: the variable-prefix drafter's window γ₂ (default 32)")
+    a.add_argument("--k", type=int, help="d2sd: prefix lengths re-anchored by the VP drafter (default 4)")
+    a.add_argument("--vp-drafter", help="d2sd: variable-prefix drafter checkpoint (default: the bundled one)")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="checkpoint directory (default: the bundled arith model)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
@@ -67,7 +74,7 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
 def _options(a: argparse.Namespace) -> dict:
     keys = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
             "factor", "local_threshold", "local_radius", "cache", "refresh_interval", "seed", "batch_size"]
-    keys += list(DUAL_OPTIONS) + list(PSD_OPTIONS)
+    keys += list(DUAL_OPTIONS) + list(PSD_OPTIONS) + ["gamma", "gamma2", "k", "vp_drafter"]
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
@@ -82,7 +89,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     prompt = gsm8k_prompt(a.prompt) if template == "qa" else a.prompt
     opts = _options(a)
     cfg = task_config("arith", a.method, **opts)
-    model, tok = resolve_model(a.model, None, a.device, a.dtype)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
     res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
     print(res.texts[0].strip())
     s = res.meter.summary()
@@ -102,7 +109,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .tasks import load_examples
 
     examples = load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
-    model, tok = resolve_model(a.model, None, a.device, a.dtype)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
     r = evaluate(a.task, model, tok, a.method, cfg, examples=examples)
     r["model"] = a.model or "bundled:llada-arith"
     flex = f", flexible {r['accuracy_flexible']:.1%}" if "accuracy_flexible" in r else ""
@@ -131,9 +138,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         from .train.mdm import train_mdm
 
         out = train_mdm(a.config, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
-        print(f"saved {out}")
+    elif a.kind == "ar":
+        from .train.ar import train_ar
+
+        out = train_ar(a.config, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
+    elif a.kind in ("dflash", "vp"):
+        from .train.dflash import train_dflash
+
+        out = train_dflash(a.config, kind=a.kind, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
     else:
-        raise ValueError(f"unknown training kind {a.kind!r}; use mdm")
+        raise ValueError(f"unknown training kind {a.kind!r}; use mdm, ar, dflash or vp")
+    print(f"saved {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train a small model from a JSON config")
-    t.add_argument("kind", help="mdm")
+    t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "
+                                "vp (D²SD variable-prefix drafter)")
     t.add_argument("--config", required=True)
     t.add_argument("--out", help="checkpoint directory (default: the config's 'out')")
     t.add_argument("--resume", action="store_true", help="continue from the saved trainer state")

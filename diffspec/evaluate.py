@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import AnyConfig, build_config, generate
+from .spec.armethods import AR_METHODS
 from .decoding.config import DecodeConfig
 from .tasks import Example, load_examples, score
 
@@ -20,8 +21,11 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 
 def task_config(task: str, method: str, strict: bool = True, **options: Any) -> AnyConfig:
     given = {k: v for k, v in options.items() if v is not None}
-    base = {**TASK_DEFAULTS.get(task, {}), **given}
-    if "gen_length" in given and "steps" not in given:  # full steps unless told otherwise
+    defaults = TASK_DEFAULTS.get(task, {})
+    if method in AR_METHODS:  # an AR method only needs the generation budget
+        defaults = {k: v for k, v in defaults.items() if k == "gen_length"}
+    base = {**defaults, **given}
+    if "gen_length" in given and "steps" not in given and method not in AR_METHODS:  # full steps unless told otherwise
         base["steps"] = given["gen_length"]
     return build_config(method, strict=strict, **base)
 

@@ -1,0 +1,138 @@
+"""The autoregressive-target methods as the API sees them: `ar`, `ar-spec`, `dflash`, `d2sd`.
+
+Each is an AR decoding config (`spec.ar` / `spec.d2sd`) plus the checkpoint
+paths of its drafters, wrapped in one `ARMethodConfig` so a result's JSON
+records which drafters produced it (as DualDiffusion's config records its
+drafter). `gen_length` is accepted as the AR `max_new_tokens`, so one
+`--gen-length` means the same budget for diffusion and AR methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..decoding.diffusion import GenerationResult
+from ..models.tokenizer import Tokenizer
+from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
+from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
+from .dualdiffusion import _parse_bool
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# Bundled checkpoints, used when no path is given (trained by configs/qwen3-arith.json etc.).
+DEFAULT_TARGET = ASSETS / "qwen3-arith"
+DEFAULT_DRAFTERS = {"ar-spec": ASSETS / "qwen3-arith-small", "dflash": ASSETS / "dflash-arith",
+                    "d2sd": ASSETS / "dflash-arith"}
+DEFAULT_VP = ASSETS / "vp-arith"
+
+_CONFIGS: dict[str, type[ARConfig]] = {"ar": ARConfig, "ar-spec": SpecConfig, "dflash": DFlashSpecConfig,
+                                       "d2sd": D2SDConfig}
+_PARSERS = {"bool": _parse_bool, "int": int, "float": float, "str": str}
+
+
+def ar_options(method: str) -> dict[str, Any]:
+    """Options `method` takes beyond the shared ones, with their text parsers."""
+    cls = _CONFIGS[method]
+    own = {f.name: _PARSERS[type(f.default).__name__] for f in fields(cls)
+           if f.name not in ("temperature", "seed", "batch_size")}
+    if method != "ar":
+        own["drafter"] = str
+    if method == "d2sd":
+        own["vp_drafter"] = str
+    return own
+
+
+AR_METHODS = tuple(_CONFIGS)
+
+
+@dataclass(frozen=True)
+class ARMethodConfig:
+    method: str
+    decode: ARConfig
+    drafter: str | None = None  # checkpoint path; None = the bundled default
+    vp_drafter: str | None = None
+
+    @property
+    def gen_length(self) -> int:
+        return self.decode.max_new_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self.decode.batch_size
+
+    def replace(self, **kw: Any) -> "ARMethodConfig":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "drafter": self.drafter, "vp_drafter": self.vp_drafter,
+                **self.decode.to_dict()}
+
+
+def build_ar_config(method: str, base: ARMethodConfig | None = None, **options: Any) -> ARMethodConfig:
+    """AR method options -> ARMethodConfig (None means 'not given'); gen_length is max_new_tokens."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if "gen_length" in given:
+        given.setdefault("max_new_tokens", given.pop("gen_length"))
+    cls = _CONFIGS[method]
+    allowed = {f.name for f in fields(cls)} | ({"drafter"} if method != "ar" else set()) | \
+        ({"vp_drafter"} if method == "d2sd" else set())
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to the autoregressive method {method!r}; "
+                         f"valid: {sorted(allowed | {'gen_length'})}")
+    if base is not None and base.method != method:
+        raise ValueError(f"method {method!r} cannot start from a {base.method!r} config")
+    decode = {**(base.decode.to_dict() if base else {}), **{k: v for k, v in given.items() if k in
+                                                             {f.name for f in fields(cls)}}}
+    decode = {k: v for k, v in decode.items() if k in {f.name for f in fields(cls)}}
+    paths = {k: str(given[k]) if k in given else (getattr(base, k) if base else None)
+             for k in ("drafter", "vp_drafter")}
+    return ARMethodConfig(method, cls(**decode), **paths)
+
+
+def _load_causal_or_default(path: str | None, default: Path, what: str, device: torch.device,
+                            dtype: torch.dtype) -> torch.nn.Module:
+    from ..models.causal import load_causal
+
+    if path is None and not default.is_dir():
+        raise FileNotFoundError(f"no {what} given and no bundled one at {default}; pass a checkpoint directory")
+    model, _ = load_causal(path or default, device=device, dtype=dtype)
+    return model
+
+
+def _load_dflash_or_default(path: str | None, default: Path, what: str, target: torch.nn.Module) -> torch.nn.Module:
+    from ..models.dflash import load_dflash
+
+    if path is None and not default.is_dir():
+        raise FileNotFoundError(f"no {what} given and no bundled one at {default}; pass --{what.replace(' ', '-')} "
+                                "with a checkpoint directory (diffspec train dflash|vp)")
+    return load_dflash(path or default, target)
+
+
+def ar_method_generate(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARMethodConfig,
+                       drafter: torch.nn.Module | None = None, vp_drafter: torch.nn.Module | None = None,
+                       progress: bool = False) -> GenerationResult:
+    """Run `cfg.method` on an AR target; drafters are objects, or loaded from cfg's paths / the bundled ones."""
+    from ..models.causal import Qwen3Model
+
+    if not isinstance(target, Qwen3Model):
+        raise ValueError(f"method {cfg.method!r} needs an autoregressive (Qwen3-layout) target model, got "
+                         f"{type(target).__name__}; pass --model with a Qwen3 checkpoint")
+    param = next(target.parameters())
+    if cfg.method == "ar":
+        res = ar_generate(target, tokenizer, prompts, cfg.decode, progress=progress)
+    elif cfg.method == "ar-spec":
+        drafter = drafter or _load_causal_or_default(cfg.drafter, DEFAULT_DRAFTERS["ar-spec"], "drafter",
+                                                     param.device, param.dtype)
+        res = spec_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
+    else:
+        drafter = drafter or _load_dflash_or_default(cfg.drafter, DEFAULT_DRAFTERS[cfg.method], "drafter", target)
+        if cfg.method == "dflash":
+            res = dflash_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
+        else:
+            vp_drafter = vp_drafter or _load_dflash_or_default(cfg.vp_drafter, DEFAULT_VP, "vp drafter", target)
+            res = d2sd_generate(target, drafter, vp_drafter, tokenizer, prompts, cfg.decode, progress=progress)
+    res.config = cfg  # record the method and drafter paths with the decoding options
+    return res
