@@ -1,0 +1,173 @@
+"""Next-token SFT of a small Qwen3 (the AR target of D²SD) on the arith tasks.
+
+Loss: cross-entropy of logit i against token i+1 over the answer tokens only
+(the prompt conditions but is never predicted); every answer ends with EOS so
+the model learns to stop. Batches come from the masked-diffusion trainer's
+length-bucketed batcher (right padding is harmless under causal attention).
+
+Every model of the project shares ONE tokenizer: by default the bundled LLaDA
+model's (`tokenizer_from`, default `diffspec/assets/llada-arith`), so the AR
+target, its drafters and the diffusion models read and write the same ids.
+
+`train_loop` is the optimisation loop shared with `train/dflash.py` (cosine
+LR with an optional time budget, bf16 autocast, periodic eval and save,
+resume from `trainer_state.pt`); the MDM trainer keeps its own copy.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models.causal import Qwen3Config, Qwen3Model, save_causal
+from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer, resolve_device
+from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN, Tokenizer
+from ..spec.ar import ARConfig, ar_generate
+from ..tasks import Example, arith_examples, arith_mc_examples, score
+from .common import cosine_lr, load_train_state, make_optimizer, read_train_config, save_train_state, seed_everything
+from .mdm import MDMBatcher
+
+__all__ = ["train_ar", "train_loop", "shared_tokenizer", "setup", "ar_loss", "evaluate_ar"]
+
+
+def shared_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    """The project's one tokenizer: `tokenizer_from` (a checkpoint dir), default the bundled LLaDA model's."""
+    src = Path(cfg.get("tokenizer_from") or DEFAULT_MODEL_DIR)
+    if not src.is_dir():
+        raise CheckpointError(f"tokenizer_from {src} is not a directory; point it at a checkpoint with a tokenizer.json")
+    tok = load_tokenizer(src)
+    for special in (EOS_TOKEN, MASK_TOKEN):
+        if tok.token_to_id(special) is None:
+            raise ValueError(f"the tokenizer in {src} lacks {special}; the arith models need it")
+    return tok
+
+
+def setup(config_path: str | Path, out: str | Path | None, device: str | None
+          ) -> tuple[dict[str, Any], dict[str, Any], Path, Path, torch.device]:
+    """(config, train section, out dir, trainer-state path, device), seeded, threads set."""
+    cfg = read_train_config(config_path)
+    tr = cfg["train"]
+    out_dir = Path(out or cfg["out"])
+    state_path = Path(cfg.get("state_dir", f"runs/{out_dir.name}")) / "trainer_state.pt"
+    seed_everything(int(tr.get("seed", 0)))
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    return cfg, tr, out_dir, state_path, resolve_device(device or tr.get("device", "auto"))
+
+
+def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int, state_path: Path, resume: bool,
+               device: torch.device, loss_fn: Callable[[], torch.Tensor], eval_fn: Callable[[], dict[str, float]],
+               save_fn: Callable[[], None]) -> dict[str, Any]:
+    """AdamW on `model`'s trainable parameters for `total` steps; returns the history dict.
+
+    loss_fn() draws a batch and returns its loss (run under autocast when
+    train.amp is bf16); eval_fn() returns metrics (run in eval mode, no
+    autocast); save_fn() writes the checkpoint. Eval and save every
+    eval_every / save_every steps, at the last step and when max_minutes runs
+    out; the trainer state (weights, optimizer, RNG, history) is saved with
+    the checkpoint so `resume` continues the step count.
+    """
+    peak = float(tr.get("lr", 1e-3))
+    opt = make_optimizer(model, peak, float(tr.get("weight_decay", 0.1)))
+    step, extra = 0, {"history": []}
+    if resume:
+        step, extra = load_train_state(state_path, model, opt)
+        print(f"resumed from {state_path} at step {step}")
+    amp_name = str(tr.get("amp", "none"))
+    if amp_name not in ("none", "bf16"):
+        raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
+    max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
+    t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
+    eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=f"train {name}")
+    while step < total:
+        # As in train_mdm: with a time budget the schedule follows whichever runs out first.
+        progress_step = max(step, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else step
+        lr = cosine_lr(progress_step, total, peak, int(tr.get("warmup", 100)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_name == "bf16"):
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(tr.get("grad_clip", 1.0)))
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        timeout = time.time() - t0 > max_seconds or progress_step >= total
+        if step % eval_every == 0 or step == total or timeout:
+            model.eval()
+            metrics = eval_fn()
+            model.train()
+            extra["history"].append({"step": step, "loss": loss.item(), **metrics, "minutes": (time.time() - t0) / 60})
+            tqdm.write(f"step {step}: loss {loss.item():.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if step % save_every == 0 or step == total or timeout:
+            save_fn()
+            extra["elapsed_seconds"] = time.time() - t0
+            save_train_state(state_path, step, model, opt, extra)
+        if timeout:
+            tqdm.write(f"stopping at step {step}: max_minutes reached")
+            break
+    bar.close()
+    return extra
+
+
+def ar_loss(model: Qwen3Model, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens (logit i predicts token i+1)."""
+    logits = model(ids).logits[:, :-1]
+    tgt = ans[:, 1:]
+    return F.cross_entropy(logits[tgt].float(), ids[:, 1:][tgt])
+
+
+def evaluate_ar(model: Qwen3Model, tok: Tokenizer, examples: list[Example], gen_length: int) -> float:
+    """Exact-match accuracy of greedy `ar_generate` answers."""
+    res = ar_generate(model, tok, [e.prompt for e in examples], ARConfig(max_new_tokens=gen_length, batch_size=64))
+    return sum(score(e, t)["correct"] for e, t in zip(examples, res.texts)) / len(examples)
+
+
+def train_ar(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
+             device: str | None = None, max_steps: int | None = None) -> Path:
+    """Train a Qwen3 from a JSON config ({model, data, train, out, state_dir, tokenizer_from}); returns the out dir."""
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device)
+    dcfg = cfg.get("data", {})
+    tok = shared_tokenizer(cfg)
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    mkw = dict(cfg["model"])
+    for key, want in (("vocab_size", tok.vocab_size), ("eos_token_id", eos_id)):
+        if key in mkw and mkw[key] != want:
+            raise ValueError(f"model.{key}={mkw[key]} does not match the shared tokenizer ({want}); "
+                             f"drop it from the config, it is taken from the tokenizer")
+        mkw[key] = want
+    mkw.setdefault("pad_token_id", eos_id)
+    model = Qwen3Model(Qwen3Config(**mkw)).to(dev)
+    print(f"model: {model.num_params() / 1e6:.2f}M params, vocab {tok.vocab_size}, device {dev}")
+
+    gen_length, seed = int(dcfg.get("gen_length", 48)), int(tr.get("seed", 0))
+    n_pool = int(dcfg.get("pool", 100_000))
+    examples = arith_examples("train", n_pool, seed=seed)
+    examples += arith_mc_examples("train", int(n_pool * float(dcfg.get("mc_fraction", 0.0))), seed=seed)
+    items = []
+    for ex in examples:
+        a = tok.encode(ex.solution) + [eos_id]
+        if len(a) <= gen_length:
+            items.append((tok.encode(ex.prompt), a))
+    if not items:
+        raise ValueError(f"no training answer fits data.gen_length={gen_length}")
+    batcher = MDMBatcher(items, min(int(tr.get("batch_size", 64)), len(items)), eos_id, seed)
+    val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0)
+
+    def loss_fn() -> torch.Tensor:
+        ids, ans, _ = (t.to(dev) for t in batcher.next())
+        return ar_loss(model, ids, ans)
+
+    train_loop("ar", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
+               lambda: {"val_accuracy": evaluate_ar(model, tok, val, gen_length)},
+               lambda: save_causal(model, tok, out_dir))
+    return out_dir

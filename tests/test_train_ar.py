@@ -1,0 +1,229 @@
+"""Smoke tests of the AR target trainer and the DFlash / VP drafter trainers (a few steps of tiny models)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffspec.cli import main
+from diffspec.models.causal import Qwen3Config, Qwen3Model, load_causal, save_causal
+from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer
+from diffspec.models.dflash import load_dflash
+from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
+from diffspec.train import dflash as dflash_mod
+from diffspec.train.ar import train_ar
+from diffspec.train.dflash import WindowData, accepted_length, train_dflash, window_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = dict(steps=3, batch_size=8, lr=1e-3, warmup=1, eval_every=100, save_every=100, eval_n=3, seed=0,
+             max_minutes=0)
+AR_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                intermediate_size=64, max_position_embeddings=256)
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def ar_config(d: Path, **train) -> Path:
+    return write(d / "ar.json", {"model": AR_MODEL, "data": {"pool": 64, "gen_length": 48},
+                                 "train": {**TRAIN, **train}, "out": str(d / "model"), "state_dir": str(d / "state")})
+
+
+def drafter_config(d: Path, target: Path, kind: str, **extra) -> Path:
+    block = 4 if kind == "dflash" else 6
+    data = {"pool": 12, "gen_length": 16, "anchors_per_seq": 2, "loss_decay": 3.0}
+    if kind == "vp":
+        data["gamma"] = 4
+    cfg = {"target": str(target), "kind": kind,
+           "model": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "intermediate_size": 64, "target_layers": [1, 2],
+                     "block_size": block},
+           "data": data, "train": {**TRAIN, "batch_size": 4}, "out": str(d / "model"), "state_dir": str(d / "state"),
+           **extra}
+    return write(d / f"{kind}.json", cfg)
+
+
+def state_step(state_dir: Path) -> int:
+    return torch.load(state_dir / "trainer_state.pt", map_location="cpu", weights_only=False)["step"]
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3 target trained for 3 steps (shared by the drafter tests; read-only)."""
+    d = tmp_path_factory.mktemp("ar")
+    return train_ar(ar_config(d))
+
+
+def test_ar_trains_saves_and_loads(target_dir):
+    model, tok = load_causal(target_dir)
+    shared = load_tokenizer(DEFAULT_MODEL_DIR)
+    assert tok.fingerprint() == shared.fingerprint()
+    assert model.config.vocab_size == shared.vocab_size
+    assert model.config.eos_token_ids == (shared.token_to_id(EOS_TOKEN),)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    state = torch.load(target_dir.parent / "state" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 3
+    hist = state["extra"]["history"]
+    assert hist[-1]["step"] == 3 and 0.0 <= hist[-1]["val_accuracy"] <= 1.0
+
+
+def test_ar_resume_continues_step_count(tmp_path):
+    cfg = ar_config(tmp_path, steps=4)
+    train_ar(cfg, max_steps=2)
+    assert state_step(tmp_path / "state") == 2
+    train_ar(cfg, resume=True)
+    assert state_step(tmp_path / "state") == 4
+    load_causal(tmp_path / "model")
+
+
+def test_ar_config_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="tokenizer_from"):
+        train_ar(write(tmp_path / "a.json", {**json.loads(ar_config(tmp_path).read_text()),
+                                             "tokenizer_from": str(tmp_path / "nope")}))
+    bad = json.loads(ar_config(tmp_path).read_text())
+    bad["model"]["vocab_size"] = 300
+    with pytest.raises(ValueError, match="shared tokenizer"):
+        train_ar(write(tmp_path / "b.json", bad))
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        train_ar(ar_config(tmp_path / "fresh"), resume=True)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "vp"])
+def test_drafter_trains_saves_loads_and_resumes(tmp_path, target_dir, kind, monkeypatch):
+    cfg = drafter_config(tmp_path, target_dir, kind)
+    out = train_dflash(cfg, kind=kind)
+    target, _ = load_causal(target_dir)
+    drafter = load_dflash(out, target)
+    assert drafter.config.block_size == (4 if kind == "dflash" else 6)
+    assert drafter.config.target_layers == (1, 2)
+    assert drafter.config.mask_token_id == load_tokenizer(DEFAULT_MODEL_DIR).token_to_id(MASK_TOKEN)
+    assert json.loads((out / "trained_for.json").read_text())["kind"] == kind
+    state = torch.load(tmp_path / "state" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 3
+    assert 0.0 <= state["extra"]["history"][-1]["val_accept_len"] <= drafter.config.block_size - 1
+    assert (tmp_path / "state" / "targets.pt").is_file()
+
+    # Resume continues the step count and reuses the cached target continuations.
+    def no_regen(*a, **k):
+        raise AssertionError("target continuations regenerated on resume")
+
+    monkeypatch.setattr(dflash_mod, "target_continuations", no_regen)
+    train_dflash(cfg, kind=kind, resume=True, max_steps=5)
+    assert state_step(tmp_path / "state") == 5
+
+
+def test_drafter_errors(tmp_path, target_dir, tokenizer):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train_dflash(drafter_config(tmp_path / "m", tmp_path / "missing", "dflash"))
+    with pytest.raises(ValueError, match="kind 'vp'"):
+        train_dflash(drafter_config(tmp_path / "k", target_dir, "vp"), kind="dflash")
+    with pytest.raises(ValueError, match="unknown drafter kind"):
+        train_dflash(drafter_config(tmp_path / "u", target_dir, "dflash"), kind="eagle")
+    # A target saved with another tokenizer (the test-suite BPE) is refused.
+    shared = load_tokenizer(DEFAULT_MODEL_DIR)
+    other = save_causal(Qwen3Model(Qwen3Config(**{**AR_MODEL, "vocab_size": shared.vocab_size, "eos_token_id": 0})),
+                        tokenizer, tmp_path / "other")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train_dflash(drafter_config(tmp_path / "t", other, "dflash"))
+
+
+def test_window_layout():
+    mask, hid = 1, [torch.arange(7.0)[:, None].repeat(1, 4)]
+    seqs = [([10, 11, 12], [20, 21, 22, 0])]  # prompt 3 tokens, answer ends with EOS (0); sequence length 7
+    d = WindowData(seqs, hid, "dflash", 4, 4, mask, seed=0)
+    b = d.batch([(0, 3, 0), (0, 5, 0)], torch.device("cpu"))
+    assert b["block_ids"].tolist() == [[20, mask, mask, mask], [22, mask, mask, mask]]
+    assert b["labels"].tolist() == [[-100, 21, 22, 0], [-100, 0, -100, -100]]  # nothing past the answer
+    assert b["block_positions"].tolist() == [[3, 4, 5, 6], [5, 6, 7, 8]]
+    assert b["ctx_mask"].tolist() == [[True] * 3 + [False] * 4, [True] * 5 + [False] * 2]
+    vp = WindowData(seqs, hid, "vp", 5, 4, mask, seed=0)
+    b = vp.batch([(0, 3, 2), (0, 5, 3)], torch.device("cpu"))
+    assert b["block_ids"].tolist() == [[20, 21, 22, mask, mask], [22, mask, mask, mask, mask]]  # prefix capped
+    assert b["labels"].tolist() == [[-100, -100, -100, 0, -100], [-100, 0, -100, -100, -100]]
+    assert all(0 <= i <= 3 for w in vp.all_windows() for _, _, i in w)
+
+
+def test_window_loss_and_acceptance_on_a_perfect_drafter(target_dir):
+    """A drafter whose logits are the labels gets zero loss and accepts every in-answer position."""
+    target, tok = load_causal(target_dir)
+    seqs = [(tok.encode("Question: 1+1?\nAnswer:"), tok.encode(" 2\n#### 2") + [tok.token_to_id(EOS_TOKEN)])]
+    hid = [torch.zeros(len(seqs[0][0]) + len(seqs[0][1]), 64)]
+    data = WindowData(seqs, hid, "dflash", 4, 4, tok.token_to_id(MASK_TOKEN), seed=0)
+
+    class Oracle(torch.nn.Module):
+        config = type("C", (), {"mask_token_id": tok.token_to_id(MASK_TOKEN)})()
+
+        def forward(self, block_ids, block_positions, *_):
+            full = seqs[0][0] + seqs[0][1]
+            ids = torch.tensor([[full[p] if p < len(full) else 0 for p in row] for row in block_positions.tolist()])
+            return torch.nn.functional.one_hot(ids, target.config.vocab_size).float() * 100
+
+    oracle = Oracle()
+    b = data.sample(1, 3, torch.device("cpu"))
+    assert window_loss(oracle, b).item() < 1e-3
+    assert window_loss(oracle, b, decay=2.0).item() < 1e-3
+    P, end = len(seqs[0][0]), len(seqs[0][0]) + len(seqs[0][1])
+    expected = [min(3, end - 1 - a) for a in range(P, end - 1)]
+    assert accepted_length(oracle, data, torch.device("cpu")) == pytest.approx(sum(expected) / len(expected))
+
+
+def test_cli_train_dispatch(tmp_path, target_dir, capsys):
+    assert main(["train", "ar", "--config", str(ar_config(tmp_path / "ar")), "--max-steps", "1"]) == 0
+    assert "saved" in capsys.readouterr().out
+    assert main(["train", "vp", "--config", str(drafter_config(tmp_path / "vp", target_dir, "vp")),
+                 "--max-steps", "1"]) == 0
+    assert main(["train", "dflash", "--config", str(drafter_config(tmp_path / "d", tmp_path / "none", "dflash"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "eagle", "--config", str(ar_config(tmp_path / "e"))]) == 2
+
+
+def test_trained_drafters_plug_into_d2sd(tmp_path, target_dir):
+    """The saved drafters load next to the target and D²SD / DFlash decode losslessly with them."""
+    from diffspec.spec.ar import ARConfig, ar_generate
+    from diffspec.spec.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
+
+    dflash_out = train_dflash(drafter_config(tmp_path / "d", target_dir, "dflash"), kind="dflash", max_steps=1)
+    vp_out = train_dflash(drafter_config(tmp_path / "v", target_dir, "vp"), kind="vp", max_steps=1)
+    target, tok = load_causal(target_dir)
+    drafter, vp = load_dflash(dflash_out, target), load_dflash(vp_out, target)
+    prompts = ["Question: Amy has 3 pens. Amy doubles them. How many pens does Amy have now?\nAnswer:"]
+    ref = ar_generate(target, tok, prompts, ARConfig(max_new_tokens=12)).token_ids
+    assert dflash_generate(target, drafter, tok, prompts, DFlashSpecConfig(max_new_tokens=12, gamma=4)).token_ids == ref
+    res = d2sd_generate(target, drafter, vp, tok, prompts, D2SDConfig(max_new_tokens=12, gamma=4, gamma2=6, k=2))
+    assert res.token_ids == ref
+
+
+def test_losses_go_down(tmp_path):
+    """A few dozen steps on tiny models: the AR and the drafter losses fall well below their start."""
+    ar_dir = tmp_path / "ar"
+    train_ar(ar_config(ar_dir, steps=30, eval_every=1, lr=3e-3, eval_n=1))
+    hist = torch.load(ar_dir / "state" / "trainer_state.pt", weights_only=False)["extra"]["history"]
+    first, last = hist[0]["loss"], sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    d = tmp_path / "d"
+    cfg = json.loads(drafter_config(d, ar_dir / "model", "dflash").read_text())
+    cfg["train"].update(steps=30, eval_every=1, lr=3e-3)
+    train_dflash(write(d / "dflash.json", cfg))
+    hist = torch.load(d / "state" / "trainer_state.pt", weights_only=False)["extra"]["history"]
+    first, last = hist[0]["loss"], sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_shipped_configs_build():
+    """configs/{qwen3,dflash,vp}-arith.json describe models that build against each other."""
+    from diffspec.models.dflash import DFlashConfig, DFlashDrafter
+    from diffspec.train.common import read_train_config
+
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    ar = read_train_config(REPO / "configs" / "qwen3-arith.json")
+    target = Qwen3Model(Qwen3Config(**ar["model"], vocab_size=tok.vocab_size, eos_token_id=tok.token_to_id(EOS_TOKEN)))
+    for kind in ("dflash", "vp"):
+        cfg = read_train_config(REPO / "configs" / f"{kind}-arith.json")
+        assert cfg["kind"] == kind and cfg["target"] == ar["out"]
+        d = DFlashDrafter(DFlashConfig.for_target(target, tok.token_to_id(MASK_TOKEN), **cfg["model"]), target)
+        assert d.config.block_size == (16 if kind == "dflash" else 32)
+        assert 2 <= cfg["data"].get("gamma", 16) <= d.config.block_size
