@@ -266,7 +266,10 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    """SwiGLU with Qwen3's weight names; any config with hidden_size / intermediate_size
+    (the DFlash drafter's too) builds one."""
+
+    def __init__(self, cfg: Any):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)

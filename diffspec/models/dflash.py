@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .causal import Qwen3Model, _check_state
+from .causal import Qwen3MLP, Qwen3Model, _check_state
 from .checkpoint import CheckpointError, _read_weights, read_config
 from .llada import RMSNorm, apply_rope, rope_cos_sin
 
@@ -162,22 +162,11 @@ class DFlashAttention(nn.Module):
         return self.o_proj(att.transpose(1, 2).reshape(B, W, -1))
 
 
-class DFlashMLP(nn.Module):
-    def __init__(self, cfg: DFlashConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DFlashLayer(nn.Module):
     def __init__(self, cfg: DFlashConfig):
         super().__init__()
         self.self_attn = DFlashAttention(cfg)
-        self.mlp = DFlashMLP(cfg)
+        self.mlp = Qwen3MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
