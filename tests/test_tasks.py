@@ -338,3 +338,38 @@ def test_bad_data_rows(tmp_path):
 def test_tasks_listed():
     assert set(TASKS) == {"arith", "arith-mc", "gsm8k", "mmlu"}
     assert len(load_examples("arith", limit=3)) == 3
+
+
+def test_block_masking_looks_like_a_semi_autoregressive_canvas():
+    """Block rows: clean blocks before k, block k partly masked, everything after masked, only k scored."""
+    import torch
+
+    from diffspec.models.llada import ModelOutput
+    from diffspec.train.mdm import mdm_loss
+
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            seen["x"] = x.clone()
+            return ModelOutput(logits=torch.zeros(*x.shape, 10, requires_grad=True))
+
+    torch.manual_seed(0)
+    B, P, L, mask = 64, 3, 12, 9
+    ids = torch.randint(0, 8, (B, P + L))
+    ans = torch.zeros(B, P + L, dtype=torch.bool)
+    ans[:, P:] = True
+    loss = mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0)
+    assert torch.isfinite(loss)
+    m = seen["x"][:, P:] == mask
+    assert not (seen["x"][:, :P] == mask).any()  # the prompt is never masked
+    for row in m:
+        blocks = row.view(3, 4)
+        k = next((i for i in range(3) if blocks[i].any()), None)
+        if k is None:
+            continue
+        assert not blocks[:k].any() and blocks[k + 1 :].all()
+    plain = mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask)  # LLaDA: masks anywhere in the answer
+    m = seen["x"][:, P:] == mask
+    assert any(bool(r[:4].any() and not r[8:].all()) for r in m)
+    assert torch.isfinite(plain)

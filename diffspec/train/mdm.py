@@ -76,15 +76,41 @@ class MDMBatcher:
 
 
 def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch.Tensor, mask_id: int,
-             eps: float = 1e-3) -> torch.Tensor:
+             eps: float = 1e-3, block_length: int = 0, block_fraction: float = 0.0) -> torch.Tensor:
+    """LLaDA's SFT loss; with block_fraction > 0 that share of rows uses block masking.
+
+    A block-masked row looks like the canvas of semi-autoregressive decoding:
+    answer blocks before a random block k are clean, block k is masked with
+    probability t, later blocks are fully masked, and only block k is scored
+    (weighted 1/t). Every such row is also a sample of LLaDA's masking, so the
+    objective stays a masked-diffusion one; it just spends more of a small
+    model's capacity on the contexts the block decoder actually shows it.
+    """
     B = ids.shape[0]
     t = (torch.arange(B, device=ids.device) + torch.rand(B, device=ids.device)) / B  # stratified U(0,1)
     p_mask = ((1 - eps) * t + eps)[:, None]
     masked = (torch.rand(ids.shape, device=ids.device) < p_mask) & ans
+    scored = ans
+    if block_fraction > 0 and block_length > 0:
+        start = ans.float().argmax(1)  # first answer column of each row
+        n_ans = ans.sum(1)
+        col = torch.arange(ids.shape[1], device=ids.device)[None, :] - start[:, None]  # answer-relative column
+        n_blocks = torch.div(n_ans + block_length - 1, block_length, rounding_mode="floor")
+        k = (torch.rand(B, device=ids.device) * n_blocks).long()
+        blk = torch.div(col.clamp(min=0), block_length, rounding_mode="floor")
+        is_block = (torch.rand(B, device=ids.device) < block_fraction)[:, None]
+        b_masked = ans & ((blk > k[:, None]) | ((blk == k[:, None]) & masked))
+        masked = torch.where(is_block, b_masked, masked)
+        scored = torch.where(is_block, ans & (blk == k[:, None]) & masked, ans)
     noisy = torch.where(masked, mask_id, ids)
     logits = model(noisy, attention_mask=att).logits
-    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
-    return (ce / p_mask.expand_as(ids)[masked]).sum() / ans.sum().clamp(min=1)
+    loss_cells = masked & scored
+    ce = F.cross_entropy(logits[loss_cells].float(), ids[loss_cells], reduction="none")
+    # LLaDA normalises by the answer length; a block row by the block's length.
+    denom = torch.where(is_block[:, 0], torch.clamp(n_ans - k * block_length, max=block_length), n_ans) \
+        if block_fraction > 0 and block_length > 0 else ans.sum(1)
+    weight = (1 / p_mask).expand_as(ids)[loss_cells] / denom[:, None].expand_as(ids)[loss_cells].clamp(min=1)
+    return (ce * weight).sum() / B
 
 
 def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_length: int, block_length: int) -> float:
@@ -167,7 +193,8 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
             g["lr"] = lr
         ids, ans, att = (t.to(dev) for t in batcher.next())
         with amp:
-            loss = mdm_loss(model, ids, ans, att, mask_id)
+            loss = mdm_loss(model, ids, ans, att, mask_id, block_length=int(dcfg.get("block_length", 16)),
+                            block_fraction=float(tr.get("block_fraction", 0.0)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(tr.get("grad_clip", 1.0)))
