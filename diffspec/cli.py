@@ -6,10 +6,8 @@ print one `diffspec: error: ...` line and exit 2; only real bugs traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-from pathlib import Path
 
 from .models.checkpoint import CheckpointError
 from .spec.dualdiffusion import DUAL_OPTIONS

@@ -7,7 +7,6 @@ from typing import Any
 
 from .api import AnyConfig, build_config, generate
 from .spec.armethods import AR_METHODS
-from .decoding.config import DecodeConfig
 from .tasks import Example, load_examples, score
 
 # Generation shapes that fit each task's answers (overridable per run).

@@ -9,7 +9,6 @@ itself knows nothing about *when* to cache, only how to read and write.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 

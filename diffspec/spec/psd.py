@@ -310,7 +310,7 @@ def _no_mask(logits: Tensor, mask_id: int) -> Tensor:
 def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig) -> PSDStats:
     """Fill every masked cell of `canvas` in place, block by block, one batched call per iteration."""
     dc, stats = cfg.decode, PSDStats()
-    P, bl, L = canvas.prompt_len, dc.block_length, dc.gen_length
+    P, bl = canvas.prompt_len, dc.block_length
     scorer = ViewScorer(model, canvas, dc.cache)
     seed_gen: Tensor | None = None  # logits (B, L, V) of the current canvas's generation region, if fresh
     for b in range(dc.num_blocks):

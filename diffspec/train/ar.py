@@ -15,23 +15,21 @@ resume from `trainer_state.pt`); the MDM trainer keeps its own copy.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..models.causal import Qwen3Config, Qwen3Model, save_causal
-from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer, resolve_device
+from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer
 from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN, Tokenizer
 from ..spec.ar import ARConfig, ar_generate
 from ..tasks import Example, arith_examples, arith_mc_examples, score
-from .common import cosine_lr, load_train_state, make_optimizer, read_train_config, save_train_state, seed_everything
+from .common import setup, train_loop
 from .mdm import MDMBatcher
 
-__all__ = ["train_ar", "train_loop", "shared_tokenizer", "setup", "ar_loss", "evaluate_ar"]
+__all__ = ["train_ar", "shared_tokenizer", "ar_loss", "evaluate_ar"]
 
 
 def shared_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
@@ -44,79 +42,6 @@ def shared_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
         if tok.token_to_id(special) is None:
             raise ValueError(f"the tokenizer in {src} lacks {special}; the arith models need it")
     return tok
-
-
-def setup(config_path: str | Path, out: str | Path | None, device: str | None
-          ) -> tuple[dict[str, Any], dict[str, Any], Path, Path, torch.device]:
-    """(config, train section, out dir, trainer-state path, device), seeded, threads set."""
-    cfg = read_train_config(config_path)
-    tr = cfg["train"]
-    out_dir = Path(out or cfg["out"])
-    state_path = Path(cfg.get("state_dir", f"runs/{out_dir.name}")) / "trainer_state.pt"
-    seed_everything(int(tr.get("seed", 0)))
-    if tr.get("threads"):
-        torch.set_num_threads(int(tr["threads"]))
-    return cfg, tr, out_dir, state_path, resolve_device(device or tr.get("device", "auto"))
-
-
-def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int, state_path: Path, resume: bool,
-               device: torch.device, loss_fn: Callable[[], torch.Tensor], eval_fn: Callable[[], dict[str, float]],
-               save_fn: Callable[[], None]) -> dict[str, Any]:
-    """AdamW on `model`'s trainable parameters for `total` steps; returns the history dict.
-
-    loss_fn() draws a batch and returns its loss (run under autocast when
-    train.amp is bf16); eval_fn() returns metrics (run in eval mode, no
-    autocast); save_fn() writes the checkpoint. Eval and save every
-    eval_every / save_every steps, at the last step and when max_minutes runs
-    out; the trainer state (weights, optimizer, RNG, history) is saved with
-    the checkpoint so `resume` continues the step count.
-    """
-    peak = float(tr.get("lr", 1e-3))
-    opt = make_optimizer(model, peak, float(tr.get("weight_decay", 0.1)))
-    step, extra = 0, {"history": []}
-    if resume:
-        step, extra = load_train_state(state_path, model, opt)
-        print(f"resumed from {state_path} at step {step}")
-    amp_name = str(tr.get("amp", "none"))
-    if amp_name not in ("none", "bf16"):
-        raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
-    max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
-    t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
-    eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {name}")
-    while step < total:
-        # As in train_mdm: with a time budget the schedule follows whichever runs out first.
-        progress_step = max(step, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else step
-        lr = cosine_lr(progress_step, total, peak, int(tr.get("warmup", 100)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_name == "bf16"):
-            loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(tr.get("grad_clip", 1.0)))
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-        timeout = time.time() - t0 > max_seconds or progress_step >= total
-        if step % eval_every == 0 or step == total or timeout:
-            model.eval()
-            metrics = eval_fn()
-            model.train()
-            extra["history"].append({"step": step, "loss": loss.item(), **metrics, "minutes": (time.time() - t0) / 60})
-            tqdm.write(f"step {step}: loss {loss.item():.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if step % save_every == 0 or step == total or timeout:
-            save_fn()
-            extra["elapsed_seconds"] = time.time() - t0
-            save_train_state(state_path, step, model, opt, extra)
-        if timeout:
-            tqdm.write(f"stopping at step {step}: max_minutes reached")
-            break
-    bar.close()
-    return extra
 
 
 def ar_loss(model: Qwen3Model, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:

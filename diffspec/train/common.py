@@ -4,11 +4,15 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from ..models.checkpoint import resolve_device
 
 
 def read_train_config(path: str | Path) -> dict[str, Any]:
@@ -64,3 +68,82 @@ def load_train_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
     random.setstate(st["rng"]["python"])
     np.random.set_state(st["rng"]["numpy"])
     return st["step"], st.get("extra", {})
+
+
+def setup(config_path: str | Path, out: str | Path | None, device: str | None
+          ) -> tuple[dict[str, Any], dict[str, Any], Path, Path, torch.device]:
+    """(config, train section, out dir, trainer-state path, device), seeded, threads set."""
+    cfg = read_train_config(config_path)
+    tr = cfg["train"]
+    out_dir = Path(out or cfg["out"])
+    state_path = Path(cfg.get("state_dir", f"runs/{out_dir.name}")) / "trainer_state.pt"
+    seed_everything(int(tr.get("seed", 0)))
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    return cfg, tr, out_dir, state_path, resolve_device(device or tr.get("device", "auto"))
+
+
+def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int, state_path: Path, resume: bool,
+               device: torch.device, loss_fn: Callable[[], torch.Tensor], eval_fn: Callable[[], dict[str, float]],
+               save_fn: Callable[[], None], rngs: Sequence[random.Random] = ()) -> dict[str, Any]:
+    """AdamW on `model`'s trainable parameters for `total` steps; returns the history dict.
+
+    loss_fn() draws a batch and returns its loss (run under autocast when
+    train.amp is bf16); eval_fn() returns metrics (run in eval mode, no
+    autocast); save_fn() writes the checkpoint. Eval and save every
+    eval_every / save_every steps, at the last step and when max_minutes runs
+    out; the trainer state (weights, optimizer, RNG, history) is saved with
+    the checkpoint so `resume` continues the step count. `rngs` (e.g. a batcher's
+    random.Random) are saved and restored with it, so a resumed run draws the
+    batches an uninterrupted one would have drawn.
+    """
+    peak = float(tr.get("lr", 1e-3))
+    opt = make_optimizer(model, peak, float(tr.get("weight_decay", 0.1)))
+    step, extra = 0, {"history": []}
+    if resume:
+        step, extra = load_train_state(state_path, model, opt)
+        for r, st in zip(rngs, extra.get("aux_rng", [])):
+            r.setstate(st)
+        print(f"resumed from {state_path} at step {step}")
+    amp_name = str(tr.get("amp", "none"))
+    if amp_name not in ("none", "bf16"):
+        raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
+    max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
+    t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
+    eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=f"train {name}")
+    while step < total:
+        # With a time budget the schedule follows whichever runs out first, steps or
+        # minutes, so a slow or busy machine still ends with a fully decayed LR.
+        progress_step = max(step, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else step
+        lr = cosine_lr(progress_step, total, peak, int(tr.get("warmup", 100)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_name == "bf16"):
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(tr.get("grad_clip", 1.0)))
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        timeout = time.time() - t0 > max_seconds or progress_step >= total
+        if step % eval_every == 0 or step == total or timeout:
+            model.eval()
+            metrics = eval_fn()
+            model.train()
+            extra["history"].append({"step": step, "loss": loss.item(), **metrics, "minutes": (time.time() - t0) / 60})
+            tqdm.write(f"step {step}: loss {loss.item():.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if step % save_every == 0 or step == total or timeout:
+            save_fn()
+            extra["elapsed_seconds"] = time.time() - t0
+            extra["aux_rng"] = [r.getstate() for r in rngs]
+            save_train_state(state_path, step, model, opt, extra)
+        if timeout:
+            tqdm.write(f"stopping at step {step}: max_minutes reached")
+            break
+    bar.close()
+    return extra

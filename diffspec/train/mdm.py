@@ -10,21 +10,19 @@ Batches are bucketed by length so little compute goes to padding.
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..decoding.config import DecodeConfig
 from ..decoding.diffusion import diffusion_generate
-from ..models.checkpoint import resolve_device, save_model
+from ..models.checkpoint import save_model
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
 from ..tasks import Example, arith_examples, arith_mc_examples, score
-from .common import cosine_lr, load_train_state, make_optimizer, read_train_config, save_train_state, seed_everything
+from .common import setup, train_loop
 
 
 def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
@@ -123,15 +121,9 @@ def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_len
 
 def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
               device: str | None = None, max_steps: int | None = None) -> Path:
-    cfg = read_train_config(config_path)
-    tr, dcfg = cfg["train"], cfg.get("data", {})
-    out_dir = Path(out or cfg["out"])
-    state_path = Path(cfg.get("state_dir", f"runs/{out_dir.name}")) / "trainer_state.pt"
-    seed_everything(int(tr.get("seed", 0)))
-    if tr.get("threads"):
-        torch.set_num_threads(int(tr["threads"]))
-    dev = resolve_device(device or tr.get("device", "auto"))
-
+    """Train a LLaDA-architecture MDM from a JSON config ({model, tokenizer, data, train, out, state_dir})."""
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device)
+    dcfg = cfg.get("data", {})
     tok = build_tokenizer(cfg)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
     mcfg = LLaDAConfig(**{**cfg["model"], "vocab_size": tok.vocab_size, "mask_token_id": mask_id, "eos_token_id": eos_id})
@@ -147,6 +139,7 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     print(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
 
     gen_length = int(dcfg.get("gen_length", 48))
+    block_length = int(dcfg.get("block_length", 16))
     n_pool = int(dcfg.get("pool", 100_000))
     mc_frac = float(dcfg.get("mc_fraction", 0.1))
     long_frac = float(dcfg.get("long_fraction", 0.0))
@@ -165,54 +158,12 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     batcher = MDMBatcher(items, int(tr.get("batch_size", 64)), eos_id, int(tr.get("seed", 0)))
     val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0)
 
-    total = int(max_steps or tr.get("steps", 2000))
-    opt = make_optimizer(model, float(tr.get("lr", 1e-3)), float(tr.get("weight_decay", 0.1)))
-    step, extra = 0, {"history": []}
-    if resume:
-        step, extra = load_train_state(state_path, model, opt)
-        print(f"resumed from {state_path} at step {step}")
-    model.train()
-    # Mixed precision keeps fp32 master weights; bf16 matmuls are ~1.3x faster even on
-    # an AVX512-BF16 laptop CPU, and the usual choice on GPUs.
-    amp_name = str(tr.get("amp", "none"))
-    if amp_name not in ("none", "bf16"):
-        raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_name == "bf16")
-    # A time budget (max_minutes > 0) trades exact step-for-step reproducibility for
-    # finishing on time; set max_minutes 0 for a run fixed by `steps` alone.
-    max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
-    t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
-    bar = tqdm(total=total, initial=step, desc="train mdm")
-    eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
-    while step < total:
-        # With a time budget the schedule follows whichever runs out first, steps or
-        # minutes, so a slow or busy machine still ends with a fully decayed LR.
-        progress_step = max(step, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else step
-        lr = cosine_lr(progress_step, total, float(tr.get("lr", 1e-3)), int(tr.get("warmup", 100)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def loss_fn() -> torch.Tensor:
         ids, ans, att = (t.to(dev) for t in batcher.next())
-        with amp:
-            loss = mdm_loss(model, ids, ans, att, mask_id, block_length=int(dcfg.get("block_length", 16)),
-                            block_fraction=float(tr.get("block_fraction", 0.0)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tr.get("grad_clip", 1.0)))
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-        timeout = time.time() - t0 > max_seconds or progress_step >= total
-        if step % eval_every == 0 or step == total or timeout:
-            acc = evaluate(model, tok, val, gen_length, int(dcfg.get("block_length", 16)))
-            extra["history"].append({"step": step, "loss": loss.item(), "val_accuracy": acc, "minutes": (time.time() - t0) / 60})
-            tqdm.write(f"step {step}: loss {loss.item():.3f}  val exact-match {acc:.3f}")
-        if step % save_every == 0 or step == total or timeout:
-            save_model(model, tok, out_dir)
-            extra["elapsed_seconds"] = time.time() - t0
-            save_train_state(state_path, step, model, opt, extra)
-        if timeout:
-            tqdm.write(f"stopping at step {step}: max_minutes reached")
-            break
-    bar.close()
+        return mdm_loss(model, ids, ans, att, mask_id, block_length=block_length,
+                        block_fraction=float(tr.get("block_fraction", 0.0)))
+
+    train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
+               lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
+               lambda: save_model(model, tok, out_dir), rngs=[batcher.rng])
     return out_dir
