@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, _read_weights, load_tokenizer, read_config, resolve_device, resolve_dtype
+from .checkpoint import CheckpointError, _read_weights, config_and_tokenizer, resolve_device, resolve_dtype
 from .llada import ModelOutput, RMSNorm, apply_rope, rope_cos_sin
 from .tokenizer import Tokenizer
 
@@ -464,22 +464,15 @@ def load_causal(
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    raw = read_config(path)
-    if raw.get("model_type") != "qwen3":
-        raise CheckpointError(
-            f"{path}/config.json is not a Qwen3 config (model_type={raw.get('model_type')!r}); "
-            "the causal loader supports only model_type 'qwen3'"
-        )
-    try:
-        cfg = Qwen3Config.from_hf_dict(raw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
-    tok = load_tokenizer(path)
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(
-            f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
-            "the tokenizer.json does not belong to this model"
-        )
+    def parse(raw: dict[str, Any]) -> Qwen3Config:
+        if raw.get("model_type") != "qwen3":
+            raise CheckpointError(
+                f"{path}/config.json is not a Qwen3 config (model_type={raw.get('model_type')!r}); "
+                "the causal loader supports only model_type 'qwen3'"
+            )
+        return Qwen3Config.from_hf_dict(raw)
+
+    cfg, tok = config_and_tokenizer(path, parse, lambda c: c.vocab_size)
     state = _read_weights(path)
     # Harmless extras some exporters write: a tied head stored twice, old RoPE buffers.
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .llada import LLaDAConfig, LLaDAModel
 from .tokenizer import Tokenizer
+
+C = TypeVar("C")
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "llada-arith"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -101,6 +104,29 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(str(e)) from None
 
 
+def config_and_tokenizer(path: Path, parse: Callable[[dict[str, Any]], C],
+                         embeds: Callable[[C], int]) -> tuple[C, Tokenizer]:
+    """A checkpoint's parsed config and its tokenizer, checked to belong together.
+
+    Shared by every architecture's loader so a bad config.json or a foreign
+    tokenizer.json fails the same way (one CheckpointError line) whatever the model.
+    """
+    raw = read_config(path)
+    try:
+        cfg = parse(raw)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    tok = load_tokenizer(path)
+    if tok.vocab_size > embeds(cfg):
+        raise CheckpointError(
+            f"tokenizer has {tok.vocab_size} tokens but the model embeds only {embeds(cfg)}; "
+            "the tokenizer.json does not belong to this model"
+        )
+    return cfg, tok
+
+
 def load_model(
     path: str | Path | None = None,
     device: str | torch.device | None = "cpu",
@@ -110,22 +136,15 @@ def load_model(
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    raw = read_config(path)
-    if "d_model" not in raw:
-        raise CheckpointError(
-            f"{path}/config.json is not a LLaDA config (model_type={raw.get('model_type')!r}); "
-            "diffspec's masked-diffusion loader expects LLaDA keys such as d_model and n_layers"
-        )
-    try:
-        cfg = LLaDAConfig.from_hf_dict(raw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
-    tok = load_tokenizer(path)
-    if tok.vocab_size > cfg.embedding_size:
-        raise CheckpointError(
-            f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.embedding_size}; "
-            "the tokenizer.json does not belong to this model"
-        )
+    def parse(raw: dict[str, Any]) -> LLaDAConfig:
+        if "d_model" not in raw:
+            raise CheckpointError(
+                f"{path}/config.json is not a LLaDA config (model_type={raw.get('model_type')!r}); "
+                "diffspec's masked-diffusion loader expects LLaDA keys such as d_model and n_layers"
+            )
+        return LLaDAConfig.from_hf_dict(raw)
+
+    cfg, tok = config_and_tokenizer(path, parse, lambda c: c.embedding_size)
     state = _read_weights(path)
     with torch.device("meta"):
         model = LLaDAModel(cfg)
