@@ -117,3 +117,18 @@ def check_field_types(cfg: Any) -> None:
             ok = True
         if not ok:
             raise ValueError(f"{name} must be a {type(default).__name__}, got {value!r} ({type(value).__name__})")
+
+
+class WrapsDecodeConfig:
+    """Mixin for a method config that keeps a DecodeConfig in `decode` (DualDiffusion,
+    PSD): code that reads the canvas shape or batching sees the same surface."""
+
+    decode: DecodeConfig
+
+    @property
+    def gen_length(self) -> int:
+        return self.decode.gen_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.decode.batch_size

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..decoding.config import DecodeConfig, check_field_types
+from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
 from ..decoding.diffusion import GenerationResult, run_batches
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
@@ -94,7 +94,7 @@ DRAFTER_PRESET: dict[str, Any] = {"cache": "dual", "policy": "threshold", "thres
 
 
 @dataclass(frozen=True)
-class DualConfig:
+class DualConfig(WrapsDecodeConfig):
     """Options of a DualDiffusion run, validated on construction.
 
     `decode` is the drafter's DecodeConfig; it also fixes the canvas
@@ -130,15 +130,6 @@ class DualConfig:
     @property
     def iterations(self) -> int:
         return self.max_iterations or self.decode.gen_length
-
-    # DecodeConfig-like surface, so code that reads the canvas shape or batching keeps working.
-    @property
-    def gen_length(self) -> int:
-        return self.decode.gen_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.decode.batch_size
 
     def replace(self, **kw: Any) -> "DualConfig":
         if "rule" in kw and "rule_threshold" not in kw:

@@ -44,13 +44,13 @@ expensive: compare TPF *and* wall clock.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decoding.config import DecodeConfig, check_field_types
+from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
 from ..decoding.diffusion import GenerationResult, propose, run_batches, select
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
@@ -82,7 +82,7 @@ PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": _parse_bool}
 
 
 @dataclass(frozen=True)
-class PSDConfig:
+class PSDConfig(WrapsDecodeConfig):
     """Options of a PSD run. `decode` fixes the canvas, batch, seed, cache and commit policy."""
 
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(policy="threshold", threshold=0.9))
@@ -119,14 +119,6 @@ class PSDConfig:
                 raise ValueError(f"lossless PSD checks every greedy step, so depths must be 1..D, got {list(self.depths)}")
         elif d.policy not in PSD_POLICIES:
             raise ValueError(f"PSD commits with an adaptive policy ({', '.join(PSD_POLICIES)}), not {d.policy!r}")
-
-    @property
-    def gen_length(self) -> int:
-        return self.decode.gen_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.decode.batch_size
 
     def replace(self, **kw: Any) -> "PSDConfig":
         return replace(self, **kw)
@@ -184,17 +176,7 @@ def hierarchical_accept(drafts: Tensor, tokens: Tensor, predicted: Tensor) -> Te
     draft) and on each draft. Draft j is consistent when draft j-1 is, it adds
     at least one cell, and every added cell equals what view j-1 predicts there.
     """
-    J = drafts.shape[0]
-    prev = torch.zeros_like(drafts[0])
-    ok = torch.ones(drafts.shape[1], dtype=torch.bool, device=drafts.device)
-    best = torch.zeros(drafts.shape[1], dtype=torch.long, device=drafts.device)
-    for j in range(J):
-        new = drafts[j] & ~prev
-        agree = ((predicted[j] == tokens) | ~new).all(-1)
-        ok = ok & new.any(-1) & agree
-        best = torch.where(ok, torch.full_like(best, j + 1), best)
-        prev = drafts[j]
-    return best
+    return _deepest_chain(drafts, lambda j, new, prev: ((predicted[j] == tokens) | ~new).all(-1))
 
 
 def greedy_chain_accept(drafts: Tensor, tokens: Tensor, logits: Tensor, candidates: Tensor) -> Tensor:
@@ -206,16 +188,24 @@ def greedy_chain_accept(drafts: Tensor, tokens: Tensor, logits: Tensor, candidat
     (argmax token of the most confident masked cell, ties to the lower column)
     picks exactly the cell and token draft j adds.
     """
-    J = drafts.shape[0]
+    def greedy_step_matches(j: int, new: Tensor, prev: Tensor) -> Tensor:
+        x0, conf = _greedy_scores(logits[j])
+        pick = select_topk(conf.masked_fill(~(candidates & ~prev), -torch.inf), 1)
+        return (pick == new).all(-1) & ((x0 == tokens) | ~new).all(-1)
+
+    return _deepest_chain(drafts, greedy_step_matches)
+
+
+def _deepest_chain(drafts: Tensor, consistent: Callable[[int, Tensor, Tensor], Tensor]) -> Tensor:
+    """Walk the nested drafts in depth order; draft j survives while every draft up to
+    it adds at least one cell and `consistent(j, added cells, cells of draft j-1)` holds
+    per row. Returns the deepest surviving draft's index + 1 per row (0: none)."""
     prev = torch.zeros_like(drafts[0])
     ok = torch.ones(drafts.shape[1], dtype=torch.bool, device=drafts.device)
     best = torch.zeros(drafts.shape[1], dtype=torch.long, device=drafts.device)
-    for j in range(J):
+    for j in range(drafts.shape[0]):
         new = drafts[j] & ~prev
-        x0, conf = _greedy_scores(logits[j])
-        conf = conf.masked_fill(~(candidates & ~prev), -torch.inf)
-        pick = select_topk(conf, 1)
-        ok = ok & new.any(-1) & (pick == new).all(-1) & ((x0 == tokens) | ~new).all(-1)
+        ok = ok & new.any(-1) & consistent(j, new, prev)
         best = torch.where(ok, torch.full_like(best, j + 1), best)
         prev = drafts[j]
     return best
