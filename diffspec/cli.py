@@ -123,9 +123,16 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from .api import resolve_model
     from .bench.runner import run_bench, suite
 
+    from .spec.armethods import AR_METHODS
+
     specs = a.methods or suite(a.suite, a.task)
     overrides = _options(a)
-    model, tok = resolve_model(a.model, None, a.device, a.dtype)
+    # One model per run, so AR-target and diffusion methods are benchmarked in separate runs.
+    is_ar = {spec.partition(":")[0].strip() in AR_METHODS for spec in specs}
+    if len(is_ar) > 1:
+        raise ValueError("a bench run compares methods on one model: run the AR-target methods (ar, ar-spec, "
+                         "dflash, d2sd) and the diffusion methods in separate runs")
+    model, tok = resolve_model(a.model, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
               overrides=overrides, command=command)
@@ -173,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data")
     b.add_argument("--limit", type=int, default=500)
     b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
-                        "| psd (PSD vs greedy and Fast-dLLM)")
+                        "| psd (PSD vs greedy and Fast-dLLM) | d2sd (AR greedy, AR spec, DFlash, D²SD sweeps; AR target)")
     b.add_argument("--methods", nargs="+", help="specs like vanilla:steps=24 fast-dllm:cache=dual,policy=threshold")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     _decode_args(b, with_method=False)

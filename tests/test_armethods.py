@@ -77,3 +77,18 @@ def test_cli_ar_methods(ckpts, capsys):
     assert capsys.readouterr().out == greedy
     assert main(base + ["--method", "dflash", "--drafter", str(ckpts["dflash"]), "--k", "2"]) == 2
     assert "only applies to method 'd2sd'" in capsys.readouterr().err
+
+
+def test_bench_runs_ar_methods_and_refuses_mixed_runs(ckpts, tmp_path, capsys):
+    from diffspec.bench.runner import run_bench, suite
+
+    m, tok = load_any(ckpts["target"])
+    specs = ["ar", f"ar-spec:drafter={ckpts['small']},gamma=2",
+             f"d2sd:drafter={ckpts['dflash']},vp_drafter={ckpts['vp']},gamma=4,gamma2=8,k=2"]
+    r = run_bench(m, tok, specs, limit=2, out_dir=tmp_path, overrides={"gen_length": 8})
+    rows = r["rows"]
+    assert [x["accuracy"] for x in rows[1:]] == [rows[0]["accuracy"]] * 2  # lossless
+    assert rows[2]["config"]["k"] == 2 and "spec" in rows[2]
+    assert "d2sd" in " ".join(suite("d2sd", "arith"))
+    assert main(["bench", "--methods", "vanilla", "ar", "--limit", "1", "--out", str(tmp_path)]) == 2
+    assert "separate runs" in capsys.readouterr().err

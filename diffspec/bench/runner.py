@@ -70,8 +70,14 @@ def label_of(method: str, opts: dict[str, Any]) -> str:
         return " ".join(parts)
     if not opts:
         return method
-    fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v  # noqa: E731
-    return method + " " + " ".join(f"{k}={fmt(v)}" for k, v in opts.items())
+    def fmt(k: str, v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return ",".join(map(str, v))
+        if k in ("drafter", "vp_drafter"):
+            return Path(str(v)).name or v  # a checkpoint directory reads best by its name
+        return v
+
+    return method + " " + " ".join(f"{k}={fmt(k, v)}" for k, v in opts.items())
 
 
 def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +118,10 @@ def suite(name: str, task: str) -> list[str]:
             "psd:policy=threshold", "psd:policy=threshold,depths=1;3", "psd:policy=threshold,depths=1;3;5;7;11;15",
             "psd:policy=local", "psd:policy=factor", "psd:policy=threshold,cache=dual", "psd:lossless=true",
         ]
-    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual or psd")
+    if name == "d2sd":
+        return ["ar", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd", "d2sd:k=8",
+                "d2sd:gamma2=24", "d2sd:gamma2=48"]
+    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd or d2sd")
 
 
 def run_bench(
