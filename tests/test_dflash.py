@@ -12,18 +12,11 @@ from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.dflash import DFlashConfig, DFlashDrafter, load_dflash, save_dflash
 from diffspec.models.tokenizer import MASK_TOKEN
 
+from test_d2sd import randomize  # weights large enough that wiring bugs show in the logits
+
 TINY = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, eos_token_id=0)
 MASK = 1
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough (and norm gains away from 1) that wiring bugs show in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.15 * noise)
 
 
 def make_target(seed: int = 0, **kw) -> Qwen3Model:
