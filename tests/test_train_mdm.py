@@ -44,5 +44,7 @@ def test_train_mdm_cli_errors(tmp_path, capsys):
     path = _config(tmp_path, amp="fp8")
     assert main(["train", "mdm", "--config", str(path)]) == 2
     assert "train.amp" in capsys.readouterr().err
+    assert main(["train", "mdm", "--config", str(_config(tmp_path, block_fraction=1.5))]) == 2
+    assert "block_fraction" in capsys.readouterr().err
     assert main(["train", "mdm", "--config", str(_config(tmp_path)), "--resume"]) == 2
     assert "no training state" in capsys.readouterr().err

@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
@@ -62,6 +61,7 @@ PSD_CACHES = ("none", "prefix", "dual")
 PSD_POLICIES = ("threshold", "factor", "local")
 DEFAULT_DEPTHS = (1, 3, 5, 7)
 LOSSLESS_DEPTH = 7  # default D of the lossless variant: drafts of every depth 1..7
+_GREEDY = DecodeConfig()  # temperature 0, low_confidence: the decoder lossless PSD must reproduce
 
 
 def parse_depths(value: Any) -> tuple[int, ...]:
@@ -189,7 +189,7 @@ def greedy_chain_accept(drafts: Tensor, tokens: Tensor, logits: Tensor, candidat
     picks exactly the cell and token draft j adds.
     """
     def greedy_step_matches(j: int, new: Tensor, prev: Tensor) -> Tensor:
-        x0, conf = _greedy_scores(logits[j])
+        x0, conf = propose(logits[j], _GREEDY, None)  # exactly the vanilla greedy decoder's scores
         pick = select_topk(conf.masked_fill(~(candidates & ~prev), -torch.inf), 1)
         return (pick == new).all(-1) & ((x0 == tokens) | ~new).all(-1)
 
@@ -209,13 +209,6 @@ def _deepest_chain(drafts: Tensor, consistent: Callable[[int, Tensor, Tensor], T
         best = torch.where(ok, torch.full_like(best, j + 1), best)
         prev = drafts[j]
     return best
-
-
-def _greedy_scores(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Argmax token and its softmax probability, exactly as the vanilla greedy decoder scores them."""
-    x0 = logits.argmax(dim=-1)
-    p = F.softmax(logits.to(torch.float64), dim=-1)
-    return x0, torch.gather(p, -1, x0[..., None]).squeeze(-1)
 
 
 # ---------------------------------------------------------------- views and caches

@@ -158,10 +158,13 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     batcher = MDMBatcher(items, int(tr.get("batch_size", 64)), eos_id, int(tr.get("seed", 0)))
     val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0)
 
+    block_fraction = float(tr.get("block_fraction", 0.0))
+    if not 0.0 <= block_fraction <= 1.0:
+        raise ValueError(f"train.block_fraction is the share of block-masked rows, in [0, 1]; got {block_fraction}")
+
     def loss_fn() -> torch.Tensor:
         ids, ans, att = (t.to(dev) for t in batcher.next())
-        return mdm_loss(model, ids, ans, att, mask_id, block_length=block_length,
-                        block_fraction=float(tr.get("block_fraction", 0.0)))
+        return mdm_loss(model, ids, ans, att, mask_id, block_length=block_length, block_fraction=block_fraction)
 
     train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
                lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
