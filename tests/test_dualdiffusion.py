@@ -587,3 +587,17 @@ def test_spec_stats_add_and_summarise():
     assert s["iterations"] == 3 and s["drafted"] == 15
     assert s["acceptance_rate"] == pytest.approx(12 / 15) and s["accepted_per_iteration"] == pytest.approx(4.0)
     assert SpecStats().summary()["acceptance_rate"] == 0.0
+
+
+def test_bench_suites_parse_and_dual_suite_has_both_drafter_kinds():
+    from diffspec.bench.runner import parse_spec, suite
+    from diffspec.models.checkpoint import DEFAULT_DRAFTER_DIR
+
+    for name in ("steps", "cache", "dual", "psd", "d2sd"):
+        for spec in suite(name, "arith"):
+            parse_spec(spec)
+    drafters = {parse_spec(s)[1].get("drafter") for s in suite("dual", "arith") if s.startswith("dualdiffusion")}
+    assert "self" in drafters
+    assert (str(DEFAULT_DRAFTER_DIR) in drafters) == (DEFAULT_DRAFTER_DIR / "config.json").is_file()
+    with pytest.raises(ValueError, match="unknown suite"):
+        suite("fastest", "arith")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 from diffspec.cli import main
 from diffspec.models.checkpoint import load_model
@@ -48,3 +50,35 @@ def test_train_mdm_cli_errors(tmp_path, capsys):
     assert "block_fraction" in capsys.readouterr().err
     assert main(["train", "mdm", "--config", str(_config(tmp_path)), "--resume"]) == 2
     assert "no training state" in capsys.readouterr().err
+
+
+def test_train_mdm_tokenizer_from_and_init_from_checks(tmp_path):
+    """A second model borrows the first one's tokenizer; a warm start must share tokenizer and shape."""
+    first = train_mdm(_config(tmp_path, steps=1))
+    _, tok = load_model(first)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    cfg = json.loads(_config(second_dir, steps=1, init_from=str(first)).read_text())
+    cfg["tokenizer_from"] = str(first)
+    (second_dir / "cfg.json").write_text(json.dumps(cfg))
+    _, tok2 = load_model(train_mdm(second_dir / "cfg.json"))
+    assert tok2.fingerprint() == tok.fingerprint()
+
+    # another tokenizer (vocab 280) cannot warm-start from the first model
+    third = tmp_path / "third"
+    third.mkdir()
+    cfg = json.loads(_config(third, steps=1, init_from=str(first)).read_text())
+    cfg["tokenizer"]["vocab_size"] = 280
+    (third / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tokenizer_from"):
+        train_mdm(third / "cfg.json")
+    # same tokenizer, another shape
+    cfg["tokenizer_from"] = str(first)
+    cfg["model"]["n_layers"] = 2
+    (third / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model shape"):
+        train_mdm(third / "cfg.json")
+    cfg["tokenizer_from"] = str(tmp_path / "nowhere")
+    (third / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="tokenizer_from"):
+        train_mdm(third / "cfg.json")

@@ -16,6 +16,7 @@ import torch
 
 from ..api import METHOD_NAMES, SPEC_METHODS, method_options
 from ..decoding.config import DecodeConfig
+from ..models.checkpoint import DEFAULT_DRAFTER_DIR
 from ..evaluate import TASK_DEFAULTS, evaluate, task_config, write_json
 from ..spec.dualdiffusion import DualConfig
 from ..tasks import load_examples
@@ -102,7 +103,7 @@ def suite(name: str, task: str) -> list[str]:
         ]
     if name == "dual":
         d = "dualdiffusion:drafter=self"
-        return [
+        rows = [
             f"vanilla:steps={L}", f"vanilla:steps={L // 4}", "fast-dllm:cache=dual,policy=threshold",
             "dkv-cache:cache=dkv-decode",
             f"{d},rule=exact_match,num_drafter_steps=2,verifier_view=masked",
@@ -112,6 +113,15 @@ def suite(name: str, task: str) -> list[str]:
             f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=stepwise",
             f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=drafted",
         ]
+        if task in ("arith", "arith-mc") and (DEFAULT_DRAFTER_DIR / "config.json").is_file():
+            # the bundled small MDM drafter: a second drafter kind on the same axes
+            s = f"dualdiffusion:drafter={DEFAULT_DRAFTER_DIR}"
+            rows += [f"{s},drafter_policy=schedule,drafter_cache=dual,rule=exact_match,num_drafter_steps=4,"
+                     "verifier_view=masked",
+                     f"{s},rule=exact_match,num_drafter_steps=4,verifier_view=masked",
+                     f"{s},rule=confidence_threshold,num_drafter_steps=4,verifier_view=masked",
+                     f"{s},rule=exact_match,num_drafter_steps=8,verifier_view=masked"]
+        return rows
     if name == "psd":
         return [
             f"vanilla:steps={L}", "fast-dllm:cache=none,policy=threshold", "fast-dllm:cache=dual,policy=threshold",

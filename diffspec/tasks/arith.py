@@ -6,6 +6,14 @@ GSM8K's format (`Question: ...\\nAnswer: <chain of thought>\\n#### N`). That
 keeps every decoder comparison meaningful on the bundled model while the very
 same prompt format, stop sequences and scoring run on real GSM8K.
 
+Why small numbers (values <= 50, one-digit operands, doubling but no
+tripling): a 4-layer model trained for 45 CPU-minutes learns the chain
+structure quickly but not general two-digit arithmetic (an earlier version
+with operands up to 30 and values up to 99 plateaued near 10% exact match
+after 2.5 CPU-hours). A few hundred distinct facts it can learn; the
+decoding problem -- dependent lines, where parallel unmasking breaks the
+chain -- stays the same.
+
 Splits are disjoint by construction: a problem's split is a pure function of
 a hash of its question text, and each split only keeps problems that hash to
 it, so no question can appear in two splits whatever the seeds.
@@ -18,7 +26,8 @@ from dataclasses import dataclass
 
 NAMES = ["Tom", "Ana", "Sam", "Mia", "Leo", "Eva", "Ben", "Zoe", "Max", "Ivy", "Dan", "Amy"]
 ITEMS = ["apples", "pens", "books", "coins", "cards", "eggs", "shells", "stamps", "cups", "balls"]
-MAX_VALUE = 99
+MAX_VALUE = 50
+MAX_OPERAND = 9
 SPLITS = ("train", "validation", "test")
 _SPLIT_OF_BUCKET = ["train"] * 90 + ["validation"] * 5 + ["test"] * 5
 
@@ -34,17 +43,15 @@ def _step(rng: random.Random, name: str, value: int) -> tuple[str, str, int] | N
     """One story sentence, its chain-of-thought line and the new value."""
     kind = rng.choice(["add", "add", "sub", "sub", "mul", "half"])
     if kind == "add" and value < MAX_VALUE:
-        b = rng.randint(1, min(30, MAX_VALUE - value))
+        b = rng.randint(1, min(MAX_OPERAND, MAX_VALUE - value))
         text = rng.choice([f"{name} buys {b} more.", f"{name} finds {b} more.", f"{name} gets {b} more."])
         return text, f"{value}+{b}={value + b}", value + b
     if kind == "sub" and value > 1:
-        b = rng.randint(1, min(30, value - 1))
+        b = rng.randint(1, min(MAX_OPERAND, value - 1))
         text = rng.choice([f"{name} gives away {b}.", f"{name} loses {b}.", f"{name} sells {b}."])
         return text, f"{value}-{b}={value - b}", value - b
     if kind == "mul" and value * 2 <= MAX_VALUE:
-        k = 3 if value * 3 <= MAX_VALUE and rng.random() < 0.4 else 2
-        word = {2: "doubles", 3: "triples"}[k]
-        return f"{name} {word} them.", f"{value}*{k}={value * k}", value * k
+        return f"{name} doubles them.", f"{value}*2={value * 2}", value * 2
     if kind == "half" and value % 2 == 0 and value >= 2:
         return f"{name} gives away half.", f"{value}/2={value // 2}", value // 2
     return None
@@ -52,7 +59,7 @@ def _step(rng: random.Random, name: str, value: int) -> tuple[str, str, int] | N
 
 def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(2, 50)
+    value = rng.randint(2, 20)
     n_steps = rng.randint(min_steps, max_steps)
     sentences, lines = [f"{name} has {value} {item}."], []
     while len(lines) < n_steps:

@@ -11,7 +11,7 @@ target, its drafters and the diffusion models read and write the same ids.
 
 `train_loop` is the optimisation loop shared with `train/dflash.py` (cosine
 LR with an optional time budget, bf16 autocast, periodic eval and save,
-resume from `trainer_state.pt`); the MDM trainer keeps its own copy.
+resume from `trainer_state.pt`); the MDM trainer uses it too.
 """
 from __future__ import annotations
 
@@ -22,26 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ..models.causal import Qwen3Config, Qwen3Model, save_causal
-from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer
-from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN, Tokenizer
+from ..models.tokenizer import EOS_TOKEN, Tokenizer
 from ..spec.ar import ARConfig, ar_generate
 from ..tasks import Example, arith_examples, arith_mc_examples, score
-from .common import setup, train_loop
+from .common import setup, shared_tokenizer, train_loop
 from .mdm import MDMBatcher
 
-__all__ = ["train_ar", "shared_tokenizer", "ar_loss", "evaluate_ar"]
-
-
-def shared_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
-    """The project's one tokenizer: `tokenizer_from` (a checkpoint dir), default the bundled LLaDA model's."""
-    src = Path(cfg.get("tokenizer_from") or DEFAULT_MODEL_DIR)
-    if not src.is_dir():
-        raise CheckpointError(f"tokenizer_from {src} is not a directory; point it at a checkpoint with a tokenizer.json")
-    tok = load_tokenizer(src)
-    for special in (EOS_TOKEN, MASK_TOKEN):
-        if tok.token_to_id(special) is None:
-            raise ValueError(f"the tokenizer in {src} lacks {special}; the arith models need it")
-    return tok
+__all__ = ["train_ar", "ar_loss", "evaluate_ar"]
 
 
 def ar_loss(model: Qwen3Model, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models.checkpoint import resolve_device
+from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer, resolve_device
+from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN, Tokenizer
 
 
 def read_train_config(path: str | Path) -> dict[str, Any]:
@@ -27,6 +28,22 @@ def read_train_config(path: str | Path) -> dict[str, Any]:
         if key not in cfg:
             raise ValueError(f"training config {path} lacks the '{key}' section")
     return cfg
+
+
+def shared_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    """The project's one tokenizer: `tokenizer_from` (a checkpoint dir), default the bundled LLaDA model's.
+
+    Drafters, targets and verifiers must read and write the same ids, so
+    every model after the first borrows its tokenizer instead of training one.
+    """
+    src = Path(cfg.get("tokenizer_from") or DEFAULT_MODEL_DIR)
+    if not src.is_dir():
+        raise CheckpointError(f"tokenizer_from {src} is not a directory; point it at a checkpoint with a tokenizer.json")
+    tok = load_tokenizer(src)
+    for special in (EOS_TOKEN, MASK_TOKEN):
+        if tok.token_to_id(special) is None:
+            raise ValueError(f"the tokenizer in {src} lacks {special}; the arith models need it")
+    return tok
 
 
 def seed_everything(seed: int) -> None:

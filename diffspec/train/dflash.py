@@ -42,7 +42,7 @@ from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
 from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN
 from ..spec.ar import ARConfig, ar_generate
 from ..tasks import arith_examples
-from .ar import shared_tokenizer
+from .common import shared_tokenizer
 from .common import setup, train_loop
 
 __all__ = ["train_dflash", "WindowData", "target_continuations"]

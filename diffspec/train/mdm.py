@@ -22,10 +22,13 @@ from ..models.checkpoint import save_model
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
 from ..tasks import Example, arith_examples, arith_mc_examples, score
-from .common import setup, train_loop
+from .common import setup, shared_tokenizer, train_loop
 
 
 def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    """`tokenizer_from`'s tokenizer if the config names one, else a BPE trained on arith text."""
+    if cfg.get("tokenizer_from"):
+        return shared_tokenizer(cfg)
     tcfg = cfg.get("tokenizer", {})
     n = int(tcfg.get("corpus_problems", 20000))
     texts = [e.prompt + e.solution for e in arith_examples("train", n, seed=10_000)]
@@ -132,8 +135,11 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         from ..models.checkpoint import load_model
 
         init, init_tok = load_model(tr["init_from"], device=dev, dtype=torch.float32)
-        if init_tok.vocab_size != tok.vocab_size or init.config.d_model != mcfg.d_model:
-            raise ValueError(f"init_from {tr['init_from']} does not match this config's tokenizer/model shape")
+        if init_tok.fingerprint() != tok.fingerprint():
+            raise ValueError(f"init_from {tr['init_from']} uses another tokenizer than this config builds; "
+                             f"set tokenizer_from to {tr['init_from']}")
+        if init.config.d_model != mcfg.d_model or init.config.n_layers != mcfg.n_layers:
+            raise ValueError(f"init_from {tr['init_from']} has another model shape than this config's 'model' section")
         model.load_state_dict(init.state_dict())
         print(f"initialised weights from {tr['init_from']}")
     print(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
