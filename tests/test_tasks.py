@@ -373,3 +373,19 @@ def test_block_masking_looks_like_a_semi_autoregressive_canvas():
     m = seen["x"][:, P:] == mask
     assert any(bool(r[:4].any() and not r[8:].all()) for r in m)
     assert torch.isfinite(plain)
+
+
+def test_arith_spec_sets_the_numbers_and_keeps_splits():
+    hard = arith.generate("train", 300, seed=0, spec=arith.HARD)
+    easy = arith.generate("train", 300, seed=0)
+    line = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+    ops = lambda ps: [tuple(map(int, (m[0], m[2], m[3]))) + (m[1],) for p in ps for m in line.findall(p.answer)]
+    assert max(c for *_, c, _ in ops(easy)) <= arith.TASK.max_value
+    assert max(b for _, b, _, op in ops(easy) if op in "+-") <= arith.TASK.max_operand
+    assert "triples" not in " ".join(p.question for p in easy)
+    assert max(c for *_, c, _ in ops(hard)) > arith.TASK.max_value
+    assert any("triples" in p.question for p in hard)
+    assert all(arith.split_of(p.question) == "train" for p in hard)
+    for bad in ({"max_operand": 0}, {"max_value": 3}, {"max_start": 60}, {"triple_prob": 1.5}):
+        with pytest.raises(ValueError, match="ArithSpec"):
+            arith.ArithSpec(**bad)

@@ -82,3 +82,18 @@ def test_train_mdm_tokenizer_from_and_init_from_checks(tmp_path):
     (third / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="tokenizer_from"):
         train_mdm(third / "cfg.json")
+
+
+def test_train_mdm_data_arith_spec(tmp_path):
+    from diffspec.tasks import arith
+    from diffspec.train.mdm import arith_spec
+
+    assert arith_spec({}) == arith.TASK
+    assert arith_spec({"data": {"arith": {"max_value": 99, "max_operand": 30, "max_start": 50,
+                                          "triple_prob": 0.4}}}) == arith.HARD
+    with pytest.raises(ValueError, match="data.arith"):
+        arith_spec({"data": {"arith": {"max_operands": 3}}})
+    cfg = json.loads(_config(tmp_path, steps=1).read_text())
+    cfg["data"]["arith"] = {"max_value": 99}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert (train_mdm(tmp_path / "cfg.json") / "config.json").is_file()

@@ -45,8 +45,9 @@ def mc_body(question: str, choices: list[str]) -> str:
     return f"{question}\n{opts}\nAnswer:"
 
 
-def arith_examples(split: str, n: int, seed: int = 0) -> list[Example]:
-    return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen") for p in arith.generate(split, n, seed)]
+def arith_examples(split: str, n: int, seed: int = 0, spec: arith.ArithSpec = arith.TASK) -> list[Example]:
+    return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen")
+            for p in arith.generate(split, n, seed, spec=spec)]
 
 
 def _mc_choices(p: arith.Problem) -> tuple[list[str], int]:
@@ -61,9 +62,9 @@ def _mc_choices(p: arith.Problem) -> tuple[list[str], int]:
     return [str(c) for c in choices], choices.index(value)
 
 
-def arith_mc_examples(split: str, n: int, seed: int = 0) -> list[Example]:
+def arith_mc_examples(split: str, n: int, seed: int = 0, spec: arith.ArithSpec = arith.TASK) -> list[Example]:
     out = []
-    for p in arith.generate(split, n, seed + 7919):
+    for p in arith.generate(split, n, seed + 7919, spec=spec):
         choices, gold = _mc_choices(p)
         out.append(Example(mc_prompt("arithmetic", p.question, choices), LETTERS[gold], " " + LETTERS[gold], "mc"))
     return out

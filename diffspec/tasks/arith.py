@@ -6,13 +6,14 @@ GSM8K's format (`Question: ...\\nAnswer: <chain of thought>\\n#### N`). That
 keeps every decoder comparison meaningful on the bundled model while the very
 same prompt format, stop sequences and scoring run on real GSM8K.
 
-Why small numbers (values <= 50, one-digit operands, doubling but no
-tripling): a 4-layer model trained for 45 CPU-minutes learns the chain
-structure quickly but not general two-digit arithmetic (an earlier version
-with operands up to 30 and values up to 99 plateaued near 10% exact match
-after 2.5 CPU-hours). A few hundred distinct facts it can learn; the
+Why small numbers (the default `ArithSpec`: values <= 50, one-digit
+operands, doubling but no tripling): a 4-layer CPU-trained model learns the
+chain structure (copy the question's numbers, carry each result into the next
+line) but not general two-digit arithmetic -- on the harder `HARD` spec
+(operands up to 30, values up to 99, tripling) it plateaued near 10% exact
+match after 3 CPU-hours. A few hundred distinct facts it can learn; the
 decoding problem -- dependent lines, where parallel unmasking breaks the
-chain -- stays the same.
+chain -- stays the same. `HARD` remains available as a training curriculum.
 
 Splits are disjoint by construction: a problem's split is a pure function of
 a hash of its question text, and each split only keeps problems that hash to
@@ -26,8 +27,27 @@ from dataclasses import dataclass
 
 NAMES = ["Tom", "Ana", "Sam", "Mia", "Leo", "Eva", "Ben", "Zoe", "Max", "Ivy", "Dan", "Amy"]
 ITEMS = ["apples", "pens", "books", "coins", "cards", "eggs", "shells", "stamps", "cups", "balls"]
-MAX_VALUE = 50
-MAX_OPERAND = 9
+
+
+@dataclass(frozen=True)
+class ArithSpec:
+    """How hard the numbers are. The `arith` task is `ArithSpec()`; others are training curricula."""
+
+    max_value: int = 50  # every intermediate value stays in 1..max_value
+    max_operand: int = 9  # added / subtracted amounts are 1..max_operand
+    max_start: int = 20  # the story starts with 2..max_start items
+    triple_prob: float = 0.0  # share of multiplications that triple instead of double
+
+    def __post_init__(self) -> None:
+        if not (self.max_value >= 4 and 1 <= self.max_operand < self.max_value and 2 <= self.max_start <= self.max_value
+                and 0.0 <= self.triple_prob <= 1.0):
+            raise ValueError(f"bad ArithSpec {self}: need max_value >= 4, 1 <= max_operand < max_value, "
+                             "2 <= max_start <= max_value, 0 <= triple_prob <= 1")
+
+
+TASK = ArithSpec()
+HARD = ArithSpec(max_value=99, max_operand=30, max_start=50, triple_prob=0.4)  # the first version of the task
+MAX_VALUE = TASK.max_value
 SPLITS = ("train", "validation", "test")
 _SPLIT_OF_BUCKET = ["train"] * 90 + ["validation"] * 5 + ["test"] * 5
 
@@ -39,31 +59,34 @@ class Problem:
     target: str  # the final number as a string
 
 
-def _step(rng: random.Random, name: str, value: int) -> tuple[str, str, int] | None:
+def _step(rng: random.Random, name: str, value: int, spec: ArithSpec = TASK) -> tuple[str, str, int] | None:
     """One story sentence, its chain-of-thought line and the new value."""
+    top, most = spec.max_value, spec.max_operand
     kind = rng.choice(["add", "add", "sub", "sub", "mul", "half"])
-    if kind == "add" and value < MAX_VALUE:
-        b = rng.randint(1, min(MAX_OPERAND, MAX_VALUE - value))
+    if kind == "add" and value < top:
+        b = rng.randint(1, min(most, top - value))
         text = rng.choice([f"{name} buys {b} more.", f"{name} finds {b} more.", f"{name} gets {b} more."])
         return text, f"{value}+{b}={value + b}", value + b
     if kind == "sub" and value > 1:
-        b = rng.randint(1, min(MAX_OPERAND, value - 1))
+        b = rng.randint(1, min(most, value - 1))
         text = rng.choice([f"{name} gives away {b}.", f"{name} loses {b}.", f"{name} sells {b}."])
         return text, f"{value}-{b}={value - b}", value - b
-    if kind == "mul" and value * 2 <= MAX_VALUE:
-        return f"{name} doubles them.", f"{value}*2={value * 2}", value * 2
+    if kind == "mul" and value * 2 <= top:
+        k = 3 if spec.triple_prob > 0 and value * 3 <= top and rng.random() < spec.triple_prob else 2
+        word = {2: "doubles", 3: "triples"}[k]
+        return f"{name} {word} them.", f"{value}*{k}={value * k}", value * k
     if kind == "half" and value % 2 == 0 and value >= 2:
         return f"{name} gives away half.", f"{value}/2={value // 2}", value // 2
     return None
 
 
-def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> Problem:
+def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, spec: ArithSpec = TASK) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(2, 20)
+    value = rng.randint(2, spec.max_start)
     n_steps = rng.randint(min_steps, max_steps)
     sentences, lines = [f"{name} has {value} {item}."], []
     while len(lines) < n_steps:
-        step = _step(rng, name, value)
+        step = _step(rng, name, value, spec)
         if step is None:
             continue
         text, line, value = step
@@ -79,7 +102,8 @@ def split_of(question: str) -> str:
     return _SPLIT_OF_BUCKET[bucket]
 
 
-def generate(split: str, n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 4) -> list[Problem]:
+def generate(split: str, n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 4,
+             spec: ArithSpec = TASK) -> list[Problem]:
     """`n` distinct problems of `split`, the same list for the same arguments."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -97,7 +121,7 @@ def generate(split: str, n: int, seed: int = 0, min_steps: int = 2, max_steps: i
         attempts += 1
         if attempts > 200 * (n + 10):
             raise RuntimeError(f"could not draw {n} distinct {split} problems; ask for fewer")
-        p = make_problem(rng, min_steps, max_steps)
+        p = make_problem(rng, min_steps, max_steps, spec)
         if p.question in seen or split_of(p.question) != split:
             continue
         seen.add(p.question)

@@ -21,8 +21,17 @@ from ..decoding.diffusion import diffusion_generate
 from ..models.checkpoint import save_model
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
-from ..tasks import Example, arith_examples, arith_mc_examples, score
+from ..tasks import Example, arith, arith_examples, arith_mc_examples, score
 from .common import setup, shared_tokenizer, train_loop
+
+
+def arith_spec(cfg: dict[str, Any]) -> arith.ArithSpec:
+    """`data.arith` (ArithSpec fields) lets a curriculum stage train on harder numbers than the task's."""
+    fields = cfg.get("data", {}).get("arith", {})
+    known = set(arith.ArithSpec.__dataclass_fields__)
+    if not isinstance(fields, dict) or set(fields) - known:
+        raise ValueError(f"data.arith must be an object with keys from {sorted(known)}; got {fields!r}")
+    return arith.ArithSpec(**fields)
 
 
 def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
@@ -31,8 +40,9 @@ def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
         return shared_tokenizer(cfg)
     tcfg = cfg.get("tokenizer", {})
     n = int(tcfg.get("corpus_problems", 20000))
-    texts = [e.prompt + e.solution for e in arith_examples("train", n, seed=10_000)]
-    texts += [e.prompt + e.solution for e in arith_mc_examples("train", n // 10, seed=10_000)]
+    spec = arith_spec(cfg)
+    texts = [e.prompt + e.solution for e in arith_examples("train", n, seed=10_000, spec=spec)]
+    texts += [e.prompt + e.solution for e in arith_mc_examples("train", n // 10, seed=10_000, spec=spec)]
     return train_bpe(texts, int(tcfg.get("vocab_size", 512)))
 
 
@@ -152,17 +162,18 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     long_lengths = list(dcfg.get("long_lengths", [64, 96, 128]))
     rng = random.Random(int(tr.get("seed", 0)))
     items = []
-    for ex in arith_examples("train", n_pool, seed=int(tr.get("seed", 0))):
+    spec = arith_spec(cfg)
+    for ex in arith_examples("train", n_pool, seed=int(tr.get("seed", 0)), spec=spec):
         L = rng.choice(long_lengths) if rng.random() < long_frac else gen_length
         enc = encode_example(tok, ex, L, eos_id)
         if enc:
             items.append(enc)
-    for ex in arith_mc_examples("train", int(n_pool * mc_frac), seed=int(tr.get("seed", 0))):
+    for ex in arith_mc_examples("train", int(n_pool * mc_frac), seed=int(tr.get("seed", 0)), spec=spec):
         enc = encode_example(tok, ex, int(dcfg.get("mc_gen_length", 8)), eos_id)
         if enc:
             items.append(enc)
     batcher = MDMBatcher(items, int(tr.get("batch_size", 64)), eos_id, int(tr.get("seed", 0)))
-    val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0)
+    val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0, spec=spec)
 
     block_fraction = float(tr.get("block_fraction", 0.0))
     if not 0.0 <= block_fraction <= 1.0:
