@@ -33,7 +33,7 @@ needs_gsm8k = pytest.mark.skipif(not (GSM8K_TEST.is_file() and GSM8K_TEST.with_n
                                  reason="../shared/data/gsm8k not present")
 needs_mmlu = pytest.mark.skipif(not MMLU_TEST.is_file(), reason="../shared/data/mmlu not present")
 
-_LINE = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+_LINE = re.compile(r"(\d*)([-+*/])(\d+)=(\d+)")  # from the 2nd line on the running value is implicit
 _QUESTION = re.compile(r"(\w+) has (\d+) (\w+)\.")
 
 
@@ -78,7 +78,9 @@ def _check_problem(p: arith.Problem) -> None:
     for line in lines:
         lm = _LINE.fullmatch(line)
         assert lm, line
-        a, op, b, c = int(lm.group(1)), lm.group(2), int(lm.group(3)), int(lm.group(4))
+        first = line is lines[0]
+        assert bool(lm.group(1)) == first, f"only the first line restates the value: {p.answer!r}"
+        a, op, b, c = int(lm.group(1) or value), lm.group(2), int(lm.group(3)), int(lm.group(4))
         assert a == value, f"chain broken at {line!r} in {p.answer!r}"
         expect = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
         assert c == expect, line
@@ -378,13 +380,14 @@ def test_block_masking_looks_like_a_semi_autoregressive_canvas():
 def test_arith_spec_sets_the_numbers_and_keeps_splits():
     hard = arith.generate("train", 300, seed=0, spec=arith.HARD)
     easy = arith.generate("train", 300, seed=0)
-    line = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
-    ops = lambda ps: [tuple(map(int, (m[0], m[2], m[3]))) + (m[1],) for p in ps for m in line.findall(p.answer)]
+    line = re.compile(r"(\d*)([-+*/])(\d+)=(\d+)")
+    ops = lambda ps: [(int(m[0] or 0), int(m[2]), int(m[3]), m[1]) for p in ps for m in line.findall(p.answer)]
     assert max(c for *_, c, _ in ops(easy)) <= arith.TASK.max_value
     assert max(b for _, b, _, op in ops(easy) if op in "+-") <= arith.TASK.max_operand
     assert "triples" not in " ".join(p.question for p in easy)
     assert max(c for *_, c, _ in ops(hard)) > arith.TASK.max_value
     assert any("triples" in p.question for p in hard)
+    assert all(re.fullmatch(r"(\d+[-+*/]\d+=\d+\n)+#### \d+", p.answer) for p in hard)  # HARD restates
     assert all(arith.split_of(p.question) == "train" for p in hard)
     for bad in ({"max_operand": 0}, {"max_value": 3}, {"max_start": 60}, {"triple_prob": 1.5}):
         with pytest.raises(ValueError, match="ArithSpec"):

@@ -37,6 +37,13 @@ class ArithSpec:
     max_operand: int = 9  # added / subtracted amounts are 1..max_operand
     max_start: int = 20  # the story starts with 2..max_start items
     triple_prob: float = 0.0  # share of multiplications that triple instead of double
+    # Each line restates the running value ("12+7=19") or, from the second
+    # line on, starts from the operator ("+7=19"). Restating lets a masked
+    # diffusion model learn a shortcut: a line's result is always visible as
+    # the next line's first operand, so training rewards copying it over
+    # computing it (a probe on the restating model: 99% of results right when
+    # the next line is visible, 24% when it is masked, as at decoding time).
+    restate: bool = False
 
     def __post_init__(self) -> None:
         if not (self.max_value >= 4 and 1 <= self.max_operand < self.max_value and 2 <= self.max_start <= self.max_value
@@ -46,7 +53,7 @@ class ArithSpec:
 
 
 TASK = ArithSpec()
-HARD = ArithSpec(max_value=99, max_operand=30, max_start=50, triple_prob=0.4)  # the first version of the task
+HARD = ArithSpec(max_value=99, max_operand=30, max_start=50, triple_prob=0.4, restate=True)  # the first version of the task
 MAX_VALUE = TASK.max_value
 SPLITS = ("train", "validation", "test")
 _SPLIT_OF_BUCKET = ["train"] * 90 + ["validation"] * 5 + ["test"] * 5
@@ -90,6 +97,8 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, spe
         if step is None:
             continue
         text, line, value = step
+        if lines and not spec.restate:
+            line = line[line.index(next(c for c in line if c in "+-*/")):]
         sentences.append(text)
         lines.append(line)
     sentences.append(f"How many {item} does {name} have now?")
