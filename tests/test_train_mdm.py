@@ -90,7 +90,7 @@ def test_train_mdm_data_arith_spec(tmp_path):
 
     assert arith_spec({}) == arith.TASK
     assert arith_spec({"data": {"arith": {"max_value": 99, "max_operand": 30, "max_start": 50,
-                                          "triple_prob": 0.4}}}) == arith.HARD
+                                          "triple_prob": 0.4, "restate": True}}}) == arith.HARD
     with pytest.raises(ValueError, match="data.arith"):
         arith_spec({"data": {"arith": {"max_operands": 3}}})
     cfg = json.loads(_config(tmp_path, steps=1).read_text())
