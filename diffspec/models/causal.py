@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, _read_weights, config_and_tokenizer, resolve_device, resolve_dtype
+from .checkpoint import CheckpointError, _read_weights, check_state, config_and_tokenizer, resolve_device, resolve_dtype
 from .llada import ModelOutput, RMSNorm, apply_rope, rope_cos_sin
 from .tokenizer import Tokenizer
 
@@ -442,19 +442,6 @@ class Qwen3Model(nn.Module):
         return ModelOutput(logits=logits, hidden_states=hidden)
 
 
-def _check_state(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {path} do not match config.json: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
-            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
-        )
-    for k, t in expected.items():
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(t.shape)}")
-
-
 def load_causal(
     path: str | Path,
     device: str | torch.device | None = "cpu",
@@ -480,7 +467,7 @@ def load_causal(
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Qwen3Model(cfg)
-    _check_state(model.state_dict(), state, path)
+    check_state(model.state_dict(), state, path)
     model.load_state_dict({k: v.to(dt) for k, v in state.items()}, assign=True)
     return model.to(dev).eval(), tok
 

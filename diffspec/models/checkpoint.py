@@ -129,6 +129,20 @@ def config_and_tokenizer(path: Path, parse: Callable[[dict[str, Any]], C],
     return cfg, tok
 
 
+def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:
+    """Every weight the config implies is present with its shape, and nothing else: a clear error, not a torch traceback."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path} do not match config.json: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
+        )
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(t.shape)}")
+
+
 def load_model(
     path: str | Path | None = None,
     device: str | torch.device | None = "cpu",
@@ -151,16 +165,7 @@ def load_model(
     with torch.device("meta"):
         model = LLaDAModel(cfg)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {path} do not match config.json: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
-            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
-        )
-    for k, t in expected.items():
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {tuple(t.shape)}")
+    check_state(expected, state, path)
     model.load_state_dict({k: v.to(dt) for k, v in state.items()}, assign=True)
     return model.to(dev).eval(), tok
 

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .causal import Qwen3MLP, Qwen3Model, _check_state
+from .causal import Qwen3MLP, Qwen3Model
+from .checkpoint import check_state
 from .checkpoint import CheckpointError, _read_weights, read_config
 from .llada import RMSNorm, apply_rope, rope_cos_sin
 
@@ -316,7 +317,7 @@ def load_dflash(path: str | Path, target: Qwen3Model) -> DFlashDrafter:
     state = _read_weights(path)
     with torch.device("meta"):
         drafter = DFlashDrafter(cfg, target)
-    _check_state(drafter.state_dict(), state, path)
+    check_state(drafter.state_dict(), state, path)
     w = target.model.embed_tokens.weight
     drafter.load_state_dict({k: v.to(device=w.device, dtype=w.dtype) for k, v in state.items()}, assign=True)
     return drafter.eval()
