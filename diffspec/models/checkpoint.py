@@ -129,7 +129,7 @@ def config_and_tokenizer(path: Path, parse: Callable[[dict[str, Any]], C],
     return cfg, tok
 
 
-def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
     """Every weight the config implies is present with its shape, and nothing else: a clear error, not a torch traceback."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
