@@ -97,3 +97,29 @@ def test_train_mdm_data_arith_spec(tmp_path):
     cfg["data"]["arith"] = {"max_value": 99}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     assert (train_mdm(tmp_path / "cfg.json") / "config.json").is_file()
+
+
+def test_bundled_model_stage_chain_is_consistent():
+    """configs/llada-arith-stage*.json then llada-arith.json: each stage warm-starts from the previous stage's
+    output with that stage's tokenizer, the shape never changes, and the last stage writes the bundled model."""
+    from pathlib import Path
+
+    from diffspec.models.checkpoint import DEFAULT_MODEL_DIR
+    from diffspec.train.common import read_train_config
+    from diffspec.train.mdm import arith_spec
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    stages = sorted(configs.glob("llada-arith-stage*.json")) + [configs / "llada-arith.json"]
+    assert len(stages) >= 2
+    cfgs = [read_train_config(p) for p in stages]
+    assert "init_from" not in cfgs[0]["train"] and "tokenizer_from" not in cfgs[0]
+    for prev, cur in zip(cfgs, cfgs[1:]):
+        assert cur["train"]["init_from"] == prev["out"]
+        # the same tokenizer: borrowed from the previous stage, or rebuilt from the same BPE settings
+        assert cur.get("tokenizer_from") == prev["out"] or cur.get("tokenizer") == prev.get("tokenizer") is not None
+        assert cur["model"] == prev["model"]
+        assert cur["state_dir"] != prev["state_dir"]
+    assert Path(cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve() or \
+        (configs.parent / cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
+    for c in cfgs:
+        arith_spec(c)  # every stage's data.arith is valid
