@@ -138,6 +138,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
               overrides=overrides, command=command)
 
 
+def cmd_plot(a: argparse.Namespace) -> None:
+    from .bench.plot import plot_results
+
+    print(f"wrote {plot_results(a.results, a.out)}", file=sys.stderr)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     if a.kind == "mdm":
         from .train.mdm import train_mdm
@@ -185,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plot", help="redraw a bench run's Pareto plot from its results.json")
+    pl.add_argument("results", help="results.json written by `diffspec bench`")
+    pl.add_argument("--out", help="PNG path (default: pareto.png beside results.json)")
+    pl.set_defaults(func=cmd_plot)
 
     t = sub.add_parser("train", help="train a small model from a JSON config")
     t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "

@@ -70,6 +70,20 @@ def test_bench_writes_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     assert res["rows"][0]["speedup_wall"] == pytest.approx(1.0)
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     assert "| method |" in out and (tmp_path / "table.md").is_file()
+    # `diffspec plot` redraws the same run's plot from its results.json
+    rc, _, err = run(["plot", str(tmp_path / "results.json"), "--out", str(tmp_path / "again.png")], capsys)
+    assert rc == 0 and (tmp_path / "again.png").stat().st_size > 1000, err
+
+
+def test_plot_rejects_what_is_not_a_bench_result(tmp_path, capsys):
+    rc, _, err = run(["plot", str(tmp_path / "missing.json")], capsys)
+    _one_line_error(rc, err, "does not exist")
+    (tmp_path / "bad.json").write_text("{not json")
+    rc, _, err = run(["plot", str(tmp_path / "bad.json")], capsys)
+    _one_line_error(rc, err, "not valid JSON")
+    (tmp_path / "other.json").write_text(json.dumps({"accuracy": 0.5}))
+    rc, _, err = run(["plot", str(tmp_path / "other.json")], capsys)
+    _one_line_error(rc, err, "not a `diffspec bench` results.json")
 
 
 def _one_line_error(rc: int, err: str, needle: str) -> None:

@@ -1,6 +1,7 @@
 """Pareto plots: accuracy against forwards, FLOPs and wall clock on shared axes."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 AXES = [("nfe_per_sequence", "forwards per sequence"), ("flops", "FLOPs (total)"), ("wall_seconds", "wall-clock seconds")]
 
@@ -23,27 +25,59 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    fig, axes = plt.subplots(1, len(AXES), figsize=(5.2 * len(AXES), 4.4))
+    """Points are numbered by row and the labels listed in a key below the axes: a sweep's labels
+    are long and its points cluster near the top, so labels written beside points overlap."""
+    labels = [textwrap.wrap(f"{i}. {r['label']}  ({100 * r['accuracy']:.1f}%)", 88, subsequent_indent="    ")
+              for i, r in enumerate(rows, 1)]
+    half = (len(labels) + 1) // 2
+    columns = ["\n".join(line for lab in labels[:half] for line in lab),
+               "\n".join(line for lab in labels[half:] for line in lab)]
+    key_lines = max(c.count("\n") + 1 for c in columns)
+    height = 4.4 + 0.15 * key_lines
+    fig = plt.figure(figsize=(5.2 * len(AXES), height))
+    top = 0.15 * key_lines / height  # share of the height the key takes
+    grid = fig.add_gridspec(1, len(AXES), bottom=top + 0.12, top=0.88, wspace=0.28)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(len(AXES))]
     families = sorted({r.get("method", r["label"]) for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     for ax, (key, name) in zip(axes, AXES):
-        for r in rows:
+        for i, r in enumerate(rows, 1):
             ax.scatter(r[key], 100 * r["accuracy"], color=colors[r.get("method", r["label"])], s=36, zorder=3)
-            ax.annotate(r["label"], (r[key], 100 * r["accuracy"]), fontsize=6, alpha=0.8,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(str(i), (r[key], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto_front([(r[key], 100 * r["accuracy"]) for r in rows])
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.5, lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis collide
         ax.set_xlabel(name + " (log)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     for f in families:
         axes[0].scatter([], [], color=colors[f], label=f)
     axes[0].legend(fontsize=8, loc="lower right")
+    for col, text in enumerate(columns):
+        fig.text(0.04 + 0.49 * col, top + 0.02, text, fontsize=7, va="top", family="monospace")
     fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def plot_results(results_path: str | Path, out: str | Path | None = None) -> Path:
+    """Redraw a bench run's plot from its results.json, so a plot can be re-rendered without re-running."""
+    import json
+
+    results_path = Path(results_path)
+    if not results_path.is_file():
+        raise ValueError(f"{results_path} does not exist; pass the results.json a `diffspec bench` run wrote")
+    try:
+        result = json.loads(results_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{results_path} is not valid JSON ({e})") from None
+    rows = result.get("rows") if isinstance(result, dict) else None
+    need = {"label", "accuracy"} | {k for k, _ in AXES}
+    if not rows or not all(isinstance(r, dict) and need <= set(r) for r in rows):
+        raise ValueError(f"{results_path} is not a `diffspec bench` results.json (need rows with {sorted(need)})")
+    title = f"{result.get('task', '')}: accuracy vs cost ({result.get('n', '?')} examples)"
+    return pareto_plot(rows, out or results_path.with_name("pareto.png"), title=title)
