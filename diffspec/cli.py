@@ -53,6 +53,9 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     d.add_argument("--verifier-view", help="drafted (default) | masked | stepwise: what the verifier sees of the drafts")
     d.add_argument("--no-progress-guard", dest="progress_guard", action="store_const", const=False,
                    help="do not fill a stalled row's first re-masked cell with the verifier's token")
+    d.add_argument("--adaptive-drafter-steps", action="store_const", const=True,
+                   help="double the drafter steps after a fully accepted iteration, halve them after a rejection "
+                        "(--num-drafter-steps is the start)")
     s = p.add_argument_group("psd (nested drafts verified in one batched forward)")
     s.add_argument("--depths", help="nested draft depths, increasing, below block-length (default 1,3,5,7)")
     s.add_argument("--lossless", action="store_const", const=True,

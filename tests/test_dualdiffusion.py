@@ -311,6 +311,34 @@ def test_identical_verifier_with_exact_match_changes_nothing(model, tokenizer, n
         assert again.raw_ids == alone.raw_ids and again.stats["remasked"] == 0
 
 
+def test_adaptive_drafter_steps_double_while_everything_is_accepted(model, tokenizer):
+    """Accept-all setting of the test above: the drafter's steps go 1, 2, 4, 8, then the last one,
+    so 5 verifier forwards instead of 16, and the output is still the drafter's alone."""
+    cfg = dual(rule="exact_match", drafter_cache="none", drafter_policy="schedule", num_drafter_steps=1,
+               verifier_view="stepwise", adaptive_drafter_steps=True)
+    res = dualdiffusion_generate(model, tokenizer, PROMPTS, cfg)
+    assert res.raw_ids == diffusion_generate(model, tokenizer, PROMPTS, cfg.decode).raw_ids
+    assert res.stats["iterations"] == res.meter.models["verifier"].nfe == 5
+    assert res.meter.models["drafter"].nfe == 16
+
+
+def test_adaptive_drafter_steps_halve_after_rejections(model, tokenizer):
+    """τ = 1 rejects every draft: N goes 4, 2, then 1 for the rest, instead of drafting 4 steps a time."""
+    kw = dict(rule="confidence_threshold", rule_threshold=1.0, num_drafter_steps=4)
+    fixed = dualdiffusion_generate(model, tokenizer, PROMPTS[:1], dual(**kw))
+    res = dualdiffusion_generate(model, tokenizer, PROMPTS[:1], dual(**kw, adaptive_drafter_steps=True))
+    assert res.stats["iterations"] == fixed.stats["iterations"] == 16  # the guard still fills one cell each
+    assert fixed.stats["drafter_steps"] == 4 * 13 + 3 + 2 + 1  # min(4, cells still masked) each time
+    assert res.stats["drafter_steps"] == 4 + 2 + 14
+
+
+def test_adaptive_drafter_steps_option_parses():
+    method, opts = parse_spec("dualdiffusion:adaptive_drafter_steps=true,num_drafter_steps=2")
+    assert build_dual_config(**opts).adaptive_drafter_steps is True
+    with pytest.raises(ValueError, match="bool"):
+        parse_spec("dualdiffusion:adaptive_drafter_steps=sometimes")
+
+
 def test_kl_of_identical_models_is_zero_at_every_draft(model, tokenizer):
     """Checks the drafter's kept distributions line up cell by cell with the verifier's."""
     cfg = dual(rule="kl_divergence", rule_threshold=1e-4, drafter_cache="none", drafter_policy="schedule",

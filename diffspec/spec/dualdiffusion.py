@@ -29,6 +29,10 @@ The loop on one canvas (`dual_decode_canvas`), per iteration:
    a verifier that accepts everything leaves the drafter exactly as if it ran
    alone.
 
+With `adaptive_drafter_steps` (beyond the paper) the drafter's steps per
+iteration double after an iteration with no rejection and halve after one
+with a rejection, starting from `num_drafter_steps`.
+
 Iterations repeat until nothing is masked or `max_iterations` ran (default
 gen_length). The finish is deterministic: if masks remain, one more verifier
 forward on the canvas (charged to the verifier) fills every remaining mask
@@ -88,6 +92,7 @@ DUAL_OPTIONS: dict[str, Any] = {
     "max_iterations": int,
     "verifier_view": str,
     "progress_guard": _parse_bool,
+    "adaptive_drafter_steps": _parse_bool,
 }
 # The drafter's decoding when nothing else is said: Fast-dLLM's dual cache + threshold 0.9.
 DRAFTER_PRESET: dict[str, Any] = {"cache": "dual", "policy": "threshold", "threshold": 0.9}
@@ -111,6 +116,11 @@ class DualConfig(WrapsDecodeConfig):
     max_iterations: int | None = None  # None: gen_length
     verifier_view: str = "drafted"
     progress_guard: bool = True
+    # Beyond the paper: double the drafter's steps after an iteration whose drafts were all
+    # accepted (up to gen_length), halve them (down to 1) after one with a rejection. When the
+    # drafter agrees with the verifier the verifier is consulted less often; when it does not,
+    # less drafting is thrown away. num_drafter_steps is the starting length.
+    adaptive_drafter_steps: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -184,15 +194,17 @@ def dual_decode_canvas(
     """Fill every masked cell of `canvas` in place by draft / verify / roll-back iterations."""
     stats = SpecStats()
     P, bl = canvas.prompt_len, cfg.decode.block_length
+    n_steps = cfg.num_drafter_steps
     while canvas.masked().any() and stats.iterations < cfg.iterations:
         stats.iterations += 1
         decoded_before = (~canvas.masked()).sum(1)
-        draft = drafter.draft(cfg.num_drafter_steps)
+        draft = drafter.draft(n_steps)
         stats.drafter_steps += draft.steps_run
         stats.drafted += int(draft.cells.sum())
         if not rule.spec.needs_verifier:
             continue
         drafted_x = canvas.x.clone()
+        rejected_before = stats.remasked + stats.replaced
         review = draft.cells.clone()  # drafts still under review
         remasked = torch.zeros_like(review)
         last_logits = None
@@ -219,6 +231,9 @@ def dual_decode_canvas(
             review[:, P:] &= ~verdict.remask
             if not changed.any():
                 break
+        if cfg.adaptive_drafter_steps:
+            rejected = stats.remasked + stats.replaced - rejected_before
+            n_steps = max(1, n_steps // 2) if rejected else min(cfg.decode.gen_length, 2 * n_steps)
         if cfg.progress_guard and last_logits is not None:
             stats.guard_fills += _guard(canvas, remasked, decoded_before, last_logits)
         changed_rows = (canvas.x != drafted_x).any(1)
