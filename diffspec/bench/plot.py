@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from ..jsonio import parse_json_file  # noqa: E402
+
 AXES = [("nfe_per_sequence", "forwards per sequence"), ("flops", "FLOPs (total)"), ("wall_seconds", "wall-clock seconds")]
 
 
@@ -66,15 +68,10 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
 
 def plot_results(results_path: str | Path, out: str | Path | None = None) -> Path:
     """Redraw a bench run's plot from its results.json, so a plot can be re-rendered without re-running."""
-    import json
-
     results_path = Path(results_path)
     if not results_path.is_file():
         raise ValueError(f"{results_path} does not exist; pass the results.json a `diffspec bench` run wrote")
-    try:
-        result = json.loads(results_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{results_path} is not valid JSON ({e})") from None
+    result = parse_json_file(results_path)
     rows = result.get("rows") if isinstance(result, dict) else None
     need = {"label", "accuracy"} | {k for k, _ in AXES}
     if not rows or not all(isinstance(r, dict) and need <= set(r) for r in rows):

@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..jsonio import parse_json_file
 from .llada import LLaDAConfig, LLaDAModel
 from .tokenizer import Tokenizer
 
@@ -87,10 +88,7 @@ def read_config(path: str | Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
+    raw = parse_json_file(cfg_file, error=CheckpointError)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object of config keys, not {type(raw).__name__}")
     return raw

@@ -1,7 +1,6 @@
 """Pieces every training loop shares: config files, optimizer, LR schedule, resume."""
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..jsonio import parse_json_file
 from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer, resolve_device
 from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN, Tokenizer
 
@@ -20,10 +20,7 @@ def read_train_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} not found")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"training config {path} is not valid JSON ({e})") from None
+    cfg = parse_json_file(path, "training config")
     for key in ("model", "train", "out"):
         if key not in cfg:
             raise ValueError(f"training config {path} lacks the '{key}' section")
