@@ -39,6 +39,8 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, help="prompts decoded together (default 32)")
     d = p.add_argument_group("dualdiffusion (drafter drafts, --model verifies)")
+    d.add_argument("--verifier", help="the verifier's checkpoint directory: another name for --model "
+                                      "(default the bundled model)")
     d.add_argument("--drafter", help="drafter checkpoint directory, or 'self' = the verifier's model (default self)")
     d.add_argument("--drafter-cache", help="drafter's cache (default dual)")
     d.add_argument("--drafter-policy", help="drafter's unmasking policy (default threshold)")
@@ -70,6 +72,19 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     m.add_argument("--model", help="checkpoint directory (default: the bundled arith model)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     m.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on cpu, bf16 on cuda)")
+
+
+def _verifier_is_model(a: argparse.Namespace) -> None:
+    """DualDiffusion's verifier is the model under --model; --verifier names it in the paper's terms."""
+    verifier = getattr(a, "verifier", None)
+    if verifier is None:
+        return
+    if getattr(a, "method", "dualdiffusion") != "dualdiffusion" and getattr(a, "func", None) is not cmd_bench:
+        raise ValueError(f"--verifier is a dualdiffusion option (method {a.method}); use --model")
+    if a.model is not None and a.model != verifier:
+        raise ValueError(f"--verifier {verifier} and --model {a.model} name different models; the verifier is "
+                         "the model, so give one of them")
+    a.model = verifier
 
 
 def _options(a: argparse.Namespace) -> dict:
@@ -215,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _verifier_is_model(args)
         args.func(args)
     except USER_ERRORS as e:
         print(f"diffspec: error: {e}", file=sys.stderr)

@@ -581,6 +581,20 @@ def test_cli_generate_dualdiffusion(tiny_checkpoint, small, tokenizer, tmp_path,
     capsys.readouterr()
 
 
+def test_cli_verifier_names_the_model(tiny_checkpoint, tmp_path, capsys):
+    base = ["generate", "--prompt", "Tom has 5 pens.", "--gen-length", "16", "--block-length", "8"]
+    assert main(base + ["--method", "dualdiffusion", "--verifier", str(tiny_checkpoint)]) == 0
+    via_verifier = capsys.readouterr().out
+    assert main(base + ["--method", "dualdiffusion", "--model", str(tiny_checkpoint)]) == 0
+    assert capsys.readouterr().out == via_verifier
+    for extra, match in ((["--method", "vanilla", "--verifier", str(tiny_checkpoint)], "dualdiffusion option"),
+                         (["--method", "dualdiffusion", "--verifier", str(tiny_checkpoint), "--model",
+                           str(tmp_path / "other")], "name different models")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("diffspec: error: ") and err.count("\n") == 1 and match in err, err
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--rule", "bogus"], "unknown rule 'bogus'"),
     (["--num-drafter-steps", "0"], "num_drafter_steps must be >= 1"),
