@@ -79,7 +79,7 @@ def _verifier_is_model(a: argparse.Namespace) -> None:
     verifier = getattr(a, "verifier", None)
     if verifier is None:
         return
-    if getattr(a, "method", "dualdiffusion") != "dualdiffusion" and getattr(a, "func", None) is not cmd_bench:
+    if getattr(a, "method", "dualdiffusion") != "dualdiffusion":  # bench has no --method: its specs pick methods
         raise ValueError(f"--verifier is a dualdiffusion option (method {a.method}); use --model")
     if a.model is not None and a.model != verifier:
         raise ValueError(f"--verifier {verifier} and --model {a.model} name different models; the verifier is "

@@ -119,7 +119,6 @@ def test_bundled_model_stage_chain_is_consistent():
         assert cur.get("tokenizer_from") == prev["out"] or cur.get("tokenizer") == prev.get("tokenizer") is not None
         assert cur["model"] == prev["model"]
         assert cur["state_dir"] != prev["state_dir"]
-    assert Path(cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve() or \
-        (configs.parent / cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
+    assert (configs.parent / cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
     for c in cfgs:
         arith_spec(c)  # every stage's data.arith is valid

@@ -39,8 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .causal import Qwen3MLP, Qwen3Model
-from .checkpoint import check_state
-from .checkpoint import CheckpointError, _read_weights, read_config
+from .checkpoint import CheckpointError, _read_weights, check_state, read_config
 from .llada import RMSNorm, apply_rope, rope_cos_sin
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "check_target", "save_dflash", "load_dflash"]
