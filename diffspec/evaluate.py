@@ -40,6 +40,7 @@ def evaluate(
     data: str | Path | None = None,
     progress: bool = True,
     keep_samples: bool = True,
+    keep_ids: bool = False,
 ) -> dict[str, Any]:
     examples = examples if examples is not None else load_examples(task, limit=limit, data=data)
     cfg = config or task_config(task, method)
@@ -59,6 +60,8 @@ def evaluate(
         out["spec"] = res.stats
     if any("flexible_correct" in s for s in scores):
         out["accuracy_flexible"] = sum(s.get("flexible_correct", False) for s in scores) / n
+    if keep_ids:  # generated token ids (cut at EOS), for checking that a method is lossless
+        out["token_ids"] = res.token_ids
     if keep_samples:
         out["samples"] = [{"prompt": e.prompt[-200:], "gold": e.gold, "completion": t, **s}
                           for e, t, s in zip(examples, res.texts, scores)]

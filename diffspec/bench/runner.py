@@ -154,11 +154,16 @@ def run_bench(
     rows = []
     for (method, opts), cfg, spec in zip(parsed, configs, specs):
         print(f"[bench] {label_of(method, opts)} on {len(examples)} {task} examples", file=sys.stderr)
-        r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True, keep_samples=False)
+        r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True, keep_samples=False,
+                     keep_ids=True)
         r.update(label=label_of(method, opts), spec=spec)
         rows.append(r)
     base = rows[0]
+    base_ids = base["token_ids"]
     for r in rows:
+        # Lossless check: the share of examples whose generated ids equal the baseline's exactly.
+        ids = r.pop("token_ids")
+        r["same_ids_as_baseline"] = sum(a == b for a, b in zip(ids, base_ids)) / len(base_ids)
         r["speedup_wall"] = base["wall_seconds"] / r["wall_seconds"] if r["wall_seconds"] else float("nan")
         r["speedup_flops"] = base["flops"] / r["flops"] if r["flops"] else float("nan")
         r["speedup_nfe"] = base["nfe_per_sequence"] / r["nfe_per_sequence"] if r["nfe_per_sequence"] else float("nan")

@@ -14,6 +14,7 @@ COLUMNS = [
     ("wall s", "wall_seconds", "{:.1f}"),
     ("speed-up (wall)", "speedup_wall", "{:.2f}×"),
     ("speed-up (FLOPs)", "speedup_flops", "{:.2f}×"),
+    ("same ids as baseline", "same_ids_as_baseline", "{:.1%}"),
 ]
 
 
