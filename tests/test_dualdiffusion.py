@@ -561,7 +561,7 @@ def test_bench_specs_parse_label_and_run(tiny_checkpoint, tmp_path, capsys):
     r = run_bench(m, tok, ["vanilla:steps=16", "dualdiffusion:rule=exact_match,num_drafter_steps=4"], limit=2,
                   out_dir=tmp_path, overrides={"gen_length": 16, "block_length": 8, "num_verifier_steps": 1})
     rows = r["rows"]
-    assert rows[1]["label"] == "dualdiffusion exact_match N=4" and "spec" in rows[1]
+    assert rows[1]["label"] == "dualdiffusion exact_match N=4" and rows[1]["spec"]["iterations"] > 0
     assert set(rows[1]["models"]) == {"drafter", "verifier"} and rows[1]["config"]["num_verifier_steps"] == 1
     assert (tmp_path / "table.md").is_file()
     capsys.readouterr()

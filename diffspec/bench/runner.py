@@ -158,7 +158,7 @@ def run_bench(
         print(f"[bench] {label_of(method, opts)} on {len(examples)} {task} examples", file=sys.stderr)
         r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True, keep_samples=False,
                      keep_ids=True)
-        r.update(label=label_of(method, opts), spec=spec)
+        r.update(label=label_of(method, opts), bench_spec=spec)  # r["spec"] holds the method's stats
         rows.append(r)
     base = rows[0]
     base_ids = base["token_ids"]
