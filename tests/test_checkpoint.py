@@ -323,3 +323,13 @@ def test_tokenizer_from_bad_file(tmp_path, content):
 def test_tokenizer_from_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         Tokenizer.from_file(tmp_path / "absent.json")
+
+
+def test_bundled_checkpoints_fit_the_size_budget():
+    """Each committed checkpoint ≤ 16 MB and all together ≤ 48 MB (decimal MB, the stricter reading)."""
+    assets = Path(__file__).resolve().parents[1] / "diffspec" / "assets"
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+             for d in assets.iterdir() if d.is_dir()}
+    assert sizes, "no bundled checkpoints found"
+    assert all(s <= 16_000_000 for s in sizes.values()), sizes
+    assert sum(sizes.values()) <= 48_000_000, sizes

@@ -215,6 +215,23 @@ def test_oracle_drafters_give_long_acceptances(target, tokenizer, prompt) -> Non
     assert d2.meter.models["target"].nfe == s["rounds"] + 1 < broken.meter.models["target"].nfe
 
 
+def test_drafts_are_cut_after_an_eos(target, tokenizer) -> None:
+    """Tokens drafted after an EOS can never be emitted, so the verified tree stops there."""
+    prompt, gamma, gamma2 = PROMPTS[0], 8, 16
+    greedy = greedy_sequence(target, tokenizer, prompt, 40)
+    gen = greedy[len(tokenizer.encode(prompt)):]
+    first = next(j for j in range(2, 7) if gen.index(gen[j]) == j)  # a token whose first occurrence is j
+    t = copy.deepcopy(target)
+    t.config.eos_token_id = gen[first]
+    block = make_drafter(t, tokenizer, cls=Oracle, block_size=gamma)
+    vp = make_drafter(t, tokenizer, cls=Oracle, block_size=gamma2)
+    block.greedy = vp.greedy = greedy
+    cfg = D2SDConfig(max_new_tokens=40, gamma=gamma, gamma2=gamma2, k=2)
+    for res in (dflash_generate(t, block, tokenizer, [prompt], cfg), d2sd_generate(t, block, vp, tokenizer, [prompt], cfg)):
+        assert res.raw_ids[0] == gen[:first + 1] and res.stats["rounds"] == 1
+        assert res.stats["max_tree_nodes"] == first + 1  # the anchor gen[0] and the drafts gen[1..first]
+
+
 @pytest.mark.parametrize("k, gamma, gamma2, wrong, vp_wrong", [
     (1, 4, 4, (2,), (3,)), (2, 6, 12, (1, 4), (7,)), (4, 8, 16, (3, 5), (6, 11)), (3, 8, 8, (7,), ())])
 def test_noisy_oracles_stay_exact(target, tokenizer, k, gamma, gamma2, wrong, vp_wrong) -> None:

@@ -62,6 +62,24 @@ def test_shapes_and_any_window(drafter) -> None:
     assert torch.allclose(shared[1], drafter(block[1:], bpos, ctx[:1], cpos)[0], atol=1e-5)
 
 
+@torch.no_grad()
+def test_shared_context_is_computed_once_and_matches_copies(drafter) -> None:
+    """D²SD's windows share one row's context: batch-1 context K/V broadcast = the context copied per window."""
+    block, bpos, ctx, cpos = inputs(B=3)
+    one = ctx[:1]
+    shared = drafter(block, bpos, one, cpos)
+    assert torch.allclose(shared, drafter(block, bpos, one.expand(3, -1, -1).contiguous(), cpos), atol=1e-5)
+    assert torch.allclose(shared, drafter(block, bpos, one, cpos.expand(3, 5)), atol=1e-5)  # (B, C) positions
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    assert torch.allclose(shared, drafter(block, bpos, one, cpos, mask), atol=1e-5)
+    # FLOPs: the context part is charged once for all windows, the window part per window
+    def f(w: int) -> float:
+        return drafter.forward_flops(8, 13, windows=w)
+
+    per_window, context = f(2) - f(1), 2 * f(1) - f(2)
+    assert context > 0 and per_window > 0 and f(3) == pytest.approx(context + 3 * per_window)
+
+
 def test_state_dict_holds_only_drafter_weights(drafter, target) -> None:
     keys = set(drafter.state_dict())
     assert not any("embed" in k or "lm_head" in k for k in keys)

@@ -18,14 +18,39 @@ COLUMNS = [
 ]
 
 
+def acceptance_length(r: dict[str, Any]) -> float | None:
+    """τ: tokens per verification round (accepted drafts + the bonus), for speculative rows that count it."""
+    spec = r.get("spec")
+    return spec.get("acceptance_length") if isinstance(spec, dict) else None
+
+
+def drafter_flops(r: dict[str, Any]) -> float | None:
+    """FLOPs of every model but the primary one (the drafters' cost); None for single-model rows."""
+    models, primary = r.get("models") or {}, r.get("primary")
+    if primary is None or len(models) < 2:
+        return None
+    return sum(m["flops"] for name, m in models.items() if name != primary)
+
+
+# Shown only when some row has them, so single-model tables stay narrow.
+OPTIONAL = [
+    ("τ (tokens/round)", acceptance_length, "{:.2f}", 5),
+    ("drafter GFLOPs", drafter_flops, None, 7),
+]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    columns: list[tuple[str, Any, str | None]] = list(COLUMNS)
+    for title, get, fmt, at in reversed(OPTIONAL):
+        if any(get(r) is not None for r in rows):
+            columns.insert(at, (title, get, fmt))
+    head = "| " + " | ".join(c[0] for c in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
     lines = [head, sep]
     for r in rows:
         cells = []
-        for _, key, fmt in COLUMNS:
-            v = r.get(key)
+        for _, key, fmt in columns:
+            v = key(r) if callable(key) else r.get(key)
             if v is None:
                 cells.append("")
             elif fmt is None:

@@ -110,6 +110,7 @@ class CostMeter:
             "tokens_per_forward_all": self.tokens_per_forward_all,
             "wall_seconds": self.wall_seconds,
             "sequences": self.sequences,
+            "primary": self.primary,
             "models": {k: asdict(v) for k, v in self.models.items()},
         }
 

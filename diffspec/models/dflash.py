@@ -22,9 +22,10 @@ window simply has some drafted tokens after the anchor before the masks.
 
 No context K/V cache: every call recomputes the context keys/values from the
 stored hidden states. For the short sequences this library runs on CPU that
-costs little next to the target, and it keeps the drafter stateless (D²SD
-calls it on a batch of windows sharing one context). `forward_flops` charges
-the recomputation honestly.
+costs little next to the target, and it keeps the drafter stateless. D²SD
+calls it on a batch of windows sharing one context (batch 1), whose keys and
+values are computed once and broadcast. `forward_flops` charges the
+recomputation honestly.
 """
 from __future__ import annotations
 
@@ -145,16 +146,28 @@ class DFlashAttention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_k: tuple[Tensor, Tensor],
+    def _kv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys (normed, rotated) and values of h (b, n, d), as (b, kv_heads, n, head_dim)."""
+        b, n, _ = h.shape
+        hd = self.cfg.head_dim
+        k = self.k_norm(self.k_proj(h).view(b, n, -1, hd)).transpose(1, 2)
+        v = self.v_proj(h).view(b, n, -1, hd).transpose(1, 2)
+        return apply_rope(k, *rope), v
+
+    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_c: tuple[Tensor, Tensor],
                 mask: Tensor | None) -> Tensor:
-        """x (B, W, d) normed window states; ctx (B, C, d) context features. Keys = [ctx; window]."""
+        """x (B, W, d) normed window states; ctx (1 or B, C, d) context features. Keys = [ctx; window].
+
+        A context of batch 1 (D²SD's windows of one row) gets its keys/values
+        computed once and broadcast over the B windows.
+        """
         B, W, _ = x.shape
         hd = self.cfg.head_dim
-        kv_in = torch.cat([ctx, x], dim=1)
-        q = self.q_norm(self.q_proj(x).view(B, W, -1, hd)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(kv_in).view(B, kv_in.shape[1], -1, hd)).transpose(1, 2)
-        v = self.v_proj(kv_in).view(B, kv_in.shape[1], -1, hd).transpose(1, 2)
-        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, W, -1, hd)).transpose(1, 2), *rope_q)
+        kc, vc = self._kv(ctx, rope_c)
+        kw, vw = self._kv(x, rope_q)  # window keys sit at the window's positions, like its queries
+        k = torch.cat([kc.expand(B, -1, -1, -1), kw], dim=2)
+        v = torch.cat([vc.expand(B, -1, -1, -1), vw], dim=2)
         if self.cfg.n_kv_heads != self.cfg.n_heads:
             rep = self.cfg.n_heads // self.cfg.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -170,9 +183,9 @@ class DFlashLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_k: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_c: tuple[Tensor, Tensor],
                 mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_k, mask)
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_c, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,11 +236,12 @@ class DFlashDrafter(nn.Module):
         """The drafter's own parameters (the shared embedding/head are the target's)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward_flops(self, n_query: int, n_keys: int) -> float:
-        """FLOPs for one window of n_query positions over n_keys = context + window keys.
+    def forward_flops(self, n_query: int, n_keys: int, windows: int = 1) -> float:
+        """FLOPs for `windows` windows of n_query positions sharing one context, n_keys = context + window keys.
 
         Context tokens go through fc and every layer's k/v projections (recomputed
-        each call); window tokens through everything plus the shared LM head.
+        each call, once for all windows); window tokens through everything plus
+        the shared LM head, and attend to every key.
         """
         cfg = self.config
         H, n_ctx = cfg.hidden_size, max(n_keys - n_query, 0)
@@ -235,7 +249,7 @@ class DFlashDrafter(nn.Module):
             l.self_attn.k_proj.weight.numel() + l.self_attn.v_proj.weight.numel() for l in self.layers)
         window_params = self.num_params() - self.fc.weight.numel() + H * cfg.vocab_size
         attn = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * n_query * n_keys
-        return 2.0 * window_params * n_query + 2.0 * ctx_params * n_ctx + attn
+        return windows * (2.0 * window_params * n_query + attn) + 2.0 * ctx_params * n_ctx
 
     def context_features(self, ctx_hidden: Tensor) -> Tensor:
         """(B, C, L·H) concatenated target hidden states -> (B, C, H) context features."""
@@ -267,13 +281,15 @@ class DFlashDrafter(nn.Module):
         ctx = self.context_features(ctx_hidden)
         if ctx.shape[0] not in (1, B):
             raise ValueError(f"ctx_hidden has batch {ctx.shape[0]} but block_ids has {B}")
-        ctx = ctx.expand(B, -1, -1)
-        C = ctx.shape[1]
+        Bc, C = ctx.shape[:2]  # Bc = 1: one context shared by all B windows
         bpos = _rows(block_positions, B, W, "block_positions")
-        cpos = _rows(ctx_positions, B, C, "ctx_positions")
+        cpos = _rows(ctx_positions, Bc, C, "ctx_positions") if Bc == 1 and ctx_positions.dim() == 1 else \
+            _rows(ctx_positions, B, C, "ctx_positions")
+        if cpos.shape[0] != Bc:  # per-window context positions over a shared context: give each window its own
+            ctx = ctx.expand(B, -1, -1)
         cfg = self.config
         rope_q = rope_cos_sin(bpos, cfg.head_dim, cfg.rope_theta)
-        rope_k = rope_cos_sin(torch.cat([cpos, bpos], dim=1), cfg.head_dim, cfg.rope_theta)
+        rope_c = rope_cos_sin(cpos, cfg.head_dim, cfg.rope_theta)
         mask = None
         if ctx_mask is not None:
             if tuple(ctx_mask.shape) != (B, C):
@@ -283,7 +299,7 @@ class DFlashDrafter(nn.Module):
         emb, head = self._embed_and_head()
         x = F.embedding(block_ids, emb)
         for layer in self.layers:
-            x = layer(x, ctx, rope_q, rope_k, mask)
+            x = layer(x, ctx, rope_q, rope_c, mask)
         return F.linear(self.norm(x), head)
 
 

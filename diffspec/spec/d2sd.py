@@ -36,7 +36,9 @@ branches of one row.
 Budget and EOS follow `ar_generate`: at most `max_new_tokens` tokens per row
 (drafts are never longer than what is left), stop after an EOS of the target
 config when `stop_at_eos`; `token_ids` are cut before the first EOS, `raw_ids`
-keep it.
+keep it. With `stop_at_eos`, every draft and branch is also cut after its
+first EOS before verification: those tokens could never be emitted, and on
+short answers they would be most of a γ₂-long tree.
 
 Cost: `MeteredModel` "target" (primary, so tokens per forward = generated
 tokens per target forward, the prefill included), "drafter" and "vp_drafter"
@@ -143,8 +145,9 @@ class _MeteredDrafter:
         logits = self.model(block_ids, block_positions, ctx_hidden, ctx_positions)
         B, W = block_ids.shape
         n_keys = ctx_hidden.shape[1] + W
-        # One row's windows: they advance one sequence, the batch size is recorded as max_batch.
-        self.meter.record(self.name, B, W, n_keys, B * self.model.forward_flops(W, n_keys), sequences=1)
+        # One row's windows share its context (computed once) and advance one sequence; the batch
+        # size is recorded as max_batch.
+        self.meter.record(self.name, B, W, n_keys, self.model.forward_flops(W, n_keys, windows=B), sequences=1)
         return logits
 
 
@@ -196,6 +199,12 @@ class _TargetState:
         return path, bonus
 
 
+def _through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+    """`tokens` up to and including the first EOS (all of them when there is none)."""
+    cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return tokens if cut is None else tokens[:cut + 1]
+
+
 def _block_draft(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int) -> tuple[list[int], Tensor]:
     """The block drafter's first n_draft drafts after the anchor (argmax) and their probabilities."""
     d = drafter.model
@@ -238,16 +247,25 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
         if n_draft > 0:
             drafts, conf = _block_draft(drafter, st, cfg.gamma, n_draft)
             stats.drafter_forwards += 1
+            if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
+                drafts = _through_eos(drafts, eos)
+                conf = conf[:len(drafts)]
             if vp is None or d2 is None:
                 branches = [drafts]
             else:
+                full = len(drafts)
                 lengths = top_prefix_lengths(rejection_posterior(conf)[None], d2.k)[0]
-                if n_draft not in lengths:
-                    lengths.append(n_draft)  # the full first draft is always extended too
-                max_branch = min(d2.gamma2 - 1, remaining - 1)
-                branches = _vp_branches(vp, st, drafts, lengths, d2.gamma2, max_branch)
-                stats.vp_forwards += 1
-                stats.vp_windows += len(lengths)
+                if full not in lengths:
+                    lengths.append(full)  # the full first draft is always extended too
+                ended = cfg.stop_at_eos and drafts[-1] in eos
+                vp_lengths = [i for i in lengths if not (ended and i == full)]  # an EOS ends it: nothing to extend
+                branches = [drafts] if ended else []
+                if vp_lengths:
+                    max_branch = min(d2.gamma2 - 1, remaining - 1)
+                    filled = _vp_branches(vp, st, drafts, vp_lengths, d2.gamma2, max_branch)
+                    branches += [_through_eos(b, eos) for b in filled] if cfg.stop_at_eos else filled
+                    stats.vp_forwards += 1
+                    stats.vp_windows += len(vp_lengths)
         tree = DraftTree.from_branches(st.seq[-1], branches)
         path, bonus = st.verify(tree)
         stats.rounds += 1
