@@ -21,8 +21,9 @@ length W is free (γ for the block drafter, γ₂ for the VP drafter), and a VP
 window simply has some drafted tokens after the anchor before the masks.
 
 No context K/V cache: every call recomputes the context keys/values from the
-stored hidden states. For the short sequences this library runs on CPU that
-costs little next to the target, and it keeps the drafter stateless. D²SD
+stored hidden states. That keeps the drafter stateless, but it is not free:
+by the FLOP estimate, ~70 context tokens cost about as much as a 16-token
+window, so a context cache is the next saving for DFlash on CPU. D²SD
 calls it on a batch of windows sharing one context (batch 1), whose keys and
 values are computed once and broadcast. `forward_flops` charges the
 recomputation honestly.
@@ -281,11 +282,12 @@ class DFlashDrafter(nn.Module):
         ctx = self.context_features(ctx_hidden)
         if ctx.shape[0] not in (1, B):
             raise ValueError(f"ctx_hidden has batch {ctx.shape[0]} but block_ids has {B}")
-        Bc, C = ctx.shape[:2]  # Bc = 1: one context shared by all B windows
+        C = ctx.shape[1]
         bpos = _rows(block_positions, B, W, "block_positions")
-        cpos = _rows(ctx_positions, Bc, C, "ctx_positions") if Bc == 1 and ctx_positions.dim() == 1 else \
-            _rows(ctx_positions, B, C, "ctx_positions")
-        if cpos.shape[0] != Bc:  # per-window context positions over a shared context: give each window its own
+        cpos = _rows(ctx_positions, B, C, "ctx_positions")
+        if ctx.shape[0] == 1 and ctx_positions.dim() == 1:
+            cpos = cpos[:1]  # one context shared by all B windows: its K/V are computed once
+        else:
             ctx = ctx.expand(B, -1, -1)
         cfg = self.config
         rope_q = rope_cos_sin(bpos, cfg.head_dim, cfg.rope_theta)
