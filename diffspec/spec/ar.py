@@ -226,6 +226,12 @@ def _encode(tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, vocab_s
     return encoded
 
 
+def _through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+    """`tokens` up to and including the first EOS (all of them when there is none)."""
+    cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return tokens if cut is None else tokens[:cut + 1]
+
+
 def _finish(tokenizer: Tokenizer, raw: list[list[int]], eos: frozenset[int], cfg: ARConfig,
             meter: CostMeter) -> tuple[list[list[int]], list[str]]:
     cut = []
@@ -371,8 +377,7 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
         d_cache.crop(min(d_cache.length, n + k))
         new = drafts[:k] + [token]
         if cfg.stop_at_eos:
-            cut = next((i for i, t in enumerate(new) if t in eos), None)
-            new = new if cut is None else new[:cut + 1]
+            new = _through_eos(new, eos)
         out += new
         seq += new
     return out

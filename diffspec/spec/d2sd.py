@@ -60,7 +60,8 @@ from ..decoding.diffusion import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel
 from ..models.dflash import DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
-from .ar import ARConfig, _Cache, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions
+from .ar import (ARConfig, _Cache, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions,
+                 _through_eos)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -199,12 +200,6 @@ class _TargetState:
         return path, bonus
 
 
-def _through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
-    """`tokens` up to and including the first EOS (all of them when there is none)."""
-    cut = next((i for i, t in enumerate(tokens) if t in eos), None)
-    return tokens if cut is None else tokens[:cut + 1]
-
-
 def _block_draft(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int) -> tuple[list[int], Tensor]:
     """The block drafter's first n_draft drafts after the anchor (argmax) and their probabilities."""
     d = drafter.model
@@ -275,8 +270,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
         stats.max_tree_nodes = max(stats.max_tree_nodes, len(tree))
         new = [tree.tokens[n] for n in path] + [bonus]
         if cfg.stop_at_eos:
-            cut = next((i for i, t in enumerate(new) if t in eos), None)
-            new = new if cut is None else new[:cut + 1]
+            new = _through_eos(new, eos)
         out += new
         st.seq += new
     return out
