@@ -177,3 +177,12 @@ def test_parse_spec_and_pareto_front():
 def test_bundled_model_generates(capsys):
     rc, out, err = run(["generate", "--prompt", "Tom has 5 apples. Tom buys 3 more. How many apples does Tom have now?"], capsys)
     assert rc == 0 and "####" in out, out
+
+
+def test_plot_quality_axis_is_tpf_when_every_row_is_equally_accurate():
+    from diffspec.bench.plot import y_axis
+
+    lossless = [{"accuracy": 1.0, "tokens_per_forward": 1.0}, {"accuracy": 1.0, "tokens_per_forward": 9.6}]
+    assert y_axis(lossless)[0] == "tokens_per_forward"
+    assert y_axis([{**lossless[0], "accuracy": 0.9}, lossless[1]])[0] == "accuracy"
+    assert y_axis(lossless[:1])[0] == "accuracy"  # one row: nothing to compare, keep accuracy

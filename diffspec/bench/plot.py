@@ -1,4 +1,8 @@
-"""Pareto plots: accuracy against forwards, FLOPs and wall clock on shared axes."""
+"""Pareto plots: accuracy against forwards, FLOPs and wall clock on shared axes.
+
+When every row is equally accurate (lossless methods), the quality axis is
+tokens per target forward instead: a flat line of points says nothing.
+"""
 from __future__ import annotations
 
 import textwrap
@@ -26,6 +30,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def y_axis(rows: list[dict[str, Any]]) -> tuple[str, str, float]:
+    """(row key, axis label, scale) of the quality axis: accuracy, unless every row has the same
+    accuracy (a comparison of lossless methods), where tokens per target forward is what differs."""
+    if len(rows) > 1 and len({round(r["accuracy"], 12) for r in rows}) == 1 and \
+            all("tokens_per_forward" in r for r in rows):
+        return "tokens_per_forward", "tokens per target forward", 1.0
+    return "accuracy", "accuracy (%)", 100.0
+
+
 def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Points are numbered by row and the labels listed in a key below the axes: a sweep's labels
     are long and its points cluster near the top, so labels written beside points overlap."""
@@ -40,22 +53,25 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     top = 0.15 * key_lines / height  # share of the height the key takes
     grid = fig.add_gridspec(1, len(AXES), bottom=top + 0.12, top=0.88, wspace=0.28)
     axes = [fig.add_subplot(grid[0, i]) for i in range(len(AXES))]
+    y_key, y_name, scale = y_axis(rows)
+    if y_key != "accuracy":
+        title = f"{title}\nevery row {100 * rows[0]['accuracy']:.1f}% accurate: {y_name} against cost"
     families = sorted({r.get("method", r["label"]) for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     for ax, (key, name) in zip(axes, AXES):
         for i, r in enumerate(rows, 1):
-            ax.scatter(r[key], 100 * r["accuracy"], color=colors[r.get("method", r["label"])], s=36, zorder=3)
-            ax.annotate(str(i), (r[key], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front([(r[key], 100 * r["accuracy"]) for r in rows])
+            ax.scatter(r[key], scale * r[y_key], color=colors[r.get("method", r["label"])], s=36, zorder=3)
+            ax.annotate(str(i), (r[key], scale * r[y_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(r[key], scale * r[y_key]) for r in rows])
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.5, lw=1)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis collide
         ax.set_xlabel(name + " (log)")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(y_name)
         ax.grid(alpha=0.3)
     for f in families:
         axes[0].scatter([], [], color=colors[f], label=f)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="best")
     for col, text in enumerate(columns):
         fig.text(0.04 + 0.49 * col, top + 0.02, text, fontsize=7, va="top", family="monospace")
     fig.suptitle(title)
