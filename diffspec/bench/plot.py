@@ -1,7 +1,8 @@
 """Pareto plots: accuracy against forwards, FLOPs and wall clock on shared axes.
 
 When every row is equally accurate (lossless methods), the quality axis is
-tokens per target forward instead: a flat line of points says nothing.
+tokens per forward of the target (verifier) instead: a flat line of points
+says nothing.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def y_axis(rows: list[dict[str, Any]]) -> tuple[str, str, float]:
     accuracy (a comparison of lossless methods), where tokens per target forward is what differs."""
     if len(rows) > 1 and len({round(r["accuracy"], 12) for r in rows}) == 1 and \
             all("tokens_per_forward" in r for r in rows):
-        return "tokens_per_forward", "tokens per target forward", 1.0
+        return "tokens_per_forward", "tokens per forward (target / verifier)", 1.0
     return "accuracy", "accuracy (%)", 100.0
 
 

@@ -32,17 +32,18 @@ def drafter_flops(r: dict[str, Any]) -> float | None:
     return sum(m["flops"] for name, m in models.items() if name != primary)
 
 
-# Shown only when some row has them, so single-model tables stay narrow.
+# Shown only when some row has them, so single-model tables stay narrow; each goes after the named column.
 OPTIONAL = [
-    ("τ (tokens/round)", acceptance_length, "{:.2f}", 5),
-    ("drafter GFLOPs", drafter_flops, None, 7),
+    ("τ (tokens/round)", acceptance_length, "{:.2f}", "tokens_per_forward"),
+    ("drafter GFLOPs", drafter_flops, None, "flops"),
 ]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns: list[tuple[str, Any, str | None]] = list(COLUMNS)
-    for title, get, fmt, at in reversed(OPTIONAL):
+    for title, get, fmt, after in OPTIONAL:
         if any(get(r) is not None for r in rows):
+            at = next(i for i, c in enumerate(columns) if c[1] == after) + 1
             columns.insert(at, (title, get, fmt))
     head = "| " + " | ".join(c[0] for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
