@@ -122,3 +122,107 @@ def test_bundled_model_stage_chain_is_consistent():
     assert (configs.parent / cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
     for c in cfgs:
         arith_spec(c)  # every stage's data.arith is valid
+
+
+def test_train_mdm_two_stream_and_loss_options_run_and_are_checked(tmp_path, capsys):
+    """The block-diffusion rows, content-only block choice and mean weighting train end to end."""
+    out = train_mdm(_config(tmp_path, steps=2, two_stream_fraction=0.5, two_stream_block=8, block_k="content",
+                            loss_weighting="mean"))
+    assert (out / "model.safetensors").is_file()
+    for bad, word in (({"two_stream_fraction": 1.5}, "two_stream_fraction"), ({"block_k": "last"}, "block_k"),
+                      ({"loss_weighting": "sqrt"}, "loss_weighting")):
+        assert main(["train", "mdm", "--config", str(_config(tmp_path, **bad))]) == 2
+        assert word in capsys.readouterr().err
+
+
+def _tiny_llada(vocab=20):
+    import torch
+    from diffspec.models.llada import LLaDAConfig, LLaDAModel
+
+    torch.manual_seed(0)
+    cfg = LLaDAConfig(d_model=32, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=vocab,
+                      max_sequence_length=128, mask_token_id=vocab - 1, eos_token_id=vocab - 2)
+    return LLaDAModel(cfg).eval()
+
+
+def test_two_stream_noisy_block_sees_exactly_its_clean_prefix():
+    """Each noisy block's logits equal a forward on [prompt, clean blocks before it, the noisy block]
+    where the prompt sees the prompt and a clean block the clean blocks up to its own; answers are cut
+    after the block that holds their first EOS."""
+    import torch
+    from diffspec.train.mdm import two_stream_loss
+
+    model = _tiny_llada()
+    seen = {}
+    forward = model.forward
+
+    def spy(x, positions=None, attention_mask=None, **kw):
+        out = forward(x, positions=positions, attention_mask=attention_mask, **kw)
+        seen.update(x=x, logits=out.logits)
+        return out
+
+    model.forward = spy
+    P, L, b, mask, eos = 5, 12, 4, 19, 18
+    torch.manual_seed(1)
+    ids = torch.randint(0, 17, (2, P + L))
+    ids[0, P + 7:], ids[1, P + 10:] = eos, eos  # answers end in block 1 and block 2
+    ans = torch.zeros_like(ids, dtype=torch.bool)
+    ans[:, P:] = True
+    loss = two_stream_loss(model, ids, ans, torch.ones_like(ans), mask, eos, b)
+    assert torch.isfinite(loss)
+    x, logits = seen["x"], seen["logits"]
+    assert x.shape[1] == P + 2 * 12 and (x[0, P + 2 * 8:] == mask).all()  # row 0 cut to 2 blocks, then padding
+    checked = 0
+    for r, Lr in ((0, 8), (1, 12)):
+        assert torch.equal(x[r, P:P + Lr], ids[r, P:P + Lr])  # the clean stream
+        for k in range(Lr // b):
+            noisy = x[r, P + Lr + k * b:P + Lr + (k + 1) * b]
+            canvas = torch.cat([ids[r, :P + k * b], noisy])[None]
+            n = canvas.shape[1]
+            view = torch.zeros(1, n, n, dtype=torch.bool)
+            view[0, :, :P] = True
+            for j in range(P, n):
+                bj = (j - P) // b
+                view[0, j, P:P + min(bj + 1, k) * b] = True
+                if bj == k:
+                    view[0, j, P + k * b:] = True
+            ref = forward(canvas, attention_mask=view).logits[0, -b:]
+            assert torch.allclose(ref, logits[r, P + Lr + k * b:P + Lr + (k + 1) * b], atol=1e-5)
+            checked += 1
+    assert checked == 5
+
+
+def test_per_query_attention_mask_shape_is_checked():
+    import torch
+
+    model = _tiny_llada()
+    with pytest.raises(ValueError, match="per-query attention_mask"):
+        model(torch.zeros(1, 6, dtype=torch.long), attention_mask=torch.ones(1, 6, 5, dtype=torch.bool))
+
+
+def test_content_block_choice_never_scores_pure_padding_blocks():
+    import torch
+    from diffspec.models.llada import ModelOutput
+    from diffspec.train.mdm import mdm_loss
+
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            seen["x"] = x.clone()
+            return ModelOutput(logits=torch.zeros(*x.shape, 10, requires_grad=True))
+
+    torch.manual_seed(0)
+    B, P, L, mask, eos = 256, 3, 12, 9, 8
+    ids = torch.randint(0, 8, (B, P + L))
+    ids[:, P + 3:] = eos  # every answer ends in block 0 (block length 4): blocks 1 and 2 are padding
+    ans = torch.zeros(B, P + L, dtype=torch.bool)
+    ans[:, P:] = True
+    for weighting in ("elbo", "mean"):
+        loss = mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0,
+                        block_k="content", eos_id=eos, weighting=weighting)
+        assert torch.isfinite(loss)
+        m = seen["x"][:, P:] == mask
+        assert m[:, 4:].all()  # only block 0 was ever the partly masked block
+    with pytest.raises(ValueError, match="eos_id"):
+        mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0, block_k="content")

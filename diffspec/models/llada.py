@@ -214,17 +214,23 @@ class LLaDAModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """input_ids (B, Q); positions (Q,) or (B, Q), default 0..Q-1; attention_mask
-        (B, K) bool over *keys* (True = attend), K = Q without a cache."""
+        (B, K) bool over *keys* (True = attend), K = Q without a cache, or (B, Q, K)
+        per query (no cache), which training uses to score several canvases in one row."""
         cfg = self.config
         B, Q = input_ids.shape
         if positions is None:
             positions = torch.arange(Q, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        if kv_cache is not None:
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if kv_cache is not None or tuple(attention_mask.shape) != (B, Q, Q):
+                raise ValueError(f"a per-query attention_mask must be (B, Q, Q) = {(B, Q, Q)} and used without "
+                                 f"a kv_cache; got {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, None].to(torch.bool)
+        elif kv_cache is not None:
             key_mask = kv_cache.key_mask(attention_mask, Q)
+            mask = key_mask[:, None, None, :].to(torch.bool) if key_mask is not None else None
         else:
-            key_mask = attention_mask
-        mask = key_mask[:, None, None, :].to(torch.bool) if key_mask is not None else None
+            mask = attention_mask[:, None, None, :].to(torch.bool) if attention_mask is not None else None
         t = self.transformer
         x = t.wte(input_ids)
         hidden = [x] if output_hidden_states else None

@@ -87,7 +87,8 @@ class MDMBatcher:
 
 
 def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch.Tensor, mask_id: int,
-             eps: float = 1e-3, block_length: int = 0, block_fraction: float = 0.0) -> torch.Tensor:
+             eps: float = 1e-3, block_length: int = 0, block_fraction: float = 0.0,
+             block_k: str = "uniform", eos_id: int | None = None, weighting: str = "elbo") -> torch.Tensor:
     """LLaDA's SFT loss; with block_fraction > 0 that share of rows uses block masking.
 
     A block-masked row looks like the canvas of semi-autoregressive decoding:
@@ -96,17 +97,35 @@ def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch
     (weighted 1/t). Every such row is also a sample of LLaDA's masking, so the
     objective stays a masked-diffusion one; it just spends more of a small
     model's capacity on the contexts the block decoder actually shows it.
+
+    block_k="content" draws k only up to the block holding the answer's first
+    EOS: blocks of pure EOS padding are trivial, and scoring them wastes a
+    third of the block rows when answers fill half the canvas (plain rows still
+    teach the padding). weighting="mean" averages each row's masked
+    cross-entropy instead of weighting it by 1/t: a lower-variance estimate of
+    a differently weighted objective (the ELBO's 1/t favours nearly clean rows).
     """
+    if block_k not in ("uniform", "content"):
+        raise ValueError(f"block_k must be 'uniform' or 'content', got {block_k!r}")
+    if weighting not in ("elbo", "mean"):
+        raise ValueError(f"weighting must be 'elbo' (LLaDA's 1/t) or 'mean', got {weighting!r}")
+    if block_k == "content" and eos_id is None:
+        raise ValueError("block_k='content' needs eos_id to find where each answer ends")
     B = ids.shape[0]
     t = (torch.arange(B, device=ids.device) + torch.rand(B, device=ids.device)) / B  # stratified U(0,1)
     p_mask = ((1 - eps) * t + eps)[:, None]
     masked = (torch.rand(ids.shape, device=ids.device) < p_mask) & ans
     scored = ans
-    if block_fraction > 0 and block_length > 0:
+    use_blocks = block_fraction > 0 and block_length > 0
+    if use_blocks:
         start = ans.float().argmax(1)  # first answer column of each row
         n_ans = ans.sum(1)
         col = torch.arange(ids.shape[1], device=ids.device)[None, :] - start[:, None]  # answer-relative column
         n_blocks = torch.div(n_ans + block_length - 1, block_length, rounding_mode="floor")
+        if block_k == "content":  # blocks up to the one holding the first EOS (the answer's end)
+            is_eos = ans & (ids == eos_id)
+            end = torch.where(is_eos.any(1), (is_eos.float().argmax(1) - start), n_ans - 1)
+            n_blocks = torch.div(end, block_length, rounding_mode="floor") + 1
         k = (torch.rand(B, device=ids.device) * n_blocks).long()
         blk = torch.div(col.clamp(min=0), block_length, rounding_mode="floor")
         is_block = (torch.rand(B, device=ids.device) < block_fraction)[:, None]
@@ -117,11 +136,73 @@ def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch
     logits = model(noisy, attention_mask=att).logits
     loss_cells = masked & scored
     ce = F.cross_entropy(logits[loss_cells].float(), ids[loss_cells], reduction="none")
+    if weighting == "mean":
+        per_row = torch.zeros(B, device=ids.device).index_add_(0, loss_cells.nonzero()[:, 0], ce)
+        return (per_row / loss_cells.sum(1).clamp(min=1)).sum() / B
     # LLaDA normalises by the answer length; a block row by the block's length.
     denom = torch.where(is_block[:, 0], torch.clamp(n_ans - k * block_length, max=block_length), n_ans) \
-        if block_fraction > 0 and block_length > 0 else ans.sum(1)
+        if use_blocks else ans.sum(1)
     weight = (1 / p_mask).expand_as(ids)[loss_cells] / denom[:, None].expand_as(ids)[loss_cells].clamp(min=1)
     return (ce * weight).sum() / B
+
+
+def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch.Tensor, mask_id: int,
+                    eos_id: int, block_length: int, eps: float = 1e-3, weighting: str = "elbo") -> torch.Tensor:
+    """Block-diffusion loss (BD3-LM's vectorised training) scoring every answer block in one forward.
+
+    Each row becomes [prompt | clean answer | noisy answer], the noisy copy at the
+    clean copy's positions. A noisy block attends to the prompt, the clean blocks
+    before it and itself; a clean block to the prompt and the clean blocks up to
+    its own. So every noisy block sees exactly the clean prefix the
+    semi-autoregressive decoder has given it, and all blocks of a row are
+    scored at once, where a block-masked row scores one. What it cannot show is
+    the fully masked blocks after the current one: mix it with plain rows.
+    Answers are cut after the block holding their first EOS; plain rows teach
+    the padding beyond.
+    """
+    dev = ids.device
+    rows, lens = [], []
+    for r in range(ids.shape[0]):
+        a_idx = ans[r].nonzero()[:, 0]
+        P, A = int(a_idx[0]), ids[r, ans[r]]
+        eos = (A == eos_id).nonzero()
+        end = int(eos[0, 0]) if len(eos) else len(A) - 1
+        L = min(len(A), (end // block_length + 1) * block_length)
+        rows.append((ids[r, :P], A[:L]))
+        lens.append(P + 2 * L)
+    B, T = len(rows), max(lens)
+    x = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
+    tgt = torch.zeros((B, T), dtype=torch.long, device=dev)
+    pos = torch.zeros((B, T), dtype=torch.long, device=dev)
+    kind = torch.full((B, T), -1, dtype=torch.long, device=dev)  # 0 prompt, 1 clean, 2 noisy, -1 padding
+    blk = torch.zeros((B, T), dtype=torch.long, device=dev)
+    t = (torch.arange(B, device=dev) + torch.rand(B, device=dev)) / B  # stratified U(0,1)
+    p_mask = (1 - eps) * t + eps
+    masked = torch.zeros((B, T), dtype=torch.bool, device=dev)
+    n_ans = torch.zeros(B, device=dev)
+    for r, (prompt, a) in enumerate(rows):
+        P, L = len(prompt), len(a)
+        ar = torch.arange(L, device=dev)
+        x[r, :P], x[r, P:P + L] = prompt, a
+        m = torch.rand(L, device=dev) < p_mask[r]
+        x[r, P + L:P + 2 * L] = torch.where(m, mask_id, a)
+        tgt[r, P + L:P + 2 * L] = a
+        masked[r, P + L:P + 2 * L] = m
+        pos[r, :P + L] = torch.arange(P + L, device=dev)
+        pos[r, P + L:P + 2 * L] = P + ar
+        kind[r, :P], kind[r, P:P + L], kind[r, P + L:P + 2 * L] = 0, 1, 2
+        blk[r, P:P + L] = blk[r, P + L:P + 2 * L] = ar // block_length
+        n_ans[r] = L
+    kq, kk = kind[:, :, None], kind[:, None, :]
+    bq, bk = blk[:, :, None], blk[:, None, :]
+    allowed = (kk == 0) | ((kq == 1) & (kk == 1) & (bk <= bq)) | ((kq == 2) & (kk == 1) & (bk < bq)) \
+        | ((kq == 2) & (kk == 2) & (bk == bq))
+    logits = model(x, positions=pos, attention_mask=allowed).logits
+    ce = F.cross_entropy(logits[masked].float(), tgt[masked], reduction="none")
+    per_row = torch.zeros(B, device=dev).index_add_(0, masked.nonzero()[:, 0], ce)
+    if weighting == "mean":
+        return (per_row / masked.sum(1).clamp(min=1)).sum() / B
+    return (per_row / (p_mask * n_ans)).sum() / B
 
 
 def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_length: int, block_length: int) -> float:
@@ -179,9 +260,30 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     if not 0.0 <= block_fraction <= 1.0:
         raise ValueError(f"train.block_fraction is the share of block-masked rows, in [0, 1]; got {block_fraction}")
 
+    block_k, weighting = str(tr.get("block_k", "uniform")), str(tr.get("loss_weighting", "elbo"))
+    if block_k not in ("uniform", "content"):
+        raise ValueError(f"train.block_k must be 'uniform' or 'content', got {block_k!r}")
+    if weighting not in ("elbo", "mean"):
+        raise ValueError(f"train.loss_weighting must be 'elbo' (LLaDA's 1/t) or 'mean', got {weighting!r}")
+
+    ts_fraction = float(tr.get("two_stream_fraction", 0.0))
+    ts_block = int(tr.get("two_stream_block", block_length))
+    if not 0.0 <= ts_fraction <= 1.0 or ts_block < 1:
+        raise ValueError(f"train.two_stream_fraction must be in [0, 1] and train.two_stream_block >= 1; "
+                         f"got {ts_fraction}, {ts_block}")
+
     def loss_fn() -> torch.Tensor:
         ids, ans, att = (t.to(dev) for t in batcher.next())
-        return mdm_loss(model, ids, ans, att, mask_id, block_length=block_length, block_fraction=block_fraction)
+        n2 = round(ts_fraction * ids.shape[0])  # rows scored as block-diffusion canvases
+        loss = ids.new_zeros((), dtype=torch.float32)
+        if n2:
+            loss = loss + n2 / ids.shape[0] * two_stream_loss(model, ids[:n2], ans[:n2], att[:n2], mask_id, eos_id,
+                                                              ts_block, weighting=weighting)
+        if n2 < ids.shape[0]:
+            loss = loss + (1 - n2 / ids.shape[0]) * mdm_loss(
+                model, ids[n2:], ans[n2:], att[n2:], mask_id, block_length=block_length,
+                block_fraction=block_fraction, block_k=block_k, eos_id=eos_id, weighting=weighting)
+        return loss
 
     train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
                lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
