@@ -190,6 +190,8 @@ def test_two_stream_noisy_block_sees_exactly_its_clean_prefix():
             assert torch.allclose(ref, logits[r, P + Lr + k * b:P + Lr + (k + 1) * b], atol=1e-5)
             checked += 1
     assert checked == 5
+    with pytest.raises(ValueError, match="weighting"):
+        two_stream_loss(model, ids, ans, torch.ones_like(ans), mask, eos, b, weighting="sqrt")
 
 
 def test_per_query_attention_mask_shape_is_checked():

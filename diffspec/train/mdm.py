@@ -160,6 +160,9 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
     Answers are cut after the block holding their first EOS; plain rows teach
     the padding beyond.
     """
+    if weighting not in ("elbo", "mean") or block_length < 1:
+        raise ValueError(f"two_stream_loss needs weighting 'elbo' or 'mean' and block_length >= 1; "
+                         f"got {weighting!r}, {block_length}")
     dev = ids.device
     rows, lens = [], []
     for r in range(ids.shape[0]):
