@@ -342,20 +342,28 @@ def test_tasks_listed():
     assert len(load_examples("arith", limit=3)) == 3
 
 
-def test_block_masking_looks_like_a_semi_autoregressive_canvas():
-    """Block rows: clean blocks before k, block k partly masked, everything after masked, only k scored."""
+def _canvas_spy(seen: dict):
+    """A stand-in model that records the canvas `mdm_loss` feeds it and returns zero logits."""
     import torch
 
     from diffspec.models.llada import ModelOutput
-    from diffspec.train.mdm import mdm_loss
-
-    seen = {}
 
     class Spy(torch.nn.Module):
         def forward(self, x, attention_mask=None):
             seen["x"] = x.clone()
             return ModelOutput(logits=torch.zeros(*x.shape, 10, requires_grad=True))
 
+    return Spy()
+
+
+def test_block_masking_looks_like_a_semi_autoregressive_canvas():
+    """Block rows: clean blocks before k, block k partly masked, everything after masked, only k scored."""
+    import torch
+
+    from diffspec.train.mdm import mdm_loss
+
+    seen = {}
+    Spy = lambda: _canvas_spy(seen)  # noqa: E731
     torch.manual_seed(0)
     B, P, L, mask = 64, 3, 12, 9
     ids = torch.randint(0, 8, (B, P + L))
@@ -392,3 +400,26 @@ def test_arith_spec_sets_the_numbers_and_keeps_splits():
     for bad in ({"max_operand": 0}, {"max_value": 3}, {"max_start": 60}, {"triple_prob": 1.5}):
         with pytest.raises(ValueError, match="ArithSpec"):
             arith.ArithSpec(**bad)
+
+
+def test_content_block_choice_never_scores_pure_padding_blocks():
+    import torch
+
+    from diffspec.train.mdm import mdm_loss
+
+    seen = {}
+    Spy = lambda: _canvas_spy(seen)  # noqa: E731
+    torch.manual_seed(0)
+    B, P, L, mask, eos = 256, 3, 12, 9, 8
+    ids = torch.randint(0, 8, (B, P + L))
+    ids[:, P + 3:] = eos  # every answer ends in block 0 (block length 4): blocks 1 and 2 are padding
+    ans = torch.zeros(B, P + L, dtype=torch.bool)
+    ans[:, P:] = True
+    for weighting in ("elbo", "mean"):
+        loss = mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0,
+                        block_k="content", eos_id=eos, weighting=weighting)
+        assert torch.isfinite(loss)
+        m = seen["x"][:, P:] == mask
+        assert m[:, 4:].all()  # only block 0 was ever the partly masked block
+    with pytest.raises(ValueError, match="eos_id"):
+        mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0, block_k="content")

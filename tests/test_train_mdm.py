@@ -200,31 +200,3 @@ def test_per_query_attention_mask_shape_is_checked():
     model = _tiny_llada()
     with pytest.raises(ValueError, match="per-query attention_mask"):
         model(torch.zeros(1, 6, dtype=torch.long), attention_mask=torch.ones(1, 6, 5, dtype=torch.bool))
-
-
-def test_content_block_choice_never_scores_pure_padding_blocks():
-    import torch
-    from diffspec.models.llada import ModelOutput
-    from diffspec.train.mdm import mdm_loss
-
-    seen = {}
-
-    class Spy(torch.nn.Module):
-        def forward(self, x, attention_mask=None):
-            seen["x"] = x.clone()
-            return ModelOutput(logits=torch.zeros(*x.shape, 10, requires_grad=True))
-
-    torch.manual_seed(0)
-    B, P, L, mask, eos = 256, 3, 12, 9, 8
-    ids = torch.randint(0, 8, (B, P + L))
-    ids[:, P + 3:] = eos  # every answer ends in block 0 (block length 4): blocks 1 and 2 are padding
-    ans = torch.zeros(B, P + L, dtype=torch.bool)
-    ans[:, P:] = True
-    for weighting in ("elbo", "mean"):
-        loss = mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0,
-                        block_k="content", eos_id=eos, weighting=weighting)
-        assert torch.isfinite(loss)
-        m = seen["x"][:, P:] == mask
-        assert m[:, 4:].all()  # only block 0 was ever the partly masked block
-    with pytest.raises(ValueError, match="eos_id"):
-        mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0, block_k="content")

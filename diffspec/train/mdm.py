@@ -86,6 +86,27 @@ class MDMBatcher:
         return ids, ans, att
 
 
+BLOCK_K = ("uniform", "content")
+WEIGHTINGS = ("elbo", "mean")  # LLaDA's 1/t, or each row's mean masked cross-entropy
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def mask_probs(B: int, device: torch.device, eps: float) -> torch.Tensor:
+    """Per-row masking probabilities: t ~ U(0, 1] stratified over the batch to cut variance."""
+    t = (torch.arange(B, device=device) + torch.rand(B, device=device)) / B
+    return (1 - eps) * t + eps
+
+
+def row_mean(ce: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Batch mean of each row's mean cross-entropy over its scored cells (`ce` is cells' values in order)."""
+    per_row = torch.zeros(cells.shape[0], device=ce.device).index_add_(0, cells.nonzero()[:, 0], ce)
+    return (per_row / cells.sum(1).clamp(min=1)).mean()
+
+
 def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch.Tensor, mask_id: int,
              eps: float = 1e-3, block_length: int = 0, block_fraction: float = 0.0,
              block_k: str = "uniform", eos_id: int | None = None, weighting: str = "elbo") -> torch.Tensor:
@@ -105,15 +126,12 @@ def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch
     cross-entropy instead of weighting it by 1/t: a lower-variance estimate of
     a differently weighted objective (the ELBO's 1/t favours nearly clean rows).
     """
-    if block_k not in ("uniform", "content"):
-        raise ValueError(f"block_k must be 'uniform' or 'content', got {block_k!r}")
-    if weighting not in ("elbo", "mean"):
-        raise ValueError(f"weighting must be 'elbo' (LLaDA's 1/t) or 'mean', got {weighting!r}")
+    check_choice("block_k", block_k, BLOCK_K)
+    check_choice("weighting", weighting, WEIGHTINGS)
     if block_k == "content" and eos_id is None:
         raise ValueError("block_k='content' needs eos_id to find where each answer ends")
     B = ids.shape[0]
-    t = (torch.arange(B, device=ids.device) + torch.rand(B, device=ids.device)) / B  # stratified U(0,1)
-    p_mask = ((1 - eps) * t + eps)[:, None]
+    p_mask = mask_probs(B, ids.device, eps)[:, None]
     masked = (torch.rand(ids.shape, device=ids.device) < p_mask) & ans
     scored = ans
     use_blocks = block_fraction > 0 and block_length > 0
@@ -137,8 +155,7 @@ def mdm_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att: torch
     loss_cells = masked & scored
     ce = F.cross_entropy(logits[loss_cells].float(), ids[loss_cells], reduction="none")
     if weighting == "mean":
-        per_row = torch.zeros(B, device=ids.device).index_add_(0, loss_cells.nonzero()[:, 0], ce)
-        return (per_row / loss_cells.sum(1).clamp(min=1)).sum() / B
+        return row_mean(ce, loss_cells)
     # LLaDA normalises by the answer length; a block row by the block's length.
     denom = torch.where(is_block[:, 0], torch.clamp(n_ans - k * block_length, max=block_length), n_ans) \
         if use_blocks else ans.sum(1)
@@ -160,9 +177,9 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
     Answers are cut after the block holding their first EOS; plain rows teach
     the padding beyond.
     """
-    if weighting not in ("elbo", "mean") or block_length < 1:
-        raise ValueError(f"two_stream_loss needs weighting 'elbo' or 'mean' and block_length >= 1; "
-                         f"got {weighting!r}, {block_length}")
+    check_choice("weighting", weighting, WEIGHTINGS)
+    if block_length < 1:
+        raise ValueError(f"two_stream_loss needs block_length >= 1; got {block_length}")
     dev = ids.device
     rows, lens = [], []
     for r in range(ids.shape[0]):
@@ -179,8 +196,7 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
     pos = torch.zeros((B, T), dtype=torch.long, device=dev)
     kind = torch.full((B, T), -1, dtype=torch.long, device=dev)  # 0 prompt, 1 clean, 2 noisy, -1 padding
     blk = torch.zeros((B, T), dtype=torch.long, device=dev)
-    t = (torch.arange(B, device=dev) + torch.rand(B, device=dev)) / B  # stratified U(0,1)
-    p_mask = (1 - eps) * t + eps
+    p_mask = mask_probs(B, dev, eps)
     masked = torch.zeros((B, T), dtype=torch.bool, device=dev)
     n_ans = torch.zeros(B, device=dev)
     for r, (prompt, a) in enumerate(rows):
@@ -202,9 +218,9 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
         | ((kq == 2) & (kk == 2) & (bk == bq))
     logits = model(x, positions=pos, attention_mask=allowed).logits
     ce = F.cross_entropy(logits[masked].float(), tgt[masked], reduction="none")
-    per_row = torch.zeros(B, device=dev).index_add_(0, masked.nonzero()[:, 0], ce)
     if weighting == "mean":
-        return (per_row / masked.sum(1).clamp(min=1)).sum() / B
+        return row_mean(ce, masked)
+    per_row = torch.zeros(B, device=dev).index_add_(0, masked.nonzero()[:, 0], ce)
     return (per_row / (p_mask * n_ans)).sum() / B
 
 
@@ -264,10 +280,8 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         raise ValueError(f"train.block_fraction is the share of block-masked rows, in [0, 1]; got {block_fraction}")
 
     block_k, weighting = str(tr.get("block_k", "uniform")), str(tr.get("loss_weighting", "elbo"))
-    if block_k not in ("uniform", "content"):
-        raise ValueError(f"train.block_k must be 'uniform' or 'content', got {block_k!r}")
-    if weighting not in ("elbo", "mean"):
-        raise ValueError(f"train.loss_weighting must be 'elbo' (LLaDA's 1/t) or 'mean', got {weighting!r}")
+    check_choice("train.block_k", block_k, BLOCK_K)
+    check_choice("train.loss_weighting", weighting, WEIGHTINGS)
 
     ts_fraction = float(tr.get("two_stream_fraction", 0.0))
     ts_block = int(tr.get("two_stream_block", block_length))
