@@ -8,7 +8,7 @@ import pytest
 
 from diffspec.cli import main
 from diffspec.models.checkpoint import load_model
-from diffspec.train.mdm import train_mdm
+from diffspec.train.mdm import arith_spec, build_tokenizer, train_mdm
 
 
 def _config(tmp_path, **train):
@@ -86,7 +86,6 @@ def test_train_mdm_tokenizer_from_and_init_from_checks(tmp_path):
 
 def test_train_mdm_data_arith_spec(tmp_path):
     from diffspec.tasks import arith
-    from diffspec.train.mdm import arith_spec
 
     assert arith_spec({}) == arith.TASK
     assert arith_spec({"data": {"arith": {"max_value": 99, "max_operand": 30, "max_start": 50,
@@ -99,29 +98,32 @@ def test_train_mdm_data_arith_spec(tmp_path):
     assert (train_mdm(tmp_path / "cfg.json") / "config.json").is_file()
 
 
-def test_bundled_model_stage_chain_is_consistent():
-    """configs/llada-arith-stage*.json then llada-arith.json: each stage warm-starts from the previous stage's
-    output with that stage's tokenizer, the shape never changes, and the last stage writes the bundled model."""
+def test_bundled_model_comes_from_one_from_scratch_config():
+    """configs/llada-arith.json alone writes the bundled model: no warm start, no borrowed tokenizer, a
+    45-minute budget, the bundled model's shape, and a BPE that rebuilds exactly the bundled tokenizer."""
     from pathlib import Path
 
-    from diffspec.models.checkpoint import DEFAULT_MODEL_DIR
+    from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, load_tokenizer, read_config
+    from diffspec.models.llada import LLaDAConfig
     from diffspec.train.common import read_train_config
-    from diffspec.train.mdm import arith_spec
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    stages = sorted(configs.glob("llada-arith-stage*.json")) + [configs / "llada-arith.json"]
-    assert len(stages) >= 2
-    cfgs = [read_train_config(p) for p in stages]
-    assert "init_from" not in cfgs[0]["train"] and "tokenizer_from" not in cfgs[0]
-    for prev, cur in zip(cfgs, cfgs[1:]):
-        assert cur["train"]["init_from"] == prev["out"]
-        # the same tokenizer: borrowed from the previous stage, or rebuilt from the same BPE settings
-        assert cur.get("tokenizer_from") == prev["out"] or cur.get("tokenizer") == prev.get("tokenizer") is not None
-        assert cur["model"] == prev["model"]
-        assert cur["state_dir"] != prev["state_dir"]
-    assert (configs.parent / cfgs[-1]["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
-    for c in cfgs:
-        arith_spec(c)  # every stage's data.arith is valid
+    root = Path(__file__).resolve().parents[1]
+    cfg = read_train_config(root / "configs" / "llada-arith.json")
+    assert "init_from" not in cfg["train"] and "tokenizer_from" not in cfg
+    assert (root / cfg["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
+    assert cfg["train"]["max_minutes"] <= 45
+    arith_spec(cfg)
+    bundled = LLaDAConfig.from_hf_dict(read_config(DEFAULT_MODEL_DIR))
+    for key, value in cfg["model"].items():
+        assert getattr(bundled, key) == value, key
+    assert build_tokenizer(cfg).fingerprint() == load_tokenizer(DEFAULT_MODEL_DIR).fingerprint()
+
+
+def test_tokenizer_section_is_checked():
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        build_tokenizer({"tokenizer": {"vocab": 512}})
+    with pytest.raises(ValueError, match="tokenizer.arith"):
+        build_tokenizer({"tokenizer": {"arith": {"max_values": 3}}})
 
 
 def test_train_mdm_two_stream_and_loss_options_run_and_are_checked(tmp_path, capsys):

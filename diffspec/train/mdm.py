@@ -25,22 +25,33 @@ from ..tasks import Example, arith, arith_examples, arith_mc_examples, score
 from .common import setup, shared_tokenizer, train_loop
 
 
-def arith_spec(cfg: dict[str, Any]) -> arith.ArithSpec:
+def arith_spec(cfg: dict[str, Any], where: str = "data.arith") -> arith.ArithSpec:
     """`data.arith` (ArithSpec fields) lets a curriculum stage train on harder numbers than the task's."""
-    fields = cfg.get("data", {}).get("arith", {})
+    section, key = where.split(".")
+    fields = cfg.get(section, {}).get(key, {})
     known = set(arith.ArithSpec.__dataclass_fields__)
     if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(f"data.arith must be an object with keys from {sorted(known)}; got {fields!r}")
+        raise ValueError(f"{where} must be an object with keys from {sorted(known)}; got {fields!r}")
     return arith.ArithSpec(**fields)
 
 
+TOKENIZER_KEYS = ("vocab_size", "corpus_problems", "arith")
+
+
 def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
-    """`tokenizer_from`'s tokenizer if the config names one, else a BPE trained on arith text."""
+    """`tokenizer_from`'s tokenizer if the config names one, else a BPE trained on arith text.
+
+    `tokenizer.arith` sets the numbers of the BPE corpus apart from the training data's, so a
+    from-scratch config can rebuild exactly the bundled tokenizer (whose corpus was `arith.HARD`)
+    without borrowing it from the checkpoint it is about to overwrite.
+    """
     if cfg.get("tokenizer_from"):
         return shared_tokenizer(cfg)
     tcfg = cfg.get("tokenizer", {})
+    if not isinstance(tcfg, dict) or set(tcfg) - set(TOKENIZER_KEYS):
+        raise ValueError(f"tokenizer must be an object with keys from {list(TOKENIZER_KEYS)}; got {tcfg!r}")
     n = int(tcfg.get("corpus_problems", 20000))
-    spec = arith_spec(cfg)
+    spec = arith_spec(cfg, "tokenizer.arith") if "arith" in tcfg else arith_spec(cfg)
     texts = [e.prompt + e.solution for e in arith_examples("train", n, seed=10_000, spec=spec)]
     texts += [e.prompt + e.solution for e in arith_mc_examples("train", n // 10, seed=10_000, spec=spec)]
     return train_bpe(texts, int(tcfg.get("vocab_size", 512)))
