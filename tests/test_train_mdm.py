@@ -60,6 +60,7 @@ def test_train_mdm_tokenizer_from_and_init_from_checks(tmp_path):
     second_dir.mkdir()
     cfg = json.loads(_config(second_dir, steps=1, init_from=str(first)).read_text())
     cfg["tokenizer_from"] = str(first)
+    del cfg["tokenizer"]  # borrowing and training a BPE are exclusive
     (second_dir / "cfg.json").write_text(json.dumps(cfg))
     _, tok2 = load_model(train_mdm(second_dir / "cfg.json"))
     assert tok2.fingerprint() == tok.fingerprint()
@@ -74,6 +75,7 @@ def test_train_mdm_tokenizer_from_and_init_from_checks(tmp_path):
         train_mdm(third / "cfg.json")
     # same tokenizer, another shape
     cfg["tokenizer_from"] = str(first)
+    del cfg["tokenizer"]
     cfg["model"]["n_layers"] = 2
     (third / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model shape"):
@@ -124,6 +126,8 @@ def test_tokenizer_section_is_checked():
         build_tokenizer({"tokenizer": {"vocab": 512}})
     with pytest.raises(ValueError, match="tokenizer.arith"):
         build_tokenizer({"tokenizer": {"arith": {"max_values": 3}}})
+    with pytest.raises(ValueError, match="not both"):
+        build_tokenizer({"tokenizer": {"vocab_size": 512}, "tokenizer_from": "diffspec/assets/llada-arith"})
 
 
 def test_train_mdm_two_stream_and_loss_options_run_and_are_checked(tmp_path, capsys):

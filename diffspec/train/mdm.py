@@ -46,6 +46,9 @@ def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
     without borrowing it from the checkpoint it is about to overwrite.
     """
     if cfg.get("tokenizer_from"):
+        if "tokenizer" in cfg:
+            raise ValueError("set either tokenizer_from (borrow a checkpoint's tokenizer) or tokenizer (train a BPE), "
+                             "not both")
         return shared_tokenizer(cfg)
     tcfg = cfg.get("tokenizer", {})
     if not isinstance(tcfg, dict) or set(tcfg) - set(TOKENIZER_KEYS):
