@@ -25,13 +25,12 @@ from ..tasks import Example, arith, arith_examples, arith_mc_examples, score
 from .common import setup, shared_tokenizer, train_loop
 
 
-def arith_spec(cfg: dict[str, Any], where: str = "data.arith") -> arith.ArithSpec:
-    """`data.arith` (ArithSpec fields) lets a curriculum stage train on harder numbers than the task's."""
-    section, key = where.split(".")
-    fields = cfg.get(section, {}).get(key, {})
+def arith_spec(cfg: dict[str, Any], section: str = "data") -> arith.ArithSpec:
+    """`<section>.arith` (ArithSpec fields): a config may train, or build its BPE, on other numbers than the task's."""
+    fields = cfg.get(section, {}).get("arith", {})
     known = set(arith.ArithSpec.__dataclass_fields__)
     if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(f"{where} must be an object with keys from {sorted(known)}; got {fields!r}")
+        raise ValueError(f"{section}.arith must be an object with keys from {sorted(known)}; got {fields!r}")
     return arith.ArithSpec(**fields)
 
 
@@ -54,7 +53,7 @@ def build_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
     if not isinstance(tcfg, dict) or set(tcfg) - set(TOKENIZER_KEYS):
         raise ValueError(f"tokenizer must be an object with keys from {list(TOKENIZER_KEYS)}; got {tcfg!r}")
     n = int(tcfg.get("corpus_problems", 20000))
-    spec = arith_spec(cfg, "tokenizer.arith") if "arith" in tcfg else arith_spec(cfg)
+    spec = arith_spec(cfg, "tokenizer" if "arith" in tcfg else "data")
     texts = [e.prompt + e.solution for e in arith_examples("train", n, seed=10_000, spec=spec)]
     texts += [e.prompt + e.solution for e in arith_mc_examples("train", n // 10, seed=10_000, spec=spec)]
     return train_bpe(texts, int(tcfg.get("vocab_size", 512)))
