@@ -36,6 +36,11 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g.add_argument("--local-radius", type=int, help="--policy local: columns an anchor reaches (default 1)")
     g.add_argument("--cache", help="none | prefix | dual | dkv-decode | dkv-greedy | dkv-prefill")
     g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps")
+    g.add_argument("--logits-eos-inf", action="store_const", const=True,
+                   help="LLaDA sampler option: never propose EOS (default off)")
+    g.add_argument("--confidence-eos-eot-inf", action="store_const", const=True,
+                   help="LLaDA sampler option: cells whose candidate is EOS or <|eot_id|> get confidence 0, "
+                        "so the answer's end is committed last (default off)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, help="prompts decoded together (default 32)")
     d = p.add_argument_group("dualdiffusion (drafter drafts, --model verifies)")
@@ -89,7 +94,8 @@ def _verifier_is_model(a: argparse.Namespace) -> None:
 
 def _options(a: argparse.Namespace) -> dict:
     keys = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
-            "factor", "local_threshold", "local_radius", "cache", "refresh_interval", "seed", "batch_size"]
+            "factor", "local_threshold", "local_radius", "cache", "refresh_interval", "seed", "batch_size",
+            "logits_eos_inf", "confidence_eos_eot_inf"]
     keys += list(DUAL_OPTIONS) + list(PSD_OPTIONS) + ["gamma", "gamma2", "k", "vp_drafter"]
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 

@@ -8,7 +8,7 @@ COLUMNS = [
     ("accuracy", "accuracy", "{:.1%}"),
     ("Δacc", "accuracy_delta", "{:+.1%}"),
     ("fwd/seq", "nfe_per_sequence", "{:.1f}"),
-    ("TPF", "tokens_per_forward", "{:.2f}"),
+    ("TPF (target)", "tokens_per_forward", "{:.2f}"),
     ("tokens processed", "tokens_processed", "{:,}"),
     ("GFLOPs", "flops", None),
     ("wall s", "wall_seconds", "{:.1f}"),
@@ -32,17 +32,34 @@ def drafter_flops(r: dict[str, Any]) -> float | None:
     return sum(m["flops"] for name, m in models.items() if name != primary)
 
 
-# Shown only when some row has them, so single-model tables stay narrow; each goes after the named column.
+def tokens_per_forward_all(r: dict[str, Any]) -> float | None:
+    """Tokens per forward of any model (drafters included); equals TPF (target) for one-model rows."""
+    return r.get("tokens_per_forward_all", r.get("tokens_per_forward"))
+
+
+def _has_drafter(rows: list[dict[str, Any]]) -> bool:
+    return any(drafter_flops(r) is not None for r in rows)
+
+
+def _has(get: Any) -> Any:
+    return lambda rows: any(get(r) is not None for r in rows)
+
+
+# Shown only when `show(rows)`, so single-model tables stay narrow; each goes right after the named
+# column (so of two after the same column, the later one in this list comes first).
+# "TPF (target)" divides generated tokens (each answer through its first EOS) by target / verifier
+# forwards; "TPF (all models)" by the forwards of every model, drafters included.
 OPTIONAL = [
-    ("τ (tokens/round)", acceptance_length, "{:.2f}", "tokens_per_forward"),
-    ("drafter GFLOPs", drafter_flops, None, "flops"),
+    ("τ (tokens/round)", acceptance_length, "{:.2f}", "tokens_per_forward", _has(acceptance_length)),
+    ("TPF (all models)", tokens_per_forward_all, "{:.2f}", "tokens_per_forward", _has_drafter),
+    ("drafter GFLOPs", drafter_flops, None, "flops", _has(drafter_flops)),
 ]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns: list[tuple[str, Any, str | None]] = list(COLUMNS)
-    for title, get, fmt, after in OPTIONAL:
-        if any(get(r) is not None for r in rows):
+    for title, get, fmt, after, show in OPTIONAL:
+        if show(rows):
             at = next(i for i, c in enumerate(columns) if c[1] == after) + 1
             columns.insert(at, (title, get, fmt))
     head = "| " + " | ".join(c[0] for c in columns) + " |"

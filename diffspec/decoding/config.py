@@ -31,6 +31,11 @@ class DecodeConfig:
     refresh_interval: int = 8
     seed: int = 0
     batch_size: int = 32
+    # LLaDA's sampler options (its Appendix B.4), off by default as there: `logits_eos_inf` never
+    # proposes EOS; `confidence_eos_eot_inf` scores cells whose candidate is EOS or <|eot_id|> with
+    # confidence 0, so the answer's end is committed last.
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -83,6 +88,7 @@ class DecodeConfig:
             "local_threshold": self.policy == "local",
             "local_radius": self.policy == "local",
             "refresh_interval": self.cache in ("dkv-decode", "dkv-greedy"),
+            "confidence_eos_eot_inf": self.remasking == "low_confidence",
         }
         return sorted(k for k in given if used_by.get(k) is False)
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..models.tokenizer import Tokenizer
 from .cache import make_cache
 from .config import DecodeConfig
-from .meter import CostMeter, MeteredModel
+from .meter import CostMeter, MeteredModel, answer_length
 from .policies import num_transfer_tokens, select_factor, select_local, select_threshold, select_topk
 from .state import Canvas
 
@@ -50,12 +50,21 @@ def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Genera
     return logits.exp() / gumbel
 
 
-def propose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Candidate tokens and their confidence (softmax prob of the candidate, or random)."""
+def propose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None,
+            end_ids: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+    """Candidate tokens and their confidence (softmax prob of the candidate, or random).
+
+    With `cfg.confidence_eos_eot_inf` the confidence comes from a softmax in which
+    the `end_ids` (EOS, <|eot_id|>) are impossible, as in LLaDA's sampler: a cell
+    whose candidate ends the answer scores 0, so it is committed after the others.
+    """
     x0 = add_gumbel_noise(logits, cfg.temperature, generator).argmax(dim=-1)
     if cfg.remasking == "low_confidence":
-        p = F.softmax(logits.to(torch.float64), dim=-1)
-        conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+        scored = logits
+        if cfg.confidence_eos_eot_inf and end_ids:
+            scored = logits.index_fill(-1, torch.tensor(list(end_ids), device=logits.device), -torch.inf)
+        p = F.softmax(scored.to(torch.float64), dim=-1)
+        conf = torch.gather(p, -1, x0[..., None]).squeeze(-1).nan_to_num(0.0)  # NaN: only end ids were finite
     else:
         conf = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
     return x0, conf
@@ -105,6 +114,9 @@ class BlockDecoder:
         self.block: int | None = None
         self.step_in_block = 0
         self._mask_index = torch.tensor([canvas.mask_id], device=canvas.x.device)
+        mc = model.config
+        self._eos_index = torch.tensor([mc.eos_token_id], device=canvas.x.device)
+        self._end_ids = tuple(i for i in (mc.eos_token_id, getattr(mc, "eot_token_id", None)) if i is not None)
 
     def current_block(self) -> int | None:
         """The first block in which some row still has a masked cell (None when done)."""
@@ -136,7 +148,9 @@ class BlockDecoder:
         # Never propose the mask token itself: committing it would leave the slot
         # masked, and with greedy decoding the loop would then never terminate.
         logits = logits.index_fill(-1, self._mask_index, -torch.inf)
-        x0, conf = propose(logits, cfg, self.generator)
+        if cfg.logits_eos_inf:
+            logits = logits.index_fill(-1, self._eos_index, -torch.inf)
+        x0, conf = propose(logits, cfg, self.generator, self._end_ids)
         conf = torch.where(masked, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
         k = self.plan[step] if step < len(self.plan) else 1
         chosen = select(conf, cfg, k)
@@ -210,7 +224,7 @@ def run_batches(
             for row in canvas.generated().tolist():
                 raw.append(row)
                 token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
-            meter.tokens_generated += canvas.batch_size * cfg.gen_length
+                meter.tokens_generated += answer_length(row, (mcfg.eos_token_id,))
             meter.sequences += canvas.batch_size
             bar.update(len(batch))
     bar.close()

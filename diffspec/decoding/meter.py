@@ -3,18 +3,33 @@
 `nfe` counts model calls (a batched call counts once and its batch size is
 recorded); `sequence_forwards` counts how many sequences each call advanced,
 which is what tokens-per-forward divides by, so batching prompts together does
-not change a method's TPF. FLOPs come from the model's own estimate
-(2·params·tokens + attention), so a cheap drafter step and an expensive
-verifier step are comparable.
+not change a method's TPF. A batched call that scores K views of the same
+prompt (PSD, DualDiffusion's stepwise view) advances that prompt once; its K
+rows show up in `tokens_processed` and FLOPs. FLOPs come from the model's own
+estimate (2·params·tokens + attention), so a cheap drafter step and an
+expensive verifier step are comparable.
+
+`tokens_generated` means the same for every method: each answer's tokens up to
+and including its first EOS (`answer_length`). A masked diffusion model fills
+the whole canvas, the EOS padding after the answer included, but counting that
+padding would inflate its tokens per forward against an AR method that stops
+at EOS. Two TPFs are reported: per forward of the primary model (target /
+verifier: `tokens_per_forward`) and per forward of any model, drafters
+included (`tokens_per_forward_all`).
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
+
+
+def answer_length(ids: list[int], eos_ids: Collection[int]) -> int:
+    """Tokens of one answer up to and including its first EOS (all of them when there is none)."""
+    return next((i + 1 for i, t in enumerate(ids) if t in eos_ids), len(ids))
 
 
 @dataclass
@@ -99,6 +114,8 @@ class CostMeter:
         return self.tokens_generated / n if n else 0.0
 
     def summary(self) -> dict[str, Any]:
+        """Totals as JSON-ready numbers. `tokens_per_forward` is per primary-model (target /
+        verifier) forward, `tokens_per_forward_all` per forward of any model."""
         per_seq = max(self.sequences, 1)
         return {
             "nfe": self.nfe,

@@ -159,6 +159,10 @@ def load_model(
         return LLaDAConfig.from_hf_dict(raw)
 
     cfg, tok = config_and_tokenizer(path, parse, lambda c: c.embedding_size)
+    if cfg.eot_token_id is None:  # LLaDA-Instruct's config.json omits it; its tokenizer names it
+        eot = tok.token_to_id("<|eot_id|>")
+        if eot is not None and eot < cfg.embedding_size:
+            cfg.eot_token_id = eot
     state = _read_weights(path)
     with torch.device("meta"):
         model = LLaDAModel(cfg)

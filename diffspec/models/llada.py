@@ -32,6 +32,7 @@ class LLaDAConfig:
     mask_token_id: int = 1
     eos_token_id: int = 0
     pad_token_id: int | None = None
+    eot_token_id: int | None = None  # <|eot_id|> of instruct models; from config.json or the tokenizer
     weight_tying: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -47,8 +48,8 @@ class LLaDAConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        for name in ("mask_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.embedding_size:
+        for name in ("mask_token_id", "eos_token_id", "eot_token_id"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < self.embedding_size:
                 raise ValueError(f"config {name}={getattr(self, name)} is outside the vocabulary ({self.embedding_size})")
 
     @property

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..decoding.config import check_field_types
 from ..decoding.diffusion import GenerationResult
-from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.meter import CostMeter, MeteredModel, answer_length
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
 
@@ -238,7 +238,7 @@ def _finish(tokenizer: Tokenizer, raw: list[list[int]], eos: frozenset[int], cfg
     for row in raw:
         stop = next((i for i, t in enumerate(row) if t in eos), len(row)) if cfg.stop_at_eos else len(row)
         cut.append(row[:stop])
-    meter.tokens_generated += sum(len(r) for r in raw)
+    meter.tokens_generated += sum(answer_length(r, eos) for r in raw)
     meter.sequences += len(raw)
     return cut, [tokenizer.decode(ids, skip_special_tokens=True) for ids in cut]
 

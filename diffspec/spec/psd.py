@@ -110,6 +110,9 @@ class PSDConfig(WrapsDecodeConfig):
             raise ValueError("PSD ranks cells by confidence; use remasking 'low_confidence'")
         if d.cfg_scale != 0:
             raise ValueError("PSD does not support classifier-free guidance (cfg_scale must be 0)")
+        if d.logits_eos_inf or d.confidence_eos_eot_inf:
+            raise ValueError("PSD does not support logits_eos_inf / confidence_eos_eot_inf (LLaDA sampler options "
+                             "of vanilla, fast-dllm, dkv-cache and the dualdiffusion drafter); leave them off")
         if d.cache not in PSD_CACHES:
             raise ValueError(f"PSD supports caches {', '.join(PSD_CACHES)}, not {d.cache!r}")
         if self.lossless:

@@ -1,0 +1,65 @@
+"""One meaning of "tokens generated" for every method: each answer through its first EOS.
+
+A masked diffusion model fills its whole canvas, the EOS padding after the
+answer included; an AR model stops at EOS. Counting the padding would inflate
+a diffusion method's tokens per forward against an AR method's, so the meter
+counts the same thing for both (`answer_length`).
+"""
+from __future__ import annotations
+
+import pytest
+
+from diffspec.api import generate, load_any
+from diffspec.bench.table import format_table
+from diffspec.decoding.meter import answer_length
+from diffspec.spec.armethods import DEFAULT_TARGET
+from diffspec.tasks import load_examples
+
+
+def test_answer_length_counts_through_the_first_eos():
+    assert answer_length([5, 6, 0, 0, 7], {0}) == 3
+    assert answer_length([0, 0], {0}) == 1
+    assert answer_length([5, 6, 7], {0}) == 3
+    assert answer_length([5, 9, 6], {0, 9}) == 2
+    assert answer_length([], {0}) == 0
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return [e.prompt for e in load_examples("arith", limit=3)]
+
+
+@pytest.mark.parametrize("method, options", [("vanilla", {}), ("fast-dllm", {"cache": "dual", "policy": "threshold"})])
+def test_diffusion_methods_do_not_count_the_eos_padding(prompts, method, options):
+    res = generate(prompts, method=method, **options)  # the bundled LLaDA model
+    gen_length = res.config.gen_length
+    eos_id = load_any(None)[0].config.eos_token_id
+    padded = [row for row in res.raw_ids if row.count(eos_id) > 1]
+    assert padded, "the bundled model's short answers leave EOS padding on the canvas"
+    expected = sum(len(ids) + 1 if len(ids) < gen_length else len(ids) for ids in res.token_ids)
+    assert res.meter.tokens_generated == expected
+    assert res.meter.tokens_generated < len(prompts) * gen_length
+
+
+def test_ar_counts_the_same_way(prompts):
+    res = generate(prompts, model=DEFAULT_TARGET, method="ar")
+    # every answer of the bundled target ends with an EOS: its tokens plus that EOS
+    assert res.meter.tokens_generated == sum(len(ids) + 1 for ids in res.token_ids)
+    assert res.meter.tokens_per_forward == pytest.approx(1.0)
+
+
+def test_table_names_both_tokens_per_forward():
+    one = {"label": "vanilla", "tokens_per_forward": 2.0, "tokens_per_forward_all": 2.0, "primary": "model",
+           "models": {"model": {"flops": 1e9}}}
+    two = {"label": "dual", "tokens_per_forward": 6.0, "tokens_per_forward_all": 2.5, "primary": "verifier",
+           "models": {"verifier": {"flops": 1e9}, "drafter": {"flops": 2e9}}}
+    narrow = format_table([one])
+    assert "TPF (target)" in narrow and "TPF (all models)" not in narrow
+    wide = format_table([one, two])
+    head, _, r1, r2 = wide.splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    i, j = cols.index("TPF (target)"), cols.index("TPF (all models)")
+    assert j == i + 1
+    cells = [c.strip() for c in r2.strip("|").split("|")]
+    assert (cells[i], cells[j]) == ("6.00", "2.50")
+    assert [c.strip() for c in r1.strip("|").split("|")][j] == "2.00"
