@@ -148,23 +148,25 @@ def test_fast_dllm_tokens_processed_by_hand():
 
 
 def test_dkv_tokens_processed_by_hand():
-    """Batch 1, prompt 5, gen 8, 1 token a step, T = 13. Forward j ≥ 1 feeds the uncached cells.
-    dkv-decode (block 8, refresh 8): forward 0 full (13); forward j feeds the 8 - j masked
-        cells plus the 1 decoded at step j-1 (cached one step late) = 9 - j:
-        13 + (8 + 7 + ... + 2) = 13 + 35 = 48
-    dkv-decode, refresh 4: forwards 0 and 4 full: 13 + (8+7+6) + 13 + (4+3+2) = 56
-    dkv-greedy (block 4, refresh 8): forward j feeds the block's masked cells plus the token
-        decoded at step j-1: block 0: 13, 3+1, 2+1, 1+1; block 1: 4+1, 3+1, 2+1, 1+1 = 36
+    """Batch 1, prompt 5, gen 8, 1 token a step, T = 13. The refresh clock restarts at each block.
+    dkv-decode (block 8, refresh 8): block steps 0 and 1 full (13 each); step j ≥ 2 feeds the
+        8 - j masked cells plus the 1 decoded at step j-1 (cached one step late) = 9 - j:
+        13 + 13 + (7 + 6 + 5 + 4 + 3 + 2) = 26 + 27 = 53
+    dkv-decode, refresh 4: steps 0, 1 and 4 full: 13 + 13 + (7+6) + 13 + (4+3+2) = 61
+    dkv-greedy (block 4, refresh 8, low-confidence remasking: every masked cell of the block is
+        a candidate): block step 0 full, then the block's masked cells plus the token decoded at
+        the previous step: per block 13 + (3+1) + (2+1) + (1+1) = 22, two blocks = 44
     dkv-prefill (block 4): forward 0 full, then the 8 generation columns: 13 + 7·8 = 69"""
     model, ps = tiny_model(), prompts(5)
-    assert decode(model, ps, cache="dkv-decode", block_length=8)[1].tokens_processed == 48
-    assert decode(model, ps, cache="dkv-decode", block_length=8, refresh_interval=4)[1].tokens_processed == 56
-    assert decode(model, ps, cache="dkv-greedy")[1].tokens_processed == 36
+    assert decode(model, ps, cache="dkv-decode", block_length=8)[1].tokens_processed == 53
+    assert decode(model, ps, cache="dkv-decode", block_length=8, refresh_interval=4)[1].tokens_processed == 61
+    assert decode(model, ps, cache="dkv-greedy")[1].tokens_processed == 44
     assert decode(model, ps, cache="dkv-prefill")[1].tokens_processed == 69
 
 
 def test_dkv_decode_caches_a_token_one_step_after_it_is_decoded(monkeypatch):
-    """A token decoded at step t is fed at t+1 (computed with its real token), then read from the cache."""
+    """A token decoded at step t is fed at t+1 (computed with its real token), then read from the
+    cache. Block steps 0 and 1 are full forwards (the reference's schedule)."""
     fed: list[set[int]] = []
     snapshots: list[torch.Tensor] = []
     forward = KVStore.forward
@@ -178,8 +180,8 @@ def test_dkv_decode_caches_a_token_one_step_after_it_is_decoded(monkeypatch):
     monkeypatch.setattr(KVStore, "forward", spy)
     x, _ = decode(tiny_model(), prompts(5), cache="dkv-decode", block_length=8, refresh_interval=100)
     snapshots.append(x[0])
-    assert fed[0] == set(range(13))  # first forward: full, caches the prompt
-    for t in range(1, 8):
+    assert fed[0] == fed[1] == set(range(13))  # block steps 0 and 1: full
+    for t in range(2, 8):
         masked = {c for c in range(13) if snapshots[t][c] == MASK}
         (just_decoded,) = (snapshots[t] != snapshots[t - 1]).nonzero()[:, 0].tolist()
         assert fed[t] == masked | {just_decoded}
@@ -206,7 +208,7 @@ class Recorder:
 
 def decode_recorded(monkeypatch, model, ps, **kw) -> tuple[torch.Tensor, list]:
     log: list = []
-    monkeypatch.setattr(diffusion, "make_cache", lambda cfg, m, c: Recorder(make_cache(cfg, m, c), c, log))
+    monkeypatch.setattr(diffusion, "make_cache", lambda cfg, m, c, g=None: Recorder(make_cache(cfg, m, c, g), c, log))
     return decode(model, ps, **kw)[0], log
 
 

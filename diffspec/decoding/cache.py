@@ -10,29 +10,48 @@ and remembers which cells are valid and which token they were computed from.
 Before each forward, `CachedDecoding` decides which cells *need* fresh
 computation:
 
-    need = not cached  |  cached but its token changed since  |  masked in the current block
+    need = not cached  |  cached but its token changed since  |  queried this step
 
-(the last term because the unmasking policy must score every candidate with a
-fresh query), or every cell of a row when the policy calls for a full
-refresh. The forward feeds only the columns some row needs and attends to
-those plus the stored ones; fresh K/V of the *cacheable* cells among them are
-kept for later forwards. The policies then only say two things:
+where the queried cells are, by default, the masked cells of the current block
+(the unmasking policy must score every candidate with a fresh query), or every
+cell of a row when the policy calls for a full refresh. The forward feeds only
+the columns some row needs and attends to those plus the stored ones; fresh
+K/V of the *cacheable* cells among them are kept for later forwards. The
+policies then only say three things:
 
-| cache        | full refresh when                   | cacheable cells (K/V kept)                 |
-|--------------|-------------------------------------|--------------------------------------------|
-| prefix       | first forward of each block         | columns before the block (Fast-dLLM)       |
-| dual         | first forward of each block         | every column outside the block (Fast-dLLM) |
-| dkv-decode   | every `refresh_interval` steps      | decoded cells (prompt included)            |
-| dkv-greedy   | every `refresh_interval` steps      | every cell, masked ones too                |
-| dkv-prefill  | the first step only                 | prompt columns                             |
+| cache       | full refresh at block step j  | cacheable cells (K/V kept)      | queried between refreshes          |
+|-------------|-------------------------------|---------------------------------|------------------------------------|
+| prefix      | j = 0                         | columns before the block        | the block's masked cells           |
+| dual        | j = 0                         | every column outside the block  | the block's masked cells           |
+| dkv-decode  | j = 0, 1 and every j % N == 0 | decoded cells (prompt included) | the block's masked cells           |
+| dkv-greedy  | every j % N == 0              | every cell, masked ones too     | cells decoded at this step + their |
+|             |                               |                                 | window (random remasking); else    |
+|             |                               |                                 | the block's masked cells           |
+| dkv-prefill | first step of the first block | prompt columns                  | the block's masked cells           |
+
+N is `refresh_interval`. Block step j counts, per row, the forwards since the
+current block began in which the row still had masked cells in the block, so
+the clock restarts at every block as in each method's reference code.
 
 From that rule the papers' behaviour follows: prefix feeds [s, T) inside a
 block, dual feeds [s, e); dKV-Decode caches a token one step *after* it is
 decoded (its cell is not cacheable while masked, so the forward after the
-commit computes it with the real token and stores it); dKV-Greedy keeps stale
-K/V of masked cells outside the block and recomputes only the block's masked
-cells plus the tokens committed at the previous step; dKV-Prefill recomputes
-the whole generation region every step.
+commit computes it with the real token and stores it) and recomputes every
+masked cell of the canvas each step; dKV-Greedy keeps stale K/V of every cell
+it does not feed and recomputes only the cells about to be decoded, the
+tokens committed at the previous step and a window of masked neighbours;
+dKV-Prefill recomputes the whole generation region every step.
+
+The dKV schedules follow horseee/dKV-Cache (`generation_utils/
+llada_dkv_cache_decode.py` and `llada_dkv_cache_greedy.py`, function
+`generate`): both reset their cache and their step counter at every block;
+Decode runs full forwards at the block's steps 0 and 1 (step 0 stores nothing
+there, so step 1 builds the cache) and at every `cache_reloading_step`-th
+step; Greedy at every `cache_reloading_step`-th step from step 0. Greedy needs
+the cells of step j before its forward: the reference draws a random decoding
+order per block up front (it refuses low-confidence remasking); here the
+policy's random draw for the step is replayed from the decoding loop's
+generator instead (see `DKVGreedy`).
 """
 from __future__ import annotations
 
@@ -44,6 +63,7 @@ from torch import Tensor
 
 from .config import DecodeConfig
 from .meter import MeteredModel
+from .policies import num_transfer_tokens
 from .state import Canvas
 
 
@@ -173,16 +193,19 @@ class KVStore:
 class CachedDecoding:
     """One KV store plus a policy: which rows get a full forward, which cells to keep.
 
-    Subclasses implement `refresh_due` and `cacheable`; everything else (what
-    to feed, what to attend, what to store) follows from the rule in the
-    module docstring, so the variants cannot drift apart.
+    Subclasses implement `refresh_due` and `cacheable` (and may narrow
+    `queried`); everything else (what to feed, what to attend, what to store)
+    follows from the rule in the module docstring, so the variants cannot
+    drift apart.
 
-    Refresh clocks are per row and count only the forwards in which the row
-    still had masked cells in the block: with a variable-step policy
-    (threshold, factor) a row that finished its block early sits through its
-    companions' extra forwards, and those must not shift its refresh schedule.
-    Such an idle forward changes nothing for the row (its canvas is fixed, so
-    recomputed cells come out as they would at its next real step).
+    Refresh clocks are per row and per block: `block_steps[r]` counts the
+    forwards since the current block began in which row r still had masked
+    cells in the block (`row_steps[r]` the same across blocks). With a
+    variable-step policy (threshold, factor) a row that finished its block
+    early sits through its companions' extra forwards, and those must not
+    shift its refresh schedule. Such an idle forward changes nothing for the
+    row (its canvas is fixed, so recomputed cells come out as they would at
+    its next real step).
     """
 
     def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig):
@@ -192,10 +215,13 @@ class CachedDecoding:
         self.s = self.e = 0
         self.block_start = False
         self.row_steps = torch.zeros(canvas.batch_size, dtype=torch.long, device=device)  # across blocks
+        self.block_steps = torch.zeros_like(self.row_steps)  # since the current block began
+        self.last_need = torch.zeros_like(canvas.x, dtype=torch.bool)  # cells the last forward recomputed
 
     def begin_block(self, s: int, e: int) -> None:
         self.s, self.e = s, e
         self.block_start = True
+        self.block_steps.zero_()
 
     def refresh_due(self) -> Tensor:
         """Bool (B,): rows whose next forward must recompute (and re-store) every cell."""
@@ -204,6 +230,17 @@ class CachedDecoding:
     def cacheable(self) -> Tensor:
         """Bool (B, T): cells whose fresh K/V may be stored for later forwards."""
         raise NotImplementedError
+
+    def queried(self, step: int, candidates: Tensor, refresh: Tensor) -> Tensor:
+        """Bool (B, T): cells recomputed this step even when cached and unchanged.
+
+        candidates: the block's masked cells (B, e - s); refresh: rows getting a
+        full forward anyway. Default: every candidate, so the policy can score
+        all of them.
+        """
+        need = torch.zeros_like(self.canvas.x, dtype=torch.bool)
+        need[:, self.s : self.e] = candidates
+        return need
 
     def columns(self, lo: int, hi: int) -> Tensor:
         """Bool (B, T), True on columns [lo, hi) of every row."""
@@ -218,14 +255,17 @@ class CachedDecoding:
         c, s, e = self.canvas, self.s, self.e
         candidates = c.x[:, s:e] == c.mask_id
         working = candidates.any(1)
-        need = ~self.store.valid | self.store.stale(c.x)
-        need[:, s:e] |= candidates
-        need[working & self.refresh_due()] = True
+        refresh = working & self.refresh_due()
+        need = ~self.store.valid | self.store.stale(c.x) | self.queried(step, candidates, refresh)
+        need[refresh] = True
         idx, logits = self.store.forward(self.model, c, need, need & self.cacheable(), sequences=int(working.sum()))
+        self.last_need = need
         self.row_steps += working
+        self.block_steps += working
         self.block_start = False
-        # Block columns that were not fed are decoded and cached; the policy
-        # never reads their logits (their confidence is -inf), so zeros do.
+        # Block columns that were not fed are decoded and cached (or, for
+        # dkv-greedy, masked cells the policy will not pick this step); the
+        # policy never commits them, so zeros do.
         out = logits.new_zeros(c.batch_size, e - s, logits.shape[-1])
         inside = (idx >= s) & (idx < e)
         out[:, idx[inside] - s] = logits[:, inside]
@@ -238,7 +278,8 @@ class CachedDecoding:
         """Forget the K/V of row r's cells at columns >= start[r] (speculative roll-back).
 
         They become uncached, so the next forward recomputes them under the
-        strategy's usual rule; nothing else about the strategy changes.
+        strategy's usual rule; nothing else about the strategy changes (the
+        refresh clocks go on).
         """
         cols = torch.arange(self.canvas.length, device=self.store.valid.device)
         self.store.valid = self.store.valid & (cols[None, :] < start.to(cols.device)[:, None])
@@ -265,26 +306,134 @@ class DualCache(PrefixCache):
 
 class DKVDecode(CachedDecoding):
     """dKV-Cache-Decode: decoded tokens (and the prompt) are cached one step
-    after they are decoded, masked ones are recomputed everywhere every step;
-    a full refresh every `refresh_interval` steps, counted across blocks."""
+    after they are decoded, masked ones are recomputed everywhere every step.
+
+    Full forwards at block steps 0 and 1 and at every `refresh_interval`-th
+    block step, the clock restarting at each block (reference: the `i > 1`
+    and `i % cache_reloading_step` tests of `generate` in
+    `generation_utils/llada_dkv_cache_decode.py`). The reference's step-0
+    forward stores nothing, so its step 1 must be full to build the cache;
+    ours stores at step 0 already, but step 1 stays full to keep the
+    reference's schedule (and its cost)."""
 
     def refresh_due(self) -> Tensor:
-        return self.row_steps % self.cfg.refresh_interval == 0
+        j = self.block_steps
+        return (j < 2) | (j % self.cfg.refresh_interval == 0)
 
     def cacheable(self) -> Tensor:
         return self.canvas.x != self.canvas.mask_id
 
 
-class DKVGreedy(DKVDecode):
-    """dKV-Cache-Greedy: cache every cell, masked ones included; between
-    refreshes recompute only the block's masked cells (the candidates) and the
-    tokens committed at the previous step. The reference code recomputes the
-    tokens about to be decoded plus a small window, which needs the decoding
-    order in advance (random remasking only); the block is our window, so any
-    unmasking policy works."""
+class DKVGreedy(CachedDecoding):
+    """dKV-Cache-Greedy: cache every cell, masked ones included; full forwards
+    at every `refresh_interval`-th block step (from step 0, clock restarting at
+    each block); in between, recompute only
+
+    * the cells the policy commits at this step,
+    * the tokens committed at the previous step (now stale), and
+    * a window: for each cell committed at this step, in decreasing order of
+      its (random) confidence, the `window_size` nearest cells that are still
+      masked and not yet recomputed, looking left then right at distance
+      1, 2, ... (anywhere on the canvas, later blocks included),
+
+    as `generate` and `find_window_tokens` in the reference's
+    `generation_utils/llada_dkv_cache_greedy.py` do (the reference's default
+    window is 0, its README example uses 4).
+
+    The cells of step j must be known before its forward. The reference
+    supports random remasking only (it raises NotImplementedError for
+    low-confidence) and draws a decoding order per block up front. Here,
+    with `remasking="random"` and the decoding loop's `generator`, the
+    strategy replays the loop's own `propose` and `select` on a copy of the
+    generator state, so it knows exactly which cells the policy will pick
+    (with any policy: under random remasking the pick never depends on the
+    logits); it checks after the commit that every committed cell was
+    recomputed. A per-step random draw and the reference's per-block order
+    give the same distribution over decoding orders.
+
+    Adaptation (not in the paper): with low-confidence remasking, or with
+    no generator (`make_cache` called without the loop's), the next cells are
+    unknown until their confidences are computed, so every masked cell of the
+    block is recomputed (the block is the window); `window_size` must then
+    be 0.
+    """
+
+    def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig,
+                 generator: torch.Generator | None = None, window_size: int = 0):
+        super().__init__(model, canvas, cfg)
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0, got {window_size}")
+        self.generator, self.window_size = generator, window_size
+        self.order_known = cfg.remasking == "random" and generator is not None
+        if window_size and not self.order_known:
+            raise ValueError(
+                "dkv-greedy's window surrounds the cells about to be decoded, which are known before the "
+                "forward only with remasking='random' and the decoding loop's generator"
+            )
+        per_block = cfg.steps // cfg.num_blocks  # the decoding loop's plan, for the schedule policy
+        self.plan = num_transfer_tokens(cfg.block_length, per_block) if per_block else []
+        config = model.config
+        self.vocab = getattr(config, "embedding_size", None) or config.vocab_size
+
+    def refresh_due(self) -> Tensor:
+        return self.block_steps % self.cfg.refresh_interval == 0
 
     def cacheable(self) -> Tensor:
         return torch.ones_like(self.canvas.x, dtype=torch.bool)
+
+    def queried(self, step: int, candidates: Tensor, refresh: Tensor) -> Tensor:
+        if not self.order_known:
+            return super().queried(step, candidates, refresh)
+        need = torch.zeros_like(self.canvas.x, dtype=torch.bool)
+        if bool(refresh[candidates.any(1)].all()):
+            return need  # every working row recomputes everything anyway
+        chosen, conf = self.predict(step, candidates)
+        need[:, self.s : self.e] = chosen
+        if self.window_size:
+            self.add_window(need, chosen, conf)
+        return need
+
+    def predict(self, step: int, candidates: Tensor) -> tuple[Tensor, Tensor]:
+        """The cells (B, e - s) the decoding loop will commit at `step`, and their confidences.
+
+        Runs the loop's `propose` and `select` on the current generator state
+        and puts the state back, so the loop then draws the same numbers.
+        """
+        from .diffusion import propose, select  # the loop's own functions (that module imports this one)
+
+        c, B, n = self.canvas, self.canvas.batch_size, self.e - self.s
+        state = self.generator.get_state()
+        try:
+            # the logits' values never matter under random remasking, and their width only
+            # when Gumbel noise is drawn for them (temperature > 0)
+            width = self.vocab if self.cfg.temperature > 0 else 1
+            _, conf = propose(torch.zeros(B, n, width, device=c.x.device), self.cfg, self.generator)
+        finally:
+            self.generator.set_state(state)
+        conf = torch.where(candidates, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
+        k = self.plan[step] if step < len(self.plan) else 1
+        return select(conf, self.cfg, k), conf
+
+    def add_window(self, need: Tensor, chosen: Tensor, conf: Tensor) -> None:
+        """Mark each chosen cell's `window_size` nearest still-masked, not yet marked cells."""
+        masked = self.canvas.x == self.canvas.mask_id
+        cols = torch.arange(self.canvas.length, device=need.device)
+        for r in range(need.shape[0]):
+            picked = chosen[r].nonzero()[:, 0]
+            picked = picked[conf[r, picked].argsort(descending=True, stable=True)]
+            for p in (picked + self.s).tolist():
+                # left neighbour first at each distance: order L1, R1, L2, R2, ...
+                order = 2 * (cols - p).abs() - (cols < p).long()
+                order = torch.where(masked[r] & ~need[r], order, torch.iinfo(order.dtype).max)
+                near = order.argsort(stable=True)[: self.window_size]
+                need[r, near[masked[r, near] & ~need[r, near]]] = True
+
+    def after_commit(self, chosen: Tensor, step: int) -> None:
+        if self.order_known and bool((chosen & ~self.last_need[:, self.s : self.e]).any()):
+            raise RuntimeError(
+                "dkv-greedy: the policy committed a cell whose logits were not recomputed; the replay of "
+                "the decoding loop's random draw (diffusion.propose/select) no longer matches the loop"
+            )
 
 
 class DKVPrefill(CachedDecoding):
@@ -326,10 +475,17 @@ def _check_supports_cache(cfg: DecodeConfig, model: MeteredModel) -> None:
         raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
 
 
-def make_cache(cfg: DecodeConfig, model: MeteredModel, canvas: Canvas) -> CacheStrategy:
-    """The cache strategy named by `cfg.cache`, checked against the model."""
+def make_cache(cfg: DecodeConfig, model: MeteredModel, canvas: Canvas,
+               generator: torch.Generator | None = None) -> CacheStrategy:
+    """The cache strategy named by `cfg.cache`, checked against the model.
+
+    `generator` is the decoding loop's; only dkv-greedy uses it (to know the
+    cells random remasking will pick before the forward, see `DKVGreedy`).
+    """
     if cfg.cache not in CACHE_STRATEGIES:
         raise ValueError(f"unknown cache {cfg.cache!r}; choose one of {', '.join(CACHE_STRATEGIES)}")
     if cfg.cache != "none":
         _check_supports_cache(cfg, model)
+    if cfg.cache == "dkv-greedy":
+        return DKVGreedy(model, canvas, cfg, generator)
     return CACHE_STRATEGIES[cfg.cache](model, canvas, cfg)

@@ -109,7 +109,7 @@ class BlockDecoder:
         if canvas.gen_length != cfg.gen_length:
             raise ValueError(f"canvas has {canvas.gen_length} generation slots but gen_length is {cfg.gen_length}")
         self.model, self.canvas, self.cfg, self.generator = model, canvas, cfg, generator
-        self.cache = make_cache(cfg, model, canvas)
+        self.cache = make_cache(cfg, model, canvas, generator)
         self.plan = num_transfer_tokens(cfg.block_length, cfg.steps // cfg.num_blocks)
         self.block: int | None = None
         self.step_in_block = 0
