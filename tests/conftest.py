@@ -81,6 +81,11 @@ def tiny_checkpoint(tmp_path_factory, tiny_model, tokenizer) -> Path:
     return save_model(tiny_model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
+# One thread: the tests' models are tiny, and on a shared 2-core machine torch's default two
+# threads made them 10-15x slower (thread hand-offs cost more than the matmuls).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

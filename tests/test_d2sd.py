@@ -88,7 +88,8 @@ def greedy_sequence(target, tokenizer, prompt: str, n: int) -> list[int]:
     (dict(k=0), "k .* must be >= 1"),
     (dict(gamma=8, gamma2=7), "gamma2"),
     (dict(gamma=1), "gamma must be >= 2"),
-    (dict(temperature=0.7), "greedy only"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(k="4"), "k must be a int"),
 ])
@@ -102,6 +103,7 @@ def test_config_defaults() -> None:
     assert (c.gamma, c.gamma2, c.k, c.temperature) == (16, 32, 4, 0.0)
     assert c.replace(k=2).to_dict()["k"] == 2
     assert DFlashSpecConfig().gamma == 16
+    assert D2SDConfig(temperature=0.7).temperature == 0.7 and DFlashSpecConfig(temperature=1.5).temperature == 1.5
     with pytest.raises(ValueError, match="gamma must be >= 2"):
         DFlashSpecConfig(gamma=1)
 
@@ -249,6 +251,65 @@ def test_noisy_oracles_stay_exact(target, tokenizer, k, gamma, gamma2, wrong, vp
         assert d2.raw_ids == ar.raw_ids == df.raw_ids
         assert 0 < d2.stats["accepted"] < d2.stats["drafted"]
         assert d2.stats["acceptance_length"] >= df.stats["acceptance_length"]
+
+
+# --- top-K = rejection boundaries; per-round branch statistics ------------------------------------
+
+
+def test_k1_anchors_one_boundary_per_round_besides_the_first_draft(target, tokenizer) -> None:
+    """Perfect, confident drafts: "all accepted" has nearly all the posterior mass, yet with K=1 the
+    VP drafter still re-anchors one true boundary every round, next to the first draft's own branch
+    (it would get no anchor at all if "all accepted" could take the K slot)."""
+    budget, gamma, gamma2 = 30, 4, 8
+    prompt = PROMPTS[0]
+    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
+    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
+    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
+    block.greedy = vp.greedy = greedy
+    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=1, stop_at_eos=False)
+    res = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
+    assert res.raw_ids == ar_generate(target, tokenizer, [prompt], cfg).raw_ids
+    s = res.stats
+    assert s["anchored_rounds"] == {"1": s["drafter_forwards"]} and s["mean_anchored"] == 1.0
+    assert s["anchored"] == s["drafter_forwards"]
+    # the first-draft window (extended to γ₂) plus the one anchor, except where the budget leaves nothing to extend
+    assert s["vp_windows"] <= 2 * s["vp_forwards"] and s["mean_vp_batch"] > 1.5
+    assert s["wins"] == {"first_draft": s["rounds"]}  # perfect drafts: the first-draft branch always wins
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_k_is_clipped_to_the_drafts_of_a_round(target, drafters, tokenizer, k) -> None:
+    gamma = 4  # three drafts, so at most three boundaries
+    cfg = D2SDConfig(max_new_tokens=12, gamma=gamma, gamma2=8, k=k, stop_at_eos=False)
+    res = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
+    assert res.raw_ids == ar_generate(target, tokenizer, PROMPTS, cfg).raw_ids
+    hist = res.stats["anchored_rounds"]
+    assert max(int(n) for n in hist) == min(k, gamma - 1)  # fewer only where the budget cut the draft
+    assert res.meter.models["vp_drafter"].max_batch <= min(k, gamma - 1) + 1
+    assert sum(hist.values()) == res.stats["drafter_forwards"]
+
+
+def test_winning_branch_statistics(target, tokenizer) -> None:
+    """The first draft breaks at d_3 (low confidence): the posterior's top boundary is 2 accepted,
+    the VP branch re-anchored there runs on, and it wins those rounds with more tokens."""
+    budget, gamma, gamma2 = 40, 8, 16
+    prompt = PROMPTS[1]
+    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
+    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
+    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
+    block.greedy = vp.greedy = greedy
+    block.wrong = (3,)
+    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
+    res = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
+    assert res.raw_ids == ar_generate(target, tokenizer, [prompt], cfg).raw_ids
+    s = res.stats
+    assert set(s["wins"]) <= {"first_draft", "anchor_1", "anchor_2", "none"}
+    assert sum(s["wins"].values()) == s["rounds"] and sum(s["win_accepted"].values()) == s["accepted"]
+    assert s["wins"].get("anchor_1", 0) >= s["rounds"] - 1  # the last round may be cut by the budget
+    assert s["mean_accepted_by_winner"]["anchor_1"] > 2
+    assert list(s["wins"]) == sorted(s["wins"], key=["first_draft", "anchor_1", "anchor_2", "none"].index)
+    df = dflash_generate(target, block, tokenizer, [prompt], cfg).stats
+    assert set(df["wins"]) <= {"first_draft", "none"} and df["anchored"] == 0 and df["anchored_rounds"] == {}
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """DFlash single-draft speculative decoding and D²SD (draft trees from a block-diffusion drafter).
 
-Both decode an AR target greedily and losslessly: every emitted token is the
-target's own argmax, so the output equals `ar_generate`'s greedy output token
-for token; the drafters only change how many tokens one target forward yields.
+Both decode an AR target losslessly. Greedy (temperature 0): every emitted
+token is the target's own argmax, so the output equals `ar_generate`'s greedy
+output token for token. Sampled (temperature T > 0): every emitted token is
+distributed exactly as the target's softmax(logits / T) at its prefix, so the
+output has `ar_generate`'s sampling distribution (not its random stream); a
+seeded generator (`cfg.seed`) makes a run reproducible. The drafters only
+change how many tokens one target forward yields.
 
 Per-row state between rounds (`_TargetState`): `seq` = prompt + generated;
 the target's KV cache holds every committed token *except the anchor*
@@ -11,22 +15,28 @@ verification), and a buffer holds the target hidden states (at the drafters'
 `target_layers`) of exactly those cached tokens: the drafters' context.
 
 DFlash round: the drafter fills [anchor, mask×(γ−1)] in one forward →
-drafts d_1..d_{γ−1} (argmax) → the target scores [anchor, d_1..] in one
-causal forward over its cache → the longest prefix equal to the target's
-argmax is accepted, plus the target's next token (bonus) → the K/V and hidden
+drafts d_1..d_{γ−1} → the target scores [anchor, d_1..] in one causal forward
+over its cache → greedy: the longest prefix equal to the target's argmax is
+accepted, plus the target's next token (bonus); sampled: the drafts are drawn
+from the drafter's tempered distributions q_j and accepted by the standard
+speculative-sampling rule (`spec.ar.rejection_accept`) → the K/V and hidden
 states of anchor + accepted drafts are kept, the rest dropped.
 
-D²SD round: the block drafter gives drafts d and confidences c (softmax
-probability of each argmax) → `rejection_posterior(c)` → the K most likely
-accepted-prefix lengths i, plus the full draft → the variable-prefix (VP)
-drafter fills every window [anchor, d_1..d_i, mask…] of length γ₂ in ONE
+D²SD round: the block drafter gives drafts d (its argmax, at any temperature)
+and confidences c (the drafter's probability of each, tempered when sampling)
+→ `rejection_posterior(c)` over the rejection boundaries 0..n−1 → the K most
+likely boundaries i (clipped to n) → the variable-prefix (VP) drafter fills
+every window [anchor, d_1..d_i, mask…] of length γ₂, plus the window of the
+whole first draft (extended to γ₂ as in the reference; not a K slot), in ONE
 batched call → the branches are merged into a `DraftTree` → ONE target
 forward over all tree nodes, with a tree attention mask (the committed prefix
 from the cache + each node's own ancestors) and positions cache length +
-depth → the greedy walk `tree.accept` → the cache is compacted to the anchor
-and the accepted path (`CausalKVCache.keep`), the bonus becomes the new anchor.
-A single-branch tree is a chain, which is verified with the plain causal mask,
-so DFlash is literally D²SD with one branch and no VP drafter.
+depth → `tree.walk` with the target's argmax, or with one draw from the
+target per visited node when sampling (recursive rejection sampling for
+deterministic drafts, see `DraftTree.walk`) → the cache is compacted to the
+anchor and the accepted path (`CausalKVCache.keep`), the bonus becomes the
+new anchor. A single-branch tree is a chain, which is verified with the plain
+causal mask, so greedy DFlash is literally D²SD with one branch and no VP drafter.
 
 Rows are decoded one at a time (batch 1): rows accept different numbers of
 tokens per round, so a batch would need ragged caches; as in `spec_generate`,
@@ -45,12 +55,14 @@ tokens per target forward, the prefill included), "drafter" and "vp_drafter"
 charged per call with their context keys (the drafters recompute the context
 K/V every call; see models/dflash.py). Stats: rounds, drafted (tree nodes
 besides the anchor), accepted, acceptance_length τ = tokens per verification
-round, drafter/VP forwards and batch sizes, tree sizes.
+round, drafter/VP forwards and batch sizes, tree sizes, D²SD's anchored
+boundaries per round and which branch each round's accepted path came from
+(`BlockSpecStats`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -60,20 +72,24 @@ from ..decoding.diffusion import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel
 from ..models.dflash import DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
-from .ar import (ARConfig, _Cache, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions,
-                 _through_eos)
+from .ar import (ARConfig, _Cache, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions, _probs,
+                 _through_eos, rejection_accept, sample)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
-__all__ = ["DFlashSpecConfig", "D2SDConfig", "dflash_generate", "d2sd_generate", "check_drafter"]
+__all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
+
+Acceptance = Callable[[Tensor], tuple[list[int], int]]  # the target's logits over the tree -> (path, bonus)
 
 
 @dataclass(frozen=True)
 class DFlashSpecConfig(ARConfig):
     """ARConfig plus `gamma`, the drafter's window γ (anchor + γ−1 drafts per round).
 
-    Greedy only: losslessness here rests on matching the target's argmax
-    (temperature must stay 0). `batch_size` only matters for the AR baseline
-    run with the same options; speculative rows are decoded one at a time.
+    temperature 0 is greedy and reproduces the target's greedy output token for
+    token; temperature > 0 samples, with every token distributed exactly as the
+    target's softmax(logits / T) (speculative sampling, seeded by `seed`).
+    `batch_size` only matters for the AR baseline run with the same options;
+    speculative rows are decoded one at a time.
     """
 
     gamma: int = 16
@@ -82,15 +98,16 @@ class DFlashSpecConfig(ARConfig):
         super().__post_init__()
         if self.gamma < 2:
             raise ValueError(f"gamma must be >= 2 (the anchor plus at least one draft), got {self.gamma}")
-        if self.temperature != 0:
-            raise ValueError(f"DFlash / D²SD decoding is greedy only; temperature must be 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
 class D2SDConfig(DFlashSpecConfig):
     """DFlashSpecConfig plus D²SD's `gamma2` (γ₂, the VP drafter's window, >= γ) and
-    `k` (how many likely accepted-prefix lengths get a VP branch; the full first
-    draft always gets one too, so a tree has at most k + 1 branches)."""
+    `k`, how many rejection boundaries (the most likely places where the target
+    first rejects the block draft) are re-anchored by the VP drafter. A round has
+    at most γ − 1 boundaries, so k is clipped to the round's number of drafts.
+    The first draft's own branch (extended to γ₂) comes on top, so a tree has at
+    most k + 1 branches."""
 
     gamma2: int = 32
     k: int = 4
@@ -98,14 +115,39 @@ class D2SDConfig(DFlashSpecConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k < 1:
-            raise ValueError(f"k (branches re-anchored by the VP drafter) must be >= 1, got {self.k}")
+            raise ValueError(f"k (rejection boundaries re-anchored by the VP drafter) must be >= 1, got {self.k}")
         if self.gamma2 < self.gamma:
             raise ValueError(f"gamma2 (γ₂ = {self.gamma2}) must be >= gamma (γ = {self.gamma}): the VP drafter "
                              "extends prefixes of the first draft")
 
 
+FIRST_DRAFT, NONE = "first_draft", "none"
+
+
+def anchor_label(rank: int) -> str:
+    """Stats label of the branch re-anchored at the rank-th most likely boundary (1 = most likely)."""
+    return f"anchor_{rank}"
+
+
+def _label_order(label: str) -> tuple[int, int]:
+    if label == FIRST_DRAFT:
+        return (0, 0)
+    if label == NONE:
+        return (2, 0)
+    return (1, int(label.rsplit("_", 1)[1]))
+
+
 @dataclass
 class BlockSpecStats:
+    """Per-run counters of DFlash / D²SD rounds; `summary()` adds the derived rates.
+
+    Which branch won: the accepted path of a round is credited to the first
+    branch containing it, the first-draft branch before the re-anchored ones
+    (in posterior rank), so a re-anchored branch wins only when it got tokens
+    accepted that the first draft did not offer; "none" is a round that
+    accepted no draft (a correction token only).
+    """
+
     rounds: int = 0  # target verification forwards (prefill excluded)
     drafted: int = 0  # draft tokens verified (tree nodes besides the anchor)
     accepted: int = 0
@@ -114,12 +156,31 @@ class BlockSpecStats:
     vp_windows: int = 0  # sum of VP batch sizes
     tree_nodes: int = 0  # sum over rounds, anchor included
     max_tree_nodes: int = 0
+    anchored: int = 0  # D²SD: rejection boundaries re-anchored, summed over rounds with a block draft
+    anchored_rounds: dict[str, int] = field(default_factory=dict)  # D²SD: rounds by boundaries anchored
+    wins: dict[str, int] = field(default_factory=dict)  # rounds by winning branch (first_draft, anchor_r, none)
+    win_accepted: dict[str, int] = field(default_factory=dict)  # accepted drafts by winning branch
+
+    def record_anchored(self, n: int) -> None:
+        self.anchored += n
+        self.anchored_rounds[str(n)] = self.anchored_rounds.get(str(n), 0) + 1
+
+    def record_win(self, label: str, n_accepted: int) -> None:
+        self.wins[label] = self.wins.get(label, 0) + 1
+        self.win_accepted[label] = self.win_accepted.get(label, 0) + n_accepted
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d["acceptance_length"] = (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
         d["mean_vp_batch"] = self.vp_windows / self.vp_forwards if self.vp_forwards else 0.0
         d["mean_tree_nodes"] = self.tree_nodes / self.rounds if self.rounds else 0.0
+        anchored_rounds = sum(self.anchored_rounds.values())
+        d["mean_anchored"] = self.anchored / anchored_rounds if anchored_rounds else 0.0
+        d["anchored_rounds"] = dict(sorted(self.anchored_rounds.items(), key=lambda kv: int(kv[0])))
+        order = sorted(self.wins, key=_label_order)
+        d["wins"] = {b: self.wins[b] for b in order}
+        d["win_accepted"] = {b: self.win_accepted[b] for b in order}
+        d["mean_accepted_by_winner"] = {b: self.win_accepted[b] / self.wins[b] for b in order}
         return d
 
 
@@ -155,7 +216,8 @@ class _MeteredDrafter:
 class _TargetState:
     """One row: committed tokens, the target cache (all but the anchor) and their hidden states."""
 
-    def __init__(self, target: MeteredModel, prompt: list[int], layers: list[int], capacity: int):
+    def __init__(self, target: MeteredModel, prompt: list[int], layers: list[int], capacity: int,
+                 temperature: float, generator: torch.Generator):
         self.target, self.layers = target, layers
         device = _device(target.model)
         self.cache = _Cache.for_model(target.model, 1, capacity)
@@ -164,7 +226,7 @@ class _TargetState:
         self.hidden = torch.zeros(capacity, len(layers), H, device=device, dtype=w.dtype)
         out = target(torch.tensor([prompt], device=device), kv_cache=self.cache, hidden_layers=layers)
         self._store(0, torch.stack(out.hidden_states, dim=2)[0])
-        self.first = int(out.logits[0, -1].argmax())
+        self.first = int(sample(out.logits[0, -1], temperature, generator))
         self.seq = prompt + [self.first]
 
     @property
@@ -181,8 +243,9 @@ class _TargetState:
         ctx = self.hidden[:C, cols].reshape(1, C, -1)
         return ctx, torch.arange(C, device=ctx.device)
 
-    def verify(self, tree: DraftTree) -> tuple[list[int], int]:
-        """One target forward over all tree nodes; commit the anchor + accepted path. Returns (path, bonus)."""
+    def verify(self, tree: DraftTree, accept: Acceptance) -> tuple[list[int], int]:
+        """One target forward over all tree nodes; `accept` picks the path from its logits (N, V);
+        commit the anchor + accepted path. Returns (path, bonus)."""
         device = self.hidden.device
         C = self.n_cached
         ids = torch.tensor([tree.tokens], device=device)
@@ -193,27 +256,48 @@ class _TargetState:
             out = self.target(ids, positions=tree.positions(C, device), kv_cache=self.cache,
                               attn_mask_override=tree.attention_mask(C, device)[None, None],
                               hidden_layers=self.layers)
-        path, bonus = tree.accept(out.logits[0].argmax(-1).tolist())
+        path, bonus = accept(out.logits[0])
         nodes = [0] + path
         self.cache.keep(C, [C + n for n in nodes])
         self._store(C, torch.stack(out.hidden_states, dim=2)[0, nodes])
         return path, bonus
 
 
-def _block_draft(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int) -> tuple[list[int], Tensor]:
-    """The block drafter's first n_draft drafts after the anchor (argmax) and their probabilities."""
+# ---------------------------------------------------------------- drafting
+
+
+def _block_logits(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int) -> Tensor:
+    """The block drafter's logits (n_draft, V) for the n_draft positions after the anchor."""
     d = drafter.model
     C = st.n_cached
     block = torch.full((1, gamma), d.config.mask_token_id, device=st.hidden.device)
     block[0, 0] = st.seq[-1]
     logits = drafter(block, torch.arange(C, C + gamma, device=block.device), *st.context(d))
-    conf, ids = torch.softmax(logits[0, 1:1 + n_draft].float(), dim=-1).max(dim=-1)
-    return ids.tolist(), conf
+    return logits[0, 1:1 + n_draft]
+
+
+def _pick_drafts(logits: Tensor, temperature: float, sampled: bool,
+                 generator: torch.Generator) -> tuple[list[int], Tensor, Tensor | None]:
+    """(drafts, conf, q): the drafted tokens, the drafter's probability of each, and q (n, V).
+
+    Greedy, or `sampled` False: the argmax, with softmax(logits / T) confidences
+    (T = 1 when greedy) and q None, i.e. a deterministic draft. `sampled` (DFlash
+    at T > 0): each position drawn independently from q_j = softmax(logits_j / T).
+    The block drafter fills all positions in one forward from [anchor, mask…], so
+    q_j does not depend on d_1..d_{j−1}: d_j ~ q_j is what the speculative-sampling
+    rule needs at every step of the chain.
+    """
+    if temperature == 0 or not sampled:
+        conf, ids = _probs(logits, temperature or 1.0).max(dim=-1)
+        return ids.tolist(), conf, None
+    q = _probs(logits, temperature)
+    ids = sample(logits, temperature, generator)
+    return ids.tolist(), q.gather(-1, ids[:, None])[:, 0], q
 
 
 def _vp_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], lengths: list[int], gamma2: int,
                  max_branch: int) -> list[list[int]]:
-    """For each prefix length i: d_1..d_i then the VP drafter's fill, all windows in one batched call."""
+    """For each prefix length i: d_1..d_i then the VP drafter's fill (argmax), all windows in one batched call."""
     d = vp.model
     C = st.n_cached
     mask = d.config.mask_token_id
@@ -223,51 +307,117 @@ def _vp_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], lengt
     return [(drafts[:i] + fill[b][1 + i:])[:max_branch] for b, i in enumerate(lengths)]
 
 
+def _d2sd_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], conf: Tensor, cfg: D2SDConfig,
+                   remaining: int, eos: frozenset[int], stats: BlockSpecStats) -> tuple[list[list[int]], list[str]]:
+    """The first-draft branch, then one VP branch per anchored boundary (most likely first), and their labels.
+
+    The K anchors are true rejection boundaries i in 0..n−1 (n = len(drafts)),
+    clipped to n, as in the paper (Eq. 5) and the D2-SD reference; the first
+    draft's own branch is d_1..d_n extended by the VP drafter, added on top and
+    never competing for a K slot (in the reference too: its top-k runs over the
+    n boundaries only, and the full draft is prepended as one more window).
+    Boundaries are all < n, so no anchor duplicates the first-draft branch. The
+    whole-draft window is skipped when nothing can follow it (the draft ended in
+    an EOS, or it already fills the VP window or the budget); the first-draft
+    branch is then the draft itself, as in the reference when γ₂ = γ.
+    """
+    full = len(drafts)
+    boundaries = top_prefix_lengths(rejection_posterior(conf)[None], cfg.k)[0]
+    max_branch = min(cfg.gamma2 - 1, remaining - 1)  # a round emits at most max_branch + 1 tokens
+    ended = cfg.stop_at_eos and drafts[-1] in eos  # an EOS ends it: nothing to extend
+    extend = not ended and full < max_branch
+    windows = ([full] if extend else []) + boundaries
+    filled = _vp_branches(vp, st, drafts, windows, cfg.gamma2, max_branch)
+    if cfg.stop_at_eos:
+        filled = [_through_eos(b, eos) for b in filled]
+    stats.vp_forwards += 1
+    stats.vp_windows += len(windows)
+    stats.record_anchored(len(boundaries))
+    first = filled.pop(0) if extend else drafts
+    return [first] + filled, [FIRST_DRAFT] + [anchor_label(r) for r in range(1, len(boundaries) + 1)]
+
+
+# ---------------------------------------------------------------- verification rules
+
+
+def _greedy_walk(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
+    """Follow the target's argmax through the tree (lossless for greedy decoding)."""
+    return tree.accept(logits.argmax(-1).tolist())
+
+
+def _chain_accept(tree: DraftTree, logits: Tensor, q: Tensor, temperature: float,
+                  generator: torch.Generator) -> tuple[list[int], int]:
+    """DFlash at T > 0: a chain of drafts d_j ~ q_j, accepted by the standard speculative-sampling rule."""
+    k, token = rejection_accept(_probs(logits, temperature), q, tree.tokens[1:], generator)
+    return list(range(1, k + 1)), token
+
+
+def _sampled_walk(tree: DraftTree, logits: Tensor, temperature: float,
+                  generator: torch.Generator) -> tuple[list[int], int]:
+    """D²SD at T > 0: recursive rejection sampling over each node's children with one-hot q.
+
+    D²SD's drafts are deterministic (argmax). That is a choice for exactness:
+    with sampled drafts, which boundaries get a branch depends on the drafted
+    tokens' own probabilities, and branches that repeat a token merge in the
+    trie, so a first-draft token met again after a re-anchored branch was taken
+    would no longer be distributed as its q, and the recursive rule would be
+    biased. With deterministic drafts each child is proposed with q = one-hot,
+    which the rule handles exactly for any tree (see `DraftTree.walk`): one
+    target draw per visited node.
+    """
+    return tree.walk(lambda n: int(sample(logits[n], temperature, generator)))
+
+
+def _acceptance(tree: DraftTree, temperature: float, chain_q: Tensor | None, generator: torch.Generator) -> Acceptance:
+    if temperature == 0:
+        return lambda logits: _greedy_walk(tree, logits)
+    if chain_q is not None:
+        return lambda logits: _chain_accept(tree, logits, chain_q, temperature, generator)
+    return lambda logits: _sampled_walk(tree, logits, temperature, generator)
+
+
+# ---------------------------------------------------------------- the decoding loop
+
+
 def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDrafter | None, prompt: list[int],
-                cfg: DFlashSpecConfig, eos: frozenset[int], stats: BlockSpecStats) -> list[int]:
+                cfg: DFlashSpecConfig, eos: frozenset[int], stats: BlockSpecStats,
+                generator: torch.Generator) -> list[int]:
     """Speculatively decode one row (DFlash when vp is None, else D²SD); returns its generated ids."""
     layers = sorted(set(drafter.model.config.target_layers) |
                     (set(vp.model.config.target_layers) if vp is not None else set()))
     d2 = cfg if vp is not None and isinstance(cfg, D2SDConfig) else None
     if vp is not None and d2 is None:
         raise ValueError("D²SD (a vp_drafter) needs a D2SDConfig")
-    budget = cfg.max_new_tokens
+    T, budget = cfg.temperature, cfg.max_new_tokens
     max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.gamma - 1)  # tree size bound
-    st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes)
+    st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator)
     out = [st.first]
     while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos):
         remaining = budget - len(out)
         n_draft = min(cfg.gamma - 1, remaining - 1)  # a round emits at most n_draft + 1 tokens
         branches: list[list[int]] = []
+        labels: list[str] = []
+        q: Tensor | None = None
         if n_draft > 0:
-            drafts, conf = _block_draft(drafter, st, cfg.gamma, n_draft)
+            drafts, conf, q = _pick_drafts(_block_logits(drafter, st, cfg.gamma, n_draft), T, d2 is None, generator)
             stats.drafter_forwards += 1
             if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
                 drafts = _through_eos(drafts, eos)
                 conf = conf[:len(drafts)]
-            if vp is None or d2 is None:
-                branches = [drafts]
+                q = q[:len(drafts)] if q is not None else None
+            if d2 is None:
+                branches, labels = [drafts], [FIRST_DRAFT]
             else:
-                full = len(drafts)
-                lengths = top_prefix_lengths(rejection_posterior(conf)[None], d2.k)[0]
-                if full not in lengths:
-                    lengths.append(full)  # the full first draft is always extended too
-                ended = cfg.stop_at_eos and drafts[-1] in eos
-                vp_lengths = [i for i in lengths if not (ended and i == full)]  # an EOS ends it: nothing to extend
-                branches = [drafts] if ended else []
-                if vp_lengths:
-                    max_branch = min(d2.gamma2 - 1, remaining - 1)
-                    filled = _vp_branches(vp, st, drafts, vp_lengths, d2.gamma2, max_branch)
-                    branches += [_through_eos(b, eos) for b in filled] if cfg.stop_at_eos else filled
-                    stats.vp_forwards += 1
-                    stats.vp_windows += len(vp_lengths)
+                branches, labels = _d2sd_branches(vp, st, drafts, conf, d2, remaining, eos, stats)
         tree = DraftTree.from_branches(st.seq[-1], branches)
-        path, bonus = st.verify(tree)
+        path, bonus = st.verify(tree, _acceptance(tree, T, q, generator))
         stats.rounds += 1
         stats.drafted += len(tree) - 1
         stats.accepted += len(path)
         stats.tree_nodes += len(tree)
         stats.max_tree_nodes = max(stats.max_tree_nodes, len(tree))
+        winner = tree.branch_of(path)
+        stats.record_win(NONE if winner is None else labels[winner], len(path))
         new = [tree.tokens[n] for n in path] + [bonus]
         if cfg.stop_at_eos:
             new = _through_eos(new, eos)
@@ -289,12 +439,13 @@ def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDraf
     vp_metered = _MeteredDrafter(vp_drafter, meter, "vp_drafter") if vp_drafter is not None else None
     eos = _eos_ids(target)
     encoded = _encode(tokenizer, prompts, cfg, target.config.vocab_size, _max_positions(target))
+    generator = torch.Generator(device=_device(target)).manual_seed(cfg.seed)
     stats = BlockSpecStats()
     raw: list[list[int]] = []
     with torch.inference_mode(), meter.timed(_device(target)), \
             tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False) as bar:
         for ids in encoded:
-            raw.append(_decode_row(t_metered, d_metered, vp_metered, ids, cfg, eos, stats))
+            raw.append(_decode_row(t_metered, d_metered, vp_metered, ids, cfg, eos, stats, generator))
             bar.update(1)
     token_ids, texts = _finish(tokenizer, raw, eos, cfg, meter)
     return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
@@ -310,7 +461,8 @@ def dflash_generate(
     *,
     progress: bool = False,
 ) -> GenerationResult:
-    """Greedy decoding of `target` with one DFlash block draft (γ = cfg.gamma) per round, row by row."""
+    """Decode `target` with one DFlash block draft (γ = cfg.gamma) per round, row by row: greedy at
+    temperature 0, exact speculative sampling (drafts drawn from the drafter) otherwise."""
     if not isinstance(cfg, DFlashSpecConfig):
         raise ValueError(f"dflash_generate needs a DFlashSpecConfig (or D2SDConfig), got {type(cfg).__name__}")
     return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]")
@@ -327,7 +479,8 @@ def d2sd_generate(
     *,
     progress: bool = False,
 ) -> GenerationResult:
-    """Greedy D²SD: block draft → top-k prefix lengths → VP branches → one tree verification per round."""
+    """D²SD: block draft → top-k rejection boundaries → VP branches → one tree verification per round
+    (greedy at temperature 0, exact recursive rejection sampling over the tree otherwise)."""
     if not isinstance(cfg, D2SDConfig):
         raise ValueError(f"d2sd_generate needs a D2SDConfig, got {type(cfg).__name__}")
     if vp_drafter is None:
