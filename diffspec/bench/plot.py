@@ -6,6 +6,7 @@ says nothing.
 """
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,29 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from ..jsonio import parse_json_file  # noqa: E402
 
-AXES = [("nfe_per_sequence", "forwards per sequence"), ("flops", "FLOPs (total)"), ("wall_seconds", "wall-clock seconds")]
+# (row key, axis label, scale): FLOPs are shown in GFLOPs so tick labels stay short.
+AXES = [("nfe_per_sequence", "forwards per sequence", 1.0), ("flops", "GFLOPs (total)", 1e-9),
+        ("wall_seconds", "wall-clock seconds", 1.0)]
+
+
+def _tick_label(v: float, _pos: Any = None) -> str:
+    return f"{v:,.0f}" if v >= 10 else f"{v:.3g}"
+
+
+def readable_log_axis(ax: Any, values: list[float]) -> None:
+    """Several labelled ticks on a log x axis, even when the data span less than a decade
+    (matplotlib's default then labels one power of ten, or none)."""
+    lo, hi = min(values), max(values)
+    span = hi / lo if lo > 0 else 10.0
+    subs = (1.0, 2.0, 5.0) if span >= 20 else (1.0, 2.0, 3.0, 5.0, 7.0) if span >= 4 else \
+        tuple(float(i) for i in range(1, 10))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis collide
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -41,40 +60,40 @@ def y_axis(rows: list[dict[str, Any]]) -> tuple[str, str, float]:
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Points are numbered by row and the labels listed in a key below the axes: a sweep's labels
+    """Points are numbered by row and the labels listed in one key below the axes: a sweep's labels
     are long and its points cluster near the top, so labels written beside points overlap."""
-    labels = [textwrap.wrap(f"{i}. {r['label']}  ({100 * r['accuracy']:.1f}%)", 88, subsequent_indent="    ")
+    labels = [textwrap.wrap(f"{i:>2}. {r['label']}  ({100 * r['accuracy']:.1f}%)", 150, subsequent_indent="     ")
               for i, r in enumerate(rows, 1)]
-    half = (len(labels) + 1) // 2
-    columns = ["\n".join(line for lab in labels[:half] for line in lab),
-               "\n".join(line for lab in labels[half:] for line in lab)]
-    key_lines = max(c.count("\n") + 1 for c in columns)
-    height = 4.4 + 0.15 * key_lines
-    fig = plt.figure(figsize=(5.2 * len(AXES), height))
-    top = 0.15 * key_lines / height  # share of the height the key takes
-    grid = fig.add_gridspec(1, len(AXES), bottom=top + 0.12, top=0.88, wspace=0.28)
+    key = "\n".join(line for lab in labels for line in lab)
+    key_lines = key.count("\n") + 1
+    line_h = 0.17  # inches per key line at fontsize 8
+    height = 4.6 + line_h * key_lines
+    fig = plt.figure(figsize=(5.4 * len(AXES), height))
+    bottom = (line_h * key_lines + 0.35) / height  # share of the height the key takes
+    grid = fig.add_gridspec(1, len(AXES), bottom=bottom + 0.11, top=0.84, wspace=0.28)
     axes = [fig.add_subplot(grid[0, i]) for i in range(len(AXES))]
-    y_key, y_name, scale = y_axis(rows)
+    y_key, y_name, y_scale = y_axis(rows)
     if y_key != "accuracy":
         title = f"{title}\nevery row {100 * rows[0]['accuracy']:.1f}% accurate: {y_name} against cost"
     families = sorted({r.get("method", r["label"]) for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
-    for ax, (key, name) in zip(axes, AXES):
-        for i, r in enumerate(rows, 1):
-            ax.scatter(r[key], scale * r[y_key], color=colors[r.get("method", r["label"])], s=36, zorder=3)
-            ax.annotate(str(i), (r[key], scale * r[y_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front([(r[key], scale * r[y_key]) for r in rows])
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.5, lw=1)
+    for ax, (key_name, name, x_scale) in zip(axes, AXES):
+        xs = [x_scale * r[key_name] for r in rows]
+        for i, (x, r) in enumerate(zip(xs, rows), 1):
+            ax.scatter(x, y_scale * r[y_key], color=colors[r.get("method", r["label"])], s=36, zorder=3)
+            ax.annotate(str(i), (x, y_scale * r[y_key]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(x, y_scale * r[y_key]) for x, r in zip(xs, rows)])
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.6, lw=1,
+                label="Pareto frontier: best quality at this cost or less")
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis collide
-        ax.set_xlabel(name + " (log)")
+        readable_log_axis(ax, xs)
+        ax.set_xlabel(name + " (log scale)")
         ax.set_ylabel(y_name)
-        ax.grid(alpha=0.3)
-    for f in families:
-        axes[0].scatter([], [], color=colors[f], label=f)
-    axes[0].legend(fontsize=8, loc="best")
-    for col, text in enumerate(columns):
-        fig.text(0.04 + 0.49 * col, top + 0.02, text, fontsize=7, va="top", family="monospace")
+        ax.grid(alpha=0.3, which="both")
+    handles = [axes[0].lines[-1]] + [axes[0].scatter([], [], color=colors[f], label=f) for f in families]
+    fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center", fontsize=8,
+               ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.935))  # one row, clear of the points
+    fig.text(0.04, bottom, key, fontsize=8, va="top", family="monospace")
     fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +109,11 @@ def plot_results(results_path: str | Path, out: str | Path | None = None) -> Pat
         raise ValueError(f"{results_path} does not exist; pass the results.json a `diffspec bench` run wrote")
     result = parse_json_file(results_path)
     rows = result.get("rows") if isinstance(result, dict) else None
-    need = {"label", "accuracy"} | {k for k, _ in AXES}
+    need = {"label", "accuracy"} | {k for k, _, _ in AXES}
     if not rows or not all(isinstance(r, dict) and need <= set(r) for r in rows):
         raise ValueError(f"{results_path} is not a `diffspec bench` results.json (need rows with {sorted(need)})")
     title = f"{result.get('task', '')}: accuracy vs cost ({result.get('n', '?')} examples)"
-    return pareto_plot(rows, out or results_path.with_name("pareto.png"), title=title)
+    target = Path(out) if out is not None else results_path.with_name("pareto.png")
+    if target.exists():
+        print(f"overwriting {target}", file=sys.stderr)
+    return pareto_plot(rows, target, title=title)
