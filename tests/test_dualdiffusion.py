@@ -78,7 +78,8 @@ def small(make_model):
 
 
 def dual(**kw) -> DualConfig:
-    return build_dual_config(None, **{**SHAPE, **kw})
+    """Tests here exercise the paper's loop unless they name another view (the default is 'masked')."""
+    return build_dual_config(None, **{**SHAPE, "verifier_view": "drafted", **kw})
 
 
 # ================================================================ rules on hand-built logits
@@ -94,13 +95,14 @@ def logits_from(probs: list[list[float]]) -> torch.Tensor:
 VPROBS = [[0.95, 0.03, 0.01, 0.01], [0.02, 0.96, 0.01, 0.01], [0.3, 0.3, 0.4, 0.0], [0.0, 0.0, 0.05, 0.95]]
 
 
-def vin(tokens, drafted, probs=VPROBS, dprobs=None, may=None) -> VerifyInput:
+def vin(tokens, drafted, probs=VPROBS, dprobs=None, may=None, cand=None) -> VerifyInput:
     drafted_t = torch.tensor([drafted])
     lp = None
     if dprobs is not None:
         lp = logits_from(dprobs)[0][drafted_t[0]]
     return VerifyInput(torch.tensor([tokens]), drafted_t, logits_from(probs), lp,
-                       torch.tensor([may]) if may is not None else None)
+                       torch.tensor([may]) if may is not None else None,
+                       torch.tensor([cand]) if cand is not None else None)
 
 
 def test_exact_match_remasks_disagreeing_drafts_only():
@@ -119,12 +121,35 @@ def test_confidence_threshold_uses_the_verifier_prob_of_the_drafted_token():
     assert make_rule("confidence_threshold", 0.5)(vin([1, 1, 2, 3], [True] * 4)).remask[0, 0]
 
 
-def test_disagreement_with_confidence_needs_both():
+def test_disagreement_with_confidence_is_disagreement_or_low_confidence():
+    """The reference's rule (verification_algos.py:disagreement_with_confidence_verification) re-masks
+    the union of exact_match's and confidence_threshold's cells."""
+    # cell 0: disagrees (draft 1), verifier confident; cell 1: agrees, p_v(d) = .96;
+    # cell 2: disagrees (argmax 2), unsure; cell 3: agrees, p_v(d) = .95
+    v = vin([1, 1, 0, 3], [True, True, True, True])
+    assert make_rule("disagreement_with_confidence", 0.9)(v).remask.tolist() == [[True, False, True, False]]
+    # a draft the verifier agrees with but is unsure of is re-masked too (confidence part) ...
+    unsure = vin([0, 1, 2, 3], [True] * 4)  # cell 2: argmax 2 = draft, p_v = .4
+    assert make_rule("disagreement_with_confidence", 0.9)(unsure).remask.tolist() == [[False, False, True, False]]
+    # ... and a confident enough disagreement is still re-masked at a low τ (disagreement part)
+    assert make_rule("disagreement_with_confidence", 0.01)(v).remask.tolist() == [[True, False, True, False]]
+    assert make_rule("disagreement_with_confidence", 0.99)(v).remask.tolist() == [[True, True, True, True]]
+    # for τ > 0.5 it is confidence_threshold (p_v(d) >= τ > 0.5 makes d the argmax)
+    for toks in ([1, 1, 0, 3], [0, 1, 2, 3], [0, 0, 1, 2]):
+        w = vin(toks, [True] * 4)
+        assert torch.equal(make_rule("disagreement_with_confidence", 0.6)(w).remask,
+                           make_rule("confidence_threshold", 0.6)(w).remask)
+    assert resolve_threshold("disagreement_with_confidence", None) == 0.9
+
+
+def test_disagreement_and_confidence_needs_both():
+    """Ours (what disagreement_with_confidence meant here before): disagreement AND a confident verifier."""
     # cell 0 disagrees (draft 1), verifier confident; cell 2 disagrees, verifier unsure; cell 3 agrees
     v = vin([1, 1, 0, 3], [True, True, True, True])
-    assert make_rule("disagreement_with_confidence", 0.9)(v).remask.tolist() == [[True, False, False, False]]
-    assert make_rule("disagreement_with_confidence", 0.35)(v).remask.tolist() == [[True, False, True, False]]
-    assert make_rule("disagreement_with_confidence", 0.99)(v).remask.tolist() == [[False] * 4]
+    assert make_rule("disagreement_and_confidence", 0.9)(v).remask.tolist() == [[True, False, False, False]]
+    assert make_rule("disagreement_and_confidence", 0.35)(v).remask.tolist() == [[True, False, True, False]]
+    assert make_rule("disagreement_and_confidence", 0.99)(v).remask.tolist() == [[False] * 4]
+    assert resolve_threshold("disagreement_and_confidence", None) == 0.9
 
 
 def test_kl_divergence_against_the_drafters_distribution():
@@ -158,8 +183,23 @@ def test_unmask_confidence_replaces_when_sure_remasks_when_not_and_unmasks_allow
     assert not make_rule("unmask_confidence", 0.9)(vin([0, M, 2, M], [True, False, True, False])).commit.any()
 
 
-def test_trust_verifier_writes_argmax_over_every_draft():
+def test_trust_verifier_keeps_every_draft_and_writes_the_verifiers_candidates():
+    """The reference's trust_verifier returns the verifier's output: the drafts it was shown, untouched
+    (an MDM step never rewrites a visible token), plus the masked cells it decoded itself."""
+    M = 99
     out = make_rule("trust_verifier")(vin([1, 1, 0, 2], [True, True, True, False]))
+    assert not out.remask.any() and not out.commit.any()  # no candidates: the drafts stand, even wrong ones
+    # cell 3 is masked and a candidate: written with the verifier's argmax (3), unsure or not
+    out = make_rule("trust_verifier")(vin([1, 1, 0, M], [True, True, True, False], cand=[False, False, False, True]))
+    assert not out.remask.any()
+    assert out.commit.tolist() == [[False, False, False, True]] and out.tokens[0, 3] == 3
+    out = make_rule("trust_verifier")(vin([1, 1, M, 3], [True, True, False, True], cand=[False, False, True, False]))
+    assert out.commit.tolist() == [[False, False, True, False]] and out.tokens[0, 2] == 2  # c_v = .4
+
+
+def test_verifier_overwrite_writes_argmax_over_every_draft():
+    """Ours (what trust_verifier meant here before): the verifier's argmax replaces every disagreeing draft."""
+    out = make_rule("verifier_overwrite")(vin([1, 1, 0, 2], [True, True, True, False]))
     assert out.commit.tolist() == [[True, False, True, False]]  # cell 1 agrees, cell 3 not drafted
     assert out.tokens[0, [0, 2]].tolist() == [0, 2]
     assert not out.remask.any()
@@ -169,6 +209,85 @@ def test_no_verification_does_nothing_and_skips_the_verifier():
     out = make_rule("no_verification")(vin([1, 1, 0, 2], [True] * 4))
     assert not out.remask.any() and not out.commit.any()
     assert not RULES["no_verification"].needs_verifier
+
+
+def test_every_rule_judges_the_verifiers_own_candidates_like_drafts():
+    """The reference's rules all start from the verifier's output, which includes the masked cells it
+    decoded itself; each rule then treats those tokens like drafts. Candidates are masked cells, never
+    re-masked (nothing to re-mask): a rejected candidate is simply not written."""
+    M = 99
+    toks, drafted = [0, M, M, M], [True, False, False, False]
+    cand = [False, True, True, True]  # v = 1 (c .96), 2 (c .4), 3 (c .95)
+    expect = {  # rule (τ) -> candidates written
+        ("exact_match", None): [1, 2, 3],  # a candidate is the argmax: never a disagreement
+        ("trust_verifier", None): [1, 2, 3],
+        ("confidence_threshold", 0.9): [1, 3],  # p_v(v) = .4 < .9 at cell 2
+        ("confidence_threshold", 0.4): [1, 2, 3],  # p_v >= τ stays
+        ("disagreement_with_confidence", 0.9): [1, 3],
+        ("kl_divergence", 1.0): [1, 2, 3],  # no drafter distribution at a candidate
+        ("disagreement_and_confidence", 0.9): [1, 2, 3],
+        ("verifier_overwrite", None): [1, 2, 3],
+    }
+    assert [c for c in range(4) if make_rule("confidence_threshold", 0.955)(vin(toks, drafted, cand=cand)).commit[0, c]] \
+        == [1]  # .95 at cell 3 is below .955 (the draft at cell 0, p .95, is re-masked there too)
+    for (name, thr), cells in expect.items():
+        dprobs = [VPROBS[0]] if name == "kl_divergence" else None
+        v = vin(toks, drafted, cand=cand)
+        if dprobs is not None:
+            v.drafter_logprobs = logits_from(dprobs)[0]
+        out = make_rule(name, thr)(v)
+        assert [c for c in range(4) if out.commit[0, c]] == cells, name
+        assert all(out.tokens[0, c] == c for c in cells), name
+        assert not out.remask.any(), name  # the draft at cell 0 agrees and is sure
+    # unmask_confidence and no_verification take no candidates
+    for name in ("unmask_confidence", "no_verification"):
+        with pytest.raises(ValueError, match="takes no verifier_unmask"):
+            make_rule(name, None, 1)
+        assert make_rule(name, None, 0).verifier_unmask == 0
+
+
+def test_verifier_unmask_defaults_and_errors():
+    for name in ("exact_match", "confidence_threshold", "disagreement_with_confidence", "trust_verifier"):
+        assert make_rule(name).verifier_unmask == 1  # the reference's k = 1 cell per verifier step
+        assert dual(rule=name).verifier_unmask == 1
+    for name in ("kl_divergence", "disagreement_and_confidence", "verifier_overwrite", "unmask_confidence",
+                 "no_verification"):
+        assert make_rule(name).verifier_unmask == 0
+    assert dual(rule="exact_match", verifier_unmask=0).verifier_unmask == 0
+    assert dual(rule="kl_divergence", verifier_unmask=3).verifier_unmask == 3
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="verifier_unmask must be an int >= 0"):
+            dual(verifier_unmask=bad)
+    with pytest.raises(ValueError, match="takes no verifier_unmask"):
+        dual(rule="unmask_confidence", verifier_unmask=2)
+    # a new rule starts from its own default
+    cfg = dual(rule="kl_divergence", verifier_unmask=2)
+    assert cfg.replace(rule="unmask_confidence").verifier_unmask == 0
+    assert cfg.replace(rule="exact_match").verifier_unmask == 1
+    assert build_dual_config(cfg, rule="trust_verifier").verifier_unmask == 1
+    assert build_dual_config(cfg, num_drafter_steps=2).verifier_unmask == 2
+
+
+def test_verifier_candidates_are_the_k_most_confident_masks_near_the_first_mask():
+    from diffspec.spec.dualdiffusion import _verifier_candidates
+
+    M = 7
+    c = Canvas.from_prompts([[5, 6], [5, 6]], 6, mask_id=M, pad_id=0, max_positions=16)
+    c.x[:, 2:] = torch.tensor([[1, M, 2, M, M, M], [M, M, M, M, M, M]])
+    conf = torch.tensor([[.9, .5, .9, .6, .8, .99], [.2, .3, .9, .4, .95, .99]])
+    # logits whose max softmax prob is conf (V = 8: the argmax 0 takes conf, the rest share 1 - conf)
+    p = torch.cat([conf[..., None], ((1 - conf) / 7)[..., None].expand(-1, -1, 7)], -1)
+    logits = p.log()
+    # window = block_length 4 from the first mask: row 0 cells 1..4, row 1 cells 0..3
+    assert _verifier_candidates(c, logits, 1, 4).tolist() == [[False, False, False, False, True, False],
+                                                              [False, False, True, False, False, False]]
+    assert _verifier_candidates(c, logits, 2, 4).tolist() == [[False, False, False, True, True, False],
+                                                              [False, False, True, True, False, False]]
+    # k larger than the window: every masked cell in it, never a decoded one or one beyond
+    assert _verifier_candidates(c, logits, 9, 4).tolist() == [[False, True, False, True, True, False],
+                                                              [True, True, True, True, False, False]]
+    c.x[1, 2:] = torch.tensor([1, 2, 3, 4, 5, 6])  # a row with nothing masked has no candidates
+    assert not _verifier_candidates(c, logits, 2, 4)[1].any()
 
 
 def test_apply_verdict_only_touches_the_generation_region():
@@ -292,9 +411,11 @@ def test_no_verification_equals_the_drafter_alone(model, tokenizer, drafter_cach
 @pytest.mark.parametrize("n_steps", [1, 3, 16])
 def test_identical_verifier_with_exact_match_changes_nothing(model, tokenizer, n_steps):
     """Drafter = the verifier's model without a cache: the stepwise view scores every draft on
-    the very canvas it was drafted from, so exact_match accepts everything."""
+    the very canvas it was drafted from, so exact_match accepts everything. verifier_unmask=0: the
+    reference's exact_match also lets the verifier decode a masked cell per forward, which would
+    (rightly) make the output differ from the drafter's alone."""
     cfg = dual(rule="exact_match", drafter_cache="none", drafter_policy="schedule", num_drafter_steps=n_steps,
-               verifier_view="stepwise")
+               verifier_view="stepwise", verifier_unmask=0)
     res = dualdiffusion_generate(model, tokenizer, PROMPTS, cfg)
     alone = diffusion_generate(model, tokenizer, PROMPTS, cfg.decode)
     assert res.raw_ids == alone.raw_ids
@@ -312,10 +433,11 @@ def test_identical_verifier_with_exact_match_changes_nothing(model, tokenizer, n
 
 
 def test_adaptive_drafter_steps_double_while_everything_is_accepted(model, tokenizer):
-    """Accept-all setting of the test above: the drafter's steps go 1, 2, 4, 8, then the last one,
-    so 5 verifier forwards instead of 16, and the output is still the drafter's alone."""
+    """Accept-all setting of the test above (verifier_unmask=0 for the same reason): the drafter's
+    steps go 1, 2, 4, 8, then the last one, so 5 verifier forwards instead of 16, and the output is
+    still the drafter's alone."""
     cfg = dual(rule="exact_match", drafter_cache="none", drafter_policy="schedule", num_drafter_steps=1,
-               verifier_view="stepwise", adaptive_drafter_steps=True)
+               verifier_view="stepwise", adaptive_drafter_steps=True, verifier_unmask=0)
     res = dualdiffusion_generate(model, tokenizer, PROMPTS, cfg)
     assert res.raw_ids == diffusion_generate(model, tokenizer, PROMPTS, cfg.decode).raw_ids
     assert res.stats["iterations"] == res.meter.models["verifier"].nfe == 5
@@ -367,7 +489,8 @@ class Echo(nn.Module):
 
 
 def test_logits_are_aligned_not_shifted(model, tokenizer):
-    cfg = dual(rule="exact_match", num_drafter_steps=2)
+    # verifier_unmask=0: Echo's own choice at a masked cell is uniform noise; only drafts are judged here
+    cfg = dual(rule="exact_match", num_drafter_steps=2, verifier_unmask=0)
     res = dualdiffusion_generate(Echo(model.config), tokenizer, PROMPTS, cfg, drafter_model=model)
     assert res.stats["remasked"] == 0
     assert res.raw_ids == diffusion_generate(model, tokenizer, PROMPTS, cfg.decode).raw_ids
@@ -375,7 +498,8 @@ def test_logits_are_aligned_not_shifted(model, tokenizer):
 
 @pytest.mark.parametrize("rule, thr", [("exact_match", None), ("confidence_threshold", 0.5),
                                        ("disagreement_with_confidence", 0.3), ("kl_divergence", 0.5),
-                                       ("unmask_confidence", 0.01), ("trust_verifier", None)])
+                                       ("unmask_confidence", 0.01), ("trust_verifier", None),
+                                       ("disagreement_and_confidence", 0.3), ("verifier_overwrite", None)])
 @pytest.mark.parametrize("view", ["drafted", "stepwise"])
 def test_every_rule_decodes_a_batch_of_different_lengths(model, small, tokenizer, rule, thr, view):
     assert len({len(tokenizer.encode(p)) for p in PROMPTS}) == len(PROMPTS)
@@ -384,14 +508,16 @@ def test_every_rule_decodes_a_batch_of_different_lengths(model, small, tokenizer
     mask = model.config.mask_token_id
     assert len(res.raw_ids) == 3 and all(len(r) == 16 and mask not in r for r in res.raw_ids)
     s, m = res.stats, res.meter
-    assert m.primary == "verifier" and m.sequences == 3 and m.tokens_generated == 48
+    eos = model.config.eos_token_id
+    answers = sum(next((i + 1 for i, t in enumerate(r) if t == eos), len(r)) for r in res.raw_ids)
+    assert m.primary == "verifier" and m.sequences == 3 and m.tokens_generated == answers
     assert m.models["drafter"].nfe == s["drafter_steps"]
     assert 1 <= m.models["verifier"].nfe <= s["iterations"] * cfg.num_verifier_steps + (s["finish_filled"] > 0)
     assert m.nfe == m.models["drafter"].nfe + m.models["verifier"].nfe  # the paper's steps
     assert m.flops == pytest.approx(m.models["drafter"].flops + m.models["verifier"].flops)
-    assert m.tokens_per_forward == pytest.approx(48 / m.models["verifier"].sequence_forwards)
+    assert m.tokens_per_forward == pytest.approx(answers / m.models["verifier"].sequence_forwards)
     assert res.summary()["spec"] == s and res.summary()["config"]["rule"] == rule
-    if rule == "unmask_confidence":
+    if rule in ("unmask_confidence", "trust_verifier"):  # trust_verifier writes the verifier's candidates
         assert s["verifier_unmasked"] > 0
 
 
@@ -411,9 +537,12 @@ def test_single_prompt_batches_are_independent_of_batch_size_when_all_is_accepte
 
 
 def test_more_verifier_steps_stop_once_nothing_changes(model, small, tokenizer):
-    """trust_verifier re-reads its own replacements: it goes on while they change the canvas."""
-    one = dualdiffusion_generate(model, tokenizer, PROMPTS, dual(rule="trust_verifier"), drafter_model=small)
-    three = dualdiffusion_generate(model, tokenizer, PROMPTS, dual(rule="trust_verifier", num_verifier_steps=3),
+    """verifier_overwrite (formerly trust_verifier, which now keeps drafts as the reference's does)
+    re-reads its own replacements: it goes on while they change the canvas. rollback=keep: with
+    discard the rolled-back cells would count as changes too."""
+    kw = dict(rule="verifier_overwrite", rollback="keep")
+    one = dualdiffusion_generate(model, tokenizer, PROMPTS, dual(**kw), drafter_model=small)
+    three = dualdiffusion_generate(model, tokenizer, PROMPTS, dual(**kw, num_verifier_steps=3),
                                    drafter_model=small)
     assert one.meter.models["verifier"].nfe == one.stats["iterations"]
     n, it = three.meter.models["verifier"].nfe, three.stats["iterations"]
@@ -460,10 +589,176 @@ def test_rollback_truncates_the_drafters_cache(model, tokenizer, monkeypatch):
         assert torch.equal(self.decoder.cache.store.valid, valid_before & (cols[None] < start[:, None]))
 
     monkeypatch.setattr(core.DiffusionDrafter, "rollback", spy)
-    res = dualdiffusion_generate(model, tokenizer, PROMPTS, dual(rule="trust_verifier", num_drafter_steps=2))
+    # verifier_overwrite: the rule that overwrites drafts (trust_verifier no longer does)
+    res = dualdiffusion_generate(model, tokenizer, PROMPTS, dual(rule="verifier_overwrite", num_drafter_steps=2))
     assert res.stats["replaced"] > 0 and starts
     T = len(res.raw_ids[0]) + max(len(tokenizer.encode(p)) for p in PROMPTS)
     assert all(((s >= 0) & (s <= T)).all() for s in starts)
+
+
+# ---------------------------------------------------------------- rollback: discard vs keep
+
+class ScriptedDrafter:
+    """Drafts fixed tokens into fixed generation cells (one step per iteration); records rollbacks."""
+
+    def __init__(self, canvas: Canvas, script):
+        self.canvas, self.script, self.starts = canvas, list(script), []
+
+    def draft(self, n_steps: int) -> Draft:
+        c, P = self.canvas, self.canvas.prompt_len
+        cells = torch.zeros_like(c.x, dtype=torch.bool)
+        cols, toks = self.script.pop(0) if self.script else ([], [])
+        for col, t in zip(cols, toks):
+            if c.x[0, P + col] == c.mask_id:
+                c.x[0, P + col] = t
+                cells[0, P + col] = True
+        return Draft(cells, torch.where(cells, 0, -1), None, 1)
+
+    def rollback(self, start: torch.Tensor) -> None:
+        self.starts.append(start.clone())
+
+
+def one_hot_probs(tokens, confs, V=8, mask=7):
+    """Per cell: `conf` on the token, the rest spread over the other non-mask tokens."""
+    rows = []
+    for t, c in zip(tokens, confs):
+        rest = (1 - c) / (V - 2)
+        rows.append([0.0 if j == mask else (c if j == t else rest) for j in range(V)])
+    return rows
+
+
+class FixedVerifier:
+    """Fixed logits on its first call (the verification); argmax 6 everywhere afterwards (the finish fill),
+    so the final canvas shows which cells the iteration left masked."""
+
+    def __init__(self, probs, fill=6):
+        self.first = logits_from(probs)
+        self.after = logits_from(one_hot_probs([fill] * len(probs), [0.9] * len(probs)))
+        self.calls = 0
+
+    def score(self, canvas: Canvas, hide: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        lg = self.first if self.calls == 1 else self.after
+        return lg.expand(hide.shape[0], -1, -1, -1).clone()
+
+
+def run_scripted(rule: str, rollback: str, k: int | None = 0):
+    """Prompt [5, 6], 6 generation cells, mask 7. One iteration drafts cells 0-4 = [1, 2, 3, 4, 5];
+    the verifier's argmax is [1, 2, 0, 4, 5, 6] (cell 2 disagrees; cell 5, never drafted, is its
+    most confident mask). The finish fill then writes 6 into whatever the iteration left masked."""
+    from diffspec.spec.dualdiffusion import dual_decode_canvas
+
+    M = 7
+    c = Canvas.from_prompts([[5, 6]], 6, mask_id=M, pad_id=0, max_positions=16)
+    drafter = ScriptedDrafter(c, [([0, 1, 2, 3, 4], [1, 2, 3, 4, 5])])
+    verifier = FixedVerifier(one_hot_probs([1, 2, 0, 4, 5, 6], [0.95, 0.95, 0.95, 0.95, 0.95, 0.97]))
+    cfg = build_dual_config(None, rule=rule, rollback=rollback, verifier_unmask=k, max_iterations=1,
+                            gen_length=6, block_length=3, steps=6)
+    stats = dual_decode_canvas(drafter, verifier, make_rule(rule, None, k), c, cfg)
+    return c.x[0, 2:].tolist(), stats, drafter.starts
+
+
+def test_rollback_discard_masks_everything_drafted_after_the_first_rejection():
+    # keep (the old behaviour): the accepted drafts 4, 5 after the rejected cell 2 stay
+    x, s, starts = run_scripted("exact_match", "keep")
+    assert x == [1, 2, 6, 4, 5, 6] and (s.remasked, s.discarded, s.finish_filled) == (1, 0, 2)
+    # discard: cells 3, 4 are drafted after the first rejection, so they go too
+    x, s, starts = run_scripted("exact_match", "discard")
+    assert x == [1, 2, 6, 6, 6, 6] and (s.remasked, s.discarded, s.finish_filled) == (1, 2, 4)
+    assert starts[0].tolist() == [2 + 2]  # the drafter's cache is cut at the first masked cell
+    assert s.summary()["acceptance_rate"] == pytest.approx(2 / 5)
+
+
+def test_rollback_discard_also_drops_the_verifiers_own_cells_after_the_cut():
+    # the verifier decodes cell 5 (its most confident mask); keep leaves it, discard drops it
+    x, s, _ = run_scripted("exact_match", "keep", k=1)
+    assert x == [1, 2, 6, 4, 5, 6] and s.verifier_unmasked == 1 and s.finish_filled == 1
+    x, s, _ = run_scripted("exact_match", "discard", k=1)
+    assert x == [1, 2, 6, 6, 6, 6] and s.verifier_unmasked == 0 and s.discarded == 2 and s.finish_filled == 4
+
+
+def test_rollback_discard_keeps_the_verifiers_correction_at_the_cut():
+    """verifier_overwrite replaces the first disagreeing draft: that token stays (AR speculative
+    decoding's correction token), the drafts after it go."""
+    x, s, _ = run_scripted("verifier_overwrite", "keep")
+    assert x == [1, 2, 0, 4, 5, 6] and (s.replaced, s.discarded) == (1, 0)
+    x, s, _ = run_scripted("verifier_overwrite", "discard")
+    assert x == [1, 2, 0, 6, 6, 6] and (s.replaced, s.discarded) == (1, 2)
+
+
+def test_rollback_without_a_rejection_changes_nothing():
+    x, s, starts = run_scripted("trust_verifier", "discard", k=1)
+    assert x == [1, 2, 3, 4, 5, 6] and s.discarded == 0 and s.verifier_unmasked == 1 and s.finish_filled == 0
+
+
+def _drafted_cells_left_after_a_rejection(model, tokenizer, monkeypatch, rollback: str) -> int:
+    """Run a configuration that accepts some drafts and rejects others (the self-drafter with its dual
+    cache against the masked view), and count, over all iterations, cells drafted in an iteration that
+    are still on the canvas at the next one although they lie after that row's first rejected draft."""
+    from diffspec.spec import core
+
+    orig = core.DiffusionDrafter.draft
+    seen = {}
+    left = []
+
+    def spy(self, n):
+        c = self.canvas
+        if seen:
+            cells, x = seen["cells"], seen["x"]
+            cut = torch.where(cells & (c.x != x), torch.arange(c.length), c.length).min(1).values
+            after = torch.arange(c.length)[None, :] > cut[:, None]
+            left.append(int((cells & after & (c.x != c.mask_id)).sum()))
+        d = orig(self, n)
+        seen.update(cells=d.cells.clone(), x=c.x.clone())
+        return d
+
+    monkeypatch.setattr(core.DiffusionDrafter, "draft", spy)
+    cfg = dual(rule="exact_match", verifier_view="masked", num_drafter_steps=4, rollback=rollback)
+    res = dualdiffusion_generate(model, tokenizer, PROMPTS, cfg)
+    assert 0 < res.stats["remasked"] < res.stats["drafted"] and len(left) > 3
+    return sum(left)
+
+
+def test_discard_leaves_nothing_after_the_first_rejection(model, tokenizer, monkeypatch):
+    assert _drafted_cells_left_after_a_rejection(model, tokenizer, monkeypatch, "discard") == 0
+
+
+def test_keep_leaves_accepted_drafts_after_a_rejection(model, tokenizer, monkeypatch):
+    """The check above has teeth: with rollback=keep the same run leaves such cells on the canvas."""
+    assert _drafted_cells_left_after_a_rejection(model, tokenizer, monkeypatch, "keep") > 0
+
+
+def test_rollback_option_parses_validates_and_counts(model, tokenizer):
+    assert dual().rollback == "discard"
+    with pytest.raises(ValueError, match="unknown rollback 'undo'.*discard, keep"):
+        dual(rollback="undo")
+    method, opts = parse_spec("dualdiffusion:rollback=keep,verifier_unmask=0")
+    assert opts == dict(rollback="keep", verifier_unmask=0)
+    cfg = build_config("dualdiffusion", **opts)
+    assert cfg.rollback == "keep" and cfg.verifier_unmask == 0 and cfg.to_dict()["rollback"] == "keep"
+    kw = dict(rule="exact_match", verifier_view="masked", num_drafter_steps=4)
+    keep = generate(PROMPTS, model=model, tokenizer=tokenizer, method="dualdiffusion", rollback="keep", **SHAPE, **kw)
+    disc = generate(PROMPTS, model=model, tokenizer=tokenizer, method="dualdiffusion", **SHAPE, **kw)
+    assert keep.stats["discarded"] == 0 and disc.stats["discarded"] > 0
+    assert disc.config.rollback == "discard" and keep.config.rollback == "keep"
+
+
+def _cli_knows(flag: str) -> bool:
+    from diffspec.cli import build_parser
+
+    _, unknown = build_parser().parse_known_args(["generate", "--prompt", "x", flag, "1"])
+    return flag not in unknown
+
+
+@pytest.mark.skipif(not (_cli_knows("--rollback") and _cli_knows("--verifier-unmask")),
+                    reason="diffspec/cli.py does not declare --rollback / --verifier-unmask yet")
+def test_cli_generate_takes_rollback_and_verifier_unmask(tiny_checkpoint, capsys):
+    base = ["generate", "--prompt", "Tom has 5 pens.", "--model", str(tiny_checkpoint), "--method", "dualdiffusion",
+            "--gen-length", "16", "--block-length", "8"]
+    assert main(base + ["--rollback", "keep", "--verifier-unmask", "0"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--rollback", "undo"]) == 2
+    assert "unknown rollback" in capsys.readouterr().err
 
 
 # ================================================================ errors

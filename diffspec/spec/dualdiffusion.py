@@ -8,22 +8,37 @@ The loop on one canvas (`dual_decode_canvas`), per iteration:
    still has a mask in some row;
 2. verify: the verifier runs up to `num_verifier_steps` full bidirectional
    forwards (no cache) on the drafted canvas, seen through `verifier_view`
-   ("drafted": as is, the paper's loop; "masked": this iteration's drafts
-   hidden; "stepwise": each draft scored on the canvas it was drafted from,
+   ("drafted": as is, the paper's loop; "masked" (default): this
+   iteration's drafts hidden; "stepwise": each draft scored on the canvas it was drafted from,
    all views in one batched forward). After each forward the rule
-   (`spec.rules`) re-masks or overwrites cells drafted in this iteration (and
-   `unmask_confidence` commits masked cells of the drafter's current block).
-   A forward that changes nothing ends the verification early: another one
-   on the same canvas would say the same;
-3. progress guard (on by default; `progress_guard=False` gives the bare
+   (`spec.rules`) re-masks or overwrites cells drafted in this iteration.
+   As in the reference loop, the verifier also decodes: with
+   `verifier_unmask` = k (default 1 for the reference's rules, 0 for ours)
+   each forward proposes, per row, its k most confident masked cells within
+   block_length of the row's first mask, and the rule judges them like
+   drafts (`unmask_confidence` instead commits the confident masked cells of
+   the drafter's current block). A forward that changes nothing ends the
+   verification early: another one on the same canvas would say the same;
+3. roll back (`rollback="discard"`, the default): in each row, every cell
+   this iteration filled (drafts, and the verifier's own tokens) after the
+   row's first rejected cell (re-masked, or overwritten by the verifier) is
+   masked again, as speculative decoding discards everything after its first
+   rejection; an overwritten cell keeps the verifier's token (the correction
+   token). The reference truncates its state at the first mask (its
+   Fast-dLLM drafter decodes left to right); our drafters decode a block in
+   any order, so a truncation at the first mask would throw away, every
+   iteration, drafts nobody rejected, and a drafter that never fills that
+   mask would stall; hence the cut at the first *rejection*.
+   `rollback="keep"` leaves accepted cells after a rejection on the canvas;
+4. progress guard (on by default; `progress_guard=False` gives the bare
    loop): a row that had drafts re-masked and ends the iteration with no more
    decoded cells than it started with gets its leftmost re-masked cell filled
    with the verifier's argmax (AR speculative decoding's correction token),
    so a drafter that keeps proposing a rejected token cannot stall the row;
-4. roll back: in every row the verifier changed, the drafter's KV cache is
-   truncated at the row's first cell that is masked or was changed (those
-   cells and all after them are recomputed at its next forward), its block
-   step counter restarts, and it resumes on the first block with masks
+5. the drafter's cache: in every row the verifier changed, the drafter's KV
+   cache is truncated at the row's first cell that is masked or was changed
+   (those cells and all after them are recomputed at its next forward), its
+   block step counter restarts, and it resumes on the first block with masks
    (re-entering an earlier block starts that block afresh, with the cache's
    block-start refresh). Rows the verifier left unchanged keep their cache, so
    a verifier that accepts everything leaves the drafter exactly as if it ran
@@ -45,7 +60,8 @@ verifier forwards: the meter's `nfe` (per prompt: `nfe_per_sequence`; a
 batched multi-view verification counts one forward per prompt). FLOPs and
 wall clock sit alongside, so a cheap drafter step is not counted like a
 verifier step. `SpecStats` (in `GenerationResult.stats`) counts drafts,
-re-masks, replacements, guard fills and finish fills.
+re-masks, replacements, cells discarded by the rollback, the verifier's own
+commits, guard fills and finish fills.
 
 Batching: rows share the drafter's block position and the iteration
 boundaries (as in every block decoder here), so when the verifier rejects
@@ -65,9 +81,10 @@ from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
 from .core import VIEWS, DiffusionDrafter, FullForwardVerifier, apply_verdict, verifier_views
-from .rules import Rule, VerifyInput, make_rule, resolve_threshold
+from .rules import Rule, VerifyInput, make_rule, resolve_threshold, resolve_verifier_unmask
 
 SELF = "self"
+ROLLBACKS = ("discard", "keep")
 
 
 def _parse_bool(s: str) -> bool:
@@ -91,6 +108,8 @@ DUAL_OPTIONS: dict[str, Any] = {
     "num_verifier_steps": int,
     "max_iterations": int,
     "verifier_view": str,
+    "verifier_unmask": int,
+    "rollback": str,
     "progress_guard": _parse_bool,
     "adaptive_drafter_steps": _parse_bool,
 }
@@ -114,7 +133,15 @@ class DualConfig(WrapsDecodeConfig):
     num_drafter_steps: int = 4
     num_verifier_steps: int = 1
     max_iterations: int | None = None  # None: gen_length
-    verifier_view: str = "drafted"
+    # "masked" by default: with "drafted" (the paper's loop) an MDM trained only on masked cells
+    # judges visible drafts with untrained logits, and accuracy collapsed to 0 % on the bundled model
+    # (README, DualDiffusion). The paper's view stays available by name.
+    verifier_view: str = "masked"
+    # Masked cells the verifier decodes itself per forward (the reference's k); None: the rule's
+    # default (1 for the reference's rules, 0 for ours; unmask_confidence / no_verification take none).
+    verifier_unmask: int | None = None
+    # "discard": cells filled after a row's first rejection are masked again; "keep": they stay.
+    rollback: str = "discard"
     progress_guard: bool = True
     # Beyond the paper: double the drafter's steps after an iteration whose drafts were all
     # accepted (up to gen_length), halve them (down to 1) after one with a rejection. When the
@@ -129,6 +156,10 @@ class DualConfig(WrapsDecodeConfig):
         if not str(self.drafter).strip():
             raise ValueError("drafter must be 'self' or a checkpoint directory")
         object.__setattr__(self, "rule_threshold", resolve_threshold(self.rule, self.rule_threshold))
+        object.__setattr__(self, "verifier_unmask", resolve_verifier_unmask(self.rule, self.verifier_unmask))
+        if self.rollback not in ROLLBACKS:
+            raise ValueError(f"unknown rollback {self.rollback!r}; choose one of {', '.join(ROLLBACKS)} "
+                             "(discard: re-mask what was filled after a row's first rejection; keep: leave it)")
         for name in ("num_drafter_steps", "num_verifier_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -142,8 +173,9 @@ class DualConfig(WrapsDecodeConfig):
         return self.max_iterations or self.decode.gen_length
 
     def replace(self, **kw: Any) -> "DualConfig":
-        if "rule" in kw and "rule_threshold" not in kw:
-            kw["rule_threshold"] = None  # a new rule starts from its own default threshold
+        if "rule" in kw:  # a new rule starts from its own defaults
+            kw.setdefault("rule_threshold", None)
+            kw.setdefault("verifier_unmask", None)
         return replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +193,8 @@ class SpecStats:
     drafted: int = 0  # cells the drafter committed (re-drafts of re-masked cells count again)
     remasked: int = 0
     replaced: int = 0  # drafted cells overwritten with the verifier's token
-    verifier_unmasked: int = 0  # masked cells committed by the verifier (unmask_confidence)
+    discarded: int = 0  # drafted cells the verifier let stand, masked again by rollback="discard"
+    verifier_unmasked: int = 0  # masked cells the verifier committed (and the rollback kept)
     guard_fills: int = 0
     finish_filled: int = 0  # masks left after max_iterations, filled by the final verifier forward
 
@@ -171,8 +204,9 @@ class SpecStats:
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
-        d["acceptance_rate"] = 1 - (self.remasked + self.replaced) / self.drafted if self.drafted else 0.0
-        accepted = self.drafted - self.remasked - self.replaced
+        rejected = self.remasked + self.replaced + self.discarded
+        d["acceptance_rate"] = 1 - rejected / self.drafted if self.drafted else 0.0
+        accepted = self.drafted - rejected
         d["accepted_per_iteration"] = accepted / self.iterations if self.iterations else 0.0
         return d
 
@@ -195,6 +229,7 @@ def dual_decode_canvas(
     stats = SpecStats()
     P, bl = canvas.prompt_len, cfg.decode.block_length
     n_steps = cfg.num_drafter_steps
+    k = rule.verifier_unmask
     while canvas.masked().any() and stats.iterations < cfg.iterations:
         stats.iterations += 1
         decoded_before = (~canvas.masked()).sum(1)
@@ -207,9 +242,12 @@ def dual_decode_canvas(
         rejected_before = stats.remasked + stats.replaced
         review = draft.cells.clone()  # drafts still under review
         remasked = torch.zeros_like(review)
+        rejected = torch.zeros_like(review)  # drafts re-masked or overwritten by the verifier
+        filled = draft.cells.clone()  # cells this iteration filled: drafts, then the verifier's commits
+        unmasked = torch.zeros_like(review)  # masked cells the verifier committed
         last_logits = None
         for _ in range(cfg.num_verifier_steps):
-            if not review.any() and not rule.spec.unmasks:
+            if not review.any() and not (rule.spec.unmasks or k):
                 break
             hide, pick = verifier_views(cfg.verifier_view, review, draft.step, with_plain=rule.spec.unmasks)
             logits = verifier.score(canvas, hide)  # (K, B, L, V)
@@ -222,18 +260,30 @@ def dual_decode_canvas(
                 verifier_logits=logits,
                 drafter_logprobs=draft.logprobs_at(review) if rule.spec.needs_drafter_logprobs else None,
                 may_unmask=_current_block_masks(canvas, bl) if rule.spec.unmasks else None,
+                candidates=_verifier_candidates(canvas, logits, k, bl) if k else None,
             ))
             changed = apply_verdict(canvas, verdict)
             stats.remasked += int(verdict.remask.sum())
             stats.replaced += int((verdict.commit & gen_review & changed).sum())
             stats.verifier_unmasked += int((verdict.commit & ~gen_review).sum())
+            unmasked[:, P:] |= verdict.commit & ~gen_review
             remasked[:, P:] |= verdict.remask
+            rejected[:, P:] |= verdict.remask | (verdict.commit & gen_review & changed)
+            filled[:, P:] |= verdict.commit
             review[:, P:] &= ~verdict.remask
+            if cfg.rollback == "discard":
+                dropped = _discard_after_first_rejection(canvas, filled, rejected)
+                stats.discarded += int((dropped & draft.cells & ~rejected).sum())
+                stats.verifier_unmasked -= int((dropped & unmasked).sum())
+                review &= ~dropped
+                filled &= ~dropped
+                unmasked &= ~dropped
+                changed = changed | dropped[:, P:]
             if not changed.any():
                 break
         if cfg.adaptive_drafter_steps:
-            rejected = stats.remasked + stats.replaced - rejected_before
-            n_steps = max(1, n_steps // 2) if rejected else min(cfg.decode.gen_length, 2 * n_steps)
+            n_rejected = stats.remasked + stats.replaced - rejected_before
+            n_steps = max(1, n_steps // 2) if n_rejected else min(cfg.decode.gen_length, 2 * n_steps)
         if cfg.progress_guard and last_logits is not None:
             stats.guard_fills += _guard(canvas, remasked, decoded_before, last_logits)
         changed_rows = (canvas.x != drafted_x).any(1)
@@ -248,6 +298,35 @@ def dual_decode_canvas(
         stats.finish_filled += int(left.sum())
         canvas.x[:, P:] = torch.where(left, logits.argmax(-1), gen)
     return stats
+
+
+def _discard_after_first_rejection(canvas: Canvas, filled: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """rollback="discard": in each row, mask again the filled cells after the first rejected one.
+
+    filled, rejected: bool (B, T). The rejected cell itself stays as the verifier left it (masked,
+    or holding its correction token). Returns the bool (B, T) cells masked here."""
+    cut = _first_true(rejected)  # T where the row has no rejection
+    cols = torch.arange(canvas.length, device=canvas.x.device)
+    drop = filled & (cols[None, :] > cut[:, None]) & ~canvas.masked()
+    canvas.x[drop] = canvas.mask_id
+    return drop
+
+
+def _verifier_candidates(canvas: Canvas, logits: torch.Tensor, k: int, block_length: int) -> torch.Tensor:
+    """Bool (B, L): per row, the k masked cells the verifier is most confident about, within
+    block_length of the row's first masked cell: one low-confidence step of LLaDA's sampler with k
+    cells a step, as the reference's verifier runs it with the row's first mask as its block start.
+    `logits` (B, L, V) are the ones the rule reads (a masked cell reads the view `verifier_views`
+    gives undrafted cells: the drafted canvas, or this iteration's drafts hidden)."""
+    gen = canvas.x[:, canvas.prompt_len :] == canvas.mask_id
+    first = _first_true(gen)
+    cols = torch.arange(gen.shape[1], device=gen.device)
+    window = gen & (cols[None, :] < first[:, None] + block_length)
+    lf = logits[window].float()  # only the window's cells: (n, V), not (B, L, V)
+    conf = torch.full(gen.shape, -1.0, device=gen.device)
+    conf[window] = (lf.max(-1).values - torch.logsumexp(lf, -1)).exp()  # max softmax prob
+    top = conf.topk(min(k, gen.shape[1]), dim=-1).indices
+    return torch.zeros_like(gen).scatter(1, top, True) & window
 
 
 def _current_block_masks(canvas: Canvas, block_length: int) -> torch.Tensor:
@@ -317,7 +396,7 @@ def dualdiffusion_generate(
     check_compatible(drafter_model, model, drafter_tokenizer, tokenizer)
     if _device(drafter_model) != _device(model):
         raise ValueError(f"drafter is on {_device(drafter_model)} but the verifier is on {_device(model)}")
-    rule = make_rule(cfg.rule, cfg.rule_threshold)
+    rule = make_rule(cfg.rule, cfg.rule_threshold, cfg.verifier_unmask)
     dcfg = cfg.decode
     meter = meter or CostMeter(primary="verifier")
     meter.primary = "verifier"
@@ -371,6 +450,8 @@ def build_dual_config(base: DualConfig | DecodeConfig | None = None, **options: 
     loop.update({k: v for k, v in given.items() if k in loop_fields})
     if "drafter" in loop:
         loop["drafter"] = str(loop["drafter"])
-    if "rule" in given and "rule_threshold" not in given:
-        loop["rule_threshold"] = None  # a new rule starts from its own default threshold
+    if "rule" in given:  # a new rule starts from its own defaults
+        for k in ("rule_threshold", "verifier_unmask"):
+            if k not in given:
+                loop[k] = None
     return DualConfig(decode=DecodeConfig(**decode), **loop)
