@@ -10,12 +10,14 @@ belong to which, so an option given to the wrong method is an error.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .decoding.config import DecodeConfig
+from .decoding.config import DecodeConfig, is_finite_number
 from .decoding.diffusion import GenerationResult, diffusion_generate
 from .models.checkpoint import load_model
 from .models.tokenizer import Tokenizer
@@ -41,6 +43,11 @@ SPEC_METHODS: dict[str, tuple[dict[str, Any], Any, type]] = {
 METHOD_NAMES = (*METHODS, *SPEC_METHODS, *AR_METHODS)
 AnyConfig = DecodeConfig | DualConfig | PSDConfig | ARMethodConfig
 
+# Which checkpoints a method decodes: masked-diffusion methods need LLaDA-style models (a mask
+# token, unshifted logits), AR-target methods a Qwen3-layout causal model.
+FAMILY_NAMES = {"diffusion": "masked-diffusion (LLaDA)", "ar": "autoregressive (Qwen3)"}
+FAMILY_METHODS = {"diffusion": (*METHODS, *SPEC_METHODS), "ar": AR_METHODS}
+
 
 def method_options(method: str) -> dict[str, Any]:
     """The options only `method` takes (beyond DecodeConfig fields), with their text parsers."""
@@ -57,6 +64,28 @@ def _owner_of_options() -> dict[str, list[str]]:
     return owners
 
 
+def _check_finite(options: dict[str, Any]) -> None:
+    """Every float option is a finite number, named as the caller spelled it (`drafter_threshold`,
+    not the `threshold` of the config it lands in). NaN passes every `<` check silently."""
+    for k, v in options.items():
+        if isinstance(v, float) and not is_finite_number(v):
+            raise ValueError(f"{k} must be a finite number, got {v}")
+
+
+# DualDiffusion options that land in the drafter's DecodeConfig under another name.
+_DRAFTER_ALIASES = {"drafter_cache": "cache", "drafter_policy": "policy", "drafter_threshold": "threshold"}
+
+
+def _name_drafter_option(e: ValueError, options: dict[str, Any]) -> ValueError:
+    """`e` reworded to name the option the caller gave (drafter_policy) when it speaks of the
+    DecodeConfig field that option became (policy): an error must say what to change."""
+    msg = str(e)
+    for alias, field in _DRAFTER_ALIASES.items():
+        if options.get(alias) is not None and alias not in msg and re.search(rf"(?<!\w){field}(?!\w)", msg):
+            return ValueError(f"{alias}: {msg}")
+    return e
+
+
 def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict: bool = True,
                  **options: Any) -> AnyConfig:
     """Method preset, then `base`, then explicit options (None means 'not given').
@@ -66,8 +95,9 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
     `diffspec bench` turns it off, since its command-line overrides apply to
     every row of a sweep and some rows have no use for them.
     """
-    if method not in METHOD_NAMES:
+    if not isinstance(method, str) or method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    _check_finite(options)
     own = method_options(method)
     foreign = {k: ms for k, ms in _owner_of_options().items()
                if options.get(k) is not None and k not in own and k not in DecodeConfig.__dataclass_fields__}
@@ -80,7 +110,12 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
             not (method in SPEC_METHODS and isinstance(base, SPEC_METHODS[method][2])):
         raise ValueError(f"method {method!r} cannot start from a {type(base).__name__}; pass a DecodeConfig")
     if method in SPEC_METHODS:
-        cfg = SPEC_METHODS[method][1](base, **options)
+        if base is None and options.get("gen_length") is not None and options.get("steps") is None:
+            options = {**options, "steps": options["gen_length"]}  # full steps unless told otherwise, as above
+        try:
+            cfg = SPEC_METHODS[method][1](base, **options)
+        except ValueError as e:
+            raise _name_drafter_option(e, options) from None
         decode = cfg.decode
     else:
         cfg = decode = _build_decode_config(method, base, **options)
@@ -112,14 +147,45 @@ def _build_decode_config(method: str, base: DecodeConfig | None, **options: Any)
     return cfg
 
 
+def method_family(method: str) -> str:
+    """'ar' for the AR-target methods, 'diffusion' for the masked-diffusion ones."""
+    return "ar" if method in AR_METHODS else "diffusion"
+
+
+def model_family(model: torch.nn.Module) -> str:
+    """A loaded model's family: causal models shift their logits (output i predicts token i+1)."""
+    return "ar" if getattr(model, "logits_shifted", False) else "diffusion"
+
+
+def check_family(method: str, family: str, what: str) -> None:
+    """ValueError, naming both, unless `method` decodes models of `family` (a Qwen3 checkpoint has
+    no mask token, a LLaDA one no causal cache: decoding either with the other's method crashes
+    deep inside, or worse, runs)."""
+    if method not in METHOD_NAMES or method_family(method) == family:
+        return
+    want = method_family(method)
+    article = "an" if want == "ar" else "a"
+    raise ValueError(f"method {method!r} needs {article} {FAMILY_NAMES[want]} model, but {what} is "
+                     f"{FAMILY_NAMES[family]}; with that model use method {' / '.join(FAMILY_METHODS[family])}, "
+                     f"or pass {article} {FAMILY_NAMES[want]} checkpoint")
+
+
 def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | None = None,
-             default: str | Path | None = None) -> tuple[torch.nn.Module, Tokenizer]:
-    """Load a checkpoint by its config's model_type: Qwen3 (AR) or LLaDA (masked diffusion)."""
+             default: str | Path | None = None, method: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+    """Load a checkpoint by its config's model_type: Qwen3 (AR) or LLaDA (masked diffusion).
+
+    With `method`, the checkpoint's family must be the method's (checked from config.json, before
+    any weights are read)."""
     from .models.checkpoint import read_config
 
     path = path if path is not None else default
-    if path is not None and (Path(path) / "config.json").is_file() and \
-            read_config(Path(path)).get("model_type") == "qwen3":
+    is_ar = False
+    if path is not None:
+        model_type = read_config(Path(path)).get("model_type")
+        is_ar = model_type == "qwen3"
+        if method is not None:
+            check_family(method, "ar" if is_ar else "diffusion", f"the checkpoint {path} (model_type {model_type!r})")
+    if is_ar:
         from .models.causal import load_causal
 
         return load_causal(path, device=device, dtype=dtype)
@@ -136,7 +202,11 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
                                     f"yet at {DEFAULT_TARGET}; pass --model with a Qwen3 checkpoint")
         return load_any(DEFAULT_TARGET, device=device, dtype=dtype)
     if model is None or isinstance(model, (str, Path)):
-        return load_any(model, device=device, dtype=dtype)
+        return load_any(model, device=device, dtype=dtype, method=method)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a checkpoint directory, a loaded model or None (the bundled one); "
+                         f"got {type(model).__name__}")
+    check_family(method, model_family(model), f"the model object ({type(model).__name__})")
     if tokenizer is None:
         raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
     embeds = getattr(model.config, "embedding_size", None) or model.config.vocab_size
@@ -161,6 +231,23 @@ def resolve_drafter(drafter: Any, cfg: DualConfig, verifier: torch.nn.Module, dr
         return None, None
     param = next(verifier.parameters())
     return load_model(cfg.drafter, device=param.device, dtype=dtype or param.dtype)
+
+
+def prompt_list(prompts: Any) -> list[str]:
+    """`prompts` as a list of non-empty strings, or a ValueError naming the argument and the entry."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif prompts is None or isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is an empty list; give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompts[{i}] must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty (prompts[{i}] = {p!r}); give some text to complete")
+    return prompts
 
 
 def generate(
@@ -190,6 +277,7 @@ def generate(
     `gen_length` as max_new_tokens, `gamma` (and `gamma2`, `k` for d2sd), and
     `drafter` / `vp_drafter` as paths or loaded models.
     """
+    prompts = prompt_list(prompts)
     takes_drafter = ("dualdiffusion", *[m for m in AR_METHODS if m != "ar"])
     if method not in takes_drafter and (drafter is not None or drafter_tokenizer is not None):
         raise ValueError(f"drafter= only applies to methods {', '.join(takes_drafter)}, not {method!r}")
@@ -201,10 +289,8 @@ def generate(
     cfg = build_config(method, config, **options)
     model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method)
     if isinstance(cfg, ARMethodConfig):
-        return ar_method_generate(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), cfg,
-                                  drafter=drafter, vp_drafter=vp_drafter, progress=progress)
-    if isinstance(prompts, str):
-        prompts = [prompts]
+        return ar_method_generate(model, tokenizer, prompts, cfg, drafter=drafter, vp_drafter=vp_drafter,
+                                  progress=progress, drafter_tokenizer=drafter_tokenizer)
     if isinstance(cfg, DualConfig):
         if isinstance(drafter, torch.nn.Module):
             cfg = cfg.replace(drafter=f"<{type(drafter).__name__} object>")

@@ -1,7 +1,10 @@
 """`diffspec generate | eval | bench | train` — thin argparse layer over the API.
 
-User errors (bad options, missing or corrupt checkpoints, unknown tasks)
-print one `diffspec: error: ...` line and exit 2; only real bugs traceback.
+User errors (bad options, missing or corrupt checkpoints, unknown tasks,
+unwritable output paths, argparse's own complaints) print one
+`diffspec: error: ...` line and exit 2; only real bugs traceback. Output
+paths are checked before any decoding, so a long run never ends in an error
+about where to put its result.
 """
 from __future__ import annotations
 
@@ -13,7 +16,19 @@ from .models.checkpoint import CheckpointError
 from .spec.dualdiffusion import DUAL_OPTIONS
 from .spec.psd import PSD_OPTIONS
 
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NotImplementedError)
+# OSError: the file system said no (permissions, a full disk, a path in the way), never a bug of ours.
+USER_ERRORS = (ValueError, OSError, CheckpointError, NotImplementedError)
+
+
+class UsageError(ValueError):
+    """An argparse complaint (unknown flag, `--steps abc`), reported like every other user error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: its default prints the usage block and exits from inside."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
@@ -50,14 +65,20 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     d.add_argument("--drafter-cache", help="drafter's cache (default dual)")
     d.add_argument("--drafter-policy", help="drafter's unmasking policy (default threshold)")
     d.add_argument("--drafter-threshold", type=float, help="drafter's threshold-policy confidence (default 0.9)")
-    d.add_argument("--rule", help="exact_match | confidence_threshold | disagreement_with_confidence | "
-                                  "kl_divergence | unmask_confidence | trust_verifier | no_verification")
+    d.add_argument("--rule", help="exact_match (default) | confidence_threshold | disagreement_with_confidence | "
+                                  "trust_verifier | no_verification (the reference's rules) | kl_divergence | "
+                                  "disagreement_and_confidence | verifier_overwrite | unmask_confidence (ours)")
     d.add_argument("--rule-threshold", type=float, help="τ of the rule: probability in (0, 1], KL in nats > 0")
     d.add_argument("--num-drafter-steps", type=int, help="drafter steps per iteration (default 4)")
     d.add_argument("--num-verifier-steps", type=int, help="verifier forwards per iteration (default 1)")
     d.add_argument("--max-iterations", type=int, help="draft/verify iterations before the verifier fills the rest "
                                                       "(default gen-length)")
     d.add_argument("--verifier-view", help="drafted (default) | masked | stepwise: what the verifier sees of the drafts")
+    d.add_argument("--verifier-unmask", type=int,
+                   help="masked cells the verifier decodes itself per forward (default 1 for the reference's rules, "
+                        "0 for ours)")
+    d.add_argument("--rollback", help="discard (default): re-mask what the iteration filled after a row's first "
+                                      "rejected cell, as speculative decoding does | keep: leave it")
     d.add_argument("--no-progress-guard", dest="progress_guard", action="store_const", const=False,
                    help="do not fill a stalled row's first re-masked cell with the verifier's token")
     d.add_argument("--adaptive-drafter-steps", action="store_const", const=True,
@@ -108,6 +129,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     template = a.template or ("qa" if a.model is None else "raw")
     if template not in ("qa", "raw"):
         raise ValueError(f"unknown --template {template!r}; use qa or raw")
+    if not a.prompt.strip():  # checked before the template wraps it in text that is never empty
+        raise ValueError("--prompt is empty; give some text to complete")
     prompt = gsm8k_prompt(a.prompt) if template == "qa" else a.prompt
     opts = _options(a)
     cfg = task_config("arith", a.method, **opts)
@@ -125,10 +148,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from .api import resolve_model
     from .evaluate import evaluate, task_config, write_json
+    from .jsonio import OutputFile
+    from .tasks import load_examples
 
     opts = _options(a)
     cfg = task_config(a.task, a.method, **opts)
-    from .tasks import load_examples
+    out = OutputFile.check(a.out, "--out") if a.out is not None else None  # before the run, not after
 
     examples = load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
     model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
@@ -138,15 +163,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
     print(f"{a.task} [{a.method}] accuracy {r['accuracy']:.1%}{flex} on {r['n']} | forwards/seq "
           f"{r['nfe_per_sequence']:.1f} | tokens/forward {r['tokens_per_forward']:.2f} | GFLOPs {r['flops'] / 1e9:.1f} "
           f"| {r['wall_seconds']:.1f}s")
-    if a.out:
-        write_json(r, a.out)
-        print(f"wrote {a.out}", file=sys.stderr)
+    if out is not None:
+        print(f"wrote {write_json(r, out, rescue=True)}", file=sys.stderr)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .api import resolve_model
-    from .bench.runner import run_bench, suite
-
+    from .bench.runner import check_bench_out, plan_bench, run_bench, suite
     from .spec.armethods import AR_METHODS
 
     specs = a.methods or suite(a.suite, a.task)
@@ -156,6 +179,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     if len(is_ar) > 1:
         raise ValueError("a bench run compares methods on one model: run the AR-target methods (ar, ar-spec, "
                          "dflash, d2sd) and the diffusion methods in separate runs")
+    plan_bench(specs, a.task, overrides)  # bad specs and options fail before the output directory is made
+    check_bench_out(a.out)  # before loading anything; run_bench checks both again before decoding
     model, tok = resolve_model(a.model, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
@@ -187,7 +212,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffspec", description="Fast, honest inference for diffusion language models.")
+    p = Parser(prog="diffspec", description="Fast, honest inference for diffusion language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="complete one prompt (completion on stdout, cost on stderr)")
@@ -234,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         _verifier_is_model(args)
         args.func(args)
     except USER_ERRORS as e:

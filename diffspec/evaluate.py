@@ -1,11 +1,11 @@
 """Accuracy and cost of one method on one task, as a JSON-ready dict."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .api import AnyConfig, build_config, generate
+from .jsonio import OutputFile
 from .spec.armethods import AR_METHODS
 from .tasks import Example, load_examples, score
 
@@ -68,8 +68,9 @@ def evaluate(
     return out
 
 
-def write_json(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-    return path
+def write_json(obj: Any, path: str | Path | OutputFile, rescue: bool = False) -> Path:
+    """Write `obj` as JSON atomically (temp file + os.replace), creating the directory; returns where
+    it went. Pass an `OutputFile.check`-ed path to validate it before a long run; an existing file is
+    replaced with a note on stderr, and any OSError becomes one `OutputError` line (see `jsonio`)."""
+    out = path if isinstance(path, OutputFile) else OutputFile.check(path)
+    return out.write_json(obj, rescue=rescue)

@@ -127,6 +127,10 @@ def test_config_weights_mismatch_is_one_line(tiny_checkpoint, tmp_path, capsys):
     (["bench", "--methods", "vanilla:steps=abc"], "needs a int"),
     (["generate", "--prompt", "hi", "--device", "tpu"], "device"),
     (["generate", "--prompt", "hi", "--dtype", "float8"], "dtype"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "--prompt", "", "--template", "qa"], "--prompt is empty"),
+    (["generate", "--prompt", "hi", "--steps", "x"], "invalid int value"),  # argparse's own complaint, one line too
+    (["eval", "--task", "arith", "--out", "/dev/null"], "not a regular file"),
 ])
 def test_bad_options_are_one_line(argv, needle, tiny_checkpoint, capsys):
     if "--model" not in argv and argv[0] != "bench" or argv[0] == "bench":

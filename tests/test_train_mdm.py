@@ -102,7 +102,8 @@ def test_train_mdm_data_arith_spec(tmp_path):
 
 def test_bundled_model_comes_from_one_from_scratch_config():
     """configs/llada-arith.json alone writes the bundled model: no warm start, no borrowed tokenizer, a
-    45-minute budget, the bundled model's shape, and a BPE that rebuilds exactly the bundled tokenizer."""
+    time budget (so a run ends with a fully decayed LR whatever the machine's speed), the bundled
+    model's shape, and a BPE that rebuilds exactly the bundled tokenizer."""
     from pathlib import Path
 
     from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, load_tokenizer, read_config
@@ -113,7 +114,7 @@ def test_bundled_model_comes_from_one_from_scratch_config():
     cfg = read_train_config(root / "configs" / "llada-arith.json")
     assert "init_from" not in cfg["train"] and "tokenizer_from" not in cfg
     assert (root / cfg["out"]).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
-    assert cfg["train"]["max_minutes"] <= 45
+    assert cfg["train"]["max_minutes"] > 0
     arith_spec(cfg)
     bundled = LLaDAConfig.from_hf_dict(read_config(DEFAULT_MODEL_DIR))
     for key, value in cfg["model"].items():

@@ -17,7 +17,8 @@ import torch
 from ..api import METHOD_NAMES, SPEC_METHODS, method_options
 from ..decoding.config import DecodeConfig
 from ..models.checkpoint import DEFAULT_DRAFTER_DIR
-from ..evaluate import TASK_DEFAULTS, evaluate, task_config, write_json
+from ..evaluate import TASK_DEFAULTS, evaluate, task_config
+from ..jsonio import OutputError, OutputFile, check_output_dir
 from ..spec.dualdiffusion import DualConfig
 from ..tasks import load_examples
 from .plot import pareto_plot
@@ -136,6 +137,47 @@ def suite(name: str, task: str) -> list[str]:
     raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd or d2sd")
 
 
+BENCH_FILES = ("results.json", "table.md", "pareto.png")
+
+
+def plan_bench(specs: list[str], task: str, overrides: dict[str, Any] | None = None
+               ) -> tuple[list[tuple[str, dict[str, Any]]], list[Any]]:
+    """Every spec parsed and turned into its config, so a bad one fails before anything runs."""
+    if not specs:
+        raise ValueError("no methods to benchmark")
+    parsed = [parse_spec(s) for s in specs]
+    configs = [task_config(task, m, strict=False, **{**options_for(m, overrides or {}), **o}) for m, o in parsed]
+    return parsed, configs
+
+
+def check_bench_out(out_dir: str | Path) -> dict[str, OutputFile]:
+    """The run's output files, checked before any decoding: the directory exists (or is created) and
+    is writable, and none of the files is in the way as a directory. A bench run takes minutes to
+    hours; finding out afterwards that its results cannot be saved would lose them."""
+    d = check_output_dir(out_dir, "bench output directory (--out)")
+    return {name: OutputFile.check(d / name) for name in BENCH_FILES}
+
+
+def save_bench(result: dict[str, Any], table: str, outputs: dict[str, OutputFile], title: str) -> list[Path]:
+    """Write results.json, table.md and pareto.png (each atomically); try all three, then raise one
+    OutputError naming every failure. A results.json that cannot be written is rescued to the
+    system's temp directory (the error says where), so the run is never lost."""
+    written, errors = [], []
+    writers = {
+        "results.json": lambda out: out.write_json(result, rescue=True),
+        "table.md": lambda out: out.write_text(table + "\n"),
+        "pareto.png": lambda out: out.write_with(lambda tmp: pareto_plot(result["rows"], tmp, title=title)),
+    }
+    for name, write in writers.items():
+        try:
+            written.append(write(outputs[name]))
+        except OutputError as e:
+            errors.append(str(e))
+    if errors:
+        raise OutputError("; ".join(errors))
+    return written
+
+
 def run_bench(
     model: Any,
     tokenizer: Any,
@@ -147,11 +189,8 @@ def run_bench(
     overrides: dict[str, Any] | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
-    if not specs:
-        raise ValueError("no methods to benchmark")
-    parsed = [parse_spec(s) for s in specs]
-    # validate all first
-    configs = [task_config(task, m, strict=False, **{**options_for(m, overrides or {}), **o}) for m, o in parsed]
+    parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
+    outputs = check_bench_out(out_dir)  # and where the results will go
     examples = load_examples(task, limit=limit, data=data)
     rows = []
     for (method, opts), cfg, spec in zip(parsed, configs, specs):
@@ -170,7 +209,6 @@ def run_bench(
         r["speedup_flops"] = base["flops"] / r["flops"] if r["flops"] else float("nan")
         r["speedup_nfe"] = base["nfe_per_sequence"] / r["nfe_per_sequence"] if r["nfe_per_sequence"] else float("nan")
         r["accuracy_delta"] = r["accuracy"] - base["accuracy"]
-    out_dir = Path(out_dir)
     result = {
         "task": task,
         "n": len(examples),
@@ -181,10 +219,8 @@ def run_bench(
                         "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")},
         "rows": rows,
     }
-    write_json(result, out_dir / "results.json")
     table = format_table(rows)
-    (out_dir / "table.md").write_text(table + "\n")
-    pareto_plot(rows, out_dir / "pareto.png", title=f"{task}: accuracy vs cost ({len(examples)} examples)")
-    print(table)
-    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'table.md'}, {out_dir / 'pareto.png'}", file=sys.stderr)
+    print(table)  # before saving: a failure to save never hides the numbers
+    written = save_bench(result, table, outputs, title=f"{task}: accuracy vs cost ({len(examples)} examples)")
+    print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
     return result

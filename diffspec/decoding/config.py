@@ -6,6 +6,7 @@ checked here so a bad CLI flag fails before any model is loaded.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -39,6 +40,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        check_finite_floats(self)
         if self.gen_length < 1:
             raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
         if self.block_length < 1:
@@ -61,6 +63,8 @@ class DecodeConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.cfg_scale > 0 and self.cache != "none":  # known now, so refused before any model is loaded
+            raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if not 0 < self.threshold <= 1 and not (self.policy != "threshold" and self.threshold == 0.9):
@@ -105,6 +109,25 @@ class DecodeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (an int too large for a float counts as infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_finite_floats(cfg: Any) -> None:
+    """Reject NaN and infinite values of float fields: every comparison with NaN is False, so a NaN
+    threshold or temperature slips through range checks and decodes garbage instead of failing, and
+    an infinite temperature overflows the sampler."""
+    for name, f in cfg.__dataclass_fields__.items():
+        if isinstance(f.default, float) and not is_finite_number(getattr(cfg, name)):
+            raise ValueError(f"{name} must be a finite number, got {getattr(cfg, name)!r}")
 
 
 def check_field_types(cfg: Any) -> None:

@@ -6,6 +6,7 @@ ids it is handed exist in the vocabulary.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable
 
@@ -49,11 +50,45 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
-    def fingerprint(self) -> tuple[int, tuple[tuple[str, int], ...]]:
-        """A cheap identity for 'do these two models share a tokenizer?' checks."""
-        vocab = self.hf.get_vocab(with_added_tokens=True)
-        sample = tuple(sorted(vocab.items(), key=lambda kv: kv[1])[:: max(1, len(vocab) // 64)])
-        return len(vocab), sample
+    def id_to_token(self) -> dict[int, str]:
+        """The full id -> token map, added tokens included."""
+        return {i: t for t, i in self.hf.get_vocab(with_added_tokens=True).items()}
+
+    def special_tokens(self) -> list[tuple[int, str]]:
+        """(id, text) of the special added tokens (EOS, mask, chat markers...), by id."""
+        return sorted((i, t.content) for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+
+    def fingerprint(self) -> tuple[int, str]:
+        """Identity for 'do these two models read and write the same ids?': the vocabulary size and a
+        SHA-256 of the whole id -> token map and the special tokens. Every entry counts: two
+        tokenizers of one size that swap two ids decode each other's output into garbage."""
+        h = hashlib.sha256()
+        for i, tok in sorted(self.id_to_token().items()):
+            h.update(f"{i}\t{tok}\n".encode("utf-8", "surrogatepass"))
+        h.update(repr(self.special_tokens()).encode("utf-8", "surrogatepass"))
+        return self.vocab_size, h.hexdigest()
+
+
+def vocab_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when `a` and `b` have the same fingerprint, else their first difference in words
+    (for error messages that say what to fix, not just that something differs)."""
+    if a.fingerprint() == b.fingerprint():
+        return None
+    va, vb = a.id_to_token(), b.id_to_token()
+    if len(va) != len(vb):
+        return f"{len(va)} tokens against {len(vb)}"
+    for i in sorted(set(va) | set(vb)):
+        if va.get(i) != vb.get(i):
+            return f"id {i} is {va.get(i)!r} in one and {vb.get(i)!r} in the other"
+    return f"special tokens differ: {a.special_tokens()} against {b.special_tokens()}"
+
+
+def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_name: str, b_name: str) -> None:
+    """ValueError unless `a` and `b` map every id to the same token (see `Tokenizer.fingerprint`)."""
+    diff = vocab_difference(a, b)
+    if diff is not None:
+        raise ValueError(f"{a_name} and {b_name} use different tokenizers ({diff}); models that exchange "
+                         "token ids must share one tokenizer (train them with tokenizer_from)")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 512, special_tokens: list[str] | None = None) -> Tokenizer:

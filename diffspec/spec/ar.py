@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..decoding.config import check_field_types
+from ..decoding.config import check_field_types, check_finite_floats
 from ..decoding.diffusion import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel, answer_length
 from ..models.causal import CausalKVCache
@@ -72,6 +72,7 @@ class ARConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        check_finite_floats(self)  # +inf would divide every logit to 0 or NaN
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -211,7 +212,9 @@ def _encode(tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, vocab_s
         raise ValueError("no prompts given")
     encoded = []
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
+        if not p.strip():
             raise ValueError(f"prompt {i} is empty; give some text to complete")
         ids = tokenizer.encode(p)
         if not ids:

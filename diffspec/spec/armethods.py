@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..decoding.diffusion import GenerationResult
-from ..models.tokenizer import Tokenizer
+from ..models.tokenizer import Tokenizer, check_same_tokenizer
 from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
 from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
 from .dualdiffusion import _parse_bool
@@ -89,16 +89,25 @@ def build_ar_config(method: str, base: ARMethodConfig | None = None, **options: 
     decode = {k: v for k, v in decode.items() if k in {f.name for f in fields(cls)}}
     paths = {k: str(given[k]) if k in given else (getattr(base, k) if base else None)
              for k in ("drafter", "vp_drafter")}
-    return ARMethodConfig(method, cls(**decode), **paths)
+    try:
+        return ARMethodConfig(method, cls(**decode), **paths)
+    except ValueError as e:
+        if "gen_length" not in options or options["gen_length"] is None:
+            raise
+        # the caller said gen_length: name it, not the field it became
+        raise ValueError(str(e).replace("max_new_tokens", "gen_length (max_new_tokens)")) from None
 
 
 def _load_causal_or_default(path: str | None, default: Path, what: str, device: torch.device,
-                            dtype: torch.dtype) -> torch.nn.Module:
+                            dtype: torch.dtype, tokenizer: Tokenizer) -> torch.nn.Module:
+    """The AR drafter at `path` (or the bundled one), refused unless its tokenizer is the target's:
+    equal vocabulary sizes are not enough, a swapped pair of ids would make its drafts garbage."""
     from ..models.causal import load_causal
 
     if path is None and not default.is_dir():
         raise FileNotFoundError(f"no {what} given and no bundled one at {default}; pass a checkpoint directory")
-    model, _ = load_causal(path or default, device=device, dtype=dtype)
+    model, tok = load_causal(path or default, device=device, dtype=dtype)
+    check_same_tokenizer(tok, tokenizer, f"the {what} {path or default}", "the target")
     return model
 
 
@@ -113,19 +122,26 @@ def _load_dflash_or_default(path: str | None, default: Path, what: str, target: 
 
 def ar_method_generate(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARMethodConfig,
                        drafter: torch.nn.Module | None = None, vp_drafter: torch.nn.Module | None = None,
-                       progress: bool = False) -> GenerationResult:
-    """Run `cfg.method` on an AR target; drafters are objects, or loaded from cfg's paths / the bundled ones."""
+                       progress: bool = False, drafter_tokenizer: Tokenizer | None = None) -> GenerationResult:
+    """Run `cfg.method` on an AR target; drafters are objects, or loaded from cfg's paths / the bundled ones.
+
+    An ar-spec drafter must share the target's tokenizer: a loaded one is checked against its
+    tokenizer.json, an object against `drafter_tokenizer` when given. (DFlash / VP drafters reuse
+    the target's embedding and LM head, so they have no tokenizer of their own.)
+    """
     from ..models.causal import Qwen3Model
 
     if not isinstance(target, Qwen3Model):
         raise ValueError(f"method {cfg.method!r} needs an autoregressive (Qwen3-layout) target model, got "
                          f"{type(target).__name__}; pass --model with a Qwen3 checkpoint")
     param = next(target.parameters())
+    if drafter is not None and drafter_tokenizer is not None:
+        check_same_tokenizer(drafter_tokenizer, tokenizer, "the drafter", "the target")
     if cfg.method == "ar":
         res = ar_generate(target, tokenizer, prompts, cfg.decode, progress=progress)
     elif cfg.method == "ar-spec":
         drafter = drafter or _load_causal_or_default(cfg.drafter, DEFAULT_DRAFTERS["ar-spec"], "drafter",
-                                                     param.device, param.dtype)
+                                                     param.device, param.dtype, tokenizer)
         res = spec_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
     else:
         drafter = drafter or _load_dflash_or_default(cfg.drafter, DEFAULT_DRAFTERS[cfg.method], "drafter", target)

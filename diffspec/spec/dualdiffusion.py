@@ -70,6 +70,7 @@ rejected (e.g. `no_verification`) a batch decodes exactly as each row alone.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
@@ -454,4 +455,13 @@ def build_dual_config(base: DualConfig | DecodeConfig | None = None, **options: 
         for k in ("rule_threshold", "verifier_unmask"):
             if k not in given:
                 loop[k] = None
-    return DualConfig(decode=DecodeConfig(**decode), **loop)
+    if "gen_length" in given and "steps" not in given and not isinstance(base, DualConfig):
+        decode["steps"] = given["gen_length"]  # full steps unless told otherwise, as the other builders do
+    try:
+        drafter_decode = DecodeConfig(**decode)
+    except ValueError as e:  # name the option the caller gave, not the field it became
+        for k in ("cache", "policy", "threshold"):
+            if f"drafter_{k}" in given and re.search(rf"(?<!\w){k}(?!\w)", str(e)):
+                raise ValueError(f"drafter_{k}: {e}") from None
+        raise
+    return DualConfig(decode=drafter_decode, **loop)

@@ -25,10 +25,20 @@ from ..models.causal import Qwen3Config, Qwen3Model, save_causal
 from ..models.tokenizer import EOS_TOKEN, Tokenizer
 from ..spec.ar import ARConfig, ar_generate
 from ..tasks import Example, arith_examples, arith_mc_examples, score
-from .common import setup, shared_tokenizer, train_loop
+from .common import (TOP_KEYS, TRAIN_KEYS, Schema, dataclass_section, integer, number, setup, shared_tokenizer,
+                     train_loop)
 from .mdm import MDMBatcher
 
-__all__ = ["train_ar", "ar_loss", "evaluate_ar"]
+__all__ = ["train_ar", "ar_loss", "evaluate_ar", "SCHEMA"]
+
+# Every key `train_ar` reads; anything else in a config is refused (see train.common).
+# model.vocab_size / model.eos_token_id may be given, but must equal the shared tokenizer's.
+SCHEMA: Schema = {
+    **TOP_KEYS,
+    "model": dataclass_section(Qwen3Config),
+    "data": {"gen_length": integer(1), "pool": integer(1), "mc_fraction": number(0, 1)},
+    "train": TRAIN_KEYS,
+}
 
 
 def ar_loss(model: Qwen3Model, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
@@ -47,7 +57,7 @@ def evaluate_ar(model: Qwen3Model, tok: Tokenizer, examples: list[Example], gen_
 def train_ar(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
              device: str | None = None, max_steps: int | None = None) -> Path:
     """Train a Qwen3 from a JSON config ({model, data, train, out, state_dir, tokenizer_from}); returns the out dir."""
-    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device)
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
     dcfg = cfg.get("data", {})
     tok = shared_tokenizer(cfg)
     eos_id = tok.token_to_id(EOS_TOKEN)

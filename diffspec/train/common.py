@@ -1,11 +1,21 @@
-"""Pieces every training loop shares: config files, optimizer, LR schedule, resume."""
+"""Pieces every training loop shares: config files, optimizer, LR schedule, resume.
+
+Training configs are JSON with a strict schema per trainer (`Schema`): a key
+the trainer does not read (`train.stpes`, a top-level typo, an unknown
+`model.*` field) is an error that lists the valid keys, since a silently
+ignored key trains something other than what the config says, and finding
+out takes a whole run. Keys starting with `_` (`_comment`) are free text.
+Values are range-checked before anything is built.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,14 +26,148 @@ from ..models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokeniz
 from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN, Tokenizer
 
 
-def read_train_config(path: str | Path) -> dict[str, Any]:
+# ---------------------------------------------------------------- config schema
+
+Check = Callable[[str, Any], None]  # check(dotted key name, value) raises ValueError naming the key
+Schema = Mapping[str, Union[Check, "Schema"]]  # a nested mapping is a section
+
+
+def integer(lo: int | None = None) -> Check:
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+            raise ValueError(f"{name} must be an integer{f' >= {lo}' if lo is not None else ''}, got {v!r}")
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, note: str = "") -> Check:
+    """A finite number in [lo, hi] ((lo, hi] with lo_open); NaN and infinities never pass."""
+    def check(name: str, v: Any) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ValueError(f"{name} must be a finite number in {rng}{note}, got {v!r}")
+    return check
+
+
+def choice(*allowed: Any) -> Check:
+    def check(name: str, v: Any) -> None:
+        if v not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {v!r}")
+    return check
+
+
+def text(name: str, v: Any) -> None:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+
+
+def boolean(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def int_list(lo: int | None = None) -> Check:
+    each = integer(lo)
+
+    def check(name: str, v: Any) -> None:
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"{name} must be a non-empty list of integers, got {v!r}")
+        for i, x in enumerate(v):
+            each(f"{name}[{i}]", x)
+    return check
+
+
+def anything(name: str, v: Any) -> None:
+    """Checked where it is used (e.g. `data.arith` by ArithSpec)."""
+
+
+class Derived:
+    """A key the trainer sets itself (e.g. model.vocab_size from the tokenizer): giving it is an error."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __call__(self, name: str, v: Any) -> None:
+        raise ValueError(f"{name} is taken from {self.source}; drop it from the config")
+
+
+def dataclass_section(cls: type, derived: Mapping[str, str] | None = None,
+                      exclude: Sequence[str] = ("extra",)) -> Schema:
+    """A model section: the fields of config class `cls`, type-checked by their defaults' types
+    (ranges are the class's own checks); `derived` fields name where their value comes from."""
+    derived = derived or {}
+    out: dict[str, Check] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = f.default
+        if f.name in derived:
+            out[f.name] = Derived(derived[f.name])
+        elif isinstance(default, bool):
+            out[f.name] = boolean
+        elif isinstance(default, int):
+            out[f.name] = integer()
+        elif isinstance(default, float):
+            out[f.name] = number()
+        elif isinstance(default, tuple):
+            out[f.name] = int_list()
+        else:
+            out[f.name] = anything
+    return out
+
+
+def check_schema(cfg: Any, schema: Schema, where: str = "") -> None:
+    """Raise a ValueError for the first unknown key (listing the valid ones) or bad value in `cfg`."""
+    label = where or "the config's top level"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where or 'a training config'} must be a JSON object, got {type(cfg).__name__}")
+    unknown = sorted(k for k in cfg if not str(k).startswith("_") and k not in schema)
+    if unknown:
+        valid = sorted(k for k, c in schema.items() if not isinstance(c, Derived))
+        names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ValueError(f"unknown key(s) {names} in {label}; valid keys: {', '.join(valid)} "
+                         "(keys starting with '_' are comments)")
+    for key, check in schema.items():
+        if key not in cfg:
+            continue
+        name = f"{where}.{key}" if where else key
+        if isinstance(check, Mapping):
+            check_schema(cfg[key], check, name)
+        else:
+            check(name, cfg[key])
+
+
+# Keys of `train` that `setup` and `train_loop` read, shared by every trainer.
+# max_minutes: the time budget; 0 (the default) means no time limit.
+TRAIN_KEYS: dict[str, Check] = {
+    "steps": integer(1), "batch_size": integer(1), "lr": number(0, lo_open=True), "warmup": integer(0),
+    "weight_decay": number(0), "grad_clip": number(0, lo_open=True), "eval_every": integer(1),
+    "eval_n": integer(1), "save_every": integer(1), "seed": integer(0), "threads": integer(0),
+    "max_minutes": number(0, note=" (0 = no time limit)"), "amp": choice("none", "bf16"), "device": text,
+}
+# Top-level keys every trainer reads besides its model / data sections.
+TOP_KEYS: dict[str, Check] = {"out": text, "state_dir": text, "tokenizer_from": text}
+REQUIRED = ("model", "train", "out")
+
+
+def read_train_config(path: str | Path, schema: Schema | None = None) -> dict[str, Any]:
+    """The parsed config at `path`, with its required sections, checked against `schema` (each
+    trainer's; None checks only that the required sections exist)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} not found")
     cfg = parse_json_file(path, "training config")
-    for key in ("model", "train", "out"):
+    if not isinstance(cfg, dict):
+        raise ValueError(f"training config {path} must hold a JSON object, not {type(cfg).__name__}")
+    for key in REQUIRED:
         if key not in cfg:
             raise ValueError(f"training config {path} lacks the '{key}' section")
+    if schema is not None:
+        try:
+            check_schema(cfg, schema)
+        except ValueError as e:
+            raise ValueError(f"training config {path}: {e}") from None
     return cfg
 
 
@@ -72,11 +216,38 @@ def save_train_state(path: Path, step: int, model: torch.nn.Module, opt: torch.o
     tmp.replace(path)
 
 
+def shape_difference(saved: Mapping[str, torch.Tensor], model: torch.nn.Module) -> str | None:
+    """None when `saved` holds exactly `model`'s weights with its shapes, else the first difference."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    for k, t in expected.items():
+        if k in saved and tuple(saved[k].shape) != tuple(t.shape):
+            return f"weight {k} is {tuple(saved[k].shape)} there but {tuple(t.shape)} in the model this config builds"
+    if missing or unexpected:
+        return f"weights differ by name: missing {missing[:3]}, unexpected {unexpected[:3]}"
+    return None
+
+
+def check_resume_shapes(saved: Mapping[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
+    """The saved weights fit the model this config builds: a clear error, not a torch size-mismatch
+    traceback, when a config's model section changed between the run and its --resume."""
+    diff = shape_difference(saved, model)
+    if diff is not None:
+        raise ValueError(f"--resume: {path} was saved from a model of another shape ({diff}); resume with the "
+                         "config that run used, or start afresh without --resume (and another state_dir)")
+
+
 def load_train_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--resume asked for, but no training state at {path}")
-    st = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(st["model"])
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        saved = st["model"]
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {path} is not a readable trainer state ({e}); start afresh without --resume") \
+            from None
+    check_resume_shapes(saved, model, path)
+    model.load_state_dict(saved)
     opt.load_state_dict(st["opt"])
     torch.set_rng_state(st["rng"]["torch"])
     random.setstate(st["rng"]["python"])
@@ -84,10 +255,11 @@ def load_train_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
     return st["step"], st.get("extra", {})
 
 
-def setup(config_path: str | Path, out: str | Path | None, device: str | None
+def setup(config_path: str | Path, out: str | Path | None, device: str | None, schema: Schema | None = None
           ) -> tuple[dict[str, Any], dict[str, Any], Path, Path, torch.device]:
-    """(config, train section, out dir, trainer-state path, device), seeded, threads set."""
-    cfg = read_train_config(config_path)
+    """(config, train section, out dir, trainer-state path, device), seeded, threads set; the
+    config checked against the trainer's `schema` before anything is built."""
+    cfg = read_train_config(config_path, schema)
     tr = cfg["train"]
     out_dir = Path(out or cfg["out"])
     state_path = Path(cfg.get("state_dir", f"runs/{out_dir.name}")) / "trainer_state.pt"
@@ -106,8 +278,11 @@ def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int
     train.amp is bf16); eval_fn() returns metrics (run in eval mode, no
     autocast); save_fn() writes the checkpoint. Eval and save every
     eval_every / save_every steps, at the last step and when max_minutes runs
-    out; the trainer state (weights, optimizer, RNG, history) is saved with
-    the checkpoint so `resume` continues the step count. `rngs` (e.g. a batcher's
+    out (train.max_minutes: the time budget in minutes; 0, the default, means
+    no time limit; negative is an error); the trainer state (weights,
+    optimizer, RNG, history) is saved with the checkpoint so `resume`
+    continues the step count (refused, with the first differing weight named,
+    if the config now builds another shape). `rngs` (e.g. a batcher's
     random.Random) are saved and restored with it, so a resumed run draws the
     batches an uninterrupted one would have drawn.
     """
@@ -122,6 +297,7 @@ def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int
     amp_name = str(tr.get("amp", "none"))
     if amp_name not in ("none", "bf16"):
         raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
+    TRAIN_KEYS["max_minutes"]("train.max_minutes", tr.get("max_minutes", 0))  # -1 would stop after one step
     max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
     t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
     eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))

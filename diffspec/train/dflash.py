@@ -42,12 +42,24 @@ from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
 from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN
 from ..spec.ar import ARConfig, ar_generate
 from ..tasks import arith_examples
-from .common import shared_tokenizer
-from .common import setup, train_loop
+from .common import TOP_KEYS, TRAIN_KEYS, Schema, choice, dataclass_section, integer, number, setup, \
+    shared_tokenizer, text, train_loop
 
-__all__ = ["train_dflash", "WindowData", "target_continuations"]
+__all__ = ["train_dflash", "WindowData", "target_continuations", "SCHEMA"]
 
 KINDS = ("dflash", "vp")
+# Every key `train_dflash` reads; anything else in a config is refused (see train.common).
+# data.gamma (the prefix lengths D²SD re-anchors) belongs to kind vp only.
+SCHEMA: Schema = {
+    **TOP_KEYS,
+    "target": text,
+    "kind": choice(*KINDS),
+    "model": dataclass_section(DFlashConfig, derived={"hidden_size": "the target", "vocab_size": "the target",
+                                                      "mask_token_id": "the tokenizer"}),
+    "data": {"pool": integer(1), "gen_length": integer(1), "anchors_per_seq": integer(1), "gamma": integer(2),
+             "loss_decay": number(0), "hidden_dtype": choice(*DTYPES)},
+    "train": TRAIN_KEYS,
+}
 Seq = tuple[list[int], list[int]]  # (prompt ids, target answer ids, EOS included when emitted)
 
 
@@ -216,10 +228,13 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     """
     if kind not in KINDS:
         raise ValueError(f"unknown drafter kind {kind!r}; use dflash or vp")
-    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device)
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
     if cfg.get("kind", kind) != kind:
         raise ValueError(f"config {config_path} is for kind {cfg['kind']!r}, not {kind!r}")
     dcfg = cfg.get("data", {})
+    if kind == "dflash" and "gamma" in dcfg:
+        raise ValueError("data.gamma only applies to kind vp (the prefix lengths it re-anchors); a dflash drafter's "
+                         "window is model.block_size")
     tok = shared_tokenizer(cfg)
     target = _load_target(cfg, tok, dev)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)

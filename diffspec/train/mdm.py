@@ -22,7 +22,8 @@ from ..models.checkpoint import save_model
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
 from ..tasks import Example, arith, arith_examples, arith_mc_examples, score
-from .common import setup, shared_tokenizer, train_loop
+from .common import (TOP_KEYS, TRAIN_KEYS, Schema, anything, choice, dataclass_section, int_list, integer, number,
+                     setup, shape_difference, shared_tokenizer, text, train_loop)
 
 
 def arith_spec(cfg: dict[str, Any], section: str = "data") -> arith.ArithSpec:
@@ -101,6 +102,22 @@ class MDMBatcher:
 
 BLOCK_K = ("uniform", "content")
 WEIGHTINGS = ("elbo", "mean")  # LLaDA's 1/t, or each row's mean masked cross-entropy
+
+
+_FRACTION = number(0, 1)
+# Every key `train_mdm` reads (see the module docstring and README for what each does); a config
+# with a key outside it is refused (see train.common).
+SCHEMA: Schema = {
+    **TOP_KEYS,
+    "model": dataclass_section(LLaDAConfig, derived={k: "the tokenizer" for k in
+                                                     ("vocab_size", "mask_token_id", "eos_token_id")}),
+    "tokenizer": {"vocab_size": integer(1), "corpus_problems": integer(1), "arith": anything},
+    "data": {"gen_length": integer(1), "block_length": integer(1), "pool": integer(1), "mc_fraction": _FRACTION,
+             "mc_gen_length": integer(1), "long_fraction": _FRACTION, "long_lengths": int_list(1), "arith": anything},
+    "train": {**TRAIN_KEYS, "block_fraction": _FRACTION, "two_stream_fraction": _FRACTION,
+              "two_stream_block": integer(1), "block_k": choice(*BLOCK_K), "loss_weighting": choice(*WEIGHTINGS),
+              "init_from": text},
+}
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -248,11 +265,12 @@ def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_len
 def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
               device: str | None = None, max_steps: int | None = None) -> Path:
     """Train a LLaDA-architecture MDM from a JSON config ({model, tokenizer, data, train, out, state_dir})."""
-    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device)
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
     dcfg = cfg.get("data", {})
     tok = build_tokenizer(cfg)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
-    mcfg = LLaDAConfig(**{**cfg["model"], "vocab_size": tok.vocab_size, "mask_token_id": mask_id, "eos_token_id": eos_id})
+    mcfg = LLaDAConfig(**{**cfg["model"], "vocab_size": tok.vocab_size, "mask_token_id": mask_id,
+                          "eos_token_id": eos_id})
     model = LLaDAModel(mcfg).to(dev)
     if tr.get("init_from"):  # warm start from a saved checkpoint (weights only, fresh optimizer)
         from ..models.checkpoint import load_model
@@ -261,8 +279,10 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         if init_tok.fingerprint() != tok.fingerprint():
             raise ValueError(f"init_from {tr['init_from']} uses another tokenizer than this config builds; "
                              f"set tokenizer_from to {tr['init_from']}")
-        if init.config.d_model != mcfg.d_model or init.config.n_layers != mcfg.n_layers:
-            raise ValueError(f"init_from {tr['init_from']} has another model shape than this config's 'model' section")
+        diff = shape_difference(init.state_dict(), model)
+        if diff is not None:
+            raise ValueError(f"init_from {tr['init_from']} has another model shape than this config's 'model' "
+                             f"section ({diff})")
         model.load_state_dict(init.state_dict())
         print(f"initialised weights from {tr['init_from']}")
     print(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
