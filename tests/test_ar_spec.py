@@ -9,7 +9,7 @@ import torch
 
 from diffspec.models.causal import Qwen3Config, Qwen3Model
 from diffspec.models.tokenizer import EOS_TOKEN
-from diffspec.spec.ar import (ARConfig, SpecConfig, ar_generate, greedy_accept, rejection_accept,
+from diffspec.speculative.ar import (ARConfig, SpecConfig, ar_generate, greedy_accept, rejection_accept,
                               spec_generate)
 
 TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

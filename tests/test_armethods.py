@@ -8,7 +8,7 @@ from diffspec.cli import main
 from diffspec.evaluate import task_config
 from diffspec.models.causal import Qwen3Model, save_causal
 from diffspec.models.dflash import save_dflash
-from diffspec.spec.armethods import ARMethodConfig
+from diffspec.speculative.armethods import ARMethodConfig
 
 from test_d2sd import make_drafter, make_target
 

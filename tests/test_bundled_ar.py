@@ -12,7 +12,7 @@ import pytest
 from diffspec.api import generate, load_any
 from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, load_tokenizer
 from diffspec.models.dflash import load_dflash
-from diffspec.spec.armethods import DEFAULT_DRAFTERS, DEFAULT_TARGET, DEFAULT_VP
+from diffspec.speculative.armethods import DEFAULT_DRAFTERS, DEFAULT_TARGET, DEFAULT_VP
 from diffspec.tasks import load_examples
 
 BUNDLED = [DEFAULT_TARGET, DEFAULT_VP, *DEFAULT_DRAFTERS.values()]

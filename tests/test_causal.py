@@ -1,4 +1,6 @@
-"""Qwen3 causal LM: parity with transformers, KV-cache decoding, masks, checkpoint IO and errors."""
+"""Qwen3 causal LM: parity with transformers, KV-cache decoding, masks, checkpoint IO and errors.
+
+(Llama and Qwen2 layouts of the same class: tests/test_llama_targets.py.)"""
 from __future__ import annotations
 
 import json
@@ -258,7 +260,7 @@ def test_load_sharded_and_tolerates_extra_tied_head(tmp_path: Path, tokenizer, q
 def test_checkpoint_errors(tmp_path: Path, tokenizer, tiny_checkpoint, qwen) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_causal(tmp_path / "nowhere")
-    with pytest.raises(CheckpointError, match="not a Qwen3 config"):
+    with pytest.raises(CheckpointError, match="not a Llama / Qwen2 / Qwen3 config"):
         load_causal(tiny_checkpoint)  # a LLaDA directory
     path = save_causal(qwen, tokenizer, tmp_path / "qwen")
     cfg = json.loads((path / "config.json").read_text())
@@ -285,9 +287,9 @@ def test_checkpoint_errors(tmp_path: Path, tokenizer, tiny_checkpoint, qwen) -> 
         (dict(head_dim=15), "even"),
         (dict(num_hidden_layers=0), "num_hidden_layers must be >= 1"),
         (dict(eos_token_id=999), "outside the vocabulary"),
-        (dict(model_type="llama"), "not 'qwen3'"),
-        (dict(vocab_size=None), "lacks Qwen3 keys"),
-        (dict(attention_bias=True), "attention_bias"),
+        (dict(model_type="mistral"), "'mistral'; supported: 'llama', 'qwen2', 'qwen3'"),
+        (dict(vocab_size=None), "lacks qwen3 keys"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
         (dict(use_sliding_window=True), "sliding_window"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
         (dict(hidden_act="gelu"), "hidden_act"),

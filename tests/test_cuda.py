@@ -37,7 +37,7 @@ import torch
 from diffspec.api import generate, load_any
 from diffspec.models.checkpoint import DEFAULT_MODEL_DIR
 from diffspec.models.dflash import load_dflash
-from diffspec.spec.armethods import DEFAULT_DRAFTERS, DEFAULT_TARGET, DEFAULT_VP
+from diffspec.speculative.armethods import DEFAULT_DRAFTERS, DEFAULT_TARGET, DEFAULT_VP
 from diffspec.tasks import load_examples
 
 # DIFFSPEC_CUDA_TESTS_DEVICE=cpu runs the same checks on the CPU (to check the tests themselves).

@@ -10,9 +10,9 @@ import torch
 from diffspec.models.causal import CausalKVCache, Qwen3Config, Qwen3Model
 from diffspec.models.dflash import DFlashConfig, DFlashDrafter
 from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
-from diffspec.spec.ar import ARConfig, SpecConfig, ar_generate
-from diffspec.spec.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
-from diffspec.spec.tree import DraftTree
+from diffspec.speculative.ar import ARConfig, SpecConfig, ar_generate
+from diffspec.speculative.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
+from diffspec.speculative.tree import DraftTree
 
 TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128)

@@ -19,10 +19,10 @@ import torch
 from diffspec.models.causal import Qwen3Config, Qwen3Model
 from diffspec.models.dflash import DFlashConfig, DFlashDrafter
 from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
-from diffspec.spec import d2sd
-from diffspec.spec.ar import _probs
-from diffspec.spec.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
-from diffspec.spec.tree import DraftTree
+from diffspec.speculative import d2sd
+from diffspec.speculative.ar import _probs
+from diffspec.speculative.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
+from diffspec.speculative.tree import DraftTree
 
 V = 3  # vocabulary: small enough to enumerate every random outcome
 PROMPT = "1021"

@@ -25,10 +25,10 @@ from diffspec.decoding.state import Canvas
 from diffspec.models.checkpoint import save_model
 from diffspec.models.llada import ModelOutput
 from diffspec.models.tokenizer import train_bpe
-from diffspec.spec.core import Draft, Verdict, apply_verdict, verifier_views
-from diffspec.spec.dualdiffusion import (DualConfig, SpecStats, build_dual_config, check_compatible,
+from diffspec.speculative.core import Draft, Verdict, apply_verdict, verifier_views
+from diffspec.speculative.dualdiffusion import (DualConfig, SpecStats, build_dual_config, check_compatible,
                                          dualdiffusion_generate)
-from diffspec.spec.rules import RULES, VerifyInput, make_rule, resolve_threshold
+from diffspec.speculative.rules import RULES, VerifyInput, make_rule, resolve_threshold
 
 PROMPTS = [
     "Question: Tom has 5 pens.\nAnswer:",
@@ -269,7 +269,7 @@ def test_verifier_unmask_defaults_and_errors():
 
 
 def test_verifier_candidates_are_the_k_most_confident_masks_near_the_first_mask():
-    from diffspec.spec.dualdiffusion import _verifier_candidates
+    from diffspec.speculative.dualdiffusion import _verifier_candidates
 
     M = 7
     c = Canvas.from_prompts([[5, 6], [5, 6]], 6, mask_id=M, pad_id=0, max_positions=16)
@@ -576,7 +576,7 @@ def test_progress_guard_decodes_one_token_per_iteration_at_worst(model, tokenize
 
 
 def test_rollback_truncates_the_drafters_cache(model, tokenizer, monkeypatch):
-    from diffspec.spec import core
+    from diffspec.speculative import core
 
     starts = []
     orig = core.DiffusionDrafter.rollback
@@ -646,7 +646,7 @@ def run_scripted(rule: str, rollback: str, k: int | None = 0):
     """Prompt [5, 6], 6 generation cells, mask 7. One iteration drafts cells 0-4 = [1, 2, 3, 4, 5];
     the verifier's argmax is [1, 2, 0, 4, 5, 6] (cell 2 disagrees; cell 5, never drafted, is its
     most confident mask). The finish fill then writes 6 into whatever the iteration left masked."""
-    from diffspec.spec.dualdiffusion import dual_decode_canvas
+    from diffspec.speculative.dualdiffusion import dual_decode_canvas
 
     M = 7
     c = Canvas.from_prompts([[5, 6]], 6, mask_id=M, pad_id=0, max_positions=16)
@@ -695,7 +695,7 @@ def _drafted_cells_left_after_a_rejection(model, tokenizer, monkeypatch, rollbac
     """Run a configuration that accepts some drafts and rejects others (the self-drafter with its dual
     cache against the masked view), and count, over all iterations, cells drafted in an iteration that
     are still on the canvas at the next one although they lie after that row's first rejected draft."""
-    from diffspec.spec import core
+    from diffspec.speculative import core
 
     orig = core.DiffusionDrafter.draft
     seen = {}

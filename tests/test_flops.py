@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffspec.api import generate
-from diffspec.spec.armethods import DEFAULT_TARGET
+from diffspec.speculative.armethods import DEFAULT_TARGET
 from diffspec.tasks import load_examples
 
 CASES = [

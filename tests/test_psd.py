@@ -20,7 +20,7 @@ from diffspec.decoding.diffusion import diffusion_generate
 from diffspec.decoding.meter import CostMeter, MeteredModel
 from diffspec.decoding.policies import select_local
 from diffspec.decoding.state import Canvas
-from diffspec.spec.psd import (PSDConfig, ViewScorer, build_psd_config, greedy_chain_accept, hierarchical_accept,
+from diffspec.speculative.psd import (PSDConfig, ViewScorer, build_psd_config, greedy_chain_accept, hierarchical_accept,
                                nested_drafts, psd_generate)
 
 NEG = -math.inf

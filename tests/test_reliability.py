@@ -25,8 +25,8 @@ from diffspec.jsonio import OutputError, OutputFile
 from diffspec.models.causal import save_causal
 from diffspec.models.checkpoint import save_model
 from diffspec.models.tokenizer import Tokenizer, check_same_tokenizer, vocab_difference
-from diffspec.spec.ar import ARConfig, SpecConfig
-from diffspec.spec.d2sd import D2SDConfig, DFlashSpecConfig
+from diffspec.speculative.ar import ARConfig, SpecConfig
+from diffspec.speculative.d2sd import D2SDConfig, DFlashSpecConfig
 
 from test_d2sd import make_target
 

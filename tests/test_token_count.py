@@ -12,7 +12,7 @@ import pytest
 from diffspec.api import generate, load_any
 from diffspec.bench.table import format_table
 from diffspec.decoding.meter import answer_length
-from diffspec.spec.armethods import DEFAULT_TARGET
+from diffspec.speculative.armethods import DEFAULT_TARGET
 from diffspec.tasks import load_examples
 
 

@@ -183,8 +183,8 @@ def test_cli_train_dispatch(tmp_path, target_dir, capsys):
 
 def test_trained_drafters_plug_into_d2sd(tmp_path, target_dir):
     """The saved drafters load next to the target and D²SD / DFlash decode losslessly with them."""
-    from diffspec.spec.ar import ARConfig, ar_generate
-    from diffspec.spec.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
+    from diffspec.speculative.ar import ARConfig, ar_generate
+    from diffspec.speculative.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
 
     dflash_out = train_dflash(drafter_config(tmp_path / "d", target_dir, "dflash"), kind="dflash", max_steps=1)
     vp_out = train_dflash(drafter_config(tmp_path / "v", target_dir, "vp"), kind="vp", max_steps=1)

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from diffspec.spec.tree import DraftTree, rejection_posterior, top_prefix_lengths
+from diffspec.speculative.tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 
 def test_rejection_posterior_is_over_true_boundaries_only():

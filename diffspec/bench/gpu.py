@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..models.causal import CausalKVCache, Qwen3Config, Qwen3Model
 from ..models.llada import LLaDAConfig, LLaDAModel, RMSNorm
-from ..spec.tree import DraftTree
+from ..speculative.tree import DraftTree
 
 # LLaDA-8B-Base/Instruct's config.json (the fields that change the shapes).
 LLADA_8B = dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from ..api import METHOD_NAMES, SPEC_METHODS, method_options
+from ..api import method_options
 from ..decoding.config import DecodeConfig
+from ..methods import get_method, method_names, option_owners
 from ..models.checkpoint import DEFAULT_DRAFTER_DIR
 from ..evaluate import TASK_DEFAULTS, evaluate, task_config
 from ..jsonio import OutputError, OutputFile, check_output_dir
-from ..spec.dualdiffusion import DualConfig
+from ..speculative.dualdiffusion import DualConfig
 from ..tasks import load_examples
 from .plot import pareto_plot
 from .table import format_table
@@ -34,8 +35,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """
     method, _, rest = spec.partition(":")
     method = method.strip()
-    if method not in METHOD_NAMES:
-        raise ValueError(f"bench spec {spec!r}: unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    if method not in method_names():
+        raise ValueError(f"bench spec {spec!r}: unknown method {method!r}; choose one of {', '.join(method_names())}")
     fields = DecodeConfig.__dataclass_fields__
     parsers: dict[str, Any] = {k: type(f.default) for k, f in fields.items()}
     parsers.update(method_options(method))
@@ -84,8 +85,9 @@ def label_of(method: str, opts: dict[str, Any]) -> str:
 
 def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Command-line overrides that apply to `method`: a speculative method's own options only to its specs."""
-    others = {k for m, (opts, _, _) in SPEC_METHODS.items() if m != method for k in opts}
-    return {k: v for k, v in overrides.items() if k not in others or k in method_options(method)}
+    own = get_method(method).options
+    others = {k for k, owners in option_owners().items() if method not in owners}
+    return {k: v for k, v in overrides.items() if k not in others or k in own}
 
 
 def suite(name: str, task: str) -> list[str]:

@@ -1,11 +1,27 @@
-"""Qwen3: the autoregressive (causal) target model for speculative decoding.
+"""Llama / Qwen2 / Qwen3: the autoregressive (causal) target models for speculative decoding.
 
-Parameter names mirror transformers' `Qwen3ForCausalLM` (`model.layers.{i}.self_attn.q_proj` ...)
-so a real Qwen3 directory loads with `load_state_dict` and no renaming, and
-tests can check logits against transformers itself. The math (RMSNorm, fp32
-rotate-half RoPE) is shared with `llada.py`; what Qwen3 adds is a per-head
-RMSNorm on queries and keys before RoPE, and a `head_dim` that need not equal
-`hidden_size / num_attention_heads`.
+The three transformers layouts are one decoder (pre-norm RMSNorm, rotate-half
+RoPE, grouped-query attention, SwiGLU MLP) that differ in a few switches, all
+read from config.json as transformers reads them:
+
+| model_type | q/k RMSNorm | Q/K/V bias | O bias | MLP bias |
+|---|---|---|---|---|
+| `llama` | no | `attention_bias` | `attention_bias` | `mlp_bias` |
+| `qwen2` | no | always | never | never |
+| `qwen3` | per head, before RoPE | `attention_bias` | `attention_bias` | never |
+
+plus `head_dim` (config, else hidden_size / heads), `rope_theta`,
+`rms_norm_eps` and `tie_word_embeddings` (absent means untied, as in
+transformers). Parameter names mirror transformers' `*ForCausalLM`
+(`model.layers.{i}.self_attn.q_proj` ...) so a real checkpoint directory loads
+with `load_state_dict` and no renaming, and tests check logits against
+transformers itself. The math (RMSNorm, fp32 rotate-half RoPE) is shared with
+`llada.py`.
+
+The classes keep their historical names `Qwen3Config` / `Qwen3Model` (the rest
+of diffspec, saved training configs and error messages use them) whatever the
+model_type; `CausalConfig` / `CausalLM` are the same classes under
+architecture-neutral names.
 
 Decoding keeps keys and values in a preallocated `CausalKVCache`. Speculative
 decoding needs two things from it beyond plain appending: `crop` to drop
@@ -28,16 +44,27 @@ from .checkpoint import CheckpointError, _read_weights, check_state, config_and_
 from .llada import ModelOutput, RMSNorm, apply_rope, rope_cos_sin
 from .tokenizer import Tokenizer
 
-__all__ = ["Qwen3Config", "Qwen3Model", "CausalKVCache", "ModelOutput", "load_causal", "save_causal"]
+__all__ = ["CAUSAL_MODEL_TYPES", "CausalConfig", "CausalLM", "Qwen3Config", "Qwen3Model", "CausalKVCache",
+           "ModelOutput", "is_causal_config", "load_causal", "save_causal"]
+
+# model_type -> the transformers class a config.json of that type names.
+CAUSAL_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def is_causal_config(raw: dict[str, Any]) -> bool:
+    """Whether a config.json dict is one `load_causal` reads (by its model_type)."""
+    return raw.get("model_type") in CAUSAL_MODEL_TYPES
 
 
 @dataclass
 class Qwen3Config:
-    """The fields of a transformers Qwen3 `config.json` that change the math.
+    """The fields of a transformers Llama / Qwen2 / Qwen3 `config.json` that change the math.
 
-    Defaults are a tiny model for tests, except `rope_theta` and `rms_norm_eps`,
+    Defaults are a tiny Qwen3 for tests, except `rope_theta` and `rms_norm_eps`,
     which are transformers' own fallbacks so a config.json lacking them means
     the same thing here as there. `head_dim=None` means hidden_size // heads.
+    `attention_bias` is Llama's and Qwen3's switch (biases on q/k/v/o);
+    `mlp_bias` is Llama's. Qwen2's q/k/v biases follow from its model_type.
     """
 
     vocab_size: int = 512
@@ -54,9 +81,20 @@ class Qwen3Config:
     eos_token_id: int | list[int] | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    model_type: str = "qwen3"
+    attention_bias: bool = False
+    mlp_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.model_type not in CAUSAL_MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; "
+                             f"use one of {', '.join(CAUSAL_MODEL_TYPES)}")
+        if self.model_type == "qwen2" and (self.attention_bias or self.mlp_bias):
+            raise ValueError("a qwen2 model's biases are fixed (q/k/v yes, o/MLP no): "
+                             "attention_bias and mlp_bias must stay false")
+        if self.model_type == "qwen3" and self.mlp_bias:
+            raise ValueError("mlp_bias is a Llama option; Qwen3's MLP has no biases")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if int(getattr(self, name)) < 1:
@@ -85,9 +123,22 @@ class Qwen3Config:
             if not 0 <= tid < self.vocab_size:
                 raise ValueError(f"config eos_token_id={tid} is outside the vocabulary ({self.vocab_size})")
 
+    # What the model_type implies (see the module docstring's table).
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """EOS ids as a tuple: Qwen3 configs give one id or a list (chat models stop on several)."""
+        """EOS ids as a tuple: configs give one id or a list (chat models stop on several)."""
         if self.eos_token_id is None:
             return ()
         if isinstance(self.eos_token_id, int):
@@ -96,24 +147,23 @@ class Qwen3Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen3Config":
-        """Read a transformers Qwen3 config.json (4.x or 5.x layout); unknown keys go to `extra`.
+        """Read a transformers Llama / Qwen2 / Qwen3 config.json (4.x or 5.x layout); unknown keys go to `extra`.
 
-        Features this implementation lacks (biases, sliding windows, scaled
-        RoPE) raise instead of being ignored, because ignoring them would load
-        silently wrong logits.
+        A config without model_type is read as Qwen3 (the original layout here).
+        Features this implementation lacks (sliding windows, scaled RoPE,
+        activations other than SiLU) raise instead of being ignored, because
+        ignoring them would load silently wrong logits.
         """
-        model_type = d.get("model_type")
-        if model_type is not None and model_type != "qwen3":
-            raise ValueError(f"model_type is {model_type!r}, not 'qwen3'")
+        model_type = d.get("model_type") or "qwen3"
+        if model_type not in CAUSAL_MODEL_TYPES:
+            raise ValueError(f"model_type is {model_type!r}; supported: {', '.join(map(repr, CAUSAL_MODEL_TYPES))}")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
+                               "num_attention_heads") if k not in d or d[k] is None]
         if missing:
-            raise ValueError(f"config lacks Qwen3 keys {missing}")
+            raise ValueError(f"config lacks {model_type} keys {missing}")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        if d.get("attention_bias"):
-            raise ValueError("attention_bias=true is not supported (Qwen3 projections have no biases)")
-        if d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported; only full attention is implemented")
         layer_types = d.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
@@ -123,30 +173,43 @@ class Qwen3Config:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope_type {rope_type!r} is not supported; only plain (default) RoPE")
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"partial_rotary_factor {d['partial_rotary_factor']} is not supported (only full RoPE)")
 
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kw = {k: d[k] for k in known if d.get(k) is not None}
+        # The switches each architecture reads; another type's switch is left in `extra`
+        # (transformers ignores it too: Qwen2's q/k/v biases are fixed, Qwen3 has no mlp_bias).
+        switches = {"llama": ("attention_bias", "mlp_bias"), "qwen2": (), "qwen3": ("attention_bias",)}[model_type]
+        known = {f.name for f in fields(cls)} - {"extra", "model_type", "attention_bias", "mlp_bias"}
+        kw: dict[str, Any] = {k: d[k] for k in (*known, *switches) if d.get(k) is not None}
+        kw["model_type"] = model_type
         if "rope_theta" not in kw and rope.get("rope_theta") is not None:
             kw["rope_theta"] = rope["rope_theta"]
-        consumed = known | {"model_type", "architectures", "hidden_act", "attention_bias", "use_sliding_window",
-                            "layer_types", "rope_parameters", "rope_scaling", "sliding_window"}
+        # transformers' fallbacks for keys a config.json may omit.
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kw.setdefault("tie_word_embeddings", False)
+        consumed = known | set(switches) | {"model_type", "architectures", "hidden_act", "use_sliding_window",
+                                            "layer_types", "rope_parameters", "rope_scaling", "sliding_window",
+                                            "max_window_layers", "pretraining_tp", "partial_rotary_factor"}
         kw["extra"] = {k: v for k, v in d.items() if k not in consumed}
         return cls(**kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json that transformers (4.x and 5.x) loads as the same Qwen3ForCausalLM."""
+        """A config.json that transformers (4.x and 5.x) loads as the same `*ForCausalLM`."""
         d = dict(self.extra)
         d.update({k: v for k, v in asdict(self).items() if k != "extra"})
         d.update(
-            model_type="qwen3",
-            architectures=["Qwen3ForCausalLM"],
+            architectures=[CAUSAL_MODEL_TYPES[self.model_type]],
             hidden_act="silu",
-            attention_bias=False,
-            use_sliding_window=False,
-            sliding_window=None,
             rope_scaling=None,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
         )
+        if self.model_type == "llama":
+            d.update(pretraining_tp=1)
+        else:
+            d.update(use_sliding_window=False, sliding_window=None)
+            d.pop("mlp_bias")
+            if self.model_type == "qwen2":
+                d.pop("attention_bias")
         return d
 
 
@@ -234,25 +297,29 @@ class CausalKVCache:
         self.length = end
 
 
-class Qwen3Attention(nn.Module):
+class CausalAttention(nn.Module):
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
                 layer: int, kv_cache: CausalKVCache | None) -> Tensor:
         B, Q, _ = x.shape
         cfg = self.cfg
-        # Per-head norm on (B, Q, H, D) before the transpose and before RoPE, as Qwen3 does.
-        q = self.q_norm(self.q_proj(x).view(B, Q, -1, cfg.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, Q, -1, cfg.head_dim)).transpose(1, 2)
+        q = self.q_proj(x).view(B, Q, -1, cfg.head_dim)
+        k = self.k_proj(x).view(B, Q, -1, cfg.head_dim)
+        if cfg.qk_norm:
+            # Per-head norm on (B, Q, H, D) before the transpose and before RoPE, as Qwen3 does.
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, Q, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -265,25 +332,26 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(att.transpose(1, 2).reshape(B, Q, -1))
 
 
-class Qwen3MLP(nn.Module):
-    """SwiGLU with Qwen3's weight names; any config with hidden_size / intermediate_size
-    (the DFlash drafter's too) builds one."""
+class CausalMLP(nn.Module):
+    """SwiGLU with transformers' weight names; any config with hidden_size / intermediate_size
+    (the DFlash drafter's too) builds one. Biases only where the config has `mlp_bias` (Llama)."""
 
     def __init__(self, cfg: Any):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Qwen3DecoderLayer(nn.Module):
+class CausalDecoderLayer(nn.Module):
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg)
-        self.mlp = Qwen3MLP(cfg)
+        self.self_attn = CausalAttention(cfg)
+        self.mlp = CausalMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -329,7 +397,7 @@ def build_attention_mask(
 
 
 class Qwen3Model(nn.Module):
-    """Qwen3 causal LM; logit i predicts token i+1."""
+    """Llama / Qwen2 / Qwen3 causal LM (per `config.model_type`); logit i predicts token i+1."""
 
     logits_shifted = True  # output i predicts position i+1, as in Dream-style models
 
@@ -338,7 +406,7 @@ class Qwen3Model(nn.Module):
         self.config = cfg
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.layers = nn.ModuleList(CausalDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -447,15 +515,15 @@ def load_causal(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> tuple[Qwen3Model, Tokenizer]:
-    """Load a Hugging Face Qwen3 directory (config.json, safetensors, tokenizer.json) in eval mode."""
+    """Load a Hugging Face Llama / Qwen2 / Qwen3 directory (config.json, safetensors, tokenizer.json) in eval mode."""
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     def parse(raw: dict[str, Any]) -> Qwen3Config:
-        if raw.get("model_type") != "qwen3":
+        if not is_causal_config(raw):
             raise CheckpointError(
-                f"{path}/config.json is not a Qwen3 config (model_type={raw.get('model_type')!r}); "
-                "the causal loader supports only model_type 'qwen3'"
+                f"{path}/config.json is not a Llama / Qwen2 / Qwen3 config (model_type={raw.get('model_type')!r}); "
+                f"the causal loader supports model_type {', '.join(map(repr, CAUSAL_MODEL_TYPES))}"
             )
         return Qwen3Config.from_hf_dict(raw)
 
@@ -473,7 +541,7 @@ def load_causal(
 
 
 def save_causal(model: Qwen3Model, tokenizer: Tokenizer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json in transformers' Qwen3 layout."""
+    """Write config.json, model.safetensors and tokenizer.json in transformers' layout for the model's type."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
@@ -482,3 +550,11 @@ def save_causal(model: Qwen3Model, tokenizer: Tokenizer, path: str | Path, dtype
     (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     tokenizer.save(path / "tokenizer.json")
     return path
+
+
+# Architecture-neutral names for the same classes.
+CausalConfig = Qwen3Config
+CausalLM = Qwen3Model
+Qwen3Attention = CausalAttention
+Qwen3MLP = CausalMLP
+Qwen3DecoderLayer = CausalDecoderLayer

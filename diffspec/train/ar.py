@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..models.causal import Qwen3Config, Qwen3Model, save_causal
 from ..models.tokenizer import EOS_TOKEN, Tokenizer
-from ..spec.ar import ARConfig, ar_generate
+from ..speculative.ar import ARConfig, ar_generate
 from ..tasks import Example, arith_examples, arith_mc_examples, score
 from .common import (TOP_KEYS, TRAIN_KEYS, Schema, dataclass_section, integer, number, setup, shared_tokenizer,
                      train_loop)

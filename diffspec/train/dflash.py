@@ -40,7 +40,7 @@ from ..models.causal import Qwen3Model, load_causal
 from ..models.checkpoint import DTYPES, CheckpointError
 from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
 from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN
-from ..spec.ar import ARConfig, ar_generate
+from ..speculative.ar import ARConfig, ar_generate
 from ..tasks import arith_examples
 from .common import TOP_KEYS, TRAIN_KEYS, Schema, choice, dataclass_section, integer, number, setup, \
     shared_tokenizer, text, train_loop

@@ -11,7 +11,7 @@ The loop on one canvas (`dual_decode_canvas`), per iteration:
    ("drafted": as is, the paper's loop; "masked" (default): this
    iteration's drafts hidden; "stepwise": each draft scored on the canvas it was drafted from,
    all views in one batched forward). After each forward the rule
-   (`spec.rules`) re-masks or overwrites cells drafted in this iteration.
+   (`speculative.rules`) re-masks or overwrites cells drafted in this iteration.
    As in the reference loop, the verifier also decodes: with
    `verifier_unmask` = k (default 1 for the reference's rules, 0 for ours)
    each forward proposes, per row, its k most confident masked cells within
@@ -81,20 +81,12 @@ from ..decoding.diffusion import GenerationResult, run_batches
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
+from ..options import parse_bool
 from .core import VIEWS, DiffusionDrafter, FullForwardVerifier, apply_verdict, verifier_views
 from .rules import Rule, VerifyInput, make_rule, resolve_threshold, resolve_verifier_unmask
 
 SELF = "self"
 ROLLBACKS = ("discard", "keep")
-
-
-def _parse_bool(s: str) -> bool:
-    v = str(s).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {s!r}")
 
 
 # DualDiffusion's own options (beyond DecodeConfig fields) and how to parse them from text.
@@ -111,8 +103,8 @@ DUAL_OPTIONS: dict[str, Any] = {
     "verifier_view": str,
     "verifier_unmask": int,
     "rollback": str,
-    "progress_guard": _parse_bool,
-    "adaptive_drafter_steps": _parse_bool,
+    "progress_guard": parse_bool,
+    "adaptive_drafter_steps": parse_bool,
 }
 # The drafter's decoding when nothing else is said: Fast-dLLM's dual cache + threshold 0.9.
 DRAFTER_PRESET: dict[str, Any] = {"cache": "dual", "policy": "threshold", "threshold": 0.9}
@@ -130,7 +122,7 @@ class DualConfig(WrapsDecodeConfig):
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(**DRAFTER_PRESET))
     drafter: str = SELF
     rule: str = "exact_match"
-    rule_threshold: float | None = None  # None: the rule's default (see spec.rules)
+    rule_threshold: float | None = None  # None: the rule's default (see speculative.rules)
     num_drafter_steps: int = 4
     num_verifier_steps: int = 1
     max_iterations: int | None = None  # None: gen_length

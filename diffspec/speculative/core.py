@@ -1,17 +1,22 @@
-"""The speculative triple: a drafter proposes, a verifier scores, a rule decides.
+"""DualDiffusion's parts: a diffusion drafter proposes, a full-forward verifier scores, a rule decides.
 
-Borrowed from vLLM's proposer / scorer / rejection-sampler split. All three
+The split follows vLLM's proposer / scorer / rejection-sampler. The parts
 work on the one shared `Canvas` and charge the one `CostMeter` (through
-`MeteredModel`s named "drafter" and "verifier"), so DualDiffusion, PSD, D²SD
-and AR speculative decoding are short loops over these parts rather than
-copies of a decoding loop:
+`MeteredModel`s named "drafter" and "verifier"):
 
-- a `Drafter` commits tokens on the canvas and says which cells it drafted,
-  at which of its steps, and (if asked) with which distribution;
-- a `Verifier` runs the accurate model on one or several *views* of the
-  drafted canvas in a single (batched) forward and returns logits;
-- an acceptance rule (`spec.rules`) turns drafts + verifier logits into a
+- `DiffusionDrafter` commits tokens on the canvas with the block decoder and
+  says which cells it drafted, at which of its steps, and (if asked) with
+  which distribution;
+- `FullForwardVerifier` runs the accurate model on one or several *views* of
+  the drafted canvas in a single (batched) forward and returns logits;
+- an acceptance rule (`speculative.rules`) turns drafts + verifier logits into a
   `Verdict`: cells to re-mask and cells to overwrite, applied by `apply_verdict`.
+
+PSD, AR speculative decoding, DFlash and D²SD have loops of their own
+(`psd.py`, `ar.py`, `d2sd.py`): their drafts come from the verifier's own
+ranking or from AR / block drafters, and their acceptance is a walk over the
+target's predictions, so they share the canvas or the KV cache and the cost
+meter, not these classes.
 
 Logits are aligned LLaDA-style everywhere: logit i predicts token i. Nothing
 is shifted (the public DualDiffusion loop was off by one there).
@@ -19,8 +24,6 @@ is shifted (the public DualDiffusion loop was off by one there).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,16 +72,6 @@ class Verdict:
     def nothing(cls, like: Tensor) -> "Verdict":
         no = torch.zeros_like(like, dtype=torch.bool)
         return cls(no, no.clone(), like.clone())
-
-
-class Drafter(Protocol):
-    def draft(self, n_steps: int) -> Draft: ...
-
-    def rollback(self, start: Tensor) -> None: ...
-
-
-class Verifier(Protocol):
-    def score(self, canvas: Canvas, hide: Tensor) -> Tensor: ...
 
 
 def apply_verdict(canvas: Canvas, verdict: Verdict) -> Tensor:
@@ -145,7 +138,7 @@ class FullForwardVerifier:
 
     `score(canvas, hide)` runs one forward over K views of the canvas at once
     (batched: one NFE that advances B sequences, with K·B rows of FLOPs and
-    tokens, as DESIGN.md counts a batched verification) where view k shows `canvas.x`
+    tokens, so a batched verification counts as one forward per prompt) where view k shows `canvas.x`
     with the cells of `hide[k]` masked, and returns the logits of the
     generation region (K, B, L, V) with the mask token at -inf (the verifier
     never proposes a mask).

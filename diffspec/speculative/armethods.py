@@ -1,6 +1,6 @@
 """The autoregressive-target methods as the API sees them: `ar`, `ar-spec`, `dflash`, `d2sd`.
 
-Each is an AR decoding config (`spec.ar` / `spec.d2sd`) plus the checkpoint
+Each is an AR decoding config (`speculative.ar` / `speculative.d2sd`) plus the checkpoint
 paths of its drafters, wrapped in one `ARMethodConfig` so a result's JSON
 records which drafters produced it (as DualDiffusion's config records its
 drafter). `gen_length` is accepted as the AR `max_new_tokens`, so one
@@ -18,7 +18,7 @@ from ..decoding.diffusion import GenerationResult
 from ..models.tokenizer import Tokenizer, check_same_tokenizer
 from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
 from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
-from .dualdiffusion import _parse_bool
+from ..options import parse_bool
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Bundled checkpoints, used when no path is given (trained by configs/qwen3-arith.json etc.).
@@ -29,7 +29,7 @@ DEFAULT_VP = ASSETS / "vp-arith"
 
 _CONFIGS: dict[str, type[ARConfig]] = {"ar": ARConfig, "ar-spec": SpecConfig, "dflash": DFlashSpecConfig,
                                        "d2sd": D2SDConfig}
-_PARSERS = {"bool": _parse_bool, "int": int, "float": float, "str": str}
+_PARSERS = {"bool": parse_bool, "int": int, "float": float, "str": str}
 
 
 def ar_options(method: str) -> dict[str, Any]:

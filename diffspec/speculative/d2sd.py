@@ -19,7 +19,7 @@ drafts d_1..d_{γ−1} → the target scores [anchor, d_1..] in one causal forwa
 over its cache → greedy: the longest prefix equal to the target's argmax is
 accepted, plus the target's next token (bonus); sampled: the drafts are drawn
 from the drafter's tempered distributions q_j and accepted by the standard
-speculative-sampling rule (`spec.ar.rejection_accept`) → the K/V and hidden
+speculative-sampling rule (`speculative.ar.rejection_accept`) → the K/V and hidden
 states of anchor + accepted drafts are kept, the rest dropped.
 
 D²SD round: the block drafter gives drafts d (its argmax, at any temperature)

@@ -55,7 +55,7 @@ from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
-from .dualdiffusion import _parse_bool
+from ..options import parse_bool, parse_depths
 
 PSD_CACHES = ("none", "prefix", "dual")
 PSD_POLICIES = ("threshold", "factor", "local")
@@ -64,21 +64,7 @@ LOSSLESS_DEPTH = 7  # default D of the lossless variant: drafts of every depth 1
 _GREEDY = DecodeConfig()  # temperature 0, low_confidence: the decoder lossless PSD must reproduce
 
 
-def parse_depths(value: Any) -> tuple[int, ...]:
-    """'1,3,5,7' or a sequence of ints -> tuple; order and range are checked by PSDConfig."""
-    if isinstance(value, str):
-        items = [v for v in value.replace(" ", "").split(",") if v]
-        try:
-            return tuple(int(v) for v in items)
-        except ValueError:
-            raise ValueError(f"depths must be comma-separated integers like 1,3,5,7; got {value!r}") from None
-    try:
-        return tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"depths must be a list of integers like (1, 3, 5, 7); got {value!r}") from None
-
-
-PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": _parse_bool}
+PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": parse_bool}
 
 
 @dataclass(frozen=True)
