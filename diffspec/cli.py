@@ -186,7 +186,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     model, tok = resolve_model(a.model, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
-              overrides=overrides, command=command)
+              overrides=overrides, command=command, repeats=a.repeats)
 
 
 def cmd_plot(a: argparse.Namespace) -> None:
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(psd depths as 1;3;5); replaces --suite. The decoding flags below apply to every row whose "
                         "method takes them (a spec's own value wins); a method's own flags only to its rows")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="run every row N times, interleaved, and report the median wall clock (default 1)")
     _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
 

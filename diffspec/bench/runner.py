@@ -6,7 +6,9 @@ machine is noise; ratios within one run are what can be compared.
 """
 from __future__ import annotations
 
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -142,6 +144,38 @@ def suite(name: str, task: str) -> list[str]:
 BENCH_FILES = ("results.json", "table.md", "pareto.png")
 
 
+def machine_load() -> dict[str, float]:
+    """Load average (1 min) and this process's CPU seconds now: a row's wall clock means little
+    when the machine was busy with something else."""
+    return {"loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+            "cpu_seconds": time.process_time()}
+
+
+def load_during(start: dict[str, float]) -> dict[str, Any]:
+    end = machine_load()
+    return {"loadavg_start": start["loadavg"], "loadavg_end": end["loadavg"],
+            "cpu_seconds": end["cpu_seconds"] - start["cpu_seconds"], "cores": os.cpu_count() or 1}
+
+
+def overloaded(load: dict[str, Any] | None) -> bool:
+    """Whether the machine ran more work than it has cores during a row (wall clock unreliable)."""
+    if not load:
+        return False
+    return max(load.get("loadavg_start", 0.0), load.get("loadavg_end", 0.0)) > load.get("cores", 1)
+
+
+def _worse_load(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {**a, "loadavg_start": max(a["loadavg_start"], b["loadavg_start"]),
+            "loadavg_end": max(a["loadavg_end"], b["loadavg_end"])}
+
+
+def _load_note(load: dict[str, Any]) -> str:
+    if not overloaded(load):
+        return ""
+    return (f" (machine load {max(load['loadavg_start'], load['loadavg_end']):.1f} on {load['cores']} cores: "
+            "wall clock unreliable)")
+
+
 def plan_bench(specs: list[str], task: str, overrides: dict[str, Any] | None = None
                ) -> tuple[list[tuple[str, dict[str, Any]]], list[Any]]:
     """Every spec parsed and turned into its config, so a bad one fails before anything runs."""
@@ -190,17 +224,43 @@ def run_bench(
     data: str | None = None,
     overrides: dict[str, Any] | None = None,
     command: str | None = None,
+    repeats: int = 1,
 ) -> dict[str, Any]:
+    """Run every spec on the same examples; with `repeats` > 1 the rows run that many times,
+    interleaved (row 1, 2, …, 1, 2, …), and each row's wall clock is the median of its runs, so a
+    burst of load on a shared machine hits one run of every row instead of one whole row."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
     examples = load_examples(task, limit=limit, data=data)
-    rows = []
-    for (method, opts), cfg, spec in zip(parsed, configs, specs):
-        print(f"[bench] {label_of(method, opts)} on {len(examples)} {task} examples", file=sys.stderr)
-        r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True, keep_samples=False,
-                     keep_ids=True)
-        r.update(label=label_of(method, opts), bench_spec=spec)  # r["spec"] holds the method's stats
-        rows.append(r)
+    rows: list[dict[str, Any]] = []
+    walls: list[list[float]] = [[] for _ in specs]
+    n = len(specs)
+    for rep in range(repeats):
+        for i, ((method, opts), cfg, spec) in enumerate(zip(parsed, configs, specs)):
+            label = label_of(method, opts)
+            again = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
+            print(f"[bench] row {i + 1}/{n}{again}: {label} on {len(examples)} {task} examples", file=sys.stderr)
+            start = machine_load()
+            r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
+                         keep_samples=False, keep_ids=True)
+            r["load"] = load_during(start)
+            walls[i].append(r["wall_seconds"])
+            print(f"[bench] row {i + 1}/{n}: accuracy {r['accuracy']:.1%}, {r['nfe_per_sequence']:.1f} forwards/seq, "
+                  f"{r['flops'] / 1e9:,.1f} GFLOPs, {r['wall_seconds']:.1f} s{_load_note(r['load'])}", file=sys.stderr)
+            if rep == 0:
+                r.update(label=label, bench_spec=spec)  # r["spec"] holds the method's stats
+                rows.append(r)
+            elif r["token_ids"] != rows[i]["token_ids"]:
+                raise RuntimeError(f"row {label!r} decoded different token ids on repeat {rep + 1}: "
+                                   "the method is not deterministic under a fixed seed")
+            else:
+                rows[i]["load"] = _worse_load(rows[i]["load"], r["load"])
+    if repeats > 1:
+        for r, w in zip(rows, walls):
+            r["wall_seconds_repeats"] = w
+            r["wall_seconds"] = statistics.median(w)
     base = rows[0]
     base_ids = base["token_ids"]
     for r in rows:

@@ -11,11 +11,21 @@ COLUMNS = [
     ("TPF (target)", "tokens_per_forward", "{:.2f}"),
     ("tokens processed", "tokens_processed", "{:,}"),
     ("GFLOPs", "flops", None),
-    ("wall s", "wall_seconds", "{:.1f}"),
+    ("wall s", lambda r: wall_cell(r), "{}"),
     ("speed-up (wall)", "speedup_wall", "{:.2f}×"),
     ("speed-up (FLOPs)", "speedup_flops", "{:.2f}×"),
     ("same ids as baseline", "same_ids_as_baseline", "{:.1%}"),
 ]
+
+
+def wall_cell(r: dict[str, Any]) -> str | None:
+    """Wall seconds, marked ⚠ when the machine ran more work than it has cores during the row."""
+    w = r.get("wall_seconds")
+    if w is None:
+        return None
+    load = r.get("load") or {}
+    busy = max(load.get("loadavg_start", 0.0), load.get("loadavg_end", 0.0)) > load.get("cores", float("inf"))
+    return f"{w:.1f}" + (" ⚠" if busy else "")
 
 
 def acceptance_length(r: dict[str, Any]) -> float | None:
@@ -76,4 +86,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             else:
                 cells.append(fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
+    if any("⚠" in (wall_cell(r) or "") for r in rows):
+        lines.append("\n⚠ the machine's load average exceeded its core count during this row: its wall clock "
+                     "(and wall speed-up) is unreliable; FLOPs and forwards are not affected.")
     return "\n".join(lines)

@@ -14,12 +14,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..models.tokenizer import Tokenizer
 from .cache import make_cache
 from .config import DecodeConfig
-from .meter import CostMeter, MeteredModel, answer_length
+from .meter import CostMeter, MeteredModel, answer_length, progress_bar
 from .policies import num_transfer_tokens, select_factor, select_local, select_threshold, select_topk
 from .state import Canvas
 
@@ -213,9 +212,15 @@ def run_batches(
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompt {i} is empty; give some text to complete")
         encoded.append(tokenizer.encode(p))
+    limit = max_positions or mcfg.max_sequence_length
+    too_long = [(i, len(ids)) for i, ids in enumerate(encoded) if len(ids) + cfg.gen_length > limit]
+    if too_long:  # before any decoding: a long eval must not die at its 400th example
+        i, n = max(too_long, key=lambda t: t[1])
+        raise ValueError(f"prompt {i} ({n} tokens) + gen_length {cfg.gen_length} exceeds the model's "
+                         f"max_sequence_length {limit} ({len(too_long)} of {len(encoded)} prompts do not fit); use fewer "
+                         f"few-shot examples (--k-shot 0), a shorter --gen-length, or a model with a longer context")
     token_ids, raw = [], []
-    bar = tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False)
-    with meter.timed(device):
+    with meter.timed(device), progress_bar(meter, len(encoded), desc, progress) as bar:
         for start in range(0, len(encoded), cfg.batch_size):
             batch = encoded[start : start + cfg.batch_size]
             canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id,
@@ -227,7 +232,6 @@ def run_batches(
                 meter.tokens_generated += answer_length(row, (mcfg.eos_token_id,))
             meter.sequences += canvas.batch_size
             bar.update(len(batch))
-    bar.close()
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
     return token_ids, texts, raw
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 
@@ -58,6 +58,8 @@ class CostMeter:
     tokens_generated: int = 0
     sequences: int = 0
     wall_seconds: float = 0.0
+    # Called after every recorded forward (a progress bar's heartbeat); not part of the totals.
+    on_record: Callable[["CostMeter"], None] | None = field(default=None, repr=False, compare=False)
 
     def record(self, name: str, batch: int, n_query: int, n_keys: int, flops: float, sequences: int | None = None) -> None:
         c = self.models.setdefault(name, ModelCost())
@@ -66,6 +68,8 @@ class CostMeter:
         c.tokens_processed += batch * n_query
         c.flops += flops
         c.max_batch = max(c.max_batch, batch)
+        if self.on_record is not None:
+            self.on_record(self)
 
     @contextmanager
     def timed(self, device: torch.device | None = None) -> Iterator[None]:
@@ -130,6 +134,29 @@ class CostMeter:
             "primary": self.primary,
             "models": {k: asdict(v) for k, v in self.models.items()},
         }
+
+
+@contextmanager
+def progress_bar(meter: CostMeter, total: int, desc: str, enabled: bool, every: float = 0.5) -> Iterator[Any]:
+    """A tqdm bar over prompts that also moves with every forward: it shows the forwards run and
+    redraws at least every `every` seconds, so a long batch never looks stalled."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    last = [0.0]
+
+    def beat(m: CostMeter) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            bar.set_postfix_str(f"forwards {m.nfe}", refresh=True)
+
+    previous, meter.on_record = meter.on_record, (beat if enabled else meter.on_record)
+    try:
+        yield bar
+    finally:
+        meter.on_record = previous
+        bar.close()
 
 
 class MeteredModel:

@@ -39,11 +39,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..decoding.config import check_field_types, check_finite_floats
 from ..decoding.diffusion import GenerationResult
-from ..decoding.meter import CostMeter, MeteredModel, answer_length
+from ..decoding.meter import CostMeter, MeteredModel, answer_length, progress_bar
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
 
@@ -305,7 +304,7 @@ def ar_generate(
     encoded = _encode(tokenizer, prompts, cfg, model.config.vocab_size, _max_positions(model))
     generator = torch.Generator(device=_device(model)).manual_seed(cfg.seed)
     raw: list[list[int]] = []
-    with meter.timed(_device(model)), tqdm(total=len(encoded), desc="ar", disable=not progress, leave=False) as bar:
+    with meter.timed(_device(model)), progress_bar(meter, len(encoded), "ar", progress) as bar:
         for start in range(0, len(encoded), cfg.batch_size):
             batch = encoded[start:start + cfg.batch_size]
             raw.extend(_ar_batch(metered, batch, cfg, eos, generator))
@@ -410,7 +409,7 @@ def spec_generate(
     generator = torch.Generator(device=_device(target)).manual_seed(cfg.seed)
     stats = ARSpecStats()
     with meter.timed(_device(target)), \
-            tqdm(total=len(encoded), desc=f"spec[γ={cfg.gamma}]", disable=not progress, leave=False) as bar:
+            progress_bar(meter, len(encoded), f"spec[γ={cfg.gamma}]", progress) as bar:
         raw = []
         for ids in encoded:
             raw.append(_spec_row(t_metered, d_metered, ids, cfg, eos, generator, stats))

@@ -66,10 +66,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..decoding.diffusion import GenerationResult
-from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.meter import CostMeter, MeteredModel, progress_bar
 from ..models.dflash import DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import (ARConfig, _Cache, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions, _probs,
@@ -443,7 +442,7 @@ def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDraf
     stats = BlockSpecStats()
     raw: list[list[int]] = []
     with torch.inference_mode(), meter.timed(_device(target)), \
-            tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False) as bar:
+            progress_bar(meter, len(encoded), desc, progress) as bar:
         for ids in encoded:
             raw.append(_decode_row(t_metered, d_metered, vp_metered, ids, cfg, eos, stats, generator))
             bar.update(1)

@@ -1,0 +1,56 @@
+"""Bench rows report what a reader needs to trust them: progress per row, machine load, repeats."""
+from __future__ import annotations
+
+import pytest
+
+from diffspec.bench.runner import overloaded, run_bench
+from diffspec.bench.table import format_table
+from diffspec.decoding.config import DecodeConfig
+from diffspec.decoding.diffusion import diffusion_generate
+from diffspec.decoding.meter import CostMeter
+from diffspec.models.checkpoint import load_model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+def test_repeats_interleave_rows_and_take_the_median_wall(bundled, tmp_path, capsys):
+    model, tok = bundled
+    result = run_bench(model, tok, ["vanilla:steps=48", "fast-dllm"], limit=2, out_dir=tmp_path, repeats=3)
+    err = capsys.readouterr().err
+    order = [line.split(":")[0] for line in err.splitlines() if "(repeat" in line]
+    assert order == ["[bench] row 1/2 (repeat 1/3)", "[bench] row 2/2 (repeat 1/3)",
+                     "[bench] row 1/2 (repeat 2/3)", "[bench] row 2/2 (repeat 2/3)",
+                     "[bench] row 1/2 (repeat 3/3)", "[bench] row 2/2 (repeat 3/3)"]
+    assert "[bench] row 2/2: accuracy" in err  # each row's result as it finishes
+    for r in result["rows"]:
+        walls = r["wall_seconds_repeats"]
+        assert len(walls) == 3 and r["wall_seconds"] == sorted(walls)[1]
+        assert {"loadavg_start", "loadavg_end", "cpu_seconds", "cores"} <= set(r["load"])
+        assert r["load"]["cpu_seconds"] > 0
+
+
+def test_bad_repeats_fail_before_decoding(bundled, tmp_path):
+    model, tok = bundled
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        run_bench(model, tok, ["vanilla"], limit=2, out_dir=tmp_path, repeats=0)
+
+
+def test_an_overloaded_row_is_flagged_in_the_table():
+    row = {"label": "x", "accuracy": 0.5, "wall_seconds": 3.0, "load": {"loadavg_start": 3.5, "loadavg_end": 1.0,
+                                                                         "cores": 2, "cpu_seconds": 1.0}}
+    calm = {**row, "load": {**row["load"], "loadavg_start": 1.0}}
+    assert overloaded(row["load"]) and not overloaded(calm["load"])
+    assert "3.0 ⚠" in format_table([row]) and "unreliable" in format_table([row])
+    assert "⚠" not in format_table([calm])
+
+
+def test_too_long_prompts_fail_before_any_decoding(bundled):
+    model, tok = bundled
+    meter = CostMeter()
+    long_prompt = "Question: " + "Ana has 3 pens. " * 200 + "\nAnswer:"
+    with pytest.raises(ValueError, match="--k-shot 0.*--gen-length"):
+        diffusion_generate(model, tok, ["Question: Ana has 3 pens.\nAnswer:", long_prompt], DecodeConfig(), meter=meter)
+    assert meter.nfe == 0
