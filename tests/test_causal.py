@@ -124,6 +124,22 @@ def test_incremental_decoding_matches_full_forward(qwen) -> None:
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_metered_cache_charges_every_attended_key(qwen) -> None:
+    """CausalKVCache is a KVCacheHook: the meter reads its last_n_keys (past + Q) with no wrapper class."""
+    from diffspec.decoding.meter import CostMeter, MeteredModel
+
+    meter = CostMeter()
+    metered = MeteredModel(qwen, meter, "target")
+    cache = qwen.new_cache(1, 16)
+    with torch.no_grad():
+        metered(rand_ids(1, 5), kv_cache=cache)
+        assert cache.last_n_keys == 5
+        metered(rand_ids(1, 3, seed=2), kv_cache=cache)
+        assert cache.last_n_keys == 8
+    expected = qwen.forward_flops(5, 5) + qwen.forward_flops(3, 8)
+    assert meter.models["target"].flops == expected and meter.models["target"].tokens_processed == 8
+
+
 def test_crop_then_refeed_matches_full_forward(qwen) -> None:
     ids, other = rand_ids(2, 12, seed=2), rand_ids(2, 12, seed=3)
     cache = qwen.new_cache(2, 16)

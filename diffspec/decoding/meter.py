@@ -22,9 +22,12 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from ..models.layers import KVCacheHook
 
 
 def answer_length(ids: list[int], eos_ids: Collection[int]) -> int:
@@ -160,7 +163,13 @@ def progress_bar(meter: CostMeter, total: int, desc: str, enabled: bool, every: 
 
 
 class MeteredModel:
-    """Calls a model and charges the meter: one wrapper, so no method can forget."""
+    """Calls a model and charges the meter: one wrapper, so no method can forget.
+
+    A call with a `kv_cache` (any `models.layers.KVCacheHook`: the diffusion
+    caches, PSD's shared K/V, `CausalKVCache`) is charged for the cache's
+    `last_n_keys`, the keys that forward attended to; a call without one for
+    its own Q tokens.
+    """
 
     def __init__(self, model: torch.nn.Module, meter: CostMeter, name: str = "model"):
         self.model, self.meter, self.name = model, meter, name
@@ -169,7 +178,7 @@ class MeteredModel:
     def __call__(self, input_ids: torch.Tensor, *, sequences: int | None = None, **kw: Any):
         out = self.model(input_ids, **kw)
         B, Q = input_ids.shape
-        cache = kw.get("kv_cache")
+        cache: KVCacheHook | None = kw.get("kv_cache")
         n_keys = cache.last_n_keys if cache is not None else Q
         self.meter.record(self.name, B, Q, n_keys, B * self.model.forward_flops(Q, n_keys), sequences)
         return out

@@ -15,8 +15,8 @@ plus `head_dim` (config, else hidden_size / heads), `rope_theta`,
 transformers). Parameter names mirror transformers' `*ForCausalLM`
 (`model.layers.{i}.self_attn.q_proj` ...) so a real checkpoint directory loads
 with `load_state_dict` and no renaming, and tests check logits against
-transformers itself. The math (RMSNorm, fp32 rotate-half RoPE) is shared with
-`llada.py`.
+transformers itself. The layers are `layers.DecoderLayer` (shared with Dream,
+which runs them without the causal mask), built from the switches above.
 
 The classes keep their historical names `Qwen3Config` / `Qwen3Model` (the rest
 of diffspec, saved training configs and error messages use them) whatever the
@@ -24,7 +24,8 @@ model_type; `CausalConfig` / `CausalLM` are the same classes under
 architecture-neutral names.
 
 Decoding keeps keys and values in a preallocated `CausalKVCache`. Speculative
-decoding needs two things from it beyond plain appending: `crop` to drop
+decoding needs two things from it beyond plain appending (`layer`, the
+`layers.KVCacheHook` method every model's attention calls): `crop` to drop
 rejected draft tokens, and `attn_mask_override` in the forward so a whole
 tree of drafts can be verified in one call with a tree-shaped mask.
 """
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from .checkpoint import CheckpointError, _read_weights, check_state, config_and_tokenizer, resolve_device, resolve_dtype
-from .llada import ModelOutput, RMSNorm, apply_rope, rope_cos_sin
+from .checkpoint import (CheckpointError, _read_weights, check_hf_features, check_state, config_and_tokenizer,
+                         resolve_device, resolve_dtype)
+from .layers import DecoderLM, ModelOutput, rope_cos_sin
 from .tokenizer import Tokenizer
 
 __all__ = ["CAUSAL_MODEL_TYPES", "CausalConfig", "CausalLM", "Qwen3Config", "Qwen3Model", "CausalKVCache",
@@ -161,20 +162,8 @@ class Qwen3Config:
                                "num_attention_heads") if k not in d or d[k] is None]
         if missing:
             raise ValueError(f"config lacks {model_type} keys {missing}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not supported; only full attention is implemented")
-        layer_types = d.get("layer_types") or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"layer_types {sorted(set(layer_types))} are not supported; only 'full_attention'")
-        # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported; only plain (default) RoPE")
-        if d.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"partial_rotary_factor {d['partial_rotary_factor']} is not supported (only full RoPE)")
+        # use_sliding_window is a Qwen key that transformers' Llama ignores.
+        rope = check_hf_features({**d, "use_sliding_window": False} if model_type == "llama" else d)
 
         # The switches each architecture reads; another type's switch is left in `extra`
         # (transformers ignores it too: Qwen2's q/k/v biases are fixed, Qwen3 has no mlp_bias).
@@ -221,8 +210,9 @@ class CausalKVCache:
     a plain buffer. Preallocating avoids a torch.cat per layer per token and
     makes `crop` (rejecting draft tokens) free: it only moves `length`.
 
-    The model calls `append` once per layer during a forward, then `advance`
-    once at the end, so every layer of one forward writes the same slots.
+    It implements `layers.KVCacheHook`: the model calls `layer` once per layer
+    during a forward (which appends), then `advance` once at the end, so every
+    layer of one forward writes the same slots.
     """
 
     def __init__(
@@ -260,12 +250,17 @@ class CausalKVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write (B, H_kv, Q, D) at slots [length, length+Q); return views of slots [0, length+Q)."""
+    @property
+    def last_n_keys(self) -> int:
+        """Keys the last forward attended to: read after the forward, when `length` already counts its queries."""
+        return self.length
+
+    def layer(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append: write (B, H_kv, Q, D) at slots [length, length+Q); return views of slots [0, length+Q)."""
         end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[index][:, :, self.length:end] = k
+        self.v[index][:, :, self.length:end] = v
+        return self.k[index][:, :, :end], self.v[index][:, :, :end]
 
     def advance(self, n: int) -> None:
         """Mark n more slots valid; the model calls this after all layers appended."""
@@ -295,70 +290,6 @@ class CausalKVCache:
         for buf in (*self.k, *self.v):
             buf[:, :, start:end] = buf[:, :, idx]  # advanced indexing copies first, so overlaps are safe
         self.length = end
-
-
-class CausalAttention(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
-        super().__init__()
-        self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
-                layer: int, kv_cache: CausalKVCache | None) -> Tensor:
-        B, Q, _ = x.shape
-        cfg = self.cfg
-        q = self.q_proj(x).view(B, Q, -1, cfg.head_dim)
-        k = self.k_proj(x).view(B, Q, -1, cfg.head_dim)
-        if cfg.qk_norm:
-            # Per-head norm on (B, Q, H, D) before the transpose and before RoPE, as Qwen3 does.
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, Q, -1, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.append(layer, k, v)
-        if cfg.num_key_value_heads != cfg.num_attention_heads:
-            # repeat_interleave rather than SDPA's enable_gqa, which needs torch >= 2.5.
-            rep = cfg.num_attention_heads // cfg.num_key_value_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return self.o_proj(att.transpose(1, 2).reshape(B, Q, -1))
-
-
-class CausalMLP(nn.Module):
-    """SwiGLU with transformers' weight names; any config with hidden_size / intermediate_size
-    (the DFlash drafter's too) builds one. Biases only where the config has `mlp_bias` (Llama)."""
-
-    def __init__(self, cfg: Any):
-        super().__init__()
-        bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class CausalDecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
-        super().__init__()
-        self.self_attn = CausalAttention(cfg)
-        self.mlp = CausalMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
-                layer: int, kv_cache: CausalKVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, layer, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def build_attention_mask(
@@ -396,42 +327,14 @@ def build_attention_mask(
     return mask | diag, False
 
 
-class Qwen3Model(nn.Module):
-    """Llama / Qwen2 / Qwen3 causal LM (per `config.model_type`); logit i predicts token i+1."""
+class Qwen3Model(DecoderLM):
+    """Llama / Qwen2 / Qwen3 causal LM (per `config.model_type`); logit i predicts token i+1.
+
+    The modules, init and cost model are `layers.DecoderLM`'s (shared with Dream)."""
 
     logits_shifted = True  # output i predicts position i+1, as in Dream-style models
 
-    def __init__(self, cfg: Qwen3Config):
-        super().__init__()
-        self.config = cfg
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(CausalDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Skip init on the meta device (load_causal builds there, then assigns real
-        # weights): meta normal_ goes through torch._refs and imports dynamo (~4 s).
-        if not self.model.embed_tokens.weight.is_meta:
-            self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the input embedding is a lookup (no FLOPs) unless it doubles as the head."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.tie_word_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
-
-    def forward_flops(self, n_query: int, n_keys: int) -> float:
-        """FLOPs of one sequence's forward: 2·params·tokens plus attention scores and mixing."""
-        cfg = self.config
-        attn_dim = cfg.num_attention_heads * cfg.head_dim
-        return 2.0 * self.num_params() * n_query + 4.0 * cfg.num_hidden_layers * attn_dim * n_query * n_keys
+    config: Qwen3Config
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> CausalKVCache:
         """An empty `CausalKVCache` for this model (max_len defaults to max_position_embeddings)."""
@@ -495,17 +398,9 @@ class Qwen3Model(nn.Module):
 
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask, is_causal = build_attention_mask(Q, past, attention_mask, attn_mask_override, input_ids.device)
-        x = self.model.embed_tokens(input_ids)
-        states: dict[int, Tensor] = {0: x} if 0 in keep else {}
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, is_causal, i, kv_cache)
-            if i + 1 in keep:
-                states[i + 1] = x
+        logits, states = self.run_blocks(input_ids, cos, sin, mask, is_causal, kv_cache, keep)
         if kv_cache is not None:
             kv_cache.advance(Q)
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if cfg.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(x, head)
         hidden = tuple(states[i] for i in wanted) if hidden_layers is not None or output_hidden_states else None
         return ModelOutput(logits=logits, hidden_states=hidden)
 
@@ -555,6 +450,3 @@ def save_causal(model: Qwen3Model, tokenizer: Tokenizer, path: str | Path, dtype
 # Architecture-neutral names for the same classes.
 CausalConfig = Qwen3Config
 CausalLM = Qwen3Model
-Qwen3Attention = CausalAttention
-Qwen3MLP = CausalMLP
-Qwen3DecoderLayer = CausalDecoderLayer

@@ -94,6 +94,27 @@ def read_config(path: str | Path) -> dict:
     return raw
 
 
+def check_hf_features(d: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what a transformers-layout config.json asks for and the models here lack (a
+    non-SiLU activation, sliding windows, layer types other than full attention, scaled or
+    partial RoPE): ignoring it would load silently wrong logits. Returns the RoPE parameters
+    (transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters)."""
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+    if d.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is not supported; only full attention is implemented")
+    layer_types = d.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"layer_types {sorted(set(layer_types))} are not supported; only 'full_attention'")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope scaling (rope_type {rope_type!r}) is not supported; only plain (default) RoPE")
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {d['partial_rotary_factor']} is not supported (only full RoPE)")
+    return rope
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     f = Path(path) / "tokenizer.json"
     if not f.is_file():

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .causal import Qwen3MLP, Qwen3Model
+from .causal import Qwen3Model
 from .checkpoint import CheckpointError, _read_weights, check_state, read_config
-from .llada import RMSNorm, apply_rope, rope_cos_sin
+from .layers import Attention, DecoderLayer, RMSNorm, SwiGLU, attend, project_q, rope_cos_sin
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "check_target", "save_dflash", "load_dflash"]
 
@@ -135,25 +135,12 @@ def check_target(cfg: DFlashConfig, target: nn.Module) -> None:
                          f"(0 = embeddings .. {n_states - 1} = last layer)")
 
 
-class DFlashAttention(nn.Module):
-    def __init__(self, cfg: DFlashConfig):
-        super().__init__()
-        self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+class DFlashAttention(Attention):
+    """Qwen3-style attention (per-head q/k RMSNorm, no biases) whose keys/values are the
+    context's, computed with this layer's own k_proj / v_proj, followed by the window's."""
 
-    def _kv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Keys (normed, rotated) and values of h (b, n, d), as (b, kv_heads, n, head_dim)."""
-        b, n, _ = h.shape
-        hd = self.cfg.head_dim
-        k = self.k_norm(self.k_proj(h).view(b, n, -1, hd)).transpose(1, 2)
-        v = self.v_proj(h).view(b, n, -1, hd).transpose(1, 2)
-        return apply_rope(k, *rope), v
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps, qk_norm=True)
 
     def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_c: tuple[Tensor, Tensor],
                 mask: Tensor | None) -> Tensor:
@@ -162,32 +149,18 @@ class DFlashAttention(nn.Module):
         A context of batch 1 (D²SD's windows of one row) gets its keys/values
         computed once and broadcast over the B windows.
         """
-        B, W, _ = x.shape
-        hd = self.cfg.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, W, -1, hd)).transpose(1, 2), *rope_q)
-        kc, vc = self._kv(ctx, rope_c)
-        kw, vw = self._kv(x, rope_q)  # window keys sit at the window's positions, like its queries
+        B = x.shape[0]
+        q = project_q(x, self.q_proj, self.head_dim, *rope_q, self.q_norm)
+        kc, vc = self.kv(ctx, *rope_c)
+        kw, vw = self.kv(x, *rope_q)  # window keys sit at the window's positions, like its queries
         k = torch.cat([kc.expand(B, -1, -1, -1), kw], dim=2)
         v = torch.cat([vc.expand(B, -1, -1, -1), vw], dim=2)
-        if self.cfg.n_kv_heads != self.cfg.n_heads:
-            rep = self.cfg.n_heads // self.cfg.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # not causal: bidirectional window
-        return self.o_proj(att.transpose(1, 2).reshape(B, W, -1))
+        return self.o_proj(attend(q, k, v, mask))  # not causal: bidirectional window
 
 
-class DFlashLayer(nn.Module):
-    def __init__(self, cfg: DFlashConfig):
-        super().__init__()
-        self.self_attn = DFlashAttention(cfg)
-        self.mlp = Qwen3MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_c: tuple[Tensor, Tensor],
-                mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_c, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def _layer(cfg: DFlashConfig) -> DecoderLayer:
+    return DecoderLayer(DFlashAttention(cfg), SwiGLU(cfg.hidden_size, cfg.intermediate_size), cfg.hidden_size,
+                        cfg.rms_norm_eps)
 
 
 def _rows(positions: Tensor, B: int, n: int, what: str) -> Tensor:
@@ -208,7 +181,7 @@ class DFlashDrafter(nn.Module):
         H = cfg.hidden_size
         self.fc = nn.Linear(len(cfg.target_layers) * H, H, bias=False)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.layers = nn.ModuleList(DFlashLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.__dict__["_target"] = target  # bypasses Module.__setattr__: not a submodule, not in state_dict
         if not self.fc.weight.is_meta:

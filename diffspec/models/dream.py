@@ -22,7 +22,10 @@ output, as Fast-dLLM's Dream code does after it commits the block's first token)
 a caller that feeds non-contiguous columns passes `shift=False` and shifts with
 `shift_logits` itself.
 
-The KV-cache hook is `llada.KVCacheHook` (`key_mask`, `layer`), called exactly
+The decoder layers are `layers.DecoderLayer`, the Llama / Qwen2 / Qwen3 layer of
+`causal.py` (same module and parameter names), run with `is_causal=False` and
+built with Qwen2's switches (`DreamConfig.qkv_bias` ...). The KV-cache hook is
+`layers.MaskedKVCacheHook` (`key_mask`, `layer`, `last_n_keys`), called exactly
 as `LLaDAModel` calls it, and `DreamConfig` answers to the LLaDA field names the
 decoding code reads (`n_layers`, `d_model`, `n_heads`, `n_kv_heads`,
 `embedding_size`, `max_sequence_length`), so cache strategies see one surface.
@@ -55,12 +58,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, check_state, load_tokenizer, read_config, resolve_device, resolve_dtype
-from .llada import KVCacheHook, ModelOutput, RMSNorm, apply_rope, rope_cos_sin
+from .checkpoint import (CheckpointError, check_hf_features, check_state, load_tokenizer, read_config, resolve_device,
+                         resolve_dtype)
+from .layers import DecoderLM, MaskedKVCacheHook, ModelOutput
 from .tokenizer import Tokenizer
 
 __all__ = ["DreamConfig", "DreamModel", "load_dream", "save_dream", "shift_logits", "read_safetensors_headers",
@@ -160,6 +163,13 @@ class DreamConfig:
     def weight_tying(self) -> bool:
         return self.tie_word_embeddings
 
+    # Qwen2's fixed layout switches, read by layers.DecoderLayer.from_config (class constants,
+    # not dataclass fields: no annotation): q/k/v biases, none on o_proj or the MLP, no q/k norm.
+    qkv_bias = True
+    o_bias = False
+    qk_norm = False
+    mlp_bias = False
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "DreamConfig":
         """Read Dream's config.json (model_type "Dream"); unknown keys are kept in `extra`.
@@ -186,17 +196,7 @@ class DreamConfig:
         no_ids = [k for k in ("mask_token_id", "eos_token_id") if d.get(k) is None]
         if no_ids:  # Dream's remote code would assume 151666 / 151643; the ids must come from the files
             raise ValueError(f"config names no {' or '.join(no_ids)} (and the tokenizer files none either)")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        if d.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not supported; Dream attends to the whole sequence")
-        layer_types = d.get("layer_types") or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"layer_types {sorted(set(layer_types))} are not supported; only 'full_attention'")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope scaling {rope_type!r} is not supported; only plain (default) RoPE")
+        rope = check_hf_features(d)
         known = {f.name for f in fields(cls)} - {"extra"}
         kw = {k: d[k] for k in known if d.get(k) is not None}
         if "num_key_value_heads" not in kw:  # Dream's config: None means as many as the query heads
@@ -248,103 +248,27 @@ def shift_logits(logits: Tensor) -> Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
-class DreamAttention(nn.Module):
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=True)
-        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True)
-        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                kv_cache: KVCacheHook | None) -> Tensor:
-        B, Q, _ = x.shape
-        cfg = self.cfg
-        q = self.q_proj(x).view(B, Q, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, Q, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, Q, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.layer(layer, k, v)
-        if cfg.num_key_value_heads != cfg.num_attention_heads:
-            rep = cfg.num_attention_heads // cfg.num_key_value_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
-        return self.o_proj(att.transpose(1, 2).reshape(B, Q, -1))
-
-
-class DreamMLP(nn.Module):
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DreamDecoderLayer(nn.Module):
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.self_attn = DreamAttention(cfg)
-        self.mlp = DreamMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
-                kv_cache: KVCacheHook | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DreamModel(nn.Module):
+class DreamModel(DecoderLM):
     """Bidirectional Qwen2 masked-diffusion LM. `forward` returns logits already shifted:
-    `logits[:, i]` predicts token i, as for `LLaDAModel`."""
+    `logits[:, i]` predicts token i, as for `LLaDAModel`. Modules, init and cost model are
+    `layers.DecoderLM`'s, the causal models' (biases are initialised to zero here)."""
 
     logits_shifted = True  # the network predicts position i from its output at i-1 (forward undoes it)
 
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DreamDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Skip init on the meta device (load_dream builds there, then assigns real weights).
-        if not self.model.embed_tokens.weight.is_meta:
-            self.apply(self._init_weights)
+    config: DreamConfig
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+        DecoderLM._init_weights(m)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the input embedding is a lookup (no FLOPs) unless it doubles as the head."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.tie_word_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
-
-    def forward_flops(self, n_query: int, n_keys: int) -> float:
-        """FLOPs of one sequence's forward: 2·params·tokens plus attention scores and mixing."""
-        cfg = self.config
-        attn_dim = cfg.num_attention_heads * cfg.head_dim
-        return 2.0 * self.num_params() * n_query + 4.0 * cfg.num_hidden_layers * attn_dim * n_query * n_keys
 
     def forward(
         self,
         input_ids: Tensor,
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        kv_cache: KVCacheHook | None = None,
+        kv_cache: MaskedKVCacheHook | None = None,
         output_hidden_states: bool = False,
         shift: bool = True,
     ) -> ModelOutput:
@@ -353,39 +277,12 @@ class DreamModel(nn.Module):
         per query (no cache). Returns logits (B, Q, V) with `logits[:, i]` predicting
         token i (shifted inside the fed columns; `shift=False` gives the raw outputs).
         Hidden states (embedding output, then each layer's) are never shifted."""
-        cfg = self.config
-        B, Q = input_ids.shape
-        if positions is None:
-            positions = torch.arange(Q, device=input_ids.device)
-        elif tuple(positions.shape) not in ((Q,), (B, Q)):
-            raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
-                             f"got {tuple(positions.shape)}")
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        if attention_mask is not None and attention_mask.dim() == 3:
-            if kv_cache is not None or tuple(attention_mask.shape) != (B, Q, Q):
-                raise ValueError(f"a per-query attention_mask must be (B, Q, Q) = {(B, Q, Q)} and used without "
-                                 f"a kv_cache; got {tuple(attention_mask.shape)}")
-            mask = attention_mask[:, None].to(torch.bool)
-        elif kv_cache is not None:
-            key_mask = kv_cache.key_mask(attention_mask, Q)
-            mask = key_mask[:, None, None, :].to(torch.bool) if key_mask is not None else None
-        else:
-            if attention_mask is not None and tuple(attention_mask.shape) != (B, Q):
-                raise ValueError(f"attention_mask must be (B, Q) = {(B, Q)} over keys, or (B, Q, Q) per query; "
-                                 f"got {tuple(attention_mask.shape)}")
-            mask = attention_mask[:, None, None, :].to(torch.bool) if attention_mask is not None else None
-        x = self.model.embed_tokens(input_ids)
-        hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, i, kv_cache)
-            if hidden is not None:
-                hidden.append(x)
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if cfg.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(x, head)
+        # The causal models' layers, run bidirectionally.
+        logits, hidden = self.bidirectional_forward(input_ids, positions, attention_mask, kv_cache,
+                                                    output_hidden_states)
         if shift:
             logits = shift_logits(logits)
-        return ModelOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
+        return ModelOutput(logits=logits, hidden_states=hidden)
 
 
 # ---------------------------------------------------------------- safetensors IO

@@ -98,18 +98,6 @@ class SpecConfig(ARConfig):
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
 
 
-class _Cache(CausalKVCache):
-    """A CausalKVCache that tells `MeteredModel` how many keys the last forward attended to.
-
-    The meter reads `last_n_keys` after the call, when `length` already counts
-    the new queries, so past + Q is just `length`.
-    """
-
-    @property
-    def last_n_keys(self) -> int:
-        return self.length
-
-
 # ---------------------------------------------------------------- sampling and acceptance (unit-tested)
 
 
@@ -264,7 +252,7 @@ def _ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fr
         mask[r, W - len(row):] = True
     padded = not bool(mask.all())
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = _Cache.for_model(model.model, B, W + cfg.max_new_tokens)
+    cache = CausalKVCache.for_model(model.model, B, W + cfg.max_new_tokens)
 
     logits = model(ids, positions=positions, attention_mask=mask if padded else None, kv_cache=cache).logits[:, -1]
     pos = positions[:, -1:] + 1
@@ -329,7 +317,7 @@ class ARSpecStats:
         return d
 
 
-def _draft(drafter: MeteredModel, cache: _Cache, seq: list[int], n: int, temperature: float,
+def _draft(drafter: MeteredModel, cache: CausalKVCache, seq: list[int], n: int, temperature: float,
            generator: torch.Generator) -> tuple[list[int], Tensor | None]:
     """n drafter tokens after `seq`, feeding first whatever of `seq` its cache lacks; q (n, V) when sampling."""
     device = _device(drafter.model)
@@ -357,8 +345,8 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
     """
     device = _device(target.model)
     budget, T = cfg.max_new_tokens, cfg.temperature
-    t_cache = _Cache.for_model(target.model, 1, len(prompt) + budget)
-    d_cache = _Cache.for_model(drafter.model, 1, len(prompt) + budget)
+    t_cache = CausalKVCache.for_model(target.model, 1, len(prompt) + budget)
+    d_cache = CausalKVCache.for_model(drafter.model, 1, len(prompt) + budget)
     first = target(torch.tensor([prompt], device=device), kv_cache=t_cache).logits[0, -1]
     out = [int(sample(first, T, generator))]
     seq = prompt + out

@@ -69,9 +69,10 @@ from torch import Tensor
 
 from ..decoding.diffusion import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel, progress_bar
+from ..models.causal import CausalKVCache
 from ..models.dflash import DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
-from .ar import (ARConfig, _Cache, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions, _probs,
+from .ar import (ARConfig, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions, _probs,
                  _through_eos, rejection_accept, sample)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
@@ -219,7 +220,7 @@ class _TargetState:
                  temperature: float, generator: torch.Generator):
         self.target, self.layers = target, layers
         device = _device(target.model)
-        self.cache = _Cache.for_model(target.model, 1, capacity)
+        self.cache = CausalKVCache.for_model(target.model, 1, capacity)
         H = target.config.hidden_size
         w = target.model.model.embed_tokens.weight
         self.hidden = torch.zeros(capacity, len(layers), H, device=device, dtype=w.dtype)
