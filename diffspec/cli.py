@@ -60,7 +60,7 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="--policy local: relaxed threshold for cells next to a confident anchor (default 0.7)")
     g.add_argument("--local-radius", type=int, help="--policy local: columns an anchor reaches (default 1)")
     g.add_argument("--cache", help="none | prefix | dual (fast-dllm; default dual) | dkv-decode | dkv-greedy | "
-                                   "dkv-prefill (dkv-cache; default dkv-decode); vanilla: none")
+                                   "dkv-prefill (dkv-cache; default dkv-prefill); vanilla: none")
     g.add_argument("--refresh-interval", type=int, help="dKV-Cache: full refresh every N steps of a block (default 8)")
     g.add_argument("--logits-eos-inf", action="store_const", const=True,
                    help="LLaDA sampler option: never propose EOS (default off)")

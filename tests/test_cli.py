@@ -153,7 +153,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 def test_build_config_presets_and_errors():
     assert build_config("fast-dllm").cache == "dual" and build_config("fast-dllm").policy == "threshold"
-    assert build_config("dkv-cache").cache == "dkv-decode"
+    assert build_config("dkv-cache").cache == "dkv-prefill"  # the best dKV variant measured here
     assert build_config("vanilla", steps=12).steps == 12
     with pytest.raises(ValueError, match="unknown decoding option"):
         build_config("vanilla", stepz=3)
