@@ -54,3 +54,14 @@ def test_too_long_prompts_fail_before_any_decoding(bundled):
     with pytest.raises(ValueError, match="--k-shot 0.*--gen-length"):
         diffusion_generate(model, tok, ["Question: Ana has 3 pens.\nAnswer:", long_prompt], DecodeConfig(), meter=meter)
     assert meter.nfe == 0
+
+
+def test_frontier_suite_sweeps_every_family_and_parses():
+    from diffspec.bench.runner import plan_bench, suite
+
+    specs = suite("frontier", "arith")
+    parsed, _ = plan_bench(specs, "arith")
+    methods = {m for m, _ in parsed}
+    assert methods == {"vanilla", "fast-dllm", "dkv-cache", "dualdiffusion", "psd"}
+    thresholds = [o["threshold"] for m, o in parsed if m == "fast-dllm" and "threshold" in o]
+    assert min(thresholds) <= 0.5 and max(thresholds) >= 0.99

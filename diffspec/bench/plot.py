@@ -77,20 +77,31 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
         title = f"{title}\nevery row {100 * rows[0]['accuracy']:.1f}% accurate: {y_name} against cost"
     families = sorted({r.get("method", r["label"]) for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    handles: list[Any] = []
     for ax, (key_name, name, x_scale) in zip(axes, AXES):
         xs = [x_scale * r[key_name] for r in rows]
         for i, (x, r) in enumerate(zip(xs, rows), 1):
             ax.scatter(x, y_scale * r[y_key], color=colors[r.get("method", r["label"])], s=36, zorder=3)
             ax.annotate(str(i), (x, y_scale * r[y_key]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         front = pareto_front([(x, y_scale * r[y_key]) for x, r in zip(xs, rows)])
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.6, lw=1,
-                label="Pareto frontier: best quality at this cost or less")
+        (line,) = ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.6,
+                          lw=1, label="Pareto frontier: best quality at this cost or less")
+        handles = handles or [line]
+        if len(families) > 1 and len(rows) > 2 * len(families):  # a sweep: each family's own front too
+            for f in families:
+                own = pareto_front([(x, y_scale * r[y_key]) for x, r in zip(xs, rows)
+                                    if r.get("method", r["label"]) == f])
+                if len(own) > 1:
+                    (dashed,) = ax.plot([p[0] for p in own], [p[1] for p in own], color=colors[f], alpha=0.5, lw=1,
+                                        ls="--", label="dashed: each method's own frontier")
+                    if len(handles) == 1:
+                        handles.append(dashed)
         ax.set_xscale("log")
         readable_log_axis(ax, xs)
         ax.set_xlabel(name + " (log scale)")
         ax.set_ylabel(y_name)
         ax.grid(alpha=0.3, which="both")
-    handles = [axes[0].lines[-1]] + [axes[0].scatter([], [], color=colors[f], label=f) for f in families]
+    handles += [axes[0].scatter([], [], color=colors[f], label=f) for f in families]
     fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center", fontsize=8,
                ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.935))  # one row, clear of the points
     fig.text(0.04, bottom, key, fontsize=8, va="top", family="monospace")

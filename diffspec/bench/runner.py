@@ -133,12 +133,29 @@ def suite(name: str, task: str) -> list[str]:
             "psd:policy=threshold", "psd:policy=threshold,depths=1;3", "psd:policy=threshold,depths=1;3;5;7;11;15",
             "psd:policy=local", "psd:policy=factor", "psd:policy=threshold,cache=dual", "psd:lossless=true",
         ]
+    if name == "frontier":
+        # Each family's knob swept (issue #23), to draw accuracy against FLOPs, wall clock and
+        # forwards with every family's Pareto front: Fast-dLLM's threshold and factor (dual cache),
+        # dKV-Cache's refresh interval, DualDiffusion's drafter steps and rule threshold, PSD's
+        # threshold and depths.
+        d = "dualdiffusion:drafter=self,verifier_view=masked"
+        return [
+            f"vanilla:steps={L}", f"vanilla:steps={L // 2}",
+            *[f"fast-dllm:cache=dual,policy=threshold,threshold={t}" for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)],
+            *[f"fast-dllm:cache=dual,policy=factor,factor={f}" for f in (0.5, 1.0, 2.0)],
+            *[f"dkv-cache:cache=dkv-decode,refresh_interval={n}" for n in (2, 4, 8)], "dkv-cache:cache=dkv-prefill",
+            *[f"{d},num_drafter_steps={n}" for n in (2, 4, 8)],
+            f"{d},rule=confidence_threshold,rule_threshold=0.5,num_drafter_steps=4",
+            f"{d},rule=confidence_threshold,rule_threshold=0.9,num_drafter_steps=4",
+            *[f"psd:policy=threshold,threshold={t}" for t in (0.7, 0.9, 0.99)],
+            "psd:policy=threshold,depths=1;3", "psd:lossless=true",
+        ]
     if name == "d2sd":
         # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a
         # latency comparison); AR at its default batch of 8 comes last, for the throughput view.
         return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd", "d2sd:k=8",
                 "d2sd:gamma2=24", "d2sd:gamma2=48", "ar"]
-    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd or d2sd")
+    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd, frontier or d2sd")
 
 
 BENCH_FILES = ("results.json", "table.md", "pareto.png")
