@@ -137,7 +137,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     cfg = task_config("arith", a.method, **opts)
     model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
     res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
-    print(res.texts[0].strip())
+    print(res.texts[0])  # exactly the API's text (a leading space included), so prompt + output is the full text
     s = res.meter.summary()
     per_model = ""
     if len(s["models"]) > 1:  # speculative: the paper's steps = drafter + verifier forwards
