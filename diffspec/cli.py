@@ -147,25 +147,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .api import resolve_model
-    from .evaluate import evaluate, task_config, write_json
-    from .jsonio import OutputFile
-    from .tasks import load_examples
+    from .evaluate import run_eval
 
-    opts = _options(a)
-    cfg = task_config(a.task, a.method, **opts)
-    out = OutputFile.check(a.out, "--out") if a.out is not None else None  # before the run, not after
-
-    examples = load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
-    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
-    r = evaluate(a.task, model, tok, a.method, cfg, examples=examples)
-    r["model"] = a.model or "bundled:llada-arith"
-    flex = f", flexible {r['accuracy_flexible']:.1%}" if "accuracy_flexible" in r else ""
-    print(f"{a.task} [{a.method}] accuracy {r['accuracy']:.1%}{flex} on {r['n']} | forwards/seq "
-          f"{r['nfe_per_sequence']:.1f} | tokens/forward {r['tokens_per_forward']:.2f} | GFLOPs {r['flops'] / 1e9:.1f} "
-          f"| {r['wall_seconds']:.1f}s")
-    if out is not None:
-        print(f"wrote {write_json(r, out, rescue=True)}", file=sys.stderr)
+    # Checks the --out path before the run, scores (data-parallel under torchrun), prints one line
+    # and writes the JSON on rank 0.
+    run_eval(a.task, a.method, _options(a), model=a.model, device=a.device, dtype=a.dtype, limit=a.limit,
+             data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -221,6 +208,17 @@ def cmd_convert(a: argparse.Namespace) -> None:
     print(f"wrote {convert_gguf(a.file, a.out, dtype=a.dtype)}")
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    try:
+        from .serve import ServeSettings, serve
+    except ImportError as e:  # FastAPI / uvicorn missing: say how to install them
+        raise ValueError(str(e)) from None
+
+    serve(ServeSettings(model=a.model, method=a.method, options=_options(a), device=a.device, dtype=a.dtype,
+                        host=a.host, port=a.port, max_batch=a.max_batch, batch_window=a.batch_window,
+                        max_queue=a.max_queue, model_name=a.served_model_name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="diffspec", description="Fast, honest inference for diffusion language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -237,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="number of examples (default 500 for arith, all for files)")
     e.add_argument("--k-shot", type=int, help="few-shot exemplars (gsm8k default 5, mmlu 0)")
     e.add_argument("--out", help="write the result JSON here")
+    e.add_argument("--scoring", default="generate",
+                   help="generate (default): decode, then score the text | likelihood (arith-mc, mmlu): the choice "
+                        "with the highest log-likelihood, exact for AR targets, LLaDA's Monte-Carlo ELBO for "
+                        "diffusion models. Data parallel: torchrun --nproc-per-node N -m diffspec eval ...")
+    e.add_argument("--mc-num", type=int, help="--scoring likelihood on diffusion models: Monte-Carlo draws per "
+                                              "choice (default 128; a one-token choice needs one forward anyway)")
     _decode_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -267,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="the directory to write")
     c.add_argument("--dtype", default="float32", help="float32 (default; exact) | bfloat16 (half the size)")
     c.set_defaults(func=cmd_convert)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install -e '.[serve]')")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--max-batch", type=int, default=16, help="rows decoded together in one canvas (default 16)")
+    sv.add_argument("--batch-window", type=float, default=0.02,
+                    help="seconds a request waits for companions with the same settings (default 0.02)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="rows waiting before new requests get 429 with Retry-After (default 256)")
+    sv.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    _decode_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="train a small model from a JSON config")
     t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,45 @@ def test_generate_with_accelerated_methods(tiny_checkpoint, capsys, extra):
     assert rc == 0, err
 
 
+def test_caches_really_cache_through_the_cli(tiny_checkpoint, tokenizer, tmp_path, capsys):
+    """`eval --method fast-dllm --cache X` on 2 prompts (one batch, longest prompt P, canvas T = P + 16),
+    gen 16, block 8, schedule policy with 4 steps (2 per block), so every cache makes the same 4
+    forwards and only the columns fed differ (tokens processed = columns x 2 rows):
+    none:   4 full forwards                                      -> 2 · 4T
+    prefix: per block a full forward, then one on [block start, T) -> 2 · ((T + 16) + (T + 8))
+    dual:   per block a full forward, then one on the block (8)    -> 2 · 2 (T + 8)"""
+    from diffspec.tasks import load_examples
+
+    P = max(len(tokenizer.encode(e.prompt)) for e in load_examples("arith", 2))
+    T = P + 16
+    got = {}
+    for cache in ("none", "prefix", "dual"):
+        out_file = tmp_path / f"{cache}.json"
+        rc, _, err = run(["eval", "--task", "arith", "--limit", "2", "--model", str(tiny_checkpoint), "--method",
+                          "fast-dllm", "--cache", cache, "--policy", "schedule", "--gen-length", "16",
+                          "--block-length", "8", "--steps", "4", "--out", str(out_file)], capsys)
+        assert rc == 0, err
+        r = json.loads(out_file.read_text())
+        assert r["config"]["cache"] == cache and r["nfe"] == 4
+        got[cache] = r["tokens_processed"]
+    assert got == {"none": 2 * 4 * T, "prefix": 2 * (2 * T + 24), "dual": 2 * 2 * (T + 8)}
+
+
+def test_generate_reports_fewer_flops_with_a_cache(tiny_checkpoint, capsys):
+    """`generate` prints the cost on stderr; with the same forwards, the dual cache feeds fewer columns."""
+    base = ["generate", "--prompt", "Ana has 3 pens. Ana buys 4 more. How many pens does Ana have now?", "--model",
+            str(tiny_checkpoint), "--gen-length", "32", "--block-length", "8", "--method", "fast-dllm", "--policy",
+            "schedule", "--steps", "16"]
+    flops = {}
+    for cache in ("none", "dual"):
+        rc, _, err = run(base + ["--cache", cache], capsys)
+        assert rc == 0, err
+        m = re.search(r"forwards (\d+), .*GFLOPs ([0-9.]+)", err)
+        assert m and m.group(1) == "16", err
+        flops[cache] = float(m.group(2))
+    assert 0 < flops["dual"] < flops["none"]
+
+
 def test_eval_writes_json_with_required_fields(tiny_checkpoint, tmp_path, capsys):
     out_file = tmp_path / "r.json"
     rc, out, _ = run(["eval", "--task", "arith", "--limit", "4", "--model", str(tiny_checkpoint),
@@ -53,10 +93,60 @@ def test_eval_writes_json_with_required_fields(tiny_checkpoint, tmp_path, capsys
     assert "accuracy" in out
 
 
-def test_eval_arith_mc_uses_letter_scoring(make_model, tokenizer, tmp_path, capsys):
+def test_eval_arith_mc_uses_letter_scoring(make_model, tokenizer, tmp_path, capsys, monkeypatch):
+    """`eval --task arith-mc` scores the first standalone letter against the example's gold letter.
+    The tiny model's own completions are noise, so the run's decoded texts are replaced by known
+    ones (right letter, wrong letter, right letter then a number, the right *number* alone) and
+    the accuracy must be exactly 2 / 4; scored as numbers it would be 0."""
+    import diffspec.evaluate as evaluate
+    from diffspec.tasks import load_examples
+
     ckpt = save_model(make_model(max_sequence_length=512), tokenizer, tmp_path / "long")
-    rc, out, err = run(["eval", "--task", "arith-mc", "--limit", "3", "--model", str(ckpt)], capsys)
+    examples = load_examples("arith-mc", 4)
+    golds = [e.gold for e in examples]
+    assert all(len(g) == 1 and g in "ABCD" for g in golds)
+    other = {g: "ABCD"[("ABCD".index(g) + 1) % 4] for g in "ABCD"}
+    number = re.search(rf"^{golds[3]}\. (\d+)$", examples[3].prompt, re.M).group(1)  # the gold choice's value
+    texts = [f" {golds[0]}", f" {other[golds[1]]}", f" {golds[2]}. 12", f" {number}"]
+    real_generate = evaluate.generate
+
+    def generate_with_known_texts(prompts, **kw):
+        res = real_generate(prompts, **kw)  # the real decode (cost, ids), then known texts
+        assert list(prompts) == [e.prompt for e in examples]
+        res.texts = list(texts)
+        return res
+
+    monkeypatch.setattr(evaluate, "generate", generate_with_known_texts)
+    out_file = tmp_path / "mc.json"
+    rc, out, err = run(["eval", "--task", "arith-mc", "--limit", "4", "--model", str(ckpt), "--out", str(out_file)],
+                       capsys)
+    assert rc == 0, err
+    r = json.loads(out_file.read_text())
+    assert [s["gold"] for s in r["samples"]] == golds
+    assert [s["pred"] for s in r["samples"]] == [golds[0], other[golds[1]], golds[2], None]
+    assert [s["correct"] for s in r["samples"]] == [True, False, True, False]
+    assert r["accuracy"] == 0.5 and "accuracy_flexible" not in r
+    assert "arith-mc [vanilla, generate] accuracy 50.0% on 4" in out
+
+
+def test_eval_arith_mc_scores_the_models_own_letters(make_model, tokenizer, tmp_path, capsys):
+    """Unpatched: every sample's prediction is the first standalone A-D of its completion, and the
+    accuracy is the share of predictions equal to the examples' gold letters."""
+    from diffspec.tasks import load_examples
+
+    ckpt = save_model(make_model(max_sequence_length=512), tokenizer, tmp_path / "long")
+    out_file = tmp_path / "mc.json"
+    rc, out, err = run(["eval", "--task", "arith-mc", "--limit", "3", "--model", str(ckpt), "--out", str(out_file)],
+                       capsys)
     assert rc == 0 and "arith-mc" in out, err
+    r = json.loads(out_file.read_text())
+    golds = [e.gold for e in load_examples("arith-mc", 3)]
+    assert [s["gold"] for s in r["samples"]] == golds
+    for s in r["samples"]:
+        letter = re.search(r"\b([ABCD])\b", s["completion"])
+        assert s["pred"] == (letter.group(1) if letter else None)
+        assert s["correct"] == (s["pred"] == s["gold"])
+    assert r["accuracy"] == sum(s["correct"] for s in r["samples"]) / 3
 
 
 def test_bench_writes_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
@@ -145,8 +235,9 @@ def test_empty_prompt_is_one_line(tiny_checkpoint, capsys):
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
+    # the timeout only guards a hang of the child process (it takes ~2 s, ~9 s on a loaded 2-core machine)
     proc = subprocess.run([sys.executable, "-m", "diffspec.cli", "generate", "--prompt", "x", "--model",
-                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("diffspec: error:")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
 
 import pytest
 import torch
@@ -36,25 +35,6 @@ PROMPTS = [
     "Question: Leo has 9 eggs. How many?\nAnswer:",
 ]
 SHAPE = dict(gen_length=16, block_length=8, steps=16)
-
-
-@pytest.fixture(autouse=True)
-def _deadline():
-    """A loop that never terminates fails the test instead of hanging the suite."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def boom(*_):
-        raise TimeoutError("test ran over 30 s: does the DualDiffusion loop terminate?")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(30)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def sharpen(m: nn.Module, factor: float = 5.0) -> nn.Module:

@@ -8,6 +8,7 @@ with the bundled model.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,12 +17,12 @@ from diffspec.api import build_config, generate
 from diffspec.bench.runner import label_of, parse_spec, run_bench, suite
 from diffspec.cli import main
 from diffspec.decoding.config import DecodeConfig
-from diffspec.decoding.diffusion import diffusion_generate
+from diffspec.decoding.diffusion import decode_canvas, diffusion_generate
 from diffspec.decoding.meter import CostMeter, MeteredModel
 from diffspec.decoding.policies import select_local
 from diffspec.decoding.state import Canvas
 from diffspec.speculative.psd import (PSDConfig, ViewScorer, build_psd_config, greedy_chain_accept, hierarchical_accept,
-                               nested_drafts, psd_generate)
+                               nested_drafts, psd_decode_canvas, psd_generate)
 
 NEG = -math.inf
 PROMPTS = ["Tom has 5 pens.", "Ana has 12 cards. Ana gets 3 more. How many cards does Ana have now?", "Sam"]
@@ -58,6 +59,15 @@ def test_nested_drafts_follow_one_ranking_and_nest():
     assert bool((d[1] >= d[0]).all())
 
 
+def test_nested_draft_ties_go_to_the_lower_column_even_in_long_rows():
+    """torch's unstable sort reorders equal keys from 17 elements on; the drafts must not."""
+    conf = torch.full((1, 40), 0.5, dtype=torch.float64)
+    conf[0, 30] = 0.9
+    d = nested_drafts(conf, [1, 4])
+    assert d[0, 0].nonzero().flatten().tolist() == [30]
+    assert d[1, 0].nonzero().flatten().tolist() == [0, 1, 2, 30]
+
+
 def test_hierarchical_acceptance_keeps_the_deepest_consistent_draft():
     drafts = torch.tensor([[[0, 1, 0, 0, 0]], [[0, 1, 1, 1, 0]], [[1, 1, 1, 1, 1]]], dtype=torch.bool)
     tokens = torch.tensor([[10, 11, 12, 13, 14]])
@@ -76,6 +86,20 @@ def test_hierarchical_acceptance_keeps_the_deepest_consistent_draft():
     # a capped draft that adds nothing is not deeper
     capped = torch.stack([drafts[0], drafts[1], drafts[1]])
     assert hierarchical_accept(capped, tokens, pred(ok, ok, ok)).tolist() == [2]
+
+
+def test_drafts_and_acceptance_stay_on_the_device_of_their_inputs():
+    """Helper tensors are made on the inputs' device: on PyTorch's data-free "meta" device (a
+    stand-in for CUDA that runs on any machine) a CPU-made one would be an error."""
+    conf = torch.rand(2, 6, dtype=torch.float64, device="meta")
+    drafts = nested_drafts(conf, [1, 3])
+    assert drafts.device.type == "meta" and drafts.dtype == torch.bool and drafts.shape == (2, 2, 6)
+    tokens = torch.zeros(2, 6, dtype=torch.long, device="meta")
+    best = hierarchical_accept(drafts, tokens, torch.zeros(3, 2, 6, dtype=torch.long, device="meta"))
+    assert best.device.type == "meta" and best.dtype == torch.long and best.shape == (2,)
+    best = greedy_chain_accept(drafts, tokens, torch.zeros(3, 2, 6, 10, device="meta"),
+                               torch.ones(2, 6, dtype=torch.bool, device="meta"))
+    assert best.device.type == "meta" and best.dtype == torch.long and best.shape == (2,)
 
 
 def _logits_for(best_cells: list[int], tokens: list[int], L: int = 4, V: int = 6) -> torch.Tensor:
@@ -102,6 +126,139 @@ def test_greedy_chain_accepts_only_exact_greedy_steps():
     wrong_token = good.clone()
     wrong_token[0, 0] = _logits_for([2], [1, 2, 5, 4])
     assert greedy_chain_accept(drafts, tokens, wrong_token, cand).tolist() == [0]
+
+
+def test_greedy_chain_is_per_row():
+    """Row 0: both greedy steps match. Row 1: view 0 picks cell 2 with another token. Row 2: view 1
+    picks cell 3, not draft 2's cell 1."""
+    tokens = torch.tensor([[1, 2, 3, 4]] * 3)
+    drafts = torch.tensor([[[0, 0, 1, 0]] * 3, [[0, 1, 1, 0]] * 3], dtype=torch.bool)
+    good = [_logits_for([2], [1, 2, 3, 4]), _logits_for([1], [1, 2, 3, 4]), _logits_for([0], [1, 2, 3, 4])]
+    rows = [good, [_logits_for([2], [1, 2, 5, 4])] + good[1:], [good[0], _logits_for([3], [1, 2, 3, 4]), good[2]]]
+    logits = torch.stack([torch.stack([rows[b][j] for b in range(3)]) for j in range(3)])  # (J+1, B, L, V)
+    assert greedy_chain_accept(drafts, tokens, logits, torch.ones(3, 4, dtype=torch.bool)).tolist() == [2, 0, 1]
+
+
+def test_greedy_chain_ignores_cells_greedy_cannot_pick():
+    """Greedy decoding on view j-1 picks among the cells still masked there: never a non-candidate
+    (cell 0, decoded before this iteration) nor a cell an earlier draft filled, however confident."""
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    drafts = torch.tensor([[[0, 0, 1, 0]], [[0, 1, 1, 0]]], dtype=torch.bool)  # adds cell 2, then cell 1
+    cand = torch.tensor([[False, True, True, True]])
+
+    def view(scores: dict[int, float]) -> torch.Tensor:
+        out = torch.zeros(4, 6)
+        for c in range(4):
+            out[c, int(tokens[0, c])] = scores.get(c, 1.0)
+        return out
+
+    logits = torch.stack([view({0: 9.0, 2: 5.0}), view({2: 9.0, 1: 5.0}), view({})])[:, None]
+    assert greedy_chain_accept(drafts, tokens, logits, cand).tolist() == [2]
+
+
+# ================================================================ the loop on a hand-built model: exact counts
+
+V_ORACLE, MASK_ORACLE, PAD_ORACLE, WRONG = 16, 15, 0, 14
+
+
+class _Oracle(torch.nn.Module):
+    """A model whose predictions are written by hand, so every PSD count is known exactly.
+
+    At generation column p it predicts `targets[row][p]` with logit 3 - 0.1·p (every other token
+    0): confidences fall with the column (0.6 down to 0.24, below the 0.9 threshold: the policy commits
+    one cell per iteration) and greedy order is left to right. `depends[row] = (q, r)`: while
+    column r is still masked, column q predicts WRONG instead, with the same confidence, so a
+    draft made before r is filled is wrong at q and the verification of a view that fills r
+    rejects it.
+    """
+
+    def __init__(self, prompt_len: int, targets: list[list[int]], depends: list[tuple[int, int] | None]):
+        super().__init__()
+        self.config = SimpleNamespace(n_layers=1, mask_token_id=MASK_ORACLE, eos_token_id=PAD_ORACLE,
+                                      pad_token_id=PAD_ORACLE)
+        self.P, self.targets, self.depends = prompt_len, targets, depends
+
+    def forward_flops(self, n_query: int, n_keys: int) -> int:
+        return 0
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, positions=None):
+        n, T = input_ids.shape  # n = views x rows, row-major in the views
+        cols = positions.tolist() if positions is not None else list(range(T))
+        logits = torch.zeros(n, T, V_ORACLE)
+        for i in range(n):
+            row = i % len(self.targets)
+            for j, c in enumerate(cols):
+                p = c - self.P
+                if p < 0:
+                    continue
+                tok = self.targets[row][p]
+                dep = self.depends[row]
+                if dep is not None and p == dep[0]:
+                    r = cols.index(dep[1] + self.P)  # the verifier must see column r
+                    if input_ids[i, r] == MASK_ORACLE:
+                        tok = WRONG
+                logits[i, j, tok] = 3.0 - 0.1 * p
+        return SimpleNamespace(logits=logits)
+
+
+def _oracle_run(cfg: PSDConfig):
+    targets = [[(3 * row + p) % 13 + 1 for p in range(16)] for row in range(2)]
+    oracle = _Oracle(2, targets, [(5, 3), None])  # row 0: column 5 is right only once column 3 is filled
+    canvas = Canvas.from_prompts([[3, 4], [5, 6]], 16, MASK_ORACLE, PAD_ORACLE, 64)
+    greedy = Canvas.from_prompts([[3, 4], [5, 6]], 16, MASK_ORACLE, PAD_ORACLE, 64)
+    meter = CostMeter()
+    with torch.inference_mode():
+        stats = psd_decode_canvas(MeteredModel(oracle, meter), canvas, cfg)
+        decode_canvas(MeteredModel(oracle, CostMeter()), greedy, DecodeConfig(gen_length=16, block_length=8, steps=16),
+                      None)
+    assert canvas.x[:, 2:].tolist() == greedy.x[:, 2:].tolist() == targets  # one-token greedy writes the targets
+    return stats, meter.models["model"]
+
+
+@pytest.mark.parametrize("cache, seeds", [("none", 1), ("prefix", 2), ("dual", 2)])
+def test_psd_loop_keeps_the_deepest_consistent_draft_on_a_hand_built_model(cache, seeds):
+    """gen 16, block 8, depths 1..6, threshold 0.9 (one commit per iteration). Block 0:
+    it 1 commits column 0 in both rows and drafts columns 1-6; row 1 keeps all 6, row 0 only
+    depth 4 (view 4 fills column 3, so it predicts the right token at column 5 where draft 5
+    put WRONG). It 2 commits column 5 (row 0) / 7 (row 1); row 0 keeps its 2 remaining drafts,
+    row 1 has none. Block 1: it 1 commits column 8 and keeps 6 drafts per row; it 2 commits
+    column 15 and, with nothing left to draft, needs no verification."""
+    cfg = PSDConfig(decode=DecodeConfig(gen_length=16, block_length=8, steps=16, policy="threshold",
+                                        threshold=0.9, cache=cache), depths=(1, 2, 3, 4, 5, 6))
+    stats, calls = _oracle_run(cfg)
+    assert (stats.iterations, stats.committed, stats.accepted, stats.drafted, stats.seed_forwards) == \
+        (6, 8, 4 + 6 + 2 + 12, 12 + 2 + 12, seeds)
+    assert calls.nfe == seeds + 3  # vanilla greedy needs 16
+    assert calls.max_batch == 7 * 2  # view 0 + six drafts per row
+
+
+def test_lossless_psd_on_a_hand_built_model_stops_where_greedy_would_differ():
+    """Lossless, depths 1..7. Block 0: row 0 keeps depths 1-4 (greedy on view 4 writes the
+    right token at column 5, not draft 5's WRONG), row 1 all 7; then row 0 commits column 5
+    and keeps 2 more. Block 1: both rows commit column 8 and keep all 7 drafts."""
+    stats, calls = _oracle_run(build_psd_config(gen_length=16, block_length=8, lossless=True))
+    assert (stats.iterations, stats.committed, stats.accepted, stats.drafted, stats.seed_forwards) == \
+        (5, 5, 4 + 7 + 2 + 14, 14 + 2 + 14, 1)
+    assert calls.nfe == 4
+
+
+def test_hierarchical_acceptance_is_per_row():
+    drafts = torch.tensor([[[1, 0, 0, 0], [0, 0, 1, 0]],
+                           [[1, 1, 0, 0], [0, 1, 1, 0]],
+                           [[1, 1, 1, 0], [1, 1, 1, 1]]], dtype=torch.bool)  # (J=3, B=2, L=4)
+    tokens = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
+    ok, bad2, bad3 = [5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 9]
+    # view 2 of row 0 predicts 9 at cell 2, which draft 3 adds: row 0 keeps depth 2, row 1 all 3
+    pred = torch.tensor([[ok, ok], [ok, ok], [bad2, ok], [ok, ok]])
+    assert hierarchical_accept(drafts, tokens, pred).tolist() == [2, 3]
+    # view 0 of row 0 disagrees with draft 1; view 2 of row 1 disagrees at cell 3 (draft 3 adds cells 0 and 3)
+    pred = torch.tensor([[[9, 6, 7, 8], ok], [ok, ok], [ok, bad3], [ok, ok]])
+    assert hierarchical_accept(drafts, tokens, pred).tolist() == [0, 2]
+    # row 1 has a single candidate, so its deeper drafts add nothing: it stops at depth 1 while row 0 goes on
+    capped = drafts.clone()
+    capped[:, 1] = torch.tensor([0, 0, 1, 0], dtype=torch.bool)
+    pred = torch.tensor([[ok, ok]] * 4)
+    assert hierarchical_accept(capped, tokens, pred).tolist() == [3, 1]
 
 
 # ================================================================ the loop
@@ -133,10 +290,30 @@ def _lossless_on_arith(n: int, depths: tuple[int, ...]) -> None:
                                                          depths=depths, batch_size=n))
     assert res.raw_ids == van.raw_ids
     assert res.meter.models["model"].sequence_forwards < van.meter.models["model"].sequence_forwards
+    s = res.stats
+    assert s["accepted"] > 0 and s["committed"] + s["accepted"] == 48 * n
+    assert res.meter.models["model"].sequence_forwards == s["iterations"] + s["seed_forwards"] * n
 
 
 def test_lossless_equals_vanilla_greedy_on_arith_prompts():
     _lossless_on_arith(12, (1, 2, 3))
+
+
+def test_psd_drafts_do_most_of_the_work_on_the_bundled_model():
+    """τ = 1 commits one cell per iteration, so every further cell is an accepted draft: the
+    trained model's verification agrees with most drafts (0.92 of drafted cells on 4 prompts),
+    and PSD needs far fewer forwards than the 48 per sequence of one-token greedy decoding."""
+    from diffspec.models.checkpoint import load_model
+    from diffspec.tasks import arith_examples
+
+    m, tok = load_model()
+    prompts = [e.prompt for e in arith_examples("test", 4, seed=0)]
+    res = psd_generate(m, tok, prompts, build_psd_config(gen_length=48, block_length=16, threshold=1.0,
+                                                         batch_size=4))
+    s = res.stats
+    assert s["committed"] + s["accepted"] == 48 * 4
+    assert s["accepted"] > s["committed"] and s["acceptance_rate"] > 0.5
+    assert res.meter.models["model"].sequence_forwards < 48 * 4 / 2
 
 
 @pytest.mark.slow
@@ -154,17 +331,23 @@ def test_psd_decodes_every_cell_with_every_cache_and_policy(model, tokenizer, ca
     assert len(res.raw_ids[0]) == 16
     s = res.stats
     assert s["committed"] + s["accepted"] == 16 * len(PROMPTS)
+    assert s["accepted"] > 0  # the tiny model's verifications agree with some drafts
     assert res.meter.models["model"].max_batch == 4 * len(PROMPTS)  # view 0 + three drafts per prompt
     again = psd_generate(model, tokenizer, PROMPTS, cfg)
     assert again.raw_ids == res.raw_ids  # deterministic
 
 
 def test_threshold_one_with_depth_one_is_greedy_at_one_token_per_view(model, tokenizer):
-    """τ = 1 commits one cell; with the draft check the result still equals greedy
-    whenever each accepted draft is the greedy choice, and never has masks."""
+    """τ = 1 commits one cell per iteration and depth 1 drafts one more, so an iteration fills
+    one or two cells: every cell is committed or an accepted draft, and accepted drafts are
+    what saves forwards against one-token greedy decoding (16 per sequence)."""
     res = psd_generate(model, tokenizer, PROMPTS, build_psd_config(gen_length=16, block_length=8, threshold=1.0,
                                                                    depths=(1,)))
-    assert res.stats["committed"] >= res.stats["iterations"]
+    s = res.stats
+    assert s["committed"] + s["accepted"] == 16 * len(PROMPTS)
+    assert s["accepted"] > 0 and s["accepted"] <= s["iterations"] == s["drafted"]  # at most one draft per iteration
+    forwards = res.meter.models["model"].sequence_forwards
+    assert forwards == s["iterations"] + len(PROMPTS) * s["seed_forwards"] < 16 * len(PROMPTS)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -150,3 +150,45 @@ def test_one_hot_recursive_rejection_is_one_draw_from_p():
             residual = residual / residual.sum() if residual.sum() > 0 else residual
         out += reach * residual
         assert torch.allclose(out, p)
+
+
+def test_masks_and_positions_have_their_dtype_and_device():
+    """Bool masks and long positions, made on the requested device ("meta": PyTorch's data-free
+    device, a stand-in for CUDA that runs on any machine) and on the CPU by default."""
+    t = DraftTree.from_branches(7, [[1, 2], [5]])
+    default = t.ancestors_mask()
+    assert default.dtype == torch.bool and default.device.type == "cpu"
+    assert default.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    assert t.attention_mask(2).dtype == torch.bool and t.attention_mask(0).shape == (4, 4)
+    for m in (t.ancestors_mask("meta"), t.attention_mask(3, device="meta")):
+        assert m.device.type == "meta" and m.dtype == torch.bool
+    assert t.attention_mask(3, device="meta").shape == (4, 7)
+    pos = t.positions(5, device="meta")
+    assert pos.device.type == "meta" and pos.dtype == torch.long
+    assert t.positions(5).dtype == torch.long and t.positions(0).tolist() == [0, 1, 2, 1]
+
+
+def test_rejection_posterior_errors_are_exact():
+    with pytest.raises(ValueError, match=r"^need at least one drafted token$"):
+        rejection_posterior(torch.zeros(2, 0))
+    with pytest.raises(ValueError, match=r"^confidences must be probabilities in \[0, 1\]$"):
+        rejection_posterior(torch.tensor([0.5, -0.1]))
+    assert rejection_posterior(torch.tensor([0.0, 1.0])).tolist() == [1.0, 0.0]  # the edges are probabilities
+    assert rejection_posterior(torch.tensor([1.0, 1.0])).tolist() == [0.0, 0.0]
+
+
+def test_top_boundaries_of_one_row_and_of_long_tied_rows():
+    """A 1-D posterior (one block) works like a row; ties stay ordered by prefix length even in rows of
+    17+ boundaries, where torch's unstable sort would reorder equal keys."""
+    r = rejection_posterior(torch.tensor([0.9, 0.5, 0.8]))
+    assert top_prefix_lengths(r, 2) == [1, 0] and top_prefix_lengths(r, 9) == [1, 0, 2]
+    flat = torch.full((2, 24), 0.01)
+    flat[1, 20] = 0.5
+    assert top_prefix_lengths(flat, 3) == [[0, 1, 2], [20, 0, 1]]
+    batch = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(0))  # (..., n) with two leading dims
+    assert top_prefix_lengths(batch, 5) == batch.argsort(dim=-1, descending=True, stable=True).tolist()
+
+
+def test_branch_of_a_path_no_branch_contains_is_none():
+    t = DraftTree.from_branches(7, [[1, 2, 3], [5]])
+    assert t.branch_of([5, 1]) is None and t.branch_of([2]) is None

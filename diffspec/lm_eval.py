@@ -1,0 +1,42 @@
+"""`python -m diffspec.lm_eval ARGS`: lm-evaluation-harness's own CLI with the `diffspec` model registered.
+
+lm-eval 0.4.x has no plugin entry point for models, so this module imports `diffspec.lm_eval_model`
+(whose `@register_model("diffspec")` registers it) and then hands the command line to lm-eval's
+`cli_evaluate`. diffspec's offline task folder (`diffspec/lm_eval_tasks`: arith, arith_mc,
+gsm8k_local, mmlu_local) is added to `--include_path` unless the command already names one.
+
+    python -m diffspec.lm_eval --model diffspec --model_args method=vanilla --tasks arith \\
+        --device cpu --batch_size 32 --limit 100
+
+A bad model_arg (unknown option, bad value, missing checkpoint) ends with one
+`diffspec.lm_eval: error: ...` line and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        from .lm_eval_model import INSTALL_HINT
+
+        print(f"diffspec.lm_eval: error: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    from .lm_eval_model import ModelArgsError, bundled_tasks_dir  # registers the `diffspec` model
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) > 1 and not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(bundled_tasks_dir())]
+    sys.argv = [sys.argv[0] if sys.argv else "lm_eval", *args]
+    try:
+        cli_evaluate()
+    except ModelArgsError as e:
+        print(f"diffspec.lm_eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

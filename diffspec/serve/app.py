@@ -1,0 +1,324 @@
+"""The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Job, Prompt
+from .errors import ApiError, bad_request, not_found, server_error
+from .protocol import RequestParser, RequestPlan, checkpoint_dir, new_id, now
+
+log = logging.getLogger("diffspec.serve")
+
+
+@dataclass
+class ServeSettings:
+    """`diffspec serve`'s options. `options` are the decoding defaults (CLI flags, None = not given)
+    that apply to requests that keep `method`."""
+
+    model: str | None = None
+    method: str = "vanilla"
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str | None = "cpu"
+    dtype: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16
+    batch_window: float = 0.02
+    max_queue: int = 256
+    model_name: str | None = None
+
+
+class Service:
+    """The served model, its request parser and its batching engine."""
+
+    def __init__(self, settings: ServeSettings, model: Any = None, tokenizer: Any = None):
+        from ..api import model_family, resolve_model
+        from ..evaluate import task_config
+        from ..methods import get_method
+        from ..models.chat import ChatTemplate, load_chat_template, load_special_tokens
+
+        self.settings = s = settings
+        opts = {k: v for k, v in s.options.items() if v is not None}
+        get_method(s.method)
+        self.default_cfg = task_config("arith", s.method, **opts)  # bad defaults fail before loading anything
+        if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
+            raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
+        self.model, self.tokenizer = resolve_model(model if model is not None else s.model, tokenizer, s.device,
+                                                   s.dtype, method=s.method)
+        self.family = model_family(self.model)
+        ckpt = checkpoint_dir(s.model if model is None else model, s.method)
+        template = load_chat_template(ckpt) if ckpt is not None else None
+        self.chat_template = ChatTemplate(template, load_special_tokens(ckpt)) if template else None
+        if s.model_name:
+            self.model_id = s.model_name
+        elif ckpt is not None:
+            self.model_id = "smollm2" if s.model == "smollm2" else ckpt.name
+        else:
+            self.model_id = type(self.model).__name__.lower()
+        self.parser = RequestParser(s.method, opts, self.family, s.max_batch, self.chat_template)
+        self.engine = Engine(self.model, self.tokenizer, max_batch=s.max_batch, batch_window=s.batch_window,
+                             max_queue=s.max_queue, dtype=s.dtype)
+        mc = self.model.config
+        if self.family == "ar":
+            from ..speculative.ar import _eos_ids, _max_positions
+
+            self.max_positions = _max_positions(self.model)
+            self.eos_ids = tuple(sorted(_eos_ids(self.model)))
+            self.mask_id = None
+        else:
+            self.max_positions = mc.max_sequence_length
+            self.eos_ids = (mc.eos_token_id,)
+            self.mask_id = mc.mask_token_id
+        self.vocab = getattr(mc, "vocab_size", None)
+
+    # -- requests
+
+    def check_model(self, body: Any) -> None:
+        if isinstance(body, dict) and not isinstance(body.get("model", ""), (str, type(None))):
+            raise bad_request("model must be a string (GET /v1/models lists the one served)", "model")
+        if isinstance(body, dict) and body.get("model") not in (None, "", self.model_id):
+            raise not_found(f"the model {body.get('model')!r} does not exist; this server serves {self.model_id!r} "
+                            "(GET /v1/models)", "model", "model_not_found")
+
+    def encode(self, plan: RequestPlan, chat: bool) -> list[Prompt]:
+        param = "messages" if chat else "prompt"
+        out = []
+        for text in plan.prompts:
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                raise bad_request(f"the {param} encodes to no tokens; give some text", param, "empty_prompt")
+            if self.mask_id is not None and self.mask_id in ids:
+                raise bad_request(f"the {param} contains the mask token (id {self.mask_id}); remove it", param,
+                                  "invalid_prompt")
+            if self.vocab is not None and max(ids) >= self.vocab:
+                raise bad_request(f"the {param} has token id {max(ids)} beyond the model's {self.vocab}", param,
+                                  "invalid_prompt")
+            if len(ids) + plan.gen_length > self.max_positions:
+                raise bad_request(
+                    f"the {param} has {len(ids)} tokens; with {plan.gen_length} to generate that is "
+                    f"{len(ids) + plan.gen_length}, beyond the model's {self.max_positions} positions; shorten it "
+                    "or lower max_tokens", param, "context_length_exceeded")
+            out.append(Prompt(text, ids))
+        return out
+
+    def job(self, body: Any, chat: bool) -> tuple[Job, RequestPlan]:
+        self.check_model(body)
+        plan = self.parser.plan(body, chat)
+        prompts = self.encode(plan, chat)
+        eos = self.eos_ids
+        stop_at_eos = getattr(getattr(plan.cfg, "decode", plan.cfg), "stop_at_eos", True)
+        job = Job(plan.method, plan.cfg, prompts, plan.n, plan.stops, eos if stop_at_eos else (),
+                  asyncio.get_running_loop(), info=plan.info)
+        return job, plan
+
+    def info(self, plan: RequestPlan) -> dict[str, Any]:
+        return {"method": plan.method, "gen_length": plan.gen_length, "config": plan.cfg.to_dict()}
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_id, "family": self.family, "method": self.settings.method,
+                "chat_template": "checkpoint" if self.chat_template else "Question/Answer (diffspec generate's)",
+                "queue_rows": self.engine.queue_depth(), "max_batch": self.engine.max_batch,
+                "batch_window": self.engine.batch_window, "max_queue": self.engine.max_queue,
+                "stats": asdict(self.engine.stats)}
+
+
+# ---------------------------------------------------------------- response bodies
+
+
+def _choice(chat: bool, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def _chunk(rid: str, created: int, model: str, chat: bool, index: int, text: str | None,
+           reason: str | None = None, role: bool = False, usage: bool = False) -> dict[str, Any]:
+    if chat:
+        delta: dict[str, Any] = {}
+        if role:
+            delta = {"role": "assistant", "content": ""}
+        elif text:
+            delta = {"content": text}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+           "model": model, "choices": [choice]}
+    if usage:
+        out["usage"] = None
+    return out
+
+
+def _sse(obj: Any) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(settings: ServeSettings | None = None, model: Any = None, tokenizer: Any = None) -> FastAPI:
+    """The app, with the model loaded (errors in the settings or the checkpoint raise here, before any
+    port is bound). `model` / `tokenizer` may be loaded objects (tests) instead of `settings.model`."""
+    service = Service(settings or ServeSettings(), model, tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.engine.start()
+        try:
+            yield
+        finally:
+            service.engine.stop()
+
+    app = FastAPI(title="diffspec", description="OpenAI-compatible server for diffspec's decoding methods",
+                  lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": code}},
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(bad_request(str(e)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(server_error(f"internal error ({type(e).__name__}); see the server log"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return service.health()
+
+    def model_card() -> dict[str, Any]:
+        return {"id": service.model_id, "object": "model", "created": int(service.engine.stats.started),
+                "owned_by": "diffspec", "diffspec": {"family": service.family, "method": service.settings.method,
+                                                     "default_config": service.default_cfg.to_dict()}}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != service.model_id:
+            raise not_found(f"the model {model_id!r} does not exist; this server serves {service.model_id!r}",
+                            "model", "model_not_found")
+        return model_card()
+
+    async def body_of(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON ({e})") from None
+
+    async def handle(request: Request, chat: bool):
+        body = await body_of(request)
+        job, plan = service.job(body, chat)
+        service.engine.submit(job)  # 429 here when the queue is full
+        rid, created = new_id(chat), now()
+        headers = {"X-Diffspec-Method": plan.method, "X-Diffspec-Gen-Length": str(plan.gen_length)}
+        if plan.stream:
+            return StreamingResponse(_stream(job, plan, rid, created, chat), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        return await _collect(request, job, plan, rid, created, chat, headers)
+
+    async def _collect(request: Request, job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
+                       headers: dict[str, str]):
+        texts = [""] * job.n_choices
+        reasons: list[str | None] = [None] * job.n_choices
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if ev[0] == "delta":
+                    texts[ev[1]] += ev[2]
+                elif ev[0] == "finish":
+                    reasons[ev[1]] = ev[2]
+                elif ev[0] == "error":
+                    return _error_response(ev[1])
+                elif ev[0] == "done":
+                    usage = ev[1]
+                    break
+        finally:
+            if not job.done:
+                job.cancel()
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": service.model_id, "choices": [_choice(chat, i, t, r) for i, (t, r) in
+                                                        enumerate(zip(texts, reasons))],
+                "usage": usage, "diffspec": {**service.info(plan), "batch_rows": usage["diffspec"]["batch_rows"]}}
+        return JSONResponse(body, headers=headers)
+
+    async def _stream(job: Job, plan: RequestPlan, rid: str, created: int, chat: bool) -> AsyncIterator[str]:
+        model_id, usage_field = service.model_id, plan.include_usage
+        try:
+            if chat:
+                for i in range(job.n_choices):
+                    yield _sse(_chunk(rid, created, model_id, chat, i, None, role=True, usage=usage_field))
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "delta":
+                    yield _sse(_chunk(rid, created, model_id, chat, ev[1], ev[2], usage=usage_field))
+                elif ev[0] == "finish":
+                    last = _chunk(rid, created, model_id, chat, ev[1], None, reason=ev[2], usage=usage_field)
+                    last["diffspec"] = {"method": plan.method, "gen_length": plan.gen_length}
+                    yield _sse(last)
+                elif ev[0] == "error":
+                    yield _sse(ev[1].body())
+                    yield "data: [DONE]\n\n"
+                    return
+                elif ev[0] == "done":
+                    if plan.include_usage:
+                        yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                    "created": created, "model": model_id, "choices": [], "usage": ev[1]})
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:  # the client went away (the task is cancelled) or the stream ended
+            if not job.done:
+                job.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app
+
+
+def serve(settings: ServeSettings) -> None:
+    """Load the model and serve until interrupted (what `diffspec serve` runs)."""
+    import uvicorn
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
