@@ -27,9 +27,9 @@ def test_every_method_runs_through_api_cli_and_bench(name, tmp_path, capsys):
                    **({"block_length": 8} if m.takes_block_options else {}))
     assert len(res.token_ids) == 1 and res.meter.nfe > 0 and res.meter.tokens_generated > 0
     lengths = ["--gen-length", "16"] + (["--block-length", "8"] if m.takes_block_options else [])
-    assert main(["generate", "--prompt", "Ana has 3 pens. How many pens does Ana have?", "--method", name,
+    assert main(["generate", "--prompt", PROMPT, "--template", "raw", "--method", name,
                  *lengths, *_model_for(name)]) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out == res.texts[0] + "\n"  # the CLI prints exactly the API's text
     out = tmp_path / "bench"
     assert main(["bench", "--methods", name, "--limit", "2", "--out", str(out), *lengths, *_model_for(name)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]

@@ -25,7 +25,7 @@ from ..jsonio import OutputError, OutputFile, check_output_dir
 from ..speculative.dualdiffusion import DualConfig
 from ..tasks import load_examples
 from .plot import pareto_plot
-from .table import format_table
+from .table import format_table, overloaded
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -172,13 +172,6 @@ def load_during(start: dict[str, float]) -> dict[str, Any]:
     end = machine_load()
     return {"loadavg_start": start["loadavg"], "loadavg_end": end["loadavg"],
             "cpu_seconds": end["cpu_seconds"] - start["cpu_seconds"], "cores": os.cpu_count() or 1}
-
-
-def overloaded(load: dict[str, Any] | None) -> bool:
-    """Whether the machine ran more work than it has cores during a row (wall clock unreliable)."""
-    if not load:
-        return False
-    return max(load.get("loadavg_start", 0.0), load.get("loadavg_end", 0.0)) > load.get("cores", 1)
 
 
 def _worse_load(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
