@@ -10,7 +10,6 @@ wrong method name.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,20 +41,6 @@ def _check_finite(options: dict[str, Any]) -> None:
             raise ValueError(f"{k} must be a finite number, got {v}")
 
 
-# DualDiffusion options that land in the drafter's DecodeConfig under another name.
-_DRAFTER_ALIASES = {"drafter_cache": "cache", "drafter_policy": "policy", "drafter_threshold": "threshold"}
-
-
-def _name_drafter_option(e: ValueError, options: dict[str, Any]) -> ValueError:
-    """`e` reworded to name the option the caller gave (drafter_policy) when it speaks of the
-    DecodeConfig field that option became (policy): an error must say what to change."""
-    msg = str(e)
-    for alias, field in _DRAFTER_ALIASES.items():
-        if options.get(alias) is not None and alias not in msg and re.search(rf"(?<!\w){field}(?!\w)", msg):
-            return ValueError(f"{alias}: {msg}")
-    return e
-
-
 def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict: bool = True,
                  **options: Any) -> AnyConfig:
     """Method preset, then `base`, then explicit options (None means 'not given').
@@ -80,10 +65,7 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
         return m.build(base, **options)
     if base is None and options.get("gen_length") is not None and options.get("steps") is None:
         options = {**options, "steps": options["gen_length"]}  # full steps unless told otherwise
-    try:
-        cfg = m.build(base, **options)
-    except ValueError as e:
-        raise _name_drafter_option(e, options) from None
+    cfg = m.build(base, **options)  # a builder names the option the caller gave (e.g. drafter_threshold)
     decode = cfg if isinstance(cfg, DecodeConfig) else getattr(cfg, "decode", None)
     if not isinstance(decode, DecodeConfig):
         return cfg  # a method with no block decoder underneath: its builder checked its options

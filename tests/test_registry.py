@@ -82,3 +82,10 @@ def test_help_does_not_import_torch():
     code = "import sys; from diffspec.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_convert_refuses_what_it_cannot_convert(tmp_path, capsys):
+    assert main(["convert", "safetensors", str(tmp_path / "x"), str(tmp_path / "out")]) == 2
+    assert "unknown conversion 'safetensors'; diffspec converts: gguf" in capsys.readouterr().err
+    assert main(["convert", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
+    assert "diffspec: error:" in capsys.readouterr().err

@@ -471,8 +471,6 @@ def _check_supports_cache(cfg: DecodeConfig, model: MeteredModel) -> None:
             f"cache {cfg.cache!r} feeds a subset of columns, which needs logit i to predict token i; "
             f"{type(inner).__name__} shifts its logits — use cache='none'"
         )
-    if cfg.cfg_scale > 0:
-        raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
 
 
 def make_cache(cfg: DecodeConfig, model: MeteredModel, canvas: Canvas,

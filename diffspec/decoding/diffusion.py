@@ -103,8 +103,6 @@ class BlockDecoder:
     """
 
     def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None):
-        if cfg.cfg_scale > 0 and cfg.cache != "none":
-            raise ValueError("classifier-free guidance (cfg_scale > 0) is only supported with cache 'none'")
         if canvas.gen_length != cfg.gen_length:
             raise ValueError(f"canvas has {canvas.gen_length} generation slots but gen_length is {cfg.gen_length}")
         self.model, self.canvas, self.cfg, self.generator = model, canvas, cfg, generator
