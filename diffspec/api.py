@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .decoding.config import DecodeConfig, is_finite_number
-from .decoding.diffusion import GenerationResult
+from .decoding.runner import GenerationResult
 from .methods import FAMILIES as FAMILY_NAMES
 from .methods import get_method, method_names, option_owners
 from .models.checkpoint import load_model
@@ -213,7 +213,7 @@ def generate(
     threshold 0.9) or a loaded model sharing the verifier's tokenizer.
     For psd, `options` also take `depths` (e.g. (1, 3, 5, 7)) and `lossless`.
     AR-target methods (ar, ar-spec, dflash, d2sd) take a Qwen3-layout `model`,
-    `gen_length` as max_new_tokens, `gamma` (and `gamma2`, `k` for d2sd), and
+    `gen_length` (alias `max_new_tokens`), `gamma` (and `gamma2`, `k` for d2sd), and
     `drafter` / `vp_drafter` as paths or loaded models.
     """
     prompts = prompt_list(prompts)

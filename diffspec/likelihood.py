@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .decoding.meter import CostMeter, MeteredModel
+from .decoding.runner import max_positions, model_device
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -66,19 +67,6 @@ def is_causal(model: Any) -> bool:
     from .models.causal import Qwen3Model
 
     return isinstance(model, Qwen3Model)
-
-
-def max_positions(model: Any) -> int:
-    cfg = model.config
-    for name in ("max_sequence_length", "max_position_embeddings"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    raise ValueError(f"{type(model).__name__} config has no max_sequence_length / max_position_embeddings")
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _pad_id(model: Any) -> int:
@@ -135,7 +123,7 @@ def ar_loglikelihood(model: Any, pairs: Sequence[Pair], batch_size: int = 8,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = _check_pairs(pairs)
-    limit, pad, prefix, device = max_positions(model), _pad_id(model), _prefix_id(model), _device(model)
+    limit, pad, prefix, device = max_positions(model), _pad_id(model), _prefix_id(model), model_device(model)
     run = _metered(model, meter)
     inputs = []
     for i, (ctx, cont) in enumerate(pairs):
@@ -266,7 +254,7 @@ def mc_loglikelihood(model: Any, pairs: Sequence[Pair], mc_num: int = 128, batch
         raise ValueError(f"cfg must be >= 0, got {cfg_scale}")
     pairs = _check_pairs(pairs)
     mask_id = model.config.mask_token_id
-    limit, pad, device = max_positions(model), _pad_id(model), _device(model)
+    limit, pad, device = max_positions(model), _pad_id(model), model_device(model)
     run = _metered(model, meter)
     rows: list[_Row] = []
     for i, (ctx, cont) in enumerate(pairs):

@@ -347,7 +347,7 @@ class DiffspecLM(LM):
 
     def _fit_prompt(self, prompt: str, gen_length: int) -> tuple[str, bool]:
         """The prompt, keeping its end when prompt + generation would not fit the model's positions."""
-        from .likelihood import max_positions
+        from .decoding.runner import max_positions
 
         room = max_positions(self.model) - gen_length
         if room < 1:

@@ -55,11 +55,11 @@ def with_eos(model: Qwen3Model, eos: int) -> Qwen3Model:
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(gen_length=0), "gen_length"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(batch_size=0), "batch_size"),
-    (dict(max_new_tokens="48"), "max_new_tokens must be a int"),
+    (dict(gen_length="48"), "gen_length must be a int"),
     (dict(stop_at_eos=1), "stop_at_eos must be a bool"),
 ])
 def test_config_validation(kw, match) -> None:
@@ -70,7 +70,7 @@ def test_config_validation(kw, match) -> None:
 
 
 def test_spec_config_gamma() -> None:
-    assert SpecConfig().gamma == 4 and SpecConfig().max_new_tokens == 48
+    assert SpecConfig().gamma == 4 and SpecConfig().gen_length == 48
     with pytest.raises(ValueError, match="gamma"):
         SpecConfig(gamma=0)
     assert SpecConfig(gamma=2).replace(temperature=1.0) == SpecConfig(gamma=2, temperature=1.0)
@@ -94,7 +94,7 @@ def reference_greedy(model: Qwen3Model, ids: list[int], n: int, eos: int | None)
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_ar_greedy_matches_uncached_reference(target, tokenizer, batch_size) -> None:
-    cfg = ARConfig(max_new_tokens=10, batch_size=batch_size)  # 3: left-padded batches of mixed length
+    cfg = ARConfig(gen_length=10, batch_size=batch_size)  # 3: left-padded batches of mixed length
     res = ar_generate(target, tokenizer, PROMPTS, cfg)
     eos = target.config.eos_token_id
     for p, raw in zip(PROMPTS, res.raw_ids):
@@ -104,7 +104,7 @@ def test_ar_greedy_matches_uncached_reference(target, tokenizer, batch_size) -> 
 
 
 def test_ar_meter_charges_cache_keys(target, tokenizer) -> None:
-    res = ar_generate(target, tokenizer, ["Question: 1+1="], ARConfig(max_new_tokens=3, stop_at_eos=False))
+    res = ar_generate(target, tokenizer, ["Question: 1+1="], ARConfig(gen_length=3, stop_at_eos=False))
     P = len(tokenizer.encode("Question: 1+1="))
     cost = res.meter.models["model"]
     assert cost.nfe == cost.sequence_forwards == 3 and len(res.raw_ids[0]) == 3
@@ -118,7 +118,7 @@ def test_ar_meter_charges_cache_keys(target, tokenizer) -> None:
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 @pytest.mark.parametrize("which", ["small", "near", "self"])
 def test_spec_greedy_equals_ar_greedy(target, drafters, tokenizer, gamma, which) -> None:
-    cfg = SpecConfig(max_new_tokens=14, gamma=gamma, batch_size=4)
+    cfg = SpecConfig(gen_length=14, gamma=gamma, batch_size=4)
     ar = ar_generate(target, tokenizer, PROMPTS, cfg)
     spec = spec_generate(target, drafters[which], tokenizer, PROMPTS, cfg)
     assert spec.raw_ids == ar.raw_ids and spec.token_ids == ar.token_ids and spec.texts == ar.texts
@@ -138,7 +138,7 @@ def test_spec_greedy_equals_ar_greedy(target, drafters, tokenizer, gamma, which)
 @pytest.mark.parametrize("gamma, max_new", [(3, 13), (3, 11), (5, 20)])
 def test_self_drafter_accepts_every_draft(target, tokenizer, gamma, max_new) -> None:
     """Drafter == target: every round accepts all drafts; only the last round may be shortened by the budget."""
-    cfg = SpecConfig(max_new_tokens=max_new, gamma=gamma, stop_at_eos=False)
+    cfg = SpecConfig(gen_length=max_new, gamma=gamma, stop_at_eos=False)
     res = spec_generate(target, target, tokenizer, PROMPTS[:2], cfg)
     s = res.stats
     assert all(len(r) == max_new for r in res.raw_ids)
@@ -150,11 +150,11 @@ def test_self_drafter_accepts_every_draft(target, tokenizer, gamma, max_new) -> 
 
 
 def test_stop_at_eos(target, drafters, tokenizer) -> None:
-    free = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(max_new_tokens=12, stop_at_eos=False)).raw_ids[0]
+    free = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(gen_length=12, stop_at_eos=False)).raw_ids[0]
     eos = free[4]
     first = free.index(eos)
     t, d = with_eos(target, eos), with_eos(drafters["near"], eos)
-    cfg = SpecConfig(max_new_tokens=12, gamma=3)
+    cfg = SpecConfig(gen_length=12, gamma=3)
     ar = ar_generate(t, tokenizer, PROMPTS[:1], cfg)
     spec = spec_generate(t, d, tokenizer, PROMPTS[:1], cfg)
     for res in (ar, spec):
@@ -166,7 +166,7 @@ def test_stop_at_eos(target, drafters, tokenizer) -> None:
 
 
 def test_sampling_is_seeded_and_self_drafter_accepts_all(target, drafters, tokenizer) -> None:
-    cfg = SpecConfig(max_new_tokens=12, gamma=3, temperature=1.0, stop_at_eos=False, seed=3)
+    cfg = SpecConfig(gen_length=12, gamma=3, temperature=1.0, stop_at_eos=False, seed=3)
     a = spec_generate(target, drafters["near"], tokenizer, PROMPTS, cfg)
     b = spec_generate(target, drafters["near"], tokenizer, PROMPTS, cfg)
     c = spec_generate(target, drafters["near"], tokenizer, PROMPTS, cfg.replace(seed=4))
@@ -216,7 +216,7 @@ def test_rejection_rule_reproduces_target_distribution(p, q) -> None:
 
 
 def test_errors(target, tokenizer, tiny_model) -> None:
-    cfg = SpecConfig(max_new_tokens=8)
+    cfg = SpecConfig(gen_length=8)
     with pytest.raises(ValueError, match="vocabularies differ"):
         spec_generate(target, make_qwen(tokenizer, vocab_size=tokenizer.vocab_size + 8), tokenizer, PROMPTS, cfg)
     with pytest.raises(ValueError, match="eos"):
@@ -233,5 +233,5 @@ def test_errors(target, tokenizer, tiny_model) -> None:
             gen(["1+1", "  "], cfg)
         with pytest.raises(ValueError, match="no prompts"):
             gen([], cfg)
-        with pytest.raises(ValueError, match="max_position_embeddings=64"):
-            gen(PROMPTS, cfg.replace(max_new_tokens=60))
+        with pytest.raises(ValueError, match="exceeds the model.s 64 positions"):
+            gen(PROMPTS, cfg.replace(gen_length=60))

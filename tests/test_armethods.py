@@ -30,9 +30,9 @@ def ckpts(tmp_path_factory, tokenizer):
 
 def test_configs_map_gen_length_and_refuse_foreign_options():
     cfg = build_config("d2sd", gen_length=20, gamma=4, gamma2=8, k=2, vp_drafter="x")
-    assert isinstance(cfg, ARMethodConfig) and cfg.decode.max_new_tokens == 20 and cfg.vp_drafter == "x"
+    assert isinstance(cfg, ARMethodConfig) and cfg.decode.gen_length == 20 and cfg.vp_drafter == "x"
     assert cfg.to_dict()["k"] == 2
-    assert task_config("arith", "ar").decode.max_new_tokens == 48  # block_length / steps are not passed on
+    assert task_config("arith", "ar").decode.gen_length == 48  # block_length / steps are not passed on
     with pytest.raises(ValueError, match="do not apply to the autoregressive method 'ar'"):
         build_config("ar", steps=4)
     with pytest.raises(ValueError, match="only applies to method 'd2sd'"):

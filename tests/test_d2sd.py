@@ -77,7 +77,7 @@ def drafters(target, tokenizer) -> dict[str, DFlashDrafter]:
 
 
 def greedy_sequence(target, tokenizer, prompt: str, n: int) -> list[int]:
-    res = ar_generate(target, tokenizer, [prompt], ARConfig(max_new_tokens=n, stop_at_eos=False))
+    res = ar_generate(target, tokenizer, [prompt], ARConfig(gen_length=n, stop_at_eos=False))
     return tokenizer.encode(prompt) + res.raw_ids[0]
 
 
@@ -90,7 +90,7 @@ def greedy_sequence(target, tokenizer, prompt: str, n: int) -> list[int]:
     (dict(gamma=1), "gamma must be >= 2"),
     (dict(temperature=-0.5), "temperature must be >= 0"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(gen_length=0), "gen_length"),
     (dict(k="4"), "k must be a int"),
 ])
 def test_config_validation(kw, match) -> None:
@@ -142,7 +142,7 @@ def test_cache_keep_equals_sequential_cache(target) -> None:
 
 @pytest.mark.parametrize("gamma", [2, 4, 8])
 def test_dflash_equals_ar_greedy(target, drafters, tokenizer, gamma) -> None:
-    cfg = DFlashSpecConfig(max_new_tokens=14, gamma=gamma)
+    cfg = DFlashSpecConfig(gen_length=14, gamma=gamma)
     ar = ar_generate(target, tokenizer, PROMPTS, cfg)
     res = dflash_generate(target, drafters["block"], tokenizer, PROMPTS, cfg)
     assert res.raw_ids == ar.raw_ids and res.token_ids == ar.token_ids and res.texts == ar.texts
@@ -156,7 +156,7 @@ def test_dflash_equals_ar_greedy(target, drafters, tokenizer, gamma) -> None:
 
 @pytest.mark.parametrize("k, gamma, gamma2", [(1, 4, 4), (2, 4, 8), (4, 8, 16), (3, 3, 12)])
 def test_d2sd_equals_ar_greedy(target, drafters, tokenizer, k, gamma, gamma2) -> None:
-    cfg = D2SDConfig(max_new_tokens=16, gamma=gamma, gamma2=gamma2, k=k)
+    cfg = D2SDConfig(gen_length=16, gamma=gamma, gamma2=gamma2, k=k)
     ar = ar_generate(target, tokenizer, PROMPTS, cfg)
     res = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
     assert res.raw_ids == ar.raw_ids and res.token_ids == ar.token_ids
@@ -170,13 +170,13 @@ def test_d2sd_equals_ar_greedy(target, drafters, tokenizer, k, gamma, gamma2) ->
 
 
 def test_stop_at_eos(target, drafters, tokenizer) -> None:
-    free = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(max_new_tokens=12, stop_at_eos=False)).raw_ids[0]
+    free = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(gen_length=12, stop_at_eos=False)).raw_ids[0]
     eos = free[4]
     first = free.index(eos)
     t = copy.deepcopy(target)
     t.config.eos_token_id = eos
     block, vp = copy.deepcopy(drafters["block"]).bind(t), copy.deepcopy(drafters["vp"]).bind(t)
-    cfg = D2SDConfig(max_new_tokens=12, gamma=4, gamma2=8, k=2)
+    cfg = D2SDConfig(gen_length=12, gamma=4, gamma2=8, k=2)
     for res in (dflash_generate(t, block, tokenizer, PROMPTS[:1], cfg),
                 d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], cfg)):
         assert res.raw_ids[0] == free[:first + 1] and res.token_ids[0] == free[:first]
@@ -193,8 +193,8 @@ def test_oracle_drafters_give_long_acceptances(target, tokenizer, prompt) -> Non
     block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
     vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
     block.greedy = vp.greedy = greedy
-    ar = ar_generate(target, tokenizer, [prompt], ARConfig(max_new_tokens=budget, stop_at_eos=False))
-    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
+    ar = ar_generate(target, tokenizer, [prompt], ARConfig(gen_length=budget, stop_at_eos=False))
+    cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
 
     perfect = dflash_generate(target, block, tokenizer, [prompt], cfg)
     assert perfect.raw_ids == ar.raw_ids
@@ -228,7 +228,7 @@ def test_drafts_are_cut_after_an_eos(target, tokenizer) -> None:
     block = make_drafter(t, tokenizer, cls=Oracle, block_size=gamma)
     vp = make_drafter(t, tokenizer, cls=Oracle, block_size=gamma2)
     block.greedy = vp.greedy = greedy
-    cfg = D2SDConfig(max_new_tokens=40, gamma=gamma, gamma2=gamma2, k=2)
+    cfg = D2SDConfig(gen_length=40, gamma=gamma, gamma2=gamma2, k=2)
     for res in (dflash_generate(t, block, tokenizer, [prompt], cfg), d2sd_generate(t, block, vp, tokenizer, [prompt], cfg)):
         assert res.raw_ids[0] == gen[:first + 1] and res.stats["rounds"] == 1
         assert res.stats["max_tree_nodes"] == first + 1  # the anchor gen[0] and the drafts gen[1..first]
@@ -242,7 +242,7 @@ def test_noisy_oracles_stay_exact(target, tokenizer, k, gamma, gamma2, wrong, vp
     block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
     vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
     block.wrong, vp.wrong = wrong, vp_wrong
-    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=k, stop_at_eos=False)
+    cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=k, stop_at_eos=False)
     for prompt in PROMPTS:
         block.greedy = vp.greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
         ar = ar_generate(target, tokenizer, [prompt], cfg)
@@ -266,7 +266,7 @@ def test_k1_anchors_one_boundary_per_round_besides_the_first_draft(target, token
     block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
     vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
     block.greedy = vp.greedy = greedy
-    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=1, stop_at_eos=False)
+    cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=1, stop_at_eos=False)
     res = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
     assert res.raw_ids == ar_generate(target, tokenizer, [prompt], cfg).raw_ids
     s = res.stats
@@ -280,7 +280,7 @@ def test_k1_anchors_one_boundary_per_round_besides_the_first_draft(target, token
 @pytest.mark.parametrize("k", [2, 8])
 def test_k_is_clipped_to_the_drafts_of_a_round(target, drafters, tokenizer, k) -> None:
     gamma = 4  # three drafts, so at most three boundaries
-    cfg = D2SDConfig(max_new_tokens=12, gamma=gamma, gamma2=8, k=k, stop_at_eos=False)
+    cfg = D2SDConfig(gen_length=12, gamma=gamma, gamma2=8, k=k, stop_at_eos=False)
     res = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
     assert res.raw_ids == ar_generate(target, tokenizer, PROMPTS, cfg).raw_ids
     hist = res.stats["anchored_rounds"]
@@ -299,7 +299,7 @@ def test_winning_branch_statistics(target, tokenizer) -> None:
     vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
     block.greedy = vp.greedy = greedy
     block.wrong = (3,)
-    cfg = D2SDConfig(max_new_tokens=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
+    cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
     res = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
     assert res.raw_ids == ar_generate(target, tokenizer, [prompt], cfg).raw_ids
     s = res.stats
@@ -316,7 +316,7 @@ def test_winning_branch_statistics(target, tokenizer) -> None:
 
 
 def test_errors(target, drafters, tokenizer) -> None:
-    cfg = D2SDConfig(max_new_tokens=8, gamma=4, gamma2=8, k=2)
+    cfg = D2SDConfig(gen_length=8, gamma=4, gamma2=8, k=2)
     block, vp = drafters["block"], drafters["vp"]
     wide = make_target(tokenizer, vocab_size=tokenizer.vocab_size + 8)
     with pytest.raises(ValueError, match="drafter: drafter vocab_size"):

@@ -20,7 +20,7 @@ from diffspec.models.causal import Qwen3Config, Qwen3Model
 from diffspec.models.dflash import DFlashConfig, DFlashDrafter
 from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
 from diffspec.speculative import d2sd
-from diffspec.speculative.ar import _probs
+from diffspec.speculative.ar import probs
 from diffspec.speculative.d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
 from diffspec.speculative.tree import DraftTree
 
@@ -153,7 +153,7 @@ def target_distribution(target: Qwen3Model, prompt: list[int], n: int, temperatu
         if len(gen) == n or (gen and gen[-1] == eos):
             dist[tuple(gen)] = prob
             return
-        p = _probs(target(torch.tensor([prompt + gen])).logits[0, -1], temperature).double()
+        p = probs(target(torch.tensor([prompt + gen])).logits[0, -1], temperature).double()
         for x in range(target.config.vocab_size):
             expand(gen + [x], prob * float(p[x]))
 
@@ -180,7 +180,7 @@ def test_dflash_chain_sampling_is_exact(monkeypatch, eos) -> None:
     target = tiny_target(eos)
     drafter = tiny_drafter(target, block_size=3, seed=1)
     n = 4  # the first round drafts two tokens: q rows must line up with p rows
-    cfg = DFlashSpecConfig(max_new_tokens=n, gamma=3, temperature=T, stop_at_eos=eos is not None)
+    cfg = DFlashSpecConfig(gen_length=n, gamma=3, temperature=T, stop_at_eos=eos is not None)
     want = target_distribution(target, DigitTokenizer().encode(PROMPT), n, T, eos)
     got = enumerate_generate(monkeypatch, lambda: dflash_generate(target, drafter, DigitTokenizer(), [PROMPT], cfg))
     assert set(got) <= set(want)
@@ -192,7 +192,7 @@ def test_d2sd_tree_sampling_is_exact(monkeypatch, eos) -> None:
     target = tiny_target(eos)
     block, vp = tiny_drafter(target, block_size=3, seed=1), tiny_drafter(target, block_size=6, seed=2)
     n = 5  # round 1: two drafts, two anchors (boundaries 0 and 1) and the first draft extended by one token
-    cfg = D2SDConfig(max_new_tokens=n, gamma=3, gamma2=6, k=2, temperature=T, stop_at_eos=eos is not None)
+    cfg = D2SDConfig(gen_length=n, gamma=3, gamma2=6, k=2, temperature=T, stop_at_eos=eos is not None)
     trees: list[list[list[int]]] = []
     from_branches = DraftTree.from_branches.__func__
 
@@ -223,7 +223,7 @@ def first_child_walk(tree: DraftTree, logits, temperature, generator):
     while node in tree.parent:
         node = tree.parent.index(node)
         path.append(node)
-    return path, int(torch.multinomial(_probs(logits[node], temperature), 1, generator=generator))
+    return path, int(torch.multinomial(probs(logits[node], temperature), 1, generator=generator))
 
 
 def test_a_wrong_rule_fails_the_enumeration(monkeypatch) -> None:
@@ -231,8 +231,8 @@ def test_a_wrong_rule_fails_the_enumeration(monkeypatch) -> None:
     target = tiny_target()
     block, vp = tiny_drafter(target, block_size=3, seed=1), tiny_drafter(target, block_size=6, seed=2)
     prompt = DigitTokenizer().encode(PROMPT)
-    chain = DFlashSpecConfig(max_new_tokens=3, gamma=3, temperature=T, stop_at_eos=False)
-    tree = D2SDConfig(max_new_tokens=3, gamma=3, gamma2=6, k=2, temperature=T, stop_at_eos=False)
+    chain = DFlashSpecConfig(gen_length=3, gamma=3, temperature=T, stop_at_eos=False)
+    tree = D2SDConfig(gen_length=3, gamma=3, gamma2=6, k=2, temperature=T, stop_at_eos=False)
     want = target_distribution(target, prompt, 3, T, None)
     monkeypatch.setattr(d2sd, "rejection_accept", always_accept)
     got = enumerate_generate(monkeypatch, lambda: dflash_generate(target, block, DigitTokenizer(), [PROMPT], chain))
@@ -255,7 +255,7 @@ def models(tokenizer) -> tuple[Qwen3Model, DFlashDrafter, DFlashDrafter]:
 def test_sampling_is_seeded(models, tokenizer) -> None:
     target, block, vp = models
     prompts = ["Question: 12+7=", "7", "Question: 100-1"]
-    cfg = D2SDConfig(max_new_tokens=10, gamma=4, gamma2=8, k=2, temperature=1.0, seed=3, stop_at_eos=False)
+    cfg = D2SDConfig(gen_length=10, gamma=4, gamma2=8, k=2, temperature=1.0, seed=3, stop_at_eos=False)
     for run in (lambda c: dflash_generate(target, block, tokenizer, prompts, c),
                 lambda c: d2sd_generate(target, block, vp, tokenizer, prompts, c)):
         a, b, c = run(cfg), run(cfg), run(cfg.replace(seed=4))
@@ -268,6 +268,6 @@ def test_sampling_is_seeded(models, tokenizer) -> None:
 
 def test_greedy_ignores_the_seed(models, tokenizer) -> None:
     target, block, vp = models
-    cfg = D2SDConfig(max_new_tokens=10, gamma=4, gamma2=8, k=2, stop_at_eos=False)
+    cfg = D2SDConfig(gen_length=10, gamma=4, gamma2=8, k=2, stop_at_eos=False)
     a = d2sd_generate(target, block, vp, tokenizer, ["7"], cfg)
     assert a.raw_ids == d2sd_generate(target, block, vp, tokenizer, ["7"], cfg.replace(seed=9)).raw_ids

@@ -419,7 +419,7 @@ def test_smollm2_greedy_continuations_equal_transformers(smol) -> None:
     from diffspec.speculative.ar import ARConfig, ar_generate
 
     _, model, tok = smol
-    res = ar_generate(model, tok, list(HF_GREEDY), ARConfig(max_new_tokens=8, stop_at_eos=False))
+    res = ar_generate(model, tok, list(HF_GREEDY), ARConfig(gen_length=8, stop_at_eos=False))
     assert res.raw_ids == list(HF_GREEDY.values())
     assert res.texts[0].startswith(" Paris.")
 
@@ -449,7 +449,7 @@ def test_smollm2_logits_and_greedy_equal_transformers_gguf_loader(smol, hf_smol)
         assert b.abs().max() > 10 and (a - b).abs().max() <= 1e-4, prompt
         from diffspec.speculative.ar import ARConfig, ar_generate
 
-        ours = ar_generate(model, tok, [prompt], ARConfig(max_new_tokens=8, stop_at_eos=False)).raw_ids[0]
+        ours = ar_generate(model, tok, [prompt], ARConfig(gen_length=8, stop_at_eos=False)).raw_ids[0]
         assert ours == cont, prompt
 
 

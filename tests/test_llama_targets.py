@@ -253,7 +253,7 @@ def test_ar_greedy_and_d2sd_on_an_untied_llama_target_equal_transformers_greedy(
     hf = hf_from_ours(target)
     prompts = ["Question: 12+7=", "Question: what is 3 * 45?\nAnswer:"]
     n = 10
-    ar = ar_generate(target, tokenizer, prompts, ARConfig(max_new_tokens=n, stop_at_eos=False))
+    ar = ar_generate(target, tokenizer, prompts, ARConfig(gen_length=n, stop_at_eos=False))
     for prompt, got in zip(prompts, ar.raw_ids):
         ids = torch.tensor([tokenizer.encode(prompt)])
         with torch.no_grad():
@@ -266,6 +266,6 @@ def test_ar_greedy_and_d2sd_on_an_untied_llama_target_equal_transformers_greedy(
                                     target).eval(), 12)
     vp = randomize(DFlashDrafter(DFlashConfig.for_target(target, mask_id, n_layers=1, target_layers=(2,),
                                                          block_size=8), target).eval(), 13)
-    d2 = D2SDConfig(max_new_tokens=n, gamma=4, gamma2=8, k=2, stop_at_eos=False)
+    d2 = D2SDConfig(gen_length=n, gamma=4, gamma2=8, k=2, stop_at_eos=False)
     res = d2sd_generate(target, block, vp, tokenizer, prompts, d2)
     assert res.raw_ids == ar.raw_ids

@@ -360,7 +360,7 @@ def test_empty_prompt(model, tokenizer, prompts):
 
 def test_prompt_too_long(model, tokenizer):
     long_prompt = "Question: " + "Tom has 5 pens. " * 40 + "\nAnswer:"
-    with pytest.raises(ValueError, match="exceeds the model's max_sequence_length 128"):
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
         diffusion_generate(model, tokenizer, [long_prompt], cfg())
     # fits without generation budget only if gen_length is small enough
     n = len(tokenizer.encode(PROMPTS[1]))

@@ -191,9 +191,9 @@ def test_trained_drafters_plug_into_d2sd(tmp_path, target_dir):
     target, tok = load_causal(target_dir)
     drafter, vp = load_dflash(dflash_out, target), load_dflash(vp_out, target)
     prompts = ["Question: Amy has 3 pens. Amy doubles them. How many pens does Amy have now?\nAnswer:"]
-    ref = ar_generate(target, tok, prompts, ARConfig(max_new_tokens=12)).token_ids
-    assert dflash_generate(target, drafter, tok, prompts, DFlashSpecConfig(max_new_tokens=12, gamma=4)).token_ids == ref
-    res = d2sd_generate(target, drafter, vp, tok, prompts, D2SDConfig(max_new_tokens=12, gamma=4, gamma2=6, k=2))
+    ref = ar_generate(target, tok, prompts, ARConfig(gen_length=12)).token_ids
+    assert dflash_generate(target, drafter, tok, prompts, DFlashSpecConfig(gen_length=12, gamma=4)).token_ids == ref
+    res = d2sd_generate(target, drafter, vp, tok, prompts, D2SDConfig(gen_length=12, gamma=4, gamma2=6, k=2))
     assert res.token_ids == ref
 
 

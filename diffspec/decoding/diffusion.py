@@ -8,8 +8,8 @@ commit, and tell the cache what was committed. Vanilla sampling is the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +18,10 @@ from torch import Tensor
 from ..models.tokenizer import Tokenizer
 from .cache import make_cache
 from .config import DecodeConfig
-from .meter import CostMeter, MeteredModel, answer_length, progress_bar
+from .meter import CostMeter, MeteredModel
 from .policies import num_transfer_tokens, select_factor, select_local, select_threshold, select_topk
+from .runner import GenerationResult, model_device, run_prompts
 from .state import Canvas
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[list[int]]  # generated ids per prompt, cut at the first EOS
-    texts: list[str]
-    meter: CostMeter
-    config: Any  # DecodeConfig, or a speculative method's config (anything with to_dict())
-    raw_ids: list[list[int]] = field(default_factory=list, repr=False)  # full canvas tail, uncut
-    stats: dict[str, Any] = field(default_factory=dict)  # method-specific counts (e.g. speculative acceptance)
-
-    def summary(self) -> dict[str, Any]:
-        out = {**self.meter.summary(), "config": self.config.to_dict()}
-        if self.stats:
-            out["spec"] = self.stats
-        return out
 
 
 def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -180,10 +165,6 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
     BlockDecoder(model, canvas, cfg, generator).run()
 
 
-def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
-
-
 def run_batches(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -195,43 +176,22 @@ def run_batches(
     progress: bool = False,
     max_positions: int | None = None,
 ) -> tuple[list[list[int]], list[str], list[list[int]]]:
-    """Validate and encode prompts, decode them batch by batch with `decode_batch`,
-    and charge tokens and wall clock to `meter`; shared by every diffusion method.
+    """The shared runner (`runner.run_prompts`) with each batch laid out on a canvas and filled in
+    place by `decode_batch`; every masked-diffusion method decodes through it. Answers end at the
+    config's single `eos_token_id`, as in LLaDA's and Dream's own code.
 
     Returns (ids cut at EOS, texts, raw generation ids)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("no prompts given")
     mcfg = model.config
-    device = next(model.parameters()).device
-    encoded = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is empty; give some text to complete")
-        encoded.append(tokenizer.encode(p))
     limit = max_positions or mcfg.max_sequence_length
-    too_long = [(i, len(ids)) for i, ids in enumerate(encoded) if len(ids) + cfg.gen_length > limit]
-    if too_long:  # before any decoding: a long eval must not die at its 400th example
-        i, n = max(too_long, key=lambda t: t[1])
-        raise ValueError(f"prompt {i} ({n} tokens) + gen_length {cfg.gen_length} exceeds the model's "
-                         f"max_sequence_length {limit} ({len(too_long)} of {len(encoded)} prompts do not fit); use fewer "
-                         f"few-shot examples (--k-shot 0), a shorter --gen-length, or a model with a longer context")
-    token_ids, raw = [], []
-    with meter.timed(device), progress_bar(meter, len(encoded), desc, progress) as bar:
-        for start in range(0, len(encoded), cfg.batch_size):
-            batch = encoded[start : start + cfg.batch_size]
-            canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id,
-                                         max_positions or mcfg.max_sequence_length, device)
-            decode_batch(canvas)
-            for row in canvas.generated().tolist():
-                raw.append(row)
-                token_ids.append(_cut_at_eos(row, mcfg.eos_token_id))
-                meter.tokens_generated += answer_length(row, (mcfg.eos_token_id,))
-            meter.sequences += canvas.batch_size
-            bar.update(len(batch))
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-    return token_ids, texts, raw
+    device = model_device(model)
+
+    def decode(batch: list[list[int]]) -> list[list[int]]:
+        canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id, limit, device)
+        decode_batch(canvas)
+        return canvas.generated().tolist()
+
+    return run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length, batch_size=cfg.batch_size,
+                       meter=meter, desc=desc, progress=progress, eos=(mcfg.eos_token_id,), limit=limit)
 
 
 @torch.inference_mode()

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
-from .diffusion import GenerationResult, run_batches
+from .diffusion import run_batches
+from .runner import GenerationResult
 from .meter import CostMeter, MeteredModel
 from .policies import select_topk
 from .state import Canvas

@@ -70,10 +70,10 @@ class Service:
                              max_queue=s.max_queue, dtype=s.dtype)
         mc = self.model.config
         if self.family == "ar":
-            from ..speculative.ar import _eos_ids, _max_positions
+            from ..decoding.runner import eos_ids, max_positions
 
-            self.max_positions = _max_positions(self.model)
-            self.eos_ids = tuple(sorted(_eos_ids(self.model)))
+            self.max_positions = max_positions(self.model)
+            self.eos_ids = tuple(sorted(eos_ids(self.model)))
             self.mask_id = None
         else:
             self.max_positions = mc.max_sequence_length

@@ -594,10 +594,11 @@ class Engine:
     def _run_ar(self, batch: Batch) -> None:
         """Plain AR decoding (`speculative.ar`'s batch loop); each forward's input holds the tokens just
         sampled, so every row streams token by token."""
-        from ..speculative.ar import _ar_batch, _eos_ids, _finish
+        from ..decoding.runner import cut_at_eos, eos_ids
+        from ..speculative.ar import ar_batch
 
         cfg = batch.cfg.decode
-        eos = _eos_ids(self.model)
+        eos = eos_ids(self.model)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         rows = batch.rows
         tokens: list[list[int]] = [[] for _ in rows]
@@ -617,12 +618,12 @@ class Engine:
 
         metered = ObservedModel(self.model, batch.meter, batch.meter.primary, before)
         try:
-            raw = _ar_batch(metered, [r.prompt.ids for r in rows], cfg, eos, generator)
+            raw = ar_batch(metered, [r.prompt.ids for r in rows], cfg, eos, generator)
         except _AllDone:
             return
-        _, texts = _finish(self.tokenizer, raw, eos, cfg, CostMeter())
-        for row, ids, text in zip(rows, raw, texts):
-            batch.feed(row, ids, True, text)
+        for row, ids in zip(rows, raw):
+            cut = cut_at_eos(ids, eos) if cfg.stop_at_eos else ids
+            batch.feed(row, ids, True, self.tokenizer.decode(cut, skip_special_tokens=True))
 
     def _ar_drafters(self, batch: Batch) -> dict[str, Any]:
         """Loaded once and kept: the drafters an AR method's config names (or the bundled ones)."""
@@ -634,19 +635,19 @@ class Engine:
         if method == "ar-spec":
             key = ("ar-spec", cfg.drafter)
             if key not in self._drafters:
-                self._drafters[key] = am._load_causal_or_default(cfg.drafter, am.DEFAULT_DRAFTERS["ar-spec"], "drafter",
+                self._drafters[key] = am.load_causal_or_default(cfg.drafter, am.DEFAULT_DRAFTERS["ar-spec"], "drafter",
                                                                  param.device, param.dtype, self.tokenizer)
             out["drafter"] = self._drafters[key]
         elif method in ("dflash", "d2sd"):
             key = ("dflash", cfg.drafter)
             if key not in self._drafters:
-                self._drafters[key] = am._load_dflash_or_default(cfg.drafter, am.DEFAULT_DRAFTERS[method], "drafter",
+                self._drafters[key] = am.load_dflash_or_default(cfg.drafter, am.DEFAULT_DRAFTERS[method], "drafter",
                                                                  self.model)
             out["drafter"] = self._drafters[key]
             if method == "d2sd":
                 key = ("vp", cfg.vp_drafter)
                 if key not in self._drafters:
-                    self._drafters[key] = am._load_dflash_or_default(cfg.vp_drafter, am.DEFAULT_VP, "vp drafter",
+                    self._drafters[key] = am.load_dflash_or_default(cfg.vp_drafter, am.DEFAULT_VP, "vp drafter",
                                                                      self.model)
                 out["vp_drafter"] = self._drafters[key]
         return out

@@ -34,20 +34,20 @@ decoding has exactly one token per forward.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoding.config import check_field_types, check_finite_floats
-from ..decoding.diffusion import GenerationResult
-from ..decoding.meter import CostMeter, MeteredModel, answer_length, progress_bar
+from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.runner import GenerationResult, eos_ids, max_positions, model_device, run_prompts
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
 
-__all__ = ["ARConfig", "SpecConfig", "ar_generate", "spec_generate", "greedy_accept", "rejection_accept",
-           "check_compatible"]
+__all__ = ["ARConfig", "SpecConfig", "ar_generate", "spec_generate", "ar_batch", "greedy_accept",
+           "rejection_accept", "check_compatible", "through_eos", "run_rows"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ARConfig:
     different batch_size draws the random numbers in a different order).
     """
 
-    max_new_tokens: int = 48
+    gen_length: int = 48  # new tokens at most per row (Hugging Face's max_new_tokens)
     temperature: float = 0.0
     seed: int = 0
     stop_at_eos: bool = True
@@ -67,8 +67,8 @@ class ARConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         check_finite_floats(self)  # +inf would divide every logit to 0 or NaN
@@ -101,7 +101,8 @@ class SpecConfig(ARConfig):
 # ---------------------------------------------------------------- sampling and acceptance (unit-tested)
 
 
-def _probs(logits: Tensor, temperature: float) -> Tensor:
+def probs(logits: Tensor, temperature: float) -> Tensor:
+    """softmax(logits / T) in fp32: the distribution a sampler at temperature T draws from."""
     return F.softmax(logits.float() / temperature, dim=-1)
 
 
@@ -109,7 +110,7 @@ def sample(logits: Tensor, temperature: float, generator: torch.Generator | None
     """(..., V) logits -> (...) token ids: argmax when temperature is 0, else a softmax(l / T) draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    p = _probs(logits, temperature)
+    p = probs(logits, temperature)
     return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
 
 
@@ -151,25 +152,7 @@ def rejection_accept(p: Tensor, q: Tensor, drafts: Sequence[int], generator: tor
 # ---------------------------------------------------------------- shared checks
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
-    cfg = model.config
-    ids = getattr(cfg, "eos_token_ids", None)
-    if ids is None:
-        eos = getattr(cfg, "eos_token_id", None)
-        ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    return frozenset(ids)
-
-
-def _max_positions(model: torch.nn.Module) -> int:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or cfg.max_sequence_length
-
-
-def _check_ar(model: torch.nn.Module, who: str) -> None:
+def check_ar(model: torch.nn.Module, who: str) -> None:
     if not getattr(model, "logits_shifted", False):
         raise ValueError(f"the {who} ({type(model).__name__}) is not an autoregressive model: "
                          "AR decoding needs logit i to predict token i+1 (e.g. a Qwen3Model)")
@@ -177,73 +160,47 @@ def _check_ar(model: torch.nn.Module, who: str) -> None:
 
 def check_compatible(target: torch.nn.Module, drafter: torch.nn.Module) -> None:
     """The drafter must be AR, on the target's device, and read/write the same token ids."""
-    _check_ar(target, "target")
-    _check_ar(drafter, "drafter")
+    check_ar(target, "target")
+    check_ar(drafter, "drafter")
     tv, dv = target.config.vocab_size, drafter.config.vocab_size
     if tv != dv:
         raise ValueError(f"drafter and target vocabularies differ (drafter vocab_size {dv}, target {tv}); "
                          "the drafter must share the target's tokenizer")
-    if _eos_ids(target) != _eos_ids(drafter):
-        raise ValueError(f"drafter and target disagree on eos ids (drafter {sorted(_eos_ids(drafter))}, "
-                         f"target {sorted(_eos_ids(target))}); they must share a tokenizer and its special tokens")
-    if _device(drafter) != _device(target):
-        raise ValueError(f"drafter is on {_device(drafter)} but the target is on {_device(target)}")
+    if eos_ids(target) != eos_ids(drafter):
+        raise ValueError(f"drafter and target disagree on eos ids (drafter {sorted(eos_ids(drafter))}, "
+                         f"target {sorted(eos_ids(target))}); they must share a tokenizer and its special tokens")
+    if model_device(drafter) != model_device(target):
+        raise ValueError(f"drafter is on {model_device(drafter)} but the target is on {model_device(target)}")
 
 
-def _encode(tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, vocab_size: int,
-            max_positions: int) -> list[list[int]]:
-    """Prompt ids, refusing prompts that are empty, out of vocabulary or too long to finish."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("no prompts given")
-    encoded = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
-        if not p.strip():
-            raise ValueError(f"prompt {i} is empty; give some text to complete")
-        ids = tokenizer.encode(p)
-        if not ids:
-            raise ValueError(f"prompt {i} encodes to no tokens")
-        if max(ids) >= vocab_size:
-            raise ValueError(f"prompt {i} has token id {max(ids)} but the model embeds only {vocab_size} tokens; "
-                             "the tokenizer does not belong to this model")
-        if len(ids) + cfg.max_new_tokens > max_positions:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} that is "
-                             f"beyond max_position_embeddings={max_positions}")
-        encoded.append(ids)
-    return encoded
-
-
-def _through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+def through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
     """`tokens` up to and including the first EOS (all of them when there is none)."""
     cut = next((i for i, t in enumerate(tokens) if t in eos), None)
     return tokens if cut is None else tokens[:cut + 1]
 
 
-def _finish(tokenizer: Tokenizer, raw: list[list[int]], eos: frozenset[int], cfg: ARConfig,
-            meter: CostMeter) -> tuple[list[list[int]], list[str]]:
-    cut = []
-    for row in raw:
-        stop = next((i for i, t in enumerate(row) if t in eos), len(row)) if cfg.stop_at_eos else len(row)
-        cut.append(row[:stop])
-    meter.tokens_generated += sum(answer_length(r, eos) for r in raw)
-    meter.sequences += len(raw)
-    return cut, [tokenizer.decode(ids, skip_special_tokens=True) for ids in cut]
+def run_rows(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, meter: CostMeter,
+             decode: Callable[[list[list[int]]], list[list[int]]], desc: str, progress: bool,
+             batch_size: int | None = None, limit: int | None = None) -> GenerationResult:
+    """The shared runner for the AR-target methods: answers end at any of the target's EOS ids
+    (when `cfg.stop_at_eos`); speculative methods pass batch_size=1 (one row at a time)."""
+    token_ids, texts, raw = run_prompts(
+        target, tokenizer, prompts, decode, gen_length=cfg.gen_length, batch_size=batch_size or cfg.batch_size,
+        meter=meter, desc=desc, progress=progress, limit=limit, cut=cfg.stop_at_eos)
+    return GenerationResult(token_ids, texts, meter, cfg, raw)
 
 
 # ---------------------------------------------------------------- plain AR decoding
 
 
-def _ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: frozenset[int],
-              generator: torch.Generator) -> list[list[int]]:
+def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: frozenset[int],
+             generator: torch.Generator) -> list[list[int]]:
     """Decode left-padded rows together; a row stops growing after its EOS, the batch when all stopped.
 
     Finished rows are still fed (their tokens are ignored) but are not counted
     as sequences advanced, so tokens per forward stays exactly 1.
     """
-    device = _device(model.model)
+    device = model_device(model.model)
     B, W = len(rows), max(len(r) for r in rows)
     ids = torch.zeros(B, W, dtype=torch.long, device=device)
     mask = torch.zeros(B, W, dtype=torch.bool, device=device)
@@ -252,19 +209,19 @@ def _ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fr
         mask[r, W - len(row):] = True
     padded = not bool(mask.all())
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = CausalKVCache.for_model(model.model, B, W + cfg.max_new_tokens)
+    cache = CausalKVCache.for_model(model.model, B, W + cfg.gen_length)
 
     logits = model(ids, positions=positions, attention_mask=mask if padded else None, kv_cache=cache).logits[:, -1]
     pos = positions[:, -1:] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    for step in range(cfg.max_new_tokens):
+    for step in range(cfg.gen_length):
         tok = sample(logits, cfg.temperature, generator)
         for r, t in enumerate(tok.tolist()):
             if not done[r]:
                 out[r].append(t)
                 done[r] = cfg.stop_at_eos and t in eos
-        if all(done) or step == cfg.max_new_tokens - 1:
+        if all(done) or step == cfg.gen_length - 1:
             break
         if padded:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
@@ -285,20 +242,13 @@ def ar_generate(
     progress: bool = False,
 ) -> GenerationResult:
     """Decode `prompts` autoregressively with a KV cache, in left-padded batches of `cfg.batch_size`."""
-    _check_ar(model, "model")
+    check_ar(model, "model")
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
-    eos = _eos_ids(model)
-    encoded = _encode(tokenizer, prompts, cfg, model.config.vocab_size, _max_positions(model))
-    generator = torch.Generator(device=_device(model)).manual_seed(cfg.seed)
-    raw: list[list[int]] = []
-    with meter.timed(_device(model)), progress_bar(meter, len(encoded), "ar", progress) as bar:
-        for start in range(0, len(encoded), cfg.batch_size):
-            batch = encoded[start:start + cfg.batch_size]
-            raw.extend(_ar_batch(metered, batch, cfg, eos, generator))
-            bar.update(len(batch))
-    token_ids, texts = _finish(tokenizer, raw, eos, cfg, meter)
-    return GenerationResult(token_ids, texts, meter, cfg, raw)
+    eos = eos_ids(model)
+    generator = torch.Generator(device=model_device(model)).manual_seed(cfg.seed)
+    return run_rows(model, tokenizer, prompts, cfg, meter, lambda rows: ar_batch(metered, rows, cfg, eos, generator),
+                    "ar", progress)
 
 
 # ---------------------------------------------------------------- speculative decoding
@@ -320,14 +270,14 @@ class ARSpecStats:
 def _draft(drafter: MeteredModel, cache: CausalKVCache, seq: list[int], n: int, temperature: float,
            generator: torch.Generator) -> tuple[list[int], Tensor | None]:
     """n drafter tokens after `seq`, feeding first whatever of `seq` its cache lacks; q (n, V) when sampling."""
-    device = _device(drafter.model)
+    device = model_device(drafter.model)
     feed, drafts, qs = seq[cache.length:], [], []
     for _ in range(n):
         logits = drafter(torch.tensor([feed], device=device), kv_cache=cache).logits[0, -1]
         if temperature == 0:
             d = int(logits.argmax())
         else:
-            q = _probs(logits, temperature)
+            q = probs(logits, temperature)
             d = int(torch.multinomial(q, 1, generator=generator))
             qs.append(q)
         drafts.append(d)
@@ -343,8 +293,8 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
     holds seq[:-1] (the last token is the first query of the next
     verification); the drafter cache holds some prefix of seq.
     """
-    device = _device(target.model)
-    budget, T = cfg.max_new_tokens, cfg.temperature
+    device = model_device(target.model)
+    budget, T = cfg.gen_length, cfg.temperature
     t_cache = CausalKVCache.for_model(target.model, 1, len(prompt) + budget)
     d_cache = CausalKVCache.for_model(drafter.model, 1, len(prompt) + budget)
     first = target(torch.tensor([prompt], device=device), kv_cache=t_cache).logits[0, -1]
@@ -358,7 +308,7 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
         if T == 0:
             k, token = greedy_accept(logits, drafts)
         else:
-            p = _probs(logits, T)
+            p = probs(logits, T)
             k, token = rejection_accept(p, q if q is not None else p[:0], drafts, generator)
         stats.rounds += 1
         stats.drafted += gamma
@@ -367,7 +317,7 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
         d_cache.crop(min(d_cache.length, n + k))
         new = drafts[:k] + [token]
         if cfg.stop_at_eos:
-            new = _through_eos(new, eos)
+            new = through_eos(new, eos)
         out += new
         seq += new
     return out
@@ -391,16 +341,12 @@ def spec_generate(
     meter = meter or CostMeter(primary="target")
     meter.primary = "target"
     t_metered, d_metered = MeteredModel(target, meter, "target"), MeteredModel(drafter, meter, "drafter")
-    eos = _eos_ids(target)
-    encoded = _encode(tokenizer, prompts, cfg, target.config.vocab_size,
-                      min(_max_positions(target), _max_positions(drafter)))
-    generator = torch.Generator(device=_device(target)).manual_seed(cfg.seed)
+    eos = eos_ids(target)
+    generator = torch.Generator(device=model_device(target)).manual_seed(cfg.seed)
     stats = ARSpecStats()
-    with meter.timed(_device(target)), \
-            progress_bar(meter, len(encoded), f"spec[γ={cfg.gamma}]", progress) as bar:
-        raw = []
-        for ids in encoded:
-            raw.append(_spec_row(t_metered, d_metered, ids, cfg, eos, generator, stats))
-            bar.update(1)
-    token_ids, texts = _finish(tokenizer, raw, eos, cfg, meter)
-    return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
+    res = run_rows(target, tokenizer, prompts, cfg, meter,
+                   lambda rows: [_spec_row(t_metered, d_metered, rows[0], cfg, eos, generator, stats)],
+                   f"spec[γ={cfg.gamma}]", progress, batch_size=1,
+                   limit=min(max_positions(target), max_positions(drafter)))
+    res.stats = stats.summary()
+    return res

@@ -3,7 +3,7 @@
 Each is an AR decoding config (`speculative.ar` / `speculative.d2sd`) plus the checkpoint
 paths of its drafters, wrapped in one `ARMethodConfig` so a result's JSON
 records which drafters produced it (as DualDiffusion's config records its
-drafter). `gen_length` is accepted as the AR `max_new_tokens`, so one
+drafter). `max_new_tokens` is accepted as another name for `gen_length`, so one
 `--gen-length` means the same budget for diffusion and AR methods.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..decoding.diffusion import GenerationResult
+from ..decoding.runner import GenerationResult
 from ..models.tokenizer import Tokenizer, check_same_tokenizer
 from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
 from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
@@ -56,7 +56,7 @@ class ARMethodConfig:
 
     @property
     def gen_length(self) -> int:
-        return self.decode.max_new_tokens
+        return self.decode.gen_length
 
     @property
     def batch_size(self) -> int:
@@ -71,17 +71,21 @@ class ARMethodConfig:
 
 
 def build_ar_config(method: str, base: ARMethodConfig | None = None, **options: Any) -> ARMethodConfig:
-    """AR method options -> ARMethodConfig (None means 'not given'); gen_length is max_new_tokens."""
+    """AR method options -> ARMethodConfig (None means 'not given'); `max_new_tokens` is accepted as
+    another name for gen_length, the one budget every method takes."""
     given = {k: v for k, v in options.items() if v is not None}
-    if "gen_length" in given:
-        given.setdefault("max_new_tokens", given.pop("gen_length"))
+    if "max_new_tokens" in given:
+        alias = given.pop("max_new_tokens")
+        if given.setdefault("gen_length", alias) != alias:
+            raise ValueError(f"gen_length={given['gen_length']} and max_new_tokens={alias} name one budget; "
+                             "give one of them")
     cls = _CONFIGS[method]
     allowed = {f.name for f in fields(cls)} | ({"drafter"} if method != "ar" else set()) | \
         ({"vp_drafter"} if method == "d2sd" else set())
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise ValueError(f"option(s) {unknown} do not apply to the autoregressive method {method!r}; "
-                         f"valid: {sorted(allowed | {'gen_length'})}")
+                         f"valid: {sorted(allowed | {'max_new_tokens'})}")
     if base is not None and base.method != method:
         raise ValueError(f"method {method!r} cannot start from a {base.method!r} config")
     decode = {**(base.decode.to_dict() if base else {}), **{k: v for k, v in given.items() if k in
@@ -92,13 +96,13 @@ def build_ar_config(method: str, base: ARMethodConfig | None = None, **options: 
     try:
         return ARMethodConfig(method, cls(**decode), **paths)
     except ValueError as e:
-        if "gen_length" not in options or options["gen_length"] is None:
+        if options.get("max_new_tokens") is None:
             raise
-        # the caller said gen_length: name it, not the field it became
-        raise ValueError(str(e).replace("max_new_tokens", "gen_length (max_new_tokens)")) from None
+        # the caller said max_new_tokens: name it, not the field it became
+        raise ValueError(str(e).replace("gen_length", "max_new_tokens (gen_length)")) from None
 
 
-def _load_causal_or_default(path: str | None, default: Path, what: str, device: torch.device,
+def load_causal_or_default(path: str | None, default: Path, what: str, device: torch.device,
                             dtype: torch.dtype, tokenizer: Tokenizer) -> torch.nn.Module:
     """The AR drafter at `path` (or the bundled one), refused unless its tokenizer is the target's:
     equal vocabulary sizes are not enough, a swapped pair of ids would make its drafts garbage."""
@@ -111,7 +115,7 @@ def _load_causal_or_default(path: str | None, default: Path, what: str, device: 
     return model
 
 
-def _load_dflash_or_default(path: str | None, default: Path, what: str, target: torch.nn.Module) -> torch.nn.Module:
+def load_dflash_or_default(path: str | None, default: Path, what: str, target: torch.nn.Module) -> torch.nn.Module:
     from ..models.dflash import load_dflash
 
     if path is None and not default.is_dir():
@@ -140,15 +144,15 @@ def ar_method_generate(target: torch.nn.Module, tokenizer: Tokenizer, prompts: S
     if cfg.method == "ar":
         res = ar_generate(target, tokenizer, prompts, cfg.decode, progress=progress)
     elif cfg.method == "ar-spec":
-        drafter = drafter or _load_causal_or_default(cfg.drafter, DEFAULT_DRAFTERS["ar-spec"], "drafter",
+        drafter = drafter or load_causal_or_default(cfg.drafter, DEFAULT_DRAFTERS["ar-spec"], "drafter",
                                                      param.device, param.dtype, tokenizer)
         res = spec_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
     else:
-        drafter = drafter or _load_dflash_or_default(cfg.drafter, DEFAULT_DRAFTERS[cfg.method], "drafter", target)
+        drafter = drafter or load_dflash_or_default(cfg.drafter, DEFAULT_DRAFTERS[cfg.method], "drafter", target)
         if cfg.method == "dflash":
             res = dflash_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
         else:
-            vp_drafter = vp_drafter or _load_dflash_or_default(cfg.vp_drafter, DEFAULT_VP, "vp drafter", target)
+            vp_drafter = vp_drafter or load_dflash_or_default(cfg.vp_drafter, DEFAULT_VP, "vp drafter", target)
             res = d2sd_generate(target, drafter, vp_drafter, tokenizer, prompts, cfg.decode, progress=progress)
     res.config = cfg  # record the method and drafter paths with the decoding options
     return res

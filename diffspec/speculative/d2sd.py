@@ -43,7 +43,7 @@ tokens per round, so a batch would need ragged caches; as in `spec_generate`,
 the per-row cost is what we measure. The VP drafter's batch is the number of
 branches of one row.
 
-Budget and EOS follow `ar_generate`: at most `max_new_tokens` tokens per row
+Budget and EOS follow `ar_generate`: at most `gen_length` tokens per row
 (drafts are never longer than what is left), stop after an EOS of the target
 config when `stop_at_eos`; `token_ids` are cut before the first EOS, `raw_ids`
 keep it. With `stop_at_eos`, every draft and branch is also cut after its
@@ -67,13 +67,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..decoding.diffusion import GenerationResult
-from ..decoding.meter import CostMeter, MeteredModel, progress_bar
+from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.runner import GenerationResult, eos_ids, model_device
 from ..models.causal import CausalKVCache
 from ..models.dflash import DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
-from .ar import (ARConfig, _check_ar, _device, _encode, _eos_ids, _finish, _max_positions, _probs,
-                 _through_eos, rejection_accept, sample)
+from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample, through_eos
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -186,15 +185,15 @@ class BlockSpecStats:
 
 def check_drafter(target: torch.nn.Module, drafter: Any, who: str = "drafter") -> None:
     """The drafter must be a DFlashDrafter fitting the target (hidden size, vocab, layers) on its device."""
-    _check_ar(target, "target")
+    check_ar(target, "target")
     if not isinstance(drafter, DFlashDrafter):
         raise ValueError(f"the {who} must be a DFlashDrafter, got {type(drafter).__name__}")
     try:
         check_target(drafter.config, target)
     except ValueError as e:
         raise ValueError(f"{who}: {e}") from None
-    if _device(drafter) != _device(target):
-        raise ValueError(f"the {who} is on {_device(drafter)} but the target is on {_device(target)}")
+    if model_device(drafter) != model_device(target):
+        raise ValueError(f"the {who} is on {model_device(drafter)} but the target is on {model_device(target)}")
 
 
 class _MeteredDrafter:
@@ -219,7 +218,7 @@ class _TargetState:
     def __init__(self, target: MeteredModel, prompt: list[int], layers: list[int], capacity: int,
                  temperature: float, generator: torch.Generator):
         self.target, self.layers = target, layers
-        device = _device(target.model)
+        device = model_device(target.model)
         self.cache = CausalKVCache.for_model(target.model, 1, capacity)
         H = target.config.hidden_size
         w = target.model.model.embed_tokens.weight
@@ -288,9 +287,9 @@ def _pick_drafts(logits: Tensor, temperature: float, sampled: bool,
     rule needs at every step of the chain.
     """
     if temperature == 0 or not sampled:
-        conf, ids = _probs(logits, temperature or 1.0).max(dim=-1)
+        conf, ids = probs(logits, temperature or 1.0).max(dim=-1)
         return ids.tolist(), conf, None
-    q = _probs(logits, temperature)
+    q = probs(logits, temperature)
     ids = sample(logits, temperature, generator)
     return ids.tolist(), q.gather(-1, ids[:, None])[:, 0], q
 
@@ -329,7 +328,7 @@ def _d2sd_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], con
     windows = ([full] if extend else []) + boundaries
     filled = _vp_branches(vp, st, drafts, windows, cfg.gamma2, max_branch)
     if cfg.stop_at_eos:
-        filled = [_through_eos(b, eos) for b in filled]
+        filled = [through_eos(b, eos) for b in filled]
     stats.vp_forwards += 1
     stats.vp_windows += len(windows)
     stats.record_anchored(len(boundaries))
@@ -348,7 +347,7 @@ def _greedy_walk(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
 def _chain_accept(tree: DraftTree, logits: Tensor, q: Tensor, temperature: float,
                   generator: torch.Generator) -> tuple[list[int], int]:
     """DFlash at T > 0: a chain of drafts d_j ~ q_j, accepted by the standard speculative-sampling rule."""
-    k, token = rejection_accept(_probs(logits, temperature), q, tree.tokens[1:], generator)
+    k, token = rejection_accept(probs(logits, temperature), q, tree.tokens[1:], generator)
     return list(range(1, k + 1)), token
 
 
@@ -388,7 +387,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
     d2 = cfg if vp is not None and isinstance(cfg, D2SDConfig) else None
     if vp is not None and d2 is None:
         raise ValueError("D²SD (a vp_drafter) needs a D2SDConfig")
-    T, budget = cfg.temperature, cfg.max_new_tokens
+    T, budget = cfg.temperature, cfg.gen_length
     max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.gamma - 1)  # tree size bound
     st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator)
     out = [st.first]
@@ -402,7 +401,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
             drafts, conf, q = _pick_drafts(_block_logits(drafter, st, cfg.gamma, n_draft), T, d2 is None, generator)
             stats.drafter_forwards += 1
             if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
-                drafts = _through_eos(drafts, eos)
+                drafts = through_eos(drafts, eos)
                 conf = conf[:len(drafts)]
                 q = q[:len(drafts)] if q is not None else None
             if d2 is None:
@@ -420,7 +419,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
         stats.record_win(NONE if winner is None else labels[winner], len(path))
         new = [tree.tokens[n] for n in path] + [bonus]
         if cfg.stop_at_eos:
-            new = _through_eos(new, eos)
+            new = through_eos(new, eos)
         out += new
         st.seq += new
     return out
@@ -437,18 +436,15 @@ def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDraf
     t_metered = MeteredModel(target, meter, "target")
     d_metered = _MeteredDrafter(drafter, meter, "drafter")
     vp_metered = _MeteredDrafter(vp_drafter, meter, "vp_drafter") if vp_drafter is not None else None
-    eos = _eos_ids(target)
-    encoded = _encode(tokenizer, prompts, cfg, target.config.vocab_size, _max_positions(target))
-    generator = torch.Generator(device=_device(target)).manual_seed(cfg.seed)
+    eos = eos_ids(target)
+    generator = torch.Generator(device=model_device(target)).manual_seed(cfg.seed)
     stats = BlockSpecStats()
-    raw: list[list[int]] = []
-    with torch.inference_mode(), meter.timed(_device(target)), \
-            progress_bar(meter, len(encoded), desc, progress) as bar:
-        for ids in encoded:
-            raw.append(_decode_row(t_metered, d_metered, vp_metered, ids, cfg, eos, stats, generator))
-            bar.update(1)
-    token_ids, texts = _finish(tokenizer, raw, eos, cfg, meter)
-    return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
+    with torch.inference_mode():
+        res = run_rows(target, tokenizer, prompts, cfg, meter,
+                       lambda rows: [_decode_row(t_metered, d_metered, vp_metered, rows[0], cfg, eos, stats, generator)],
+                       desc, progress, batch_size=1)
+    res.stats = stats.summary()
+    return res
 
 
 def dflash_generate(

@@ -77,7 +77,8 @@ from typing import Any, Sequence
 import torch
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
-from ..decoding.diffusion import GenerationResult, run_batches
+from ..decoding.diffusion import run_batches
+from ..decoding.runner import GenerationResult, model_device
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
@@ -369,10 +370,6 @@ def check_compatible(drafter: torch.nn.Module, verifier: torch.nn.Module,
                          "train the drafter with the verifier's tokenizer")
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def dualdiffusion_generate(
     model: torch.nn.Module,
@@ -387,15 +384,15 @@ def dualdiffusion_generate(
     """Decode `prompts` with DualDiffusion: `model` verifies, `drafter_model` (default: `model`) drafts."""
     drafter_model = model if drafter_model is None else drafter_model
     check_compatible(drafter_model, model, drafter_tokenizer, tokenizer)
-    if _device(drafter_model) != _device(model):
-        raise ValueError(f"drafter is on {_device(drafter_model)} but the verifier is on {_device(model)}")
+    if model_device(drafter_model) != model_device(model):
+        raise ValueError(f"drafter is on {model_device(drafter_model)} but the verifier is on {model_device(model)}")
     rule = make_rule(cfg.rule, cfg.rule_threshold, cfg.verifier_unmask)
     dcfg = cfg.decode
     meter = meter or CostMeter(primary="verifier")
     meter.primary = "verifier"
     d_metered = MeteredModel(drafter_model, meter, "drafter")
     verifier = FullForwardVerifier(MeteredModel(model, meter, "verifier"))
-    generator = torch.Generator(device=_device(model)).manual_seed(dcfg.seed)
+    generator = torch.Generator(device=model_device(model)).manual_seed(dcfg.seed)
     stats = SpecStats()
 
     def decode_batch(canvas: Canvas) -> None:

@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
-from ..decoding.diffusion import GenerationResult, propose, run_batches, select
+from ..decoding.diffusion import propose, run_batches, select
+from ..decoding.runner import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
 from ..decoding.state import Canvas

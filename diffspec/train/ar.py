@@ -50,7 +50,7 @@ def ar_loss(model: Qwen3Model, ids: torch.Tensor, ans: torch.Tensor) -> torch.Te
 
 def evaluate_ar(model: Qwen3Model, tok: Tokenizer, examples: list[Example], gen_length: int) -> float:
     """Exact-match accuracy of greedy `ar_generate` answers."""
-    res = ar_generate(model, tok, [e.prompt for e in examples], ARConfig(max_new_tokens=gen_length, batch_size=64))
+    res = ar_generate(model, tok, [e.prompt for e in examples], ARConfig(gen_length=gen_length, batch_size=64))
     return sum(score(e, t)["correct"] for e, t in zip(examples, res.texts)) / len(examples)
 
 

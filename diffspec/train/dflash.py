@@ -65,7 +65,7 @@ Seq = tuple[list[int], list[int]]  # (prompt ids, target answer ids, EOS include
 
 def target_continuations(target: Qwen3Model, tok, prompts: list[str], gen_length: int) -> list[Seq]:
     """(prompt ids, the target's greedy answer ids) per prompt; the answer keeps its EOS."""
-    res = ar_generate(target, tok, prompts, ARConfig(max_new_tokens=gen_length, batch_size=64), progress=True)
+    res = ar_generate(target, tok, prompts, ARConfig(gen_length=gen_length, batch_size=64), progress=True)
     return [(tok.encode(p), list(a)) for p, a in zip(prompts, res.raw_ids)]
 
 
