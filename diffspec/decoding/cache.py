@@ -56,7 +56,7 @@ generator instead (see `DKVGreedy`).
 from __future__ import annotations
 
 import inspect
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -143,11 +143,12 @@ class KVStore:
         return self.valid & (self.token != x)
 
     def forward(self, model: MeteredModel, canvas: Canvas, need: Tensor, write: Tensor,
-                sequences: int | None = None) -> tuple[Tensor, Tensor]:
+                sequences: int | None = None, **kw: Any) -> tuple[Tensor, Tensor]:
         """Run the model on every column some row `need`s and keep the `write` cells' K/V.
 
         need, write: bool (B, T), write ⊆ need. Returns (idx, logits): the fed
-        columns (sorted) and their logits (B, len(idx), V).
+        columns (sorted) and their logits (B, len(idx), V); `kw` goes to the model
+        (a shifted model gets shift=False: see `CachedDecoding.block_logits`).
         """
         fed = need.any(0)
         idx = fed.nonzero(as_tuple=True)[0]
@@ -161,7 +162,7 @@ class KVStore:
         self._full = self._all_fresh and len(idx) == self.length
         self.last_n_keys = len(keys)
         out = model(canvas.x[:, idx], positions=idx, attention_mask=canvas.attention_mask, kv_cache=self,
-                    sequences=sequences)
+                    sequences=sequences, **kw)
         self.valid = (self.valid & ~need) | write  # recomputed but not kept: no longer valid
         self.token = torch.where(write, canvas.x, self.token)
         return idx, out.logits
@@ -217,6 +218,12 @@ class CachedDecoding:
         self.row_steps = torch.zeros(canvas.batch_size, dtype=torch.long, device=device)  # across blocks
         self.block_steps = torch.zeros_like(self.row_steps)  # since the current block began
         self.last_need = torch.zeros_like(canvas.x, dtype=torch.bool)  # cells the last forward recomputed
+        # Dream-style networks predict cell i from their output at i - 1 (`logits_shifted`); their
+        # forward undoes the shift inside the fed columns, which is only right for a contiguous
+        # slice, so here they return raw outputs and the shift is taken over canvas columns.
+        self.shifted = bool(getattr(getattr(model, "model", model), "logits_shifted", False))
+        if self.shifted and canvas.prompt_len < 1:
+            raise ValueError("a shifted-logit model needs at least one prompt token before the generation region")
 
     def begin_block(self, s: int, e: int) -> None:
         self.s, self.e = s, e
@@ -258,7 +265,12 @@ class CachedDecoding:
         refresh = working & self.refresh_due()
         need = ~self.store.valid | self.store.stale(c.x) | self.queried(step, candidates, refresh)
         need[refresh] = True
-        idx, logits = self.store.forward(self.model, c, need, need & self.cacheable(), sequences=int(working.sum()))
+        shifted = self.shifted
+        if shifted:  # a shifted network scores cell i from its output at i - 1: feed that column too
+            need[:, s - 1 : e - 1] |= need[:, s:e].clone()
+        kw = {"shift": False} if shifted else {}
+        idx, logits = self.store.forward(self.model, c, need, need & self.cacheable(), sequences=int(working.sum()),
+                                         **kw)
         self.last_need = need
         self.row_steps += working
         self.block_steps += working
@@ -267,8 +279,12 @@ class CachedDecoding:
         # dkv-greedy, masked cells the policy will not pick this step); the
         # policy never commits them, so zeros do.
         out = logits.new_zeros(c.batch_size, e - s, logits.shape[-1])
-        inside = (idx >= s) & (idx < e)
-        out[:, idx[inside] - s] = logits[:, inside]
+        if shifted:  # the logit of column i is the output at column i - 1, when that was fed
+            inside = (idx >= s - 1) & (idx < e - 1)
+            out[:, idx[inside] + 1 - s] = logits[:, inside]
+        else:
+            inside = (idx >= s) & (idx < e)
+            out[:, idx[inside] - s] = logits[:, inside]
         return out
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
@@ -466,10 +482,10 @@ def _check_supports_cache(cfg: DecodeConfig, model: MeteredModel) -> None:
             f"cache {cfg.cache!r} needs a model whose forward takes `kv_cache` and `positions` "
             f"(the KVCacheHook of diffspec.models.llada); {type(inner).__name__} does not — use cache='none'"
         )
-    if getattr(inner, "logits_shifted", False):
+    if getattr(inner, "logits_shifted", False) and "shift" not in params:
         raise ValueError(
-            f"cache {cfg.cache!r} feeds a subset of columns, which needs logit i to predict token i; "
-            f"{type(inner).__name__} shifts its logits — use cache='none'"
+            f"cache {cfg.cache!r} feeds a subset of columns; {type(inner).__name__} shifts its logits and its "
+            "forward has no `shift` switch to return raw outputs — use cache='none'"
         )
 
 

@@ -349,7 +349,9 @@ def _guard(canvas: Canvas, remasked: torch.Tensor, decoded_before: torch.Tensor,
 
 def check_compatible(drafter: torch.nn.Module, verifier: torch.nn.Module,
                      drafter_tokenizer: Tokenizer | None = None, verifier_tokenizer: Tokenizer | None = None) -> None:
-    """Drafter and verifier must read and write the same token ids, with unshifted logits."""
+    """Drafter and verifier must read and write the same token ids. Dream's shifted network is fine:
+    its full forward returns aligned logits, and the drafter's cached forwards shift over canvas
+    columns (`decoding.cache.CachedDecoding`)."""
     d, v = drafter.config, verifier.config
     if (d.vocab_size, d.embedding_size) != (v.vocab_size, v.embedding_size):
         raise ValueError(
@@ -361,9 +363,9 @@ def check_compatible(drafter: torch.nn.Module, verifier: torch.nn.Module,
             raise ValueError(f"drafter and verifier disagree on {name} (drafter {getattr(d, name)}, "
                              f"verifier {getattr(v, name)}); they must share a tokenizer and its special tokens")
     for who, m in (("drafter", drafter), ("verifier", verifier)):
-        if getattr(m, "logits_shifted", False):
-            raise ValueError(f"the {who} ({type(m).__name__}) shifts its logits; DualDiffusion compares logit i "
-                             "with token i and needs LLaDA-style (unshifted) models")
+        if getattr(m.config, "mask_token_id", None) is None:
+            raise ValueError(f"the {who} ({type(m).__name__}) has no mask token; DualDiffusion needs masked "
+                             "diffusion models (LLaDA, Dream)")
     if drafter_tokenizer is not None and verifier_tokenizer is not None \
             and drafter_tokenizer.fingerprint() != verifier_tokenizer.fingerprint():
         raise ValueError("drafter and verifier tokenizers differ (tokenizer.json vocabularies do not match); "

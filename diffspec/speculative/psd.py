@@ -217,12 +217,12 @@ class SharedKV:
         self.v: list[Tensor | None] = [None] * n_layers
         self.cols = torch.empty(0, dtype=torch.long)
         self.mode, self.views, self.last_n_keys = "record", 1, 0
-        self._key_cols = torch.empty(0, dtype=torch.long)
+        self.key_cols = torch.empty(0, dtype=torch.long)  # the keys a `use` forward attends to, in order
 
     def key_mask(self, attention_mask: Tensor | None, n_query: int) -> Tensor | None:
         if self.mode == "record" or attention_mask is None:
             return attention_mask
-        return attention_mask[:, self._key_cols]
+        return attention_mask[:, self.key_cols]
 
     def layer(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.mode == "record":
@@ -239,6 +239,10 @@ class ViewScorer:
         self.model, self.canvas, self.cache = model, canvas, cache
         self.kv = SharedKV(model.config.n_layers) if cache != "none" else None
         self.s = self.e = 0
+        # A shifted network (Dream) scores cell i from its output at i - 1, so a cached
+        # verification also feeds the column before the block; its forward shifts inside the
+        # fed slice, which is exact for every column but the slice's first, never read.
+        self.lead = int(bool(getattr(model.model, "logits_shifted", False)))
 
     def seed(self, s: int, e: int, working: int) -> Tensor:
         """Plain forward of the canvas at a block start; returns generation-region logits (B, L, V)."""
@@ -248,7 +252,8 @@ class ViewScorer:
             logits = self.model(c.x, attention_mask=c.attention_mask, sequences=working).logits
         else:
             cols = torch.arange(c.length, device=c.x.device)
-            keep = cols < s if self.cache == "prefix" else (cols < s) | (cols >= e)
+            lo = s - self.lead
+            keep = cols < lo if self.cache == "prefix" else (cols < lo) | (cols >= e)
             self.kv.cols, self.kv.mode = cols[keep], "record"
             self.kv.last_n_keys = c.length
             logits = self.model(c.x, attention_mask=c.attention_mask, kv_cache=self.kv, sequences=working).logits
@@ -263,12 +268,13 @@ class ViewScorer:
             out = self.model(views.reshape(K * B, T), attention_mask=att, sequences=working).logits[:, self.s :]
         else:
             hi = T if self.cache == "prefix" else self.e
-            fed = torch.arange(self.s, hi, device=c.x.device)
+            lo = self.s - self.lead
+            fed = torch.arange(lo, hi, device=c.x.device)
             self.kv.mode, self.kv.views = "use", K
-            self.kv._key_cols = torch.cat([self.kv.cols.to(fed.device), fed])
-            self.kv.last_n_keys = len(self.kv._key_cols)
-            out = self.model(views[:, :, self.s : hi].reshape(K * B, -1), positions=fed, attention_mask=att,
-                             kv_cache=self.kv, sequences=working).logits
+            self.kv.key_cols = torch.cat([self.kv.cols.to(fed.device), fed])
+            self.kv.last_n_keys = len(self.kv.key_cols)
+            out = self.model(views[:, :, lo:hi].reshape(K * B, -1), positions=fed, attention_mask=att,
+                             kv_cache=self.kv, sequences=working).logits[:, self.lead :]
         out = _no_mask(out, c.mask_id)
         return out.reshape(K, B, out.shape[1], -1), out.shape[1]
 
@@ -349,8 +355,6 @@ def psd_generate(
     meter: CostMeter | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with PSD (or its lossless variant) on one masked diffusion model."""
-    if getattr(model, "logits_shifted", False):
-        raise ValueError(f"PSD compares logit i with token i; {type(model).__name__} shifts its logits")
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
     stats = PSDStats()
