@@ -157,6 +157,39 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
     return model, tokenizer
 
 
+def checkpoint_dir(model: Any, method: str) -> Path | None:
+    """The directory `model` (as `--model` takes it) is read from, for its chat template and
+    tokenizer files: the bundled model of the method's family for None, the converted cache
+    directory for 'smollm2' or a .gguf file; None for a loaded model object."""
+    from .models.checkpoint import DEFAULT_MODEL_DIR
+
+    if model is None:
+        return DEFAULT_TARGET if method in method_names("ar") else DEFAULT_MODEL_DIR
+    if not isinstance(model, (str, Path)):
+        return None
+    from .models.gguf import resolve_checkpoint
+
+    p = Path(resolve_checkpoint(model))
+    return p if p.is_dir() else None
+
+
+def chat_prompts(model: Any, method: str, prompts: Sequence[str], system: str | None = None) -> list[str]:
+    """Each prompt as one user turn (after an optional system turn) rendered with the checkpoint's
+    own chat template, ending with the assistant's generation prompt, as transformers'
+    `apply_chat_template(..., add_generation_prompt=True)` renders it. An instruct model answers
+    far better in the format it was tuned on; a checkpoint without a template is an error, never
+    a silent plain-text prompt."""
+    from .models.chat import ChatTemplate
+
+    path = checkpoint_dir(model, method)
+    if path is None:
+        raise ValueError("chat needs the checkpoint's directory (its tokenizer_config.json chat_template); "
+                         "pass the model as a path, not a loaded object")
+    template = ChatTemplate.from_pretrained(path)
+    head = [{"role": "system", "content": system}] if system else []
+    return [template.render(head + [{"role": "user", "content": p}]) for p in prompts]
+
+
 def resolve_drafter(drafter: Any, cfg: DualConfig, verifier: torch.nn.Module, drafter_tokenizer: Tokenizer | None,
                     dtype: str | None = None) -> tuple[torch.nn.Module | None, Tokenizer | None]:
     """The drafter model and its tokenizer: an object as given, `cfg.drafter` loaded

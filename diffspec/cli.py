@@ -123,16 +123,22 @@ def _options(a: argparse.Namespace) -> dict:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from .api import generate, resolve_model
+    from .api import chat_prompts, generate, resolve_model
     from .evaluate import task_config
     from .tasks import gsm8k_prompt
 
-    template = a.template or ("qa" if a.model is None else "raw")
+    if a.system is not None and not a.chat:
+        raise ValueError("--system only applies with --chat")
+    if a.chat and a.template not in (None, "raw"):
+        raise ValueError(f"--chat renders the prompt with the chat template; drop --template {a.template}")
+    template = a.template or ("qa" if a.model is None and not a.chat else "raw")
     if template not in ("qa", "raw"):
         raise ValueError(f"unknown --template {template!r}; use qa or raw")
     if not a.prompt.strip():  # checked before the template wraps it in text that is never empty
         raise ValueError("--prompt is empty; give some text to complete")
     prompt = gsm8k_prompt(a.prompt) if template == "qa" else a.prompt
+    if a.chat:
+        prompt = chat_prompts(a.model, a.method, [prompt], system=a.system)[0]
     opts = _options(a)
     cfg = task_config("arith", a.method, **opts)
     model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
@@ -152,7 +158,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     # Checks the --out path before the run, scores (data-parallel under torchrun), prints one line
     # and writes the JSON on rank 0.
     run_eval(a.task, a.method, _options(a), model=a.model, device=a.device, dtype=a.dtype, limit=a.limit,
-             data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num)
+             data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num, chat=a.chat)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -226,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete one prompt (completion on stdout, cost on stderr)")
     g.add_argument("--prompt", required=True, help="the text to complete (wrapped by --template)")
     g.add_argument("--template", help="qa: wrap as 'Question: …\\nAnswer:' (default for the bundled model); raw: as is")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user turn rendered with the checkpoint's own chat template "
+                        "(tokenizer_config.json; e.g. --model smollm2); implies --template raw")
+    g.add_argument("--system", help="with --chat: a system turn before the prompt")
     _decode_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -239,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate (default): decode, then score the text | likelihood (arith-mc, mmlu): the choice "
                         "with the highest log-likelihood, exact for AR targets, LLaDA's Monte-Carlo ELBO for "
                         "diffusion models. Data parallel: torchrun --nproc-per-node N -m diffspec eval ...")
+    e.add_argument("--chat", action="store_true",
+                   help="each task prompt (with its few-shot exemplars) as one user turn in the checkpoint's chat "
+                        "template, e.g. --task gsm8k --k-shot 0 --chat for an instruct model")
     e.add_argument("--mc-num", type=int, help="--scoring likelihood on diffusion models: Monte-Carlo draws per "
                                               "choice (default 128; a one-token choice needs one forward anyway)")
     _decode_args(e)

@@ -16,6 +16,7 @@ stream on every rank). Wall clock is reported per rank and overall.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -256,7 +257,8 @@ def _merge(task: str, method: str, examples: Sequence[Example], parts: list[dict
 
 def run_eval(task: str, method: str, options: dict[str, Any], model: str | None = None, device: str | None = "cpu",
              dtype: str | None = None, limit: int | None = None, data: str | None = None, k_shot: int | None = None,
-             out: str | None = None, scoring: str = "generate", mc_num: int | None = None) -> dict[str, Any] | None:
+             out: str | None = None, scoring: str = "generate", mc_num: int | None = None,
+             chat: bool = False) -> dict[str, Any] | None:
     """`diffspec eval`: validate everything, load, score (data-parallel under torchrun), print one
     line and write the JSON on rank 0. Returns the result on rank 0, None on the others."""
     from .api import resolve_model
@@ -272,6 +274,13 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     shard = shard_from_env()
     target = OutputFile.check(out, "--out") if out is not None and shard.is_main else None  # before the run
     examples = load_examples(task, limit=limit, data=data, k_shot=k_shot)
+    if chat:
+        if scoring == "likelihood":
+            raise ValueError("--chat applies to --scoring generate")
+        from .api import chat_prompts
+
+        rendered = chat_prompts(model, method, [e.prompt for e in examples])
+        examples = [dataclasses.replace(e, prompt=p) for e, p in zip(examples, rendered)]
     device = init_distributed(shard, device)
     try:
         loaded, tok = resolve_model(model, None, device, dtype, method=method)
@@ -287,6 +296,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
         return None
     family = get_method(method).family
     r["model"] = model or ("bundled:qwen3-arith" if family == "ar" else "bundled:llada-arith")
+    r["chat"] = chat
     flex = f", flexible {r['accuracy_flexible']:.1%}" if "accuracy_flexible" in r else ""
     ranks = f" | {r['world_size']} ranks" if r["world_size"] > 1 else ""
     print(f"{task} [{method}, {scoring}] accuracy {r['accuracy']:.1%}{flex} on {r['n']} | forwards/seq "

@@ -281,3 +281,47 @@ def test_plot_quality_axis_is_tpf_when_every_row_is_equally_accurate():
     assert y_axis(lossless)[0] == "tokens_per_forward"
     assert y_axis([{**lossless[0], "accuracy": 0.9}, lossless[1]])[0] == "accuracy"
     assert y_axis(lossless[:1])[0] == "accuracy"  # one row: nothing to compare, keep accuracy
+
+
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture
+def chat_checkpoint(tiny_checkpoint, tmp_path):
+    d = tmp_path / "chat"
+    shutil.copytree(tiny_checkpoint, d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT}))
+    return d
+
+
+def test_generate_chat_renders_the_checkpoints_template(chat_checkpoint, capsys):
+    from diffspec.api import chat_prompts, generate
+
+    rendered = chat_prompts(str(chat_checkpoint), "vanilla", ["1+1"], system="be brief")
+    assert rendered == ["<system>be brief\n<user>1+1\n<assistant>"]
+    opts = ["--gen-length", "16", "--block-length", "8"]
+    rc, out, err = run(["generate", "--model", str(chat_checkpoint), "--prompt", "1+1", "--chat", "--system",
+                        "be brief", *opts], capsys)
+    assert rc == 0, err
+    want = generate(rendered, model=str(chat_checkpoint), gen_length=16, block_length=8).texts[0]
+    plain = generate(["1+1"], model=str(chat_checkpoint), gen_length=16, block_length=8).texts[0]
+    assert out == want + "\n" and want != plain  # the template reached the model
+
+
+def test_chat_errors_name_the_fix(tiny_checkpoint, capsys):
+    rc, _, err = run(["generate", "--model", str(tiny_checkpoint), "--prompt", "1+1", "--chat"], capsys)
+    assert rc == 2 and "has no chat template" in err
+    rc, _, err = run(["generate", "--prompt", "1+1", "--system", "x"], capsys)
+    assert rc == 2 and "--system only applies with --chat" in err
+    rc, _, err = run(["generate", "--prompt", "1+1", "--chat", "--template", "qa"], capsys)
+    assert rc == 2 and "drop --template qa" in err
+
+
+def test_eval_chat_wraps_every_prompt(chat_checkpoint, tmp_path, capsys):
+    out_file = tmp_path / "r.json"
+    rc, _, err = run(["eval", "--task", "arith", "--model", str(chat_checkpoint), "--chat", "--limit", "2",
+                      "--gen-length", "16", "--block-length", "8", "--out", str(out_file)], capsys)
+    assert rc == 0, err
+    r = json.loads(out_file.read_text())
+    assert r["chat"] is True and all(s["prompt"].endswith("<assistant>") for s in r["samples"])

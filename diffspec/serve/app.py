@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job, Prompt
 from .errors import ApiError, bad_request, not_found, server_error
-from .protocol import RequestParser, RequestPlan, checkpoint_dir, new_id, now
+from ..api import checkpoint_dir
+from .protocol import RequestParser, RequestPlan, new_id, now
 
 log = logging.getLogger("diffspec.serve")
 

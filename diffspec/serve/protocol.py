@@ -307,22 +307,6 @@ class RequestParser:
         return RequestPlan(method, cfg, prompts, n, stops, stream, include_usage, int(cfg.gen_length), info)
 
 
-def checkpoint_dir(model: Any, method: str) -> Path | None:
-    """The directory the served model was read from (for its chat template), or None."""
-    from ..methods import method_names
-    from ..models.checkpoint import DEFAULT_MODEL_DIR
-    from ..speculative.armethods import DEFAULT_TARGET
-
-    if model is None:
-        return DEFAULT_TARGET if method in method_names("ar") else DEFAULT_MODEL_DIR
-    if not isinstance(model, (str, Path)):
-        return None
-    from ..models.gguf import resolve_checkpoint
-
-    p = Path(resolve_checkpoint(model))
-    return p if p.is_dir() else None
-
-
 # ---------------------------------------------------------------- response shapes
 
 
