@@ -134,7 +134,9 @@ register(Method(
     config_type=(Ref("diffspec.decoding.config:DecodeConfig"), Ref("diffspec.speculative.psd:PSDConfig")),
     run=run_psd,
     options={"depths": Option(parse_depths, "nested draft depths, increasing, below block-length (default 1,3,5,7)"),
-             "lossless": Option(parse_bool, "exactly the output of one-token greedy decoding, with fewer forwards")}))
+             "lossless": Option(parse_bool, "exactly the output of one-token greedy decoding, with fewer forwards"),
+             "accept_threshold": Option(float, "beyond the paper: a drafted cell must also have the verifier's "
+                                               "probability >= this for its token (default 0: argmax agreement)")}))
 
 # ---------------------------------------------------------------- Dream's own sampler
 

@@ -88,6 +88,36 @@ def test_hierarchical_acceptance_keeps_the_deepest_consistent_draft():
     assert hierarchical_accept(capped, tokens, pred(ok, ok, ok)).tolist() == [2]
 
 
+def test_acceptance_with_a_confidence_requirement_stops_at_an_unsure_cell():
+    drafts = torch.tensor([[[0, 1, 0, 0, 0]], [[0, 1, 1, 1, 0]], [[1, 1, 1, 1, 1]]], dtype=torch.bool)
+    tokens = torch.tensor([[10, 11, 12, 13, 14]])
+    ok = torch.tensor([[[10, 11, 12, 13, 14]]] * 3)
+    sure = torch.ones(3, 1, 5, dtype=torch.bool)
+    assert hierarchical_accept(drafts, tokens, ok, sure).tolist() == [3]
+    unsure = sure.clone()
+    unsure[1, 0, 3] = False  # view 1 agrees at cell 3 (added by draft 2) but is not confident there
+    assert hierarchical_accept(drafts, tokens, ok, unsure).tolist() == [1]
+    unsure = sure.clone()
+    unsure[1, 0, 0] = False  # an unsure cell that draft 2 does not add does not matter
+    assert hierarchical_accept(drafts, tokens, ok, unsure).tolist() == [3]
+
+
+def test_accept_threshold_accepts_fewer_drafts_on_the_bundled_model():
+    from diffspec.models.checkpoint import load_model
+    from diffspec.tasks import arith_examples
+
+    m, tok = load_model()
+    prompts = [e.prompt for e in arith_examples("test", 4, seed=0)]
+    base = build_psd_config(gen_length=48, block_length=16, threshold=1.0, batch_size=4)
+    plain = psd_generate(m, tok, prompts, base)
+    tiny = psd_generate(m, tok, prompts, base.replace(accept_threshold=1e-12))
+    strict = psd_generate(m, tok, prompts, base.replace(accept_threshold=0.99))
+    never = psd_generate(m, tok, prompts, base.replace(accept_threshold=1.0))
+    assert tiny.raw_ids == plain.raw_ids and tiny.stats == plain.stats  # argmax already has p > 0
+    assert never.stats["accepted"] <= strict.stats["accepted"] < plain.stats["accepted"]
+    assert strict.meter.nfe > plain.meter.nfe
+
+
 def test_drafts_and_acceptance_stay_on_the_device_of_their_inputs():
     """Helper tensors are made on the inputs' device: on PyTorch's data-free "meta" device (a
     stand-in for CUDA that runs on any machine) a CPU-made one would be an error."""
@@ -401,6 +431,9 @@ def test_batched_verification_counts_one_forward_per_call(model, tokenizer):
     (dict(lossless=True, depths=(1, 3)), "depths must be 1..D"),
     (dict(lossless=True, policy="threshold"), "does not take policy"),
     (dict(speed="max"), "unknown psd option"),
+    (dict(accept_threshold=1.5), r"accept_threshold must be in \[0, 1\]"),
+    (dict(accept_threshold=float("nan")), "accept_threshold"),
+    (dict(lossless=True, accept_threshold=0.5), "does not take accept_threshold"),
 ])
 def test_psd_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

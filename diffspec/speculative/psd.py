@@ -65,7 +65,7 @@ LOSSLESS_DEPTH = 7  # default D of the lossless variant: drafts of every depth 1
 _GREEDY = DecodeConfig()  # temperature 0, low_confidence: the decoder lossless PSD must reproduce
 
 
-PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": parse_bool}
+PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": parse_bool, "accept_threshold": float}
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,24 @@ class PSDConfig(WrapsDecodeConfig):
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(policy="threshold", threshold=0.9))
     depths: tuple[int, ...] = DEFAULT_DEPTHS
     lossless: bool = False
+    # Beyond the paper (issue #23): a drafted cell is also required to have the verifier's
+    # probability >= accept_threshold for its token in the view that checks it; 0 = PSD's rule
+    # (argmax agreement only).
+    accept_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         d = self.decode
         if not isinstance(d, DecodeConfig):
             raise ValueError(f"decode must be a DecodeConfig, got {type(d).__name__}")
         object.__setattr__(self, "depths", parse_depths(self.depths))
+        if isinstance(self.accept_threshold, int) and not isinstance(self.accept_threshold, bool):
+            object.__setattr__(self, "accept_threshold", float(self.accept_threshold))
         check_field_types(self)
+        if not 0.0 <= self.accept_threshold <= 1.0:  # also rejects NaN
+            raise ValueError(f"accept_threshold must be in [0, 1] (0 = argmax agreement only), "
+                             f"got {self.accept_threshold}")
+        if self.lossless and self.accept_threshold:
+            raise ValueError("lossless PSD accepts exactly the greedy steps; it does not take accept_threshold")
         if not self.depths:
             raise ValueError("depths is empty; give at least one draft depth, e.g. 1,3,5,7")
         if any(b <= a for a, b in zip(self.depths, self.depths[1:])):
@@ -158,15 +169,22 @@ def nested_drafts(conf: Tensor, depths: Sequence[int]) -> Tensor:
     return (ranks[None] < d[:, None, None]) & finite[None]
 
 
-def hierarchical_accept(drafts: Tensor, tokens: Tensor, predicted: Tensor) -> Tensor:
+def hierarchical_accept(drafts: Tensor, tokens: Tensor, predicted: Tensor, sure: Tensor | None = None) -> Tensor:
     """Index of the deepest consistent view per row (0 = no draft kept).
 
     drafts: bool (J, B, L) cells of each nested draft; tokens: (B, L) drafted
     tokens; predicted: (J + 1, B, L) the verifier's argmax on view 0 (no
     draft) and on each draft. Draft j is consistent when draft j-1 is, it adds
-    at least one cell, and every added cell equals what view j-1 predicts there.
+    at least one cell, and every added cell equals what view j-1 predicts there
+    (and, with `sure` (J + 1, B, L), is a cell view j-1 is confident about).
     """
-    return _deepest_chain(drafts, lambda j, new, prev: ((predicted[j] == tokens) | ~new).all(-1))
+    def consistent(j: int, new: Tensor, prev: Tensor) -> Tensor:
+        ok = predicted[j] == tokens
+        if sure is not None:
+            ok = ok & sure[j]
+        return (ok | ~new).all(-1)
+
+    return _deepest_chain(drafts, consistent)
 
 
 def greedy_chain_accept(drafts: Tensor, tokens: Tensor, logits: Tensor, candidates: Tensor) -> Tensor:
@@ -325,7 +343,11 @@ def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig) -> PS
             if cfg.lossless:
                 best = greedy_chain_accept(drafts, x0, block_logits, rest > -torch.inf)
             else:
-                best = hierarchical_accept(drafts, x0, block_logits.argmax(-1))
+                sure = None
+                if cfg.accept_threshold > 0:
+                    p_max = block_logits.float().softmax(-1).amax(-1)
+                    sure = p_max >= cfg.accept_threshold
+                best = hierarchical_accept(drafts, x0, block_logits.argmax(-1), sure)
             rows = torch.arange(canvas.batch_size, device=canvas.x.device)
             canvas.x[:, s:e] = views[best, rows, s:e]
             stats.iterations += int(working_rows.sum())
@@ -382,7 +404,8 @@ def build_psd_config(base: PSDConfig | DecodeConfig | None = None, **options: An
     if unknown:
         raise ValueError(f"unknown psd option(s) {sorted(unknown)}; valid: {sorted(decode_fields | set(PSD_OPTIONS))}")
     if isinstance(base, PSDConfig):
-        decode, loop = base.decode.to_dict(), {"depths": base.depths, "lossless": base.lossless}
+        decode, loop = base.decode.to_dict(), {"depths": base.depths, "lossless": base.lossless,
+                                               "accept_threshold": base.accept_threshold}
     else:
         decode, loop = {**(base.to_dict() if base else {}), "policy": "threshold", "threshold": 0.9}, {}
         decode["steps"] = decode.get("steps", decode.get("gen_length", 48))
