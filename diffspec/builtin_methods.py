@@ -136,7 +136,9 @@ register(Method(
     options={"depths": Option(parse_depths, "nested draft depths, increasing, below block-length (default 1,3,5,7)"),
              "lossless": Option(parse_bool, "exactly the output of one-token greedy decoding, with fewer forwards"),
              "accept_threshold": Option(float, "beyond the paper: a drafted cell must also have the verifier's "
-                                               "probability >= this for its token (default 0: argmax agreement)")}))
+                                               "probability >= this for its token (default 0: argmax agreement)"),
+             "draft_order": Option(str, "beyond the paper: confidence (PSD's, default) | position (nested drafts "
+                                        "left to right, each checked with every cell to its left filled)")}))
 
 # ---------------------------------------------------------------- Dream's own sampler
 

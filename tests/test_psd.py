@@ -22,7 +22,7 @@ from diffspec.decoding.meter import CostMeter, MeteredModel
 from diffspec.decoding.policies import select_local
 from diffspec.decoding.state import Canvas
 from diffspec.speculative.psd import (PSDConfig, ViewScorer, build_psd_config, greedy_chain_accept, hierarchical_accept,
-                               nested_drafts, psd_decode_canvas, psd_generate)
+                                     leftmost_first, nested_drafts, psd_decode_canvas, psd_generate)
 
 NEG = -math.inf
 PROMPTS = ["Tom has 5 pens.", "Ana has 12 cards. Ana gets 3 more. How many cards does Ana have now?", "Sam"]
@@ -116,6 +116,31 @@ def test_accept_threshold_accepts_fewer_drafts_on_the_bundled_model():
     assert tiny.raw_ids == plain.raw_ids and tiny.stats == plain.stats  # argmax already has p > 0
     assert never.stats["accepted"] <= strict.stats["accepted"] < plain.stats["accepted"]
     assert strict.meter.nfe > plain.meter.nfe
+
+
+def test_position_order_drafts_the_leftmost_draftable_cells():
+    conf = torch.tensor([[0.9, -math.inf, 0.2, 0.95, 0.1, -math.inf]])
+    drafts = nested_drafts(leftmost_first(conf), (1, 2, 3))
+    assert drafts.int().tolist() == [[[1, 0, 0, 0, 0, 0]], [[1, 0, 1, 0, 0, 0]], [[1, 0, 1, 1, 0, 0]]]
+    # the confidence order of the same cells, for contrast
+    assert nested_drafts(conf, (1,)).int().tolist() == [[[0, 0, 0, 1, 0, 0]]]
+
+
+def test_position_order_on_the_bundled_model_checks_drafts_left_to_right():
+    """With tau = 1 only the top cell is committed unverified; every other cell is a left-to-right
+    draft that the next view must predict. On 8 problems that decodes every answer correctly, with
+    far fewer forwards than the 48 of one-token decoding, and drafts other cells than PSD's order."""
+    from diffspec.models.checkpoint import load_model
+    from diffspec.tasks import arith_examples, score
+
+    m, tok = load_model()
+    ex = arith_examples("test", 8, seed=0)
+    base = build_psd_config(gen_length=48, block_length=16, threshold=1.0, batch_size=8, depths=tuple(range(1, 9)))
+    pos = psd_generate(m, tok, [e.prompt for e in ex], base.replace(draft_order="position"))
+    conf = psd_generate(m, tok, [e.prompt for e in ex], base)
+    assert pos.stats["accepted"] != conf.stats["accepted"]  # the order changed what was drafted
+    assert all(score(e, t)["correct"] for e, t in zip(ex, pos.texts))
+    assert pos.stats["acceptance_rate"] > 0.8 and pos.meter.summary()["nfe_per_sequence"] < 16
 
 
 def test_drafts_and_acceptance_stay_on_the_device_of_their_inputs():
@@ -434,6 +459,8 @@ def test_batched_verification_counts_one_forward_per_call(model, tokenizer):
     (dict(accept_threshold=1.5), r"accept_threshold must be in \[0, 1\]"),
     (dict(accept_threshold=float("nan")), "accept_threshold"),
     (dict(lossless=True, accept_threshold=0.5), "does not take accept_threshold"),
+    (dict(draft_order="random"), "draft_order must be one of"),
+    (dict(lossless=True, draft_order="position"), "greedy order"),
 ])
 def test_psd_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

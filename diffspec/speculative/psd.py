@@ -65,7 +65,9 @@ LOSSLESS_DEPTH = 7  # default D of the lossless variant: drafts of every depth 1
 _GREEDY = DecodeConfig()  # temperature 0, low_confidence: the decoder lossless PSD must reproduce
 
 
-PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": parse_bool, "accept_threshold": float}
+PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": parse_bool, "accept_threshold": float,
+                               "draft_order": str}
+DRAFT_ORDERS = ("confidence", "position")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ class PSDConfig(WrapsDecodeConfig):
     # probability >= accept_threshold for its token in the view that checks it; 0 = PSD's rule
     # (argmax agreement only).
     accept_threshold: float = 0.0
+    # Beyond the paper (issue #23): "position" nests the drafts left to right (draft j = the
+    # depths[j] leftmost masked cells), so each drafted cell is checked by a view in which every
+    # cell to its left is filled, as AR speculative decoding checks a draft; "confidence" is PSD's.
+    draft_order: str = "confidence"
 
     def __post_init__(self) -> None:
         d = self.decode
@@ -91,6 +97,10 @@ class PSDConfig(WrapsDecodeConfig):
         if not 0.0 <= self.accept_threshold <= 1.0:  # also rejects NaN
             raise ValueError(f"accept_threshold must be in [0, 1] (0 = argmax agreement only), "
                              f"got {self.accept_threshold}")
+        if self.draft_order not in DRAFT_ORDERS:
+            raise ValueError(f"draft_order must be one of {', '.join(DRAFT_ORDERS)}, got {self.draft_order!r}")
+        if self.lossless and self.draft_order != "confidence":
+            raise ValueError("lossless PSD drafts the greedy order (draft_order 'confidence')")
         if self.lossless and self.accept_threshold:
             raise ValueError("lossless PSD accepts exactly the greedy steps; it does not take accept_threshold")
         if not self.depths:
@@ -167,6 +177,13 @@ def nested_drafts(conf: Tensor, depths: Sequence[int]) -> Tensor:
     finite = torch.isfinite(conf)
     d = torch.tensor(list(depths), device=conf.device)
     return (ranks[None] < d[:, None, None]) & finite[None]
+
+
+def leftmost_first(conf: Tensor) -> Tensor:
+    """A ranking key under which `nested_drafts` takes the draftable cells left to right."""
+    cols = torch.arange(conf.shape[-1], device=conf.device, dtype=torch.float64)
+    return torch.where(torch.isfinite(conf), -cols, torch.tensor(-torch.inf, dtype=torch.float64,
+                                                                  device=conf.device))
 
 
 def hierarchical_accept(drafts: Tensor, tokens: Tensor, predicted: Tensor, sure: Tensor | None = None) -> Tensor:
@@ -335,7 +352,8 @@ def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig) -> PS
             if not torch.isfinite(rest).any():  # the policy finished the block in every row
                 seed_gen = None
                 break
-            drafts = nested_drafts(rest, cfg.depths)  # (J, B, bl)
+            drafts = nested_drafts(rest if cfg.draft_order == "confidence" else leftmost_first(rest),
+                                   cfg.depths)  # (J, B, bl)
             views = canvas.x[None].repeat(len(cfg.depths) + 1, 1, 1)
             views[1:, :, s:e] = torch.where(drafts, x0[None], views[1:, :, s:e])
             logits, n = scorer.verify(views, int(working_rows.sum()))  # (J+1, B, n, V), columns from s
@@ -405,7 +423,8 @@ def build_psd_config(base: PSDConfig | DecodeConfig | None = None, **options: An
         raise ValueError(f"unknown psd option(s) {sorted(unknown)}; valid: {sorted(decode_fields | set(PSD_OPTIONS))}")
     if isinstance(base, PSDConfig):
         decode, loop = base.decode.to_dict(), {"depths": base.depths, "lossless": base.lossless,
-                                               "accept_threshold": base.accept_threshold}
+                                               "accept_threshold": base.accept_threshold,
+                                               "draft_order": base.draft_order}
     else:
         decode, loop = {**(base.to_dict() if base else {}), "policy": "threshold", "threshold": 0.9}, {}
         decode["steps"] = decode.get("steps", decode.get("gen_length", 48))
