@@ -92,6 +92,9 @@ def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if k not in others or k in own}
 
 
+POSITION_DEPTHS = "1;2;3;4;5;6;7;8"  # PSD's left-to-right drafts: every depth, so each cell is checked alone
+
+
 def suite(name: str, task: str) -> list[str]:
     if task not in TASK_DEFAULTS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
@@ -149,6 +152,10 @@ def suite(name: str, task: str) -> list[str]:
             f"{d},rule=confidence_threshold,rule_threshold=0.9,num_drafter_steps=4",
             *[f"psd:policy=threshold,threshold={t}" for t in (0.7, 0.9, 0.99)],
             "psd:policy=threshold,depths=1;3", "psd:lossless=true",
+            # beyond the papers (issue #23): drafts checked left to right, and a confidence requirement
+            *[f"psd:threshold={t},draft_order=position,depths={POSITION_DEPTHS}{c}"
+              for t, c in ((1.0, ""), (1.0, ",cache=dual"), (0.99, ",cache=dual"))],
+            "psd:threshold=0.9,accept_threshold=0.9,cache=dual",
         ]
     if name == "d2sd":
         # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a
