@@ -109,8 +109,9 @@ DUAL_OPTIONS = {
     "num_drafter_steps": Option(int, "drafter steps per iteration (default 4)"),
     "num_verifier_steps": Option(int, "verifier forwards per iteration (default 1)"),
     "max_iterations": Option(int, "draft/verify iterations before the verifier fills the rest (default gen-length)"),
-    "verifier_view": Option(str, "masked (default) | stepwise | drafted (the paper's): what the verifier sees of "
-                                 "the drafts"),
+    "verifier_view": Option(str, "masked (default) | stepwise | drafted (the paper's) | leftward (beyond the "
+                                 "paper: each draft scored with the drafts left of it filled): what the verifier "
+                                 "sees of the drafts"),
     "verifier_unmask": Option(int, "masked cells the verifier decodes itself per forward (default 1 for the "
                                    "reference's rules, 0 for ours)"),
     "rollback": Option(str, "discard (default): re-mask what the iteration filled after a row's first rejected "

@@ -334,6 +334,35 @@ def test_stepwise_views_hide_each_draft_and_everything_drafted_after_it():
     assert hide.shape[0] == 1 and not hide.any()
 
 
+def test_leftward_views_score_each_draft_with_the_drafts_left_of_it_filled():
+    drafted = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    step = torch.tensor([[0, -1, 0, 1], [-1, 0, -1, -1]])
+    hide, pick = verifier_views("leftward", drafted, step, with_plain=False)
+    assert hide.shape == (3, 2, 4)  # as many views as the row with the most drafts has drafts
+    assert hide[:, 0].tolist() == [[True, False, True, True], [False, False, True, True],
+                                   [False, False, False, True]]
+    assert hide[:, 1].tolist() == [[False, True, False, False], [False, False, False, False],
+                                   [False, False, False, False]]
+    assert pick[drafted].tolist() == [0, 1, 2, 0]  # draft k (left to right) reads view k
+    none = torch.zeros_like(drafted)
+    hide, pick = verifier_views("leftward", none, step, with_plain=True)
+    assert hide.shape[0] == 2 and pick.tolist() == [[1] * 4] * 2  # undrafted cells read the plain view
+
+
+def test_leftward_view_on_the_bundled_model_accepts_most_drafts_and_answers_right():
+    from diffspec.models.checkpoint import load_model
+    from diffspec.tasks import arith_examples, score
+
+    m, tok = load_model()
+    ex = arith_examples("test", 8, seed=0)
+    cfg = build_dual_config(DecodeConfig(gen_length=48, block_length=16, steps=48, batch_size=8),
+                            rule="exact_match", verifier_view="leftward", num_drafter_steps=2)
+    res = dualdiffusion_generate(m, tok, [e.prompt for e in ex], cfg)
+    assert all(score(e, t)["correct"] for e, t in zip(ex, res.texts))
+    assert res.stats["remasked"] < 0.1 * res.stats["drafted"]
+    assert res.meter.summary()["nfe_per_sequence"] < 16
+
+
 def test_block_decoder_steps_reproduce_decode_canvas(model, tokenizer):
     mc = model.config
     for cfg in (DecodeConfig(**SHAPE), DecodeConfig(**SHAPE, cache="dual", policy="threshold", threshold=0.3)):
@@ -480,7 +509,7 @@ def test_logits_are_aligned_not_shifted(model, tokenizer):
                                        ("disagreement_with_confidence", 0.3), ("kl_divergence", 0.5),
                                        ("unmask_confidence", 0.01), ("trust_verifier", None),
                                        ("disagreement_and_confidence", 0.3), ("verifier_overwrite", None)])
-@pytest.mark.parametrize("view", ["drafted", "stepwise"])
+@pytest.mark.parametrize("view", ["drafted", "stepwise", "leftward"])
 def test_every_rule_decodes_a_batch_of_different_lengths(model, small, tokenizer, rule, thr, view):
     assert len({len(tokenizer.encode(p)) for p in PROMPTS}) == len(PROMPTS)
     cfg = dual(rule=rule, rule_threshold=thr, num_drafter_steps=2, verifier_view=view)

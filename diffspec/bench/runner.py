@@ -156,6 +156,7 @@ def suite(name: str, task: str) -> list[str]:
             *[f"psd:threshold={t},draft_order=position,depths={POSITION_DEPTHS}{c}"
               for t, c in ((1.0, ""), (1.0, ",cache=dual"), (0.99, ",cache=dual"))],
             "psd:threshold=0.9,accept_threshold=0.9,cache=dual",
+            "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,num_drafter_steps=2",
         ]
     if name == "d2sd":
         # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a

@@ -33,7 +33,7 @@ from ..decoding.diffusion import BlockDecoder
 from ..decoding.meter import MeteredModel
 from ..decoding.state import Canvas
 
-VIEWS = ("drafted", "masked", "stepwise")
+VIEWS = ("drafted", "masked", "stepwise", "leftward")
 
 
 @dataclass
@@ -165,7 +165,13 @@ def verifier_views(view: str, drafted: Tensor, step: Tensor, with_plain: bool) -
       prediction given what was accepted before this round;
     - "stepwise": view j hides the drafts of steps >= j, so a draft of step j
       is scored on exactly the canvas the drafter saw when it committed it (a
-      verifier identical to the drafter then accepts everything).
+      verifier identical to the drafter then accepts everything);
+    - "leftward" (beyond the paper, issue #23): view j hides a row's j-th
+      draft (left to right) and every draft after it, so each draft is scored
+      with the drafts to its left filled, as AR speculative decoding checks a
+      draft; it catches drafts committed together that do not fit each other
+      (a token repeated in two neighbouring cells), which the other views
+      score from the same context the drafter used.
     `with_plain` adds the unhidden canvas as a last view (for rules that read
     the verifier at masked cells). Returns hide (K, B, T) and pick (B, T), the
     view whose logits a cell reads (undrafted cells read the plain view, or
@@ -179,6 +185,10 @@ def verifier_views(view: str, drafted: Tensor, step: Tensor, with_plain: bool) -
     if view == "masked":
         hides = [drafted]
         pick = torch.zeros_like(step)
+    elif view == "leftward":
+        rank = drafted.long().cumsum(-1) - 1  # each draft's place among its row's drafts, left to right
+        hides = [drafted & (rank >= j) for j in range(max(int(drafted.sum(-1).max()), 1))]
+        pick = torch.where(drafted, rank, torch.zeros_like(rank))
     else:
         steps = sorted(set(step[drafted].tolist())) or [0]
         hides = [drafted & (step >= j) for j in steps]

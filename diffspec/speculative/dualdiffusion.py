@@ -9,8 +9,9 @@ The loop on one canvas (`dual_decode_canvas`), per iteration:
 2. verify: the verifier runs up to `num_verifier_steps` full bidirectional
    forwards (no cache) on the drafted canvas, seen through `verifier_view`
    ("drafted": as is, the paper's loop; "masked" (default): this
-   iteration's drafts hidden; "stepwise": each draft scored on the canvas it was drafted from,
-   all views in one batched forward). After each forward the rule
+   iteration's drafts hidden; "stepwise": each draft scored on the canvas it was drafted from;
+   "leftward": each draft scored with the drafts to its left filled; several views go in one
+   batched forward). After each forward the rule
    (`speculative.rules`) re-masks or overwrites cells drafted in this iteration.
    As in the reference loop, the verifier also decodes: with
    `verifier_unmask` = k (default 1 for the reference's rules, 0 for ours)
