@@ -249,12 +249,43 @@ class DiffspecLM(LM):
             raise ModelArgsError(f"pretrained={pretrained or '(bundled)'}: {str(e).splitlines()[0]}") from None
         self._device = next(self.model.parameters()).device
         self.pretrained = pretrained or ("bundled:qwen3-arith" if self.family == "ar" else "bundled:llada-arith")
+        self._checkpoint = pretrained
 
         from .decoding.meter import CostMeter
 
         self.meter = CostMeter()
         self.requests: dict[str, int] = {}
         self.last_config: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- chat templates (--apply_chat_template)
+
+    def _template(self) -> Any:
+        """The checkpoint's own chat template (`models.chat.ChatTemplate`), loaded once; a checkpoint
+        without one is an error naming the fix, never a silent plain-text prompt."""
+        if getattr(self, "_chat", None) is None:
+            from .api import checkpoint_dir
+            from .models.chat import ChatTemplate
+
+            path = checkpoint_dir(self._checkpoint, self.method)
+            if path is None:
+                raise ModelArgsError("--apply_chat_template needs pretrained=DIR (the checkpoint's chat template)")
+            self._chat = ChatTemplate.from_pretrained(path)
+        return self._chat
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Fingerprints lm-eval's request cache: the checkpoint and its chat template."""
+        return f"diffspec:{self.pretrained}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        return self._template().template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's few-shot chat history rendered with the checkpoint's template, as transformers'
+        `apply_chat_template(tokenize=False)` renders it (`models.chat` is tested against it)."""
+        return self._template().render(chat_history, add_generation_prompt=add_generation_prompt)
 
     # ---------------------------------------------------------------- lm-eval's distributed hooks
 

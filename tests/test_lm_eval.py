@@ -235,3 +235,25 @@ def test_model_module_imports_without_lm_eval() -> None:
                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install -e '.[eval]'" in out.stdout
+
+
+def test_apply_chat_template_renders_the_checkpoints_template(lm_model, tiny_checkpoint, tmp_path) -> None:
+    import json
+    import shutil
+
+    DiffspecLM, ModelArgsError = lm_model
+    d = tmp_path / "chat"
+    shutil.copytree(tiny_checkpoint, d)
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    lm = DiffspecLM.create_from_arg_string(f"pretrained={d},block_length=8", {"device": "cpu"})
+    history = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+               {"role": "user", "content": "2+2"}]
+    assert lm.apply_chat_template(history) == "<user>1+1\n<assistant>2\n<user>2+2\n<assistant>"
+    assert lm.apply_chat_template(history[:1], add_generation_prompt=False) == "<user>1+1\n"
+    assert lm.chat_template(True) == template and lm.chat_template(False) is None
+    assert str(d) in lm.tokenizer_name
+    plain = DiffspecLM.create_from_arg_string(f"pretrained={tiny_checkpoint},block_length=8", {"device": "cpu"})
+    with pytest.raises(ValueError, match="has no chat template"):
+        plain.apply_chat_template(history)
