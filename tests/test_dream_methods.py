@@ -91,3 +91,17 @@ def test_every_method_runs_on_a_dream_directory(dream2, tokenizer, tmp_path):
         res = generate(PROMPTS[:2], model=str(path), method=method, **kw, **opts)
         assert len(res.token_ids) == 2, method
         assert dream2.config.mask_token_id not in sum(res.raw_ids, []), method
+
+
+def test_cli_generate_fast_dllm_dual_on_a_dream_directory(dream2, tokenizer, tmp_path, capsys):
+    from diffspec.cli import main
+
+    path = save_dream(dream2, tokenizer, tmp_path / "dream")
+    rc = main(["generate", "--model", str(path), "--method", "fast-dllm", "--cache", "dual", "--prompt", "12+7=",
+               "--gen-length", "16", "--block-length", "8"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "[fast-dllm] forwards" in err
+    want = generate(["12+7="], model=str(path), method="fast-dllm", cache="dual", gen_length=16,
+                    block_length=8).texts[0]
+    assert out == want + "\n"
