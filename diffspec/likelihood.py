@@ -64,9 +64,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 def is_causal(model: Any) -> bool:
     """True for the AR targets (exact likelihood), False for masked diffusion models (MC ELBO)."""
-    from .models.causal import Qwen3Model
+    from .api import model_family
 
-    return isinstance(model, Qwen3Model)
+    return model_family(model) == "ar"
 
 
 def _pad_id(model: Any) -> int:

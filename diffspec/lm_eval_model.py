@@ -250,6 +250,7 @@ class DiffspecLM(LM):
         self._device = next(self.model.parameters()).device
         self.pretrained = pretrained or ("bundled:qwen3-arith" if self.family == "ar" else "bundled:llada-arith")
         self._checkpoint = pretrained
+        self._chat: Any = None  # the checkpoint's ChatTemplate, loaded on first use
 
         from .decoding.meter import CostMeter
 
@@ -262,7 +263,7 @@ class DiffspecLM(LM):
     def _template(self) -> Any:
         """The checkpoint's own chat template (`models.chat.ChatTemplate`), loaded once; a checkpoint
         without one is an error naming the fix, never a silent plain-text prompt."""
-        if getattr(self, "_chat", None) is None:
+        if self._chat is None:
             from .api import checkpoint_dir
             from .models.chat import ChatTemplate
 

@@ -325,3 +325,6 @@ def test_eval_chat_wraps_every_prompt(chat_checkpoint, tmp_path, capsys):
     assert rc == 0, err
     r = json.loads(out_file.read_text())
     assert r["chat"] is True and all(s["prompt"].endswith("<assistant>") for s in r["samples"])
+    rc, _, err = run(["eval", "--task", "arith-mc", "--model", str(chat_checkpoint), "--chat", "--limit", "2",
+                      "--scoring", "likelihood"], capsys)
+    assert rc == 2 and "--chat applies to --scoring generate" in err
