@@ -176,7 +176,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
                          "dflash, d2sd) and the diffusion methods in separate runs")
     plan_bench(specs, a.task, overrides)  # bad specs and options fail before the output directory is made
     check_bench_out(a.out)  # before loading anything; run_bench checks both again before decoding
-    model, tok = resolve_model(a.model, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
+    model_path = a.model
+    if model_path is None and a.suite == "dream" and not a.methods:
+        from .models.checkpoint import DEFAULT_DREAM_DIR
+
+        model_path = str(DEFAULT_DREAM_DIR)  # the suite is about Dream: its bundled model
+    model, tok = resolve_model(model_path, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
               overrides=overrides, command=command, repeats=a.repeats)
@@ -262,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
     b.add_argument("--limit", type=int, default=500, help="examples, the same for every row (default 500)")
     b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
-                        "| psd (PSD vs greedy and Fast-dLLM) | d2sd (AR greedy, AR spec, DFlash, D²SD sweeps; AR target)")
+                        "| psd (PSD vs greedy and Fast-dLLM) | frontier (every family's knob swept) | dream (Dream's sampler algs "
+                        "x steps and Fast-dLLM on a Dream model, default the bundled dream-arith) | d2sd (AR greedy, "
+                        "AR spec, DFlash, D²SD sweeps; AR target)")
     b.add_argument("--methods", nargs="+",
                    help="rows as specs, METHOD:key=value,... e.g. vanilla:steps=24 fast-dllm:cache=dual,policy=threshold "
                         "(psd depths as 1;3;5); replaces --suite. The decoding flags below apply to every row whose "

@@ -65,3 +65,14 @@ def test_frontier_suite_sweeps_every_family_and_parses():
     assert methods == {"vanilla", "fast-dllm", "dkv-cache", "dualdiffusion", "psd"}
     thresholds = [o["threshold"] for m, o in parsed if m == "fast-dllm" and "threshold" in o]
     assert min(thresholds) <= 0.5 and max(thresholds) >= 0.99
+
+
+def test_dream_suite_covers_the_algs_and_the_cached_methods():
+    from diffspec.bench.runner import plan_bench, suite
+
+    specs = suite("dream", "arith")
+    parsed, configs = plan_bench(specs, "arith")
+    algs = {o["alg"] for m, o in parsed if m == "dream"}
+    assert algs == {"origin", "maskgit_plus", "topk_margin", "entropy"}
+    assert {m for m, _ in parsed} >= {"dream", "vanilla", "fast-dllm", "dkv-cache", "psd"}
+    assert parsed[0] == ("dream", {"alg": "entropy", "steps": 48})

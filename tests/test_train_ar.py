@@ -12,7 +12,7 @@ from diffspec.models.causal import Qwen3Config, Qwen3Model, load_causal, save_ca
 from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_tokenizer
 from diffspec.models.dflash import load_dflash
 from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
-from diffspec.train import dflash as dflash_mod
+from diffspec.train import distill as distill_mod
 from diffspec.train.ar import train_ar
 from diffspec.train.dflash import WindowData, accepted_length, train_dflash, window_loss
 
@@ -105,13 +105,13 @@ def test_drafter_trains_saves_loads_and_resumes(tmp_path, target_dir, kind, monk
     state = torch.load(tmp_path / "state" / "trainer_state.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 3
     assert 0.0 <= state["extra"]["history"][-1]["val_accept_len"] <= drafter.config.block_size - 1
-    assert (tmp_path / "state" / "targets.pt").is_file()
+    assert (tmp_path / "state" / "continuations" / "train" / "chunk-00000.pt").is_file()
 
     # Resume continues the step count and reuses the cached target continuations.
     def no_regen(*a, **k):
         raise AssertionError("target continuations regenerated on resume")
 
-    monkeypatch.setattr(dflash_mod, "target_continuations", no_regen)
+    monkeypatch.setattr(distill_mod, "_generate_chunk", no_regen)
     train_dflash(cfg, kind=kind, resume=True, max_steps=5)
     assert state_step(tmp_path / "state") == 5
 
@@ -128,7 +128,13 @@ def test_drafter_errors(tmp_path, target_dir, tokenizer):
     other = save_causal(Qwen3Model(Qwen3Config(**{**AR_MODEL, "vocab_size": shared.vocab_size, "eos_token_id": 0})),
                         tokenizer, tmp_path / "other")
     with pytest.raises(ValueError, match="another tokenizer"):
-        train_dflash(drafter_config(tmp_path / "t", other, "dflash"))
+        train_dflash(drafter_config(tmp_path / "t", other, "dflash", tokenizer_from=str(DEFAULT_MODEL_DIR)))
+    # Without tokenizer_from the drafter takes the target's own tokenizer; mask_token must name one
+    # of its tokens that is not an EOS.
+    with pytest.raises(ValueError, match="mask_token"):
+        train_dflash(drafter_config(tmp_path / "n", other, "dflash", mask_token="<|no such token|>"))
+    with pytest.raises(ValueError, match="EOS"):
+        train_dflash(drafter_config(tmp_path / "e", target_dir, "dflash", mask_token="<|endoftext|>"))
 
 
 def test_window_layout():
@@ -227,3 +233,27 @@ def test_shipped_configs_build():
         d = DFlashDrafter(DFlashConfig.for_target(target, tok.token_to_id(MASK_TOKEN), **cfg["model"]), target)
         assert d.config.block_size == (16 if kind == "dflash" else 32)
         assert 2 <= cfg["data"].get("gamma", 16) <= d.config.block_size
+
+
+def test_continuations_carry_the_hidden_states_of_a_full_forward(tmp_path, target_dir):
+    """The taps collected while generating (left-padded batch, KV cache) equal the hidden states of
+    one teacher-forced forward over prompt + answer, row by row; a second call reads the cache."""
+    from diffspec.train.distill import cached_continuations
+
+    target, tok = load_causal(target_dir)
+    prompts = ["Question: 3 + 4 = ?\nAnswer:", "Question: Ana has 12 pens and buys 30 more. How many?\nAnswer:",
+               "Question: 9 - 2 = ?\nAnswer:"]
+    seqs, hidden = cached_continuations(tmp_path / "c", {"target": "t"}, target, tok, prompts, 12, [1, 2],
+                                        torch.float32, batch_size=2)
+    for (p, a), h in zip(seqs, hidden):
+        assert p == tok.encode(prompts[seqs.index((p, a))]) and len(a) >= 1
+        full = torch.tensor([p + a[:-1]])
+        ref = torch.cat(target(full, hidden_layers=[1, 2]).hidden_states, dim=-1)[0]
+        assert h.shape == ref.shape
+        assert torch.allclose(h, ref, atol=1e-4)
+    again, _ = cached_continuations(tmp_path / "c", {"target": "t"}, target, tok, prompts, 12, [1, 2], torch.float32)
+    assert again == seqs
+    with pytest.raises(ValueError, match="another target"):
+        cached_continuations(tmp_path / "c", {"target": "u"}, target, tok, prompts, 12, [1, 2], torch.float32)
+    with pytest.raises(ValueError, match="other prompts"):
+        cached_continuations(tmp_path / "c", {"target": "t"}, target, tok, prompts[::-1], 12, [1, 2], torch.float32)

@@ -207,3 +207,104 @@ def test_per_query_attention_mask_shape_is_checked():
     model = _tiny_llada()
     with pytest.raises(ValueError, match="per-query attention_mask"):
         model(torch.zeros(1, 6, dtype=torch.long), attention_mask=torch.ones(1, 6, 5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- the Dream architecture (issue #18 part 6)
+
+
+def _dream_config(tmp_path, **train):
+    cfg = json.loads(_config(tmp_path, **train).read_text())
+    cfg["architecture"] = "dream"
+    cfg["model"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "max_position_embeddings": 256}
+    path = tmp_path / "dream.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_train_mdm_dream_saves_a_dream_directory_and_resumes(tmp_path):
+    import torch
+
+    from diffspec.api import resolve_model
+    from diffspec.models.dream import DreamModel
+
+    path = _dream_config(tmp_path)
+    out = train_mdm(path)
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "Dream" and raw["num_hidden_layers"] == 1
+    model, tok = resolve_model(str(out), None, "cpu", None, method="fast-dllm")
+    assert isinstance(model, DreamModel) and model.config.mask_token_id == tok.token_to_id("<|mdm_mask|>")
+    train_mdm(path, resume=True, max_steps=4)
+    assert torch.load(tmp_path / "state" / "trainer_state.pt", weights_only=False)["step"] == 4
+
+
+def test_dream_objective_scores_the_output_before_each_masked_cell():
+    """Dream's loss: the masked token at i is predicted by the network's output at i - 1. Computing
+    the loss from the unshifted outputs (LLaDA's indexing) gives another value."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffspec.models.dream import DreamConfig, DreamModel
+    from diffspec.train.mdm import mdm_loss
+
+    torch.manual_seed(0)
+    model = DreamModel(DreamConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, mask_token_id=1, eos_token_id=0))
+    ids = torch.randint(2, 40, (3, 12))
+    ans = torch.zeros_like(ids, dtype=torch.bool)
+    ans[:, 4:] = True
+    att = torch.ones_like(ans)
+    torch.manual_seed(1)
+    loss = mdm_loss(model, ids, ans, att, mask_id=1)
+    # The same draws by hand: t per row, then the mask, as mdm_loss draws them.
+    torch.manual_seed(1)
+    t = ((torch.arange(3) + torch.rand(3)) / 3 * (1 - 1e-3) + 1e-3)[:, None]
+    masked = (torch.rand(ids.shape) < t) & ans
+    raw = model(torch.where(masked, 1, ids), attention_mask=att, shift=False).logits
+    def by_hand(logits):
+        ce = F.cross_entropy(logits[masked], ids[masked], reduction="none")
+        w = (1 / t).expand_as(ids)[masked] / ans.sum(1, keepdim=True).expand_as(ids)[masked]
+        return (ce * w).sum() / 3
+    shifted = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)
+    assert torch.allclose(loss, by_hand(shifted), atol=1e-5)
+    assert not torch.allclose(loss, by_hand(raw), atol=1e-3)
+
+
+def test_train_mdm_dream_config_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="two_stream_fraction must be 0 for a Dream"):
+        train_mdm(_dream_config(tmp_path, two_stream_fraction=0.5))
+    bad = json.loads(_dream_config(tmp_path).read_text())
+    bad["model"]["d_model"] = 32  # a LLaDA key in a Dream config
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="model.d_model.*hidden_size"):
+        train_mdm(tmp_path / "bad.json")
+    bad = json.loads(_dream_config(tmp_path).read_text())
+    bad["model"]["mask_token_id"] = 3
+    (tmp_path / "bad2.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="taken from the tokenizer"):
+        train_mdm(tmp_path / "bad2.json")
+    bad["architecture"] = "mamba"
+    (tmp_path / "bad3.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="architecture must be one of 'llada', 'dream'"):
+        train_mdm(tmp_path / "bad3.json")
+
+
+def test_bundled_dream_model_comes_from_its_config():
+    """configs/dream-arith.json writes diffspec/assets/dream-arith: same shape, the shared tokenizer."""
+    from pathlib import Path
+
+    from diffspec.models.checkpoint import DEFAULT_DREAM_DIR, DEFAULT_MODEL_DIR, load_tokenizer, read_config
+    from diffspec.models.dream import DreamConfig
+    from diffspec.train.common import read_train_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = read_train_config(root / "configs" / "dream-arith.json")
+    assert cfg["architecture"] == "dream" and "init_from" not in cfg["train"]
+    assert (root / cfg["out"]).resolve() == Path(DEFAULT_DREAM_DIR).resolve()
+    if not (DEFAULT_DREAM_DIR / "config.json").is_file():
+        pytest.skip("the bundled Dream model is not trained yet")
+    bundled = DreamConfig.from_hf_dict(read_config(DEFAULT_DREAM_DIR))
+    for key, value in cfg["model"].items():
+        assert getattr(bundled, key) == value, key
+    assert load_tokenizer(DEFAULT_DREAM_DIR).fingerprint() == load_tokenizer(DEFAULT_MODEL_DIR).fingerprint()
+    assert sum(f.stat().st_size for f in DEFAULT_DREAM_DIR.iterdir()) <= 16 * 2**20

@@ -160,12 +160,26 @@ def suite(name: str, task: str) -> list[str]:
             "psd:threshold=0.9,accept_threshold=0.9,cache=dual",
             "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,num_drafter_steps=2",
         ]
+    if name == "dream":
+        # Run on a Dream model (default: the bundled diffspec/assets/dream-arith). Dream's own
+        # whole-sequence sampler: each alg at full steps, the confidence algs at fewer steps; then
+        # LLaDA's block loop and Fast-dLLM / dKV-Cache / PSD on the same shifted-logit network.
+        return [
+            f"dream:alg=entropy,steps={L}", f"dream:alg=origin,steps={L}", f"dream:alg=maskgit_plus,steps={L}",
+            f"dream:alg=topk_margin,steps={L}",
+            *[f"dream:alg={a},steps={s}" for s in (L // 2, L // 4) for a in ("entropy", "maskgit_plus")],
+            f"dream:alg=origin,steps={L // 2}",
+            f"vanilla:steps={L}", f"vanilla:steps={L // 4}",
+            "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
+            "fast-dllm:cache=dual,policy=threshold,threshold=0.99", "dkv-cache:cache=dkv-prefill",
+            "psd:lossless=true",
+        ]
     if name == "d2sd":
         # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a
         # latency comparison); AR at its default batch of 8 comes last, for the throughput view.
         return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd", "d2sd:k=8",
                 "d2sd:gamma2=24", "d2sd:gamma2=48", "ar"]
-    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd, frontier or d2sd")
+    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd, frontier, dream or d2sd")
 
 
 BENCH_FILES = ("results.json", "table.md", "pareto.png")

@@ -278,11 +278,13 @@ class DFlashDrafter(nn.Module):
         return F.linear(self.norm(x), head)
 
 
-def save_dflash(drafter: DFlashDrafter, path: str | Path) -> Path:
-    """Write config.json and model.safetensors (the drafter's own weights only)."""
+def save_dflash(drafter: DFlashDrafter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json and model.safetensors (the drafter's own weights only; in `dtype` when
+    given: bf16 halves a SmolLM2-width drafter, and loading casts to the target's dtype)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
+             for k, v in drafter.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
     return path

@@ -194,12 +194,28 @@ def run_rows(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[st
 
 
 def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: frozenset[int],
-             generator: torch.Generator) -> list[list[int]]:
+             generator: torch.Generator, hidden_layers: Sequence[int] | None = None,
+             hidden_out: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Decode left-padded rows together; a row stops growing after its EOS, the batch when all stopped.
 
     Finished rows are still fed (their tokens are ignored) but are not counted
     as sequences advanced, so tokens per forward stays exactly 1.
+
+    With `hidden_layers`, `hidden_out` receives per row the hidden states at
+    those layers (concatenated, (T, len·H), on the CPU) of every token fed:
+    the prompt and each answer token but the last. Drafter training reads them,
+    so the target's continuations and its features come from one pass.
     """
+    if (hidden_layers is None) != (hidden_out is None):
+        raise ValueError("ar_batch: pass hidden_layers and hidden_out together")
+    taps = list(hidden_layers) if hidden_layers is not None else None
+    steps: list[torch.Tensor] = []
+
+    def keep(out: Any) -> Any:
+        if taps is not None:
+            steps.append(torch.cat(out.hidden_states, dim=-1).cpu())
+        return out.logits[:, -1]
+
     device = model_device(model.model)
     B, W = len(rows), max(len(r) for r in rows)
     ids = torch.zeros(B, W, dtype=torch.long, device=device)
@@ -211,7 +227,8 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = CausalKVCache.for_model(model.model, B, W + cfg.gen_length)
 
-    logits = model(ids, positions=positions, attention_mask=mask if padded else None, kv_cache=cache).logits[:, -1]
+    logits = keep(model(ids, positions=positions, attention_mask=mask if padded else None, kv_cache=cache,
+                        hidden_layers=taps))
     pos = positions[:, -1:] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -225,9 +242,13 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
             break
         if padded:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        logits = model(tok[:, None], positions=pos, attention_mask=mask if padded else None, kv_cache=cache,
-                       sequences=done.count(False)).logits[:, -1]
+        logits = keep(model(tok[:, None], positions=pos, attention_mask=mask if padded else None, kv_cache=cache,
+                            sequences=done.count(False), hidden_layers=taps))
         pos = pos + 1
+    if hidden_out is not None:
+        full = torch.cat(steps, dim=1)  # (B, W + answer steps fed, len·H)
+        for r, row in enumerate(rows):
+            hidden_out.append(full[r, W - len(row):W + len(out[r]) - 1])
     return out
 
 

@@ -1,11 +1,17 @@
 """Train a DFlash block drafter (kind "dflash") or D²SD's variable-prefix drafter (kind "vp").
 
 Data are the frozen target's OWN greedy continuations, since those are the
-tokens the drafter must match at inference: for each training prompt the
-target's greedy answer is generated once with `ar_generate` (cached in
-`state_dir/targets.pt`, so a resume does not regenerate), then the target
-runs once over prompt + answer to collect the hidden states at the drafter's
-`target_layers` (kept in memory, `data.hidden_dtype`, default float16).
+tokens the drafter must match at inference, with the target's hidden states
+at the drafter's `target_layers` taken from the same KV-cached pass
+(`train.distill`: generated once in chunks, cached in `data.cache`, default
+`state_dir/continuations`, so a resume or a second drafter of the same target
+does not regenerate; `data.hidden_dtype`, default float16). Prompts come from
+`data.source`: the arith task, or GSM8K train questions in the target's chat
+template (see `train.distill`). A target with its own tokenizer (SmolLM2)
+needs no `tokenizer_from`; the drafter's mask cell is the token `mask_token`
+names (default the arith tokenizer's mask; SmolLM2 has no mask token, so its
+configs name an unused special token whose frozen embedding the drafter
+learns to read as "to be drafted").
 
 A training window starts at an anchor position a inside the answer (the last
 committed token at inference) and is laid out exactly as `spec/d2sd.py`
@@ -37,15 +43,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.causal import Qwen3Model, load_causal
-from ..models.checkpoint import DTYPES, CheckpointError
+from ..decoding.runner import eos_ids
+from ..models.checkpoint import DTYPES, CheckpointError, load_tokenizer
+from ..models.gguf import resolve_checkpoint
 from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
-from ..models.tokenizer import EOS_TOKEN, MASK_TOKEN
-from ..speculative.ar import ARConfig, ar_generate
-from ..tasks import arith_examples
-from .common import TOP_KEYS, TRAIN_KEYS, Schema, choice, dataclass_section, integer, number, setup, \
+from ..models.tokenizer import MASK_TOKEN, Tokenizer
+from .common import TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, setup, \
     shared_tokenizer, text, train_loop
+from .distill import SOURCES, Seq, cached_continuations, source_prompts
 
-__all__ = ["train_dflash", "WindowData", "target_continuations", "SCHEMA"]
+__all__ = ["train_dflash", "WindowData", "SCHEMA", "load_target", "target_tokenizer"]
 
 KINDS = ("dflash", "vp")
 # Every key `train_dflash` reads; anything else in a config is refused (see train.common).
@@ -54,58 +61,15 @@ SCHEMA: Schema = {
     **TOP_KEYS,
     "target": text,
     "kind": choice(*KINDS),
+    "mask_token": text,
+    "save_dtype": choice(*DTYPES),
     "model": dataclass_section(DFlashConfig, derived={"hidden_size": "the target", "vocab_size": "the target",
                                                       "mask_token_id": "the tokenizer"}),
     "data": {"pool": integer(1), "gen_length": integer(1), "anchors_per_seq": integer(1), "gamma": integer(2),
-             "loss_decay": number(0), "hidden_dtype": choice(*DTYPES)},
+             "loss_decay": number(0), "hidden_dtype": choice(*DTYPES), "source": choice(*SOURCES),
+             "questions": text, "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1)},
     "train": TRAIN_KEYS,
 }
-Seq = tuple[list[int], list[int]]  # (prompt ids, target answer ids, EOS included when emitted)
-
-
-def target_continuations(target: Qwen3Model, tok, prompts: list[str], gen_length: int) -> list[Seq]:
-    """(prompt ids, the target's greedy answer ids) per prompt; the answer keeps its EOS."""
-    res = ar_generate(target, tok, prompts, ARConfig(gen_length=gen_length, batch_size=64), progress=True)
-    return [(tok.encode(p), list(a)) for p, a in zip(prompts, res.raw_ids)]
-
-
-def _cached_targets(path: Path, meta: dict[str, Any], target: Qwen3Model, tok, train_prompts: list[str],
-                    val_prompts: list[str], gen_length: int) -> tuple[list[Seq], list[Seq]]:
-    if path.is_file():
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        if st.get("meta") == meta:
-            print(f"target continuations from {path}")
-            return st["train"], st["val"]
-        print(f"{path} was made for another target or data; regenerating")
-    train = target_continuations(target, tok, train_prompts, gen_length)
-    val = target_continuations(target, tok, val_prompts, gen_length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"meta": meta, "train": train, "val": val}, tmp)
-    tmp.replace(path)
-    return train, val
-
-
-@torch.no_grad()
-def _hidden(target: Qwen3Model, seqs: list[Seq], layers: tuple[int, ...], dtype: torch.dtype,
-            batch: int = 32) -> list[Tensor]:
-    """Per sequence (T, len(layers)·H): target hidden states at `layers`, concatenated in that order."""
-    dev = target.model.embed_tokens.weight.device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    out: list[Tensor | None] = [None] * len(seqs)
-    for s in range(0, len(order), batch):
-        idx = order[s:s + batch]
-        rows = [seqs[i][0] + seqs[i][1] for i in idx]
-        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-        # Right padding under causal attention leaves the real positions untouched.
-        h = torch.cat(target(ids.to(dev), hidden_layers=list(layers)).hidden_states, dim=-1).cpu()
-        for r, i in enumerate(idx):
-            out[i] = h[r, :len(rows[r])].to(dtype)
-            if not torch.isfinite(out[i]).all():
-                raise ValueError(f"target hidden states overflow {dtype}; set data.hidden_dtype to float32")
-    return out  # type: ignore[return-value]
 
 
 class WindowData:
@@ -204,17 +168,46 @@ def accepted_length(drafter: DFlashDrafter, data: WindowData, device: torch.devi
     return total / max(n, 1)
 
 
-def _load_target(cfg: dict[str, Any], tok, device: torch.device) -> Qwen3Model:
+def target_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    """`tokenizer_from`'s tokenizer (the arith models' shared one), else the target's own."""
+    if cfg.get("tokenizer_from"):
+        return shared_tokenizer(cfg)
+    return load_tokenizer(target_dir(cfg))
+
+
+def target_dir(cfg: dict[str, Any]) -> Path:
     if not cfg.get("target"):
         raise ValueError("the training config lacks 'target': the AR target checkpoint directory the drafter serves")
-    path = Path(cfg["target"])
-    if not path.is_dir():
+    path = resolve_checkpoint(cfg["target"])  # 'smollm2' and .gguf files -> a directory
+    if not Path(path).is_dir():
         raise CheckpointError(f"target checkpoint {path} does not exist; train it first (diffspec train ar)")
+    return Path(path)
+
+
+def load_target(cfg: dict[str, Any], tok: Tokenizer, device: torch.device) -> Qwen3Model:
+    """The frozen AR target the config names, checked to read `tok`'s ids."""
+    path = target_dir(cfg)
     target, ttok = load_causal(path, device=device, dtype=torch.float32)
     if ttok.fingerprint() != tok.fingerprint():
         raise ValueError(f"the target {path} uses another tokenizer than tokenizer_from "
                          f"({cfg.get('tokenizer_from') or 'the bundled llada-arith'}); every model must share one")
     return target.requires_grad_(False).eval()
+
+
+def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
+    name = cfg.get("mask_token", MASK_TOKEN)
+    mask_id = tok.token_to_id(name)
+    if mask_id is None:
+        raise ValueError(f"the tokenizer has no token {name!r} for the drafter's mask cell; set mask_token to one "
+                         "of its special tokens that the target never writes")
+    return mask_id
+
+
+def continuation_meta(cfg: dict[str, Any], target: Qwen3Model, path: Path) -> dict[str, Any]:
+    """What identifies a target's continuations: its path, config and weight files' sizes and dates."""
+    files = sorted(path.glob("*.safetensors"))
+    return {"target": str(path.resolve()), "target_config": target.config.to_hf_dict(),
+            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path | None = None, resume: bool = False,
@@ -235,11 +228,12 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     if kind == "dflash" and "gamma" in dcfg:
         raise ValueError("data.gamma only applies to kind vp (the prefix lengths it re-anchors); a dflash drafter's "
                          "window is model.block_size")
-    tok = shared_tokenizer(cfg)
-    target = _load_target(cfg, tok, dev)
-    eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
-    if eos_id not in target.config.eos_token_ids:
-        raise ValueError(f"target eos ids {target.config.eos_token_ids} do not include the tokenizer's EOS {eos_id}")
+    tok = target_tokenizer(cfg)
+    target = load_target(cfg, tok, dev)
+    mask_id = mask_id_of(cfg, tok)
+    if mask_id in eos_ids(target):
+        raise ValueError(f"mask_token {cfg.get('mask_token', MASK_TOKEN)!r} is one of the target's EOS ids; pick a "
+                         "token the target never writes")
     dconf = DFlashConfig.for_target(target, mask_id, **cfg["model"])
     drafter = DFlashDrafter(dconf, target).to(dev)
     W = dconf.block_size
@@ -250,25 +244,26 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
           f"{list(dconf.target_layers)}, device {dev}")
 
     seed, gen_length = int(tr.get("seed", 0)), int(dcfg.get("gen_length", 48))
-    train_prompts = [e.prompt for e in arith_examples("train", int(dcfg.get("pool", 2000)), seed=seed)]
-    val_prompts = [e.prompt for e in arith_examples("validation", int(tr.get("eval_n", 64)), seed=0)]
-    weights = Path(cfg["target"]) / "model.safetensors"
-    meta = {"target": str(Path(cfg["target"]).resolve()), "target_config": target.config.to_hf_dict(),
-            "weights": [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None,
-            "n_train": len(train_prompts), "n_val": len(val_prompts), "seed": seed, "gen_length": gen_length}
-    train_seqs, val_seqs = _cached_targets(state_path.parent / "targets.pt", meta, target, tok, train_prompts,
-                                           val_prompts, gen_length)
+    n_val = int(tr.get("eval_n", 64))
+    train_prompts, val_prompts = source_prompts(dcfg, int(dcfg.get("pool", 2000)), n_val, seed, target_dir(cfg))
     hdt = DTYPES.get(str(dcfg.get("hidden_dtype", "float16")))
     if hdt is None:
         raise ValueError(f"data.hidden_dtype must be one of {sorted(DTYPES)}, got {dcfg.get('hidden_dtype')!r}")
-    layers = dconf.target_layers
-    data = WindowData(train_seqs, _hidden(target, train_seqs, layers, hdt), kind, W, gamma, mask_id, seed)
-    val = WindowData(val_seqs, _hidden(target, val_seqs, layers, torch.float32), kind, W, gamma, mask_id, seed)
+    layers = list(dconf.target_layers)
+    cache = Path(dcfg.get("cache") or state_path.parent / "continuations")
+    meta = continuation_meta(cfg, target, target_dir(cfg))
+    gen_bs = int(dcfg.get("gen_batch_size", 64))
+    train_seqs, train_hidden = cached_continuations(cache / "train", meta, target, tok, train_prompts, gen_length,
+                                                    layers, hdt, gen_bs)
+    val_seqs, val_hidden = cached_continuations(cache / "val", meta, target, tok, val_prompts, gen_length, layers,
+                                                hdt, gen_bs, desc="validation continuations")
+    data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)
+    val = WindowData(val_seqs, val_hidden, kind, W, gamma, mask_id, seed)
     n_seqs, per_seq = int(tr.get("batch_size", 16)), int(dcfg.get("anchors_per_seq", 4))
     decay = float(dcfg.get("loss_decay", 0.0))
 
     def save() -> None:
-        save_dflash(drafter, out_dir)
+        save_dflash(drafter, out_dir, DTYPES[cfg["save_dtype"]] if "save_dtype" in cfg else None)
         (out_dir / "trained_for.json").write_text(json.dumps({"kind": kind, "target": str(cfg["target"]),
                                                               "gamma": gamma}, indent=2) + "\n")
 

@@ -1,5 +1,12 @@
 """Masked-diffusion SFT (LLaDA's objective) for small models on the arith tasks.
 
+`architecture` picks the network: "llada" (default) or "dream" (the Qwen2
+backbone of `models.dream`, whose network predicts cell i from its output at
+i - 1). The objective is the same masked cross-entropy for both: a Dream
+model's forward already returns the shifted logits, so the loss scores the
+output at i - 1 against token i, which is Dream's training objective. The
+two-stream block rows are LLaDA-only (see `two_stream_loss`).
+
 Loss: draw t ~ U(0, 1] per example (stratified over the batch to cut
 variance), mask each answer token with probability t, and average the
 cross-entropy on masked tokens weighted by 1/t over all answer tokens. The
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 from ..decoding.config import DecodeConfig
 from ..decoding.diffusion import diffusion_generate
 from ..models.checkpoint import save_model
+from ..models.dream import DreamConfig, DreamModel, save_dream
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
 from ..tasks import Example, arith, arith_examples, arith_mc_examples, score
@@ -105,12 +113,14 @@ WEIGHTINGS = ("elbo", "mean")  # LLaDA's 1/t, or each row's mean masked cross-en
 
 
 _FRACTION = number(0, 1)
+ARCHITECTURES = ("llada", "dream")
+_FROM_TOKENIZER = ("vocab_size", "mask_token_id", "eos_token_id")
 # Every key `train_mdm` reads (see the module docstring and README for what each does); a config
 # with a key outside it is refused (see train.common).
 SCHEMA: Schema = {
     **TOP_KEYS,
-    "model": dataclass_section(LLaDAConfig, derived={k: "the tokenizer" for k in
-                                                     ("vocab_size", "mask_token_id", "eos_token_id")}),
+    "architecture": choice(*ARCHITECTURES),
+    "model": dataclass_section(LLaDAConfig, derived={k: "the tokenizer" for k in _FROM_TOKENIZER}),
     "tokenizer": {"vocab_size": integer(1), "corpus_problems": integer(1), "arith": anything},
     "data": {"gen_length": integer(1), "block_length": integer(1), "pool": integer(1), "mc_fraction": _FRACTION,
              "mc_gen_length": integer(1), "long_fraction": _FRACTION, "long_lengths": int_list(1), "arith": anything},
@@ -118,6 +128,33 @@ SCHEMA: Schema = {
               "two_stream_block": integer(1), "block_k": choice(*BLOCK_K), "loss_weighting": choice(*WEIGHTINGS),
               "init_from": text},
 }
+# A Dream config's model section holds DreamConfig's fields (Dream's own config.json names).
+DREAM_SCHEMA: Schema = {
+    **SCHEMA,
+    "model": dataclass_section(DreamConfig, derived={**{k: "the tokenizer" for k in _FROM_TOKENIZER},
+                                                     "pad_token_id": "eos_token_id (Dream pads with EOS)",
+                                                     "bos_token_id": "the tokenizer (the arith one has none)",
+                                                     "eot_token_id": "the tokenizer (the arith one has none)"}),
+}
+
+
+def config_architecture(config_path: str | Path) -> str:
+    """The config's `architecture` (default "llada"), read before the schema that depends on it."""
+    from .common import read_train_config
+
+    arch = read_train_config(config_path).get("architecture", "llada")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"training config {config_path}: architecture must be one of "
+                         f"{', '.join(map(repr, ARCHITECTURES))}; got {arch!r}")
+    return arch
+
+
+def build_model(arch: str, model_cfg: dict[str, Any], tok: Tokenizer) -> LLaDAModel | DreamModel:
+    ids = {"vocab_size": tok.vocab_size, "mask_token_id": tok.token_to_id(MASK_TOKEN),
+           "eos_token_id": tok.token_to_id(EOS_TOKEN)}
+    if arch == "dream":
+        return DreamModel(DreamConfig(**{**model_cfg, **ids}))
+    return LLaDAModel(LLaDAConfig(**{**model_cfg, **ids}))
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -264,18 +301,24 @@ def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_len
 
 def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
               device: str | None = None, max_steps: int | None = None) -> Path:
-    """Train a LLaDA-architecture MDM from a JSON config ({model, tokenizer, data, train, out, state_dir})."""
-    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
+    """Train a LLaDA- or Dream-architecture MDM from a JSON config
+    ({architecture, model, tokenizer, data, train, out, state_dir})."""
+    arch = config_architecture(config_path)
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, DREAM_SCHEMA if arch == "dream" else SCHEMA)
     dcfg = cfg.get("data", {})
+    if arch == "dream" and float(cfg["train"].get("two_stream_fraction", 0.0)) > 0:
+        raise ValueError("train.two_stream_fraction must be 0 for a Dream model: a shifted network scores a "
+                         "block's first cell from the output before it, which the two-stream layout places in "
+                         "the clean copy, blind to the noisy block (use train.block_fraction for block rows)")
     tok = build_tokenizer(cfg)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
-    mcfg = LLaDAConfig(**{**cfg["model"], "vocab_size": tok.vocab_size, "mask_token_id": mask_id,
-                          "eos_token_id": eos_id})
-    model = LLaDAModel(mcfg).to(dev)
+    model = build_model(arch, cfg["model"], tok).to(dev)
     if tr.get("init_from"):  # warm start from a saved checkpoint (weights only, fresh optimizer)
         from ..models.checkpoint import load_model
+        from ..models.dream import load_dream
 
-        init, init_tok = load_model(tr["init_from"], device=dev, dtype=torch.float32)
+        loader = load_dream if arch == "dream" else load_model
+        init, init_tok = loader(tr["init_from"], device=dev, dtype=torch.float32)
         if init_tok.fingerprint() != tok.fingerprint():
             raise ValueError(f"init_from {tr['init_from']} uses another tokenizer than this config builds; "
                              f"set tokenizer_from to {tr['init_from']}")
@@ -285,7 +328,7 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
                              f"section ({diff})")
         model.load_state_dict(init.state_dict())
         print(f"initialised weights from {tr['init_from']}")
-    print(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
+    print(f"{arch} model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
 
     gen_length = int(dcfg.get("gen_length", 48))
     block_length = int(dcfg.get("block_length", 16))
@@ -337,5 +380,6 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
 
     train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
                lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
-               lambda: save_model(model, tok, out_dir), rngs=[batcher.rng])
+               lambda: save_dream(model, tok, out_dir) if arch == "dream" else save_model(model, tok, out_dir),
+               rngs=[batcher.rng])
     return out_dir

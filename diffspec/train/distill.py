@@ -1,0 +1,161 @@
+"""The target's own greedy continuations, with its hidden states, cached on disk in chunks.
+
+Drafters learn to predict what the target will say, so their data are the
+target's greedy answers to training prompts (not the dataset's references).
+On a CPU generating them is the expensive part (SmolLM2-135M: about an hour
+for 2,000 GSM8K answers of up to 256 tokens), so they are generated once, in
+chunks of `CHUNK` prompts written as they finish: an interrupted run resumes
+at the first missing chunk, and every drafter of one target (AR, DFlash,
+D²SD's VP) reads the same cache. The hidden states at the requested target
+layers come from the same KV-cached pass (`ar_batch`'s taps), not from a
+second forward over the finished sequences.
+
+Prompts come from `data.source`: "arith" (the synthetic task, raw prompts)
+or "gsm8k" (questions of a GSM8K-format jsonl, by default the *train* split,
+as `Question: …\\nAnswer:`, rendered with the target's chat template when
+`data.chat` is true, the default), so the drafter sees exactly the prompts
+`diffspec eval --task gsm8k --chat` gives the target.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.runner import eos_ids, model_device
+from ..models.tokenizer import Tokenizer
+from ..speculative.ar import ARConfig, ar_batch, run_rows
+from ..tasks import _read_jsonl, arith_examples, default_data_dir, gsm8k_prompt
+
+SOURCES = ("arith", "gsm8k")
+CHUNK = 64
+Seq = tuple[list[int], list[int]]  # (prompt ids, target answer ids, EOS included when emitted)
+
+
+def source_prompts(dcfg: dict[str, Any], n_train: int, n_val: int, seed: int, target_dir: Path | None
+                   ) -> tuple[list[str], list[str]]:
+    """(train prompts, held-out validation prompts) from the config's `data` section."""
+    source = str(dcfg.get("source", "arith"))
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {', '.join(map(repr, SOURCES))}; got {source!r}")
+    if source == "arith":
+        if "questions" in dcfg or "chat" in dcfg or "system" in dcfg:
+            raise ValueError("data.questions, data.chat and data.system apply to data.source 'gsm8k'")
+        return ([e.prompt for e in arith_examples("train", n_train, seed=seed)],
+                [e.prompt for e in arith_examples("validation", n_val, seed=0)])
+    path = Path(dcfg.get("questions") or default_data_dir() / "gsm8k" / "train.jsonl")
+    rows = _read_jsonl(path)
+    if rows and "question" not in rows[0]:
+        raise ValueError(f"{path} rows need a 'question' field (GSM8K format)")
+    if n_train + n_val > len(rows):
+        raise ValueError(f"data.pool ({n_train}) + train.eval_n ({n_val}) exceeds the {len(rows)} questions "
+                         f"in {path}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    # Validation from the end of the shuffled list, training from its start: a larger pool keeps
+    # both, so the cached chunks of a smaller one stay valid.
+    prompts = [gsm8k_prompt(rows[i]["question"]) for i in order[:n_train] + order[len(order) - n_val:]]
+    if dcfg.get("chat", True):
+        if target_dir is None:
+            raise ValueError("data.chat needs the target's checkpoint directory (its chat template)")
+        from ..models.chat import ChatTemplate
+
+        template = ChatTemplate.from_pretrained(target_dir)
+        head = [{"role": "system", "content": dcfg["system"]}] if dcfg.get("system") else []
+        prompts = [template.render(head + [{"role": "user", "content": p}]) for p in prompts]
+    return prompts[:n_train], prompts[n_train:]
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _generate_chunk(target: torch.nn.Module, tok: Tokenizer, prompts: list[str], gen_length: int,
+                    layers: Sequence[int] | None, hidden_dtype: torch.dtype, batch_size: int
+                    ) -> tuple[list[Seq], list[Tensor] | None]:
+    cfg = ARConfig(gen_length=gen_length, batch_size=batch_size)
+    meter = CostMeter()
+    metered = MeteredModel(target, meter, meter.primary)
+    eos = eos_ids(target)
+    gen = torch.Generator(device=model_device(target)).manual_seed(cfg.seed)
+    hidden: list[Tensor] | None = [] if layers is not None else None
+    # Prompts of similar length batch with little padding; the results go back to prompt order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    res = run_rows(target, tok, [prompts[i] for i in order], cfg, meter,
+                   lambda rows: ar_batch(metered, rows, cfg, eos, gen, layers, hidden), "target", False)
+    seqs: list[Seq | None] = [None] * len(prompts)
+    hid: list[Tensor | None] = [None] * len(prompts)
+    for k, i in enumerate(order):
+        seqs[i] = (tok.encode(prompts[i]), list(res.raw_ids[k]))
+        if hidden is not None:
+            h = hidden[k].to(hidden_dtype)
+            if not torch.isfinite(h).all():
+                raise ValueError(f"target hidden states overflow {hidden_dtype}; set data.hidden_dtype to float32")
+            hid[i] = h
+    return seqs, (hid if hidden is not None else None)  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn.Module, tok: Tokenizer,
+                         prompts: list[str], gen_length: int, layers: Sequence[int] | None = None,
+                         hidden_dtype: torch.dtype = torch.float16, batch_size: int = 32,
+                         desc: str = "target continuations") -> tuple[list[Seq], list[Tensor] | None]:
+    """(prompt ids, greedy answer ids) per prompt, and with `layers` the target's hidden states at
+    those layers per sequence ((T, len·H): the prompt and every answer token but the last).
+
+    Chunks already in `cache_dir` are read, missing ones generated and written (a larger pool
+    extends a cache); a cache made for another target, length or layer set, or a chunk made for
+    other prompts, is refused with the directory to delete.
+    """
+    cache_dir = Path(cache_dir)
+    full_meta = {**meta, "gen_length": gen_length, "layers": list(layers) if layers is not None else None,
+                 "hidden_dtype": str(hidden_dtype), "chunk": CHUNK}
+    meta_file = cache_dir / "meta.json"
+    if meta_file.is_file():
+        old = json.loads(meta_file.read_text())
+        if old.get("meta") != json.loads(json.dumps(full_meta, default=str)):
+            raise ValueError(f"{cache_dir} holds continuations made for another target, gen_length or layer set; "
+                             "delete it (or point data.cache elsewhere) to regenerate")
+        seconds = float(old.get("seconds", 0.0))
+    else:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        seconds = 0.0
+    seqs: list[Seq] = []
+    hidden: list[Tensor] | None = [] if layers is not None else None
+    n_chunks = (len(prompts) + CHUNK - 1) // CHUNK
+    bar = tqdm(total=len(prompts), desc=desc)
+    for c in range(n_chunks):
+        f = cache_dir / f"chunk-{c:05d}.pt"
+        part = prompts[c * CHUNK:(c + 1) * CHUNK]
+        if f.is_file():
+            st = torch.load(f, map_location="cpu", weights_only=False)
+            if st.get("prompts") != _fingerprint(part):
+                raise ValueError(f"{f} was generated for other prompts (another data source, seed or chat "
+                                 f"setting); delete {cache_dir} (or point data.cache elsewhere) to regenerate")
+        else:
+            t0 = time.time()
+            s, h = _generate_chunk(target, tok, part, gen_length, layers, hidden_dtype, batch_size)
+            seconds += time.time() - t0
+            st = {"prompts": _fingerprint(part), "seqs": s, "hidden": h}
+            tmp = f.with_suffix(".tmp")
+            torch.save(st, tmp)
+            tmp.replace(f)
+            meta_file.write_text(json.dumps({"meta": full_meta, "seconds": seconds,
+                                             "chunks_done": c + 1}, indent=2, default=str) + "\n")
+        seqs.extend(st["seqs"])
+        if hidden is not None:
+            hidden.extend(st["hidden"])
+        bar.update(len(part))
+    bar.close()
+    if not meta_file.is_file():  # every chunk was there already (copied caches)
+        meta_file.write_text(json.dumps({"meta": full_meta, "seconds": seconds}, indent=2, default=str) + "\n")
+    print(f"target continuations: {len(seqs)} in {cache_dir} ({seconds / 60:.1f} min of generation in all)")
+    return seqs, hidden
