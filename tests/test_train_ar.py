@@ -257,3 +257,77 @@ def test_continuations_carry_the_hidden_states_of_a_full_forward(tmp_path, targe
         cached_continuations(tmp_path / "c", {"target": "u"}, target, tok, prompts, 12, [1, 2], torch.float32)
     with pytest.raises(ValueError, match="other prompts"):
         cached_continuations(tmp_path / "c", {"target": "t"}, target, tok, prompts[::-1], 12, [1, 2], torch.float32)
+
+
+def test_distilled_ar_drafter_shares_the_target_embedding_and_drafts_losslessly(tmp_path, target_dir):
+    """`train ar` with a target: the drafter ships without embedding / head (the target's, frozen),
+    loads only next to its target, and ar-spec with it reproduces the target's greedy output."""
+    from diffspec.speculative.ar import SpecConfig, ar_generate, spec_generate
+
+    cfg = write(tmp_path / "d.json", {
+        "target": str(target_dir), "save_dtype": "bfloat16",
+        "model": {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                  "intermediate_size": 48},
+        "data": {"pool": 16, "gen_length": 16, "loss_positions": 4, "cache": str(tmp_path / "cache")},
+        "train": {**TRAIN, "batch_size": 4, "eval_every": 3}, "out": str(tmp_path / "model"),
+        "state_dir": str(tmp_path / "state")})
+    out = train_ar(cfg)
+    target, tok = load_causal(target_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in names)
+    assert "model.embed_tokens.weight" not in names and names
+    with pytest.raises(CheckpointError, match="shares its target's embedding"):
+        load_causal(out)
+    drafter, _ = load_causal(out, embeddings_from=target)
+    assert drafter.model.embed_tokens.weight is target.model.embed_tokens.weight
+    state = torch.load(tmp_path / "state" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert 0.0 <= state["extra"]["history"][-1]["val_agreement"] <= 1.0
+    prompts = ["Question: 3 + 4 = ?\nAnswer:", "Question: 12 - 5 = ?\nAnswer:"]
+    cfg_ar = SpecConfig(gen_length=16, batch_size=1, gamma=3)
+    spec = spec_generate(target, drafter, tok, prompts, cfg_ar)
+    assert spec.token_ids == ar_generate(target, tok, prompts, cfg_ar).token_ids
+    train_ar(cfg, resume=True, max_steps=4)
+    assert state_step(tmp_path / "state") == 4
+    bad = json.loads(cfg.read_text())
+    bad["model"]["hidden_size"] = 64
+    with pytest.raises(ValueError, match="hidden_size is taken from the target"):
+        train_ar(write(tmp_path / "bad.json", bad))
+
+
+def test_sampled_loss_scores_the_chosen_answer_cells_only():
+    from diffspec.train.ar import ar_loss, sampled_loss
+
+    torch.manual_seed(0)
+    model = Qwen3Model(Qwen3Config(**{**AR_MODEL, "vocab_size": 50, "eos_token_id": 0}))
+    ids = torch.randint(1, 50, (3, 10))
+    ans = torch.zeros(3, 10, dtype=torch.bool)
+    ans[0, 4:], ans[1, 2:9], ans[2, 7:] = True, True, True
+    assert torch.allclose(sampled_loss(model, ids, ans, 100), ar_loss(model, ids, ans), atol=1e-6)
+    seen = []
+    real = model.forward
+
+    def spy(x, **kw):
+        seen.append(kw["logits_mask"].sum(1).tolist())
+        return real(x, **kw)
+
+    model.forward = spy
+    sampled_loss(model, ids, ans, 2)
+    assert seen == [[2, 2, 2]]  # two cells per row, each a cell whose next token is an answer token
+
+
+def test_bundled_drafters_follow_the_target():
+    """SmolLM2 (its converted config records the GGUF source) gets the SmolLM2 drafters, any other
+    target the arith ones."""
+    from diffspec.models.gguf import SMOLLM2_FILE
+    from diffspec.speculative.armethods import DEFAULT_DRAFTERS, DEFAULT_VP, SMOLLM2_DRAFTERS, bundled_drafter
+
+    plain = Qwen3Model(Qwen3Config(**{**AR_MODEL, "vocab_size": 50, "eos_token_id": 0}))
+    smol = Qwen3Model(Qwen3Config(**{**AR_MODEL, "vocab_size": 50, "eos_token_id": 0},
+                                  extra={"diffspec_gguf": {"source": SMOLLM2_FILE}}))
+    for kind in ("ar-spec", "dflash", "d2sd"):
+        assert bundled_drafter(kind, plain) == DEFAULT_DRAFTERS[kind]
+        assert bundled_drafter(kind, smol) == SMOLLM2_DRAFTERS[kind]
+    assert bundled_drafter("vp", plain) == DEFAULT_VP and bundled_drafter("vp", smol) == SMOLLM2_DRAFTERS["vp"]

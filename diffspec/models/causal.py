@@ -349,6 +349,7 @@ class Qwen3Model(DecoderLM):
         attn_mask_override: Tensor | None = None,
         output_hidden_states: bool = False,
         hidden_layers: Sequence[int] | None = None,
+        logits_mask: Tensor | None = None,
     ) -> ModelOutput:
         """Run Q new tokens, attending to themselves and to everything already in `kv_cache`.
 
@@ -364,6 +365,7 @@ class Qwen3Model(DecoderLM):
         the output of layer i-1 (before the final norm). output_hidden_states
         returns all num_hidden_layers+1; hidden_layers returns just those
         indices (negative allowed), in the order given, and implies the former.
+        logits_mask (B, Q) bool: logits of those cells only, flat (N, V) (training).
         """
         cfg = self.config
         B, Q = input_ids.shape
@@ -398,19 +400,46 @@ class Qwen3Model(DecoderLM):
 
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask, is_causal = build_attention_mask(Q, past, attention_mask, attn_mask_override, input_ids.device)
-        logits, states = self.run_blocks(input_ids, cos, sin, mask, is_causal, kv_cache, keep)
+        if logits_mask is not None and tuple(logits_mask.shape) != (B, Q):
+            raise ValueError(f"logits_mask must be (B, Q) = {(B, Q)}, got {tuple(logits_mask.shape)}")
+        logits, states = self.run_blocks(input_ids, cos, sin, mask, is_causal, kv_cache, keep, logits_mask)
         if kv_cache is not None:
             kv_cache.advance(Q)
         hidden = tuple(states[i] for i in wanted) if hidden_layers is not None or output_hidden_states else None
         return ModelOutput(logits=logits, hidden_states=hidden)
 
 
+# config.json key of a drafter saved without the embedding / LM head it shares with its target.
+SHARED_EMBEDDINGS_KEY = "diffspec_shares_target_embeddings"
+
+
+def share_embeddings(drafter: "Qwen3Model", target: "Qwen3Model") -> None:
+    """Make `drafter` read and write tokens through `target`'s embedding (and untied LM head): the
+    same tensors, frozen, so a drafter of a 49k-vocabulary target costs only its own layers."""
+    d, t = drafter.config, target.config
+    if (d.vocab_size, d.hidden_size) != (t.vocab_size, t.hidden_size):
+        raise ValueError(f"a drafter sharing its target's embeddings needs the target's vocab_size and hidden_size "
+                         f"({t.vocab_size}, {t.hidden_size}); it has ({d.vocab_size}, {d.hidden_size})")
+    if d.tie_word_embeddings != t.tie_word_embeddings:
+        raise ValueError("a drafter sharing its target's embeddings must tie them as the target does "
+                         f"(tie_word_embeddings={t.tie_word_embeddings})")
+    drafter.model.embed_tokens.weight = target.model.embed_tokens.weight  # a tied head reads it too
+    target.model.embed_tokens.weight.requires_grad_(False)
+    if not d.tie_word_embeddings:
+        drafter.lm_head.weight = target.lm_head.weight
+        target.lm_head.weight.requires_grad_(False)
+
+
 def load_causal(
     path: str | Path,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    embeddings_from: "Qwen3Model | None" = None,
 ) -> tuple[Qwen3Model, Tokenizer]:
-    """Load a Hugging Face Llama / Qwen2 / Qwen3 directory (config.json, safetensors, tokenizer.json) in eval mode."""
+    """Load a Hugging Face Llama / Qwen2 / Qwen3 directory (config.json, safetensors, tokenizer.json) in eval mode.
+
+    A drafter saved with `save_causal(..., shared_embeddings=True)` has no embedding of its own:
+    pass its target as `embeddings_from` (it is loaded on the target's device and dtype)."""
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -423,6 +452,13 @@ def load_causal(
         return Qwen3Config.from_hf_dict(raw)
 
     cfg, tok = config_and_tokenizer(path, parse, lambda c: c.vocab_size)
+    shared = bool(cfg.extra.get(SHARED_EMBEDDINGS_KEY))
+    if shared and embeddings_from is None:
+        raise CheckpointError(f"{path} is a drafter that shares its target's embedding and LM head (not saved "
+                              "with it); load it as the drafter of that target (--drafter with --model TARGET)")
+    if shared:
+        p = next(embeddings_from.parameters())
+        dev, dt = p.device, p.dtype
     state = _read_weights(path)
     # Harmless extras some exporters write: a tied head stored twice, old RoPE buffers.
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -430,19 +466,32 @@ def load_causal(
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Qwen3Model(cfg)
-    check_state(model.state_dict(), state, path)
-    model.load_state_dict({k: v.to(dt) for k, v in state.items()}, assign=True)
+    expected = model.state_dict()
+    if shared:
+        expected = {k: v for k, v in expected.items() if k not in ("model.embed_tokens.weight", "lm_head.weight")}
+    check_state(expected, state, path)
+    if shared:
+        share_embeddings(model, embeddings_from)  # checks the sizes; the target's tensors, not copies
+    model.load_state_dict({k: v.to(device=dev, dtype=dt) for k, v in state.items()}, assign=True, strict=not shared)
     return model.to(dev).eval(), tok
 
 
-def save_causal(model: Qwen3Model, tokenizer: Tokenizer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json in transformers' layout for the model's type."""
+def save_causal(model: Qwen3Model, tokenizer: Tokenizer, path: str | Path, dtype: torch.dtype | None = None,
+                shared_embeddings: bool = False) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json in transformers' layout for the model's type.
+
+    shared_embeddings: leave out the embedding and LM head (a drafter reusing its target's, see
+    `share_embeddings`); config.json says so and `load_causal` then needs the target."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    skip = ("model.embed_tokens.weight", "lm_head.weight") if shared_embeddings else ()
     state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
+             for k, v in model.state_dict().items() if k not in skip}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    d = model.config.to_hf_dict()
+    if shared_embeddings:
+        d[SHARED_EMBEDDINGS_KEY] = True
+    (path / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     tokenizer.save(path / "tokenizer.json")
     return path
 

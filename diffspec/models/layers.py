@@ -291,11 +291,14 @@ class TransformerLM(nn.Module):
         return 2.0 * self.num_params() * n_query + 4.0 * len(p.blocks) * p.attn_dim * n_query * n_keys
 
     def run_blocks(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
-                   kv_cache: KVCacheHook | None, keep: Collection[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+                   kv_cache: KVCacheHook | None, keep: Collection[int] = (),
+                   logits_mask: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
         """Embed, run every block, final norm and head: (logits, {i: hidden state i for i in keep}).
 
         Hidden states index like transformers': 0 is the embedding output, i the
-        output of block i-1 (before the final norm).
+        output of block i-1 (before the final norm). logits_mask (B, Q) bool: the
+        head runs on those cells only and logits come back flat, (N, V) — with a
+        49k vocabulary the head costs more than a small drafter's layers.
         """
         p = self.parts()
         x = p.embed(input_ids)
@@ -305,6 +308,8 @@ class TransformerLM(nn.Module):
             if i + 1 in keep:
                 states[i + 1] = x
         head = p.embed.weight if p.head is None else p.head.weight
+        if logits_mask is not None:
+            x = x[logits_mask]
         return F.linear(p.norm(x), head), states
 
     def bidirectional_forward(self, input_ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None,

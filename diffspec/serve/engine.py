@@ -635,20 +635,21 @@ class Engine:
         if method == "ar-spec":
             key = ("ar-spec", cfg.drafter)
             if key not in self._drafters:
-                self._drafters[key] = am.load_causal_or_default(cfg.drafter, am.DEFAULT_DRAFTERS["ar-spec"], "drafter",
-                                                                 param.device, param.dtype, self.tokenizer)
+                self._drafters[key] = am.load_causal_or_default(
+                    cfg.drafter, am.bundled_drafter("ar-spec", self.model), "drafter", param.device, param.dtype,
+                    self.tokenizer, self.model)
             out["drafter"] = self._drafters[key]
         elif method in ("dflash", "d2sd"):
             key = ("dflash", cfg.drafter)
             if key not in self._drafters:
-                self._drafters[key] = am.load_dflash_or_default(cfg.drafter, am.DEFAULT_DRAFTERS[method], "drafter",
-                                                                 self.model)
+                self._drafters[key] = am.load_dflash_or_default(
+                    cfg.drafter, am.bundled_drafter(method, self.model), "drafter", self.model)
             out["drafter"] = self._drafters[key]
             if method == "d2sd":
                 key = ("vp", cfg.vp_drafter)
                 if key not in self._drafters:
-                    self._drafters[key] = am.load_dflash_or_default(cfg.vp_drafter, am.DEFAULT_VP, "vp drafter",
-                                                                     self.model)
+                    self._drafters[key] = am.load_dflash_or_default(
+                        cfg.vp_drafter, am.bundled_drafter("vp", self.model), "vp drafter", self.model)
                 out["vp_drafter"] = self._drafters[key]
         return out
 

@@ -26,6 +26,21 @@ DEFAULT_TARGET = ASSETS / "qwen3-arith"
 DEFAULT_DRAFTERS = {"ar-spec": ASSETS / "qwen3-arith-small", "dflash": ASSETS / "dflash-arith",
                     "d2sd": ASSETS / "dflash-arith"}
 DEFAULT_VP = ASSETS / "vp-arith"
+# The drafters trained here for SmolLM2-135M-Instruct (configs/*-smollm2.json; issue #19), used
+# instead of the arith ones when the target is the converted SmolLM2 GGUF.
+SMOLLM2_DRAFTERS = {"ar-spec": ASSETS / "ar-smollm2", "dflash": ASSETS / "dflash-smollm2",
+                    "d2sd": ASSETS / "dflash-smollm2", "vp": ASSETS / "vp-smollm2"}
+
+
+def bundled_drafter(kind: str, target: torch.nn.Module | None) -> Path:
+    """The bundled drafter of `kind` (ar-spec | dflash | d2sd | vp) trained for `target`: the SmolLM2
+    ones for the converted SmolLM2 GGUF (its config.json records the source file), else the arith ones."""
+    from ..models.gguf import SMOLLM2_FILE
+
+    source = (getattr(getattr(target, "config", None), "extra", None) or {}).get("diffspec_gguf", {})
+    if isinstance(source, dict) and source.get("source") == SMOLLM2_FILE:
+        return SMOLLM2_DRAFTERS[kind]
+    return DEFAULT_VP if kind == "vp" else DEFAULT_DRAFTERS[kind]
 
 _CONFIGS: dict[str, type[ARConfig]] = {"ar": ARConfig, "ar-spec": SpecConfig, "dflash": DFlashSpecConfig,
                                        "d2sd": D2SDConfig}
@@ -103,14 +118,16 @@ def build_ar_config(method: str, base: ARMethodConfig | None = None, **options: 
 
 
 def load_causal_or_default(path: str | None, default: Path, what: str, device: torch.device,
-                            dtype: torch.dtype, tokenizer: Tokenizer) -> torch.nn.Module:
+                            dtype: torch.dtype, tokenizer: Tokenizer,
+                            target: torch.nn.Module | None = None) -> torch.nn.Module:
     """The AR drafter at `path` (or the bundled one), refused unless its tokenizer is the target's:
-    equal vocabulary sizes are not enough, a swapped pair of ids would make its drafts garbage."""
+    equal vocabulary sizes are not enough, a swapped pair of ids would make its drafts garbage.
+    A drafter saved without its own embedding takes `target`'s."""
     from ..models.causal import load_causal
 
     if path is None and not default.is_dir():
         raise FileNotFoundError(f"no {what} given and no bundled one at {default}; pass a checkpoint directory")
-    model, tok = load_causal(path or default, device=device, dtype=dtype)
+    model, tok = load_causal(path or default, device=device, dtype=dtype, embeddings_from=target)
     check_same_tokenizer(tok, tokenizer, f"the {what} {path or default}", "the target")
     return model
 
@@ -144,15 +161,17 @@ def ar_method_generate(target: torch.nn.Module, tokenizer: Tokenizer, prompts: S
     if cfg.method == "ar":
         res = ar_generate(target, tokenizer, prompts, cfg.decode, progress=progress)
     elif cfg.method == "ar-spec":
-        drafter = drafter or load_causal_or_default(cfg.drafter, DEFAULT_DRAFTERS["ar-spec"], "drafter",
-                                                     param.device, param.dtype, tokenizer)
+        drafter = drafter or load_causal_or_default(cfg.drafter, bundled_drafter("ar-spec", target), "drafter",
+                                                     param.device, param.dtype, tokenizer, target)
         res = spec_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
     else:
-        drafter = drafter or load_dflash_or_default(cfg.drafter, DEFAULT_DRAFTERS[cfg.method], "drafter", target)
+        drafter = drafter or load_dflash_or_default(cfg.drafter, bundled_drafter(cfg.method, target), "drafter",
+                                                    target)
         if cfg.method == "dflash":
             res = dflash_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
         else:
-            vp_drafter = vp_drafter or load_dflash_or_default(cfg.vp_drafter, DEFAULT_VP, "vp drafter", target)
+            vp_drafter = vp_drafter or load_dflash_or_default(cfg.vp_drafter, bundled_drafter("vp", target),
+                                                              "vp drafter", target)
             res = d2sd_generate(target, drafter, vp_drafter, tokenizer, prompts, cfg.decode, progress=progress)
     res.config = cfg  # record the method and drafter paths with the decoding options
     return res

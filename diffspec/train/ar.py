@@ -12,9 +12,21 @@ target, its drafters and the diffusion models read and write the same ids.
 `train_loop` is the optimisation loop shared with `train/dflash.py` (cosine
 LR with an optional time budget, bf16 autocast, periodic eval and save,
 resume from `trainer_state.pt`); the MDM trainer uses it too.
+
+With a `target` (e.g. "smollm2") the model is an ar-spec drafter distilled
+from that target instead: its data are the target's own greedy continuations
+(`train.distill`, the cache the DFlash / VP drafters of the target share),
+its tokenizer, vocabulary and EOS ids are the target's, and it reads and
+writes tokens through the target's embedding and LM head (frozen, not saved:
+`save_causal(..., shared_embeddings=True)`), so only its layers train and
+ship. The head runs on `data.loss_positions` random answer cells per row (a
+49k-vocabulary head over every cell would cost more than the layers), and
+validation is the share of held-out answer tokens whose argmax is the
+target's token (teacher-forced), what drafting accepts.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +37,10 @@ from ..models.causal import Qwen3Config, Qwen3Model, save_causal
 from ..models.tokenizer import EOS_TOKEN, Tokenizer
 from ..speculative.ar import ARConfig, ar_generate
 from ..tasks import Example, arith_examples, arith_mc_examples, score
-from .common import (TOP_KEYS, TRAIN_KEYS, Schema, dataclass_section, integer, number, setup, shared_tokenizer,
-                     train_loop)
+from ..models.checkpoint import DTYPES
+from .common import (TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, read_train_config,
+                     setup, shared_tokenizer, text, train_loop)
+from .distill import SOURCES
 from .mdm import MDMBatcher
 
 __all__ = ["train_ar", "ar_loss", "evaluate_ar", "SCHEMA"]
@@ -37,6 +51,18 @@ SCHEMA: Schema = {
     **TOP_KEYS,
     "model": dataclass_section(Qwen3Config),
     "data": {"gen_length": integer(1), "pool": integer(1), "mc_fraction": number(0, 1)},
+    "train": TRAIN_KEYS,
+}
+# A drafter distilled from a `target`: the target fixes vocabulary, width, EOS ids and tying.
+_FROM_TARGET = ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings")
+DISTILL_SCHEMA: Schema = {
+    **TOP_KEYS,
+    "target": text,
+    "save_dtype": choice(*DTYPES),
+    "model": dataclass_section(Qwen3Config, derived={k: "the target" for k in _FROM_TARGET}),
+    "data": {"gen_length": integer(1), "pool": integer(1), "source": choice(*SOURCES), "questions": text,
+             "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
+             "loss_positions": integer(1)},
     "train": TRAIN_KEYS,
 }
 
@@ -54,9 +80,39 @@ def evaluate_ar(model: Qwen3Model, tok: Tokenizer, examples: list[Example], gen_
     return sum(score(e, t)["correct"] for e, t in zip(examples, res.texts)) / len(examples)
 
 
+def sampled_loss(model: Qwen3Model, ids: torch.Tensor, ans: torch.Tensor, per_row: int) -> torch.Tensor:
+    """`ar_loss` on at most `per_row` random answer cells of each row (the head runs on those only)."""
+    tgt = ans[:, 1:]
+    if per_row < int(tgt.sum(1).max()):
+        noise = torch.rand(tgt.shape, device=ids.device).masked_fill(~tgt, 2.0)
+        kth = noise.sort(1).values[:, per_row - 1:per_row]
+        tgt = tgt & (noise <= kth)
+    pick = torch.cat([tgt, tgt.new_zeros(tgt.shape[0], 1)], dim=1)  # logit i predicts token i + 1
+    logits = model(ids, logits_mask=pick).logits
+    return F.cross_entropy(logits.float(), ids[:, 1:][tgt])
+
+
+@torch.no_grad()
+def agreement(model: Qwen3Model, items: list[tuple[list[int], list[int]]], pad_id: int, batch: int = 8) -> float:
+    """Share of answer tokens whose teacher-forced argmax is the target's token."""
+    hit = n = 0
+    for s in range(0, len(items), batch):
+        ids, ans, _ = MDMBatcher.collate(items[s:s + batch], pad_id)
+        tgt = ans[:, 1:]
+        pick = torch.cat([tgt, tgt.new_zeros(tgt.shape[0], 1)], dim=1)
+        dev = next(model.parameters()).device
+        pred = model(ids.to(dev), logits_mask=pick.to(dev)).logits.argmax(-1).cpu()
+        hit += int((pred == ids[:, 1:][tgt]).sum())
+        n += int(tgt.sum())
+    return hit / max(n, 1)
+
+
 def train_ar(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
              device: str | None = None, max_steps: int | None = None) -> Path:
-    """Train a Qwen3 from a JSON config ({model, data, train, out, state_dir, tokenizer_from}); returns the out dir."""
+    """Train a Qwen3 from a JSON config ({model, data, train, out, state_dir, tokenizer_from}), or with
+    a `target` an ar-spec drafter distilled from it (see the module docstring); returns the out dir."""
+    if "target" in read_train_config(config_path):
+        return distill_ar(config_path, out, resume, device, max_steps)
     cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
     dcfg = cfg.get("data", {})
     tok = shared_tokenizer(cfg)
@@ -92,4 +148,59 @@ def train_ar(config_path: str | Path, out: str | Path | None = None, resume: boo
     train_loop("ar", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
                lambda: {"val_accuracy": evaluate_ar(model, tok, val, gen_length)},
                lambda: save_causal(model, tok, out_dir))
+    return out_dir
+
+
+def distill_ar(config_path: str | Path, out: str | Path | None = None, resume: bool = False,
+               device: str | None = None, max_steps: int | None = None) -> Path:
+    """An ar-spec drafter for `target` sharing its embedding and LM head (module docstring)."""
+    from ..models.causal import share_embeddings
+    from .dflash import continuation_meta, load_target, target_dir, target_tokenizer
+    from .distill import cached_continuations, source_prompts
+
+    cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, DISTILL_SCHEMA)
+    dcfg = cfg.get("data", {})
+    tok = target_tokenizer(cfg)
+    target = load_target(cfg, tok, dev)
+    t = target.config
+    mkw = {**cfg["model"], "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "eos_token_id": t.eos_token_id,
+           "bos_token_id": t.bos_token_id, "pad_token_id": t.pad_token_id, "tie_word_embeddings": t.tie_word_embeddings}
+    mkw.setdefault("model_type", t.model_type)
+    mkw.setdefault("rope_theta", t.rope_theta)
+    mkw.setdefault("rms_norm_eps", t.rms_norm_eps)
+    mkw.setdefault("max_position_embeddings", t.max_position_embeddings)
+    model = Qwen3Model(Qwen3Config(**mkw)).to(dev)
+    share_embeddings(model, target)  # its own embedding is dropped: the target's tensors, frozen
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    print(f"drafter: {sum(p.numel() for p in own.values()) / 1e6:.2f}M own params (embedding and head: the target's, "
+          f"frozen), device {dev}")
+
+    seed, gen_length = int(tr.get("seed", 0)), int(dcfg.get("gen_length", 256))
+    train_prompts, val_prompts = source_prompts(dcfg, int(dcfg.get("pool", 2000)), int(tr.get("eval_n", 32)), seed,
+                                                target_dir(cfg))
+    cache = Path(dcfg.get("cache") or state_path.parent / "continuations")
+    meta = continuation_meta(cfg, target, target_dir(cfg))
+    gen_bs = int(dcfg.get("gen_batch_size", 64))
+    train_seqs, _ = cached_continuations(cache / "train", meta, target, tok, train_prompts, gen_length, None,
+                                         batch_size=gen_bs)
+    val_seqs, _ = cached_continuations(cache / "val", meta, target, tok, val_prompts, gen_length, None,
+                                       batch_size=gen_bs, desc="validation continuations")
+    pad = t.eos_token_ids[0] if t.eos_token_ids else 0
+    items = [(p, a) for p, a in train_seqs if a]
+    val_items = [(p, a) for p, a in val_seqs if a]
+    batcher = MDMBatcher(items, min(int(tr.get("batch_size", 8)), len(items)), pad, seed)
+    per_row = int(dcfg.get("loss_positions", 64))
+    save_dtype = DTYPES[cfg["save_dtype"]] if "save_dtype" in cfg else None
+
+    def loss_fn() -> torch.Tensor:
+        ids, ans, _ = (x.to(dev) for x in batcher.next())
+        return sampled_loss(model, ids, ans, per_row)
+
+    def save() -> None:
+        save_causal(model, tok, out_dir, dtype=save_dtype, shared_embeddings=True)
+        (out_dir / "trained_for.json").write_text(json.dumps({"kind": "ar-spec", "target": str(cfg["target"])},
+                                                             indent=2) + "\n")
+
+    train_loop("ar drafter", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
+               lambda: {"val_agreement": agreement(model, val_items, pad)}, save)
     return out_dir

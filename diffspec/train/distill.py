@@ -121,13 +121,21 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
     meta_file = cache_dir / "meta.json"
     if meta_file.is_file():
         old = json.loads(meta_file.read_text())
-        if old.get("meta") != json.loads(json.dumps(full_meta, default=str)):
+        want = json.loads(json.dumps(full_meta, default=str))
+        gen_layers = layers
+        if layers is None:  # a reader of token ids only (the AR drafter) takes any layer set's cache,
+            for k in ("layers", "hidden_dtype"):  # and extends it with that layer set
+                want[k] = old.get("meta", {}).get(k)
+            gen_layers = want["layers"]
+            hidden_dtype = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}.get(
+                want["hidden_dtype"], hidden_dtype)
+        if old.get("meta") != want:
             raise ValueError(f"{cache_dir} holds continuations made for another target, gen_length or layer set; "
                              "delete it (or point data.cache elsewhere) to regenerate")
         seconds = float(old.get("seconds", 0.0))
     else:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        seconds = 0.0
+        seconds, gen_layers = 0.0, layers
     seqs: list[Seq] = []
     hidden: list[Tensor] | None = [] if layers is not None else None
     n_chunks = (len(prompts) + CHUNK - 1) // CHUNK
@@ -142,16 +150,21 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
                                  f"setting); delete {cache_dir} (or point data.cache elsewhere) to regenerate")
         else:
             t0 = time.time()
-            s, h = _generate_chunk(target, tok, part, gen_length, layers, hidden_dtype, batch_size)
+            s, h = _generate_chunk(target, tok, part, gen_length, gen_layers, hidden_dtype, batch_size)
             seconds += time.time() - t0
             st = {"prompts": _fingerprint(part), "seqs": s, "hidden": h}
             tmp = f.with_suffix(".tmp")
             torch.save(st, tmp)
             tmp.replace(f)
+            if meta_file.is_file():  # keep the cache maker's layer set
+                full_meta = json.loads(meta_file.read_text())["meta"]
             meta_file.write_text(json.dumps({"meta": full_meta, "seconds": seconds,
                                              "chunks_done": c + 1}, indent=2, default=str) + "\n")
         seqs.extend(st["seqs"])
         if hidden is not None:
+            if st["hidden"] is None:
+                raise ValueError(f"{f} holds no hidden states (made for an AR drafter); delete {cache_dir} or point "
+                                 "data.cache elsewhere")
             hidden.extend(st["hidden"])
         bar.update(len(part))
     bar.close()

@@ -96,9 +96,13 @@ class MDMBatcher:
         """ids (B, T), answer mask (B, T), attention mask (B, T); right-padded."""
         if not self.queue:
             self._refill()
-        rows = [self.items[i] for i in self.queue.pop()]
+        return self.collate([self.items[i] for i in self.queue.pop()], self.pad)
+
+    @staticmethod
+    def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt, answer) rows as ids, answer mask and attention mask (B, T), right-padded with `pad`."""
         T = max(len(p) + len(a) for p, a in rows)
-        ids = torch.full((len(rows), T), self.pad, dtype=torch.long)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
         ans = torch.zeros((len(rows), T), dtype=torch.bool)
         att = torch.zeros((len(rows), T), dtype=torch.bool)
         for r, (p, a) in enumerate(rows):
