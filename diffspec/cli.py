@@ -183,8 +183,16 @@ def cmd_bench(a: argparse.Namespace) -> None:
         model_path = str(DEFAULT_DREAM_DIR)  # the suite is about Dream: its bundled model
     model, tok = resolve_model(model_path, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    examples = None
+    if a.chat or a.k_shot is not None:
+        from .evaluate import chat_examples
+        from .tasks import load_examples
+
+        examples = load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
+        if a.chat:  # rendered with the model's own template, like eval --chat
+            examples = chat_examples(examples, model_path, "ar" if is_ar == {True} else "vanilla")
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
-              overrides=overrides, command=command, repeats=a.repeats)
+              overrides=overrides, command=command, repeats=a.repeats, examples=examples)
 
 
 def cmd_plot(a: argparse.Namespace) -> None:
@@ -269,12 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
                         "| psd (PSD vs greedy and Fast-dLLM) | frontier (every family's knob swept) | dream (Dream's sampler algs "
                         "x steps and Fast-dLLM on a Dream model, default the bundled dream-arith) | d2sd (AR greedy, "
-                        "AR spec, DFlash, D²SD sweeps; AR target)")
+                        "AR spec, DFlash, D²SD sweeps; AR target) | d2sd-smollm2 (the AR family on SmolLM2: --model smollm2 "
+                        "--task gsm8k --chat --k-shot 0)")
     b.add_argument("--methods", nargs="+",
                    help="rows as specs, METHOD:key=value,... e.g. vanilla:steps=24 fast-dllm:cache=dual,policy=threshold "
                         "(psd depths as 1;3;5); replaces --suite. The decoding flags below apply to every row whose "
                         "method takes them (a spec's own value wins); a method's own flags only to its rows")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    b.add_argument("--chat", action="store_true",
+                   help="render each prompt as one user turn in the model's own chat template (as eval --chat)")
+    b.add_argument("--k-shot", type=int, help="few-shot exemplars for gsm8k / mmlu (default: the task's, 5 / 0)")
     b.add_argument("--repeats", type=int, default=1,
                    help="run every row N times, interleaved, and report the median wall clock (default 1)")
     _decode_args(b, with_method=False)

@@ -255,6 +255,14 @@ def _merge(task: str, method: str, examples: Sequence[Example], parts: list[dict
     return out
 
 
+def chat_examples(examples: Sequence[Example], model: str | None, method: str) -> list[Example]:
+    """Each example's prompt as one user turn in the checkpoint's own chat template (`api.chat_prompts`)."""
+    from .api import chat_prompts
+
+    rendered = chat_prompts(model, method, [e.prompt for e in examples])
+    return [dataclasses.replace(e, prompt=p) for e, p in zip(examples, rendered)]
+
+
 def run_eval(task: str, method: str, options: dict[str, Any], model: str | None = None, device: str | None = "cpu",
              dtype: str | None = None, limit: int | None = None, data: str | None = None, k_shot: int | None = None,
              out: str | None = None, scoring: str = "generate", mc_num: int | None = None,
@@ -277,10 +285,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     if chat:
         if scoring == "likelihood":
             raise ValueError("--chat applies to --scoring generate")
-        from .api import chat_prompts
-
-        rendered = chat_prompts(model, method, [e.prompt for e in examples])
-        examples = [dataclasses.replace(e, prompt=p) for e, p in zip(examples, rendered)]
+        examples = chat_examples(examples, model, method)
     device = init_distributed(shard, device)
     try:
         loaded, tok = resolve_model(model, None, device, dtype, method=method)

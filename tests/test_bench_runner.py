@@ -76,3 +76,13 @@ def test_dream_suite_covers_the_algs_and_the_cached_methods():
     assert algs == {"origin", "maskgit_plus", "topk_margin", "entropy"}
     assert {m for m, _ in parsed} >= {"dream", "vanilla", "fast-dllm", "dkv-cache", "psd"}
     assert parsed[0] == ("dream", {"alg": "entropy", "steps": 48})
+
+
+def test_d2sd_smollm2_suite_has_the_issue_rows():
+    from diffspec.bench.runner import plan_bench, suite
+
+    specs = suite("d2sd-smollm2", "gsm8k")
+    parsed, _ = plan_bench(specs, "gsm8k")
+    assert parsed[0] == ("ar", {"batch_size": 1}) and ("ar", {}) in parsed
+    assert sorted(o.get("k") for m, o in parsed if m == "d2sd") == [1, 2, 4]
+    assert {m for m, _ in parsed} == {"ar", "ar-spec", "dflash", "d2sd"}

@@ -328,3 +328,16 @@ def test_eval_chat_wraps_every_prompt(chat_checkpoint, tmp_path, capsys):
     rc, _, err = run(["eval", "--task", "arith-mc", "--model", str(chat_checkpoint), "--chat", "--limit", "2",
                       "--scoring", "likelihood"], capsys)
     assert rc == 2 and "--chat applies to --scoring generate" in err
+
+
+def test_bench_chat_and_k_shot_shape_every_rows_prompts(chat_checkpoint, tmp_path, capsys):
+    out = tmp_path / "b"
+    rc, _, err = run(["bench", "--model", str(chat_checkpoint), "--methods", "vanilla:steps=8", "fast-dllm",
+                      "--chat", "--limit", "2", "--gen-length", "16", "--block-length", "8", "--out", str(out)], capsys)
+    assert rc == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["first_prompt"].startswith("<user>") and r["first_prompt"].endswith("<assistant>")
+    assert len(r["rows"]) == 2
+    rc, _, err = run(["bench", "--methods", "vanilla:steps=8", "--chat", "--limit", "1", "--gen-length", "16",
+                      "--out", str(tmp_path / "c")], capsys)
+    assert rc == 2 and "no chat template" in err

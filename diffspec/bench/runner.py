@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from ..models.checkpoint import DEFAULT_DRAFTER_DIR
 from ..evaluate import TASK_DEFAULTS, evaluate, task_config
 from ..jsonio import OutputError, OutputFile, check_output_dir
 from ..speculative.dualdiffusion import DualConfig
-from ..tasks import load_examples
+from ..tasks import Example, load_examples
 from .plot import pareto_plot
 from .table import format_table, overloaded
 
@@ -179,7 +179,11 @@ def suite(name: str, task: str) -> list[str]:
         # latency comparison); AR at its default batch of 8 comes last, for the throughput view.
         return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd", "d2sd:k=8",
                 "d2sd:gamma2=24", "d2sd:gamma2=48", "ar"]
-    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd, frontier, dream or d2sd")
+    if name == "d2sd-smollm2":
+        # Issue #19: the AR family on real text (run with --model smollm2 --task gsm8k --chat --k-shot 0
+        # --gen-length 256): AR greedy at batch 1 (the baseline) and batched, AR-spec, DFlash, D²SD K = 1, 2, 4.
+        return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd:k=4", "ar"]
+    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd, frontier, dream, d2sd or d2sd-smollm2")
 
 
 BENCH_FILES = ("results.json", "table.md", "pareto.png")
@@ -259,6 +263,7 @@ def run_bench(
     overrides: dict[str, Any] | None = None,
     command: str | None = None,
     repeats: int = 1,
+    examples: Sequence[Example] | None = None,
 ) -> dict[str, Any]:
     """Run every spec on the same examples; with `repeats` > 1 the rows run that many times,
     interleaved (row 1, 2, …, 1, 2, …), and each row's wall clock is the median of its runs, so a
@@ -267,7 +272,8 @@ def run_bench(
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
-    examples = load_examples(task, limit=limit, data=data)
+    if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
+        examples = load_examples(task, limit=limit, data=data)
     rows: list[dict[str, Any]] = []
     walls: list[list[float]] = [[] for _ in specs]
     n = len(specs)
@@ -310,6 +316,7 @@ def run_bench(
         "n": len(examples),
         "baseline": base["label"],
         "command": command,
+        "first_prompt": examples[0].prompt,  # the prompt format every row saw (chat template, shots)
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")},
