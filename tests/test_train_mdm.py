@@ -11,7 +11,8 @@ from diffspec.models.checkpoint import load_model
 from diffspec.train.mdm import arith_spec, build_tokenizer, train_mdm
 
 
-def _config(tmp_path, **train):
+def _config(tmp_path, top: dict | None = None, **train):
+    """A tiny config; `top` replaces whole top-level sections (e.g. a Dream model section)."""
     cfg = {
         "model": {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 1, "mlp_hidden_size": 64,
                   "max_sequence_length": 256},
@@ -19,7 +20,7 @@ def _config(tmp_path, **train):
         "data": {"gen_length": 48, "block_length": 16, "pool": 200, "mc_fraction": 0.1},
         "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 1, "eval_every": 3, "eval_n": 2,
                   "save_every": 2, "seed": 0, "threads": 1, "block_fraction": 0.5, **train},
-        "out": str(tmp_path / "model"), "state_dir": str(tmp_path / "state"),
+        "out": str(tmp_path / "model"), "state_dir": str(tmp_path / "state"), **(top or {}),
     }
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
@@ -212,14 +213,12 @@ def test_per_query_attention_mask_shape_is_checked():
 # ---------------------------------------------------------------- the Dream architecture (issue #18 part 6)
 
 
+DREAM_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "max_position_embeddings": 256}
+
+
 def _dream_config(tmp_path, **train):
-    cfg = json.loads(_config(tmp_path, **train).read_text())
-    cfg["architecture"] = "dream"
-    cfg["model"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                    "num_key_value_heads": 1, "max_position_embeddings": 256}
-    path = tmp_path / "dream.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return _config(tmp_path, {"architecture": "dream", "model": DREAM_MODEL}, **train)
 
 
 def test_train_mdm_dream_saves_a_dream_directory_and_resumes(tmp_path):
