@@ -227,7 +227,7 @@ def test_train_mdm_dream_saves_a_dream_directory_and_resumes(tmp_path):
     from diffspec.api import resolve_model
     from diffspec.models.dream import DreamModel
 
-    path = _dream_config(tmp_path)
+    path = _dream_config(tmp_path, two_stream_fraction=0.5, two_stream_block=4)
     out = train_mdm(path)
     raw = json.loads((out / "config.json").read_text())
     assert raw["model_type"] == "Dream" and raw["num_hidden_layers"] == 1
@@ -270,8 +270,6 @@ def test_dream_objective_scores_the_output_before_each_masked_cell():
 
 
 def test_train_mdm_dream_config_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="two_stream_fraction must be 0 for a Dream"):
-        train_mdm(_dream_config(tmp_path, two_stream_fraction=0.5))
     bad = json.loads(_dream_config(tmp_path).read_text())
     bad["model"]["d_model"] = 32  # a LLaDA key in a Dream config
     (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -307,3 +305,51 @@ def test_bundled_dream_model_comes_from_its_config():
         assert getattr(bundled, key) == value, key
     assert load_tokenizer(DEFAULT_DREAM_DIR).fingerprint() == load_tokenizer(DEFAULT_MODEL_DIR).fingerprint()
     assert sum(f.stat().st_size for f in DEFAULT_DREAM_DIR.iterdir()) <= 16 * 2**20
+
+
+def test_two_stream_on_dream_scores_each_block_from_a_lead_copy_of_the_token_before_it():
+    """A shifted network's noisy block opens with a copy of the token before it (the prompt's last
+    token for block 0) at that token's position, seeing the prompt, the clean blocks before and the
+    noisy block, as the output before a block sees them while it is decoded. Each block's logits
+    equal a Dream forward on [prompt, clean blocks before, lead, noisy block] with those views."""
+    import torch
+
+    from diffspec.models.dream import DreamConfig, DreamModel
+    from diffspec.train.mdm import two_stream_loss
+
+    torch.manual_seed(0)
+    V, mask, eos = 20, 19, 18
+    model = DreamModel(DreamConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, mask_token_id=mask,
+                                   eos_token_id=eos)).eval()
+    seen = {}
+    forward = model.forward
+
+    def spy(x, positions=None, attention_mask=None, **kw):
+        out = forward(x, positions=positions, attention_mask=attention_mask, **kw)
+        seen.update(x=x, pos=positions, logits=out.logits)
+        return out
+
+    model.forward = spy
+    P, L, b = 5, 12, 4
+    torch.manual_seed(1)
+    ids = torch.randint(0, 17, (1, P + L))
+    ans = torch.zeros_like(ids, dtype=torch.bool)
+    ans[:, P:] = True
+    assert torch.isfinite(two_stream_loss(model, ids, ans, torch.ones_like(ans), mask, eos, b))
+    x, pos, logits = seen["x"], seen["pos"], seen["logits"]
+    assert x.shape[1] == P + 2 * L + L // b
+    for k in range(L // b):
+        c0 = P + L + k * (b + 1)  # the lead column of block k
+        assert x[0, c0] == ids[0, P + k * b - 1] and pos[0, c0] == P + k * b - 1
+        noisy = x[0, c0 + 1:c0 + 1 + b]
+        canvas = torch.cat([ids[0, :P + k * b], x[0, c0:c0 + 1], noisy])[None]
+        cpos = torch.cat([torch.arange(P + k * b), torch.tensor([P + k * b - 1]), P + k * b + torch.arange(b)])
+        n = canvas.shape[1]
+        view = torch.zeros(1, n, n, dtype=torch.bool)
+        view[0, :, :P] = True
+        for j in range(P, P + k * b):  # clean cells: the clean blocks up to their own
+            view[0, j, P:P + ((j - P) // b + 1) * b] = True
+        view[0, P + k * b:, P:] = True  # lead and noisy block: clean blocks before, the lead, the block
+        ref = forward(canvas, positions=cpos, attention_mask=view).logits[0, -b:]
+        assert torch.allclose(ref, logits[0, c0 + 1:c0 + 1 + b], atol=1e-5)

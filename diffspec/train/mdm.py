@@ -5,7 +5,8 @@ backbone of `models.dream`, whose network predicts cell i from its output at
 i - 1). The objective is the same masked cross-entropy for both: a Dream
 model's forward already returns the shifted logits, so the loss scores the
 output at i - 1 against token i, which is Dream's training objective. The
-two-stream block rows are LLaDA-only (see `two_stream_loss`).
+two-stream block rows give each noisy block of a Dream row a lead column
+(`two_stream_loss`).
 
 Loss: draw t ~ U(0, 1] per example (stratified over the batch to cut
 variance), mask each answer token with probability t, and average the
@@ -246,12 +247,19 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
     scored at once, where a block-masked row scores one. What it cannot show is
     the fully masked blocks after the current one: mix it with plain rows.
     Answers are cut after the block holding their first EOS; plain rows teach
-    the padding beyond.
+    the padding beyond. A shifted (Dream) network gets a lead column per noisy
+    block (see below), so the same rows train it.
     """
     check_choice("weighting", weighting, WEIGHTINGS)
     if block_length < 1:
         raise ValueError(f"two_stream_loss needs block_length >= 1; got {block_length}")
     dev = ids.device
+    # A shifted (Dream) network scores cell i from its output at i - 1, so each noisy block opens
+    # with a lead column: a copy of the token before the block (the prompt's last token for the
+    # first block), at that token's position, in the block's group. The lead sees what the output
+    # before the block sees while decoding it (prompt, clean blocks before, the noisy block), and
+    # the model's shift then scores every noisy cell from the column just before it.
+    lead = 1 if getattr(model, "logits_shifted", False) else 0
     rows, lens = [], []
     for r in range(ids.shape[0]):
         a_idx = ans[r].nonzero()[:, 0]
@@ -260,7 +268,7 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
         end = int(eos[0, 0]) if len(eos) else len(A) - 1
         L = min(len(A), (end // block_length + 1) * block_length)
         rows.append((ids[r, :P], A[:L]))
-        lens.append(P + 2 * L)
+        lens.append(P + 2 * L + lead * -(-L // block_length))
     B, T = len(rows), max(lens)
     x = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
     tgt = torch.zeros((B, T), dtype=torch.long, device=dev)
@@ -274,14 +282,25 @@ def two_stream_loss(model: LLaDAModel, ids: torch.Tensor, ans: torch.Tensor, att
         P, L = len(prompt), len(a)
         ar = torch.arange(L, device=dev)
         x[r, :P], x[r, P:P + L] = prompt, a
-        m = torch.rand(L, device=dev) < p_mask[r]
-        x[r, P + L:P + 2 * L] = torch.where(m, mask_id, a)
-        tgt[r, P + L:P + 2 * L] = a
-        masked[r, P + L:P + 2 * L] = m
         pos[r, :P + L] = torch.arange(P + L, device=dev)
-        pos[r, P + L:P + 2 * L] = P + ar
-        kind[r, :P], kind[r, P:P + L], kind[r, P + L:P + 2 * L] = 0, 1, 2
-        blk[r, P:P + L] = blk[r, P + L:P + 2 * L] = ar // block_length
+        kind[r, :P], kind[r, P:P + L] = 0, 1
+        blk[r, P:P + L] = ar // block_length
+        m = torch.rand(L, device=dev) < p_mask[r]
+        # noisy stream: column of answer cell i, after one lead column per block started
+        col = P + L + ar + lead * (ar // block_length + 1)
+        x[r, col] = torch.where(m, mask_id, a)
+        tgt[r, col] = a
+        masked[r, col] = m
+        pos[r, col] = P + ar
+        kind[r, col] = 2
+        blk[r, col] = ar // block_length
+        if lead:
+            starts = torch.arange(0, L, block_length, device=dev)
+            lcol = col[starts] - 1
+            x[r, lcol] = torch.cat([prompt[-1:], a[starts[1:] - 1]])
+            pos[r, lcol] = P + starts - 1
+            kind[r, lcol] = 2
+            blk[r, lcol] = starts // block_length
         n_ans[r] = L
     kq, kk = kind[:, :, None], kind[:, None, :]
     bq, bk = blk[:, :, None], blk[:, None, :]
@@ -310,10 +329,6 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     arch = config_architecture(config_path)
     cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, DREAM_SCHEMA if arch == "dream" else SCHEMA)
     dcfg = cfg.get("data", {})
-    if arch == "dream" and float(cfg["train"].get("two_stream_fraction", 0.0)) > 0:
-        raise ValueError("train.two_stream_fraction must be 0 for a Dream model: a shifted network scores a "
-                         "block's first cell from the output before it, which the two-stream layout places in "
-                         "the clean copy, blind to the noisy block (use train.block_fraction for block rows)")
     tok = build_tokenizer(cfg)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
     model = build_model(arch, cfg["model"], tok).to(dev)
