@@ -201,3 +201,17 @@ def test_drafter_target_mismatch_raises(target, tokenizer) -> None:
     with pytest.raises(ValueError, match="ctx_hidden must be"):
         block, bpos, ctx, cpos = inputs()
         d(block, bpos, ctx[..., :48], cpos)
+
+
+@torch.no_grad()
+def test_grouped_contexts_match_one_context_per_window(drafter) -> None:
+    """Training's ctx_index: windows naming context rows of an (S, C) batch decode exactly as if each
+    window carried its own copy; an index outside the rows is refused."""
+    block, bpos, ctx, cpos = inputs(B=3)
+    index = torch.tensor([1, 0, 1])
+    mask = torch.rand(3, ctx.shape[1]) < 0.7
+    mask[:, 0] = True
+    grouped = drafter(block, bpos, ctx[:2], cpos, mask, ctx_index=index)
+    assert torch.allclose(grouped, drafter(block, bpos, ctx[index], cpos, mask), atol=1e-5)
+    with pytest.raises(ValueError, match="ctx_index"):
+        drafter(block, bpos, ctx[:2], cpos, mask, ctx_index=torch.tensor([0, 2, 1]))

@@ -143,16 +143,20 @@ class DFlashAttention(Attention):
         super().__init__(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps, qk_norm=True)
 
     def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_c: tuple[Tensor, Tensor],
-                mask: Tensor | None) -> Tensor:
-        """x (B, W, d) normed window states; ctx (1 or B, C, d) context features. Keys = [ctx; window].
+                mask: Tensor | None, ctx_index: Tensor | None = None) -> Tensor:
+        """x (B, W, d) normed window states; ctx (1 or B, C, d) context features — or (S, C, d)
+        with `ctx_index` (B,) naming each window's context row. Keys = [ctx; window].
 
         A context of batch 1 (D²SD's windows of one row) gets its keys/values
-        computed once and broadcast over the B windows.
+        computed once and broadcast over the B windows; with `ctx_index` each
+        context row's once for all its windows (training: several anchors per sequence).
         """
         B = x.shape[0]
         q = project_q(x, self.q_proj, self.head_dim, *rope_q, self.q_norm)
         kc, vc = self.kv(ctx, *rope_c)
         kw, vw = self.kv(x, *rope_q)  # window keys sit at the window's positions, like its queries
+        if ctx_index is not None:
+            kc, vc = kc[ctx_index], vc[ctx_index]
         k = torch.cat([kc.expand(B, -1, -1, -1), kw], dim=2)
         v = torch.cat([vc.expand(B, -1, -1, -1), vw], dim=2)
         return self.o_proj(attend(q, k, v, mask))  # not causal: bidirectional window
@@ -240,6 +244,7 @@ class DFlashDrafter(nn.Module):
         ctx_hidden: Tensor,
         ctx_positions: Tensor,
         ctx_mask: Tensor | None = None,
+        ctx_index: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, W, V) for every window position (unshifted).
 
@@ -248,20 +253,30 @@ class DFlashDrafter(nn.Module):
         ctx_hidden (B, C, L·H): target hidden states at `target_layers`, concatenated
         in that order, of the committed tokens before the anchor; ctx_positions
         (C,) or (B, C). ctx_mask (B, C) bool, True = attend (for ragged contexts).
+        ctx_index (B,): window b reads context row ctx_index[b] of an (S, C, L·H)
+        ctx_hidden (positions (C,)), whose features and K/V are computed once per row.
         """
         if block_ids.dim() != 2:
             raise ValueError(f"block_ids must be (B, W), got {tuple(block_ids.shape)}")
         B, W = block_ids.shape
         ctx = self.context_features(ctx_hidden)
-        if ctx.shape[0] not in (1, B):
-            raise ValueError(f"ctx_hidden has batch {ctx.shape[0]} but block_ids has {B}")
         C = ctx.shape[1]
         bpos = _rows(block_positions, B, W, "block_positions")
-        cpos = _rows(ctx_positions, B, C, "ctx_positions")
-        if ctx.shape[0] == 1 and ctx_positions.dim() == 1:
-            cpos = cpos[:1]  # one context shared by all B windows: its K/V are computed once
+        if ctx_index is not None:
+            if tuple(ctx_index.shape) != (B,) or ctx_positions.dim() != 1:
+                raise ValueError(f"ctx_index must be ({B},) with ctx_positions (C,); got {tuple(ctx_index.shape)} "
+                                 f"and {tuple(ctx_positions.shape)}")
+            if len(ctx_index) and not 0 <= int(ctx_index.min()) <= int(ctx_index.max()) < ctx.shape[0]:
+                raise ValueError(f"ctx_index must name rows of ctx_hidden (0..{ctx.shape[0] - 1})")
+            cpos = _rows(ctx_positions, 1, C, "ctx_positions")
+        elif ctx.shape[0] not in (1, B):
+            raise ValueError(f"ctx_hidden has batch {ctx.shape[0]} but block_ids has {B}")
         else:
-            ctx = ctx.expand(B, -1, -1)
+            cpos = _rows(ctx_positions, B, C, "ctx_positions")
+            if ctx.shape[0] == 1 and ctx_positions.dim() == 1:
+                cpos = cpos[:1]  # one context shared by all B windows: its K/V are computed once
+            else:
+                ctx = ctx.expand(B, -1, -1)
         cfg = self.config
         rope_q = rope_cos_sin(bpos, cfg.head_dim, cfg.rope_theta)
         rope_c = rope_cos_sin(cpos, cfg.head_dim, cfg.rope_theta)
@@ -274,7 +289,7 @@ class DFlashDrafter(nn.Module):
         emb, head = self._embed_and_head()
         x = F.embedding(block_ids, emb)
         for layer in self.layers:
-            x = layer(x, ctx, rope_q, rope_c, mask)
+            x = layer(x, ctx, rope_q, rope_c, mask, ctx_index)
         return F.linear(self.norm(x), head)
 
 

@@ -117,7 +117,8 @@ class WindowData:
             "block_ids": torch.tensor([r[0] for r in rows]).to(device),
             "labels": torch.tensor([r[1] for r in rows]).to(device),
             "block_positions": (anchors[:, None] + torch.arange(self.W)).to(device),
-            "ctx_hidden": ctx[torch.tensor([slot[j] for j, _, _ in windows])].to(device),
+            "ctx_hidden": ctx.to(device),  # one row per sequence, shared by its windows (ctx_index)
+            "ctx_index": torch.tensor([slot[j] for j, _, _ in windows]).to(device),
             "ctx_positions": torch.arange(T, device=device),
             "ctx_mask": (torch.arange(T)[None, :] < anchors[:, None]).to(device),
         }
@@ -140,7 +141,8 @@ class WindowData:
 
 def window_loss(drafter: DFlashDrafter, b: dict[str, Tensor], decay: float = 0.0) -> Tensor:
     """Cross-entropy on labelled (masked, in-answer) positions, weighted exp(-k/decay) by masked index k."""
-    logits = drafter(b["block_ids"], b["block_positions"], b["ctx_hidden"], b["ctx_positions"], b["ctx_mask"])
+    logits = drafter(b["block_ids"], b["block_positions"], b["ctx_hidden"], b["ctx_positions"], b["ctx_mask"],
+                     b["ctx_index"])
     labels = b["labels"]
     valid = labels != -100
     ce = F.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
@@ -159,7 +161,7 @@ def accepted_length(drafter: DFlashDrafter, data: WindowData, device: torch.devi
     for windows in data.all_windows():
         b = data.batch(windows, device)
         pred = drafter(b["block_ids"], b["block_positions"], b["ctx_hidden"], b["ctx_positions"],
-                       b["ctx_mask"]).argmax(-1)
+                       b["ctx_mask"], b["ctx_index"]).argmax(-1)
         masked = b["block_ids"] == drafter.config.mask_token_id
         hit = (pred == b["labels"]) | ~masked  # visible positions do not break the run
         run = hit.long().cumprod(-1)
