@@ -74,7 +74,7 @@ def test_dream_suite_covers_the_algs_and_the_cached_methods():
     parsed, configs = plan_bench(specs, "arith")
     algs = {o["alg"] for m, o in parsed if m == "dream"}
     assert algs == {"origin", "maskgit_plus", "topk_margin", "entropy"}
-    assert {m for m, _ in parsed} >= {"dream", "vanilla", "fast-dllm", "dkv-cache", "psd"}
+    assert {m for m, _ in parsed} == {"dream", "vanilla", "fast-dllm", "dkv-cache", "psd", "dualdiffusion"}
     assert parsed[0] == ("dream", {"alg": "entropy", "steps": 48})
 
 

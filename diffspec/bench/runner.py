@@ -172,7 +172,8 @@ def suite(name: str, task: str) -> list[str]:
             f"vanilla:steps={L}", f"vanilla:steps={L // 4}",
             "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
             "fast-dllm:cache=dual,policy=threshold,threshold=0.99", "dkv-cache:cache=dkv-prefill",
-            "psd:lossless=true",
+            "psd:policy=threshold", "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,"
+            "num_drafter_steps=2",
         ]
     if name == "d2sd":
         # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a
