@@ -59,7 +59,7 @@ if [ "$DRY" = 1 ]; then
 else
   BUDGET="${DIFFSPEC_GPU_BUDGET_S:-450}" LIMIT="${DIFFSPEC_GPU_LIMIT:-500}" DEVICE=cuda MIN_STAGE=20
   DTYPE="${DIFFSPEC_GPU_DTYPE:-bfloat16}" GPU_ARGS=()
-  SUITES="${DIFFSPEC_GPU_SUITES:-steps cache psd dual threshold d2sd frontier}" TESTS=tests
+  SUITES="${DIFFSPEC_GPU_SUITES:-steps cache psd dual threshold d2sd dream frontier}" TESTS=tests
 fi
 # d2sd decodes one prompt at a time: at batch 1 a 3.5 M-parameter model is launch-bound on a GPU
 # as on a CPU (benchmarks/d2sd-cpu: 341 s for 500 problems), so by default it gets 200 problems.
