@@ -469,3 +469,41 @@ def test_smollm2_tokenizer_ids_equal_transformers(smol, hf_smol) -> None:
         hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert (ours_in_hf.eos_token, ours_in_hf.bos_token, ours_in_hf.pad_token) == \
         (hf_tok.eos_token, hf_tok.bos_token, hf_tok.pad_token)
+
+
+@needs_smollm2
+def test_smollm2_speculative_methods_are_lossless(smol, tmp_path) -> None:
+    """ar-spec, DFlash and D²SD on SmolLM2 give AR greedy's ids on 3 chat prompts: with the bundled
+    SmolLM2 drafters when they exist, and always with freshly initialised ones (verification alone
+    must make any drafter lossless), which also exercises the shared-embedding drafter files."""
+    from diffspec.models.causal import Qwen3Config, Qwen3Model, save_causal, share_embeddings
+    from diffspec.models.chat import ChatTemplate
+    from diffspec.models.dflash import DFlashConfig, DFlashDrafter, save_dflash
+    from diffspec.speculative.armethods import SMOLLM2_DRAFTERS, ar_method_generate, build_ar_config
+
+    out, model, tok = smol
+    torch.manual_seed(0)
+    mask = tok.token_to_id("<empty_output>")
+    rand = {}
+    for kind, width in (("dflash", 16), ("vp", 32)):
+        c = DFlashConfig.for_target(model, mask, n_layers=1, n_heads=9, n_kv_heads=3, intermediate_size=128,
+                                    target_layers=(2, 29), block_size=width)
+        rand[kind] = str(save_dflash(DFlashDrafter(c, model), tmp_path / kind))
+    t = model.config
+    small = Qwen3Model(Qwen3Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=1,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=128,
+                                   tie_word_embeddings=True, eos_token_id=t.eos_token_id, model_type="llama"))
+    share_embeddings(small, model)
+    rand["ar-spec"] = str(save_causal(small, tok, tmp_path / "ar", shared_embeddings=True))
+    template = ChatTemplate.from_pretrained(out)
+    prompts = [template.render([{"role": "user", "content": q}]) for q in
+               ("What is 12 * 7?", "Name a prime number above 50.", "Tom has 5 apples and buys 3 more. How many?")]
+    want = ar_method_generate(model, tok, prompts, build_ar_config("ar", gen_length=24)).token_ids
+    drafter_sets = [{"ar-spec": rand["ar-spec"], "dflash": rand["dflash"], "vp": rand["vp"]}]
+    if all((SMOLLM2_DRAFTERS[k] / "config.json").is_file() for k in ("ar-spec", "dflash", "vp")):
+        drafter_sets.append({k: None for k in ("ar-spec", "dflash", "vp")})  # None: the bundled ones
+    for paths in drafter_sets:
+        for method, opts in (("ar-spec", {"drafter": paths["ar-spec"]}), ("dflash", {"drafter": paths["dflash"]}),
+                             ("d2sd", {"drafter": paths["dflash"], "vp_drafter": paths["vp"], "k": 2})):
+            cfg = build_ar_config(method, gen_length=24, **{k: v for k, v in opts.items() if v is not None})
+            assert ar_method_generate(model, tok, prompts, cfg).token_ids == want, (method, paths)
