@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,8 +154,8 @@ def distill_ar(config_path: str | Path, out: str | Path | None = None, resume: b
                device: str | None = None, max_steps: int | None = None) -> Path:
     """An ar-spec drafter for `target` sharing its embedding and LM head (module docstring)."""
     from ..models.causal import share_embeddings
-    from .dflash import continuation_meta, load_target, target_dir, target_tokenizer
-    from .distill import cached_continuations, source_prompts
+    from .distill import cached_continuations, continuation_meta, load_target, source_prompts, target_dir, \
+        target_tokenizer
 
     cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, DISTILL_SCHEMA)
     dcfg = cfg.get("data", {})

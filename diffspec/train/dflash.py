@@ -42,17 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.causal import Qwen3Model, load_causal
 from ..decoding.runner import eos_ids
-from ..models.checkpoint import DTYPES, CheckpointError, load_tokenizer
-from ..models.gguf import resolve_checkpoint
+from ..models.checkpoint import DTYPES
 from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
 from ..models.tokenizer import MASK_TOKEN, Tokenizer
 from .common import TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, setup, \
-    shared_tokenizer, text, train_loop
-from .distill import SOURCES, Seq, cached_continuations, source_prompts
+    text, train_loop
+from .distill import (SOURCES, Seq, cached_continuations, continuation_meta, load_target, source_prompts, target_dir,
+                      target_tokenizer)
 
-__all__ = ["train_dflash", "WindowData", "SCHEMA", "load_target", "target_tokenizer"]
+__all__ = ["train_dflash", "WindowData", "SCHEMA"]
 
 KINDS = ("dflash", "vp")
 # Every key `train_dflash` reads; anything else in a config is refused (see train.common).
@@ -170,32 +169,6 @@ def accepted_length(drafter: DFlashDrafter, data: WindowData, device: torch.devi
     return total / max(n, 1)
 
 
-def target_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
-    """`tokenizer_from`'s tokenizer (the arith models' shared one), else the target's own."""
-    if cfg.get("tokenizer_from"):
-        return shared_tokenizer(cfg)
-    return load_tokenizer(target_dir(cfg))
-
-
-def target_dir(cfg: dict[str, Any]) -> Path:
-    if not cfg.get("target"):
-        raise ValueError("the training config lacks 'target': the AR target checkpoint directory the drafter serves")
-    path = resolve_checkpoint(cfg["target"])  # 'smollm2' and .gguf files -> a directory
-    if not Path(path).is_dir():
-        raise CheckpointError(f"target checkpoint {path} does not exist; train it first (diffspec train ar)")
-    return Path(path)
-
-
-def load_target(cfg: dict[str, Any], tok: Tokenizer, device: torch.device) -> Qwen3Model:
-    """The frozen AR target the config names, checked to read `tok`'s ids."""
-    path = target_dir(cfg)
-    target, ttok = load_causal(path, device=device, dtype=torch.float32)
-    if ttok.fingerprint() != tok.fingerprint():
-        raise ValueError(f"the target {path} uses another tokenizer than tokenizer_from "
-                         f"({cfg.get('tokenizer_from') or 'the bundled llada-arith'}); every model must share one")
-    return target.requires_grad_(False).eval()
-
-
 def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
     name = cfg.get("mask_token", MASK_TOKEN)
     mask_id = tok.token_to_id(name)
@@ -203,13 +176,6 @@ def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
         raise ValueError(f"the tokenizer has no token {name!r} for the drafter's mask cell; set mask_token to one "
                          "of its special tokens that the target never writes")
     return mask_id
-
-
-def continuation_meta(cfg: dict[str, Any], target: Qwen3Model, path: Path) -> dict[str, Any]:
-    """What identifies a target's continuations: its path, config and weight files' sizes and dates."""
-    files = sorted(path.glob("*.safetensors"))
-    return {"target": str(path.resolve()), "target_config": target.config.to_hf_dict(),
-            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path | None = None, resume: bool = False,

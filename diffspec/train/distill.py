@@ -31,9 +31,13 @@ from tqdm.auto import tqdm
 
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import eos_ids, model_device
+from ..models.causal import Qwen3Model, load_causal
+from ..models.checkpoint import CheckpointError, load_tokenizer
+from ..models.gguf import resolve_checkpoint
 from ..models.tokenizer import Tokenizer
 from ..speculative.ar import ARConfig, ar_batch, run_rows
 from ..tasks import _read_jsonl, arith_examples, default_data_dir, gsm8k_prompt
+from .common import shared_tokenizer
 
 SOURCES = ("arith", "gsm8k")
 CHUNK = 64
@@ -72,6 +76,42 @@ def source_prompts(dcfg: dict[str, Any], n_train: int, n_val: int, seed: int, ta
         head = [{"role": "system", "content": dcfg["system"]}] if dcfg.get("system") else []
         prompts = [template.render(head + [{"role": "user", "content": p}]) for p in prompts]
     return prompts[:n_train], prompts[n_train:]
+
+
+# ---------------------------------------------------------------- the target
+
+
+def target_tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    """`tokenizer_from`'s tokenizer (the arith models' shared one), else the target's own."""
+    if cfg.get("tokenizer_from"):
+        return shared_tokenizer(cfg)
+    return load_tokenizer(target_dir(cfg))
+
+
+def target_dir(cfg: dict[str, Any]) -> Path:
+    if not cfg.get("target"):
+        raise ValueError("the training config lacks 'target': the AR target checkpoint directory the drafter serves")
+    path = resolve_checkpoint(cfg["target"])  # 'smollm2' and .gguf files -> a directory
+    if not Path(path).is_dir():
+        raise CheckpointError(f"target checkpoint {path} does not exist; train it first (diffspec train ar)")
+    return Path(path)
+
+
+def load_target(cfg: dict[str, Any], tok: Tokenizer, device: torch.device) -> Qwen3Model:
+    """The frozen AR target the config names, checked to read `tok`'s ids."""
+    path = target_dir(cfg)
+    target, ttok = load_causal(path, device=device, dtype=torch.float32)
+    if ttok.fingerprint() != tok.fingerprint():
+        raise ValueError(f"the target {path} uses another tokenizer than tokenizer_from "
+                         f"({cfg.get('tokenizer_from') or 'the bundled llada-arith'}); every model must share one")
+    return target.requires_grad_(False).eval()
+
+
+def continuation_meta(cfg: dict[str, Any], target: Qwen3Model, path: Path) -> dict[str, Any]:
+    """What identifies a target's continuations: its path, config and weight files' sizes and dates."""
+    files = sorted(path.glob("*.safetensors"))
+    return {"target": str(path.resolve()), "target_config": target.config.to_hf_dict(),
+            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 def _fingerprint(obj: Any) -> str:
