@@ -218,7 +218,7 @@ DREAM_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
 
 
 def _dream_config(tmp_path, **train):
-    return _config(tmp_path, {"architecture": "dream", "model": DREAM_MODEL}, **train)
+    return _config(tmp_path, {"architecture": "dream", "model": DREAM_MODEL, "save_dtype": "bfloat16"}, **train)
 
 
 def test_train_mdm_dream_saves_a_dream_directory_and_resumes(tmp_path):
@@ -230,7 +230,11 @@ def test_train_mdm_dream_saves_a_dream_directory_and_resumes(tmp_path):
     path = _dream_config(tmp_path, two_stream_fraction=0.5, two_stream_block=4)
     out = train_mdm(path)
     raw = json.loads((out / "config.json").read_text())
-    assert raw["model_type"] == "Dream" and raw["num_hidden_layers"] == 1
+    assert raw["model_type"] == "Dream" and raw["num_hidden_layers"] == 1 and raw["torch_dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     model, tok = resolve_model(str(out), None, "cpu", None, method="fast-dllm")
     assert isinstance(model, DreamModel) and model.config.mask_token_id == tok.token_to_id("<|mdm_mask|>")
     train_mdm(path, resume=True, max_steps=4)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..decoding.config import DecodeConfig
 from ..decoding.diffusion import diffusion_generate
-from ..models.checkpoint import save_model
+from ..models.checkpoint import DTYPES, save_model
 from ..models.dream import DreamConfig, DreamModel, save_dream
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
@@ -125,6 +125,7 @@ _FROM_TOKENIZER = ("vocab_size", "mask_token_id", "eos_token_id")
 SCHEMA: Schema = {
     **TOP_KEYS,
     "architecture": choice(*ARCHITECTURES),
+    "save_dtype": choice(*DTYPES),
     "model": dataclass_section(LLaDAConfig, derived={k: "the tokenizer" for k in _FROM_TOKENIZER}),
     "tokenizer": {"vocab_size": integer(1), "corpus_problems": integer(1), "arith": anything},
     "data": {"gen_length": integer(1), "block_length": integer(1), "pool": integer(1), "mc_fraction": _FRACTION,
@@ -332,6 +333,7 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     tok = build_tokenizer(cfg)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
     model = build_model(arch, cfg["model"], tok).to(dev)
+    save_dtype = DTYPES[cfg["save_dtype"]] if "save_dtype" in cfg else None  # bf16 halves a bundled checkpoint
     if tr.get("init_from"):  # warm start from a saved checkpoint (weights only, fresh optimizer)
         from ..models.checkpoint import load_model
         from ..models.dream import load_dream
@@ -399,6 +401,7 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
 
     train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
                lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
-               lambda: save_dream(model, tok, out_dir) if arch == "dream" else save_model(model, tok, out_dir),
+               lambda: save_dream(model, tok, out_dir, save_dtype) if arch == "dream"
+               else save_model(model, tok, out_dir, save_dtype),
                rngs=[batcher.rng])
     return out_dir
