@@ -423,3 +423,10 @@ def test_content_block_choice_never_scores_pure_padding_blocks():
         assert m[:, 4:].all()  # only block 0 was ever the partly masked block
     with pytest.raises(ValueError, match="eos_id"):
         mdm_loss(Spy(), ids, ans, torch.ones_like(ans), mask, block_length=4, block_fraction=1.0, block_k="content")
+
+
+def test_k_shot_is_checked_where_the_examples_are_built():
+    with pytest.raises(ValueError, match="k_shot .*>= 0"):
+        load_examples("gsm8k", limit=1, data=GSM8K_TEST, k_shot=-1)
+    with pytest.raises(ValueError, match="--k-shot applies to gsm8k and mmlu"):
+        load_examples("arith", limit=1, k_shot=2)

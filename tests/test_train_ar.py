@@ -331,3 +331,26 @@ def test_bundled_drafters_follow_the_target():
         assert bundled_drafter(kind, plain) == DEFAULT_DRAFTERS[kind]
         assert bundled_drafter(kind, smol) == SMOLLM2_DRAFTERS[kind]
     assert bundled_drafter("vp", plain) == DEFAULT_VP and bundled_drafter("vp", smol) == SMOLLM2_DRAFTERS["vp"]
+
+
+def test_drafter_prompt_sources_are_checked(tmp_path):
+    """data.source picks the prompts; options of the other source and impossible pools are refused."""
+    from diffspec.train.distill import source_prompts
+
+    with pytest.raises(ValueError, match="data.source must be one of"):
+        source_prompts({"source": "wiki"}, 4, 2, 0, None)
+    with pytest.raises(ValueError, match="apply to data.source 'gsm8k'"):
+        source_prompts({"chat": True}, 4, 2, 0, None)
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question": f"What is {i} + 1?"}) + "\n" for i in range(5)))
+    with pytest.raises(ValueError, match="exceeds the 5 questions"):
+        source_prompts({"source": "gsm8k", "questions": str(q), "chat": False}, 4, 2, 0, None)
+    with pytest.raises(ValueError, match="needs the target's checkpoint directory"):
+        source_prompts({"source": "gsm8k", "questions": str(q)}, 3, 2, 0, None)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        source_prompts({"source": "gsm8k", "questions": str(tmp_path / "none.jsonl")}, 3, 2, 0, None)
+    train, val = source_prompts({"source": "gsm8k", "questions": str(q), "chat": False}, 3, 2, 0, None)
+    assert len(train) == 3 and len(val) == 2 and not set(train) & set(val)
+    # validation comes from the end of the shuffled list: the training prompts do not move with it
+    train4, val4 = source_prompts({"source": "gsm8k", "questions": str(q), "chat": False}, 3, 1, 0, None)
+    assert train4 == train and val4 == val[1:]

@@ -140,6 +140,11 @@ def load_examples(task: str, limit: int | None = None, split: str = "test", data
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if k_shot is not None:
+        if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 0:
+            raise ValueError(f"k_shot (--k-shot) must be an integer >= 0, got {k_shot!r}")
+        if task not in ("gsm8k", "mmlu"):
+            raise ValueError(f"--k-shot applies to gsm8k and mmlu; the {task} prompts have no exemplars")
     if task == "arith":
         return arith_examples(split, limit or 500, seed)
     if task == "arith-mc":
