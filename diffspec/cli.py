@@ -192,7 +192,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         if a.chat:  # rendered with the model's own template, like eval --chat
             examples = chat_examples(examples, model_path, "ar" if is_ar == {True} else "vanilla")
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
-              overrides=overrides, command=command, repeats=a.repeats, examples=examples)
+              overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume)
 
 
 def cmd_plot(a: argparse.Namespace) -> None:
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--k-shot", type=int, help="few-shot exemplars for gsm8k / mmlu (default: the task's, 5 / 0)")
     b.add_argument("--repeats", type=int, default=1,
                    help="run every row N times, interleaved, and report the median wall clock (default 1)")
+    b.add_argument("--resume", action="store_true",
+                   help="reuse the rows an earlier run saved in --out/rows (same spec, options, examples, model "
+                        "and drafters; anything else is decoded again), so a long run goes on where it stopped")
     _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
 

@@ -24,6 +24,7 @@ from ..evaluate import TASK_DEFAULTS, evaluate, task_config
 from ..jsonio import OutputError, OutputFile, check_output_dir
 from ..speculative.dualdiffusion import DualConfig
 from ..tasks import Example, load_examples
+from . import rows as rows_store
 from .plot import pareto_plot
 from .table import format_table, overloaded
 
@@ -265,34 +266,56 @@ def run_bench(
     command: str | None = None,
     repeats: int = 1,
     examples: Sequence[Example] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every spec on the same examples; with `repeats` > 1 the rows run that many times,
     interleaved (row 1, 2, …, 1, 2, …), and each row's wall clock is the median of its runs, so a
-    burst of load on a shared machine hits one run of every row instead of one whole row."""
+    burst of load on a shared machine hits one run of every row instead of one whole row.
+
+    With repeats = 1 every finished row is saved under out_dir/rows (see `bench.rows`); `resume`
+    reuses the saved rows whose spec, config, examples, model and drafters all match, so a run that
+    stopped (or a suite split over sessions) goes on from where it was."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if resume and repeats > 1:
+        raise ValueError("--resume reuses single runs of each row; it cannot be combined with --repeats > 1")
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
     if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
         examples = load_examples(task, limit=limit, data=data)
+    keys: list[str | None] = [None] * len(specs)
+    if repeats == 1 and isinstance(model, torch.nn.Module):
+        ex_hash, model_hash = rows_store.examples_fingerprint(examples), rows_store.weights_fingerprint(model)
+        keys = [rows_store.row_key(s, task, c, ex_hash, model_hash, model) for s, c in zip(specs, configs)]
     rows: list[dict[str, Any]] = []
+    resumed: list[str] = []
     walls: list[list[float]] = [[] for _ in specs]
     n = len(specs)
     for rep in range(repeats):
         for i, ((method, opts), cfg, spec) in enumerate(zip(parsed, configs, specs)):
             label = label_of(method, opts)
             again = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
+            saved = rows_store.load_row(outputs["results.json"].path.parent, keys[i]) if resume and keys[i] else None
+            if saved is not None:
+                print(f"[bench] row {i + 1}/{n}: {label}: reusing the row measured at {saved.get('measured_at')} "
+                      f"(accuracy {saved['accuracy']:.1%})", file=sys.stderr)
+                rows.append(saved)
+                resumed.append(label)
+                continue
             print(f"[bench] row {i + 1}/{n}{again}: {label} on {len(examples)} {task} examples", file=sys.stderr)
             start = machine_load()
             r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
                          keep_samples=False, keep_ids=True)
             r["load"] = load_during(start)
+            r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
             walls[i].append(r["wall_seconds"])
             print(f"[bench] row {i + 1}/{n}: accuracy {r['accuracy']:.1%}, {r['nfe_per_sequence']:.1f} forwards/seq, "
                   f"{r['flops'] / 1e9:,.1f} GFLOPs, {r['wall_seconds']:.1f} s{_load_note(r['load'])}", file=sys.stderr)
             if rep == 0:
                 r.update(label=label, bench_spec=spec)  # r["spec"] holds the method's stats
                 rows.append(r)
+                if keys[i]:  # kept at once: a run stopped later still has this row
+                    rows_store.save_row(outputs["results.json"].path.parent, keys[i], spec, r)
             elif r["token_ids"] != rows[i]["token_ids"]:
                 raise RuntimeError(f"row {label!r} decoded different token ids on repeat {rep + 1}: "
                                    "the method is not deterministic under a fixed seed")
@@ -318,6 +341,7 @@ def run_bench(
         "baseline": base["label"],
         "command": command,
         "first_prompt": examples[0].prompt,  # the prompt format every row saw (chat template, shots)
+        "resumed_rows": resumed,  # measured by an earlier run into the same --out (see each row's measured_at)
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")},

@@ -1,0 +1,126 @@
+"""`diffspec bench --resume`: a long run stopped part-way goes on without decoding its finished rows
+again, and never reuses a row that was measured on other data, options, weights or drafters."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffspec.bench.runner as runner
+from diffspec.bench import rows as rows_store
+from diffspec.cli import main
+from diffspec.models.checkpoint import load_model, save_model
+from diffspec.speculative.armethods import build_ar_config
+
+ARGS = ["--limit", "2", "--gen-length", "8", "--block-length", "8", "--steps", "8",
+        "--methods", "vanilla:steps=8", "vanilla:steps=4"]
+
+
+def bench(ckpt: Path, out: Path, *extra: str) -> dict:
+    assert main(["bench", "--model", str(ckpt), "--out", str(out), *ARGS, *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def counting_evaluate(monkeypatch, fail_at: int | None = None) -> list[str]:
+    """evaluate() that records which methods it decoded (and can fail at one call, like a session ending)."""
+    calls: list[str] = []
+    real = runner.evaluate
+
+    def wrapped(task, model, tok, method, cfg, **kw):
+        calls.append(f"{method}:{cfg.steps}")
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt("stopped")
+        return real(task, model, tok, method, cfg, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", wrapped)
+    return calls
+
+
+def test_resume_reuses_every_finished_row_and_gives_the_same_table(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    first = bench(tiny_checkpoint, tmp_path)
+    assert len(list((tmp_path / "rows").glob("*.json"))) == 2
+    calls = counting_evaluate(monkeypatch)
+    again = bench(tiny_checkpoint, tmp_path, "--resume")
+    assert calls == []  # nothing decoded again
+    assert again["resumed_rows"] == ["vanilla steps=8", "vanilla steps=4"] and first["resumed_rows"] == []
+    keep = ("label", "accuracy", "nfe_per_sequence", "flops", "same_ids_as_baseline", "measured_at", "speedup_nfe")
+    assert [{k: r[k] for k in keep} for r in again["rows"]] == [{k: r[k] for k in keep} for r in first["rows"]]
+    assert "reusing the row measured at" in capsys.readouterr().err
+
+
+def test_without_resume_every_row_is_decoded_again(tiny_checkpoint, tmp_path, monkeypatch):
+    bench(tiny_checkpoint, tmp_path)
+    calls = counting_evaluate(monkeypatch)
+    assert bench(tiny_checkpoint, tmp_path)["resumed_rows"] == []
+    assert calls == ["vanilla:8", "vanilla:4"]
+
+
+def test_a_stopped_run_resumes_at_the_row_it_stopped_in(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = counting_evaluate(monkeypatch, fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS])
+    assert not (tmp_path / "results.json").exists() and len(list((tmp_path / "rows").glob("*.json"))) == 1
+    calls.clear()
+    r = bench(tiny_checkpoint, tmp_path, "--resume")
+    assert calls == ["vanilla:4"] and r["resumed_rows"] == ["vanilla steps=8"]
+    assert r["rows"][1]["same_ids_as_baseline"] == pytest.approx(r["rows"][1]["same_ids_as_baseline"])
+    assert r["rows"][1]["speedup_nfe"] == pytest.approx(2.0)  # ratios against the reused baseline row
+
+
+@pytest.mark.parametrize("change", ["options", "examples", "weights"])
+def test_a_row_measured_otherwise_is_never_reused(change, tiny_checkpoint, tmp_path, monkeypatch):
+    bench(tiny_checkpoint, tmp_path / "out")
+    ckpt, extra = tiny_checkpoint, []
+    if change == "options":
+        extra = ["--seed", "1"]
+    elif change == "examples":
+        extra = ["--limit", "3"]  # one more example: rows on 2 examples must not stand for 3
+    else:
+        model, tok = load_model(tiny_checkpoint)
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.01)
+        ckpt = save_model(model, tok, tmp_path / "other")
+    calls = counting_evaluate(monkeypatch)
+    r = bench(ckpt, tmp_path / "out", "--resume", *extra)
+    assert calls == ["vanilla:8", "vanilla:4"] and r["resumed_rows"] == []
+    assert r["n"] == (3 if change == "examples" else 2)
+
+
+def test_row_key_follows_the_drafter_weights(tiny_model, tmp_path):
+    drafter = tmp_path / "drafter"
+    drafter.mkdir()
+    (drafter / "model.safetensors").write_bytes(b"one")
+    cfg = build_ar_config("ar-spec", drafter=str(drafter))
+    key = lambda: rows_store.row_key("ar-spec", "arith", cfg, "ex", "model", tiny_model)  # noqa: E731
+    before = key()
+    assert key() == before
+    (drafter / "model.safetensors").write_bytes(b"two")  # retrained: same path, other weights
+    assert key() != before
+    assert rows_store.drafter_paths(build_ar_config("ar"), tiny_model) == []
+    d2sd = rows_store.drafter_paths(build_ar_config("d2sd"), tiny_model)
+    assert len(d2sd) == 2 and all(Path(p).is_dir() for p in d2sd)  # the bundled DFlash and VP drafters
+
+
+def test_weights_fingerprint_sees_a_dtype_or_value_change(tiny_model):
+    base = rows_store.weights_fingerprint(tiny_model)
+    other = type(tiny_model)(tiny_model.config)
+    other.load_state_dict(tiny_model.state_dict())
+    assert rows_store.weights_fingerprint(other) == base
+    with torch.no_grad():
+        list(other.parameters())[-1].add_(1e-3)
+    assert rows_store.weights_fingerprint(other) != base
+    assert rows_store.weights_fingerprint(tiny_model.to(torch.bfloat16)) != base
+    tiny_model.float()
+
+
+def test_resume_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
+    bench(tiny_checkpoint, tmp_path)
+    for f in (tmp_path / "rows").glob("*.json"):
+        f.write_text("{not json")
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, "--resume"]) == 2
+    assert "saved bench row" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, "--resume",
+                 "--repeats", "2"]) == 2
+    assert "--repeats" in capsys.readouterr().err
