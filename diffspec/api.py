@@ -132,9 +132,18 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
 
 
 def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = "cpu",
-                  dtype: str | None = None, method: str = "vanilla") -> tuple[torch.nn.Module, Tokenizer]:
+                  dtype: str | None = None, method: str = "vanilla",
+                  compile: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
     """A loaded (model, tokenizer): paths are loaded by model_type; None is the bundled
-    model of the method's family (the LLaDA arith model, or the Qwen3 arith target)."""
+    model of the method's family (the LLaDA arith model, or the Qwen3 arith target).
+    `compile` names a torch.compile backend for the model's forward (`models.compiled`)."""
+    if compile is not None:
+        from .models.compiled import BACKENDS, compile_forward
+
+        if compile not in BACKENDS:  # before loading anything
+            raise ValueError(f"unknown --compile backend {compile!r}; choose one of {', '.join(BACKENDS)}")
+        loaded, tok = resolve_model(model, tokenizer, device, dtype, method)
+        return compile_forward(loaded, compile), tok
     if model is None and method in method_names("ar"):
         if not DEFAULT_TARGET.is_dir():
             raise FileNotFoundError(f"method {method!r} needs an autoregressive target and no bundled one exists "
@@ -233,6 +242,7 @@ def generate(
     config: AnyConfig | None = None,
     drafter: Any = None,
     drafter_tokenizer: Tokenizer | None = None,
+    compile: str | None = None,
     **options: Any,
 ) -> GenerationResult:
     """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd).
@@ -248,6 +258,7 @@ def generate(
     AR-target methods (ar, ar-spec, dflash, d2sd) take a Qwen3-layout `model`,
     `gen_length` (alias `max_new_tokens`), `gamma` (and `gamma2`, `k` for d2sd), and
     `drafter` / `vp_drafter` as paths or loaded models.
+    `compile` ('inductor', 'eager', ...) compiles the model's forward with torch.compile.
     """
     prompts = prompt_list(prompts)
     m = get_method(method)
@@ -260,6 +271,6 @@ def generate(
     if isinstance(vp_drafter, (str, Path)):
         options["vp_drafter"], vp_drafter = str(vp_drafter), None
     cfg = build_config(method, config, **options)
-    model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method)
+    model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method, compile=compile)
     return m.run(model, tokenizer, prompts, cfg, drafter=drafter, drafter_tokenizer=drafter_tokenizer,
                  vp_drafter=vp_drafter, progress=progress, dtype=dtype)

@@ -79,6 +79,9 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     m.add_argument("--model", help="checkpoint directory (default: the bundled model of the method's family)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     m.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on cpu, bf16 on cuda)")
+    m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="compile the model's forward with torch.compile (backend inductor, or eager / aot_eager / "
+                        "cudagraphs; default off). Pays on a GPU, if at all: see benchmarks/gpu")
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
@@ -141,7 +144,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         prompt = chat_prompts(a.model, a.method, [prompt], system=a.system)[0]
     opts = _options(a)
     cfg = task_config("arith", a.method, **opts)
-    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method, compile=a.compile)
     res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
     print(res.texts[0])  # exactly the API's text (a leading space included), so prompt + output is the full text
     s = res.meter.summary()
@@ -158,7 +161,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     # Checks the --out path before the run, scores (data-parallel under torchrun), prints one line
     # and writes the JSON on rank 0.
     run_eval(a.task, a.method, _options(a), model=a.model, device=a.device, dtype=a.dtype, limit=a.limit,
-             data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num, chat=a.chat)
+             data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num, chat=a.chat,
+             compile=a.compile)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -181,7 +185,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
         from .models.checkpoint import DEFAULT_DREAM_DIR
 
         model_path = str(DEFAULT_DREAM_DIR)  # the suite is about Dream: its bundled model
-    model, tok = resolve_model(model_path, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla")
+    model, tok = resolve_model(model_path, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla",
+                               compile=a.compile)
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     examples = None
     if a.chat or a.k_shot is not None:
@@ -234,7 +239,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise ValueError(str(e)) from None
 
     serve(ServeSettings(model=a.model, method=a.method, options=_options(a), device=a.device, dtype=a.dtype,
-                        host=a.host, port=a.port, max_batch=a.max_batch, batch_window=a.batch_window,
+                        compile=a.compile, host=a.host, port=a.port, max_batch=a.max_batch, batch_window=a.batch_window,
                         max_queue=a.max_queue, model_name=a.served_model_name))
 
 

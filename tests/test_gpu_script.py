@@ -51,7 +51,7 @@ def test_dry_run_writes_every_output(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     stages = _stages(out)
     assert {k: v[0] for k, v in stages.items()} == {
-        "env": "ok", "install": "skipped", "cuda-tests": "ok", "gpu-timings": "ok",
+        "env": "ok", "install": "skipped", "cuda-tests": "ok", "gpu-timings": "ok", "decode-loop": "ok",
         **{f"bench-{s}": "ok" for s in DRY_SUITES}, "summary": "ok"}
 
     env = json.loads((out / "env.json").read_text())
@@ -76,6 +76,11 @@ def test_dry_run_writes_every_output(tmp_path: Path) -> None:
     assert all(r["ms"] > 0 and r["roofline_ms"] > 0 for s in (llada, qwen3) for k, r in s.items() if k != "model")
     assert "| full_b1_L64 |" in (out / "gpu" / "gpu.md").read_text()
 
+    decode = json.loads((out / "decode" / "decode.json").read_text())
+    assert decode["errors"] == [] and decode["backend"] == "eager"
+    assert [r["method"] for r in decode["rows"]] == ["vanilla", "fast-dllm", "dflash"]
+    assert all(r["compiled_same_ids"] and r["forwards"] > 0 and r["compiled_s"] > 0 for r in decode["rows"])
+
     for s in DRY_SUITES:
         res = json.loads((out / "bench" / s / "results.json").read_text())
         assert res["n"] == 2 and res["rows"] and all(r["n"] == 2 for r in res["rows"])
@@ -87,7 +92,7 @@ def test_dry_run_writes_every_output(tmp_path: Path) -> None:
     assert [s["stage"] for s in summary["stages"]][:3] == ["env", "install", "cuda-tests"]
     assert set(summary["bench"]) == set(DRY_SUITES)
     md = (out / "summary.md").read_text()
-    assert "## Large-shape timings" in md and "## bench d2sd" in md
+    assert "## Large-shape timings" in md and "## bench d2sd" in md and "## Decode loops" in md
     assert "every stage passed" in p.stdout
 
     with tarfile.open(tar) as t:
@@ -100,7 +105,8 @@ def test_a_failing_stage_is_recorded_and_the_rest_still_run(tmp_path: Path) -> N
     p = _run(out, PYTHON="false", DIFFSPEC_GPU_SKIP="gpu-timings")  # every python stage fails at once
     assert p.returncode == 1
     stages = _stages(out)
-    assert list(stages) == ["env", "install", "cuda-tests", "gpu-timings", *[f"bench-{s}" for s in DRY_SUITES],
+    assert list(stages) == ["env", "install", "cuda-tests", "gpu-timings", "decode-loop",
+                            *[f"bench-{s}" for s in DRY_SUITES],
                             "summary"]
     assert stages["install"][0] == stages["gpu-timings"][0] == "skipped"
     assert all(v[0] == "failed" for k, v in stages.items() if k not in ("install", "gpu-timings"))

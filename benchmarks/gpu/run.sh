@@ -9,6 +9,8 @@
 #   install      pip install -e '.[test]', offline (the project only) -> logs/install.log
 #   cuda-tests   pytest -m cuda tests                                 -> cuda-tests.xml, cuda-report.json
 #   gpu-timings  python -m diffspec.bench.gpu (8B shapes, random weights) -> gpu/gpu.json, gpu/gpu.md
+#   decode-loop  python -m diffspec.bench.decode_loop (every method eager vs --compile, host syncs per forward)
+#                -> decode/decode.json, decode/decode.md
 #   bench-SUITE  diffspec bench --suite SUITE, bundled models, bf16, CUDA, --limit 500 (d2sd 200) -> bench/SUITE/
 #   summary      python -m diffspec.bench.gpu --summarize OUT_DIR     -> summary.json, summary.md
 # --dry-run: the same stages on CPU with tiny shapes, --limit 2 and three suites (steps d2sd threshold);
@@ -150,6 +152,9 @@ run_stage cuda-tests 150 env DIFFSPEC_CUDA_REPORT="$OUT_DIR/cuda-report.json" \
 
 # ---- large-shape timings on random weights
 run_stage gpu-timings 150 "$PY" -m diffspec.bench.gpu --out "$OUT_DIR/gpu" "${GPU_ARGS[@]}"
+
+# ---- every method's decode loop on the bundled models: eager vs --compile, host syncs per forward
+run_stage decode-loop 120 "$PY" -m diffspec.bench.decode_loop --out "$OUT_DIR/decode" --dtype "$DTYPE" "${GPU_ARGS[@]}"
 
 # ---- the bench suites on the bundled models, most valuable first
 for suite in $SUITES; do

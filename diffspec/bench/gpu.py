@@ -575,6 +575,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     md += _cuda_report_markdown(out.get("cuda_report", {}))
     if (d / "gpu" / "gpu.md").is_file():
         md += [(d / "gpu" / "gpu.md").read_text().replace("\n# ", "\n## ", 1).replace("# ", "## ", 1), ""]
+    if (d / "decode" / "decode.md").is_file():  # the decode-loop stage (bench.decode_loop)
+        md += [(d / "decode" / "decode.md").read_text().replace("# ", "## ", 1), ""]
     bench = d / "bench"
     if bench.is_dir():
         out["bench"] = {}
