@@ -197,7 +197,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
         if a.chat:  # rendered with the model's own template, like eval --chat
             examples = chat_examples(examples, model_path, "ar" if is_ar == {True} else "vanilla")
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
-              overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume)
+              overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume,
+              chunk=a.chunk)
 
 
 def cmd_plot(a: argparse.Namespace) -> None:
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true",
                    help="reuse the rows an earlier run saved in --out/rows (same spec, options, examples, model "
                         "and drafters; anything else is decoded again), so a long run goes on where it stopped")
+    b.add_argument("--chunk", type=int, default=0,
+                   help="decode and save each row N examples at a time (rounded up to whole batches), so --resume "
+                        "also continues inside a row (default 0: whole rows)")
     _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
 

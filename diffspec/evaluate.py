@@ -241,6 +241,11 @@ def _merge(task: str, method: str, examples: Sequence[Example], parts: list[dict
     if len(stats) == 1:  # speculative methods: what happened to the drafts
         out["spec"] = stats[0]
     elif stats:
+        from .speculative.stats import merge_summaries
+
+        merged = merge_summaries(stats)  # rates recomputed from the summed counters
+        if merged is not None:
+            out["spec"] = merged
         out["spec_per_rank"] = stats
     if any("flexible_correct" in s for s in scores):
         out["accuracy_flexible"] = sum(s.get("flexible_correct", False) for s in scores) / n

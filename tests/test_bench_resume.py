@@ -124,3 +124,69 @@ def test_resume_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
     assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, "--resume",
                  "--repeats", "2"]) == 2
     assert "--repeats" in capsys.readouterr().err
+
+
+# ---- chunks: a row longer than a sitting
+
+CHUNKED = ["--limit", "5", "--gen-length", "8", "--block-length", "8", "--batch-size", "2",
+           "--methods", "vanilla:steps=8", "psd:policy=threshold"]
+
+
+def _same_row(a: dict, b: dict) -> None:
+    for k in ("accuracy", "nfe", "nfe_per_sequence", "flops", "tokens_generated", "sequences", "models", "spec",
+              "same_ids_as_baseline"):
+        assert a.get(k) == b.get(k), k
+
+
+def test_a_chunked_row_equals_the_whole_row(tiny_checkpoint, tmp_path, monkeypatch):
+    whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", CHUNKED))
+    parts = []
+    real = runner.rows_store.save_part
+
+    def spy(out_dir, key, start, end, part):
+        parts.append((start, end))
+        return real(out_dir, key, start, end, part)
+
+    monkeypatch.setattr(runner.rows_store, "save_part", spy)
+    chunked = json.loads(_bench_out(tiny_checkpoint, tmp_path / "chunked", CHUNKED + ["--chunk", "3"]))
+    assert parts == [(0, 4), (4, 5)] * 2  # 3 rounded up to two batches of 2; the last chunk is short
+    for a, b in zip(whole["rows"], chunked["rows"]):
+        _same_row(a, b)
+    assert chunked["rows"][1]["spec"]["iterations"] > 0  # PSD's counters summed over the chunks
+    assert chunked["rows"][1]["chunks"] == {"examples_per_chunk": 4, "chunks": 2, "reused": 0}
+    assert "spec_per_rank" not in chunked["rows"][1] and chunked["rows"][1]["world_size"] == 1
+
+
+def test_a_row_stopped_between_chunks_resumes_inside_the_row(tiny_checkpoint, tmp_path, monkeypatch):
+    whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", CHUNKED))
+    calls = []
+    import diffspec.evaluate as ev
+
+    real_part = ev._run_part
+
+    def part(task, examples, *a, **kw):
+        calls.append(len(examples))
+        if len(calls) == 4:  # vanilla's 2 chunks, psd's first, then the session ends in psd's second
+            raise KeyboardInterrupt("stopped")
+        return real_part(task, examples, *a, **kw)
+
+    monkeypatch.setattr(ev, "_run_part", part)
+    out = tmp_path / "chunked"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *CHUNKED, "--chunk", "4"])
+    calls.clear()
+    r = json.loads(_bench_out(tiny_checkpoint, out, CHUNKED + ["--chunk", "4", "--resume"]))
+    assert calls == [1]  # only the psd row's last chunk (1 example) was decoded again
+    assert r["resumed_rows"] == ["vanilla steps=8"] and r["rows"][1]["chunks"]["reused"] == 1
+    for a, b in zip(whole["rows"], r["rows"]):
+        _same_row(a, b)
+
+
+def _bench_out(ckpt: Path, out: Path, args: list[str]) -> str:
+    assert main(["bench", "--model", str(ckpt), "--out", str(out), *args]) == 0
+    return (out / "results.json").read_text()
+
+
+def test_chunk_option_is_checked(tiny_checkpoint, tmp_path, capsys):
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, "--chunk", "-1"]) == 2
+    assert "chunk must be an integer >= 0" in capsys.readouterr().err

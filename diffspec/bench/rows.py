@@ -114,3 +114,40 @@ def save_row(out_dir: Path, key: str, spec: str, row: dict[str, Any]) -> Path | 
         print(f"diffspec: warning: could not save the finished row to {path} ({e}); "
               "--resume will decode it again", file=sys.stderr)
         return None
+
+
+# ---- chunks: a row too long for one sitting is decoded and saved a few batches at a time
+
+def _part_path(out_dir: Path, key: str, start: int, end: int) -> Path:
+    return out_dir / ROWS_DIR / f"{key}.part-{start:05d}-{end:05d}.json"
+
+
+def save_part(out_dir: Path, key: str, start: int, end: int, part: dict[str, Any]) -> None:
+    """Keep one decoded chunk of a row (examples start..end-1): what `evaluate._merge` needs."""
+    saved = {"key": key, "start": start, "end": end, "indices": part["indices"], "scores": part["scores"],
+             "texts": part["texts"], "ids": part["ids"], "meter": part["meter"].summary(), "stats": part["stats"],
+             "measured_at": part.get("measured_at")}
+    path = _part_path(out_dir, key, start, end)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        OutputFile.check(path, "saved bench chunk").write_text(json.dumps(saved, separators=(",", ":")) + "\n")
+    except (OSError, OutputError) as e:
+        print(f"diffspec: warning: could not save the finished chunk to {path} ({e}); "
+              "--resume will decode it again", file=sys.stderr)
+
+
+def load_part(out_dir: Path, key: str, start: int, end: int) -> dict[str, Any] | None:
+    from ..decoding.meter import CostMeter
+
+    path = _part_path(out_dir, key, start, end)
+    if not path.is_file():
+        return None
+    saved = parse_json_file(path, "saved bench chunk")
+    need = ("indices", "scores", "texts", "ids", "meter", "stats")
+    if not isinstance(saved, dict) or saved.get("key") != key or any(k not in saved for k in need) \
+            or saved["indices"] != list(range(start, end)):
+        raise ValueError(f"saved bench chunk {path} is not a chunk this version of diffspec wrote; delete it "
+                         "(or the whole --out directory) and run again")
+    return {**{k: saved[k] for k in need}, "meter": CostMeter.from_summary(saved["meter"]), "config": None,
+            "measured_at": saved.get("measured_at"), "reused": True}

@@ -254,6 +254,38 @@ def save_bench(result: dict[str, Any], table: str, outputs: dict[str, OutputFile
     return written
 
 
+def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: Any, examples: Sequence[Example],
+                     out_dir: Path, key: str, chunk: int, resume: bool) -> dict[str, Any]:
+    """One row decoded a few batches at a time, each chunk saved as it finishes (and, with `resume`,
+    reused), then merged exactly as data-parallel parts are: ids and scores per example, meters
+    summed, speculative counters summed and their rates recomputed. Chunks are whole batches, so
+    every batch holds the prompts a whole-row run would give it and the ids are the same."""
+    from ..evaluate import DEFAULT_MC_NUM, _merge, _run_part, config_value
+
+    bs = int(config_value(cfg, "batch_size", 32))
+    size = -(-chunk // bs) * bs
+    parts, reused = [], 0
+    for start in range(0, len(examples), size):
+        end = min(start + size, len(examples))
+        part = rows_store.load_part(out_dir, key, start, end) if resume else None
+        if part is None:
+            print(f"[bench]   examples {start + 1}-{end} of {len(examples)}", file=sys.stderr)
+            part = _run_part(task, list(examples[start:end]), model, tokenizer, method, cfg, "generate",
+                             DEFAULT_MC_NUM, True)
+            part.update(indices=list(range(start, end)), measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+            rows_store.save_part(out_dir, key, start, end, part)
+        else:
+            reused += 1
+        parts.append(part)
+    wall = sum(p["meter"].wall_seconds for p in parts)
+    r = _merge(task, method, examples, parts, cfg, "generate", DEFAULT_MC_NUM, wall, False, True)
+    for k in ("wall_seconds_per_rank", "spec_per_rank"):  # chunks are not ranks
+        r.pop(k, None)
+    r["world_size"] = 1
+    r["chunks"] = {"examples_per_chunk": size, "chunks": len(parts), "reused": reused}
+    return r
+
+
 def run_bench(
     model: Any,
     tokenizer: Any,
@@ -267,6 +299,7 @@ def run_bench(
     repeats: int = 1,
     examples: Sequence[Example] | None = None,
     resume: bool = False,
+    chunk: int = 0,
 ) -> dict[str, Any]:
     """Run every spec on the same examples; with `repeats` > 1 the rows run that many times,
     interleaved (row 1, 2, …, 1, 2, …), and each row's wall clock is the median of its runs, so a
@@ -274,13 +307,20 @@ def run_bench(
 
     With repeats = 1 every finished row is saved under out_dir/rows (see `bench.rows`); `resume`
     reuses the saved rows whose spec, config, examples, model and drafters all match, so a run that
-    stopped (or a suite split over sessions) goes on from where it was."""
+    stopped (or a suite split over sessions) goes on from where it was. With `chunk` > 0 a row is
+    decoded and saved `chunk` examples at a time (rounded up to whole batches), so even a row longer
+    than a sitting resumes part-way (see `decode_in_chunks`)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if resume and repeats > 1:
         raise ValueError("--resume reuses single runs of each row; it cannot be combined with --repeats > 1")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(f"chunk must be an integer >= 0 (0 = whole rows), got {chunk!r}")
+    if chunk and repeats > 1:
+        raise ValueError("--chunk saves single runs of each row; it cannot be combined with --repeats > 1")
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
+    out_path = outputs["results.json"].path.parent
     if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
         examples = load_examples(task, limit=limit, data=data)
     keys: list[str | None] = [None] * len(specs)
@@ -295,7 +335,7 @@ def run_bench(
         for i, ((method, opts), cfg, spec) in enumerate(zip(parsed, configs, specs)):
             label = label_of(method, opts)
             again = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
-            saved = rows_store.load_row(outputs["results.json"].path.parent, keys[i]) if resume and keys[i] else None
+            saved = rows_store.load_row(out_path, keys[i]) if resume and keys[i] else None
             if saved is not None:
                 print(f"[bench] row {i + 1}/{n}: {label}: reusing the row measured at {saved.get('measured_at')} "
                       f"(accuracy {saved['accuracy']:.1%})", file=sys.stderr)
@@ -304,8 +344,11 @@ def run_bench(
                 continue
             print(f"[bench] row {i + 1}/{n}{again}: {label} on {len(examples)} {task} examples", file=sys.stderr)
             start = machine_load()
-            r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
-                         keep_samples=False, keep_ids=True)
+            if chunk and keys[i]:
+                r = decode_in_chunks(task, model, tokenizer, method, cfg, examples, out_path, keys[i], chunk, resume)
+            else:
+                r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
+                             keep_samples=False, keep_ids=True)
             r["load"] = load_during(start)
             r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
             walls[i].append(r["wall_seconds"])
@@ -315,7 +358,7 @@ def run_bench(
                 r.update(label=label, bench_spec=spec)  # r["spec"] holds the method's stats
                 rows.append(r)
                 if keys[i]:  # kept at once: a run stopped later still has this row
-                    rows_store.save_row(outputs["results.json"].path.parent, keys[i], spec, r)
+                    rows_store.save_row(out_path, keys[i], spec, r)
             elif r["token_ids"] != rows[i]["token_ids"]:
                 raise RuntimeError(f"row {label!r} decoded different token ids on repeat {rep + 1}: "
                                    "the method is not deterministic under a fixed seed")

@@ -88,6 +88,12 @@ class CostMeter:
             sync()
             self.wall_seconds += time.perf_counter() - t0
 
+    @classmethod
+    def from_summary(cls, d: dict[str, Any]) -> "CostMeter":
+        """The meter `summary()` described (its totals; a saved part of a run is merged through this)."""
+        return cls(primary=d["primary"], models={k: ModelCost(**v) for k, v in d["models"].items()},
+                   tokens_generated=d["tokens_generated"], sequences=d["sequences"], wall_seconds=d["wall_seconds"])
+
     def merge(self, other: "CostMeter") -> None:
         for name, c in other.models.items():
             self.models.setdefault(name, ModelCost()).add(c)

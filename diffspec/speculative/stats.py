@@ -1,0 +1,54 @@
+"""Merging the speculative methods' counters across parts of one run.
+
+A run split into parts (data-parallel ranks, or a long bench row saved in chunks so it can resume)
+produces one stats summary per part. Rates such as τ cannot be averaged across parts; they are
+recomputed from the summed counters, by the same `summary()` that wrote them. A summary carries
+its raw counters (each stats class's fields), so the class is the registered one whose fields it
+holds (the largest such class: DFlash's counters include AR-spec's).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Sequence
+
+
+def _classes() -> list[type]:
+    from .ar import ARSpecStats
+    from .d2sd import BlockSpecStats
+    from .dualdiffusion import SpecStats
+    from .psd import PSDStats
+
+    return [ARSpecStats, BlockSpecStats, SpecStats, PSDStats]
+
+
+def stats_class(summary: dict[str, Any]) -> type | None:
+    """The stats class whose every counter `summary` holds (the one with the most counters)."""
+    fits = [c for c in _classes() if all(f.name in summary for f in fields(c))]
+    return max(fits, key=lambda c: len(fields(c)), default=None)
+
+
+def add_counters(total: Any, part: Any) -> None:
+    """total += part, counter by counter: numbers add, per-label dicts add per label, max_* take the max."""
+    for f in fields(total):
+        a, b = getattr(total, f.name), getattr(part, f.name)
+        if isinstance(a, dict):
+            setattr(total, f.name, {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}})
+        elif f.name.startswith("max_"):
+            setattr(total, f.name, max(a, b))
+        else:
+            setattr(total, f.name, a + b)
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """One summary of all parts, or None when they are not all summaries of one stats class."""
+    parts = [s for s in summaries if s]
+    if not parts:
+        return None
+    classes = {stats_class(s) for s in parts}
+    if len(classes) != 1 or None in classes:
+        return None
+    cls = classes.pop()
+    total = cls()
+    for s in parts:
+        add_counters(total, cls(**{f.name: s[f.name] for f in fields(cls)}))
+    return total.summary()
