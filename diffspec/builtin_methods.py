@@ -176,6 +176,9 @@ DREAM_OPTIONS = {
     "top_p": Option(float, "dream: nucleus sampling mass (default none)"),
     "top_k": Option(int, "dream: top-k sampling (default none)"),
     "eps": Option(float, "dream: the last timestep of its linspace(1, eps) schedule (default 1e-3)"),
+    "transfer_schedule": Option(str, "dream: cells committed per step by the confidence algs: dream (Dream's "
+                                     "int(m(1-s/t)), the rest at the last step; default) | even (split evenly over "
+                                     "the steps, as LLaDA; beyond Dream)"),
 }
 register(Method(
     "dream", "diffusion",

@@ -455,6 +455,37 @@ def test_sampling_matches_reference_loop_with_the_same_seed(dream, alg, alg_temp
     assert torch.equal(canvas.x, ref)
 
 
+class CommitCounter:
+    """Wraps the model; records how many cells each forward's step committed (masked cells before
+    this forward minus those before the next)."""
+
+    def __init__(self, model, mask_id):
+        self.model, self.mask_id, self.masked = model, mask_id, []
+
+    def __call__(self, x, **kw):
+        self.masked.append(int((x == self.mask_id).sum()))
+        return self.model(x, **kw)
+
+    def committed(self, x):
+        left = self.masked[1:] + [int((x == self.mask_id).sum())]
+        return [a - b for a, b in zip(self.masked, left)]
+
+
+@pytest.mark.parametrize("steps, dream_counts, even_counts", [
+    (12, [0] + [1] * 10 + [2], [1] * 12),  # Dream's floor: nothing first, two cells jointly last
+    (5, [2, 2, 2, 2, 4], [3, 3, 2, 2, 2]),  # even: the remainder in the first steps, as LLaDA
+])
+def test_transfer_schedules_commit_what_they_say(dream, steps, dream_counts, even_counts):
+    mask_id = dream.config.mask_token_id
+    for schedule, want in (("dream", dream_counts), ("even", even_counts)):
+        cfg = DreamDecodeConfig(max_new_tokens=12, steps=steps, alg="maskgit_plus", transfer_schedule=schedule)
+        canvas = canvas_for(dream, [PROMPTS[0]], 12)
+        counter = CommitCounter(MeteredModel(dream, CostMeter()), mask_id)
+        dream_decode_canvas(counter, canvas, cfg, None)
+        assert counter.committed(canvas.x) == want, schedule
+        assert not (canvas.x == mask_id).any()
+
+
 @pytest.mark.parametrize("alg", ["maskgit_plus", "entropy", "topk_margin"])
 def test_left_padded_batch_equals_rows_alone(dream, alg):
     """Dream's positions and padding mask: a padded row decodes as it does alone (greedy)."""
@@ -511,6 +542,8 @@ def test_sampler_runs_a_llada_model_and_refuses_an_ar_model(tiny_model, tokenize
     ({"eps": 1.0}, "eps"),
     ({"batch_size": True}, "batch_size"),
     ({"seed": "1"}, "seed"),
+    ({"transfer_schedule": "linear"}, "transfer_schedule must be one of dream, even"),
+    ({"transfer_schedule": "even", "alg": "origin"}, "applies to the confidence-based algs"),
 ])
 def test_config_validation_names_the_option(kw, match):
     with pytest.raises(ValueError, match=match):
