@@ -18,7 +18,6 @@ compilation change; the large-shape timings in `bench.gpu` answer the roofline q
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from ..api import generate, resolve_model
 from ..evaluate import task_config
 from ..models.compiled import compile_forward
 from ..tasks import load_examples
+from .gpu import device_of, device_parser
 
 # (method, options): every family's decode loop on the bundled models.
 METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -108,18 +108,15 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffspec.bench.decode_loop", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="decode-loop-out", help="output folder (decode.json, decode.md)")
-    p.add_argument("--dry-run", action="store_true", help="CPU, three methods, backend eager: seconds")
-    p.add_argument("--device", help="cuda (default) | cpu")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
+    p = device_parser("python -m diffspec.bench.decode_loop", __doc__, ("decode-loop-out", "decode.json, decode.md"),
+                      "CPU, three methods, backend eager: seconds")
     p.add_argument("--backend", help="torch.compile backend (default inductor; eager for --dry-run)")
     p.add_argument("--prompts", type=int, default=4, help="arith test prompts per call (default 4)")
     a = p.parse_args(argv)
-    device = torch.device(a.device or ("cpu" if a.dry_run else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("diffspec.bench.decode_loop: error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
+    picked = device_of(a, "diffspec.bench.decode_loop")
+    if picked is None:
         return 2
+    device = picked[0]
     if a.prompts < 1:
         print("diffspec.bench.decode_loop: error: --prompts must be >= 1", file=sys.stderr)
         return 2

@@ -596,12 +596,32 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffspec.bench.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="gpu-out", help="output folder (gpu.json, gpu.md)")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in seconds (default device cpu)")
+def device_parser(prog: str, doc: str, out: str, dry_run: str) -> argparse.ArgumentParser:
+    """The options every GPU-run script shares: --out, --dry-run, --device, --dtype."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=out[0], help=f"output folder ({out[1]})")
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
     p.add_argument("--device", help="cuda (default) | cpu")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
+    return p
+
+
+def device_of(a: argparse.Namespace, prog: str) -> tuple[torch.device, torch.dtype] | None:
+    """The run's device and dtype, or None after printing why not (no CUDA, unknown dtype)."""
+    device = torch.device(a.device or ("cpu" if a.dry_run else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: error: no CUDA device (use --dry-run for the CPU smoke run)", file=sys.stderr)
+        return None
+    dtype = getattr(torch, a.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        print(f"{prog}: error: unknown dtype {a.dtype!r}", file=sys.stderr)
+        return None
+    return device, dtype
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = device_parser("python -m diffspec.bench.gpu", __doc__, ("gpu-out", "gpu.json, gpu.md"),
+                      "tiny shapes on CPU in seconds (default device cpu)")
     p.add_argument("--only", default="llada,qwen3", help="comma-separated: llada, qwen3")
     p.add_argument("--reps", type=int, help="timed calls per measurement (median taken)")
     p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
@@ -611,14 +631,10 @@ def main(argv: list[str] | None = None) -> int:
         summarize(a.summarize)
         print((Path(a.summarize) / "summary.md").read_text())
         return 0
-    device = torch.device(a.device or ("cpu" if a.dry_run else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("diffspec.bench.gpu: error: no CUDA device (use --dry-run for the CPU smoke run)", file=sys.stderr)
+    picked = device_of(a, "diffspec.bench.gpu")
+    if picked is None:
         return 2
-    dtype = getattr(torch, a.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        print(f"diffspec.bench.gpu: error: unknown dtype {a.dtype!r}", file=sys.stderr)
-        return 2
+    device, dtype = picked
     shapes = dict(DRY if a.dry_run else FULL)
     if a.reps:
         shapes["reps"] = a.reps
