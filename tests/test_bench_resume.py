@@ -190,3 +190,23 @@ def _bench_out(ckpt: Path, out: Path, args: list[str]) -> str:
 def test_chunk_option_is_checked(tiny_checkpoint, tmp_path, capsys):
     assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, "--chunk", "-1"]) == 2
     assert "chunk must be an integer >= 0" in capsys.readouterr().err
+
+
+def test_a_larger_limit_reuses_the_chunks_it_shares(tiny_checkpoint, tmp_path, monkeypatch):
+    import diffspec.evaluate as ev
+
+    small = ["--gen-length", "8", "--block-length", "8", "--batch-size", "2", "--methods", "vanilla:steps=8"]
+    _bench_out(tiny_checkpoint, tmp_path, ["--limit", "4", "--chunk", "2", *small])
+    calls = []
+    real_part = ev._run_part
+
+    def part(task, examples, *a, **kw):
+        calls.append(len(examples))
+        return real_part(task, examples, *a, **kw)
+
+    monkeypatch.setattr(ev, "_run_part", part)
+    r = json.loads(_bench_out(tiny_checkpoint, tmp_path, ["--limit", "6", "--chunk", "2", "--resume", *small]))
+    assert calls == [2]  # examples 5-6 only: 1-4 came from the 4-example run
+    assert r["n"] == 6 and r["rows"][0]["chunks"] == {"examples_per_chunk": 2, "chunks": 3, "reused": 2}
+    whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", ["--limit", "6", *small]))
+    _same_row(whole["rows"][0], r["rows"][0])

@@ -118,6 +118,11 @@ def save_row(out_dir: Path, key: str, spec: str, row: dict[str, Any]) -> Path | 
 
 # ---- chunks: a row too long for one sitting is decoded and saved a few batches at a time
 
+def chunk_key(row_key: str, examples: Sequence[Example]) -> str:
+    """A chunk's name: its row's key (without the row's examples) and the chunk's own examples."""
+    return hashlib.sha256(f"{row_key}|{examples_fingerprint(examples)}".encode()).hexdigest()[:24]
+
+
 def _part_path(out_dir: Path, key: str, start: int, end: int) -> Path:
     return out_dir / ROWS_DIR / f"{key}.part-{start:05d}-{end:05d}.json"
 

@@ -259,7 +259,9 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
     """One row decoded a few batches at a time, each chunk saved as it finishes (and, with `resume`,
     reused), then merged exactly as data-parallel parts are: ids and scores per example, meters
     summed, speculative counters summed and their rates recomputed. Chunks are whole batches, so
-    every batch holds the prompts a whole-row run would give it and the ids are the same."""
+    every batch holds the prompts a whole-row run would give it and the ids are the same. A chunk's
+    key is the row's (`key`: spec, config, model, drafters) with the chunk's own examples, so a run
+    over more examples (a larger --limit) reuses the chunks it shares with a smaller one."""
     from ..evaluate import DEFAULT_MC_NUM, _merge, _run_part, config_value
 
     bs = int(config_value(cfg, "batch_size", 32))
@@ -267,13 +269,14 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
     parts, reused = [], 0
     for start in range(0, len(examples), size):
         end = min(start + size, len(examples))
-        part = rows_store.load_part(out_dir, key, start, end) if resume else None
+        part_key = rows_store.chunk_key(key, examples[start:end])
+        part = rows_store.load_part(out_dir, part_key, start, end) if resume else None
         if part is None:
             print(f"[bench]   examples {start + 1}-{end} of {len(examples)}", file=sys.stderr)
             part = _run_part(task, list(examples[start:end]), model, tokenizer, method, cfg, "generate",
                              DEFAULT_MC_NUM, True)
             part.update(indices=list(range(start, end)), measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-            rows_store.save_part(out_dir, key, start, end, part)
+            rows_store.save_part(out_dir, part_key, start, end, part)
         else:
             reused += 1
         parts.append(part)
@@ -324,9 +327,12 @@ def run_bench(
     if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
         examples = load_examples(task, limit=limit, data=data)
     keys: list[str | None] = [None] * len(specs)
+    chunk_keys: list[str | None] = [None] * len(specs)
     if repeats == 1 and isinstance(model, torch.nn.Module):
         ex_hash, model_hash = rows_store.examples_fingerprint(examples), rows_store.weights_fingerprint(model)
         keys = [rows_store.row_key(s, task, c, ex_hash, model_hash, model) for s, c in zip(specs, configs)]
+        # chunks are keyed by their own examples, so a run over more examples reuses the first ones
+        chunk_keys = [rows_store.row_key(s, task, c, "per chunk", model_hash, model) for s, c in zip(specs, configs)]
     rows: list[dict[str, Any]] = []
     resumed: list[str] = []
     walls: list[list[float]] = [[] for _ in specs]
@@ -345,7 +351,8 @@ def run_bench(
             print(f"[bench] row {i + 1}/{n}{again}: {label} on {len(examples)} {task} examples", file=sys.stderr)
             start = machine_load()
             if chunk and keys[i]:
-                r = decode_in_chunks(task, model, tokenizer, method, cfg, examples, out_path, keys[i], chunk, resume)
+                r = decode_in_chunks(task, model, tokenizer, method, cfg, examples, out_path, chunk_keys[i], chunk,
+                                     resume)
             else:
                 r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
                              keep_samples=False, keep_ids=True)
