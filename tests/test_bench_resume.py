@@ -2,6 +2,7 @@
 again, and never reuses a row that was measured on other data, options, weights or drafters."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -111,8 +112,8 @@ def test_weights_fingerprint_sees_a_dtype_or_value_change(tiny_model):
     with torch.no_grad():
         list(other.parameters())[-1].add_(1e-3)
     assert rows_store.weights_fingerprint(other) != base
-    assert rows_store.weights_fingerprint(tiny_model.to(torch.bfloat16)) != base
-    tiny_model.float()
+    assert rows_store.weights_fingerprint(copy.deepcopy(tiny_model).to(torch.bfloat16)) != base
+    assert rows_store.weights_fingerprint(tiny_model) == base  # the shared fixture is untouched
 
 
 def test_resume_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
