@@ -138,10 +138,9 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
     model of the method's family (the LLaDA arith model, or the Qwen3 arith target).
     `compile` names a torch.compile backend for the model's forward (`models.compiled`)."""
     if compile is not None:
-        from .models.compiled import BACKENDS, compile_forward
+        from .models.compiled import check_backend, compile_forward
 
-        if compile not in BACKENDS:  # before loading anything
-            raise ValueError(f"unknown --compile backend {compile!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(compile)  # before loading anything
         loaded, tok = resolve_model(model, tokenizer, device, dtype, method)
         return compile_forward(loaded, compile), tok
     if model is None and method in method_names("ar"):

@@ -558,3 +558,13 @@ def test_unused_options():
         ["alg_temp", "top_k", "top_p"]
     assert DreamDecodeConfig(alg="origin", temperature=0.5).unused_options({"alg_temp", "top_p"}) == ["alg_temp"]
     assert DreamDecodeConfig(alg="entropy").unused_options({"alg_temp", "top_p", "top_k"}) == []
+
+
+def test_cli_refuses_a_bad_transfer_schedule(capsys):
+    from diffspec.cli import main
+
+    base = ["generate", "--model", str(REPO_ROOT / "diffspec/assets/dream-arith"), "--prompt", "1+1", "--method", "dream"]
+    assert main(base + ["--transfer-schedule", "linear"]) == 2
+    assert "transfer_schedule must be one of dream, even; got 'linear'" in capsys.readouterr().err
+    assert main(base + ["--transfer-schedule", "even"]) == 2  # alg defaults to origin
+    assert "applies to the confidence-based algs" in capsys.readouterr().err

@@ -50,9 +50,9 @@ DRY_METHODS = ("vanilla", "fast-dllm", "dflash")
 
 
 def count_syncs(run: Any, device: torch.device) -> int | None:
-    """Synchronising calls made by `run()` on a CUDA device (None elsewhere: a CPU never waits)."""
+    """Synchronising calls made by `run()` on a CUDA device (None elsewhere, without running: a CPU
+    never waits)."""
     if device.type != "cuda":
-        run()
         return None
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:

@@ -80,8 +80,12 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
+WITHOUT_EXAMPLES = "per chunk"  # a chunked row's key leaves its examples out; each chunk adds its own
+
+
 def row_key(spec: str, task: str, cfg: Any, examples_hash: str, model_hash: str, model: torch.nn.Module) -> str:
-    """The name a finished row is saved under: equal keys decode the same ids with the same cost."""
+    """The name a finished row is saved under: equal keys decode the same ids with the same cost.
+    `examples_hash` is WITHOUT_EXAMPLES for the base key of a chunked row (see `chunk_key`)."""
     parts = {"spec": spec, "task": task, "config": cfg.to_dict(), "examples": examples_hash, "model": model_hash,
              "drafters": [_dir_fingerprint(p) for p in drafter_paths(cfg, model)]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

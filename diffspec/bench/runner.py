@@ -332,7 +332,8 @@ def run_bench(
         ex_hash, model_hash = rows_store.examples_fingerprint(examples), rows_store.weights_fingerprint(model)
         keys = [rows_store.row_key(s, task, c, ex_hash, model_hash, model) for s, c in zip(specs, configs)]
         # chunks are keyed by their own examples, so a run over more examples reuses the first ones
-        chunk_keys = [rows_store.row_key(s, task, c, "per chunk", model_hash, model) for s, c in zip(specs, configs)]
+        chunk_keys = [rows_store.row_key(s, task, c, rows_store.WITHOUT_EXAMPLES, model_hash, model)
+                      for s, c in zip(specs, configs)]
     rows: list[dict[str, Any]] = []
     resumed: list[str] = []
     walls: list[list[float]] = [[] for _ in specs]

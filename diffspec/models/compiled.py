@@ -18,10 +18,14 @@ import torch
 BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
 
 
-def compile_forward(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """`model` with its forward compiled by `backend` (in place; compiling twice is a no-op)."""
+def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown --compile backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def compile_forward(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """`model` with its forward compiled by `backend` (in place; compiling twice is a no-op)."""
+    check_backend(backend)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--compile needs a torch model, got {type(model).__name__}")
     done = getattr(model, "_diffspec_compiled", None)
