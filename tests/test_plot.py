@@ -44,3 +44,22 @@ def test_plot_has_one_key_and_a_frontier_legend(tmp_path, monkeypatch):
     keys = [t for t in texts if "row 0" in t]  # (the suptitle is a figure text too)
     assert len(keys) == 1 and all(f"{i}. row {i - 1}" in keys[0] for i in (1, 2, 3))
     assert legends and any("Pareto frontier" in lab for lab in legends[0])
+
+
+def test_target_forwards_get_an_axis_when_a_drafter_runs_and_accuracy_differs():
+    from diffspec.bench.plot import plot_axes
+
+    def row(acc, fwd, target_fwd, drafter):
+        models = {"target": {"flops": 1e9, "sequence_forwards": target_fwd}}
+        if drafter:
+            models["drafter"] = {"flops": 1e8, "sequence_forwards": fwd - target_fwd}
+        return {"label": "r", "accuracy": acc, "nfe_per_sequence": fwd / 2, "sequences": 2, "primary": "target",
+                "models": models, "tokens_per_forward": 1.0, "flops": 1e9, "wall_seconds": 1.0}
+
+    names = lambda rows: [a[1] for a in plot_axes(rows)]  # noqa: E731
+    lossy = [row(0.9, 100, 100, False), row(0.8, 120, 40, True)]
+    assert names(lossy)[1] == "target / verifier forwards per sequence" and len(names(lossy)) == 4
+    assert [f(lossy[1]) if callable(f) else None for f, _, _ in plot_axes(lossy)][1] == 20.0
+    # lossless rows are already plotted as tokens per target forward: no hyperbola panel
+    assert len(names([row(0.5, 100, 100, False), row(0.5, 120, 40, True)])) == 3
+    assert len(names([row(0.9, 100, 100, False), row(0.8, 50, 50, False)])) == 3

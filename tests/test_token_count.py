@@ -63,3 +63,20 @@ def test_table_names_both_tokens_per_forward():
     cells = [c.strip() for c in r2.strip("|").split("|")]
     assert (cells[i], cells[j]) == ("6.00", "2.50")
     assert [c.strip() for c in r1.strip("|").split("|")][j] == "2.00"
+
+
+def test_table_shows_target_forwards_and_flexible_accuracy_only_when_they_say_something():
+    ar = {"label": "ar", "accuracy": 0.0, "accuracy_flexible": 0.25, "nfe_per_sequence": 150.0, "sequences": 4,
+          "primary": "target", "models": {"target": {"flops": 1e9, "sequence_forwards": 600}}}
+    spec = {"label": "ar-spec", "accuracy": 0.0, "accuracy_flexible": 0.25, "nfe_per_sequence": 400.0, "sequences": 4,
+            "primary": "target", "models": {"target": {"flops": 2e9, "sequence_forwards": 340},
+                                            "drafter": {"flops": 1e8, "sequence_forwards": 1260}}}
+    narrow = format_table([{k: v for k, v in ar.items() if k != "accuracy_flexible"}])
+    assert "target fwd/seq" not in narrow and "flexible" not in narrow
+    head, _, r1, r2 = format_table([ar, spec]).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols.index("target fwd/seq") == cols.index("fwd/seq") + 1
+    assert cols.index("accuracy (flexible)") == cols.index("accuracy") + 1
+    cell = lambda row, name: [c.strip() for c in row.strip("|").split("|")][cols.index(name)]  # noqa: E731
+    assert (cell(r1, "target fwd/seq"), cell(r2, "target fwd/seq")) == ("150.0", "85.0")
+    assert (cell(r2, "fwd/seq"), cell(r2, "accuracy (flexible)")) == ("400.0", "25.0%")

@@ -18,10 +18,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from ..jsonio import parse_json_file  # noqa: E402
+from .table import drafter_flops, target_forwards_per_sequence  # noqa: E402
 
 # (row key, axis label, scale): FLOPs are shown in GFLOPs so tick labels stay short.
 AXES = [("nfe_per_sequence", "forwards per sequence", 1.0), ("flops", "GFLOPs (total)", 1e-9),
         ("wall_seconds", "wall-clock seconds", 1.0)]
+
+
+# With a drafter in some row, all forwards mix cheap drafter calls with the target's: the target's
+# own forwards (what sets a speculative method's latency) get an axis of their own, second. Not
+# when the quality axis is already tokens per target forward (lossless rows): the same tokens over
+# target forwards would only draw a hyperbola.
+TARGET_AXIS = (target_forwards_per_sequence, "target / verifier forwards per sequence", 1.0)
+
+
+def plot_axes(rows: list[dict[str, Any]]) -> list[tuple[Any, str, float]]:
+    if y_axis(rows)[0] == "accuracy" and any(drafter_flops(r) is not None for r in rows) \
+            and all(target_forwards_per_sequence(r) for r in rows):
+        return [AXES[0], TARGET_AXIS, *AXES[1:]]
+    return list(AXES)
+
+
+def _value(r: dict[str, Any], key: Any) -> float:
+    return key(r) if callable(key) else r[key]
+
+
+def _key_label(i: int, r: dict[str, Any]) -> str:
+    flex = f", flexible {100 * r['accuracy_flexible']:.1f}%" if "accuracy_flexible" in r else ""
+    return f"{i:>2}. {r['label']}  ({100 * r['accuracy']:.1f}%{flex})"
 
 
 def _tick_label(v: float, _pos: Any = None) -> str:
@@ -62,24 +86,24 @@ def y_axis(rows: list[dict[str, Any]]) -> tuple[str, str, float]:
 def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Points are numbered by row and the labels listed in one key below the axes: a sweep's labels
     are long and its points cluster near the top, so labels written beside points overlap."""
-    labels = [textwrap.wrap(f"{i:>2}. {r['label']}  ({100 * r['accuracy']:.1f}%)", 150, subsequent_indent="     ")
-              for i, r in enumerate(rows, 1)]
+    labels = [textwrap.wrap(_key_label(i, r), 150, subsequent_indent="     ") for i, r in enumerate(rows, 1)]
+    axes_spec = plot_axes(rows)
     key = "\n".join(line for lab in labels for line in lab)
     key_lines = key.count("\n") + 1
     line_h = 0.17  # inches per key line at fontsize 8
     height = 4.6 + line_h * key_lines
-    fig = plt.figure(figsize=(5.4 * len(AXES), height))
+    fig = plt.figure(figsize=(5.4 * len(axes_spec), height))
     bottom = (line_h * key_lines + 0.35) / height  # share of the height the key takes
-    grid = fig.add_gridspec(1, len(AXES), bottom=bottom + 0.11, top=0.84, wspace=0.28)
-    axes = [fig.add_subplot(grid[0, i]) for i in range(len(AXES))]
+    grid = fig.add_gridspec(1, len(axes_spec), bottom=bottom + 0.11, top=0.84, wspace=0.28)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(len(axes_spec))]
     y_key, y_name, y_scale = y_axis(rows)
     if y_key != "accuracy":
         title = f"{title}\nevery row {100 * rows[0]['accuracy']:.1f}% accurate: {y_name} against cost"
     families = sorted({r.get("method", r["label"]) for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     handles: list[Any] = []
-    for ax, (key_name, name, x_scale) in zip(axes, AXES):
-        xs = [x_scale * r[key_name] for r in rows]
+    for ax, (key_name, name, x_scale) in zip(axes, axes_spec):
+        xs = [x_scale * _value(r, key_name) for r in rows]
         for i, (x, r) in enumerate(zip(xs, rows), 1):
             ax.scatter(x, y_scale * r[y_key], color=colors[r.get("method", r["label"])], s=36, zorder=3)
             ax.annotate(str(i), (x, y_scale * r[y_key]), fontsize=8, xytext=(3, 3), textcoords="offset points")

@@ -48,6 +48,21 @@ def drafter_flops(r: dict[str, Any]) -> float | None:
     return sum(m["flops"] for name, m in models.items() if name != primary)
 
 
+def target_forwards_per_sequence(r: dict[str, Any]) -> float | None:
+    """Forwards of the primary model (target / verifier) per sequence: a speculative row's latency is
+    set by these, while fwd/seq also counts every cheap drafter forward."""
+    models, primary, n = r.get("models") or {}, r.get("primary"), r.get("sequences")
+    if primary not in models or not n:
+        return None
+    return models[primary]["sequence_forwards"] / n
+
+
+def flexible_accuracy(r: dict[str, Any]) -> float | None:
+    """GSM8K's flexible match (the last number in the answer): a chat model that never writes
+    "#### N" scores 0 % strict, and this is what it got right."""
+    return r.get("accuracy_flexible")
+
+
 def tokens_per_forward_all(r: dict[str, Any]) -> float | None:
     """Tokens per forward of any model (drafters included); equals TPF (target) for one-model rows."""
     return r.get("tokens_per_forward_all", r.get("tokens_per_forward"))
@@ -66,6 +81,8 @@ def _has(get: Any) -> Any:
 # "TPF (target)" divides generated tokens (each answer through its first EOS) by target / verifier
 # forwards; "TPF (all models)" by the forwards of every model, drafters included.
 OPTIONAL = [
+    ("accuracy (flexible)", flexible_accuracy, "{:.1%}", "accuracy", _has(flexible_accuracy)),
+    ("target fwd/seq", target_forwards_per_sequence, "{:.1f}", "nfe_per_sequence", _has_drafter),
     ("τ (tokens/round)", acceptance_length, "{:.2f}", "tokens_per_forward", _has(acceptance_length)),
     ("TPF (all models)", tokens_per_forward_all, "{:.2f}", "tokens_per_forward", _has_drafter),
     ("drafter GFLOPs", drafter_flops, None, "flops", _has(drafter_flops)),
