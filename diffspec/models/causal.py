@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .checkpoint import (CheckpointError, _read_weights, check_hf_features, check_state, config_and_tokenizer,
                          resolve_device, resolve_dtype)
-from .layers import DecoderLM, ModelOutput, rope_cos_sin
+from .layers import DecoderLM, ModelOutput, check_positive_ints, rope_cos_sin
 from .tokenizer import Tokenizer
 
 __all__ = ["CAUSAL_MODEL_TYPES", "CausalConfig", "CausalLM", "Qwen3Config", "Qwen3Model", "CausalKVCache",
@@ -96,10 +96,10 @@ class Qwen3Config:
                              "attention_bias and mlp_bias must stay false")
         if self.model_type == "qwen3" and self.mlp_bias:
             raise ValueError("mlp_bias is a Llama option; Qwen3's MLP has no biases")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        if self.head_dim is not None:
+            check_positive_ints(self, ("head_dim",))
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(

@@ -84,6 +84,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def read_config(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass the model's directory (the one holding config.json), "
+                              "a .gguf file, or 'smollm2'")
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     cfg_file = path / "config.json"
@@ -108,6 +111,8 @@ def check_hf_features(d: dict[str, Any]) -> dict[str, Any]:
     if any(t != "full_attention" for t in layer_types):
         raise ValueError(f"layer_types {sorted(set(layer_types))} are not supported; only 'full_attention'")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling / rope_parameters must be an object or null, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"rope scaling (rope_type {rope_type!r}) is not supported; only plain (default) RoPE")

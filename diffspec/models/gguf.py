@@ -29,6 +29,7 @@ conversion is asked for.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .causal import CAUSAL_MODEL_TYPES, Qwen3Config
+from .causal import CAUSAL_MODEL_TYPES, Qwen3Config, Qwen3Model
 from .checkpoint import CheckpointError, resolve_dtype
 
 __all__ = ["GGUFError", "cache_root", "convert_gguf", "gguf_config", "gguf_dir", "gguf_state_dict", "gguf_tokenizer",
@@ -109,6 +110,10 @@ def read_gguf(file: str | Path):
     try:
         return gguf.GGUFReader(file)
     except Exception as e:  # the reader raises ValueError / struct errors / IndexError on a bad file
+        if "GGMLQuantizationType" in str(e):  # a tensor type newer than the installed package
+            version = getattr(importlib.metadata, "version", lambda _: "?")("gguf")
+            raise GGUFError(f"{file} uses a tensor type the installed gguf package ({version}) does not know "
+                            f"({e}); upgrade it: pip install -U gguf") from None
         raise GGUFError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
@@ -138,6 +143,10 @@ def _f32(x: float) -> float:
 
 def gguf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """The transformers config.json (as a dict) that the file's metadata and tensor shapes describe."""
+    split = int(meta.get("split.count", 1) or 1)
+    if split > 1:
+        raise GGUFError(f"this is part {int(meta.get('split.no', 0)) + 1} of a GGUF split into {split} files; merge "
+                        "them into one first: llama-gguf-split --merge FIRST_PART.gguf merged.gguf")
     arch = meta.get("general.architecture")
     if arch not in CAUSAL_MODEL_TYPES:
         raise GGUFError(f"GGUF architecture {arch!r} is not supported; diffspec converts "
@@ -262,6 +271,8 @@ def gguf_tokenizer(meta: dict[str, Any]):
     pre = _PRE_TOKENIZERS.get(pre_name)
     if pre is None:
         raise GGUFError(f"pre-tokenizer {pre_name!r} is not supported; known: {', '.join(sorted(_PRE_TOKENIZERS))}")
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise GGUFError("the GGUF file has no tokenizer.ggml.tokens: it carries no vocabulary to rebuild a tokenizer from")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = [int(t) for t in meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
@@ -322,10 +333,12 @@ def gguf_tokenizer(meta: dict[str, Any]):
 
 
 def convert_gguf(file: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32") -> Path:
-    """Convert a llama.cpp GGUF file into a Hugging Face directory at `out_dir` (created; files in it are
-    overwritten) that `load_causal` and transformers both load. Returns `out_dir`."""
+    """Convert a llama.cpp GGUF file into a Hugging Face directory at `out_dir` that `load_causal` and
+    transformers both load. `out_dir` must be new, empty or an earlier conversion (overwritten whole);
+    the file's tensors must be the ones its metadata implies. Returns `out_dir`."""
     file, out = Path(file), Path(out_dir)
     dt = resolve_dtype(dtype or "float32", torch.device("cpu"))
+    check_output_dir(out)
     reader = read_gguf(file)
     meta = _metadata(reader)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
@@ -335,6 +348,7 @@ def convert_gguf(file: str | Path, out_dir: str | Path, dtype: str | torch.dtype
         raise GGUFError(f"the GGUF vocabulary ({tokenizer.get_vocab_size()} tokens) is larger than the "
                         f"embedding ({config['vocab_size']} rows)")
     state = gguf_state_dict(reader, config, dt)
+    check_tensors(config, state, file)
     config["torch_dtype"] = str(dt).removeprefix("torch.")
     config["diffspec_gguf"] = {**_stamp(file), "general.name": meta.get("general.name"),
                                "file_type": meta.get("general.file_type"), "converter_version": CONVERTER_VERSION}
@@ -346,6 +360,40 @@ def convert_gguf(file: str | Path, out_dir: str | Path, dtype: str | torch.dtype
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
+
+
+# What convert_gguf writes: a directory holding only these is an earlier conversion, overwritten whole.
+CONVERTED_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                             "generation_config.json"})
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an output that is a file, or a directory holding other files: a stale sharded index
+    or chat_template.jinja left there would win over the converted files when the directory loads."""
+    if out.is_file():
+        raise GGUFError(f"{out} is a file; give a directory to write the converted model into")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in CONVERTED_FILES)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise GGUFError(f"{out} already holds other files ({shown}); convert into a new or empty directory")
+
+
+def check_tensors(config: dict[str, Any], state: dict[str, torch.Tensor], file: Path) -> None:
+    """Every tensor the metadata implies is there, in its shape: a file whose tensors disagree with
+    its own metadata is refused here, not when a later load blames a config.json nobody wrote."""
+    with torch.device("meta"):
+        expected = Qwen3Model(Qwen3Config.from_hf_dict(config)).state_dict()
+    if config.get("tie_word_embeddings"):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise GGUFError(f"{file} lacks tensor(s) its metadata implies: {', '.join(missing[:5])}"
+                        f"{', ...' if len(missing) > 5 else ''}; the GGUF file is incomplete or inconsistent")
+    for name, t in expected.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise GGUFError(f"{file}: tensor {name} has shape {tuple(state[name].shape)} but the file's metadata "
+                            f"implies {tuple(t.shape)}; the GGUF file is inconsistent")
 
 
 def _stamp(source: Path) -> dict[str, Any]:
@@ -374,8 +422,18 @@ def _convert_once(source: Path, out: Path, check_mtime: bool) -> Path:
     """
     if _is_current(out, source, check_mtime):
         return out
+    try:
+        return _convert_into(source, out, check_mtime)
+    except OSError as e:
+        raise GGUFError(f"cannot write the converted model to {out} ({e.strerror or e}); set {CACHE_ENV} (or "
+                        f"{SMOLLM2_DIR_ENV} for smollm2) to a writable directory, or run `diffspec convert gguf "
+                        "FILE DIR` and pass --model DIR") from None
+
+
+def _convert_into(source: Path, out: Path, check_mtime: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared cache from other users
     try:
         convert_gguf(source, tmp)
         if out.exists():
@@ -424,8 +482,8 @@ def resolve_checkpoint(path: str | Path | None) -> str | Path | None:
     p = Path(path)
     if str(path) == SMOLLM2_NAME and not p.exists():
         return smollm2_path()
-    if p.suffix.lower() == ".gguf" and p.is_file():
-        return gguf_dir(p)
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
+        return gguf_dir(p)  # a missing file is a GGUFError naming it
     return path
 
 

@@ -39,8 +39,17 @@ from torch import Tensor, nn
 
 __all__ = ["ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm", "rope_cos_sin", "apply_rope", "swiglu",
            "SwiGLU", "project_q", "project_kv", "attend", "attention", "bidirectional_mask", "Attention",
-           "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM"]
+           "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints"]
 
+
+
+def check_positive_ints(cfg: Any, names: Collection[str]) -> None:
+    """Shape fields of a config must be integers >= 1: a config.json saying 1.0 or "2" would
+    otherwise fail deep inside torch, or format into a misleading message."""
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config {name} must be an integer >= 1, got {v!r}")
 
 @dataclass
 class ModelOutput:

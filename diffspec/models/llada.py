@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 # ModelOutput, KVCacheHook, RMSNorm, rope_cos_sin and apply_rope are re-exported: they used to live here.
 from .layers import (KVCacheHook, LMParts, MaskedKVCacheHook, ModelOutput, RMSNorm, TransformerLM, apply_rope,
-                     attention, rope_cos_sin, swiglu)
+                     attention, check_positive_ints, rope_cos_sin, swiglu)
 
 __all__ = ["LLaDAConfig", "LLaDABlock", "LLaDAModel", "ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm",
            "rope_cos_sin", "apply_rope"]
@@ -50,9 +50,7 @@ class LLaDAConfig:
             self.embedding_size = self.vocab_size
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
-        for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size"))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
