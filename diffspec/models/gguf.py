@@ -111,7 +111,10 @@ def read_gguf(file: str | Path):
         return gguf.GGUFReader(file)
     except Exception as e:  # the reader raises ValueError / struct errors / IndexError on a bad file
         if "GGMLQuantizationType" in str(e):  # a tensor type newer than the installed package
-            version = getattr(importlib.metadata, "version", lambda _: "?")("gguf")
+            try:
+                version = importlib.metadata.version("gguf")
+            except importlib.metadata.PackageNotFoundError:
+                version = "of unknown version"
             raise GGUFError(f"{file} uses a tensor type the installed gguf package ({version}) does not know "
                             f"({e}); upgrade it: pip install -U gguf") from None
         raise GGUFError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e})") from None
