@@ -73,7 +73,8 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     d.add_argument("--verifier", help="the verifier's checkpoint directory: another name for --model "
                                       "(default the bundled model)")
     d.add_argument("--no-progress-guard", dest="progress_guard", action="store_const", const=False,
-                   help="same as --progress-guard false")
+                   help="turn off the progress guard (on by default: a row that made no progress gets the "
+                        "verifier's argmax in its leftmost re-masked cell); gives the bare loop")
     _method_args(p)
     m = p.add_argument_group("model")
     m.add_argument("--model", help="checkpoint directory (default: the bundled model of the method's family)")
