@@ -511,3 +511,40 @@ class DiffspecLM(LM):
 def bundled_tasks_dir() -> Path:
     """diffspec's lm-eval task YAMLs (`--include_path`)."""
     return Path(__file__).resolve().parent / "lm_eval_tasks"
+
+
+LOCAL_DATA = "../shared/data"  # what the packaged gsm8k_local / mmlu_local YAMLs name
+LOCAL_TASK_FILES = {"gsm8k_local": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"), "mmlu_local": ("mmlu/test.jsonl",)}
+
+
+def local_tasks_dir(data_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
+    """The task YAMLs with the local data's real place written in: the packaged gsm8k_local and
+    mmlu_local name ../shared/data relative to the working directory, which is wrong anywhere but
+    the repository root; this copy names `data_dir` (default: `tasks.default_data_dir()`, i.e.
+    $DIFFSPEC_DATA or the ../shared/data it finds), absolute. Written under `root` (default the
+    diffspec cache), one folder per data directory, rewritten each call so an edited YAML is seen."""
+    import hashlib
+
+    from .models.gguf import cache_root
+    from .tasks import default_data_dir
+
+    data = Path(data_dir if data_dir is not None else default_data_dir()).expanduser().resolve()
+    key = hashlib.sha256(str(data).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    out = Path(root if root is not None else cache_root() / "lm_eval_tasks") / key
+    out.mkdir(parents=True, exist_ok=True)
+    for f in bundled_tasks_dir().iterdir():
+        if f.suffix in (".yaml", ".py"):
+            (out / f.name).write_text(f.read_text().replace(LOCAL_DATA, str(data)))
+    return out
+
+
+def check_local_data(tasks: str, data_dir: str | Path | None = None) -> None:
+    """Name the missing file and the fix before lm-eval fails inside `datasets` with a traceback."""
+    from .tasks import default_data_dir
+
+    data = Path(data_dir if data_dir is not None else default_data_dir())
+    for task in tasks.split(","):
+        for rel in LOCAL_TASK_FILES.get(task.strip(), ()):
+            if not (data / rel).is_file():
+                raise ModelArgsError(f"task {task.strip()} reads {data / rel}, which does not exist; set DIFFSPEC_DATA "
+                                     "to the folder holding gsm8k/ and mmlu/ (see ../shared/data/README.md)")

@@ -35,17 +35,18 @@ def _offline(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def harness():
+def harness(tmp_path_factory):
     pytest.importorskip("lm_eval")
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from diffspec.lm_eval_model import bundled_tasks_dir
+    from diffspec.lm_eval_model import local_tasks_dir
 
     with pytest.MonkeyPatch.context() as mp:  # lm-eval's `pip list` for its environment report: 2 s a run
         mp.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
-        yield simple_evaluate, TaskManager(include_path=str(bundled_tasks_dir()), include_defaults=False)
+        tasks = local_tasks_dir(SHARED_DATA, root=tmp_path_factory.mktemp("lm-eval-tasks"))
+        yield simple_evaluate, TaskManager(include_path=str(tasks), include_defaults=False)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +116,9 @@ def test_arith_choice_whole_answer_likelihood(harness) -> None:
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file(), reason="../shared/data is not here")
-def test_gsm8k_and_mmlu_five_examples_through_the_bundled_model(harness, tmp_path) -> None:
+def test_gsm8k_and_mmlu_five_examples_through_the_bundled_model(harness, tmp_path, monkeypatch) -> None:
     simple_evaluate, tm = harness
+    monkeypatch.chdir(tmp_path)  # the task copy names the data absolutely: any working directory works
     cost = tmp_path / "cost.json"
     res = simple_evaluate(model="diffspec", model_args=f"method=fast-dllm,threshold=0.9,cost_out={cost}",
                           tasks=["gsm8k_local", "mmlu_local"], limit=5, batch_size=8, device="cpu",
@@ -257,3 +259,26 @@ def test_apply_chat_template_renders_the_checkpoints_template(lm_model, tiny_che
     plain = DiffspecLM.create_from_arg_string(f"pretrained={tiny_checkpoint},block_length=8", {"device": "cpu"})
     with pytest.raises(ValueError, match="has no chat template"):
         plain.apply_chat_template(history)
+
+
+def test_local_tasks_name_the_data_wherever_it_is(tmp_path, monkeypatch, capsys) -> None:
+    from diffspec.lm_eval import main
+    from diffspec.lm_eval_model import ModelArgsError, bundled_tasks_dir, check_local_data, local_tasks_dir
+
+    data = tmp_path / "my data"
+    (data / "gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / "gsm8k" / f"{split}.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    monkeypatch.chdir(tmp_path)  # where ../shared/data does not exist
+    out = local_tasks_dir(data, root=tmp_path / "tasks")
+    gsm = (out / "gsm8k_local.yaml").read_text()
+    assert f"test: {data.resolve()}/gsm8k/test.jsonl" in gsm and "../shared/data" not in gsm
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in bundled_tasks_dir().iterdir()
+                                                            if f.suffix in (".yaml", ".py"))
+    check_local_data("arith,gsm8k_local", data)  # present: no error
+    with pytest.raises(ModelArgsError, match=r"task mmlu_local reads .*mmlu/test.jsonl, which does not exist; "
+                                             r"set DIFFSPEC_DATA"):
+        check_local_data("gsm8k_local,mmlu_local", data)
+    monkeypatch.setenv("DIFFSPEC_DATA", str(tmp_path / "nowhere"))
+    assert main(["--model", "diffspec", "--tasks=gsm8k_local", "--limit", "1"]) == 2  # before lm-eval runs
+    assert "gsm8k/train.jsonl, which does not exist" in capsys.readouterr().err
