@@ -185,7 +185,8 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
 def checkpoint_dir(model: Any, method: str) -> Path | None:
     """The directory `model` (as `--model` takes it) is read from, for its chat template and
     tokenizer files: the bundled model of the method's family for None, the converted cache
-    directory for 'smollm2' or a .gguf file; None for a loaded model object."""
+    directory for 'smollm2' or a .gguf file; None for a loaded model object. A path that is no
+    directory is a CheckpointError naming it (a file, or nothing there)."""
     from .models.checkpoint import DEFAULT_MODEL_DIR, read_config
 
     if model is None:
