@@ -211,3 +211,43 @@ def test_a_larger_limit_reuses_the_chunks_it_shares(tiny_checkpoint, tmp_path, m
     assert r["n"] == 6 and r["rows"][0]["chunks"] == {"examples_per_chunk": 2, "chunks": 3, "reused": 2}
     whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", ["--limit", "6", *small]))
     _same_row(whole["rows"][0], r["rows"][0])
+
+
+def test_shards_split_a_row_and_the_assembling_run_decodes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import diffspec.evaluate as ev
+
+    args = ["--limit", "5", "--gen-length", "8", "--block-length", "8", "--batch-size", "2",
+            "--methods", "vanilla:steps=8", "--chunk", "2", "--resume"]
+    whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", args[:-3]))
+    calls: list[int] = []
+    real_part = ev._run_part
+
+    def part(task, examples, *a, **kw):
+        calls.append(len(examples))
+        return real_part(task, examples, *a, **kw)
+
+    monkeypatch.setattr(ev, "_run_part", part)
+    out = tmp_path / "sharded"
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "0/2"]) == 0
+    assert calls == [2, 1]  # chunks 0 (examples 1-2) and 2 (example 5) only
+    assert not (out / "results.json").exists()  # the row is not whole yet: no table from a shard
+    calls.clear()
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "1/2"]) == 0
+    assert calls == [2]  # chunk 1; the row is now whole, so this last shard writes the table too
+    assert (out / "results.json").exists()
+    calls.clear()
+    r = json.loads(_bench_out(tiny_checkpoint, out, args))
+    assert calls == []  # assembling decodes nothing
+    assert r["resumed_rows"] == ["vanilla steps=8"]
+    _same_row(whole["rows"][0], r["rows"][0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shard", "2/2", "--chunk", "2", "--resume"], "0 <= I < N"),
+    (["--shard", "half", "--chunk", "2", "--resume"], "--shard takes I/N"),
+    (["--shard", "0/2", "--resume"], "give --chunk N too"),
+    (["--shard", "0/2", "--chunk", "2"], "give --resume too"),
+])
+def test_shard_option_is_checked(tiny_checkpoint, tmp_path, capsys, extra, message):
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, *extra]) == 2
+    assert message in capsys.readouterr().err

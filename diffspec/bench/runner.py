@@ -255,22 +255,30 @@ def save_bench(result: dict[str, Any], table: str, outputs: dict[str, OutputFile
 
 
 def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: Any, examples: Sequence[Example],
-                     out_dir: Path, key: str, chunk: int, resume: bool) -> dict[str, Any]:
+                     out_dir: Path, key: str, chunk: int, resume: bool,
+                     shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
     """One row decoded a few batches at a time, each chunk saved as it finishes (and, with `resume`,
     reused), then merged exactly as data-parallel parts are: ids and scores per example, meters
     summed, speculative counters summed and their rates recomputed. Chunks are whole batches, so
     every batch holds the prompts a whole-row run would give it and the ids are the same. A chunk's
     key is the row's (`key`: spec, config, model, drafters) with the chunk's own examples, so a run
-    over more examples (a larger --limit) reuses the chunks it shares with a smaller one."""
+    over more examples (a larger --limit) reuses the chunks it shares with a smaller one.
+
+    With `shard` = (i, n) only chunks number i, i + n, i + 2n, … are decoded; the others are taken
+    from disk when another shard has saved them. n processes sharing one --out thus split a row
+    that would otherwise keep one core busy alone, and a row still missing chunks returns None."""
     from ..evaluate import DEFAULT_MC_NUM, _merge, _run_part, config_value
 
     bs = int(config_value(cfg, "batch_size", 32))
     size = -(-chunk // bs) * bs
-    parts, reused = [], 0
-    for start in range(0, len(examples), size):
+    parts, reused, missing = [], 0, 0
+    for number, start in enumerate(range(0, len(examples), size)):
         end = min(start + size, len(examples))
         part_key = rows_store.chunk_key(key, examples[start:end])
         part = rows_store.load_part(out_dir, part_key, start, end) if resume else None
+        if part is None and shard is not None and number % shard[1] != shard[0]:
+            missing += 1  # another shard's chunk, not saved yet
+            continue
         if part is None:
             print(f"[bench]   examples {start + 1}-{end} of {len(examples)}", file=sys.stderr)
             part = _run_part(task, list(examples[start:end]), model, tokenizer, method, cfg, "generate",
@@ -280,6 +288,9 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
         else:
             reused += 1
         parts.append(part)
+    if missing:
+        print(f"[bench]   {missing} chunk(s) of this row are left to the other shards", file=sys.stderr)
+        return None
     wall = sum(p["meter"].wall_seconds for p in parts)
     r = _merge(task, method, examples, parts, cfg, "generate", DEFAULT_MC_NUM, wall, False, True)
     for k in ("wall_seconds_per_rank", "spec_per_rank"):  # chunks are not ranks
@@ -287,6 +298,31 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
     r["world_size"] = 1
     r["chunks"] = {"examples_per_chunk": size, "chunks": len(parts), "reused": reused}
     return r
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) as given to --shard."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N, this process's number and the number of processes "
+                         f"(e.g. 0/2 and 1/2), got {text!r}") from None
+    return i, n
+
+
+def check_shard(shard: tuple[int, int] | None, chunk: int, resume: bool, repeats: int) -> None:
+    if shard is None:
+        return
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {i}/{n}")
+    if not chunk:
+        raise ValueError("--shard splits rows by chunks: give --chunk N too")
+    if not resume:
+        raise ValueError("--shard processes share their chunks through --out: give --resume too, so each "
+                         "takes the chunks the others have finished")
+    if repeats > 1:
+        raise ValueError("--shard saves single runs of each row; it cannot be combined with --repeats > 1")
 
 
 def run_bench(
@@ -303,6 +339,7 @@ def run_bench(
     examples: Sequence[Example] | None = None,
     resume: bool = False,
     chunk: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run every spec on the same examples; with `repeats` > 1 the rows run that many times,
     interleaved (row 1, 2, …, 1, 2, …), and each row's wall clock is the median of its runs, so a
@@ -312,7 +349,11 @@ def run_bench(
     reuses the saved rows whose spec, config, examples, model and drafters all match, so a run that
     stopped (or a suite split over sessions) goes on from where it was. With `chunk` > 0 a row is
     decoded and saved `chunk` examples at a time (rounded up to whole batches), so even a row longer
-    than a sitting resumes part-way (see `decode_in_chunks`)."""
+    than a sitting resumes part-way (see `decode_in_chunks`).
+
+    `shard` = (i, n) makes this process one of n that share `out_dir`: it decodes only its share of
+    each row's chunks and writes no table (a row is whole only once every shard has run). Running
+    again without `shard` and with `resume` assembles the table without decoding anything again."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if resume and repeats > 1:
@@ -321,6 +362,7 @@ def run_bench(
         raise ValueError(f"chunk must be an integer >= 0 (0 = whole rows), got {chunk!r}")
     if chunk and repeats > 1:
         raise ValueError("--chunk saves single runs of each row; it cannot be combined with --repeats > 1")
+    check_shard(shard, chunk, resume, repeats)
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
     out_path = outputs["results.json"].path.parent
@@ -334,8 +376,12 @@ def run_bench(
         # chunks are keyed by their own examples, so a run over more examples reuses the first ones
         chunk_keys = [rows_store.row_key(s, task, c, rows_store.WITHOUT_EXAMPLES, model_hash, model)
                       for s, c in zip(specs, configs)]
+    if shard is not None and not all(keys):
+        raise ValueError("--shard needs rows that can be saved and resumed: a diffspec model (torch module), "
+                         "not an external backend")
     rows: list[dict[str, Any]] = []
     resumed: list[str] = []
+    unfinished: list[str] = []
     walls: list[list[float]] = [[] for _ in specs]
     n = len(specs)
     for rep in range(repeats):
@@ -353,7 +399,10 @@ def run_bench(
             start = machine_load()
             if chunk and keys[i]:
                 r = decode_in_chunks(task, model, tokenizer, method, cfg, examples, out_path, chunk_keys[i], chunk,
-                                     resume)
+                                     resume, shard)
+                if r is None:
+                    unfinished.append(label)
+                    continue
             else:
                 r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
                              keep_samples=False, keep_ids=True)
@@ -372,6 +421,11 @@ def run_bench(
                                    "the method is not deterministic under a fixed seed")
             else:
                 rows[i]["load"] = _worse_load(rows[i]["load"], r["load"])
+    if unfinished:
+        print(f"[bench] shard {shard[0]}/{shard[1]} done; rows still missing other shards' chunks: "
+              f"{', '.join(unfinished)}. Once every shard has finished, run the same command without --shard "
+              "(with --resume) to assemble the table.", file=sys.stderr)
+        return {"shard": list(shard), "unfinished_rows": unfinished, "finished_rows": [r["label"] for r in rows]}
     if repeats > 1:
         for r, w in zip(rows, walls):
             r["wall_seconds_repeats"] = w
