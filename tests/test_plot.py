@@ -63,3 +63,37 @@ def test_target_forwards_get_an_axis_when_a_drafter_runs_and_accuracy_differs():
     # lossless rows are already plotted as tokens per target forward: no hyperbola panel
     assert len(names([row(0.5, 100, 100, False), row(0.5, 120, 40, True)])) == 3
     assert len(names([row(0.9, 100, 100, False), row(0.8, 50, 50, False)])) == 3
+
+
+def _boxes_overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_nothing_overlaps_on_a_lossless_plot_over_a_wide_flops_range(tmp_path, monkeypatch):
+    """The SmolLM2 suite's shape: every row equally accurate (so a two-line title), GFLOPs from 20k
+    to 850k. Before, the legend sat on the title's second line and '500,000' ran into '1,000,000'."""
+    rows = [{"label": f"r{i}", "method": m, "accuracy": 0.0, "nfe_per_sequence": n, "flops": f, "wall_seconds": w,
+             "tokens_per_forward": t}
+            for i, (m, n, f, w, t) in enumerate([("ar", 162, 2.2e13, 1023, 1.0), ("dflash", 180, 1.8e14, 3900, 1.77),
+                                                 ("d2sd", 242, 8.4e14, 11984, 1.98)])]
+    figs = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figs.append(self), real_savefig(self, *a, **k))[1])
+    pareto_plot(rows, tmp_path / "p.png", title="gsm8k: accuracy vs cost (200 examples)")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figs[0]
+    canvas = FigureCanvasAgg(fig)  # the figure was closed after saving: draw it again to measure it
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not _boxes_overlap(title, legend)
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        boxes = [t.label1.get_window_extent(renderer) for t in ax.xaxis.get_major_ticks()
+                 if lo <= t.get_loc() <= hi and t.label1.get_text()]
+        assert len(boxes) >= 2
+        assert not any(_boxes_overlap(a, b) for a, b in zip(boxes, boxes[1:])), ax.get_xlabel()
+        assert not _boxes_overlap(ax.get_window_extent(renderer), legend)

@@ -49,6 +49,11 @@ def _key_label(i: int, r: dict[str, Any]) -> str:
 
 
 def _tick_label(v: float, _pos: Any = None) -> str:
+    """Short labels: a FLOPs axis spans 20,000 to 1,000,000 GFLOPs, whose full digits run into each other."""
+    if v >= 1e6:
+        return f"{v / 1e6:g}M"
+    if v >= 1e4:
+        return f"{v / 1e3:g}k"
     return f"{v:,.0f}" if v >= 10 else f"{v:.3g}"
 
 
@@ -92,13 +97,17 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     key_lines = key.count("\n") + 1
     line_h = 0.17  # inches per key line at fontsize 8
     height = 4.6 + line_h * key_lines
-    fig = plt.figure(figsize=(5.4 * len(axes_spec), height))
-    bottom = (line_h * key_lines + 0.35) / height  # share of the height the key takes
-    grid = fig.add_gridspec(1, len(axes_spec), bottom=bottom + 0.11, top=0.84, wspace=0.28)
-    axes = [fig.add_subplot(grid[0, i]) for i in range(len(axes_spec))]
     y_key, y_name, y_scale = y_axis(rows)
     if y_key != "accuracy":
         title = f"{title}\nevery row {100 * rows[0]['accuracy']:.1f}% accurate: {y_name} against cost"
+    # From the top, in inches: the title's lines, then the legend's row, then the axes.
+    title_h, legend_h = 0.1 + 0.26 * (title.count("\n") + 1), 0.35
+    height += title_h
+    fig = plt.figure(figsize=(5.4 * len(axes_spec), height))
+    bottom = (line_h * key_lines + 0.35) / height  # share of the height the key takes
+    top = 1 - (title_h + legend_h + 0.1) / height
+    grid = fig.add_gridspec(1, len(axes_spec), bottom=bottom + 0.11, top=top, left=0.05, right=0.98, wspace=0.22)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(len(axes_spec))]
     families = sorted({r.get("method", r["label"]) for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     handles: list[Any] = []
@@ -127,9 +136,9 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
         ax.grid(alpha=0.3, which="both")
     handles += [axes[0].scatter([], [], color=colors[f], label=f) for f in families]
     fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center", fontsize=8,
-               ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.935))  # one row, clear of the points
+               ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 1 - title_h / height))  # below the title
     fig.text(0.04, bottom, key, fontsize=8, va="top", family="monospace")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1 - 0.08 / height, va="top")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
