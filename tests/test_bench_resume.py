@@ -251,3 +251,27 @@ def test_shards_split_a_row_and_the_assembling_run_decodes_nothing(tiny_checkpoi
 def test_shard_option_is_checked(tiny_checkpoint, tmp_path, capsys, extra, message):
     assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_shard_assembles_the_row_when_the_other_shard_finished_meanwhile(tiny_checkpoint, tmp_path, monkeypatch):
+    """Shard 0 passes chunk 1 before shard 1 has saved it; shard 1 finishes while shard 0 decodes
+    chunk 2, so shard 0 finds chunk 1 on its second look and writes the whole table."""
+    import diffspec.evaluate as ev
+
+    args = ["--limit", "5", "--gen-length", "8", "--block-length", "8", "--batch-size", "2",
+            "--methods", "vanilla:steps=8", "--chunk", "2", "--resume"]
+    out = tmp_path / "sharded"
+    real_part = ev._run_part
+    calls: list[int] = []
+
+    def part(task, examples, *a, **kw):
+        calls.append(len(examples))
+        if len(calls) == 2:  # shard 0's second chunk (example 5): the other shard runs and finishes now
+            assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "1/2"]) == 0
+        return real_part(task, examples, *a, **kw)
+
+    monkeypatch.setattr(ev, "_run_part", part)
+    assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "0/2"]) == 0
+    assert calls == [2, 1, 2]  # shard 0: chunks 0 and 2; shard 1 (inside): chunk 1 only
+    r = json.loads((out / "results.json").read_text())
+    assert r["rows"][0]["n"] == 5 and r["rows"][0]["chunks"]["reused"] == 1

@@ -271,13 +271,15 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
 
     bs = int(config_value(cfg, "batch_size", 32))
     size = -(-chunk // bs) * bs
-    parts, reused, missing = [], 0, 0
+    parts: list[dict[str, Any] | None] = []
+    reused, later = 0, []
     for number, start in enumerate(range(0, len(examples), size)):
         end = min(start + size, len(examples))
         part_key = rows_store.chunk_key(key, examples[start:end])
         part = rows_store.load_part(out_dir, part_key, start, end) if resume else None
         if part is None and shard is not None and number % shard[1] != shard[0]:
-            missing += 1  # another shard's chunk, not saved yet
+            later.append((len(parts), part_key, start, end))  # another shard's chunk, not saved yet
+            parts.append(None)
             continue
         if part is None:
             print(f"[bench]   examples {start + 1}-{end} of {len(examples)}", file=sys.stderr)
@@ -288,6 +290,10 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
         else:
             reused += 1
         parts.append(part)
+    for i, part_key, start, end in later:  # the other shards may have saved theirs while this one decoded
+        parts[i] = rows_store.load_part(out_dir, part_key, start, end)
+        reused += parts[i] is not None
+    missing = sum(p is None for p in parts)
     if missing:
         print(f"[bench]   {missing} chunk(s) of this row are left to the other shards", file=sys.stderr)
         return None
