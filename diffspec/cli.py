@@ -307,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(b, with_method=False)
     b.add_argument("--shard", metavar="I/N",
                    help="be process I of N sharing --out (with --chunk and --resume): decode only chunks I, I+N, "
-                        "… of each row and write no table; afterwards the same command without --shard assembles "
-                        "it from the saved chunks")
+                        "… of each row (the last shard to finish writes the table); the same command without --shard "
+                        "assembles it again from the saved chunks")
     b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plot", help="redraw a bench run's Pareto plot from its results.json")

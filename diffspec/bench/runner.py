@@ -358,8 +358,8 @@ def run_bench(
     than a sitting resumes part-way (see `decode_in_chunks`).
 
     `shard` = (i, n) makes this process one of n that share `out_dir`: it decodes only its share of
-    each row's chunks and writes no table (a row is whole only once every shard has run). Running
-    again without `shard` and with `resume` assembles the table without decoding anything again."""
+    each row's chunks and writes the table only when its rows are whole (the last shard to finish).
+    Running again without `shard` and with `resume` assembles the table without decoding again."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if resume and repeats > 1:
