@@ -168,14 +168,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .api import resolve_model
-    from .bench.runner import check_bench_out, check_shard, parse_shard, plan_bench, run_bench, suite
+    from .bench.runner import check_bench_out, check_run_options, parse_shard, plan_bench, run_bench, suite
     from .methods import method_names
 
     AR_METHODS = method_names("ar")
     specs = a.methods or suite(a.suite, a.task)
     overrides = _options(a)
     shard = parse_shard(a.shard) if a.shard is not None else None
-    check_shard(shard, a.chunk, a.resume, a.repeats)  # before loading a model
+    check_run_options(a.repeats, a.resume, a.chunk, shard)  # before loading a model
     # One model per run, so AR-target and diffusion methods are benchmarked in separate runs.
     is_ar = {spec.partition(":")[0].strip() in AR_METHODS for spec in specs}
     if len(is_ar) > 1:
@@ -304,11 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk", type=int, default=0,
                    help="decode and save each row N examples at a time (rounded up to whole batches), so --resume "
                         "also continues inside a row (default 0: whole rows)")
-    _decode_args(b, with_method=False)
     b.add_argument("--shard", metavar="I/N",
                    help="be process I of N sharing --out (with --chunk and --resume): decode only chunks I, I+N, "
                         "… of each row (the last shard to finish writes the table); the same command without --shard "
                         "assembles it again from the saved chunks")
+    _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plot", help="redraw a bench run's Pareto plot from its results.json")

@@ -247,6 +247,7 @@ def test_shards_split_a_row_and_the_assembling_run_decodes_nothing(tiny_checkpoi
     (["--shard", "half", "--chunk", "2", "--resume"], "--shard takes I/N"),
     (["--shard", "0/2", "--resume"], "give --chunk N too"),
     (["--shard", "0/2", "--chunk", "2"], "give --resume too"),
+    (["--shard", "0/2", "--chunk", "2", "--resume", "--repeats", "2"], "cannot be combined with --repeats > 1"),
 ])
 def test_shard_option_is_checked(tiny_checkpoint, tmp_path, capsys, extra, message):
     assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(tmp_path), *ARGS, *extra]) == 2

@@ -96,13 +96,12 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     key = "\n".join(line for lab in labels for line in lab)
     key_lines = key.count("\n") + 1
     line_h = 0.14  # inches per key line at fontsize 8 (8 pt × 1.2 spacing, a little spare)
-    height = 4.6 + line_h * key_lines
     y_key, y_name, y_scale = y_axis(rows)
     if y_key != "accuracy":
         title = f"{title}\nevery row {100 * rows[0]['accuracy']:.1f}% accurate: {y_name} against cost"
-    # From the top, in inches: the title's lines, then the legend's row, then the axes.
+    # From the top, in inches: the title's lines, then the legend's row, then the axes, then the key.
     title_h, legend_h = 0.1 + 0.26 * (title.count("\n") + 1), 0.35
-    height += title_h
+    height = title_h + 4.6 + line_h * key_lines
     fig = plt.figure(figsize=(5.4 * len(axes_spec), height))
     bottom = (line_h * key_lines + 0.2) / height  # share of the height the key takes
     top = 1 - (title_h + legend_h + 0.1) / height

@@ -316,7 +316,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def check_shard(shard: tuple[int, int] | None, chunk: int, resume: bool, repeats: int) -> None:
+def check_run_options(repeats: int, resume: bool, chunk: int, shard: tuple[int, int] | None) -> None:
+    """How repeats, --resume, --chunk and --shard combine: checked by the CLI before it loads a model,
+    and by `run_bench` for API callers."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if resume and repeats > 1:
+        raise ValueError("--resume reuses single runs of each row; it cannot be combined with --repeats > 1")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(f"chunk must be an integer >= 0 (0 = whole rows), got {chunk!r}")
+    if chunk and repeats > 1:
+        raise ValueError("--chunk saves single runs of each row; it cannot be combined with --repeats > 1")
     if shard is None:
         return
     i, n = shard
@@ -327,8 +337,6 @@ def check_shard(shard: tuple[int, int] | None, chunk: int, resume: bool, repeats
     if not resume:
         raise ValueError("--shard processes share their chunks through --out: give --resume too, so each "
                          "takes the chunks the others have finished")
-    if repeats > 1:
-        raise ValueError("--shard saves single runs of each row; it cannot be combined with --repeats > 1")
 
 
 def run_bench(
@@ -360,15 +368,7 @@ def run_bench(
     `shard` = (i, n) makes this process one of n that share `out_dir`: it decodes only its share of
     each row's chunks and writes the table only when its rows are whole (the last shard to finish).
     Running again without `shard` and with `resume` assembles the table without decoding again."""
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-    if resume and repeats > 1:
-        raise ValueError("--resume reuses single runs of each row; it cannot be combined with --repeats > 1")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-        raise ValueError(f"chunk must be an integer >= 0 (0 = whole rows), got {chunk!r}")
-    if chunk and repeats > 1:
-        raise ValueError("--chunk saves single runs of each row; it cannot be combined with --repeats > 1")
-    check_shard(shard, chunk, resume, repeats)
+    check_run_options(repeats, resume, chunk, shard)
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
     out_path = outputs["results.json"].path.parent
