@@ -211,6 +211,8 @@ def cmd_plot(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    if a.data_only and a.kind not in ("dflash", "vp"):
+        raise ValueError("--data-only applies to dflash and vp (the target continuations they train on)")
     if a.kind == "mdm":
         from .train.mdm import train_mdm
 
@@ -222,7 +224,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     elif a.kind in ("dflash", "vp"):
         from .train.dflash import train_dflash
 
-        out = train_dflash(a.config, kind=a.kind, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
+        out = train_dflash(a.config, kind=a.kind, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps,
+                           data_only=a.data_only)
     else:
         raise ValueError(f"unknown training kind {a.kind!r}; use mdm, ar, dflash or vp")
     print(f"saved {out}")
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="accuracy and cost of one method on a task")
-    e.add_argument("--task", default="arith", help="arith | arith-mc | gsm8k | mmlu")
+    e.add_argument("--task", default="arith", help="arith | arith-hard | arith-mc | gsm8k | mmlu")
     e.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
     e.add_argument("--limit", type=int, help="number of examples (default 500 for arith, all for files)")
     e.add_argument("--k-shot", type=int, help="few-shot exemplars (gsm8k default 5, mmlu 0)")
@@ -280,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="sweep methods on the same examples: table, JSON and Pareto plot")
-    b.add_argument("--task", default="arith", help="arith (default) | arith-mc | gsm8k | mmlu")
+    b.add_argument("--task", default="arith", help="arith (default) | arith-hard | arith-mc | gsm8k | mmlu")
     b.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
     b.add_argument("--limit", type=int, default=500, help="examples, the same for every row (default 500)")
     b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
@@ -343,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the saved trainer state")
     t.add_argument("--device", default=None, help="cpu | cuda | auto (default: the config's, else cpu)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's train.steps)")
+    t.add_argument("--data-only", action="store_true",
+                   help="dflash / vp: generate (or rebuild from data.manifest) the target continuations, then stop")
     t.set_defaults(func=cmd_train)
     return p
 

@@ -32,6 +32,7 @@ from .tasks import LETTERS, Example, load_examples, score
 # Generation shapes that fit each task's answers (overridable per run).
 TASK_DEFAULTS: dict[str, dict[str, int]] = {
     "arith": {"gen_length": 48, "block_length": 16, "steps": 48},
+    "arith-hard": {"gen_length": 128, "block_length": 32, "steps": 128},
     "arith-mc": {"gen_length": 8, "block_length": 8, "steps": 8},
     "gsm8k": {"gen_length": 256, "block_length": 32, "steps": 256},
     "mmlu": {"gen_length": 8, "block_length": 8, "steps": 8},

@@ -259,6 +259,35 @@ def test_continuations_carry_the_hidden_states_of_a_full_forward(tmp_path, targe
         cached_continuations(tmp_path / "c", {"target": "t"}, target, tok, prompts[::-1], 12, [1, 2], torch.float32)
 
 
+def test_a_lost_cache_is_rebuilt_from_its_committed_manifest(tmp_path, target_dir, monkeypatch):
+    """Each generated chunk's answers go to the manifest; with the cache gone, the same call rebuilds
+    the answers and hidden states from it without generating anything, and a manifest made for other
+    prompts is refused."""
+    from diffspec.train import distill
+
+    target, tok = load_causal(target_dir)
+    prompts = [f"Question: {i} + 4 = ?\nAnswer:" for i in range(5)]
+    man = tmp_path / "manifest"
+    seqs, hidden = distill.cached_continuations(tmp_path / "c", {"target": "t"}, target, tok, prompts, 10, [1, 2],
+                                                torch.float32, batch_size=2, manifest=man)
+    assert sorted(f.name for f in man.iterdir()) == ["chunk-00000.json.gz"]
+    first = (man / "chunk-00000.json.gz").read_bytes()
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated although the manifest holds the answers")
+
+    monkeypatch.setattr(distill, "_generate_chunk", no_generation)
+    again, rebuilt = distill.cached_continuations(tmp_path / "c2", {"target": "t"}, target, tok, prompts, 10, [1, 2],
+                                                  torch.float32, manifest=man)
+    assert again == seqs
+    for h, r in zip(hidden, rebuilt):
+        assert h.shape == r.shape and torch.allclose(h, r, atol=1e-4)
+    assert (man / "chunk-00000.json.gz").read_bytes() == first  # reading never rewrites the committed file
+    with pytest.raises(ValueError, match="other prompts"):
+        distill.cached_continuations(tmp_path / "c3", {"target": "t"}, target, tok, prompts[::-1], 10, [1, 2],
+                                     torch.float32, manifest=man)
+
+
 def test_distilled_ar_drafter_shares_the_target_embedding_and_drafts_losslessly(tmp_path, target_dir):
     """`train ar` with a target: the drafter ships without embedding / head (the target's, frozen),
     loads only next to its target, and ar-spec with it reproduces the target's greedy output."""
@@ -354,3 +383,10 @@ def test_drafter_prompt_sources_are_checked(tmp_path):
     # validation comes from the end of the shuffled list: the training prompts do not move with it
     train4, val4 = source_prompts({"source": "gsm8k", "questions": str(q), "chat": False}, 3, 1, 0, None)
     assert train4 == train and val4 == val[1:]
+
+
+def test_data_only_is_for_the_drafters_that_read_continuations(capsys):
+    from diffspec.cli import main
+
+    assert main(["train", "mdm", "--config", str(REPO / "configs" / "llada-arith.json"), "--data-only"]) == 2
+    assert "--data-only applies to dflash and vp" in capsys.readouterr().err

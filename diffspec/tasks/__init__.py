@@ -1,8 +1,8 @@
 """Evaluation tasks: prompts in lm-eval formats, answer extraction and scoring.
 
 A task yields `Example`s (prompt, gold answer, and the full reference solution
-used for training) and scores a completion. `arith` and `arith-mc` are
-generated; `gsm8k` and `mmlu` read local jsonl files, so a real checkpoint is
+used for training) and scores a completion. `arith`, `arith-hard` and
+`arith-mc` are generated; `gsm8k` and `mmlu` read local jsonl files, so a real checkpoint is
 evaluated exactly like the bundled model.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import arith
+from . import arith, arith_hard
 from .scoring import extract_flexible, extract_strict, reference_answer, truncate_at_stops
 
-TASKS = ("arith", "arith-mc", "gsm8k", "mmlu")
+TASKS = ("arith", "arith-hard", "arith-mc", "gsm8k", "mmlu")
 GSM8K_STOPS = ["Question:", "</s>", "<|im_end|>"]
 LETTERS = "ABCD"
 
@@ -48,6 +48,11 @@ def mc_body(question: str, choices: list[str]) -> str:
 def arith_examples(split: str, n: int, seed: int = 0, spec: arith.ArithSpec = arith.TASK) -> list[Example]:
     return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen")
             for p in arith.generate(split, n, seed, spec=spec)]
+
+
+def arith_hard_examples(split: str, n: int, seed: int = 0) -> list[Example]:
+    return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen")
+            for p in arith_hard.generate(split, n, seed)]
 
 
 def _mc_choices(p: arith.Problem) -> tuple[list[str], int]:
@@ -147,6 +152,8 @@ def load_examples(task: str, limit: int | None = None, split: str = "test", data
             raise ValueError(f"--k-shot applies to gsm8k and mmlu; the {task} prompts have no exemplars")
     if task == "arith":
         return arith_examples(split, limit or 500, seed)
+    if task == "arith-hard":
+        return arith_hard_examples(split, limit or 500, seed)
     if task == "arith-mc":
         return arith_mc_examples(split, limit or 500, seed)
     if task == "gsm8k":

@@ -66,7 +66,8 @@ SCHEMA: Schema = {
                                                       "mask_token_id": "the tokenizer"}),
     "data": {"pool": integer(1), "gen_length": integer(1), "anchors_per_seq": integer(1), "gamma": integer(2),
              "loss_decay": number(0), "hidden_dtype": choice(*DTYPES), "source": choice(*SOURCES),
-             "questions": text, "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1)},
+             "questions": text, "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
+             "manifest": text},
     "train": TRAIN_KEYS,
 }
 
@@ -179,7 +180,7 @@ def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
 
 
 def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path | None = None, resume: bool = False,
-                 device: str | None = None, max_steps: int | None = None) -> Path:
+                 device: str | None = None, max_steps: int | None = None, data_only: bool = False) -> Path:
     """Train a DFlash (kind "dflash") or variable-prefix (kind "vp") drafter for a frozen Qwen3 target.
 
     Config: {target, model (DFlashConfig fields besides the target-derived ones:
@@ -221,10 +222,14 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     cache = Path(dcfg.get("cache") or state_path.parent / "continuations")
     meta = continuation_meta(cfg, target, target_dir(cfg))
     gen_bs = int(dcfg.get("gen_batch_size", 64))
+    manifest = Path(dcfg["manifest"]) if dcfg.get("manifest") else None
     train_seqs, train_hidden = cached_continuations(cache / "train", meta, target, tok, train_prompts, gen_length,
-                                                    layers, hdt, gen_bs)
+                                                    layers, hdt, gen_bs, manifest=manifest and manifest / "train")
     val_seqs, val_hidden = cached_continuations(cache / "val", meta, target, tok, val_prompts, gen_length, layers,
-                                                hdt, gen_bs, desc="validation continuations")
+                                                hdt, gen_bs, desc="validation continuations",
+                                                manifest=manifest and manifest / "val")
+    if data_only:
+        return cache
     data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)
     val = WindowData(val_seqs, val_hidden, kind, W, gamma, mask_id, seed)
     n_seqs, per_seq = int(tr.get("batch_size", 16)), int(dcfg.get("anchors_per_seq", 4))

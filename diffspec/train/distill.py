@@ -18,6 +18,7 @@ as `Question: …\\nAnswer:`, rendered with the target's chat template when
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -143,17 +144,57 @@ def _generate_chunk(target: torch.nn.Module, tok: Tokenizer, prompts: list[str],
     return seqs, (hid if hidden is not None else None)  # type: ignore[return-value]
 
 
+def write_manifest_chunk(path: Path, fingerprint: str, seqs: list[Seq], seconds: float) -> None:
+    """The answers of one chunk as small gzipped JSON (no hidden states): what git keeps of a cache."""
+    body = json.dumps({"prompts": fingerprint, "answers": [a for _, a in seqs], "seconds": round(seconds, 1)},
+                      separators=(",", ":")).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:  # mtime 0: same bytes every time
+        z.write(body)
+    tmp.replace(path)
+
+
+def read_manifest_chunk(path: Path) -> dict[str, Any]:
+    try:
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable manifest chunk ({e}); restore it from git or delete it") from None
+
+
+def replay_hidden(target: torch.nn.Module, seqs: list[Seq], layers: Sequence[int], hidden_dtype: torch.dtype
+                  ) -> list[Tensor]:
+    """The hidden states `ar_batch` taps, recomputed from finished sequences in one causal pass each.
+
+    A cache lost with its machine is rebuilt from the committed answers this way in seconds per
+    chunk instead of regenerating them (minutes); the values match the KV-cached pass's up to
+    float rounding (one forward over the whole sequence instead of one per token).
+    """
+    dev = model_device(target)
+    out = []
+    for p, a in seqs:
+        ids = torch.tensor([p + a[:-1]], device=dev)
+        res = target(ids, hidden_layers=list(layers))
+        out.append(torch.cat(res.hidden_states, dim=-1)[0].cpu().to(hidden_dtype))
+    return out
+
+
 @torch.inference_mode()
 def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn.Module, tok: Tokenizer,
                          prompts: list[str], gen_length: int, layers: Sequence[int] | None = None,
                          hidden_dtype: torch.dtype = torch.float16, batch_size: int = 32,
-                         desc: str = "target continuations") -> tuple[list[Seq], list[Tensor] | None]:
+                         desc: str = "target continuations", manifest: Path | None = None
+                         ) -> tuple[list[Seq], list[Tensor] | None]:
     """(prompt ids, greedy answer ids) per prompt, and with `layers` the target's hidden states at
     those layers per sequence ((T, len·H): the prompt and every answer token but the last).
 
     Chunks already in `cache_dir` are read, missing ones generated and written (a larger pool
     extends a cache); a cache made for another target, length or layer set, or a chunk made for
-    other prompts, is refused with the directory to delete.
+    other prompts, is refused with the directory to delete. With `manifest` (a directory kept in
+    git), each generated chunk's answers are also written there, and a chunk missing from the
+    cache but present in the manifest is rebuilt from its answers (`replay_hidden`) instead of
+    being generated again.
     """
     cache_dir = Path(cache_dir)
     full_meta = {**meta, "gen_length": gen_length, "layers": list(layers) if layers is not None else None,
@@ -183,14 +224,27 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
     for c in range(n_chunks):
         f = cache_dir / f"chunk-{c:05d}.pt"
         part = prompts[c * CHUNK:(c + 1) * CHUNK]
+        mf = manifest / f"chunk-{c:05d}.json.gz" if manifest is not None else None
         if f.is_file():
             st = torch.load(f, map_location="cpu", weights_only=False)
             if st.get("prompts") != _fingerprint(part):
                 raise ValueError(f"{f} was generated for other prompts (another data source, seed or chat "
                                  f"setting); delete {cache_dir} (or point data.cache elsewhere) to regenerate")
+            if mf is not None and not mf.is_file() and len(st["seqs"]) == len(part):
+                write_manifest_chunk(mf, st["prompts"], st["seqs"], 0.0)
         else:
             t0 = time.time()
-            s, h = _generate_chunk(target, tok, part, gen_length, gen_layers, hidden_dtype, batch_size)
+            if mf is not None and mf.is_file():
+                kept = read_manifest_chunk(mf)
+                if kept.get("prompts") != _fingerprint(part) or len(kept.get("answers", [])) != len(part):
+                    raise ValueError(f"{mf} holds answers to other prompts (another data source, seed or chat "
+                                     "setting); delete it or point data.manifest elsewhere")
+                s = [(tok.encode(q), list(a)) for q, a in zip(part, kept["answers"])]
+                h = replay_hidden(target, s, gen_layers, hidden_dtype) if gen_layers is not None else None
+            else:
+                s, h = _generate_chunk(target, tok, part, gen_length, gen_layers, hidden_dtype, batch_size)
+                if mf is not None:
+                    write_manifest_chunk(mf, _fingerprint(part), s, time.time() - t0)
             seconds += time.time() - t0
             st = {"prompts": _fingerprint(part), "seqs": s, "hidden": h}
             tmp = f.with_suffix(".tmp")

@@ -30,7 +30,7 @@ from ..models.checkpoint import DTYPES, save_model
 from ..models.dream import DreamConfig, DreamModel, save_dream
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
-from ..tasks import Example, arith, arith_examples, arith_mc_examples, score
+from ..tasks import Example, arith, arith_examples, arith_hard_examples, arith_mc_examples, score
 from .common import (TOP_KEYS, TRAIN_KEYS, Schema, anything, choice, dataclass_section, int_list, integer, number,
                      setup, shape_difference, shared_tokenizer, text, train_loop)
 
@@ -118,6 +118,7 @@ WEIGHTINGS = ("elbo", "mean")  # LLaDA's 1/t, or each row's mean masked cross-en
 
 
 _FRACTION = number(0, 1)
+TRAIN_TASKS = ("arith", "arith-hard")  # what data.task may name: the generated tasks with a solution to learn
 ARCHITECTURES = ("llada", "dream")
 _FROM_TOKENIZER = ("vocab_size", "mask_token_id", "eos_token_id")
 # Every key `train_mdm` reads (see the module docstring and README for what each does); a config
@@ -128,7 +129,8 @@ SCHEMA: Schema = {
     "save_dtype": choice(*DTYPES),
     "model": dataclass_section(LLaDAConfig, derived={k: "the tokenizer" for k in _FROM_TOKENIZER}),
     "tokenizer": {"vocab_size": integer(1), "corpus_problems": integer(1), "arith": anything},
-    "data": {"gen_length": integer(1), "block_length": integer(1), "pool": integer(1), "mc_fraction": _FRACTION,
+    "data": {"task": choice(*TRAIN_TASKS), "gen_length": integer(1), "block_length": integer(1), "pool": integer(1),
+             "mc_fraction": _FRACTION,
              "mc_gen_length": integer(1), "long_fraction": _FRACTION, "long_lengths": int_list(1), "arith": anything},
     "train": {**TRAIN_KEYS, "block_fraction": _FRACTION, "two_stream_fraction": _FRACTION,
               "two_stream_block": integer(1), "block_k": choice(*BLOCK_K), "loss_weighting": choice(*WEIGHTINGS),
@@ -359,8 +361,19 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     long_lengths = list(dcfg.get("long_lengths", [64, 96, 128]))
     rng = random.Random(int(tr.get("seed", 0)))
     items = []
+    task = str(dcfg.get("task", "arith"))
+    check_choice("data.task", task, TRAIN_TASKS)
+    if task == "arith-hard" and ("arith" in dcfg or mc_frac > 0):
+        raise ValueError("data.arith and data.mc_fraction apply to data.task 'arith'; for 'arith-hard' drop "
+                         "data.arith and set data.mc_fraction to 0")
     spec = arith_spec(cfg)
-    for ex in arith_examples("train", n_pool, seed=int(tr.get("seed", 0)), spec=spec):
+
+    def examples(split: str, n: int, seed: int) -> list[Example]:
+        if task == "arith-hard":
+            return arith_hard_examples(split, n, seed)
+        return arith_examples(split, n, seed=seed, spec=spec)
+
+    for ex in examples("train", n_pool, int(tr.get("seed", 0))):
         L = rng.choice(long_lengths) if rng.random() < long_frac else gen_length
         enc = encode_example(tok, ex, L, eos_id)
         if enc:
@@ -370,7 +383,7 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         if enc:
             items.append(enc)
     batcher = MDMBatcher(items, int(tr.get("batch_size", 64)), eos_id, int(tr.get("seed", 0)))
-    val = arith_examples("validation", int(tr.get("eval_n", 64)), seed=0, spec=spec)
+    val = examples("validation", int(tr.get("eval_n", 64)), 0)
 
     block_fraction = float(tr.get("block_fraction", 0.0))
     if not 0.0 <= block_fraction <= 1.0:

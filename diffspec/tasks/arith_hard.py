@@ -1,0 +1,128 @@
+"""`arith-hard`: long, entangled GSM8K-style word problems the bundled model cannot saturate.
+
+Why another task: on `arith` the bundled model scores 98.4 %, and Fast-dLLM's
+threshold costs 0.2 points, so no decoding method can win or lose there. A
+contest needs answers whose cells really depend on each other when a decoder
+commits several in one step:
+
+- two or three people and 5-8 events, so an answer runs to 7-9 lines and
+  80-128 tokens: three or four blocks of 32;
+- two-digit operands (10..39): each result digit depends on a carry or a
+  borrow from the digit to its right, which a parallel step commits blind;
+- values that later lines reuse: every line starts from the person's current
+  count, written lines earlier (or in the question), and a transfer ("Tom
+  gives Ana 12") writes two lines, the second reusing the operand of the first;
+  the question may ask for two people's total, a final line over two earlier
+  results.
+
+The answer keeps GSM8K's format (`#### N` after the working) so the same
+prompt, stop and scoring code runs on it. Every value stays in 1..99. Splits
+are disjoint by a hash of the question text (`arith.split_of`), as for `arith`.
+"""
+from __future__ import annotations
+
+import random
+
+from .arith import ITEMS, NAMES, SPLITS, Problem, split_of
+
+MAX_VALUE = 99
+OPERAND = (10, 39)  # two-digit amounts
+START = (10, 60)
+
+
+def _amount(rng: random.Random, lo: int, hi: int) -> int | None:
+    """An operand in OPERAND ∩ [lo, hi], or None when the range is empty."""
+    lo, hi = max(lo, OPERAND[0]), min(hi, OPERAND[1])
+    return rng.randint(lo, hi) if lo <= hi else None
+
+
+def _event(rng: random.Random, people: list[str], have: dict[str, int]
+           ) -> tuple[str, list[str], dict[str, int]] | None:
+    """One story sentence, its answer lines and the new counts, or None if the draw does not fit 1..99."""
+    kind = rng.choice(["buy", "buy", "lose", "lose", "give", "give", "more", "fewer"])
+    a = rng.choice(people)
+    va = have[a]
+    if kind == "buy":
+        n = _amount(rng, 1, MAX_VALUE - va)
+        if n is None:
+            return None
+        verb = rng.choice(["buys", "finds", "gets"])
+        return f"{a} {verb} {n} more.", [f"{a}: {va}+{n}={va + n}"], {a: va + n}
+    if kind == "lose":
+        n = _amount(rng, 1, va - 1)
+        if n is None:
+            return None
+        verb = rng.choice(["loses", "sells", "eats"])
+        return f"{a} {verb} {n}.", [f"{a}: {va}-{n}={va - n}"], {a: va - n}
+    b = rng.choice([p for p in people if p != a])
+    vb = have[b]
+    if kind == "give":
+        n = _amount(rng, 1, min(va - 1, MAX_VALUE - vb))
+        if n is None:
+            return None
+        return (f"{a} gives {b} {n}.", [f"{a}: {va}-{n}={va - n}", f"{b}: {vb}+{n}={vb + n}"],
+                {a: va - n, b: vb + n})
+    # "more" / "fewer": b's count is reset relative to a's current count
+    if kind == "more":
+        n = _amount(rng, 1, MAX_VALUE - va)
+        if n is None:
+            return None
+        return f"Now {b} has {n} more than {a}.", [f"{b}: {va}+{n}={va + n}"], {b: va + n}
+    n = _amount(rng, 1, va - 1)
+    if n is None:
+        return None
+    return f"Now {b} has {n} fewer than {a}.", [f"{b}: {va}-{n}={va - n}"], {b: va - n}
+
+
+def make_problem(rng: random.Random, min_lines: int = 7, max_lines: int = 9) -> Problem:
+    """One problem whose answer has between `min_lines` and `max_lines` working lines."""
+    while True:
+        item = rng.choice(ITEMS)
+        people = rng.sample(NAMES, rng.choice([2, 2, 3]))
+        have = {p: rng.randint(*START) for p in people}
+        sentences = [f"{p} has {have[p]} {item}." for p in people]
+        lines: list[str] = []
+        total = rng.random() < 0.4  # ask for two people's total: one more line over two results
+        want = rng.randint(min_lines, max_lines) - int(total)
+        tries = 0
+        while len(lines) < want and tries < 50:
+            tries += 1
+            ev = _event(rng, people, have)
+            if ev is None or len(lines) + len(ev[1]) > want:
+                continue
+            sentences.append(ev[0])
+            lines.extend(ev[1])
+            have.update(ev[2])
+        if len(lines) < want:
+            continue
+        if total:
+            a, b = rng.sample(people, 2)
+            s = have[a] + have[b]
+            if s > MAX_VALUE:
+                continue
+            lines.append(f"{a}+{b}: {have[a]}+{have[b]}={s}")
+            sentences.append(f"How many {item} do {a} and {b} have together?")
+            value = s
+        else:
+            who = rng.choice(people)
+            sentences.append(f"How many {item} does {who} have now?")
+            value = have[who]
+        return Problem(" ".join(sentences), "\n".join(lines) + f"\n#### {value}", str(value))
+
+
+def generate(split: str, n: int, seed: int = 0) -> list[Problem]:
+    """`n` distinct problems of `split`, the same list for the same arguments (a longer list extends it)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"arith-hard-{split}-{seed}")
+    seen: set[str] = set()
+    out: list[Problem] = []
+    while len(out) < n:
+        p = make_problem(rng)
+        if p.question in seen or split_of(p.question) != split:
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out

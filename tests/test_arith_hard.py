@@ -1,0 +1,134 @@
+"""`arith-hard`: seeded, answers verifiable from the question alone, splits disjoint, trainable."""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from diffspec.evaluate import task_config
+from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, load_tokenizer
+from diffspec.tasks import arith_hard, load_examples, score
+from diffspec.tasks.arith import split_of
+
+_SENT = re.compile(r"[^.?]+[.?]")
+_LINE = re.compile(r"(\w+(?:\+\w+)?): (\d+)([+-])(\d+)=(\d+)")
+
+
+def solve(question: str) -> tuple[list[str], str]:
+    """The working lines and the answer, worked out from the question text alone (an independent reader)."""
+    have: dict[str, int] = {}
+    lines: list[str] = []
+    for s in (x.strip() for x in _SENT.findall(question)):
+        if m := re.fullmatch(r"(\w+) has (\d+) \w+\.", s):
+            have[m[1]] = int(m[2])
+        elif m := re.fullmatch(r"(\w+) (?:buys|finds|gets) (\d+) more\.", s):
+            a, n = m[1], int(m[2])
+            lines.append(f"{a}: {have[a]}+{n}={have[a] + n}")
+            have[a] += n
+        elif m := re.fullmatch(r"(\w+) (?:loses|sells|eats) (\d+)\.", s):
+            a, n = m[1], int(m[2])
+            lines.append(f"{a}: {have[a]}-{n}={have[a] - n}")
+            have[a] -= n
+        elif m := re.fullmatch(r"(\w+) gives (\w+) (\d+)\.", s):
+            a, b, n = m[1], m[2], int(m[3])
+            lines += [f"{a}: {have[a]}-{n}={have[a] - n}", f"{b}: {have[b]}+{n}={have[b] + n}"]
+            have[a], have[b] = have[a] - n, have[b] + n
+        elif m := re.fullmatch(r"Now (\w+) has (\d+) (more|fewer) than (\w+)\.", s):
+            b, n, a = m[1], int(m[2]), m[4]
+            new = have[a] + n if m[3] == "more" else have[a] - n
+            lines.append(f"{b}: {have[a]}{'+' if m[3] == 'more' else '-'}{n}={new}")
+            have[b] = new
+        elif m := re.fullmatch(r"How many \w+ do (\w+) and (\w+) have together\?", s):
+            a, b = m[1], m[2]
+            lines.append(f"{a}+{b}: {have[a]}+{have[b]}={have[a] + have[b]}")
+            return lines, str(have[a] + have[b])
+        elif m := re.fullmatch(r"How many \w+ does (\w+) have now\?", s):
+            return lines, str(have[m[1]])
+        else:
+            raise AssertionError(f"unparsed sentence {s!r}")
+    raise AssertionError("no question at the end")
+
+
+def test_answers_follow_from_the_question():
+    for p in arith_hard.generate("test", 300):
+        lines, value = solve(p.question)
+        assert p.answer == "\n".join(lines) + f"\n#### {value}"
+        assert p.target == value
+        for line in lines:
+            m = _LINE.fullmatch(line)
+            a, op, b, c = int(m[2]), m[3], int(m[4]), int(m[5])
+            assert (a + b if op == "+" else a - b) == c and 1 <= c <= 99
+            assert m[1].count("+") or 10 <= b <= 39  # events move two-digit amounts (a total adds two counts)
+        assert 7 <= len(lines) <= 9
+
+
+def test_lines_reuse_earlier_results():
+    """Most problems start a line from a count written at least two lines earlier (not just the line above)."""
+    reused = 0
+    probs = arith_hard.generate("validation", 200)
+    for p in probs:
+        rows = [_LINE.fullmatch(x) for x in p.answer.split("\n")[:-1]]
+        results = [r[5] for r in rows]
+        reused += any(r[2] in results[:max(0, i - 1)] for i, r in enumerate(rows))
+    assert reused > 0.8 * len(probs)
+
+
+def test_seeded_and_extends():
+    a = arith_hard.generate("train", 50, seed=3)
+    assert a == arith_hard.generate("train", 50, seed=3)
+    assert arith_hard.generate("train", 80, seed=3)[:50] == a  # asking for more keeps the first ones
+    assert a != arith_hard.generate("train", 50, seed=4)
+
+
+def test_splits_are_disjoint():
+    train = {p.question for p in arith_hard.generate("train", 3000)}
+    for split in ("validation", "test"):
+        other = arith_hard.generate(split, 300)
+        assert all(split_of(p.question) == split for p in other)
+        assert not train & {p.question for p in other}
+
+
+def test_answers_fill_three_or_four_blocks_of_32():
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    lengths = [len(tok.encode(e.solution)) for e in load_examples("arith-hard", limit=300)]
+    assert min(lengths) >= 80 and max(lengths) < 128  # the EOS still fits the 128-token canvas
+    assert sum(lengths) / len(lengths) > 90
+
+
+def test_a_task_like_the_others():
+    ex = load_examples("arith-hard", limit=3)
+    assert ex[0].prompt.startswith("Question: ") and ex[0].prompt.endswith("\nAnswer:")
+    assert score(ex[0], ex[0].solution)["correct"]
+    assert not score(ex[0], ex[0].solution.replace(f"#### {ex[0].gold}", "#### 100"))["correct"]
+    cfg = task_config("arith-hard", "vanilla")
+    assert (cfg.gen_length, cfg.block_length, cfg.steps) == (128, 32, 128)
+    with pytest.raises(ValueError, match="unknown split"):
+        arith_hard.generate("dev", 1)
+
+
+def test_make_problem_respects_the_line_range():
+    rng = random.Random(0)
+    for _ in range(50):
+        p = arith_hard.make_problem(rng, 4, 5)
+        assert 4 <= len(p.answer.split("\n")) - 1 <= 5
+
+
+def test_train_mdm_on_arith_hard(tmp_path):
+    from diffspec.train.mdm import train_mdm
+
+    cfg = {"tokenizer_from": str(DEFAULT_MODEL_DIR),
+           "model": {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 1, "mlp_hidden_size": 64,
+                     "max_sequence_length": 320},
+           "data": {"task": "arith-hard", "gen_length": 128, "block_length": 32, "pool": 50, "mc_fraction": 0.0},
+           "train": {"steps": 2, "batch_size": 4, "warmup": 1, "eval_every": 2, "eval_n": 1, "save_every": 2,
+                     "threads": 1, "two_stream_fraction": 0.5, "two_stream_block": 8},
+           "out": str(tmp_path / "m"), "state_dir": str(tmp_path / "s")}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert (train_mdm(path) / "config.json").is_file()
+    cfg["data"]["mc_fraction"] = 0.1
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mc_fraction"):
+        train_mdm(path)
