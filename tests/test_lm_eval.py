@@ -91,6 +91,18 @@ def test_arith_generation_equals_diffspec_eval(harness, tmp_path) -> None:
     assert c["config"]["gen_length"] == 48 and c["config"]["steps"] == 48
 
 
+def test_arith_hard_runs_through_lm_eval_as_diffspec_eval_does(harness) -> None:
+    """The arith_hard YAML reads the same problems, with the task's 128-token budget."""
+    simple_evaluate, tm = harness
+    res = simple_evaluate(model="diffspec", model_args="method=fast-dllm", tasks=["arith_hard"], limit=2,
+                          batch_size=2, device="cpu", task_manager=tm, log_samples=True)
+    strict = [s for s in by_doc(res["samples"]["arith_hard"]) if s["filter"] == "strict-match"]
+    examples = load_examples("arith-hard", limit=2)
+    assert [s["arguments"][0][0] for s in strict] == [e.prompt for e in examples]
+    assert [s["target"] for s in strict] == [e.solution.strip() for e in examples]
+    assert strict[0]["arguments"][0][1]["max_gen_toks"] == 128
+
+
 @pytest.mark.parametrize("method", ["vanilla", "ar"])
 def test_arith_mc_likelihood_equals_diffspec_eval(harness, method) -> None:
     simple_evaluate, tm = harness

@@ -338,7 +338,7 @@ def test_bad_data_rows(tmp_path):
 
 
 def test_tasks_listed():
-    assert set(TASKS) == {"arith", "arith-mc", "gsm8k", "mmlu"}
+    assert set(TASKS) == {"arith", "arith-hard", "arith-mc", "gsm8k", "mmlu"}
     assert len(load_examples("arith", limit=3)) == 3
 
 

@@ -1,4 +1,4 @@
-"""Datasets for diffspec's lm-eval tasks that are generated rather than read: `arith` and `arith_mc`.
+"""Datasets for diffspec's lm-eval tasks that are generated rather than read: `arith`, `arith_hard`, `arith_mc`.
 
 Each is the bundled `arith` task's split (`diffspec.tasks`), exported at run time to a JSON-lines
 file under the cache directory ($DIFFSPEC_CACHE, else $XDG_CACHE_HOME/diffspec, else
@@ -49,6 +49,15 @@ def arith_dataset(arith_split: str = "test", arith_n: int = 500, arith_seed: int
     rows = [{"question": p.question, "answer": p.answer}
             for p in arith.generate(arith_split, int(arith_n), int(arith_seed))]
     return _load(_export(f"arith-{arith_split}-{arith_n}-seed{arith_seed}", rows), arith_split)
+
+
+def arith_hard_dataset(arith_split: str = "test", arith_n: int = 500, arith_seed: int = 0, **_: Any) -> Any:
+    """`arith-hard`'s {question, answer} rows, in the same GSM8K layout as `arith_dataset`."""
+    from diffspec.tasks import arith_hard
+
+    rows = [{"question": p.question, "answer": p.answer}
+            for p in arith_hard.generate(arith_split, int(arith_n), int(arith_seed))]
+    return _load(_export(f"arith-hard-{arith_split}-{arith_n}-seed{arith_seed}", rows), arith_split)
 
 
 def arith_mc_dataset(arith_split: str = "test", arith_n: int = 500, arith_seed: int = 0, **_: Any) -> Any:
