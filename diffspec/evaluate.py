@@ -276,6 +276,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     """`diffspec eval`: validate everything, load, score (data-parallel under torchrun), print one
     line and write the JSON on rank 0. Returns the result on rank 0, None on the others."""
     from .api import resolve_model
+    from .bench.table import flexible_accuracy
 
     if scoring not in SCORINGS:
         raise ValueError(f"unknown --scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
@@ -308,7 +309,8 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     family = get_method(method).family
     r["model"] = model or ("bundled:qwen3-arith" if family == "ar" else "bundled:llada-arith")
     r["chat"] = chat
-    flex = f", flexible {r['accuracy_flexible']:.1%}" if "accuracy_flexible" in r else ""
+    flex_acc = flexible_accuracy(r)  # the bench table's rule: GSM8K rows only
+    flex = f", flexible {flex_acc:.1%}" if flex_acc is not None else ""
     ranks = f" | {r['world_size']} ranks" if r["world_size"] > 1 else ""
     print(f"{task} [{method}, {scoring}] accuracy {r['accuracy']:.1%}{flex} on {r['n']} | forwards/seq "
           f"{r['nfe_per_sequence']:.1f} | tokens/forward {r['tokens_per_forward']:.2f} | GFLOPs {r['flops'] / 1e9:.1f} "

@@ -66,9 +66,11 @@ def test_table_names_both_tokens_per_forward():
 
 
 def test_table_shows_target_forwards_and_flexible_accuracy_only_when_they_say_something():
-    ar = {"label": "ar", "accuracy": 0.0, "accuracy_flexible": 0.25, "nfe_per_sequence": 150.0, "sequences": 4,
+    ar = {"label": "ar", "task": "gsm8k", "accuracy": 0.0, "accuracy_flexible": 0.25, "nfe_per_sequence": 150.0,
+          "sequences": 4,
           "primary": "target", "models": {"target": {"flops": 1e9, "sequence_forwards": 600}}}
-    spec = {"label": "ar-spec", "accuracy": 0.0, "accuracy_flexible": 0.25, "nfe_per_sequence": 400.0, "sequences": 4,
+    spec = {"label": "ar-spec", "task": "gsm8k", "accuracy": 0.0, "accuracy_flexible": 0.25, "nfe_per_sequence": 400.0,
+            "sequences": 4,
             "primary": "target", "models": {"target": {"flops": 2e9, "sequence_forwards": 340},
                                             "drafter": {"flops": 1e8, "sequence_forwards": 1260}}}
     narrow = format_table([{k: v for k, v in ar.items() if k != "accuracy_flexible"}])
@@ -80,3 +82,16 @@ def test_table_shows_target_forwards_and_flexible_accuracy_only_when_they_say_so
     cell = lambda row, name: [c.strip() for c in row.strip("|").split("|")][cols.index(name)]  # noqa: E731
     assert (cell(r1, "target fwd/seq"), cell(r2, "target fwd/seq")) == ("150.0", "85.0")
     assert (cell(r2, "fwd/seq"), cell(r2, "accuracy (flexible)")) == ("400.0", "25.0%")
+
+
+@pytest.mark.parametrize("task,shown", [("gsm8k", True), ("arith", False), ("arith-hard", False), (None, False)])
+def test_flexible_accuracy_is_shown_for_gsm8k_rows_only(task, shown):
+    """Scoring gives every numeric task an `accuracy_flexible`; the table's column and the plot's key
+    show it only for GSM8K rows (table.FLEXIBLE_TASKS), where strict "#### N" misses prose answers."""
+    from diffspec.bench.plot import _key_label
+
+    row = {"label": "vanilla", "accuracy": 0.9, "accuracy_flexible": 0.95, "nfe_per_sequence": 48.0,
+           **({"task": task} if task else {})}
+    head = format_table([row]).splitlines()[0]
+    assert ("accuracy (flexible)" in head) == shown
+    assert ("flexible 95.0%" in _key_label(1, row)) == shown
