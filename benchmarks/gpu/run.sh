@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu/run.sh OUT_DIR [--dry-run] [--tar FILE]
 #
 # Stages, in this order, each with its own time limit inside one overall budget
-# (DIFFSPEC_GPU_BUDGET_S, default 450 s = 7.5 min; 150 s for --dry-run):
+# (DIFFSPEC_GPU_BUDGET_S, default 450 s = 7.5 min; none for --dry-run). DIFFSPEC_GPU_BUDGET_S=none
+# means no budget and no per-stage limit: every stage runs to its end (a dry run checks outputs,
+# not speed, so a loaded machine must not fail it).
 #   env          python / torch / GPU / git facts                     -> OUT_DIR/env.json
 #   install      pip install -e '.[test]', offline (the project only) -> logs/install.log
 #   cuda-tests   pytest -m cuda tests                                 -> cuda-tests.xml, cuda-report.json
@@ -19,7 +21,7 @@
 # the exit status is 0 only if every stage passed. --tar FILE packs OUT_DIR into FILE at the end
 # (the device tool brings back at most 8 files).
 #
-# Environment: PYTHON (default python3), DIFFSPEC_SKIP_INSTALL=1 (skip pip), DIFFSPEC_GPU_BUDGET_S,
+# Environment: PYTHON (default python3), DIFFSPEC_SKIP_INSTALL=1 (skip pip), DIFFSPEC_GPU_BUDGET_S (seconds, or none),
 # DIFFSPEC_GPU_SUITES (space-separated, default "steps cache psd dual threshold d2sd"; dry run "steps d2sd threshold"),
 # DIFFSPEC_GPU_LIMIT (examples per suite, default 500; dry run 2), DIFFSPEC_GPU_LIMIT_D2SD (default 200),
 # DIFFSPEC_GPU_SKIP (stage names not to run, e.g. "cuda-tests gpu-timings" for a rerun of the suites),
@@ -54,7 +56,7 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's diffspec even if the install stage failed
 
 if [ "$DRY" = 1 ]; then
-  BUDGET="${DIFFSPEC_GPU_BUDGET_S:-150}" LIMIT="${DIFFSPEC_GPU_LIMIT:-2}" DEVICE=cpu MIN_STAGE=3
+  BUDGET="${DIFFSPEC_GPU_BUDGET_S:-none}" LIMIT="${DIFFSPEC_GPU_LIMIT:-2}" DEVICE=cpu MIN_STAGE=3
   DTYPE="${DIFFSPEC_GPU_DTYPE:-bfloat16}" GPU_ARGS=(--dry-run)
   # one diffusion suite, the AR suite and the --methods path: the rest differ only in their specs
   SUITES="${DIFFSPEC_GPU_SUITES:-steps d2sd threshold}" TESTS=tests/test_cuda.py
@@ -67,32 +69,47 @@ fi
 # as on a CPU (benchmarks/d2sd-cpu: 341 s for 500 problems), so by default it gets 200 problems.
 LIMIT_D2SD="${DIFFSPEC_GPU_LIMIT_D2SD:-$([ "$DRY" = 1 ] && echo "$LIMIT" || echo $(( LIMIT < 200 ? LIMIT : 200 )))}"
 SKIP=" ${DIFFSPEC_GPU_SKIP:-} "
+UNLIMITED=0  # DIFFSPEC_GPU_BUDGET_S=none: no overall budget, no stage timeout
+case "$BUDGET" in
+  none) UNLIMITED=1 ;;
+  ''|*[!0-9]*) echo "run.sh: DIFFSPEC_GPU_BUDGET_S must be a number of seconds or none, not '$BUDGET'" >&2; exit 2 ;;
+esac
 RESERVE=15  # seconds kept back for the summary and the tarball
 FAILED=0
 
-# run_stage NAME CAP_SECONDS CMD...: run CMD with limit min(CAP, what is left of the budget),
+# run_stage NAME CAP_SECONDS CMD...: run CMD with limit min(CAP, what is left of the budget)
+# (no limit at all when UNLIMITED=1: the limit column of stages.tsv then says -),
 # output to logs/NAME.log, one line in stages.tsv; never stops the script.
 run_stage() {
   local name="$1" cap="$2"; shift 2
-  local left=$((BUDGET - SECONDS - RESERVE)) limit status rc start dur note=""
+  local left limit status rc start dur note=""
   if [[ "$SKIP" == *" $name "* ]]; then skip_stage "$name" "DIFFSPEC_GPU_SKIP"; return 0; fi
-  limit=$(( cap < left ? cap : left ))
-  if [ "$limit" -lt "$MIN_STAGE" ]; then
+  if [ "$UNLIMITED" = 1 ]; then
+    limit=- left=-
+  else
+    left=$((BUDGET - SECONDS - RESERVE))
+    limit=$(( cap < left ? cap : left ))
+  fi
+  if [ "$UNLIMITED" = 0 ] && [ "$limit" -lt "$MIN_STAGE" ]; then
     printf '%s\tno-time\t-\t0\t%s\t%s\n' "$name" "$limit" "budget ${BUDGET}s spent" >>"$OUT_DIR/stages.tsv"
     echo "[run.sh] $name: not run, ${left}s of the ${BUDGET}s budget left"
     FAILED=1
     return 0
   fi
-  echo "[run.sh] $name: started (limit ${limit}s, $(date +%T))"
+  echo "[run.sh] $name: started ($([ "$UNLIMITED" = 1 ] && echo 'no limit' || echo "limit ${limit}s"), $(date +%T))"
   start=$SECONDS
   set +e
-  timeout -k 10 "$limit" "$@" >"$OUT_DIR/logs/$name.log" 2>&1
+  if [ "$UNLIMITED" = 1 ]; then
+    "$@" >"$OUT_DIR/logs/$name.log" 2>&1
+  else
+    timeout -k 10 "$limit" "$@" >"$OUT_DIR/logs/$name.log" 2>&1
+  fi
   rc=$?
   set -e
   dur=$((SECONDS - start))
   case "$rc" in
     0) status=ok ;;
-    124|137) status=timeout; note="stopped after ${limit}s" ;;
+    124|137) if [ "$UNLIMITED" = 1 ]; then status=failed; else status=timeout; note="stopped after ${limit}s"; fi ;;
     *) status=failed ;;
   esac
   if [ "$name" = cuda-tests ] && [ "$rc" = 5 ]; then status=ok; note="no tests collected"; fi
@@ -108,7 +125,7 @@ skip_stage() {  # skip_stage NAME REASON: not run on purpose (not a failure)
   echo "[run.sh] $1: skipped ($2)"
 }
 
-echo "[run.sh] $( [ "$DRY" = 1 ] && echo 'dry run (CPU, tiny shapes)' || echo 'GPU run' ): out $OUT_DIR, budget ${BUDGET}s, python $PY"
+echo "[run.sh] $( [ "$DRY" = 1 ] && echo 'dry run (CPU, tiny shapes)' || echo 'GPU run' ): out $OUT_DIR, $([ "$UNLIMITED" = 1 ] && echo 'no time budget' || echo "budget ${BUDGET}s"), python $PY"
 
 # ---- env: what ran where
 run_stage env 30 "$PY" - "$OUT_DIR/env.json" "$DRY" <<'PYEOF'
