@@ -377,11 +377,11 @@ def test_tokenizer_from_missing_file(tmp_path):
 
 
 def test_bundled_checkpoints_fit_the_size_budget():
-    """Each committed checkpoint ≤ 16 MB and all together ≤ 100 MB (the developers' guide's budget, in
+    """Each committed checkpoint ≤ 16 MB and all together ≤ 120 MB (the developers' guide's budget, in
     decimal MB, the stricter reading)."""
     assets = Path(__file__).resolve().parents[1] / "diffspec" / "assets"
     sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
              for d in assets.iterdir() if d.is_dir()}
     assert sizes, "no bundled checkpoints found"
     assert all(s <= 16_000_000 for s in sizes.values()), sizes
-    assert sum(sizes.values()) <= 100_000_000, sizes
+    assert sum(sizes.values()) <= 120_000_000, sizes
