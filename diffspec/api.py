@@ -117,6 +117,33 @@ def check_model_type(raw: dict[str, Any], path: str | Path) -> None:
                           f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream' and 'llada' (masked diffusion)")
 
 
+def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
+    """The config.json of the checkpoint directory `path`, refused (CheckpointError / ValueError) when
+    it is missing, names no model type a loader here reads, or (with `method`) a model of the other
+    family: everything a load would refuse before reading any weights."""
+    from .models.causal import is_causal_config
+    from .models.checkpoint import read_config
+
+    raw = read_config(Path(path))
+    check_model_type(raw, path)
+    if method is not None:
+        family = "ar" if is_causal_config(raw) else "diffusion"
+        check_family(method, family, f"the checkpoint {path} (model_type {raw.get('model_type')!r})")
+    return raw
+
+
+def check_model(model: Any, method: str) -> None:
+    """Refuse what `resolve_model(model, ..., method=method)` would refuse about a checkpoint path (a
+    missing directory or .gguf file, no config.json, a model of the other family, 'smollm2' without
+    its package) without loading or converting anything. Commands call it before they read their
+    data, so a user hears about a missing model first, in the order they meet the two on the
+    command line, and never after minutes of loading. None and loaded models pass."""
+    from .models.gguf import conversion_source
+
+    if isinstance(model, (str, Path)) and conversion_source(model) is None:
+        checked_config(model, method)
+
+
 def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | None = None,
              default: str | Path | None = None, method: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
     """Load a checkpoint by its config's model_type: Llama / Qwen2 / Qwen3 (AR), Dream or LLaDA
@@ -126,18 +153,12 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
     With `method`, the checkpoint's family must be the method's (checked from config.json, before
     any weights are read)."""
     from .models.causal import is_causal_config
-    from .models.checkpoint import read_config
     from .models.gguf import resolve_checkpoint
 
     path = resolve_checkpoint(path if path is not None else default)  # 'smollm2' and .gguf files -> a directory
-    raw = read_config(Path(path)) if path is not None else {}
+    raw = checked_config(path, method) if path is not None else {}
     model_type = raw.get("model_type")
-    is_ar = is_causal_config(raw)
-    if path is not None:
-        check_model_type(raw, path)
-    if path is not None and method is not None:
-        check_family(method, "ar" if is_ar else "diffusion", f"the checkpoint {path} (model_type {model_type!r})")
-    if is_ar:
+    if is_causal_config(raw):
         from .models.causal import load_causal
 
         return load_causal(path, device=device, dtype=dtype)

@@ -188,20 +188,27 @@ def cmd_bench(a: argparse.Namespace) -> None:
         from .models.checkpoint import DEFAULT_DREAM_DIR
 
         model_path = str(DEFAULT_DREAM_DIR)  # the suite is about Dream: its bundled model
-    model, tok = resolve_model(model_path, None, a.device, a.dtype, method="ar" if is_ar == {True} else "vanilla",
-                               compile=a.compile)
-    command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    examples = None
-    if a.chat or a.k_shot is not None:
+    family_method = "ar" if is_ar == {True} else "vanilla"
+    examples = _bench_examples(a, model_path, family_method)
+    model, tok = resolve_model(model_path, None, a.device, a.dtype, method=family_method, compile=a.compile)
+    if a.chat:  # rendered with the model's own template, like eval --chat
         from .evaluate import chat_examples
-        from .tasks import load_examples
 
-        examples = load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
-        if a.chat:  # rendered with the model's own template, like eval --chat
-            examples = chat_examples(examples, model_path, "ar" if is_ar == {True} else "vanilla")
+        examples = chat_examples(examples, model_path, family_method)
+    command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
               overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume,
               chunk=a.chunk, shard=shard)
+
+
+def _bench_examples(a: argparse.Namespace, model_path: str | None, method: str) -> list:
+    """The bench's examples, read before the model loads (a missing data file costs no load), and after
+    a check of the model path: missing inputs are reported in the order a user meets them, model first."""
+    from .api import check_model
+    from .tasks import load_examples
+
+    check_model(model_path, method)
+    return load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
 
 
 def cmd_plot(a: argparse.Namespace) -> None:

@@ -275,7 +275,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
              chat: bool = False, compile: str | None = None) -> dict[str, Any] | None:
     """`diffspec eval`: validate everything, load, score (data-parallel under torchrun), print one
     line and write the JSON on rank 0. Returns the result on rank 0, None on the others."""
-    from .api import resolve_model
+    from .api import check_model, resolve_model
     from .bench.table import flexible_accuracy
 
     if scoring not in SCORINGS:
@@ -288,6 +288,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     cfg = task_config(task, method, **options)
     shard = shard_from_env()
     target = OutputFile.check(out, "--out") if out is not None and shard.is_main else None  # before the run
+    check_model(model, method)  # a missing model is reported before missing data, as the user meets them
     examples = load_examples(task, limit=limit, data=data, k_shot=k_shot)
     if chat:
         if scoring == "likelihood":

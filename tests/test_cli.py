@@ -190,6 +190,32 @@ def test_missing_model_dir_is_one_line(tmp_path, capsys):
     _one_line_error(rc, err, "does not exist")
 
 
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_missing_model_is_reported_before_missing_data(command, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """`eval` / `bench --task gsm8k --model M` with neither there: the model is named first (a user meets
+    --model before the data file), whatever kind of model path it is; with the model there, the data
+    file comes next, and before any weights are loaded."""
+    import diffspec.api
+
+    base = [command, "--task", "gsm8k", "--data", str(tmp_path / "gsm8k.jsonl"), "--limit", "2"]
+    base += ["--out", str(tmp_path / "out")] if command == "bench" else []
+    for model, needle in ((tmp_path / "missing-dir", "model directory"), (tmp_path / "m.gguf", "GGUF file"),
+                          (tmp_path / "gsm8k.jsonl", "model directory")):
+        rc, _, err = run([*base, "--model", str(model)], capsys)
+        _one_line_error(rc, err, needle)
+        assert str(model) in err
+    if command == "eval":  # a model of the wrong family is a model error too
+        rc, _, err = run([*base, "--model", str(tiny_checkpoint), "--method", "ar"], capsys)
+        _one_line_error(rc, err, "model_type")
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr(diffspec.api, "resolve_model", no_load)
+    rc, _, err = run([*base, "--model", str(tiny_checkpoint)], capsys)
+    _one_line_error(rc, err, "not found")
+
+
 def test_corrupt_safetensors_is_one_line(tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_checkpoint, bad)

@@ -46,7 +46,7 @@ from .causal import CAUSAL_MODEL_TYPES, Qwen3Config, Qwen3Model
 from .checkpoint import CheckpointError, resolve_dtype
 
 __all__ = ["GGUFError", "cache_root", "convert_gguf", "gguf_config", "gguf_dir", "gguf_state_dict", "gguf_tokenizer",
-           "read_gguf", "resolve_checkpoint", "smollm2_gguf", "smollm2_path", "SMOLLM2_FILE", "SMOLLM2_INSTALL",
+           "read_gguf", "resolve_checkpoint", "conversion_source", "smollm2_gguf", "smollm2_path", "SMOLLM2_FILE", "SMOLLM2_INSTALL",
            "SMOLLM2_NAME"]
 
 CONVERTER_VERSION = 1  # bump when the written directory changes, so cached conversions are redone
@@ -475,6 +475,20 @@ def gguf_dir(file: str | Path, cache_dir: str | Path | None = None) -> Path:
         key = hashlib.sha256(str(source).encode("utf-8", "surrogatepass")).hexdigest()[:12]
         cache_dir = cache_root() / "gguf" / f"{source.stem}-{key}"
     return _convert_once(source, Path(cache_dir).expanduser(), check_mtime=True)
+
+
+def conversion_source(path: str | Path) -> Path | None:
+    """The GGUF file `resolve_checkpoint(path)` would convert ('smollm2': the installed package's file;
+    a .gguf path: that file), or None for anything else. Checks without converting (a GGUFError for a
+    missing file or package), so a command can report a missing model before it reads its data."""
+    p = Path(path)
+    if str(path) == SMOLLM2_NAME and not p.exists():
+        return smollm2_gguf()
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
+        if not p.is_file():
+            raise GGUFError(f"GGUF file {path} does not exist")
+        return p
+    return None
 
 
 def resolve_checkpoint(path: str | Path | None) -> str | Path | None:
