@@ -356,6 +356,21 @@ def test_any_gguf_file_resolves_to_a_cached_conversion(monkeypatch, tmp_path: Pa
 
 
 
+def test_first_use_conversion_shows_its_progress(monkeypatch, tmp_path: Path, tiny, capsys) -> None:
+    """SmolLM2's first use converts for ~10 s: a line says what and where at once, and a tqdm bar on
+    stderr counts the steps (reading, each tensor, checking, writing) to the end. A reuse is silent."""
+    _, file, _, _ = tiny
+    monkeypatch.setenv("DIFFSPEC_CACHE", str(tmp_path / "cache"))
+    out = dgguf.gguf_dir(file)
+    err = capsys.readouterr().err
+    steps = len(dgguf.read_gguf(file).tensors) + dgguf.STEPS_BESIDE_TENSORS
+    assert f"converting {file}" in err and str(out) in err and "first use" in err
+    assert f"converting {file.name}: done" in err and f"{steps}/{steps}" in err
+    assert dgguf.gguf_dir(file) == out and capsys.readouterr().err == ""
+    dgguf.convert_gguf(file, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_convert_refuses_a_file_or_a_directory_with_other_files(tmp_path: Path, tiny) -> None:
     _, file, _, out = tiny
     (tmp_path / "a-file").write_text("x")

@@ -34,9 +34,10 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -239,8 +240,10 @@ def _hf_name(name: str, n_layers: int) -> str:
     raise GGUFError(f"the GGUF tensor {name!r} has no place in a dense Llama/Qwen2/Qwen3 model")
 
 
-def gguf_state_dict(reader, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor of the file dequantised (gguf's reference dequantisation) under transformers' names."""
+def gguf_state_dict(reader, config: dict[str, Any], dtype: torch.dtype = torch.float32,
+                    on_tensor: Callable[[], Any] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the file dequantised (gguf's reference dequantisation) under transformers' names;
+    `on_tensor()` is called after each one (a progress bar's tick)."""
     gguf = _gguf_module()
     arch = config["model_type"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -259,6 +262,8 @@ def gguf_state_dict(reader, config: dict[str, Any], dtype: torch.dtype = torch.f
         if not w.flags.writeable or not w.flags.c_contiguous:  # F32 tensors are views of the read-only map
             w = np.array(w, order="C")
         state[hf] = torch.from_numpy(w).to(dtype)
+        if on_tensor is not None:
+            on_tensor()
     return state
 
 
@@ -335,14 +340,75 @@ def gguf_tokenizer(meta: dict[str, Any]):
     return tok, {k: v for k, v in cfg.items() if v is not None}
 
 
-def convert_gguf(file: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32") -> Path:
+# Steps of a conversion besides one per tensor: reading the file (llama.cpp's reader parses the
+# vocabulary and merges field by field: about 6 of SmolLM2's 10 s), checking the tensors, writing.
+STEPS_BESIDE_TENSORS = 3
+
+
+class Converted(NamedTuple):
+    """A GGUF file's content as convert_gguf writes it."""
+
+    config: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    tokenizer: Any
+    tokenizer_config: dict[str, Any]
+
+
+class ConversionBar:
+    """A tqdm bar on stderr for one conversion, shown at once: a first use converts for ~10 s, which
+    looks like a hang without it. Its total (steps beside tensors + tensors) is known once the file
+    is read; until then it names the step under way."""
+
+    def __init__(self, file: Path, enabled: bool):
+        from tqdm import tqdm
+
+        self.name = file.name
+        self.bar = tqdm(desc=f"converting {self.name}: reading", unit="step", file=sys.stderr, disable=not enabled)
+
+    def start(self, tensors: int) -> None:
+        """The file is read: the bar's total is now known."""
+        self.bar.total = tensors + STEPS_BESIDE_TENSORS
+        self.step("dequantising")
+
+    def step(self, what: str, done: int = 1) -> None:
+        """Count `done` steps as finished and name the one now under way (redrawn at once when the name
+        changes; the per-tensor ticks redraw at tqdm's own pace)."""
+        desc = f"converting {self.name}: {what}"
+        changed = desc != self.bar.desc
+        self.bar.update(done)
+        if changed:
+            self.bar.set_description_str(desc)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def convert_gguf(file: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32",
+                 progress: bool = True) -> Path:
     """Convert a llama.cpp GGUF file into a Hugging Face directory at `out_dir` that `load_causal` and
     transformers both load. `out_dir` must be new, empty or an earlier conversion (overwritten whole);
-    the file's tensors must be the ones its metadata implies. Returns `out_dir`."""
+    the file's tensors must be the ones its metadata implies. With `progress`, a tqdm bar on stderr
+    counts the steps (reading, one per tensor, checking, writing). Returns `out_dir`."""
     file, out = Path(file), Path(out_dir)
     dt = resolve_dtype(dtype or "float32", torch.device("cpu"))
     check_output_dir(out)
-    reader = read_gguf(file)
+    bar = ConversionBar(file, progress)
+    try:
+        reader = read_gguf(file)
+        bar.start(len(reader.tensors))
+        conv = _dequantised(reader, file, dt, lambda: bar.step("dequantising"))
+        bar.step("checking", 0)
+        check_tensors(conv.config, conv.state, file)
+        bar.step("writing")
+        _write_converted(out, conv)
+        bar.step("done")
+    finally:
+        bar.close()
+    return out
+
+
+def _dequantised(reader: Any, file: Path, dt: torch.dtype, on_tensor: Callable[[], Any]) -> Converted:
+    """A read GGUF file's config (stamped with its source), dequantised tensors and tokenizer."""
     meta = _metadata(reader)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     config = gguf_config(meta, shapes)
@@ -350,19 +416,23 @@ def convert_gguf(file: str | Path, out_dir: str | Path, dtype: str | torch.dtype
     if tokenizer.get_vocab_size(with_added_tokens=True) > config["vocab_size"]:
         raise GGUFError(f"the GGUF vocabulary ({tokenizer.get_vocab_size()} tokens) is larger than the "
                         f"embedding ({config['vocab_size']} rows)")
-    state = gguf_state_dict(reader, config, dt)
-    check_tensors(config, state, file)
+    state = gguf_state_dict(reader, config, dt, on_tensor)
     config["torch_dtype"] = str(dt).removeprefix("torch.")
     config["diffspec_gguf"] = {**_stamp(file), "general.name": meta.get("general.name"),
                                "file_type": meta.get("general.file_type"), "converter_version": CONVERTER_VERSION}
+    return Converted(config, state, tokenizer, tok_cfg)
+
+
+def _write_converted(out: Path, conv: Converted) -> None:
+    """Write the converted directory: weights, config.json, tokenizer and generation files."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    save_file(conv.state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(conv.config, indent=2) + "\n")
+    conv.tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(conv.tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    gen = {k: conv.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if conv.config.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return out
 
 
 # What convert_gguf writes: a directory holding only these is an earlier conversion, overwritten whole.
@@ -437,6 +507,7 @@ def _convert_into(source: Path, out: Path, check_mtime: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared cache from other users
+    print(f"diffspec: converting {source} into {out} (first use; later runs reuse it)", file=sys.stderr)
     try:
         convert_gguf(source, tmp)
         if out.exists():
