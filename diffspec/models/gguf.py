@@ -362,7 +362,7 @@ class ConversionBar:
     def __init__(self, file: Path, enabled: bool):
         from tqdm import tqdm
 
-        self.name = file.name
+        self.name, self.what = file.name, "reading"
         self.bar = tqdm(desc=f"converting {self.name}: reading", unit="step", file=sys.stderr, disable=not enabled)
 
     def start(self, tensors: int) -> None:
@@ -373,11 +373,10 @@ class ConversionBar:
     def step(self, what: str, done: int = 1) -> None:
         """Count `done` steps as finished and name the one now under way (redrawn at once when the name
         changes; the per-tensor ticks redraw at tqdm's own pace)."""
-        desc = f"converting {self.name}: {what}"
-        changed = desc != self.bar.desc
         self.bar.update(done)
-        if changed:
-            self.bar.set_description_str(desc)
+        if what != self.what:
+            self.what = what
+            self.bar.set_description_str(f"converting {self.name}: {what}")
 
     def close(self) -> None:
         self.bar.close()
