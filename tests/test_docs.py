@@ -273,11 +273,31 @@ def test_no_test_counts(path):
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def _prose(path: Path) -> str:
+    return re.sub(r"^\s*```.*?^\s*```", "", path.read_text(), flags=re.S | re.M)  # code blocks are code
+
+
+def github_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation and symbols (`²`, `:`,
+    `'`, backticks) dropped, spaces to hyphens, repeats numbered."""
+    anchors: set[str] = set()
+    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", _prose(path), flags=re.M):
+        slug = "".join(c for c in m.group(1).lower() if c.isalpha() or c in "0123456789 -_").replace(" ", "-")
+        anchor, k = slug, 0
+        while anchor in anchors:
+            k += 1
+            anchor = f"{slug}-{k}"
+        anchors.add(anchor)
+    return anchors
+
+
 @pytest.mark.parametrize("path", doc_files(), ids=_rel)
 def test_relative_links_resolve(path):
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # links inside code blocks are code
-    for target in LINK.findall(text):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # http(s), mailto, in-page anchors
-        file = target.split("#", 1)[0]
-        assert (path.parent / file).exists(), f"{_rel(path)}: link to {target} does not resolve"
+    for target in LINK.findall(_prose(path)):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # http(s), mailto
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file) if file else path
+        assert dest.exists(), f"{_rel(path)}: link to {target} does not resolve"
+        if anchor and dest.suffix == ".md":
+            assert anchor in github_anchors(dest), f"{_rel(path)}: link to {target}: no heading makes #{anchor}"
