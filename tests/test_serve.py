@@ -140,6 +140,36 @@ def test_completion_stream_equals_plain_equals_generate(srv, model, method, opts
     assert usage.completion_tokens > 0 and usage.model_extra["diffspec"]["forwards"] > 0
 
 
+@pytest.mark.parametrize("method,opts", [("fast-dllm", {"threshold": 0.9}), ("vanilla", {"gen_length": 32}),
+                                         ("psd", {})])
+def test_usage_counts_tokens_as_the_meter_does(srv, model, method, opts):
+    """One definition of "tokens generated" (serve.engine's docstring): the streamed usage chunk's
+    completion_tokens, its diffspec.tokens_generated, its meter, /health and `generate`'s own meter
+    all count the answer through its first EOS, the EOS included; usage's tokens per forward is the
+    meter's. (Before, completion_tokens left the EOS out: 18 against the meter's 19, TPF 6.0 / 6.33.)"""
+    ref = reference(model, [Q0], method, **opts)
+    before = srv.health()["stats"]["tokens_generated"]
+    text, reason, usage = streamed_completion(srv.client, model="llada-arith", prompt=Q0,
+                                              extra_body={"diffspec": {"method": method, **opts}})
+    d = usage.model_extra["diffspec"]
+    assert text == ref.texts[0] and reason == "stop"  # the answer ended with an EOS, which counts
+    assert usage.completion_tokens == d["tokens_generated"] == d["meter"]["tokens_generated"] == \
+        ref.meter.tokens_generated == srv.health()["stats"]["tokens_generated"] - before
+    assert d["tokens_per_forward"] == d["meter"]["tokens_per_forward"]
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_greedy_choices_share_a_row_and_each_is_billed(srv, model):
+    """n = 2 greedy: one decoded row, two identical choices; OpenAI's completion_tokens counts both,
+    the meter (and diffspec.tokens_generated) the row once."""
+    ref = reference(model, [Q0], "fast-dllm")
+    r = srv.client.completions.create(model="llada-arith", prompt=Q0, n=2)
+    d = r.usage.model_extra["diffspec"]
+    assert [c.text for c in r.choices] == [ref.texts[0]] * 2
+    assert r.usage.completion_tokens == 2 * d["tokens_generated"] == 2 * ref.meter.tokens_generated
+    assert d["meter"]["tokens_generated"] == ref.meter.tokens_generated
+
+
 def test_streaming_sends_several_chunks_as_blocks_finish(srv, model):
     """A masked diffusion answer arrives in pieces (each the final prefix so far), not in one chunk."""
     ref = reference(model, [Q0], "vanilla", gen_length=32).texts[0]
@@ -339,11 +369,17 @@ def test_ar_target_streams_tokens_and_serves_speculative_methods():
         m = (s.service.model, s.service.tokenizer)
         assert [x.id for x in s.client.models.list().data] == ["qwen3-arith"]
         for method in ("ar", "ar-spec"):
-            ref = reference(m, [Q0], method, gen_length=32).texts[0]
+            res = reference(m, [Q0], method, gen_length=32)
+            ref = res.texts[0]
             kw = dict(model="qwen3-arith", prompt=Q0, max_tokens=32, extra_body={"diffspec": {"method": method}})
             assert s.client.completions.create(**kw).choices[0].text == ref
-            text, reason, _ = streamed_completion(s.client, **kw)
+            text, reason, usage = streamed_completion(s.client, **kw)
             assert text == ref and reason == "stop"
+            # one definition of tokens generated for the AR methods too (ar-spec's meter counted them twice)
+            d = usage.model_extra["diffspec"]
+            assert usage.completion_tokens == d["tokens_generated"] == d["meter"]["tokens_generated"] == \
+                res.meter.tokens_generated
+            assert d["tokens_per_forward"] == d["meter"]["tokens_per_forward"]
         chunks = [c for c in s.client.completions.create(model="qwen3-arith", prompt=Q0, max_tokens=32, stream=True)
                   if c.choices and c.choices[0].text]
         assert len(chunks) > 3  # plain AR: token by token
@@ -408,6 +444,33 @@ def test_a_failing_request_does_not_fail_its_batch(srv, model):
     assert events[1][-1][0] == "error" and events[1][-1][1].status == 400
 
 
+def test_requests_sharing_a_canvas_each_count_their_own_tokens(srv, model):
+    """Two requests decoded in one canvas (run_jobs: one batch, whatever the machine's speed): each
+    usage counts its own answer as `generate` does, its TPF divides that by the forwards its row took
+    part in (a whole number of them, at most the batch's), and the server's total counts each row once."""
+    from diffspec.serve.engine import Job, Prompt
+
+    _, tok = model
+    svc, events = srv.service, {}
+    cfg = svc.parser.config({})[1]
+    questions = [Q0, QUESTIONS[1]]
+    jobs = [Job("fast-dllm", cfg, [Prompt(q, tok.encode(q))], 1, [], svc.eos_ids, None) for q in questions]
+    for i, job in enumerate(jobs):
+        job.sink = events.setdefault(i, []).append
+    before = svc.engine.stats.tokens_generated
+    svc.engine.run_jobs(jobs)
+    usages = [events[i][-1][1] for i in range(2)]
+    assert [e[-1][0] for e in events.values()] == ["done", "done"]
+    for q, u in zip(questions, usages):
+        d = u["diffspec"]
+        assert d["batch_rows"] == 2
+        alone = reference(model, [q], "fast-dllm").meter.tokens_generated
+        assert u["completion_tokens"] == d["tokens_generated"] == alone
+        forwards = d["tokens_generated"] / d["tokens_per_forward"]
+        assert forwards == pytest.approx(round(forwards)) and 0 < round(forwards) <= d["forwards"]
+    assert svc.engine.stats.tokens_generated - before == sum(u["completion_tokens"] for u in usages)
+
+
 def test_request_options_follow_the_cli_rules():
     """Server defaults apply to requests that keep the server's method; max_tokens keeps its steps per block."""
     from diffspec.serve.protocol import RequestParser
@@ -468,3 +531,4 @@ def test_text_stream_ends_at_eos(tok):
 
     deltas, stream = _feed_one_by_one(tok, " 2-1=1", eos=tok.token_to_id(EOS_TOKEN))
     assert "".join(deltas) == " 2-1=1" and stream.finish_reason == "stop" and stream.hit_eos
+    assert stream.completion_tokens == len(tok.encode(" 2-1=1")) + 1  # the EOS was generated: it counts

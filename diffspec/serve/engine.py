@@ -29,6 +29,15 @@ How text reaches a client while its batch decodes, without touching the decoders
   later): the method's own `run`, each answer sent as one chunk when the batch
   ends (their loops keep accepted tokens in local variables; a progress hook in
   the core would let them stream too).
+
+Tokens generated mean one thing everywhere (`TextStream.completion_tokens`, the
+library meter's `answer_length`): a decoded row's answer through its first EOS,
+the EOS included, or through the stop string that ended it. The batch's meter and
+`EngineStats.tokens_generated` add each decoded row once; a request's usage
+reports its rows' sum as `diffspec.tokens_generated` and divides it by the
+primary model's forwards of those rows for `diffspec.tokens_per_forward` (the
+meter's TPF). OpenAI's `completion_tokens` counts every choice: it equals
+`tokens_generated` except for greedy `n` > 1, whose choices share one row.
 """
 from __future__ import annotations
 
@@ -183,6 +192,13 @@ class Row:
             job.streams[c] = TextStream(decode, job.stops, job.eos_ids)
         self.final_len = -1
         self.freed = False
+        self.forwards = 0  # primary-model forwards until the row's answer was done (set when it is)
+
+    @property
+    def tokens_generated(self) -> int:
+        """The row's answer through its first EOS or stop string: every choice of a row reads the same
+        ids, so the first choice's count is the row's (counted once, however many choices share it)."""
+        return self.job.streams[self.choices[0]].completion_tokens
 
     @property
     def done(self) -> bool:
@@ -221,12 +237,21 @@ class Batch:
                 job.emit("delta", c, delta)
             if stream.finished:
                 job.emit("finish", c, stream.finish_reason)
-                self.meter.tokens_generated += stream.completion_tokens + int(stream.hit_eos)
+                if c == row.choices[0]:
+                    self._count_tokens(row)
                 job.finished_choices += 1
         if job.finished_choices == job.n_choices and not job.done:
             job.done = True
             self.count_forwards()  # before the client hears "done" (and may read /health)
             job.emit("done", self.usage(job))
+
+    def _count_tokens(self, row: Row) -> None:
+        """The row's answer is done: its tokens go to the meter and the server's totals, once."""
+        self.meter.tokens_generated += row.tokens_generated
+        primary = self.meter.models.get(self.meter.primary)
+        row.forwards = primary.nfe if primary is not None else 0  # a shared canvas's rows are in every forward
+        if self.stats is not None:
+            self.stats.tokens_generated += row.tokens_generated
 
     def count_forwards(self) -> None:
         """Add this batch's forwards since the last call to the server's totals."""
@@ -235,9 +260,22 @@ class Batch:
             self.stats.forwards += nfe - self._counted
             self._counted = nfe
 
+    def tokens_per_forward(self, job: Job) -> float:
+        """The meter's TPF for `job`'s rows: their tokens generated over the primary model's forwards
+        they took part in. Alone in its batch, the batch's meter is the job's (exact for every method,
+        rows decoded one at a time or leaving the canvas included); sharing a canvas (batched methods
+        only), each row was in every forward until its answer was done."""
+        if all(j is job for j in self.jobs):
+            return self.meter.tokens_per_forward
+        rows = [r for r in self.rows if r.job is job]
+        forwards = sum(r.forwards for r in rows)
+        return sum(r.tokens_generated for r in rows) / forwards if forwards else 0.0
+
     def usage(self, job: Job) -> dict[str, Any]:
-        """OpenAI usage plus diffspec's meter (whole-batch forwards and FLOPs so far, shared by its rows)."""
+        """OpenAI usage plus diffspec's meter (whole-batch forwards and FLOPs so far, shared by its rows).
+        Token counts follow the module's one definition (see the module docstring)."""
         completion = sum(s.completion_tokens for s in job.streams.values())
+        generated = sum(r.tokens_generated for r in self.rows if r.job is job)
         prompt = sum(len(p.ids) for p in job.prompts)
         meter = self.meter.summary()
         meter["wall_seconds"] = time.perf_counter() - self.t0
@@ -251,7 +289,8 @@ class Batch:
                 "gen_length": gen_length_of(job.cfg),
                 "batch_rows": len(self.rows),
                 "forwards": meter["nfe"],
-                "tokens_per_forward": completion / meter["nfe"] if meter["nfe"] else 0.0,
+                "tokens_generated": generated,
+                "tokens_per_forward": self.tokens_per_forward(job),
                 "queue_seconds": (job.started or job.created) - job.created,
                 "meter": meter,
             },
@@ -272,6 +311,7 @@ class EngineStats:
     cancelled: int = 0  # jobs whose client left while they waited in the queue
     freed_rows: int = 0  # canvas rows that stopped being decoded early because their client left
     max_rows_in_batch: int = 0
+    tokens_generated: int = 0  # each decoded row's answer through its first EOS or stop string (see above)
     busy_seconds: float = 0.0
     started: float = field(default_factory=time.time)
 
@@ -662,6 +702,7 @@ class Engine:
         models = self._ar_drafters(batch) if m.family == "ar" else {}
         res = m.run(self.model, self.tokenizer, [r.prompt.text for r in batch.rows], cfg, progress=False,
                     dtype=self.dtype, **models)
+        res.meter.tokens_generated = 0  # the rows' streams count them (feed), by the one definition
         batch.meter.merge(res.meter)
         batch.meter.primary = res.meter.primary
         batch.meter.wall_seconds = 0.0  # the batch's own clock covers it

@@ -15,6 +15,12 @@ The stream turns that into text deltas a client can append:
 - text already sent is never contradicted: an update whose text does not extend
   what was sent waits for a later one (and the final text always agrees for the
   byte-level and SentencePiece-style decoders diffspec's tokenizers use).
+
+`completion_tokens` is the one definition of "tokens generated" that the server's
+usage, its cost meter and its /health counters all use: the answer's tokens
+through its first EOS, the EOS included (it was generated: `decoding.meter.
+answer_length`, which every library meter counts, includes it too), or through
+the end of the stop string that ended the answer.
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ class TextStream:
         self.decode, self.stops, self.eos_ids = decode, tuple(s for s in stops if s), frozenset(eos_ids)
         self.sent = ""
         self.finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
-        self.completion_tokens = 0
+        self.completion_tokens = 0  # set when finished: through the first EOS (included) or stop string
         self.hit_eos = False
         self.mismatch = False  # the final text did not extend what was sent (never seen with our tokenizers)
         self._last: tuple[int, bool] | None = None
@@ -83,7 +89,7 @@ class TextStream:
         full = text if (complete and text is not None) else self.decode(ids)
         if not complete:
             full = full.rstrip(REPLACEMENT)
-        n_tokens = len(ids)
+        n_tokens = len(ids) + int(eos_at is not None)  # the EOS was generated: it counts (answer_length)
         hit = first_stop(full, self.stops)
         if hit is not None:
             full, complete, reason = full[: hit[0]], True, "stop"
