@@ -52,7 +52,8 @@ class Oracle(DFlashDrafter):
     greedy: list[int] = []
     wrong: tuple[int, ...] = ()
 
-    def forward(self, block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask=None):
+    def forward(self, block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask=None, ctx_index=None, *,
+                ctx_cache=None, read=None):
         B, W = block_ids.shape
         V = self.config.vocab_size
         pos = block_positions.expand(B, W).reshape(-1).tolist()
@@ -62,7 +63,7 @@ class Oracle(DFlashDrafter):
             if j < W:
                 logits[:, j] = 0.0
                 logits[torch.arange(B), j, (truth[:, j] + 1) % V] = 2.0
-        return logits
+        return logits if read is None else logits[read]
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +339,39 @@ def test_errors(target, drafters, tokenizer) -> None:
         d2sd_generate(target, block, None, tokenizer, PROMPTS, cfg)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         d2sd_generate(target, block, vp, tokenizer, ["1+1", " "], cfg)
+
+
+def test_a_narrow_draft_vocabulary_keeps_the_output_and_costs_less(target, drafters, tokenizer) -> None:
+    """The drafters propose from 40 ids only: the target still verifies over its whole vocabulary, so
+    DFlash and D²SD keep AR greedy's ids; the drafters' FLOPs fall (a head of 40 rows, not the vocabulary)."""
+    cfg = D2SDConfig(gen_length=16, gamma=4, gamma2=8, k=2)
+    ar = ar_generate(target, tokenizer, PROMPTS, cfg)
+    wide = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
+    block, vp = copy.deepcopy(drafters["block"]), copy.deepcopy(drafters["vp"])
+    few = sorted({t for r in ar.raw_ids for t in r})[:40]
+    block.set_draft_vocab(few), vp.set_draft_vocab(few)
+    for res in (dflash_generate(target, block, tokenizer, PROMPTS, cfg),
+                d2sd_generate(target, block, vp, tokenizer, PROMPTS, cfg)):
+        assert res.raw_ids == ar.raw_ids
+    narrow = d2sd_generate(target, block, vp, tokenizer, PROMPTS, cfg)
+    per_call = {m: narrow.meter.models[m].flops / narrow.meter.models[m].nfe for m in ("drafter", "vp_drafter")}
+    assert all(per_call[m] < wide.meter.models[m].flops / wide.meter.models[m].nfe for m in per_call)
+
+
+def test_drafter_context_is_projected_once_per_committed_token(target, drafters, tokenizer) -> None:
+    """With the ContextKV, each committed cell goes through a drafter layer's k_proj once in a row's
+    whole decode (window cells once per call); recomputing the context every call would project the
+    prompt again in every round."""
+    cfg = DFlashSpecConfig(gen_length=16, gamma=4)
+    d = drafters["block"]
+    rows = []
+    hook = d.layers[0].self_attn.k_proj.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1].numel()))
+    try:
+        res = dflash_generate(target, d, tokenizer, PROMPTS[:1], cfg)
+    finally:
+        hook.remove()
+    calls = res.stats["drafter_forwards"]
+    P = len(tokenizer.encode(PROMPTS[0]))
+    context_cells = sum(rows) - 4 * calls  # each call's window: 4 cells
+    assert calls >= 2 and P <= context_cells <= P + len(res.raw_ids[0]) - 1
+    assert context_cells < calls * P  # what recomputing the context in every call would project at least

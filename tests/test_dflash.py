@@ -215,3 +215,67 @@ def test_grouped_contexts_match_one_context_per_window(drafter) -> None:
     assert torch.allclose(grouped, drafter(block, bpos, ctx[index], cpos, mask), atol=1e-5)
     with pytest.raises(ValueError, match="ctx_index"):
         drafter(block, bpos, ctx[:2], cpos, mask, ctx_index=torch.tensor([0, 2, 1]))
+
+
+# --- decoding's savings: context K/V cache, logits only where read, draft vocabulary ------------
+
+
+@torch.no_grad()
+def test_context_cache_and_read_cells_give_the_uncached_logits(drafter) -> None:
+    """A ContextKV extended over three calls (as tokens are committed) and a `read` mask give exactly
+    the logits of the plain forward over the whole context, on the cells read only."""
+    from diffspec.models.dflash import ContextKV
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 12, 2 * 48, generator=g)
+    cache = ContextKV(drafter, 20)
+    for C in (4, 4, 9, 12):  # a call with nothing new re-uses what is cached
+        block = torch.full((3, 8), MASK)
+        block[:, 0] = torch.tensor([7, 8, 9])
+        bpos = torch.arange(C, C + 8)
+        read = torch.zeros(3, 8, dtype=torch.bool)
+        read[0, 1:5], read[2, 3:] = True, True
+        full = drafter(block, bpos, hidden[:, :C], torch.arange(C))
+        got = drafter(block, bpos, hidden[:, :C], torch.arange(C), ctx_cache=cache, read=read)
+        assert cache.length == C and got.shape == (int(read.sum()), 300)
+        assert torch.allclose(got, full[read], atol=1e-5)
+    with pytest.raises(ValueError, match="one row"):
+        cache.extend(drafter, hidden[:, :5])  # a context shorter than what is cached is another row
+    with pytest.raises(ValueError, match="read must be"):
+        drafter(block, bpos, hidden[:, :C], torch.arange(C), read=read[:, :4])
+    with pytest.raises(ValueError, match="ctx_cache serves one row"):
+        drafter(block, bpos, hidden[:, :C].expand(3, -1, -1), torch.arange(C), ctx_cache=cache)
+
+
+def test_flops_charge_new_context_cells_and_read_logits_only(drafter) -> None:
+    full = drafter.forward_flops(8, 20, windows=2)
+    head_row = 2.0 * 48 * 300
+    assert drafter.forward_flops(8, 20, windows=2, n_logits=5) == pytest.approx(full - 11 * head_row)
+    cached = drafter.forward_flops(8, 20, windows=2, n_ctx=0)
+    assert 0 < cached < full and drafter.forward_flops(8, 20, windows=2, n_ctx=12) == pytest.approx(full)
+
+
+@torch.no_grad()
+def test_draft_vocabulary_narrows_the_head_and_round_trips(drafter, target, tmp_path) -> None:
+    from diffspec.models.dflash import read_draft_vocab, write_draft_vocab
+
+    d = make_drafter(target)
+    block, bpos, ctx, cpos = inputs()
+    full = d(block, bpos, ctx, cpos)
+    vocab = [5, 17, 299, 0, 42]
+    d.set_draft_vocab(vocab)
+    small = d(block, bpos, ctx, cpos)
+    keep = torch.zeros(300, dtype=torch.bool)
+    keep[vocab] = True
+    assert torch.isneginf(small[..., ~keep]).all()
+    assert torch.allclose(small[..., keep], full[..., keep], atol=1e-5)
+    assert d.head_size() == 5 and d.forward_flops(8, 13) < drafter.forward_flops(8, 13)
+    for bad in ([], [300], [1, 1]):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            make_drafter(target).set_draft_vocab(bad)
+    save_dflash(d, tmp_path / "dv")
+    assert write_draft_vocab(tmp_path / "dv", {5: 9, 17: 9, 3: 1, 8: 4}, 2, always=[0]) == [5, 17, 0]
+    assert load_dflash(tmp_path / "dv", target).draft_vocab.tolist() == [5, 17, 0]
+    (tmp_path / "dv" / "draft_vocab.json").write_text('{"ids": "all"}')
+    with pytest.raises(CheckpointError, match="list of token ids"):
+        load_dflash(tmp_path / "dv", target)

@@ -20,13 +20,18 @@ The same class serves as D²SD's variable-prefix (VP) drafter: the window
 length W is free (γ for the block drafter, γ₂ for the VP drafter), and a VP
 window simply has some drafted tokens after the anchor before the masks.
 
-No context K/V cache: every call recomputes the context keys/values from the
-stored hidden states. That keeps the drafter stateless, but it is not free:
-by the FLOP estimate, ~70 context tokens cost about as much as a 16-token
-window, so a context cache is the next saving for DFlash on CPU. D²SD
-calls it on a batch of windows sharing one context (batch 1), whose keys and
-values are computed once and broadcast. `forward_flops` charges the
-recomputation honestly.
+Decoding passes a `ContextKV` per row: the context features of committed
+tokens never change (the target's hidden states of a committed token are
+fixed, and the features are the same input to every layer), so each layer's
+context keys/values are computed once, when a token is committed, instead of
+on every call (without one, training and one-off calls recompute them).
+Decoding also names the window cells it will `read`: only those go through the
+LM head, the largest matrix of a drafter for a real vocabulary (about 83 % of
+a SmolLM2 DFlash window's FLOPs). A `draft_vocab` (the target's most frequent
+output tokens, EAGLE-3 / DFlash style) narrows that head further; tokens
+outside it get logit −inf, so the drafter never proposes them, and the target
+still verifies over its whole vocabulary: the output does not change.
+`forward_flops` charges exactly what runs.
 """
 from __future__ import annotations
 
@@ -44,7 +49,10 @@ from .causal import Qwen3Model
 from .checkpoint import CheckpointError, _read_weights, check_state, read_config
 from .layers import Attention, DecoderLayer, RMSNorm, SwiGLU, attend, project_q, rope_cos_sin
 
-__all__ = ["DFlashConfig", "DFlashDrafter", "check_target", "save_dflash", "load_dflash"]
+__all__ = ["DFlashConfig", "DFlashDrafter", "ContextKV", "check_target", "save_dflash", "load_dflash",
+           "DRAFT_VOCAB_FILE", "read_draft_vocab", "write_draft_vocab"]
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside a drafter's weights: {"ids": [...]}, most frequent first
 
 
 @dataclass
@@ -142,10 +150,11 @@ class DFlashAttention(Attention):
     def __init__(self, cfg: DFlashConfig):
         super().__init__(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps, qk_norm=True)
 
-    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_c: tuple[Tensor, Tensor],
-                mask: Tensor | None, ctx_index: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor | tuple[Tensor, Tensor], rope_q: tuple[Tensor, Tensor],
+                rope_c: tuple[Tensor, Tensor] | None, mask: Tensor | None, ctx_index: Tensor | None = None) -> Tensor:
         """x (B, W, d) normed window states; ctx (1 or B, C, d) context features — or (S, C, d)
-        with `ctx_index` (B,) naming each window's context row. Keys = [ctx; window].
+        with `ctx_index` (B,) naming each window's context row — or this layer's cached
+        context (keys, values) (1, H_kv, C, D). Keys = [ctx; window].
 
         A context of batch 1 (D²SD's windows of one row) gets its keys/values
         computed once and broadcast over the B windows; with `ctx_index` each
@@ -153,7 +162,7 @@ class DFlashAttention(Attention):
         """
         B = x.shape[0]
         q = project_q(x, self.q_proj, self.head_dim, *rope_q, self.q_norm)
-        kc, vc = self.kv(ctx, *rope_c)
+        kc, vc = ctx if isinstance(ctx, tuple) else self.kv(ctx, *rope_c)
         kw, vw = self.kv(x, *rope_q)  # window keys sit at the window's positions, like its queries
         if ctx_index is not None:
             kc, vc = kc[ctx_index], vc[ctx_index]
@@ -173,6 +182,44 @@ def _rows(positions: Tensor, B: int, n: int, what: str) -> Tensor:
     return positions.expand(B, n)
 
 
+class ContextKV:
+    """One row's context keys/values for every layer of one drafter, extended as tokens are committed.
+
+    Exact: a committed token's context feature is fixed and feeds every layer's
+    k/v projections directly, so its keys and values never change.
+    """
+
+    def __init__(self, drafter: "DFlashDrafter", capacity: int):
+        cfg = drafter.config
+        w = drafter.fc.weight
+        shape = (1, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = [w.new_empty(shape) for _ in range(cfg.n_layers)]
+        self.v = [w.new_empty(shape) for _ in range(cfg.n_layers)]
+        self.capacity, self.length = capacity, 0
+
+    def extend(self, drafter: "DFlashDrafter", ctx_hidden: Tensor) -> int:
+        """Add the context cells of `ctx_hidden` (1, C, L·H) beyond those cached (positions are 0..C-1);
+        returns how many were new."""
+        C = ctx_hidden.shape[1]
+        if ctx_hidden.shape[0] != 1 or C < self.length or C > self.capacity:
+            raise ValueError(f"a ContextKV holds one row of at most {self.capacity} context cells ({self.length} "
+                             f"cached); got ctx_hidden {tuple(ctx_hidden.shape)}")
+        n = C - self.length
+        if n:
+            feats = drafter.context_features(ctx_hidden[:, self.length:])
+            pos = torch.arange(self.length, C, device=feats.device)[None]
+            rope = rope_cos_sin(pos, drafter.config.head_dim, drafter.config.rope_theta)
+            for i, layer in enumerate(drafter.layers):
+                k, v = layer.self_attn.kv(feats, *rope)
+                self.k[i][:, :, self.length:C] = k
+                self.v[i][:, :, self.length:C] = v
+            self.length = C
+        return n
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.k[i][:, :, :self.length], self.v[i][:, :, :self.length]
+
+
 class DFlashDrafter(nn.Module):
     """The DFlash block drafter bound to one AR target (see the module docstring)."""
 
@@ -188,6 +235,7 @@ class DFlashDrafter(nn.Module):
         self.layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.__dict__["_target"] = target  # bypasses Module.__setattr__: not a submodule, not in state_dict
+        self.draft_vocab: Tensor | None = None  # target ids the head may propose (None: all); set_draft_vocab
         if not self.fc.weight.is_meta:
             for m in self.modules():
                 if isinstance(m, nn.Linear):
@@ -214,20 +262,43 @@ class DFlashDrafter(nn.Module):
         """The drafter's own parameters (the shared embedding/head are the target's)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward_flops(self, n_query: int, n_keys: int, windows: int = 1) -> float:
+    def set_draft_vocab(self, ids: Any | None) -> "DFlashDrafter":
+        """Let the head propose only these target ids (None: the whole vocabulary)."""
+        if ids is None:
+            self.draft_vocab = None
+            return self
+        t = torch.as_tensor(ids, dtype=torch.long, device=self.fc.weight.device).flatten()
+        if t.numel() == 0 or int(t.min()) < 0 or int(t.max()) >= self.config.vocab_size:
+            raise ValueError(f"a draft vocabulary needs ids in 0..{self.config.vocab_size - 1}; got {t.numel()} ids "
+                             f"from {int(t.min()) if t.numel() else None} to {int(t.max()) if t.numel() else None}")
+        if len(set(t.tolist())) != t.numel():
+            raise ValueError("the draft vocabulary repeats ids")
+        self.draft_vocab = t
+        return self
+
+    def head_size(self) -> int:
+        """Rows of the LM head a forward computes: the draft vocabulary's, else the target's vocabulary."""
+        return self.config.vocab_size if self.draft_vocab is None else int(self.draft_vocab.numel())
+
+    def forward_flops(self, n_query: int, n_keys: int, windows: int = 1, n_ctx: int | None = None,
+                      n_logits: int | None = None) -> float:
         """FLOPs for `windows` windows of n_query positions sharing one context, n_keys = context + window keys.
 
-        Context tokens go through fc and every layer's k/v projections (recomputed
-        each call, once for all windows); window tokens through everything plus
-        the shared LM head, and attend to every key.
+        Context tokens go through fc and every layer's k/v projections once for
+        all windows: all n_keys − n_query of them, or `n_ctx` (the cells new to a
+        ContextKV). Window tokens go through every layer and attend to every key;
+        `n_logits` of them (default all) through the LM head, of `head_size()` rows.
         """
         cfg = self.config
-        H, n_ctx = cfg.hidden_size, max(n_keys - n_query, 0)
+        H = cfg.hidden_size
+        n_ctx = max(n_keys - n_query, 0) if n_ctx is None else n_ctx
+        n_logits = windows * n_query if n_logits is None else n_logits
         ctx_params = self.fc.weight.numel() + sum(
             l.self_attn.k_proj.weight.numel() + l.self_attn.v_proj.weight.numel() for l in self.layers)
-        window_params = self.num_params() - self.fc.weight.numel() + H * cfg.vocab_size
+        window_params = self.num_params() - self.fc.weight.numel()
         attn = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * n_query * n_keys
-        return windows * (2.0 * window_params * n_query + attn) + 2.0 * ctx_params * n_ctx
+        return (windows * (2.0 * window_params * n_query + attn) + 2.0 * ctx_params * n_ctx
+                + 2.0 * H * self.head_size() * n_logits)
 
     def context_features(self, ctx_hidden: Tensor) -> Tensor:
         """(B, C, L·H) concatenated target hidden states -> (B, C, H) context features."""
@@ -245,8 +316,11 @@ class DFlashDrafter(nn.Module):
         ctx_positions: Tensor,
         ctx_mask: Tensor | None = None,
         ctx_index: Tensor | None = None,
+        *,
+        ctx_cache: ContextKV | None = None,
+        read: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, W, V) for every window position (unshifted).
+        """Logits (B, W, V) for every window position (unshifted), or (N, V) for the N cells of `read`.
 
         block_ids (B, W): anchor then drafted tokens and/or mask ids.
         block_positions (W,) or (B, W): their absolute positions.
@@ -255,10 +329,20 @@ class DFlashDrafter(nn.Module):
         (C,) or (B, C). ctx_mask (B, C) bool, True = attend (for ragged contexts).
         ctx_index (B,): window b reads context row ctx_index[b] of an (S, C, L·H)
         ctx_hidden (positions (C,)), whose features and K/V are computed once per row.
+        ctx_cache: this row's ContextKV (ctx_hidden (1, C, L·H) at positions 0..C-1,
+        no mask or index): only cells it lacks are projected. read (B, W) bool: the
+        cells whose logits the caller reads, in row-major order; the head runs on them only.
+        Outside a `draft_vocab` the logits are −inf.
         """
         if block_ids.dim() != 2:
             raise ValueError(f"block_ids must be (B, W), got {tuple(block_ids.shape)}")
         B, W = block_ids.shape
+        if read is not None and (read.dtype != torch.bool or tuple(read.shape) != (B, W)):
+            raise ValueError(f"read must be a ({B}, {W}) bool mask of window cells, got {read.dtype} "
+                             f"{tuple(read.shape)}")
+        if ctx_cache is not None:
+            return self._cached_forward(block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask, ctx_index,
+                                        ctx_cache, read)
         ctx = self.context_features(ctx_hidden)
         C = ctx.shape[1]
         bpos = _rows(block_positions, B, W, "block_positions")
@@ -290,7 +374,33 @@ class DFlashDrafter(nn.Module):
         x = F.embedding(block_ids, emb)
         for layer in self.layers:
             x = layer(x, ctx, rope_q, rope_c, mask, ctx_index)
-        return F.linear(self.norm(x), head)
+        return self._logits(x, head, read)
+
+    def _cached_forward(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,
+                        ctx_mask: Tensor | None, ctx_index: Tensor | None, cache: ContextKV,
+                        read: Tensor | None) -> Tensor:
+        B, W = block_ids.shape
+        C = ctx_hidden.shape[1] if ctx_hidden.dim() == 3 else -1
+        if ctx_mask is not None or ctx_index is not None or ctx_hidden.dim() != 3 or ctx_hidden.shape[0] != 1 \
+                or tuple(ctx_positions.shape) != (C,):
+            raise ValueError("ctx_cache serves one row's whole context (ctx_hidden (1, C, L·H), ctx_positions "
+                             "0..C-1) without ctx_mask or ctx_index")
+        cache.extend(self, ctx_hidden)
+        bpos = _rows(block_positions, B, W, "block_positions")
+        rope_q = rope_cos_sin(bpos, self.config.head_dim, self.config.rope_theta)
+        emb, head = self._embed_and_head()
+        x = F.embedding(block_ids, emb)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache.layer(i), rope_q, None, None)
+        return self._logits(x, head, read)
+
+    def _logits(self, x: Tensor, head: Tensor, read: Tensor | None) -> Tensor:
+        h = self.norm(x if read is None else x[read])
+        if self.draft_vocab is None:
+            return F.linear(h, head)
+        small = F.linear(h, head[self.draft_vocab])
+        out = small.new_full((*small.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.draft_vocab, small)
 
 
 def save_dflash(drafter: DFlashDrafter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -327,4 +437,28 @@ def load_dflash(path: str | Path, target: Qwen3Model) -> DFlashDrafter:
     check_state(drafter.state_dict(), state, path)
     w = target.model.embed_tokens.weight
     drafter.load_state_dict({k: v.to(device=w.device, dtype=w.dtype) for k, v in state.items()}, assign=True)
+    if (path / DRAFT_VOCAB_FILE).is_file():
+        drafter.set_draft_vocab(read_draft_vocab(path / DRAFT_VOCAB_FILE))
     return drafter.eval()
+
+
+def read_draft_vocab(file: Path) -> list[int]:
+    """The ids of a drafter's `draft_vocab.json` ({"ids": [...]}), checked to be a list of ints."""
+    try:
+        ids = json.loads(file.read_text())["ids"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file} is not a draft vocabulary ({{\"ids\": [...]}}): {e}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CheckpointError(f"{file}: 'ids' must be a list of token ids")
+    return ids
+
+
+def write_draft_vocab(drafter_dir: str | Path, counts: dict[int, int], size: int, always: Any = ()) -> list[int]:
+    """Write the `size` most frequent ids of `counts` (plus `always`, e.g. the EOS ids) as the drafter's
+    draft vocabulary; returns them, most frequent first."""
+    if size < 1:
+        raise ValueError(f"a draft vocabulary needs size >= 1, got {size}")
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    ids = list(dict.fromkeys([*ranked[:size], *always]))
+    Path(drafter_dir, DRAFT_VOCAB_FILE).write_text(json.dumps({"ids": ids}) + "\n")
+    return ids

@@ -70,7 +70,7 @@ from torch import Tensor
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import GenerationResult, eos_ids, model_device
 from ..models.causal import CausalKVCache
-from ..models.dflash import DFlashDrafter, check_target
+from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample, through_eos
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
@@ -197,18 +197,24 @@ def check_drafter(target: torch.nn.Module, drafter: Any, who: str = "drafter") -
 
 
 class _MeteredDrafter:
-    """Calls a DFlash drafter and charges the meter with its context keys (C + W per window)."""
+    """Calls a DFlash drafter and charges the meter with what it computed: the context cells new to
+    the row's ContextKV, every window cell through the layers, and the `read` cells through the head."""
 
     def __init__(self, drafter: DFlashDrafter, meter: CostMeter, name: str):
         self.model, self.meter, self.name = drafter, meter, name
 
-    def __call__(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor) -> Tensor:
-        logits = self.model(block_ids, block_positions, ctx_hidden, ctx_positions)
+    def __call__(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,
+                 cache: ContextKV, read: Tensor) -> Tensor:
+        """Logits (N, V) of the N cells of `read` (a CPU bool mask (B, W), so counting it never syncs)."""
+        before = cache.length
+        logits = self.model(block_ids, block_positions, ctx_hidden, ctx_positions, ctx_cache=cache,
+                            read=read.to(block_ids.device, non_blocking=True))
         B, W = block_ids.shape
         n_keys = ctx_hidden.shape[1] + W
         # One row's windows share its context (computed once) and advance one sequence; the batch
         # size is recorded as max_batch.
-        self.meter.record(self.name, B, W, n_keys, self.model.forward_flops(W, n_keys, windows=B), sequences=1)
+        flops = self.model.forward_flops(W, n_keys, windows=B, n_ctx=cache.length - before, n_logits=int(read.sum()))
+        self.meter.record(self.name, B, W, n_keys, flops, sequences=1)
         return logits
 
 
@@ -216,8 +222,10 @@ class _TargetState:
     """One row: committed tokens, the target cache (all but the anchor) and their hidden states."""
 
     def __init__(self, target: MeteredModel, prompt: list[int], layers: list[int], capacity: int,
-                 temperature: float, generator: torch.Generator):
+                 temperature: float, generator: torch.Generator, drafters: Sequence[_MeteredDrafter] = ()):
         self.target, self.layers = target, layers
+        # each drafter's context keys/values, extended as tokens are committed
+        self.ctx_kv = {id(d.model): ContextKV(d.model, capacity) for d in drafters}
         device = model_device(target.model)
         self.cache = CausalKVCache.for_model(target.model, 1, capacity)
         H = target.config.hidden_size
@@ -266,13 +274,15 @@ class _TargetState:
 
 
 def _block_logits(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int) -> Tensor:
-    """The block drafter's logits (n_draft, V) for the n_draft positions after the anchor."""
+    """The block drafter's logits (n_draft, V) for the n_draft positions after the anchor (the only ones
+    that go through its head)."""
     d = drafter.model
     C = st.n_cached
     block = torch.full((1, gamma), d.config.mask_token_id, device=st.hidden.device)
     block[0, 0] = st.seq[-1]
-    logits = drafter(block, torch.arange(C, C + gamma, device=block.device), *st.context(d))
-    return logits[0, 1:1 + n_draft]
+    read = torch.zeros(1, gamma, dtype=torch.bool)
+    read[0, 1:1 + n_draft] = True
+    return drafter(block, torch.arange(C, C + gamma, device=block.device), *st.context(d), st.ctx_kv[id(d)], read)
 
 
 def _pick_drafts(logits: Tensor, temperature: float, sampled: bool,
@@ -302,8 +312,17 @@ def _vp_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], lengt
     mask = d.config.mask_token_id
     windows = [[st.seq[-1]] + drafts[:i] + [mask] * (gamma2 - 1 - i) for i in lengths]
     ids = torch.tensor(windows, device=st.hidden.device)
-    fill = vp(ids, torch.arange(C, C + gamma2, device=ids.device), *st.context(d)).argmax(-1).tolist()
-    return [(drafts[:i] + fill[b][1 + i:])[:max_branch] for b, i in enumerate(lengths)]
+    read = torch.zeros(len(lengths), gamma2, dtype=torch.bool)  # the cells a branch keeps: 1 + i .. max_branch
+    for b, i in enumerate(lengths):
+        read[b, 1 + i:1 + max_branch] = True
+    flat = vp(ids, torch.arange(C, C + gamma2, device=ids.device), *st.context(d), st.ctx_kv[id(d)],
+              read).argmax(-1).tolist()
+    out, at = [], 0
+    for i in lengths:
+        n = max(0, min(gamma2, 1 + max_branch) - (1 + i))
+        out.append((drafts[:i] + flat[at:at + n])[:max_branch])
+        at += n
+    return out
 
 
 def _d2sd_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], conf: Tensor, cfg: D2SDConfig,
@@ -389,7 +408,8 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
         raise ValueError("D²SD (a vp_drafter) needs a D2SDConfig")
     T, budget = cfg.temperature, cfg.gen_length
     max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.gamma - 1)  # tree size bound
-    st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator)
+    st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator,
+                      [drafter] + ([vp] if vp is not None else []))
     out = [st.first]
     while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos):
         remaining = budget - len(out)
