@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from .methods import REGISTRY, get_method, method_names
 from .options import parse_bool
@@ -211,6 +212,15 @@ def _bench_examples(a: argparse.Namespace, model_path: str | None, method: str) 
     return load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
 
 
+def cmd_draft_vocab(a: argparse.Namespace) -> None:
+    from .train.distill import build_draft_vocab
+
+    r = build_draft_vocab(Path(a.drafter), Path(a.manifest), a.size)
+    val = f", {r['val_coverage']:.2%} of held-out answer tokens" if "val_coverage" in r else ""
+    print(f"wrote {a.drafter}/draft_vocab.json: {r['size']} ids of {r['distinct_tokens']} seen in {r['answers']} "
+          f"answers; they cover {r['train_coverage']:.2%} of the answer tokens{val}", file=sys.stderr)
+
+
 def cmd_plot(a: argparse.Namespace) -> None:
     from .bench.plot import plot_results
 
@@ -344,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
     _decode_args(sv)
     sv.set_defaults(func=cmd_serve)
+
+    dv = sub.add_parser("draft-vocab", help="give a DFlash / VP drafter a draft vocabulary: the target's most "
+                                            "frequent answer tokens (the head proposes only those; output unchanged)")
+    dv.add_argument("drafter", help="the drafter's checkpoint directory (draft_vocab.json is written there)")
+    dv.add_argument("--manifest", required=True,
+                    help="a continuation manifest with train/ (and val/) chunks, e.g. data/smollm2-continuations")
+    dv.add_argument("--size", type=int, default=8192, help="ids to keep (default 8192)")
+    dv.set_defaults(func=cmd_draft_vocab)
 
     t = sub.add_parser("train", help="train a small model from a JSON config")
     t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "

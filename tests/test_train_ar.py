@@ -390,3 +390,25 @@ def test_data_only_is_for_the_drafters_that_read_continuations(capsys):
 
     assert main(["train", "mdm", "--config", str(REPO / "configs" / "llada-arith.json"), "--data-only"]) == 2
     assert "--data-only applies to dflash and vp" in capsys.readouterr().err
+
+
+def test_draft_vocab_from_a_manifest(tmp_path, capsys):
+    """`diffspec draft-vocab` keeps the most frequent answer ids of the manifest's train chunks and
+    reports how much of the held-out answers they cover."""
+    from diffspec.cli import main
+    from diffspec.train.distill import write_manifest_chunk
+
+    man = tmp_path / "m"
+    write_manifest_chunk(man / "train" / "chunk-00000.json.gz", "x", [([1], [5, 5, 5, 7, 7, 9]), ([2], [5, 0])], 1.0)
+    write_manifest_chunk(man / "val" / "chunk-00000.json.gz", "y", [([1], [5, 7, 8, 0])], 1.0)
+    drafter = tmp_path / "d"
+    drafter.mkdir()
+    assert main(["draft-vocab", str(drafter), "--manifest", str(man), "--size", "2"]) == 2  # not a drafter
+    assert "no config.json" in capsys.readouterr().err
+    (drafter / "config.json").write_text("{}")
+    assert main(["draft-vocab", str(drafter), "--manifest", str(man), "--size", "2"]) == 0
+    assert json.loads((drafter / "draft_vocab.json").read_text()) == {"ids": [5, 7]}
+    err = capsys.readouterr().err
+    assert "75.00% of the answer tokens" in err and "50.00% of held-out" in err
+    assert main(["draft-vocab", str(drafter), "--manifest", str(tmp_path / "none")]) == 2
+    assert "no manifest chunks" in capsys.readouterr().err

@@ -266,3 +266,39 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         meta_file.write_text(json.dumps({"meta": full_meta, "seconds": seconds}, indent=2, default=str) + "\n")
     print(f"target continuations: {len(seqs)} in {cache_dir} ({seconds / 60:.1f} min of generation in all)")
     return seqs, hidden
+
+
+def manifest_counts(manifest: Path) -> tuple[dict[int, int], int]:
+    """Token counts over every answer of a manifest split directory, and the number of answers."""
+    files = sorted(Path(manifest).glob("chunk-*.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no manifest chunks (chunk-*.json.gz) in {manifest}; generate them with "
+                                "`diffspec train dflash --config ... --data-only` and data.manifest set")
+    counts: dict[int, int] = {}
+    n = 0
+    for f in files:
+        for ans in read_manifest_chunk(f)["answers"]:
+            n += 1
+            for t in ans:
+                counts[t] = counts.get(t, 0) + 1
+    return counts, n
+
+
+def build_draft_vocab(drafter_dir: Path, manifest: Path, size: int) -> dict[str, Any]:
+    """Write `drafter_dir`/draft_vocab.json from the target's own answers in `manifest`/train, and
+    measure on `manifest`/val (when present) the share of answer tokens the vocabulary covers: a
+    token outside it can never be drafted, so that share bounds every draft's acceptance."""
+    from ..models.dflash import write_draft_vocab
+
+    if not (Path(drafter_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{drafter_dir} is not a drafter checkpoint directory (no config.json)")
+    counts, n = manifest_counts(Path(manifest) / "train")
+    ids = write_draft_vocab(drafter_dir, counts, size)
+    report: dict[str, Any] = {"size": len(ids), "answers": n, "distinct_tokens": len(counts),
+                              "train_coverage": sum(counts.get(i, 0) for i in ids) / max(1, sum(counts.values()))}
+    if (Path(manifest) / "val").is_dir():
+        val, _ = manifest_counts(Path(manifest) / "val")
+        keep = set(ids)
+        report["val_coverage"] = sum(c for t, c in val.items() if t in keep) / max(1, sum(val.values()))
+    return report
+
