@@ -1,4 +1,5 @@
-"""The bench plot must be readable: labelled ticks on every log axis, one key, the frontier explained."""
+"""The bench plot must be readable: labelled ticks on every log axis (its ends among them), one key, the
+frontier explained, and the wall clocks measured under load told apart."""
 from __future__ import annotations
 
 import matplotlib
@@ -21,6 +22,10 @@ def test_log_axis_labels_several_ticks_inside_the_data(values):
     labelled = [t for t in ax.xaxis.get_major_ticks() if lo <= t.get_loc() <= hi and t.label1.get_text()]
     plt.close(fig)
     assert len(labelled) >= 2, values
+    # the axis starts and ends on a labelled tick, beyond the data: the extreme values can be read off
+    locs = [t.get_loc() for t in labelled]
+    assert min(locs) == pytest.approx(lo) and max(locs) == pytest.approx(hi), (values, lo, hi, locs)
+    assert lo < min(values) and max(values) < hi
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -69,31 +74,76 @@ def _boxes_overlap(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
-def test_nothing_overlaps_on_a_lossless_plot_over_a_wide_flops_range(tmp_path, monkeypatch):
-    """The SmolLM2 suite's shape: every row equally accurate (so a two-line title), GFLOPs from 20k
-    to 850k. Before, the legend sat on the title's second line and '500,000' ran into '1,000,000'."""
-    rows = [{"label": f"r{i}", "method": m, "accuracy": 0.0, "nfe_per_sequence": n, "flops": f, "wall_seconds": w,
-             "tokens_per_forward": t}
-            for i, (m, n, f, w, t) in enumerate([("ar", 162, 2.2e13, 1023, 1.0), ("dflash", 180, 1.8e14, 3900, 1.77),
-                                                 ("d2sd", 242, 8.4e14, 11984, 1.98)])]
+# The SmolLM2 suite's shape: every row equally accurate (so a two-line title), GFLOPs from 20k to 840k;
+# the d2sd row's wall clock was measured with the load average above the cores (the table's ⚠).
+SMOL_ROWS = [{"label": f"r{i}", "method": m, "accuracy": 0.0, "nfe_per_sequence": n, "flops": f, "wall_seconds": w,
+              "tokens_per_forward": t, "load": {"loadavg_start": load, "loadavg_end": load, "cores": 2}}
+             for i, (m, n, f, w, t, load) in enumerate([("ar", 162, 2.2e13, 1023, 1.0, 1.0),
+                                                        ("dflash", 180, 1.8e14, 3900, 1.77, 2.1),
+                                                        ("d2sd", 242, 8.4e14, 11984, 1.98, 3.5)])]
+
+
+def _drawn(rows, tmp_path, monkeypatch):
+    """pareto_plot's figure, drawn again after saving (it is closed then) so its boxes can be measured."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     figs = []
     real_savefig = matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
                         lambda self, *a, **k: (figs.append(self), real_savefig(self, *a, **k))[1])
     pareto_plot(rows, tmp_path / "p.png", title="gsm8k: accuracy vs cost (200 examples)")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = figs[0]
-    canvas = FigureCanvasAgg(fig)  # the figure was closed after saving: draw it again to measure it
+    canvas = FigureCanvasAgg(figs[0])
     canvas.draw()
-    renderer = canvas.get_renderer()
+    return figs[0], canvas.get_renderer()
+
+
+def _labelled_ticks(ax, renderer):
+    lo, hi = ax.get_xlim()
+    return [(t.get_loc(), t.label1.get_text(), t.label1.get_window_extent(renderer))
+            for t in ax.xaxis.get_major_ticks() if lo * (1 - 1e-9) <= t.get_loc() <= hi * (1 + 1e-9)
+            and t.label1.get_text()]
+
+
+def test_nothing_overlaps_on_a_lossless_plot_over_a_wide_flops_range(tmp_path, monkeypatch):
+    """Before, the legend sat on the title's second line, '500,000' ran into '1,000,000', and the largest
+    GFLOPs value (840k) lay past the last labelled tick (500k): now every axis ends on a labelled tick."""
+    fig, renderer = _drawn(SMOL_ROWS, tmp_path, monkeypatch)
     title = fig._suptitle.get_window_extent(renderer)
     legend = fig.legends[0].get_window_extent(renderer)
     assert not _boxes_overlap(title, legend)
-    for ax in fig.axes:
-        lo, hi = ax.get_xlim()
-        boxes = [t.label1.get_window_extent(renderer) for t in ax.xaxis.get_major_ticks()
-                 if lo <= t.get_loc() <= hi and t.label1.get_text()]
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width  # the legend (with its ⚠ entry) fits the figure
+    for ax, key, scale in zip(fig.axes, ("nfe_per_sequence", "flops", "wall_seconds"), (1, 1e-9, 1)):
+        ticks = _labelled_ticks(ax, renderer)
+        boxes = [b for _, _, b in ticks]
         assert len(boxes) >= 2
         assert not any(_boxes_overlap(a, b) for a, b in zip(boxes, boxes[1:])), ax.get_xlabel()
         assert not _boxes_overlap(ax.get_window_extent(renderer), legend)
+        largest = max(scale * r[key] for r in SMOL_ROWS)
+        last = max(loc for loc, _, _ in ticks)
+        assert last == pytest.approx(ax.get_xlim()[1]) and last >= largest, ax.get_xlabel()
+    assert _labelled_ticks(fig.axes[1], renderer)[-1][1] == "1M"
+
+
+def test_wall_clock_panel_marks_rows_measured_under_load(tmp_path, monkeypatch):
+    """The row the table marks ⚠ (load average 3.5 on 2 cores) is hollow in the wall-clock panel only,
+    and the legend says what hollow means; rows measured without competing work stay filled."""
+    from diffspec.bench.plot import UNDER_LOAD
+    from diffspec.bench.table import format_table
+
+    assert [("⚠" in line) for line in format_table(SMOL_ROWS).splitlines()[2:5]] == [False, False, True]
+    fig, _ = _drawn(SMOL_ROWS, tmp_path, monkeypatch)
+
+    def filled(ax, x):  # whether the marker drawn at x has a visible face
+        hits = [c for c in ax.collections if len(c.get_offsets()) and c.get_offsets()[0][0] == pytest.approx(x)]
+        assert len(hits) == 1, x
+        faces = hits[0].get_facecolors()
+        return len(faces) > 0 and faces[0][3] > 0
+
+    wall = next(ax for ax in fig.axes if "wall-clock" in ax.get_xlabel())
+    assert [filled(wall, r["wall_seconds"]) for r in SMOL_ROWS] == [True, True, False]
+    flops = next(ax for ax in fig.axes if "GFLOPs" in ax.get_xlabel())
+    assert all(filled(flops, 1e-9 * r["flops"]) for r in SMOL_ROWS)
+    assert UNDER_LOAD in [t.get_text() for t in fig.legends[0].get_texts()]
+    calm = [{**r, "load": {"loadavg_start": 1.0, "loadavg_end": 1.0, "cores": 2}} for r in SMOL_ROWS]
+    fig, _ = _drawn(calm, tmp_path, monkeypatch)
+    assert UNDER_LOAD not in [t.get_text() for t in fig.legends[0].get_texts()]

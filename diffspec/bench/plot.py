@@ -3,9 +3,15 @@
 When every row is equally accurate (lossless methods), the quality axis is
 tokens per forward of the target (verifier) instead: a flat line of points
 says nothing.
+
+Each log axis starts and ends on a labelled tick, so the largest (and smallest)
+cost can be read off the axis. In the wall-clock panel, rows measured under load
+(the table's ⚠, `table.overloaded`) are hollow: their wall clock is unreliable,
+their forwards and FLOPs are not.
 """
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from ..jsonio import parse_json_file  # noqa: E402
-from .table import drafter_flops, flexible_accuracy, target_forwards_per_sequence  # noqa: E402
+from .table import drafter_flops, flexible_accuracy, overloaded, target_forwards_per_sequence  # noqa: E402
 
 # (row key, axis label, scale): FLOPs are shown in GFLOPs so tick labels stay short.
 AXES = [("nfe_per_sequence", "forwards per sequence", 1.0), ("flops", "GFLOPs (total)", 1e-9),
@@ -59,9 +65,16 @@ def _tick_label(v: float, _pos: Any = None) -> str:
     return f"{v:,.0f}" if v >= 10 else f"{v:.3g}"
 
 
+# How far past the outermost point an axis end must be, so no marker or its number sits on the frame:
+# at least this factor, and at least this share of the data's span on the log scale.
+END_PAD, END_PAD_SHARE = 1.04, 0.04
+
+
 def readable_log_axis(ax: Any, values: list[float]) -> None:
     """Several labelled ticks on a log x axis, even when the data span less than a decade
-    (matplotlib's default then labels one power of ten, or none)."""
+    (matplotlib's default then labels one power of ten, or none), and an axis that starts and ends
+    on one of them: otherwise the largest value (850k GFLOPs, between ticks 500k and 1M) is read
+    off an unlabelled stretch."""
     lo, hi = min(values), max(values)
     span = hi / lo if lo > 0 else 10.0
     subs = (1.0, 2.0, 5.0) if span >= 20 else (1.0, 2.0, 3.0, 5.0, 7.0) if span >= 4 else \
@@ -69,6 +82,27 @@ def readable_log_axis(ax: Any, values: list[float]) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis collide
+    if lo > 0:
+        ax.set_xlim(*tick_bounds(lo, hi, subs))
+
+
+def tick_bounds(lo: float, hi: float, subs: tuple[float, ...]) -> tuple[float, float]:
+    """The largest tick (s·10^k, s in `subs`) at or below lo / pad and the smallest at or above
+    hi · pad: axis limits that are labelled ticks, with room for the outermost markers."""
+    pad = max(END_PAD, (hi / lo) ** END_PAD_SHARE)
+    ticks = [s * 10.0 ** k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+             for s in subs]
+    return max(t for t in ticks if t <= lo / pad), min(t for t in ticks if t >= hi * pad)
+
+
+UNDER_LOAD = "hollow (wall clock): measured under load, ⚠ in the table"
+
+
+def _point(ax: Any, x: Any, y: Any, color: Any, hollow: bool, label: str | None = None) -> Any:
+    """One marker: filled, or hollow for a wall clock measured while other work ran (`table.overloaded`)."""
+    if hollow:
+        return ax.scatter(x, y, s=36, zorder=3, facecolors="none", edgecolors=[color], linewidths=1.3, label=label)
+    return ax.scatter(x, y, s=36, zorder=3, color=color, label=label)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -115,7 +149,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     for ax, (key_name, name, x_scale) in zip(axes, axes_spec):
         xs = [x_scale * _value(r, key_name) for r in rows]
         for i, (x, r) in enumerate(zip(xs, rows), 1):
-            ax.scatter(x, y_scale * r[y_key], color=colors[r.get("method", r["label"])], s=36, zorder=3)
+            hollow = key_name == "wall_seconds" and overloaded(r.get("load"))
+            _point(ax, x, y_scale * r[y_key], colors[r.get("method", r["label"])], hollow)
             ax.annotate(str(i), (x, y_scale * r[y_key]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         front = pareto_front([(x, y_scale * r[y_key]) for x, r in zip(xs, rows)])
         (line,) = ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.6,
@@ -136,6 +171,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
         ax.set_ylabel(y_name)
         ax.grid(alpha=0.3, which="both")
     handles += [axes[0].scatter([], [], color=colors[f], label=f) for f in families]
+    if any(overloaded(r.get("load")) for r in rows):
+        handles.append(_point(axes[0], [], [], "gray", True, label=UNDER_LOAD))
     fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center", fontsize=8,
                ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 1 - title_h / height))  # below the title
     fig.text(0.04, bottom, key, fontsize=8, va="top", family="monospace")
