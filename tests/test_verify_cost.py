@@ -1,0 +1,26 @@
+"""`python -m diffspec.bench.verify_cost`: the verification-cost curve's files, on the bundled arith target.
+
+Checks the outputs' shape and consistency, never a speed (the machine may be busy)."""
+from __future__ import annotations
+
+import json
+
+from diffspec.bench.verify_cost import main
+from diffspec.speculative.armethods import DEFAULT_TARGET
+
+
+def test_verify_cost_writes_curve_table_and_plot(tmp_path):
+    out = tmp_path / "vc"
+    assert main(["--out", str(out), "--model", str(DEFAULT_TARGET), "--threads", "1", "--repeats", "1",
+                 "--sizes", "1,4", "--context", "16", "--vp-windows", "2"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    curve = r["runs"]["1"]["target"]
+    assert [c["Q"] for c in curve] == [1, 4]
+    assert all(c["ms"] > 0 and c["ms_layers"] > 0 and c["ms_head"] >= 0 for c in curve)
+    drafters = r["runs"]["1"]["drafters"]
+    assert len(drafters) == 2 and all(set(d) >= {"recompute_context_full_head", "cached_context_read_cells"}
+                                      for d in drafters.values())
+    assert r["load"]["cores"] >= 1 and r["context"] == 16
+    table = (out / "table.md").read_text()
+    assert "| Q | 1 | 4 |" in table and "Load average" in table
+    assert (out / "curve.png").stat().st_size > 0
