@@ -10,7 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ids-check" / "ids
 
 def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), "--limit", "2", "--suites", "steps", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True)
 
 
 def test_ids_check_matches_itself_and_flags_a_change(tmp_path):

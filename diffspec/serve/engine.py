@@ -303,7 +303,8 @@ class Batch:
 @dataclass
 class EngineStats:
     requests: int = 0
-    batches: int = 0
+    batches: int = 0  # started
+    batches_done: int = 0  # finished (one worker: batches - batches_done is the one in flight, if any)
     rows: int = 0
     forwards: int = 0
     errors: int = 0
@@ -434,6 +435,7 @@ class Engine:
                     job.fail(server_error("internal error while decoding; see the server log"))
             dt = time.perf_counter() - t0
             self.stats.busy_seconds += dt
+            self.stats.batches_done += 1
             self._batch_seconds = 0.7 * self._batch_seconds + 0.3 * dt
 
     def run_jobs(self, jobs: list[Job]) -> None:
