@@ -37,11 +37,18 @@ def answer_length(ids: list[int], eos_ids: Collection[int]) -> int:
 
 @dataclass
 class ModelCost:
+    """One model's totals, and the shapes of its forwards: `shapes` counts forwards by "B,Q,K"
+    (batch, query tokens, keys attended), from which a latency model for another device or model
+    size (`bench.latency`) is computed after the fact, since a forward's time is not linear in its
+    FLOPs. `params` is the model's size (its FLOP estimate's), which such a model scales by."""
+
     nfe: int = 0
     sequence_forwards: int = 0
     tokens_processed: int = 0
     flops: float = 0.0
     max_batch: int = 0
+    params: int = 0
+    shapes: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: "ModelCost") -> None:
         self.nfe += other.nfe
@@ -49,6 +56,9 @@ class ModelCost:
         self.tokens_processed += other.tokens_processed
         self.flops += other.flops
         self.max_batch = max(self.max_batch, other.max_batch)
+        self.params = self.params or other.params
+        for k, n in other.shapes.items():
+            self.shapes[k] = self.shapes.get(k, 0) + n
 
 
 @dataclass
@@ -64,13 +74,17 @@ class CostMeter:
     # Called after every recorded forward (a progress bar's heartbeat); not part of the totals.
     on_record: Callable[["CostMeter"], None] | None = field(default=None, repr=False, compare=False)
 
-    def record(self, name: str, batch: int, n_query: int, n_keys: int, flops: float, sequences: int | None = None) -> None:
+    def record(self, name: str, batch: int, n_query: int, n_keys: int, flops: float, sequences: int | None = None,
+               params: int = 0) -> None:
         c = self.models.setdefault(name, ModelCost())
         c.nfe += 1
         c.sequence_forwards += batch if sequences is None else sequences
         c.tokens_processed += batch * n_query
         c.flops += flops
         c.max_batch = max(c.max_batch, batch)
+        c.params = c.params or params
+        key = f"{batch},{n_query},{n_keys}"
+        c.shapes[key] = c.shapes.get(key, 0) + 1
         if self.on_record is not None:
             self.on_record(self)
 
@@ -91,7 +105,7 @@ class CostMeter:
     @classmethod
     def from_summary(cls, d: dict[str, Any]) -> "CostMeter":
         """The meter `summary()` described (its totals; a saved part of a run is merged through this)."""
-        return cls(primary=d["primary"], models={k: ModelCost(**v) for k, v in d["models"].items()},
+        return cls(primary=d["primary"], models={k: ModelCost(**{"shapes": {}, **v}) for k, v in d["models"].items()},
                    tokens_generated=d["tokens_generated"], sequences=d["sequences"], wall_seconds=d["wall_seconds"])
 
     def merge(self, other: "CostMeter") -> None:
@@ -186,5 +200,13 @@ class MeteredModel:
         B, Q = input_ids.shape
         cache: KVCacheHook | None = kw.get("kv_cache")
         n_keys = cache.last_n_keys if cache is not None else Q
-        self.meter.record(self.name, B, Q, n_keys, B * self.model.forward_flops(Q, n_keys), sequences)
+        self.meter.record(self.name, B, Q, n_keys, B * self.model.forward_flops(Q, n_keys), sequences,
+                          params=self._params())
         return out
+
+    def _params(self) -> int:
+        n = getattr(self, "_n_params", None)
+        if n is None:
+            count = getattr(self.model, "num_params", None)
+            n = self._n_params = int(count()) if callable(count) else 0
+        return n

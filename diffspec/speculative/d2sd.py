@@ -214,7 +214,7 @@ class _MeteredDrafter:
         # One row's windows share its context (computed once) and advance one sequence; the batch
         # size is recorded as max_batch.
         flops = self.model.forward_flops(W, n_keys, windows=B, n_ctx=cache.length - before, n_logits=int(read.sum()))
-        self.meter.record(self.name, B, W, n_keys, flops, sequences=1)
+        self.meter.record(self.name, B, W, n_keys, flops, sequences=1, params=self.model.num_params())
         return logits
 
 
