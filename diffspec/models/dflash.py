@@ -394,11 +394,21 @@ class DFlashDrafter(nn.Module):
             x = layer(x, cache.layer(i), rope_q, None, None)
         return self._logits(x, head, read)
 
+    def _draft_head(self, head: Tensor) -> Tensor:
+        """The head's draft-vocabulary rows, gathered once (not a Vd × H copy on every call) and
+        gathered again only when the head, the vocabulary or the weights change."""
+        key = (head.data_ptr(), head._version, self.draft_vocab.data_ptr(), head.dtype, head.device)
+        cached = self.__dict__.get("_draft_head_cache")
+        if cached is None or cached[0] != key or torch.is_grad_enabled():
+            cached = (key, head[self.draft_vocab])
+            self.__dict__["_draft_head_cache"] = cached
+        return cached[1]
+
     def _logits(self, x: Tensor, head: Tensor, read: Tensor | None) -> Tensor:
         h = self.norm(x if read is None else x[read])
         if self.draft_vocab is None:
             return F.linear(h, head)
-        small = F.linear(h, head[self.draft_vocab])
+        small = F.linear(h, self._draft_head(head))
         out = small.new_full((*small.shape[:-1], self.config.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.draft_vocab, small)
 
