@@ -147,3 +147,27 @@ def test_wall_clock_panel_marks_rows_measured_under_load(tmp_path, monkeypatch):
     calm = [{**r, "load": {"loadavg_start": 1.0, "loadavg_end": 1.0, "cores": 2}} for r in SMOL_ROWS]
     fig, _ = _drawn(calm, tmp_path, monkeypatch)
     assert UNDER_LOAD not in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_rows_with_forward_shapes_get_a_modelled_gpu_panel_and_column(tmp_path, monkeypatch):
+    """A run that counted its forwards by shape gets the H100 roofline model as a fourth panel and a
+    table column (labelled a model); rows from before shapes were counted keep three panels."""
+    from diffspec.bench.plot import plot_axes
+    from diffspec.bench.table import format_table
+
+    def row(label, shapes):
+        return {"label": label, "method": label, "accuracy": 0.9, "nfe_per_sequence": 10.0, "flops": 1e9,
+                "wall_seconds": 1.0, "sequences": 1, "primary": "model", "tokens_per_forward": 2.0,
+                "models": {"model": {"nfe": sum(shapes.values()), "flops": 1e9, "sequence_forwards": 10,
+                                     "params": 100, "shapes": shapes}}}
+
+    rows = [row("vanilla", {"1,100,100": 10}), row("fast-dllm", {"1,32,100": 4, "1,100,100": 1})]
+    axes = plot_axes(rows)
+    assert len(axes) == 4 and "roofline MODEL" in axes[-1][1]
+    assert axes[-1][0](rows[0]) > axes[-1][0](rows[1]) > 0
+    fig, _ = _drawn(rows, tmp_path, monkeypatch)
+    assert len([a for a in fig.axes if a.get_xlabel()]) == 4
+    head = format_table(rows).splitlines()[0]
+    assert head.index("wall s") < head.index("H100 ms/answer (roofline model, 8B)")
+    old = [{**r, "models": {"model": {k: v for k, v in r["models"]["model"].items() if k != "shapes"}}} for r in rows]
+    assert len(plot_axes(old)) == 3 and "H100" not in format_table(old)

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from ..jsonio import parse_json_file  # noqa: E402
-from .table import drafter_flops, flexible_accuracy, overloaded, target_forwards_per_sequence  # noqa: E402
+from .table import (drafter_flops, flexible_accuracy, modelled_gpu_ms, overloaded,  # noqa: E402
+                    target_forwards_per_sequence)
 
 # (row key, axis label, scale): FLOPs are shown in GFLOPs so tick labels stay short.
 AXES = [("nfe_per_sequence", "forwards per sequence", 1.0), ("flops", "GFLOPs (total)", 1e-9),
@@ -38,11 +39,19 @@ AXES = [("nfe_per_sequence", "forwards per sequence", 1.0), ("flops", "GFLOPs (t
 TARGET_AXIS = (target_forwards_per_sequence, "target / verifier forwards per sequence", 1.0)
 
 
+# Rows whose forwards were counted by shape get a fourth panel: their latency on one H100 at
+# LLaDA-8B's shapes by the roofline model of `bench.latency` (a model, so its label says so).
+GPU_AXIS = (modelled_gpu_ms, "H100 ms / answer, LLaDA-8B shapes (roofline MODEL)", 1.0)
+
+
 def plot_axes(rows: list[dict[str, Any]]) -> list[tuple[Any, str, float]]:
+    axes = list(AXES)
     if y_axis(rows)[0] == "accuracy" and any(drafter_flops(r) is not None for r in rows) \
             and all(target_forwards_per_sequence(r) for r in rows):
-        return [AXES[0], TARGET_AXIS, *AXES[1:]]
-    return list(AXES)
+        axes = [AXES[0], TARGET_AXIS, *AXES[1:]]
+    if all(modelled_gpu_ms(r) for r in rows):
+        axes.append(GPU_AXIS)
+    return axes
 
 
 def _value(r: dict[str, Any], key: Any) -> float:

@@ -72,6 +72,15 @@ def flexible_accuracy(r: dict[str, Any]) -> float | None:
     return r.get("accuracy_flexible")
 
 
+def modelled_gpu_ms(r: dict[str, Any]) -> float | None:
+    """Milliseconds per answer on one H100 at LLaDA-8B's shapes, by the roofline MODEL of
+    `bench.latency` (None for rows measured before forwards were counted by shape)."""
+    from .latency import seconds_per_answer
+
+    s = seconds_per_answer(r)
+    return None if s is None else 1000 * s
+
+
 def tokens_per_forward_all(r: dict[str, Any]) -> float | None:
     """Tokens per forward of any model (drafters included); equals TPF (target) for one-model rows."""
     return r.get("tokens_per_forward_all", r.get("tokens_per_forward"))
@@ -86,7 +95,7 @@ def _has(get: Any) -> Any:
 
 
 # Shown only when `show(rows)`, so single-model tables stay narrow; each goes right after the named
-# column (so of two after the same column, the later one in this list comes first).
+# column (by row key or title) (so of two after the same column, the later one in this list comes first).
 # "TPF (target)" divides generated tokens (each answer through its first EOS) by target / verifier
 # forwards; "TPF (all models)" by the forwards of every model, drafters included.
 OPTIONAL = [
@@ -95,6 +104,7 @@ OPTIONAL = [
     ("τ (tokens/round)", acceptance_length, "{:.2f}", "tokens_per_forward", _has(acceptance_length)),
     ("TPF (all models)", tokens_per_forward_all, "{:.2f}", "tokens_per_forward", _has_drafter),
     ("drafter GFLOPs", drafter_flops, None, "flops", _has(drafter_flops)),
+    ("H100 ms/answer (roofline model, 8B)", modelled_gpu_ms, "{:,.0f}", "wall s", _has(modelled_gpu_ms)),
 ]
 
 
@@ -102,7 +112,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     columns: list[tuple[str, Any, str | None]] = list(COLUMNS)
     for title, get, fmt, after, show in OPTIONAL:
         if show(rows):
-            at = next(i for i, c in enumerate(columns) if c[1] == after) + 1
+            at = next(i for i, c in enumerate(columns) if after in (c[0], c[1])) + 1  # a row key or a title
             columns.insert(at, (title, get, fmt))
     head = "| " + " | ".join(c[0] for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
