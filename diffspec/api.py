@@ -171,10 +171,22 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
 
 def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = "cpu",
                   dtype: str | None = None, method: str = "vanilla",
-                  compile: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+                  compile: str | None = None, quantize: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
     """A loaded (model, tokenizer): paths are loaded by model_type; None is the bundled
     model of the method's family (the LLaDA arith model, or the Qwen3 arith target).
-    `compile` names a torch.compile backend for the model's forward (`models.compiled`)."""
+    `compile` names a torch.compile backend for the model's forward (`models.compiled`);
+    `quantize` ("int8") quantizes its blocks' matmuls on the CPU (`models.quantized`), before compiling."""
+    if quantize is not None:
+        from .models.quantized import check_scheme, quantize_blocks
+
+        check_scheme(quantize)  # before loading anything
+        loaded, tok = resolve_model(model, tokenizer, device, dtype, method)
+        loaded = quantize_blocks(loaded, quantize)
+        if compile is not None:
+            from .models.compiled import compile_forward
+
+            loaded = compile_forward(loaded, compile)
+        return loaded, tok
     if compile is not None:
         from .models.compiled import check_backend, compile_forward
 
@@ -283,6 +295,7 @@ def generate(
     drafter: Any = None,
     drafter_tokenizer: Tokenizer | None = None,
     compile: str | None = None,
+    quantize: str | None = None,
     **options: Any,
 ) -> GenerationResult:
     """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd).
@@ -299,6 +312,7 @@ def generate(
     `gen_length` (alias `max_new_tokens`), `gamma` (and `gamma2`, `k` for d2sd), and
     `drafter` / `vp_drafter` as paths or loaded models.
     `compile` ('inductor', 'eager', ...) compiles the model's forward with torch.compile.
+    `quantize` ('int8') quantizes the model's transformer blocks (CPU; `models.quantized`).
     """
     prompts = prompt_list(prompts)
     m = get_method(method)
@@ -311,6 +325,7 @@ def generate(
     if isinstance(vp_drafter, (str, Path)):
         options["vp_drafter"], vp_drafter = str(vp_drafter), None
     cfg = build_config(method, config, **options)
-    model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method, compile=compile)
+    model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method, compile=compile,
+                                     quantize=quantize)
     return m.run(model, tokenizer, prompts, cfg, drafter=drafter, drafter_tokenizer=drafter_tokenizer,
                  vp_drafter=vp_drafter, progress=progress, dtype=dtype)
