@@ -84,6 +84,9 @@ def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="compile the model's forward with torch.compile (backend inductor, or eager / aot_eager / "
                         "cudagraphs; default off). Pays on a GPU, if at all: see benchmarks/gpu")
+    m.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: the transformer blocks' matmuls with int8 weights (CPU, float32; default off). "
+                        "Another model: speculative methods stay lossless against AR greedy of the same weights")
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +149,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         prompt = chat_prompts(a.model, a.method, [prompt], system=a.system)[0]
     opts = _options(a)
     cfg = task_config("arith", a.method, **opts)
-    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method, compile=a.compile)
+    model, tok = resolve_model(a.model, None, a.device, a.dtype, method=a.method, compile=a.compile,
+                               quantize=a.quantize)
     res = generate([prompt], model=model, tokenizer=tok, method=a.method, config=cfg)
     print(res.texts[0])  # exactly the API's text (a leading space included), so prompt + output is the full text
     s = res.meter.summary()
@@ -164,7 +168,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     # and writes the JSON on rank 0.
     run_eval(a.task, a.method, _options(a), model=a.model, device=a.device, dtype=a.dtype, limit=a.limit,
              data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num, chat=a.chat,
-             compile=a.compile)
+             compile=a.compile, quantize=a.quantize)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -191,7 +195,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
         model_path = str(DEFAULT_DREAM_DIR)  # the suite is about Dream: its bundled model
     family_method = "ar" if is_ar == {True} else "vanilla"
     examples = _bench_examples(a, model_path, family_method)
-    model, tok = resolve_model(model_path, None, a.device, a.dtype, method=family_method, compile=a.compile)
+    model, tok = resolve_model(model_path, None, a.device, a.dtype, method=family_method, compile=a.compile,
+                               quantize=a.quantize)
     if a.chat:  # rendered with the model's own template, like eval --chat
         from .evaluate import chat_examples
 
@@ -263,7 +268,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise ValueError(str(e)) from None
 
     serve(ServeSettings(model=a.model, method=a.method, options=_options(a), device=a.device, dtype=a.dtype,
-                        compile=a.compile, host=a.host, port=a.port, max_batch=a.max_batch, batch_window=a.batch_window,
+                        compile=a.compile, quantize=a.quantize, host=a.host, port=a.port, max_batch=a.max_batch,
+                        batch_window=a.batch_window,
                         max_queue=a.max_queue, model_name=a.served_model_name))
 
 

@@ -272,7 +272,7 @@ def chat_examples(examples: Sequence[Example], model: str | None, method: str) -
 def run_eval(task: str, method: str, options: dict[str, Any], model: str | None = None, device: str | None = "cpu",
              dtype: str | None = None, limit: int | None = None, data: str | None = None, k_shot: int | None = None,
              out: str | None = None, scoring: str = "generate", mc_num: int | None = None,
-             chat: bool = False, compile: str | None = None) -> dict[str, Any] | None:
+             chat: bool = False, compile: str | None = None, quantize: str | None = None) -> dict[str, Any] | None:
     """`diffspec eval`: validate everything, load, score (data-parallel under torchrun), print one
     line and write the JSON on rank 0. Returns the result on rank 0, None on the others."""
     from .api import check_model, resolve_model
@@ -296,7 +296,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
         examples = chat_examples(examples, model, method)
     device = init_distributed(shard, device)
     try:
-        loaded, tok = resolve_model(model, None, device, dtype, method=method, compile=compile)
+        loaded, tok = resolve_model(model, None, device, dtype, method=method, compile=compile, quantize=quantize)
         r = evaluate(task, loaded, tok, method, cfg, examples=examples, scoring=scoring,
                      mc_num=DEFAULT_MC_NUM if mc_num is None else mc_num, shard=shard)
     finally:

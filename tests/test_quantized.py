@@ -39,3 +39,15 @@ def test_speculation_is_lossless_against_the_same_int8_weights(method):
 def test_masked_diffusion_models_quantize_too():
     res = generate(PROMPTS[:1], method="fast-dllm", quantize="int8")
     assert res.texts[0].strip()
+
+
+def test_cli_quantize_flag(capsys):
+    from diffspec.cli import main
+
+    raw = ["generate", "--method", "ar", "--template", "raw", "--gen-length", "48", "--prompt", PROMPTS[0]]
+    assert main(raw + ["--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(generate(PROMPTS[:1], method="ar", quantize="int8", gen_length=48).texts[0] + "\n")
+    assert main(["generate", "--method", "ar", "--quantize", "int4", "--prompt", "x"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["eval", "--method", "ar", "--quantize", "int8", "--limit", "2"]) == 0

@@ -32,6 +32,7 @@ class ServeSettings:
     device: str | None = "cpu"
     dtype: str | None = None
     compile: str | None = None  # torch.compile backend for the model's forward (--compile)
+    quantize: str | None = None  # "int8": the blocks' matmuls in int8 on the CPU (--quantize)
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 16
@@ -56,7 +57,8 @@ class Service:
         if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
             raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
         self.model, self.tokenizer = resolve_model(model if model is not None else s.model, tokenizer, s.device,
-                                                   s.dtype, method=s.method, compile=s.compile)
+                                                   s.dtype, method=s.method, compile=s.compile,
+                                                   quantize=s.quantize)
         self.family = model_family(self.model)
         ckpt = checkpoint_dir(s.model if model is None else model, s.method)
         template = load_chat_template(ckpt) if ckpt is not None else None
