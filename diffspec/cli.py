@@ -267,10 +267,18 @@ def cmd_serve(a: argparse.Namespace) -> None:
     except ImportError as e:  # FastAPI / uvicorn missing: say how to install them
         raise ValueError(str(e)) from None
 
+    import os
+
+    api_key = a.api_key if a.api_key is not None else os.environ.get("DIFFSPEC_API_KEY")
+    if a.api_key is None and api_key is not None and not api_key:
+        raise ValueError("DIFFSPEC_API_KEY is set but empty; give a key, or unset it to serve without one")
     serve(ServeSettings(model=a.model, method=a.method, options=_options(a), device=a.device, dtype=a.dtype,
                         compile=a.compile, quantize=a.quantize, host=a.host, port=a.port, max_batch=a.max_batch,
                         batch_window=a.batch_window,
-                        max_queue=a.max_queue, model_name=a.served_model_name))
+                        max_queue=a.max_queue, model_name=a.served_model_name,
+                        api_key=api_key, drain_timeout=a.drain_timeout, limit_prompt_tokens=a.limit_prompt_tokens,
+                        limit_max_tokens=a.limit_max_tokens, limit_n=a.limit_n, limit_body_bytes=a.limit_body_bytes,
+                        access_log=not a.no_access_log))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=256,
                     help="rows waiting before new requests get 429 with Retry-After (default 256)")
     sv.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health, /metrics "
+                                      "included (401 otherwise); default: $DIFFSPEC_API_KEY, else no key")
+    sv.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds the requests in flight get to finish (new ones get 503) before the "
+                         "rest fail with 503 and the server exits 0 (default 30)")
+    sv.add_argument("--limit-prompt-tokens", type=int,
+                    help="most tokens one prompt may have (400 beyond; default: only the model's context)")
+    sv.add_argument("--limit-max-tokens", type=int,
+                    help="most tokens one request may generate, after rounding to whole blocks (400 beyond; "
+                         "default: only the model's context)")
+    sv.add_argument("--limit-n", type=int, help="largest n a request may ask for (400 beyond; default: --max-batch)")
+    sv.add_argument("--limit-body-bytes", type=int, default=1 << 20,
+                    help="largest request body in bytes (413 beyond; default 1048576)")
+    sv.add_argument("--no-access-log", action="store_true",
+                    help="no access-log line per request (default: one line on stderr, with its request id)")
     _decode_args(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -1,20 +1,27 @@
-"""The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health."""
+"""The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics; and `serve`,
+which runs it under uvicorn with a graceful shutdown (SIGTERM drains, see `DrainingServer`)."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
+import signal
+import sys
+import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job, Prompt
 from .errors import ApiError, bad_request, not_found, server_error
+from .gate import Gate, check_api_key
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from ..api import checkpoint_dir
 from .protocol import RequestParser, RequestPlan, new_id, now
 
@@ -39,6 +46,31 @@ class ServeSettings:
     batch_window: float = 0.02
     max_queue: int = 256
     model_name: str | None = None
+    # production: API key (None = open), graceful shutdown, request size limits (None = only the model's own)
+    api_key: str | None = None
+    drain_timeout: float = 30.0
+    limit_prompt_tokens: int | None = None
+    limit_max_tokens: int | None = None
+    limit_n: int | None = None
+    limit_body_bytes: int = 1 << 20
+    access_log: bool = True
+
+
+def check_settings(s: ServeSettings) -> None:
+    """The production options, checked before anything is loaded (errors name the CLI flag)."""
+    if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
+        raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
+    check_api_key(s.api_key)
+    if isinstance(s.drain_timeout, bool) or not isinstance(s.drain_timeout, (int, float)) \
+            or not (math.isfinite(s.drain_timeout) and s.drain_timeout >= 0):
+        raise ValueError(f"--drain-timeout must be a finite number of seconds >= 0, got {s.drain_timeout!r}")
+    for flag, v, optional in (("--limit-prompt-tokens", s.limit_prompt_tokens, True),
+                              ("--limit-max-tokens", s.limit_max_tokens, True), ("--limit-n", s.limit_n, True),
+                              ("--limit-body-bytes", s.limit_body_bytes, False)):
+        if v is None and optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
 
 
 class Service:
@@ -54,8 +86,11 @@ class Service:
         opts = {k: v for k, v in s.options.items() if v is not None}
         get_method(s.method)
         self.default_cfg = task_config("arith", s.method, **opts)  # bad defaults fail before loading anything
-        if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
-            raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
+        check_settings(s)
+        if s.limit_max_tokens is not None and int(self.default_cfg.gen_length) > s.limit_max_tokens:
+            raise ValueError(f"the server's default gen_length ({int(self.default_cfg.gen_length)}) is beyond "
+                             f"--limit-max-tokens ({s.limit_max_tokens}); lower --gen-length or raise the limit")
+        self.draining = False  # set by SIGTERM (DrainingServer): new requests get 503
         self.model, self.tokenizer = resolve_model(model if model is not None else s.model, tokenizer, s.device,
                                                    s.dtype, method=s.method, compile=s.compile,
                                                    quantize=s.quantize)
@@ -69,7 +104,8 @@ class Service:
             self.model_id = "smollm2" if s.model == "smollm2" else ckpt.name
         else:
             self.model_id = type(self.model).__name__.lower()
-        self.parser = RequestParser(s.method, opts, self.family, s.max_batch, self.chat_template)
+        self.parser = RequestParser(s.method, opts, self.family, s.max_batch, self.chat_template,
+                                    limit_n=s.limit_n, limit_max_tokens=s.limit_max_tokens)
         self.engine = Engine(self.model, self.tokenizer, max_batch=s.max_batch, batch_window=s.batch_window,
                              max_queue=s.max_queue, dtype=s.dtype)
         mc = self.model.config
@@ -107,6 +143,10 @@ class Service:
             if self.vocab is not None and max(ids) >= self.vocab:
                 raise bad_request(f"the {param} has token id {max(ids)} beyond the model's {self.vocab}", param,
                                   "invalid_prompt")
+            limit = self.settings.limit_prompt_tokens
+            if limit is not None and len(ids) > limit:
+                raise bad_request(f"the {param} has {len(ids)} tokens, more than this server accepts ({limit}, "
+                                  "diffspec serve --limit-prompt-tokens); shorten it", param, "prompt_too_long")
             if len(ids) + plan.gen_length > self.max_positions:
                 raise bad_request(
                     f"the {param} has {len(ids)} tokens; with {plan.gen_length} to generate that is "
@@ -129,9 +169,10 @@ class Service:
         return {"method": plan.method, "gen_length": plan.gen_length, "config": plan.cfg.to_dict()}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, "family": self.family, "method": self.settings.method,
+        return {"status": "draining" if self.draining else "ok", "model": self.model_id, "family": self.family, "method": self.settings.method,
                 "chat_template": "checkpoint" if self.chat_template else "Question/Answer (diffspec generate's)",
-                "queue_rows": self.engine.queue_depth(), "max_batch": self.engine.max_batch,
+                "queue_rows": self.engine.queue_depth(), "running_rows": self.engine.running_rows(),
+                "max_batch": self.engine.max_batch,
                 "batch_window": self.engine.batch_window, "max_queue": self.engine.max_queue,
                 "stats": asdict(self.engine.stats)}
 
@@ -178,7 +219,11 @@ def _error_response(e: ApiError) -> JSONResponse:
 def create_app(settings: ServeSettings | None = None, model: Any = None, tokenizer: Any = None) -> FastAPI:
     """The app, with the model loaded (errors in the settings or the checkpoint raise here, before any
     port is bound). `model` / `tokenizer` may be loaded objects (tests) instead of `settings.model`."""
-    service = Service(settings or ServeSettings(), model, tokenizer)
+    settings = settings or ServeSettings()
+    service = Service(settings, model, tokenizer)
+    metrics = Metrics(service)
+    gate = Gate(None, service, metrics, settings.api_key, settings.access_log)
+    metrics.attach(gate)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -191,6 +236,14 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
     app = FastAPI(title="diffspec", description="OpenAI-compatible server for diffspec's decoding methods",
                   lifespan=lifespan)
     app.state.service = service
+    app.state.gate = gate
+    app.state.metrics = metrics
+
+    def wrap(inner: Any) -> Gate:  # the outermost middleware inside Starlette's error handler
+        gate.app = inner
+        return gate
+
+    app.add_middleware(wrap)  # type: ignore[arg-type]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -213,8 +266,13 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         return _error_response(server_error(f"internal error ({type(e).__name__}); see the server log"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return service.health()
+    async def health():
+        body = service.health()
+        return JSONResponse(body, status_code=503) if service.draining else body
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict[str, Any]:
         return {"id": service.model_id, "object": "model", "created": int(service.engine.stats.started),
@@ -233,11 +291,35 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         return model_card()
 
     async def body_of(request: Request) -> Any:
-        raw = await request.body()
+        limit = settings.limit_body_bytes
+        too_large = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes, diffspec "
+                                  "serve --limit-body-bytes)", "invalid_request_error", None, "request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large  # refused before reading it
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad_request(f"the request body is not valid JSON ({e})") from None
+
+    def first_text(request: Request, chat: bool) -> Any:
+        """A callback that records the request's time to first token, once."""
+        t0 = request.scope.get("state", {}).get("t0", time.perf_counter())
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        seen = [False]
+
+        def observe() -> None:
+            if not seen[0]:
+                seen[0] = True
+                metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
+        return observe
 
     async def handle(request: Request, chat: bool):
         body = await body_of(request)
@@ -246,7 +328,8 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         rid, created = new_id(chat), now()
         headers = {"X-Diffspec-Method": plan.method, "X-Diffspec-Gen-Length": str(plan.gen_length)}
         if plan.stream:
-            return StreamingResponse(_stream(job, plan, rid, created, chat), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, plan, rid, created, chat, first_text(request, chat)),
+                                     media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
         return await _collect(request, job, plan, rid, created, chat, headers)
 
@@ -254,6 +337,7 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                        headers: dict[str, str]):
         texts = [""] * job.n_choices
         reasons: list[str | None] = [None] * job.n_choices
+        ttft = first_text(request, chat)
         try:
             while True:
                 try:
@@ -263,6 +347,8 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                         job.cancel()
                         return JSONResponse({}, status_code=499)
                     continue
+                if ev[0] in ("delta", "finish"):
+                    ttft()
                 if ev[0] == "delta":
                     texts[ev[1]] += ev[2]
                 elif ev[0] == "finish":
@@ -281,7 +367,8 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                 "usage": usage, "diffspec": {**service.info(plan), "batch_rows": usage["diffspec"]["batch_rows"]}}
         return JSONResponse(body, headers=headers)
 
-    async def _stream(job: Job, plan: RequestPlan, rid: str, created: int, chat: bool) -> AsyncIterator[str]:
+    async def _stream(job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
+                      ttft: Any) -> AsyncIterator[str]:
         model_id, usage_field = service.model_id, plan.include_usage
         try:
             if chat:
@@ -289,6 +376,8 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                     yield _sse(_chunk(rid, created, model_id, chat, i, None, role=True, usage=usage_field))
             while True:
                 ev = await job.events.get()
+                if ev[0] in ("delta", "finish"):
+                    ttft()
                 if ev[0] == "delta":
                     yield _sse(_chunk(rid, created, model_id, chat, ev[1], ev[2], usage=usage_field))
                 elif ev[0] == "finish":
@@ -320,9 +409,79 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
     return app
 
 
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server with a graceful shutdown. The first SIGTERM (or SIGINT) starts draining: the
+        listening socket stays open and every new request but /health and /metrics gets an OpenAI-shaped
+        503 (/health answers 503 with status "draining", so a load balancer takes the replica out); the
+        requests admitted before it finish, for up to `drain_timeout` seconds (queued ones start at once:
+        the batch window stops waiting for companions that will not come); requests still unfinished
+        then get a 503 error (as a JSON body, or as the stream's last event); then the server exits with
+        status 0. A second signal stops it at once. The signal is not raised again after the shutdown
+        (uvicorn's default), so a drained server exits 0 rather than by the signal."""
+
+        def __init__(self, config: Any, app: FastAPI, drain_timeout: float):
+            super().__init__(config)
+            self.service, self.gate = app.state.service, app.state.gate
+            self.drain_timeout = drain_timeout
+            self.drain_started: float | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.drain_started is None and not self.should_exit:
+                self.drain_started = time.monotonic()
+                self.service.draining = True
+                log.warning("%s: draining; new requests get 503, the %d in flight have up to %g s to finish "
+                            "(--drain-timeout); send it again to stop at once", signal.Signals(sig).name,
+                            self.gate.in_flight, self.drain_timeout)
+                return
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_started is not None and not self.should_exit:
+                waited = time.monotonic() - self.drain_started
+                if self.gate.in_flight and waited < self.drain_timeout and self.service.engine.batch_window:
+                    self.service.engine.flush()  # no companion will come: queued requests start now
+                if self.gate.in_flight == 0:
+                    log.info("drained: every admitted request is answered; shutting down")
+                    self.should_exit = True
+                elif waited >= self.drain_timeout:
+                    err = ApiError(503, f"the server shut down before this request finished (it waited "
+                                        f"{self.drain_timeout:g} s, diffspec serve --drain-timeout)",
+                                   "server_error", None, "shutting_down")
+                    failed = self.service.engine.abort_all(err)
+                    log.warning("--drain-timeout (%g s) reached: %d request(s) still in flight, %d decoding job(s) "
+                                "failed with 503; shutting down", self.drain_timeout, self.gate.in_flight, failed)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer
+
+
+def _setup_logging() -> None:
+    """diffspec's server log (errors, draining) and access log on stderr, beside uvicorn's own lines."""
+    logger = logging.getLogger("diffspec.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def serve(settings: ServeSettings) -> None:
-    """Load the model and serve until interrupted (what `diffspec serve` runs)."""
+    """Load the model and serve until SIGTERM / SIGINT, then drain (what `diffspec serve` runs)."""
     import uvicorn
 
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    _setup_logging()
+    # uvicorn's access log is off: the gate writes one line per request, with its request id.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=10)
+    server = _draining_server_class()(config, app, settings.drain_timeout)
+    server.run()
+    if not server.started:
+        raise OSError(f"the server could not start on {settings.host}:{settings.port} (see the log above)")

@@ -339,6 +339,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._drafters: dict[tuple, Any] = {}
+        self._batch: Batch | None = None  # the batch being decoded (read by /metrics)
+        self._current: list[Job] = []  # the jobs the worker took (set under `cond`; failed by abort_all)
 
     # -- lifecycle
 
@@ -381,6 +383,32 @@ class Engine:
         with self.cond:
             return self.queued_rows
 
+    def flush(self) -> None:
+        """Stop waiting for companions (draining: no new request will come): queued jobs start at once."""
+        with self.cond:
+            self.batch_window = 0.0
+            self.cond.notify_all()
+
+    def running_rows(self) -> int:
+        """Rows of the batch being decoded whose answers are not done yet (0 when the worker is idle)."""
+        batch = self._batch
+        return sum(1 for r in batch.rows if not r.done) if batch is not None else 0
+
+    def abort_all(self, err: ApiError) -> int:
+        """Fail every queued job and every unfinished job of the running batch with `err` (their rows are
+        done from now on, so the running batch ends at its next step); the number of jobs failed."""
+        with self.cond:
+            pending = [j for q in self.queues.values() for j in q]
+            self.queues.clear()
+            self.queued_rows = 0
+            running = list(self._current)
+        failed = 0
+        for job in pending + running:
+            if not job.done and not job.cancelled:
+                job.fail(err)
+                failed += 1
+        return failed
+
     def _take(self) -> list[Job] | None:
         """Wait for the next batch: the oldest queue, once its head waited the window or it fills a batch."""
         with self.cond:
@@ -417,6 +445,7 @@ class Engine:
                 if not q:
                     del self.queues[key]
                 if jobs:
+                    self._current = jobs
                     return jobs
 
     # -- the worker
@@ -435,6 +464,8 @@ class Engine:
                     job.fail(server_error("internal error while decoding; see the server log"))
             dt = time.perf_counter() - t0
             self.stats.busy_seconds += dt
+            with self.cond:
+                self._current = []
             self.stats.batches_done += 1
             self._batch_seconds = 0.7 * self._batch_seconds + 0.3 * dt
 
@@ -477,6 +508,13 @@ class Engine:
         for job in jobs:
             job.started = job.started or now
         batch = Batch(jobs, self._decode, self.stats)
+        self._batch = batch
+        try:
+            self._decode_batch(batch, jobs)
+        finally:
+            self._batch = None
+
+    def _decode_batch(self, batch: Batch, jobs: list[Job]) -> None:
         self.stats.batches += 1
         self.stats.rows += len(batch.rows)
         self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(batch.rows))

@@ -117,9 +117,10 @@ class RequestParser:
     """Turns request bodies into RequestPlans for one served model and its server defaults."""
 
     def __init__(self, default_method: str, default_options: Mapping[str, Any], family: str, max_batch: int,
-                 chat_template: Any = None):
+                 chat_template: Any = None, limit_n: int | None = None, limit_max_tokens: int | None = None):
         self.default_method, self.default_options = default_method, dict(default_options)
         self.family, self.max_batch, self.chat_template = family, max_batch, chat_template
+        self.limit_n, self.limit_max_tokens = limit_n, limit_max_tokens
 
     # -- decoding options
 
@@ -236,6 +237,9 @@ class RequestParser:
             n = 1
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise bad_request(f"n must be an integer >= 1, got {n!r}", "n")
+        if self.limit_n is not None and n > self.limit_n:
+            raise bad_request(f"n={n} is more than this server allows ({self.limit_n}, diffspec serve --limit-n)",
+                              "n", "n_too_large")
         stop = body.get("stop")
         if stop is None:
             stops: list[str] = []
@@ -300,6 +304,12 @@ class RequestParser:
         n, stops, stream, include_usage = self.common(body)
         prompts = [self.chat_prompt(body)] if chat else self.completion_prompts(body)
         method, cfg, info = self.config(body)
+        gen = int(cfg.gen_length)
+        if self.limit_max_tokens is not None and gen > self.limit_max_tokens:
+            raise bad_request(f"the request would generate {gen} tokens (its max_tokens, rounded up to whole blocks "
+                              "for block methods, or diffspec.gen_length), more than this server allows "
+                              f"({self.limit_max_tokens}, diffspec serve --limit-max-tokens); lower max_tokens",
+                              "max_tokens", "max_tokens_too_large")
         rows = len(prompts) * n
         if rows > self.max_batch:
             raise bad_request(f"{len(prompts)} prompt(s) × n={n} = {rows} choices is more than the server decodes "
