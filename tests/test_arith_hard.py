@@ -35,11 +35,6 @@ def solve(question: str) -> tuple[list[str], str]:
             a, b, n = m[1], m[2], int(m[3])
             lines += [f"{a}: {have[a]}-{n}={have[a] - n}", f"{b}: {have[b]}+{n}={have[b] + n}"]
             have[a], have[b] = have[a] - n, have[b] + n
-        elif m := re.fullmatch(r"Now (\w+) has (\d+) (more|fewer) than (\w+)\.", s):
-            b, n, a = m[1], int(m[2]), m[4]
-            new = have[a] + n if m[3] == "more" else have[a] - n
-            lines.append(f"{b}: {have[a]}{'+' if m[3] == 'more' else '-'}{n}={new}")
-            have[b] = new
         elif m := re.fullmatch(r"How many \w+ do (\w+) and (\w+) have together\?", s):
             a, b = m[1], m[2]
             lines.append(f"{a}+{b}: {have[a]}+{have[b]}={have[a] + have[b]}")

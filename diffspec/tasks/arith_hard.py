@@ -5,7 +5,7 @@ threshold costs 0.2 points, so no decoding method can win or lose there. A
 contest needs answers whose cells really depend on each other when a decoder
 commits several in one step:
 
-- two or three people and 5-8 events, so an answer runs to 7-9 lines and
+- two or three people and 4-8 events, so an answer runs to 7-9 lines and
   80-128 tokens: three or four blocks of 32;
 - two-digit operands (10..39): each result digit depends on a carry or a
   borrow from the digit to its right, which a parallel step commits blind;
@@ -14,6 +14,12 @@ commits several in one step:
   gives Ana 12") writes two lines, the second reusing the operand of the first;
   the question may ask for two people's total, a final line over two earlier
   results.
+
+Events are buying, losing and giving. A first version also reset one
+person's count relative to another's ("Now Ivy has 19 fewer than Tom", a line
+that starts from Tom's count under Ivy's name); after 1,300 steps the model
+had not yet learned to copy names or operands, so that event was dropped to
+keep the task learnable by a 3.5 M-parameter model in a few CPU-hours.
 
 The answer keeps GSM8K's format (`#### N` after the working) so the same
 prompt, stop and scoring code runs on it. Every value stays in 1..99. Splits
@@ -39,7 +45,7 @@ def _amount(rng: random.Random, lo: int, hi: int) -> int | None:
 def _event(rng: random.Random, people: list[str], have: dict[str, int]
            ) -> tuple[str, list[str], dict[str, int]] | None:
     """One story sentence, its answer lines and the new counts, or None if the draw does not fit 1..99."""
-    kind = rng.choice(["buy", "buy", "lose", "lose", "give", "give", "more", "fewer"])
+    kind = rng.choice(["buy", "lose", "give"])
     a = rng.choice(people)
     va = have[a]
     if kind == "buy":
@@ -56,22 +62,11 @@ def _event(rng: random.Random, people: list[str], have: dict[str, int]
         return f"{a} {verb} {n}.", [f"{a}: {va}-{n}={va - n}"], {a: va - n}
     b = rng.choice([p for p in people if p != a])
     vb = have[b]
-    if kind == "give":
-        n = _amount(rng, 1, min(va - 1, MAX_VALUE - vb))
-        if n is None:
-            return None
-        return (f"{a} gives {b} {n}.", [f"{a}: {va}-{n}={va - n}", f"{b}: {vb}+{n}={vb + n}"],
-                {a: va - n, b: vb + n})
-    # "more" / "fewer": b's count is reset relative to a's current count
-    if kind == "more":
-        n = _amount(rng, 1, MAX_VALUE - va)
-        if n is None:
-            return None
-        return f"Now {b} has {n} more than {a}.", [f"{b}: {va}+{n}={va + n}"], {b: va + n}
-    n = _amount(rng, 1, va - 1)
+    n = _amount(rng, 1, min(va - 1, MAX_VALUE - vb))
     if n is None:
         return None
-    return f"Now {b} has {n} fewer than {a}.", [f"{b}: {va}-{n}={va - n}"], {b: va - n}
+    return (f"{a} gives {b} {n}.", [f"{a}: {va}-{n}={va - n}", f"{b}: {vb}+{n}={vb + n}"],
+            {a: va - n, b: vb + n})
 
 
 def make_problem(rng: random.Random, min_lines: int = 7, max_lines: int = 9) -> Problem:
