@@ -108,13 +108,15 @@ def check_model_type(raw: dict[str, Any], path: str | Path) -> None:
     from .models.causal import CAUSAL_MODEL_TYPES
 
     mt = raw.get("model_type")
-    if mt in CAUSAL_MODEL_TYPES or str(mt).lower() in ("dream", "llada") or (mt is None and "d_model" in raw):
+    if (mt in CAUSAL_MODEL_TYPES or str(mt).lower() in ("dream", "llada", "llada2_moe")
+            or (mt is None and "d_model" in raw)):
         return
     if mt == "dflash":
         raise CheckpointError(f"{path} is a DFlash drafter, not a model to decode with: pass it as --drafter "
                               "(or as D²SD's --vp-drafter) next to its AR target")
     raise CheckpointError(f"{path}/config.json has model_type {mt!r}, which diffspec cannot load; supported: "
-                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream' and 'llada' (masked diffusion)")
+                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream', 'llada' and 'llada2_moe' "
+                          "(masked diffusion)")
 
 
 def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
@@ -123,13 +125,24 @@ def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
     family: everything a load would refuse before reading any weights."""
     from .models.causal import is_causal_config
     from .models.checkpoint import read_config
+    from .models.llada2 import is_llada2_config
 
     raw = read_config(Path(path))
     check_model_type(raw, path)
     if method is not None:
         family = "ar" if is_causal_config(raw) else "diffusion"
-        check_family(method, family, f"the checkpoint {path} (model_type {raw.get('model_type')!r})")
+        what = f"the checkpoint {path} (model_type {raw.get('model_type')!r})"
+        check_family(method, family, what)
+        check_block_causal(method, bool(is_llada2_config(raw)), what)
     return raw
+
+
+def check_block_causal(method: str, block_causal: bool, what: str) -> None:
+    """A block-causal model (LLaDA2) only with the sampler that keeps its mask (`llada2`)."""
+    from .models.llada2 import check_block_causal_method
+
+    if block_causal and method in method_names() and method_family(method) == "diffusion":
+        check_block_causal_method(method, what)
 
 
 def check_model(model: Any, method: str) -> None:
@@ -166,6 +179,10 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
         from .models.dream import load_dream
 
         return load_dream(path, device=device, dtype=dtype)
+    if model_type == "llada2_moe":
+        from .models.llada2 import load_llada2
+
+        return load_llada2(path, device=device, dtype=dtype)
     return load_model(path, device=device, dtype=dtype)
 
 
@@ -204,6 +221,9 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
         raise ValueError(f"model must be a checkpoint directory, a loaded model or None (the bundled one); "
                          f"got {type(model).__name__}")
     check_family(method, model_family(model), f"the model object ({type(model).__name__})")
+    if model_family(model) == "diffusion":
+        check_block_causal(method, bool(getattr(model, "block_causal", False)),
+                           f"the model object ({type(model).__name__})")
     if tokenizer is None:
         raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
     embeds = getattr(model.config, "embedding_size", None) or model.config.vocab_size

@@ -216,3 +216,42 @@ register(_ar_method("d2sd", "D²SD: the K likeliest rejection boundaries re-anch
                      "k": Option(int, "d2sd: rejection boundaries re-anchored by the VP drafter (default 4)"),
                      "vp_drafter": Option(str, "d2sd: variable-prefix drafter checkpoint (default: the bundled one)")},
                     ("model", "drafter", "vp_drafter")))
+
+# ---------------------------------------------------------------- LLaDA2's block-diffusion sampler (issue #39)
+
+LLADA2_SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature", "cache", "seed", "batch_size")
+LLADA2_OPTIONS = {
+    "top_k": Option(int, "llada2 / dream: top-k filtering before sampling (default none)"),
+    "top_p": Option(float, "llada2 / dream: nucleus (top-p) filtering before sampling (default none)"),
+    "minimal_topk": Option(int, "llada2: steps per block are capped at gen-length // minimal-topk (default 1)"),
+    "eos_early_stop": Option(parse_bool, "llada2: stop as soon as a committed EOS has no masked cell before it "
+                                         "(default true)"),
+}
+
+
+def build_llada2_config(base: Any = None, **options: Any) -> Any:
+    """LLaDA2DecodeConfig from the shared options that apply (cache: auto | block | none) and its own."""
+    from .decoding.llada2 import LLaDA2DecodeConfig
+
+    given = {k: v for k, v in options.items() if v is not None}
+    valid = set(LLADA2_SHARED) | set(LLADA2_OPTIONS)
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to method 'llada2' (LLaDA2's block-diffusion sampler); "
+                         f"valid: {sorted(valid)}")
+    return base.replace(**given) if base is not None else LLaDA2DecodeConfig(**given)
+
+
+def run_llada2(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+               **_: Any) -> Any:
+    from .decoding.llada2 import llada2_generate
+
+    return llada2_generate(model, tokenizer, list(prompts), cfg, progress=progress)
+
+
+register(Method(
+    "llada2", "diffusion",
+    "LLaDA2's block-diffusion sampler (block 32, threshold 0.95 else the schedule's top-k) with an exact K/V "
+    "cache of finished blocks; for block-causal LLaDA2 MoE checkpoints",
+    build=build_llada2_config, config_type=(Ref("diffspec.decoding.llada2:LLaDA2DecodeConfig"),),
+    run=run_llada2, options=LLADA2_OPTIONS, takes_block_options=False))

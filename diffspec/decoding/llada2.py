@@ -1,0 +1,273 @@
+"""LLaDA2's block-diffusion sampler, with an exact K/V cache of finished blocks.
+
+The published loop (`LLaDA2MoeModelLM.generate` in `modeling_llada2_moe.py`; the `dllm`
+library's `pipelines/llada2/sampler.py` mirrors it), step for step:
+
+- the canvas is the prompt followed by masks, rounded up to whole blocks of
+  `block_length` counted from column 0 (the prompt's last, partial block is decoded as
+  the first block; what lies beyond prompt + gen_length is decoded and dropped);
+- `steps` = min(steps, gen_length // minimal_topk) steps per block, and an even transfer
+  schedule over the block (`block_length // steps` per step, the first `block_length % steps`
+  steps one more);
+- each step: candidate = argmax of the logits with its softmax probability as confidence
+  (temperature 0 and no top-k / top-p), or a draw from softmax(logits / T) after top-k and
+  top-p filtering with the drawn token's probability; every masked cell whose confidence is
+  **above** `threshold` is committed when there are at least as many as the schedule asks,
+  otherwise the schedule's number of most confident masked cells; a block stops when it has
+  no masked cell left (or after `steps` steps);
+- after a block, decoding stops if an EOS appears in the generated columns so far; with
+  `eos_early_stop`, also mid-block as soon as a committed EOS has no masked cell before it;
+- the answer is cut after its first EOS.
+
+What diffspec adds: the attention is block-causal (a block sees itself and the blocks
+before it), so a finished block's keys and values never change. The reference recomputes
+the whole window at every step; here (`cache="block"`, the default) each block's first
+forward feeds the finished-but-uncached columns (the prompt's whole blocks, or the previous
+block) together with the current block, with the block-causal mask, and stores the finished
+columns' K/V in `BlockKVCache`; every other step feeds the current block only and attends
+to the cache. The logits are those of the full recompute (equal up to float rounding;
+`cache="none"` runs the reference's recompute and is what the tests compare against).
+
+Also ours: rows are decoded one at a time (the reference takes one prompt; prompts of
+different lengths put their block boundaries in different columns); the random draws come
+from one seeded `torch.Generator` (the reference uses torch's global RNG), so sampled runs
+are reproducible but not the reference's stream; EOS is looked for in the generated
+columns only (the reference's mid-block check also scans the prompt); cells left after the
+first EOS are filled with EOS in `raw_ids` (the reference returns the answer up to it).
+As in the reference, the mask token itself may be proposed (a cell that gets it stays masked).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models.tokenizer import Tokenizer
+from .meter import CostMeter, MeteredModel
+from .runner import GenerationResult, max_positions, model_device, run_prompts
+
+__all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
+           "sample_candidates", "CACHES"]
+
+CACHES = ("auto", "block", "none")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class LLaDA2DecodeConfig:
+    """Options of LLaDA2's `generate`, with its defaults (block 32, 32 steps, threshold 0.95,
+    minimal_topk 1); `gen_length` and `batch_size` are ours, and `eos_early_stop` defaults to on
+    (the model card's usage; the reference function's own default is off)."""
+
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int = 32
+    threshold: float = 0.95
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    minimal_topk: int = 1
+    eos_early_stop: bool = True
+    cache: str = "auto"  # block on a block-causal model (LLaDA2), none on a bidirectional one
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("gen_length", "block_length", "steps", "minimal_topk", "batch_size"):
+            v = getattr(self, name)
+            if not _int(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.minimal_topk > self.gen_length:
+            raise ValueError(f"minimal_topk ({self.minimal_topk}) exceeds gen_length ({self.gen_length}): "
+                             "no step would be left per block")
+        if not _int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not _real(self.threshold) or not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if not _real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not _int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if not isinstance(self.eos_early_stop, bool):
+            raise ValueError(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"method 'llada2' takes cache {' / '.join(CACHES)} (block: the exact cache of "
+                             f"finished blocks; none: recompute the window every step; auto: block when the "
+                             f"model is block-causal); got {self.cache!r}")
+
+    @property
+    def steps_per_block(self) -> int:
+        return min(self.steps, self.gen_length // self.minimal_topk)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "llada2", **asdict(self)}
+
+    def replace(self, **kw: Any) -> "LLaDA2DecodeConfig":
+        return replace(self, **kw)
+
+
+def even_schedule(block_length: int, steps: int) -> list[int]:
+    """Cells to commit at each step: block_length // steps, the first block_length % steps one more."""
+    base, rem = divmod(block_length, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def sample_candidates(logits: Tensor, cfg: LLaDA2DecodeConfig,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(token, its probability) per row of logits (N, V), as the reference's sampler: greedy when
+    temperature is 0 and neither top-k nor top-p is set; otherwise logits / T (T > 0, T != 1),
+    top-k, then top-p filtering, softmax and one draw."""
+    logits = logits.float()
+    if cfg.temperature == 0 and cfg.top_k is None and (cfg.top_p is None or cfg.top_p >= 1):
+        tok = logits.argmax(-1)
+        return tok, F.softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+    if cfg.temperature > 0 and cfg.temperature != 1:
+        logits = logits / cfg.temperature
+    if cfg.top_k is not None:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if cfg.top_p is not None and cfg.top_p < 1:
+        srt, order = logits.sort(dim=-1, descending=True)
+        drop = F.softmax(srt, dim=-1).cumsum(-1) > cfg.top_p
+        drop[:, 1:] = drop[:, :-1].clone()  # keep the token that crosses p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -torch.inf)
+    probs = F.softmax(logits, dim=-1)
+    tok = torch.multinomial(probs, 1, generator=generator)
+    return tok.squeeze(-1), probs.gather(-1, tok).squeeze(-1)
+
+
+class BlockKVCache:
+    """Exact K/V of finished blocks (a `layers.KVCacheHook`).
+
+    Each forward feeds columns that come right after the stored ones; `commit(n)` before a
+    forward says its first n fed columns are final (a finished block, or the prompt's whole
+    blocks): `layer` stores their keys/values for good. Every layer attends to the stored
+    keys followed by the fed ones; `last_n_keys` is that count, which the meter charges.
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.length = 0  # columns stored
+        self._commit = 0
+        self._last = 0
+
+    @property
+    def last_n_keys(self) -> int:
+        return self._last
+
+    def commit(self, n: int) -> None:
+        self._commit = n
+
+    def layer(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k[index] is not None:
+            k = torch.cat([self.k[index], k], dim=2)
+            v = torch.cat([self.v[index], v], dim=2)
+        if self._commit:
+            keep = self.length + self._commit
+            self.k[index], self.v[index] = k[:, :, :keep], v[:, :, :keep]
+        self._last = k.shape[2]
+        if index == len(self.k) - 1:  # the last layer: the forward's commit is done
+            self.length += self._commit
+            self._commit = 0
+        return k, v
+
+
+def _block_causal(q_pos: Tensor, k_pos: Tensor, block_length: int) -> Tensor:
+    from ..models.llada2 import block_causal_mask
+
+    return block_causal_mask(q_pos, k_pos, block_length)
+
+
+def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2DecodeConfig, mask_id: int,
+                      eos_id: int, generator: torch.Generator | None, device: torch.device) -> list[int]:
+    """Decode one prompt; returns its `gen_length` generated ids (EOS after the first EOS)."""
+    P, L, G = len(prompt), cfg.block_length, cfg.gen_length
+    n_blocks = -(-(P + G) // L)
+    x = torch.full((n_blocks * L,), mask_id, dtype=torch.long, device=device)
+    x[:P] = torch.tensor(list(prompt), dtype=torch.long, device=device)
+    positions = torch.arange(n_blocks * L, device=device)
+    schedule = even_schedule(L, cfg.steps_per_block)
+    cache = BlockKVCache(model.config.n_layers) if cfg.cache == "block" else None
+    stopped = False
+    for b in range(P // L, n_blocks):
+        s, e = b * L, (b + 1) * L
+        for step, k in enumerate(schedule):
+            active = x[s:e] == mask_id
+            if not active.any():
+                break
+            if cache is None:  # the reference: the whole window, block-causal
+                pos = positions[:e]
+                out = model(x[None, :e], positions=pos, attention_mask=_block_causal(pos, pos, L)[None])
+            else:
+                start = cache.length  # < s only at a block's first step: finished columns to store
+                pos = positions[start:e]
+                mask = None if start == s else _block_causal(pos, positions[:e], L)
+                cache.commit(s - start)
+                out = model(x[None, start:e], positions=pos, attention_mask=mask, kv_cache=cache)
+            tokens, probs = sample_candidates(out.logits[0, -L:], cfg, generator)
+            conf = torch.where(active, probs, torch.tensor(-torch.inf, device=device))
+            high = conf > cfg.threshold
+            if int(high.sum()) >= k:
+                chosen = high
+            else:
+                chosen = torch.zeros_like(active)
+                chosen[conf.topk(min(k, int(active.sum()))).indices] = True
+            x[s:e] = torch.where(chosen, tokens, x[s:e])
+            if cfg.eos_early_stop and bool((tokens[chosen] == eos_id).any()):
+                gen = x[P:e]
+                first = int((gen == eos_id).nonzero()[0])
+                if not bool((gen[:first] == mask_id).any()):
+                    stopped = True
+                    break
+        if stopped or bool((x[P:e] == eos_id).any()):
+            break
+    out_ids = x[P:P + G].clone()
+    eos_at = (out_ids == eos_id).nonzero()
+    if len(eos_at):
+        out_ids[int(eos_at[0]) + 1:] = eos_id
+    return out_ids.tolist()
+
+
+@torch.inference_mode()
+def llada2_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: LLaDA2DecodeConfig,
+                    progress: bool = False, meter: CostMeter | None = None) -> GenerationResult:
+    """Decode `prompts` one at a time (see the module docstring). A bidirectional model (LLaDA, Dream)
+    runs the same loop, block-causal mask included, without a cache: its forward takes the mask per
+    query but cannot mix it with a cache (`cache="auto"` resolves to "none" there, "block" is refused)."""
+    block_causal = bool(getattr(model, "block_causal", False))
+    if cfg.cache == "auto":
+        cfg = cfg.replace(cache="block" if block_causal else "none")
+    elif cfg.cache == "block" and not block_causal:
+        raise ValueError(f"method 'llada2' with cache 'block' needs a block-causal model (LLaDA2, model_type "
+                         f"'llada2_moe'); {type(model).__name__} attends bidirectionally: use cache none or auto")
+    meter = meter or CostMeter()
+    metered = MeteredModel(model, meter, meter.primary)
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    mcfg = model.config
+
+    def decode(batch: list[list[int]]) -> list[list[int]]:
+        return [llada2_decode_row(metered, p, cfg, mcfg.mask_token_id, mcfg.eos_token_id, generator, device)
+                for p in batch]
+
+    token_ids, texts, raw = run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length,
+                                        batch_size=cfg.batch_size, meter=meter, desc=f"decode[llada2,{cfg.cache}]",
+                                        progress=progress, eos=(mcfg.eos_token_id,),
+                                        limit=max_positions(model))
+    return GenerationResult(token_ids, texts, meter, cfg, raw)

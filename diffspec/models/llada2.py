@@ -1,0 +1,485 @@
+"""LLaDA2.x MoE (`model_type` "llada2_moe": inclusionAI/LLaDA2.0-mini, LLaDA2.0-flash), a block-diffusion LM.
+
+What the network is (read from the published `modeling_llada2_moe.py`, the copy in the
+`dllm` library's `pipelines/llada2/models/` and the Hub one; written here from scratch):
+
+- **Attention**: one fused `attention.query_key_value` projection whose output rows are
+  the query heads, then the key heads, then the value heads (grouped-query attention);
+  optional biases (`use_qkv_bias` on it, `use_bias` on the output projection
+  `attention.dense`); per-head RMSNorm on queries and keys (`use_qk_norm`:
+  `attention.query_layernorm` / `attention.key_layernorm`, over `head_dim`) before RoPE;
+  **partial RoPE**: rotate-half RoPE on the first `head_dim · partial_rotary_factor`
+  channels of each head, the rest pass through; scale `head_dim ** -0.5`.
+- **MLP**: the first `first_k_dense_replace` layers are a dense SwiGLU
+  (`mlp.gate_proj/up_proj/down_proj`, `intermediate_size`); every later layer is a
+  mixture of experts: `num_experts` SwiGLU experts of `moe_intermediate_size`
+  (`mlp.experts.{j}.*`), a shared SwiGLU of `moe_intermediate_size · num_shared_experts`
+  (`mlp.shared_experts.*`) added to every token, and a router `mlp.gate.weight`
+  (num_experts × hidden) with a per-expert `mlp.gate.expert_bias`.
+- **Router**: logits in fp32, scores = sigmoid(logits); the bias is added for *choosing*
+  experts only; group-limited choice: the experts form `n_group` groups, a group scores
+  the sum of its two best biased scores, the best `topk_group` groups stay eligible and
+  the `num_experts_per_tok` best biased scores among them are chosen; the weights are
+  the chosen *unbiased* sigmoid scores, divided by their sum (+1e-20) when more than one
+  expert is chosen, times `routed_scaling_factor`. Expert outputs are mixed in fp32.
+- Pre-norm residual blocks (`input_layernorm`, `post_attention_layernorm`), final
+  `model.norm`, embedding `model.word_embeddings`, untied `lm_head` (unless
+  `tie_word_embeddings`). The logit at position i predicts token i (no shift).
+- **Block-causal attention**: the published sampler attends with a mask over blocks of
+  `block_length` columns counted from column 0 (prompt included): a query in block b sees
+  every key in blocks <= b. The model itself takes any bool mask; `block_causal_mask`
+  builds that one. Keys of a finished block never change, so they can be cached exactly
+  (`decoding/llada2.py`).
+
+Config fields the reference code reads are mapped one to one; fields it does not
+implement but a config.json could ask for (a non-SiLU activation, scaled RoPE, sliding
+windows, a router score other than sigmoid) are refused rather than ignored.
+`norm_topk_prob` and `router_dtype` are read but, as in the reference, do not change the
+math (it always normalises over the chosen experts and routes in fp32).
+
+Loading (`load_llada2`): the module is built on the meta device, every tensor name and
+shape is checked against the safetensors *headers* (sharded with
+`model.safetensors.index.json`, or single files) before any data is read, then tensors
+are read one at a time into their own buffers, cast to the target dtype and assigned
+(`models.dream.iter_safetensors`): peak host memory is the weights plus one tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import (CheckpointError, check_state, load_tokenizer, read_config, resolve_device, resolve_dtype)
+from .layers import LMParts, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, check_positive_ints, \
+    rope_cos_sin, swiglu
+from .tokenizer import Tokenizer
+
+__all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
+           "is_llada2_config", "BLOCK_CAUSAL_METHODS", "check_block_causal_method"]
+
+MODEL_TYPE = "llada2_moe"
+# The methods that decode a block-causal model: its own sampler. The bidirectional samplers
+# (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd, dream) would let the prompt and early
+# blocks attend to later, still-masked blocks, which this model was never trained to see.
+BLOCK_CAUSAL_METHODS = ("llada2",)
+
+
+def is_llada2_config(raw: dict[str, Any]) -> bool:
+    return raw.get("model_type") == MODEL_TYPE
+
+
+def check_block_causal_method(method: str | None, what: str) -> None:
+    """One clear line when a method that decodes bidirectionally is given a block-causal model."""
+    if method is not None and method not in BLOCK_CAUSAL_METHODS:
+        raise ValueError(f"method {method!r} decodes with full bidirectional attention, but {what} is a "
+                         f"block-causal LLaDA2 model (model_type {MODEL_TYPE!r}); use method "
+                         f"{' / '.join(BLOCK_CAUSAL_METHODS)}")
+
+
+@dataclass
+class LLaDA2MoeConfig:
+    """The published config.json fields that change the math, with the reference's defaults
+    where a config may leave one out (head_dim, partial_rotary_factor, rope_theta...).
+    Defaults of the size fields are a tiny model for tests."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    use_qkv_bias: bool = False
+    use_qk_norm: bool = False
+    use_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    partial_rotary_factor: float = 1.0
+    rotary_dim: int | None = None  # some ports write it; must equal head_dim * partial_rotary_factor
+    num_experts: int | None = 8
+    num_shared_experts: int | None = None
+    num_experts_per_tok: int = 2
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    norm_topk_prob: bool = True
+    score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    use_sliding_window: bool = False
+    mask_token_id: int = 1
+    eos_token_id: int = 0
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                                 f"({self.num_attention_heads}) when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        check_positive_ints(self, ("head_dim",))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope scaling (rope_type {rope_type!r}) is not supported; only plain (default) RoPE")
+        if self.use_sliding_window:
+            raise ValueError("use_sliding_window=true is not supported; LLaDA2 attends over the whole window")
+        if self.score_function != "sigmoid":
+            raise ValueError(f"score_function {self.score_function!r} is not supported; the LLaDA2 router "
+                             "scores experts with a sigmoid")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        rd = int(self.head_dim * self.partial_rotary_factor)
+        if rd < 2 or rd % 2:
+            raise ValueError(f"the rotary dimension head_dim * partial_rotary_factor = {rd} must be even and >= 2")
+        if self.rotary_dim is not None and self.rotary_dim != rd:
+            raise ValueError(f"rotary_dim {self.rotary_dim} disagrees with head_dim * partial_rotary_factor = {rd}")
+        self.rotary_dim = rd
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
+        if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
+            raise ValueError(f"first_k_dense_replace must be an integer >= 0, got {self.first_k_dense_replace!r}")
+        if self.num_shared_experts == 0:
+            self.num_shared_experts = None
+        if self.has_moe:
+            check_positive_ints(self, ("num_experts", "num_experts_per_tok", "n_group", "topk_group",
+                                       "moe_intermediate_size"))
+            if self.num_shared_experts is not None:
+                check_positive_ints(self, ("num_shared_experts",))
+            if self.num_experts % self.n_group:
+                raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+            if self.num_experts // self.n_group < 2:
+                raise ValueError(f"each of the n_group={self.n_group} expert groups needs >= 2 experts (a group "
+                                 "scores the sum of its two best experts)")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+            if self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts of the "
+                                 f"topk_group={self.topk_group} eligible groups")
+            if not self.routed_scaling_factor > 0:
+                raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
+        if self.mask_token_id == self.eos_token_id:
+            raise ValueError(f"mask_token_id and eos_token_id are both {self.mask_token_id}; they must differ")
+
+    @property
+    def has_moe(self) -> bool:
+        return self.num_experts is not None and self.first_k_dense_replace < self.num_hidden_layers
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts is not None and i >= self.first_k_dense_replace
+
+    # The names the shared decoding code reads (runner, meter, caches).
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def embedding_size(self) -> int:
+        return self.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def weight_tying(self) -> bool:
+        return self.tie_word_embeddings
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "LLaDA2MoeConfig":
+        """Read a published LLaDA2 config.json; unknown keys are kept in `extra`."""
+        if d.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"config lacks LLaDA2 keys {missing}")
+        if d.get("num_experts") is not None and d.get("moe_intermediate_size") is None:
+            raise ValueError("config has num_experts but no moe_intermediate_size")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: d[k] for k in known if k in d and d[k] is not None}
+        if "num_experts" in d and d["num_experts"] is None:
+            kw["num_experts"] = None  # a dense model: no MoE layer at all
+        if "num_key_value_heads" not in kw:
+            kw["num_key_value_heads"] = d["num_attention_heads"]
+        eos = kw.get("eos_token_id")
+        if isinstance(eos, list):
+            if not eos:
+                raise ValueError("eos_token_id is an empty list")
+            kw["eos_token_id"] = eos[0]
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        return cls(**kw)
+
+
+def block_causal_mask(q_positions: Tensor, k_positions: Tensor, block_length: int) -> Tensor:
+    """(Q, K) bool: query column i may attend to key column j iff j's block <= i's block, blocks of
+    `block_length` columns counted from column 0 (the published sampler's mask)."""
+    return (k_positions[None, :] // block_length) <= (q_positions[:, None] // block_length)
+
+
+class LLaDA2MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class LLaDA2Gate(nn.Module):
+    """The router's parameters: `weight` (E, hidden) and the persistent buffer `expert_bias` (E)."""
+
+    def __init__(self, cfg: LLaDA2MoeConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+
+
+def route(x: Tensor, weight: Tensor, expert_bias: Tensor, cfg: LLaDA2MoeConfig) -> tuple[Tensor, Tensor]:
+    """(expert ids (N, k), mixing weights (N, k) fp32) for tokens x (N, hidden): sigmoid scores,
+    biased group-limited top-k choice, unbiased normalised weights times the scaling factor."""
+    scores = torch.sigmoid(F.linear(x.float(), weight.float()))
+    biased = scores + expert_bias.float()
+    N = x.shape[0]
+    group_best2 = biased.view(N, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)  # (N, n_group)
+    keep_groups = group_best2.topk(cfg.topk_group, dim=-1).indices
+    eligible = torch.zeros_like(group_best2, dtype=torch.bool).scatter_(1, keep_groups, True)
+    eligible = eligible.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1)
+    ids = biased.masked_fill(~eligible, -torch.inf).topk(cfg.num_experts_per_tok, dim=-1).indices
+    w = scores.gather(1, ids)
+    if cfg.num_experts_per_tok > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids, w * cfg.routed_scaling_factor
+
+
+class LLaDA2SparseMoe(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleList(LLaDA2MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.num_experts))
+        self.gate = LLaDA2Gate(cfg)
+        if cfg.num_shared_experts is not None:
+            self.shared_experts = LLaDA2MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, w = route(flat, self.gate.weight, self.gate.expert_bias, self.cfg)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        for e in ids.unique().tolist():  # only the experts some token chose run
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            y = self.experts[e](flat[rows])
+            out.index_add_(0, rows, y.float() * w[rows, slot, None])
+        y = out.to(x.dtype).view(shape)
+        if self.cfg.num_shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class LLaDA2Attention(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, (H + 2 * Hkv) * D, bias=cfg.use_qkv_bias)
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.dense = nn.Linear(H * D, cfg.hidden_size, bias=cfg.use_bias)
+
+    def _rope(self, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        rd = self.cfg.rotary_dim
+        if rd == t.shape[-1]:
+            return apply_rope(t, cos, sin)
+        return torch.cat([apply_rope(t[..., :rd], cos, sin), t[..., rd:]], dim=-1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int,
+                kv_cache: Any) -> Tensor:
+        cfg = self.cfg
+        B, Q, _ = x.shape
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = self.query_key_value(x).view(B, Q, H + 2 * Hkv, cfg.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([H, Hkv, Hkv], dim=2))
+        if cfg.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        return self.dense(attend(q, k, v, mask, False, layer, kv_cache))
+
+
+class LLaDA2DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig, index: int):
+        super().__init__()
+        self.attention = LLaDA2Attention(cfg)
+        self.mlp = LLaDA2SparseMoe(cfg) if cfg.is_moe_layer(index) else LLaDA2MLP(cfg.hidden_size,
+                                                                                   cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, layer: int,
+                kv_cache: Any) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, mask, layer, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaDA2MoeModel(TransformerLM):
+    """LLaDA2 MoE with the published module names (`model.word_embeddings`, `model.layers.{i}.attention.*`,
+    `model.layers.{i}.mlp.*`, `model.norm`, `lm_head`). `logits[:, i]` predicts token i."""
+
+    logits_shifted = False
+    block_causal = True  # decoded only by the block-causal sampler (`decoding/llada2.py`)
+
+    def __init__(self, cfg: LLaDA2MoeConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(LLaDA2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._init_unless_meta()
+
+    def parts(self) -> LMParts:
+        cfg = self.config
+        return LMParts(self.model.word_embeddings, self.model.layers, self.model.norm,
+                       None if cfg.tie_word_embeddings else self.lm_head, cfg.num_attention_heads * cfg.head_dim)
+
+    def active_params(self) -> int:
+        """Parameters one token goes through: every routed expert a token does not use is left out."""
+        cfg = self.config
+        n = self.num_params()
+        if cfg.num_experts is not None:
+            per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+            n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+            n -= n_moe * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+        return n
+
+    def forward_flops(self, n_query: int, n_keys: int) -> float:
+        """2·active params·tokens (a token runs only its chosen experts) plus the attention term."""
+        p = self.parts()
+        return 2.0 * self.active_params() * n_query + 4.0 * len(p.blocks) * p.attn_dim * n_query * n_keys
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
+                kv_cache: Any = None, output_hidden_states: bool = False) -> ModelOutput:
+        """input_ids (B, Q); positions (Q,) or (B, Q), default 0..Q-1; attention_mask a bool mask over
+        the keys attended (cached keys first, then the fed ones), (Q, K) or (B, Q, K), True = attend, or
+        None for all of them (`block_causal_mask` builds the published one); kv_cache a
+        `layers.KVCacheHook` (`decoding.llada2.BlockKVCache`)."""
+        B, Q = input_ids.shape
+        if positions is None:
+            positions = torch.arange(Q, device=input_ids.device)
+        elif tuple(positions.shape) not in ((Q,), (B, Q)):
+            raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
+                             f"got {tuple(positions.shape)}")
+        cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() not in (2, 3) or attention_mask.shape[-2] != Q:
+                raise ValueError(f"attention_mask must be (Q, K) or (B, Q, K) with Q = {Q}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(torch.bool)
+            mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
+        keep = range(len(self.model.layers) + 1) if output_hidden_states else ()
+        logits, states = self.run_blocks(input_ids, cos, sin, mask, False, kv_cache, keep)
+        return ModelOutput(logits=logits, hidden_states=tuple(states.values()) if output_hidden_states else None)
+
+
+# ---------------------------------------------------------------- loading
+
+def _on_meta(cfg: LLaDA2MoeConfig) -> LLaDA2MoeModel:
+    from .dream import _no_init
+
+    with _no_init(), torch.device("meta"):
+        return LLaDA2MoeModel(cfg)
+
+
+def parse_config(path: Path, raw: dict[str, Any], tok: Tokenizer) -> LLaDA2MoeConfig:
+    """The config of a checkpoint directory, special ids completed from the tokenizer files
+    (`mask_token_id` is not always in config.json; the tokenizer names `<|mask|>`)."""
+    from .dream import special_ids_from_files
+
+    ids = {k: v for k, v in special_ids_from_files(path, raw, tok).items() if k in ("mask_token_id", "eos_token_id")}
+    for key in ("mask_token_id", "eos_token_id"):
+        if raw.get(key) is None and key not in ids:
+            raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
+                                  f"name no such token; add {key} to config.json")
+    try:
+        return LLaDA2MoeConfig.from_hf_dict({**raw, **ids})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+
+
+def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
+                dtype: str | torch.dtype | None = None) -> tuple[LLaDA2MoeModel, Tokenizer]:
+    """Load a LLaDA2 MoE directory (config.json, sharded or single safetensors, tokenizer.json).
+
+    dtype None / "auto": bfloat16 on CUDA, float32 on CPU. Every tensor's name and shape is checked
+    against the headers before any weight is read; peak memory is the weights plus one tensor."""
+    from .dream import iter_safetensors, read_safetensors_headers
+
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    raw = read_config(path)
+    if not is_llada2_config(raw):
+        raise CheckpointError(f"{path}/config.json has model_type {raw.get('model_type')!r}, not {MODEL_TYPE!r}")
+    tok = load_tokenizer(path)
+    cfg = parse_config(path, raw, tok)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
+                              "the tokenizer.json does not belong to this model")
+    entries = read_safetensors_headers(path)
+    entries = {k: v for k, v in entries.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        entries.pop("lm_head.weight", None)
+    model = _on_meta(cfg)
+    expected = model.state_dict()
+    shapes = {k: torch.empty([int(s) for s in info["shape"]], device="meta") for k, (_, info, _) in entries.items()}
+    if not cfg.moe_router_enable_expert_bias:  # no bias trained: a checkpoint may leave the (zero) buffer out
+        for k in expected:
+            if k.endswith("mlp.gate.expert_bias") and k not in shapes:
+                shapes[k] = expected[k]
+    check_state(expected, shapes, path)
+    weights = dict(iter_safetensors(entries, dtype=dt, device=dev))
+    for k in expected:
+        if k not in weights:  # the absent expert biases
+            weights[k] = torch.zeros(expected[k].shape, dtype=dt, device=dev)
+    model.load_state_dict(weights, assign=True)
+    return model.eval(), tok
