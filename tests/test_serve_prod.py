@@ -389,6 +389,119 @@ def test_every_request_gets_an_id_and_one_access_log_line(guarded):
     assert len([line for line in lines if "request_id=trace.abc-123_x " in line]) == 1
 
 
+# ---------------------------------------------------------------- aborts: disconnects and timeouts
+
+
+@pytest.fixture(scope="module")
+def held():
+    """A server whose batches start only when full (3 rows): a collection window of 10^5 s."""
+    srv = Server("--method", "vanilla", "--gen-length", "32", "--batch-window", "100000", "--max-batch", "3",
+                 "--max-queue", "3")
+    yield srv
+    srv.stop()
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_a_client_that_leaves_the_queue_frees_its_capacity_at_once(held, model):
+    before = held.health()["stats"]
+    # X: a stream of 2 rows, queued (the window waits for a third row)
+    conn = http.client.HTTPConnection("127.0.0.1", held.port)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "llada-arith", "prompt": [Q0, Q1], "stream": True}),
+                 {"Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    wait_until(lambda: held.health()["queue_rows"] == 2)
+    two_rows = {"model": "llada-arith", "prompt": [Q1, Q0]}
+    status, _, raw = held.post("/v1/completions", two_rows)
+    assert status == 429 and openai_error(raw)["code"] == "queue_full"  # 2 + 2 > --max-queue 3
+    conn.close()  # X hangs up while queued: its rows leave the queue now, not when a batch would take them
+    wait_until(lambda: held.health()["queue_rows"] == 0)
+    assert held.health()["stats"]["cancelled"] == before["cancelled"] + 1
+    # the freed capacity takes a new request; a third row fills the batch, and both answers are generate's
+    t_two, box_two = _in_thread(lambda: held.post("/v1/completions", two_rows))
+    wait_until(lambda: held.health()["queue_rows"] == 2 or "error" in box_two)
+    t_one, box_one = _in_thread(lambda: held.post("/v1/completions", {"model": "llada-arith", "prompt": Q0}))
+    t_two.join()
+    t_one.join()
+    status_two, _, raw_two = box_two["result"]
+    status_one, _, raw_one = box_one["result"]
+    assert (status_two, status_one) == (200, 200), (raw_two, raw_one)
+    ref0 = reference(model, Q0, method="vanilla", gen_length=32)
+    ref1 = reference(model, Q1, method="vanilla", gen_length=32)
+    assert [c["text"] for c in json.loads(raw_two)["choices"]] == [ref1, ref0]
+    assert json.loads(raw_one)["choices"][0]["text"] == ref0
+    assert json.loads(raw_one)["usage"]["diffspec"]["batch_rows"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_timeout_gets_408_and_leaves_the_queue(held, stream):
+    # queued behind the held window, it cannot finish, whatever the machine's speed
+    status, _, raw = held.post("/v1/completions", {"model": "llada-arith", "prompt": Q0, "timeout": 0.2,
+                                                   "stream": stream})
+    if stream:
+        assert status == 200
+        events = [json.loads(line[6:]) for line in raw.decode().splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        err = events[-1]["error"]
+        assert raw.decode().rstrip().endswith("data: [DONE]")
+    else:
+        assert status == 408
+        err = openai_error(raw)
+    assert (err["code"], err["param"]) == ("request_timeout", "timeout") and "0.2 s" in err["message"]
+    wait_until(lambda: held.health()["queue_rows"] == 0)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "5", True, float("inf")])
+def test_a_bad_timeout_is_a_400(held, timeout):
+    body = json.dumps({"model": "llada-arith", "prompt": Q0, "timeout": timeout}).encode()  # inf -> Infinity
+    status, _, raw = held.post("/v1/completions", body)
+    err = openai_error(raw)
+    assert (status, err["param"]) == (400, "timeout"), err
+
+
+def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(model):
+    """One block of 64 cells (so a row can leave only in the middle of a block) and 3 rows that start
+    together. X hangs up once the batch has started; its row must leave the canvas before the batch ends,
+    and the other two answers must be exactly what `generate` gives each alone. (The batch, 64 forwards of
+    3 rows, runs for far longer than the server takes to notice a closed socket; that is the one ordering
+    this test assumes, as test_serve.py's disconnect test does.)"""
+    opts = dict(method="vanilla", gen_length=64, block_length=64, steps=64)
+    srv = Server("--method", "vanilla", "--gen-length", "64", "--block-length", "64", "--steps", "64",
+                 "--batch-window", "100000", "--max-batch", "3")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "llada-arith", "prompt": QUESTIONS[2],
+                                                            "stream": True}), {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        wait_until(lambda: srv.health()["queue_rows"] == 1)
+        threads = [_in_thread(lambda q=q: srv.post("/v1/completions", {"model": "llada-arith", "prompt": q}))
+                   for q in (Q0, Q1)]
+        wait_until(lambda: srv.health()["stats"]["batches"] == 1)  # the three rows are decoding
+        conn.close()
+        for t, _ in threads:
+            t.join()
+        stats = srv.health()["stats"]
+        # X's row left the canvas while the other two went on decoding (in its only block: at a step)
+        assert stats["rows_left_early"] == 1 and stats["freed_rows"] == 1, stats
+        for (_, box), q in zip(threads, (Q0, Q1)):
+            status, _, raw = box["result"]
+            assert status == 200 and json.loads(raw)["choices"][0]["text"] == reference(model, q, **opts)
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- options are checked before loading
 
 

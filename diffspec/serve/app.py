@@ -321,30 +321,58 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                 metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
         return observe
 
+    def deadline_of(request: Request, plan: RequestPlan) -> float | None:
+        """perf_counter time at which the request's `timeout` (seconds from its arrival) runs out."""
+        if plan.timeout is None:
+            return None
+        return request.scope.get("state", {}).get("t0", time.perf_counter()) + plan.timeout
+
+    def timed_out(job: Job, plan: RequestPlan) -> ApiError:
+        service.engine.cancel(job)  # its rows leave the canvas / the queue
+        return ApiError(408, f"the request did not finish within its timeout ({plan.timeout:g} s); its decoding "
+                             "was stopped", "timeout_error", "timeout", "request_timeout")
+
+    async def next_event(job: Job, deadline: float | None, poll: float | None = None) -> tuple | None:
+        """The job's next event; None when `poll` seconds (or the time left to `deadline`) pass first."""
+        wait = poll
+        if deadline is not None:
+            left = max(0.0, deadline - time.perf_counter())
+            wait = left if wait is None else min(wait, left)
+        if wait is None:
+            return await job.events.get()
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=wait)
+        except asyncio.TimeoutError:
+            return None
+
     async def handle(request: Request, chat: bool):
         body = await body_of(request)
         job, plan = service.job(body, chat)
         service.engine.submit(job)  # 429 here when the queue is full
         rid, created = new_id(chat), now()
         headers = {"X-Diffspec-Method": plan.method, "X-Diffspec-Gen-Length": str(plan.gen_length)}
+        deadline = deadline_of(request, plan)
         if plan.stream:
-            return StreamingResponse(_stream(job, plan, rid, created, chat, first_text(request, chat)),
+            return StreamingResponse(_stream(job, plan, rid, created, chat, first_text(request, chat), deadline),
                                      media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
-        return await _collect(request, job, plan, rid, created, chat, headers)
+        return await _collect(request, job, plan, rid, created, chat, headers, deadline)
 
     async def _collect(request: Request, job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
-                       headers: dict[str, str]):
+                       headers: dict[str, str], deadline: float | None):
         texts = [""] * job.n_choices
         reasons: list[str | None] = [None] * job.n_choices
         ttft = first_text(request, chat)
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                ev = await next_event(job, deadline, poll=0.5)
+                if ev is None:
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        if not job.done:
+                            return _error_response(timed_out(job, plan))
+                        deadline = None  # it finished just in time: its last events are on their way
                     if await request.is_disconnected():
-                        job.cancel()
+                        service.engine.cancel(job)
                         return JSONResponse({}, status_code=499)
                     continue
                 if ev[0] in ("delta", "finish"):
@@ -360,7 +388,7 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                     break
         finally:
             if not job.done:
-                job.cancel()
+                service.engine.cancel(job)
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": service.model_id, "choices": [_choice(chat, i, t, r) for i, (t, r) in
                                                         enumerate(zip(texts, reasons))],
@@ -368,14 +396,21 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         return JSONResponse(body, headers=headers)
 
     async def _stream(job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
-                      ttft: Any) -> AsyncIterator[str]:
+                      ttft: Any, deadline: float | None) -> AsyncIterator[str]:
         model_id, usage_field = service.model_id, plan.include_usage
         try:
             if chat:
                 for i in range(job.n_choices):
                     yield _sse(_chunk(rid, created, model_id, chat, i, None, role=True, usage=usage_field))
             while True:
-                ev = await job.events.get()
+                ev = await next_event(job, deadline)
+                if ev is None:  # the request's timeout passed
+                    if job.done:
+                        deadline = None  # it finished just in time: its last events are on their way
+                        continue
+                    yield _sse(timed_out(job, plan).body())
+                    yield "data: [DONE]\n\n"
+                    return
                 if ev[0] in ("delta", "finish"):
                     ttft()
                 if ev[0] == "delta":
@@ -396,7 +431,7 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                     return
         finally:  # the client went away (the task is cancelled) or the stream ended
             if not job.done:
-                job.cancel()
+                service.engine.cancel(job)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

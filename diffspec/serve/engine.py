@@ -311,6 +311,7 @@ class EngineStats:
     rejected: int = 0
     cancelled: int = 0  # jobs whose client left while they waited in the queue
     freed_rows: int = 0  # canvas rows that stopped being decoded early because their client left
+    rows_left_early: int = 0  # freed rows taken out of a running canvas while its other rows went on decoding
     max_rows_in_batch: int = 0
     tokens_generated: int = 0  # each decoded row's answer through its first EOS or stop string (see above)
     busy_seconds: float = 0.0
@@ -378,6 +379,21 @@ class Engine:
             self.queued_rows += job.n_rows
             self.stats.requests += 1
             self.cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client left or its request's timeout passed: the job's rows stop being decoded (they leave a
+        running canvas at its next step or block start, see `_run_blocks`), and a job still in the queue
+        leaves it now, so its rows free the queue's capacity at once."""
+        job.cancel()
+        with self.cond:
+            q = self.queues.get(job.key)
+            if q is not None and any(j is job for j in q):
+                q.remove(job)
+                self.queued_rows -= job.n_rows
+                self.stats.cancelled += 1
+                if not q:
+                    del self.queues[job.key]
+                self.cond.notify_all()
 
     def queue_depth(self) -> int:
         with self.cond:
@@ -568,7 +584,9 @@ class Engine:
             batch.feed(row, gen[i, :f].tolist(), complete or f == L)
 
     def _run_blocks(self, batch: Batch) -> None:
-        """vanilla / fast-dllm / dkv-cache: BlockDecoder one step at a time; done rows leave at block starts."""
+        """vanilla / fast-dllm / dkv-cache: BlockDecoder one step at a time; done rows (answer complete,
+        client gone, timeout) leave the canvas at the next step without a cache, at the next block start
+        with a cache rebuilt there."""
         from ..decoding.diffusion import BlockDecoder
 
         cfg: DecodeConfig = batch.cfg
@@ -580,30 +598,40 @@ class Engine:
         # Rows may leave only where that changes nothing for the others: a cache rebuilt at every
         # block start, and no random draws (their order depends on the batch's shape).
         droppable = cfg.cache in ROW_DROP_CACHES and not batch.sampled
+        # Without a cache a decoder's whole state is the canvas, the block and the step in it (no random
+        # draws here), so rows may also leave in the middle of a block.
+        every_step = droppable and cfg.cache == "none"
         while not all(r.done for r in live):
             b = decoder.current_block()
             if b is None:
                 break
-            if b != decoder.block and droppable:
+            if droppable and (b != decoder.block or every_step):
                 keep = [i for i, r in enumerate(live) if not r.done]
                 if len(keep) < len(live):
-                    self._free(live)
+                    self.stats.rows_left_early += self._free(live)
                     idx = torch.tensor(keep, device=canvas.x.device)
                     canvas = Canvas(canvas.x[idx].clone(), canvas.attention_mask[idx].clone(), canvas.prompt_len,
                                     canvas.gen_length, canvas.mask_id)
                     live = [live[i] for i in keep]
-                    decoder = BlockDecoder(metered, canvas, cfg, generator)
+                    old, decoder = decoder, BlockDecoder(metered, canvas, cfg, generator)
+                    if b == old.block:  # mid-block (no cache): go on at the same step of the same block
+                        decoder.block, decoder.step_in_block = b, old.step_in_block
+                        decoder.cache.begin_block(*canvas.block_bounds(b, cfg.block_length))
             decoder.step()
             self._publish(batch, canvas, live)
         self._free(live)
         self._publish(batch, canvas, live, complete=True)
 
-    def _free(self, rows: list[Row]) -> None:
-        """Count the rows among `rows` that stop being decoded because their client left."""
+    def _free(self, rows: list[Row]) -> int:
+        """Count the rows among `rows` that stop being decoded because their client left (or their
+        request's timeout passed); how many there were."""
+        n = 0
         for r in rows:
             if r.job.cancelled and not r.freed and not all(r.job.streams[c].finished for c in r.choices):
                 r.freed = True
                 self.stats.freed_rows += 1
+                n += 1
+        return n
 
     def _observer(self, batch: Batch, canvas: Canvas, final_at: Callable[[str], bool]) -> Callable:
         """A model wrapper's `before`: publish the final prefixes, and end the loop once every row is done."""

@@ -37,7 +37,10 @@ class _EngineCollector:
         ("decode_errors", "errors", "Requests whose decoding failed"),
         ("batches", "batches", "Batches started"),
         ("rows", "rows", "Canvas rows decoded"),
-        ("freed_rows", "freed_rows", "Rows that stopped being decoded early because their client left"),
+        ("freed_rows", "freed_rows", "Rows that stopped being decoded early because their client left or their "
+         "request's timeout passed"),
+        ("rows_left_early", "rows_left_early", "Freed rows taken out of a running canvas while its other rows "
+         "went on decoding"),
         ("forwards", "forwards", "Model forwards (every model of a method: target, drafters, verifier)"),
         ("tokens_generated", "tokens_generated",
          "Tokens generated: each decoded row's answer through its first EOS (included) or stop string"),

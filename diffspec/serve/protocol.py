@@ -111,6 +111,7 @@ class RequestPlan:
     include_usage: bool
     gen_length: int
     info: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None  # seconds from the request's arrival; then its rows stop and it gets 408
 
 
 class RequestParser:
@@ -314,7 +315,12 @@ class RequestParser:
         if rows > self.max_batch:
             raise bad_request(f"{len(prompts)} prompt(s) × n={n} = {rows} choices is more than the server decodes "
                               f"in one batch ({self.max_batch}, diffspec serve --max-batch)", "n")
-        return RequestPlan(method, cfg, prompts, n, stops, stream, include_usage, int(cfg.gen_length), info)
+        timeout = body.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise bad_request(f"timeout must be a number of seconds > 0, got {timeout!r}", "timeout")
+        return RequestPlan(method, cfg, prompts, n, stops, stream, include_usage, int(cfg.gen_length), info,
+                           float(timeout) if timeout is not None else None)
 
 
 # ---------------------------------------------------------------- response shapes
