@@ -39,7 +39,7 @@ As in the reference, the mask token itself may be proposed (a cell that gets it 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, max_positions, model_device, run_prompts
 
 __all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
-           "sample_candidates", "CACHES"]
+           "sample_candidates", "threshold_or_topk", "decode_block_causal_row", "CACHES"]
 
 CACHES = ("auto", "block", "none")
 
@@ -194,54 +194,83 @@ def _block_causal(q_pos: Tensor, k_pos: Tensor, block_length: int) -> Tensor:
     return block_causal_mask(q_pos, k_pos, block_length)
 
 
-def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2DecodeConfig, mask_id: int,
-                      eos_id: int, generator: torch.Generator | None, device: torch.device) -> list[int]:
-    """Decode one prompt; returns its `gen_length` generated ids (EOS after the first EOS)."""
-    P, L, G = len(prompt), cfg.block_length, cfg.gen_length
+def threshold_or_topk(conf: Tensor, active: Tensor, k: int, threshold: float) -> Tensor:
+    """LLaDA2's (and SDAR's low_confidence_dynamic) rule: every masked cell above `threshold` when
+    there are at least k of them, else the k most confident masked cells."""
+    high = conf > threshold
+    if int(high.sum()) >= k:
+        return high
+    chosen = torch.zeros_like(active)
+    chosen[conf.topk(min(k, int(active.sum()))).indices] = True
+    return chosen
+
+
+def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block_length: int, gen_length: int,
+                            schedule: Sequence[int], choose: Callable[[Tensor, Tensor, int], Tensor],
+                            sample: Callable[[Tensor], tuple[Tensor, Tensor]], stop_ids: Collection[int],
+                            early_stop: bool, cache: bool, mask_id: int, device: torch.device) -> list[int]:
+    """The block-diffusion loop shared by LLaDA2's and SDAR's samplers, for one prompt.
+
+    Blocks of `block_length` columns from column 0; the prompt's last partial block is the first
+    one decoded. Each block runs at most len(schedule) steps: a forward, `sample` (candidates and
+    their probabilities for the block's cells), `choose(conf, active, k)` (conf is -inf off the
+    masked cells; k = schedule[step]) and the commit; a block ends when it has no masked cell.
+    After a block, decoding stops if a stop id appears in the generated columns; with
+    `early_stop`, also mid-block once a committed stop id has no masked cell before it.
+    `cache`: the exact K/V cache of finished blocks (else the reference's full recompute).
+    Returns the `gen_length` generated ids, stop id repeated after the first one."""
+    P, L, G = len(prompt), block_length, gen_length
     n_blocks = -(-(P + G) // L)
     x = torch.full((n_blocks * L,), mask_id, dtype=torch.long, device=device)
     x[:P] = torch.tensor(list(prompt), dtype=torch.long, device=device)
     positions = torch.arange(n_blocks * L, device=device)
-    schedule = even_schedule(L, cfg.steps_per_block)
-    cache = BlockKVCache(model.config.n_layers) if cfg.cache == "block" else None
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    kv = BlockKVCache(model.config.n_layers) if cache else None
     stopped = False
     for b in range(P // L, n_blocks):
         s, e = b * L, (b + 1) * L
-        for step, k in enumerate(schedule):
+        for k in schedule:
             active = x[s:e] == mask_id
             if not active.any():
                 break
-            if cache is None:  # the reference: the whole window, block-causal
+            if kv is None:  # the reference: the whole window, block-causal
                 pos = positions[:e]
                 out = model(x[None, :e], positions=pos, attention_mask=_block_causal(pos, pos, L)[None])
             else:
-                start = cache.length  # < s only at a block's first step: finished columns to store
+                start = kv.length  # < s only at a block's first step: finished columns to store
                 pos = positions[start:e]
                 mask = None if start == s else _block_causal(pos, positions[:e], L)
-                cache.commit(s - start)
-                out = model(x[None, start:e], positions=pos, attention_mask=mask, kv_cache=cache)
-            tokens, probs = sample_candidates(out.logits[0, -L:], cfg, generator)
+                kv.commit(s - start)
+                out = model(x[None, start:e], positions=pos, attention_mask=mask, kv_cache=kv)
+            tokens, probs = sample(out.logits[0, -L:])
             conf = torch.where(active, probs, torch.tensor(-torch.inf, device=device))
-            high = conf > cfg.threshold
-            if int(high.sum()) >= k:
-                chosen = high
-            else:
-                chosen = torch.zeros_like(active)
-                chosen[conf.topk(min(k, int(active.sum()))).indices] = True
+            chosen = choose(conf, active, k)
             x[s:e] = torch.where(chosen, tokens, x[s:e])
-            if cfg.eos_early_stop and bool((tokens[chosen] == eos_id).any()):
+            if early_stop and bool(torch.isin(tokens[chosen], stops).any()):
                 gen = x[P:e]
-                first = int((gen == eos_id).nonzero()[0])
+                first = int(torch.isin(gen, stops).nonzero()[0])
                 if not bool((gen[:first] == mask_id).any()):
                     stopped = True
                     break
-        if stopped or bool((x[P:e] == eos_id).any()):
+        if stopped or bool(torch.isin(x[P:e], stops).any()):
             break
     out_ids = x[P:P + G].clone()
-    eos_at = (out_ids == eos_id).nonzero()
-    if len(eos_at):
-        out_ids[int(eos_at[0]) + 1:] = eos_id
+    at = torch.isin(out_ids, stops).nonzero()
+    if len(at):
+        first = int(at[0])
+        out_ids[first + 1:] = out_ids[first]
     return out_ids.tolist()
+
+
+def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2DecodeConfig, mask_id: int,
+                      eos_id: int, generator: torch.Generator | None, device: torch.device) -> list[int]:
+    """Decode one prompt with LLaDA2's rules; returns its `gen_length` generated ids."""
+    return decode_block_causal_row(
+        model, prompt, block_length=cfg.block_length, gen_length=cfg.gen_length,
+        schedule=even_schedule(cfg.block_length, cfg.steps_per_block),
+        choose=lambda conf, active, k: threshold_or_topk(conf, active, k, cfg.threshold),
+        sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=(eos_id,),
+        early_stop=cfg.eos_early_stop, cache=cfg.cache == "block", mask_id=mask_id, device=device)
 
 
 @torch.inference_mode()

@@ -402,23 +402,31 @@ class LLaDA2MoeModel(TransformerLM):
         the keys attended (cached keys first, then the fed ones), (Q, K) or (B, Q, K), True = attend, or
         None for all of them (`block_causal_mask` builds the published one); kv_cache a
         `layers.KVCacheHook` (`decoding.llada2.BlockKVCache`)."""
-        B, Q = input_ids.shape
-        if positions is None:
-            positions = torch.arange(Q, device=input_ids.device)
-        elif tuple(positions.shape) not in ((Q,), (B, Q)):
-            raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
-                             f"got {tuple(positions.shape)}")
-        cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() not in (2, 3) or attention_mask.shape[-2] != Q:
-                raise ValueError(f"attention_mask must be (Q, K) or (B, Q, K) with Q = {Q}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            mask = attention_mask.to(torch.bool)
-            mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
-        keep = range(len(self.model.layers) + 1) if output_hidden_states else ()
-        logits, states = self.run_blocks(input_ids, cos, sin, mask, False, kv_cache, keep)
-        return ModelOutput(logits=logits, hidden_states=tuple(states.values()) if output_hidden_states else None)
+        return masked_forward(self, input_ids, positions, attention_mask, kv_cache, output_hidden_states,
+                              self.config.rotary_dim)
+
+
+def masked_forward(model: TransformerLM, input_ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None,
+                   kv_cache: Any, output_hidden_states: bool, rotary_dim: int) -> ModelOutput:
+    """The forward of the block-causal models (LLaDA2, SDAR): RoPE over `rotary_dim` channels, any bool
+    attention mask over the keys (or none), an optional KV-cache hook; logits not shifted."""
+    B, Q = input_ids.shape
+    if positions is None:
+        positions = torch.arange(Q, device=input_ids.device)
+    elif tuple(positions.shape) not in ((Q,), (B, Q)):
+        raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
+                         f"got {tuple(positions.shape)}")
+    cos, sin = rope_cos_sin(positions, rotary_dim, model.config.rope_theta)
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() not in (2, 3) or attention_mask.shape[-2] != Q:
+            raise ValueError(f"attention_mask must be (Q, K) or (B, Q, K) with Q = {Q}, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask.to(torch.bool)
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
+    keep = range(len(model.parts().blocks) + 1) if output_hidden_states else ()
+    logits, states = model.run_blocks(input_ids, cos, sin, mask, False, kv_cache, keep)
+    return ModelOutput(logits=logits, hidden_states=tuple(states.values()) if output_hidden_states else None)
 
 
 # ---------------------------------------------------------------- loading
@@ -452,8 +460,6 @@ def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
 
     dtype None / "auto": bfloat16 on CUDA, float32 on CPU. Every tensor's name and shape is checked
     against the headers before any weight is read; peak memory is the weights plus one tensor."""
-    from .dream import iter_safetensors, read_safetensors_headers
-
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -465,21 +471,30 @@ def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
                               "the tokenizer.json does not belong to this model")
+    model = load_checked(path, _on_meta(cfg), dt, dev, tied_head=cfg.tie_word_embeddings,
+                         optional=() if cfg.moe_router_enable_expert_bias else ("mlp.gate.expert_bias",))
+    return model, tok
+
+
+def load_checked(path: Path, model: nn.Module, dt: torch.dtype, dev: torch.device, tied_head: bool = False,
+                 optional: tuple[str, ...] = ()) -> Any:
+    """Assign a meta-device `model` its weights from `path`'s safetensors (single or sharded): every
+    tensor name and shape checked against the headers first, then one tensor read at a time in the
+    target dtype. Weights whose names end with an `optional` suffix may be absent (zeros)."""
+    from .dream import iter_safetensors, read_safetensors_headers
+
     entries = read_safetensors_headers(path)
     entries = {k: v for k, v in entries.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
+    if tied_head:
         entries.pop("lm_head.weight", None)
-    model = _on_meta(cfg)
     expected = model.state_dict()
     shapes = {k: torch.empty([int(s) for s in info["shape"]], device="meta") for k, (_, info, _) in entries.items()}
-    if not cfg.moe_router_enable_expert_bias:  # no bias trained: a checkpoint may leave the (zero) buffer out
-        for k in expected:
-            if k.endswith("mlp.gate.expert_bias") and k not in shapes:
-                shapes[k] = expected[k]
+    absent = [k for k in expected if k not in shapes and k.endswith(optional)] if optional else []
+    for k in absent:
+        shapes[k] = expected[k]
     check_state(expected, shapes, path)
     weights = dict(iter_safetensors(entries, dtype=dt, device=dev))
-    for k in expected:
-        if k not in weights:  # the absent expert biases
-            weights[k] = torch.zeros(expected[k].shape, dtype=dt, device=dev)
+    for k in absent:
+        weights[k] = torch.zeros(expected[k].shape, dtype=dt, device=dev)
     model.load_state_dict(weights, assign=True)
-    return model.eval(), tok
+    return model.eval()
