@@ -471,15 +471,20 @@ def test_a_bad_timeout_is_a_400(held, timeout):
     assert (status, err["param"]) == (400, "timeout"), err
 
 
-def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(model):
-    """One block of 64 cells (so a row can leave only in the middle of a block) and 3 rows that start
-    together. X hangs up once the batch has started; its row must leave the canvas before the batch ends,
+@pytest.mark.parametrize("method,cache,extra", [
+    ("vanilla", "none", {}),
+    ("fast-dllm", "dual", {"policy": "schedule"}),
+    ("dkv-cache", "dkv-decode", {}),
+])
+def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(model, method, cache, extra):
+    """One block of 64 cells (so a row can leave only in the middle of a block, with its cache's state
+    cut down to the other rows) and 3 rows that start together. X hangs up once the batch has started; its row must leave the canvas before the batch ends,
     and the other two answers must be exactly what `generate` gives each alone. (The batch, 64 forwards of
     3 rows, runs for far longer than the server takes to notice a closed socket; that is the one ordering
     this test assumes, as test_serve.py's disconnect test does.)"""
-    opts = dict(method="vanilla", gen_length=64, block_length=64, steps=64)
-    srv = Server("--method", "vanilla", "--gen-length", "64", "--block-length", "64", "--steps", "64",
-                 "--batch-window", "100000", "--max-batch", "3")
+    opts = dict(method=method, gen_length=64, block_length=64, steps=64, cache=cache, **extra)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    srv = Server(*flags, "--batch-window", "100000", "--max-batch", "3")
     try:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port)
         conn.request("POST", "/v1/completions", json.dumps({"model": "llada-arith", "prompt": QUESTIONS[2],

@@ -363,17 +363,20 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         texts = [""] * job.n_choices
         reasons: list[str | None] = [None] * job.n_choices
         ttft = first_text(request, chat)
+        checked = time.perf_counter()
         try:
             while True:
                 ev = await next_event(job, deadline, poll=0.5)
-                if ev is None:
-                    if deadline is not None and time.perf_counter() >= deadline:
-                        if not job.done:
-                            return _error_response(timed_out(job, plan))
-                        deadline = None  # it finished just in time: its last events are on their way
-                    if await request.is_disconnected():
+                if ev is None and deadline is not None and time.perf_counter() >= deadline:
+                    if not job.done:
+                        return _error_response(timed_out(job, plan))
+                    deadline = None  # it finished just in time: its last events are on their way
+                if ev is None or time.perf_counter() - checked >= 0.5:  # every half second, events or not
+                    checked = time.perf_counter()
+                    if not job.done and await request.is_disconnected():
                         service.engine.cancel(job)
                         return JSONResponse({}, status_code=499)
+                if ev is None:
                     continue
                 if ev[0] in ("delta", "finish"):
                     ttft()

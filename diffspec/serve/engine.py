@@ -65,7 +65,8 @@ from .text import TextStream
 log = logging.getLogger("diffspec.serve")
 
 # Caches whose decoder state is rebuilt from scratch at every block start (a full refresh of every
-# row), so rows may leave the canvas there without changing what the others decode.
+# row), so rows may leave the canvas there without changing what the others decode; their state is
+# also kept per row in between, so rows may leave at any step (`_keep_rows`).
 ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
 # Methods whose rows decode in one canvas exactly as each would alone (checked against
 # `generate` one prompt at a time) and share their forwards. Every other method decodes each
@@ -111,6 +112,31 @@ def batch_key(method: str, cfg: Any) -> str:
     seed aside when nothing is sampled)."""
     drop = ("batch_size",) if uses_rng(cfg) else ("batch_size", "seed")
     return method + ":" + json.dumps(_strip(cfg.to_dict(), drop), sort_keys=True, default=str)
+
+
+def _keep_rows(decoder: Any, canvas: Canvas, idx: torch.Tensor) -> bool:
+    """Cut a BlockDecoder down to the rows `idx` in the middle of a block, in place: its canvas becomes
+    `canvas` (those rows), and its cache keeps exactly those rows' state. False (nothing changed) for
+    a cache this does not know.
+
+    Exact, because nothing in these decoders couples rows: without a cache the state is the canvas,
+    the block and the step in it; the cached strategies keep K/V, validity and refresh clocks per
+    row, and a row attends exactly to what it would attend to alone, whatever its companions need
+    (`decoding.cache.KVStore`). Taking rows out leaves the others' state untouched."""
+    from ..decoding.cache import DKVDecode, DualCache, NoCache, PrefixCache
+
+    cache = decoder.cache
+    if type(cache) in (PrefixCache, DualCache, DKVDecode):
+        store = cache.store
+        store.k = [None if t is None else t[idx] for t in store.k]
+        store.v = [None if t is None else t[idx] for t in store.v]
+        store.valid, store.token = store.valid[idx], store.token[idx]
+        cache.row_steps, cache.block_steps = cache.row_steps[idx], cache.block_steps[idx]
+        cache.last_need = cache.last_need[idx]
+    elif type(cache) is not NoCache:
+        return False
+    decoder.canvas = cache.canvas = canvas
+    return True
 
 
 def gen_length_of(cfg: Any) -> int:
@@ -585,8 +611,9 @@ class Engine:
 
     def _run_blocks(self, batch: Batch) -> None:
         """vanilla / fast-dllm / dkv-cache: BlockDecoder one step at a time; done rows (answer complete,
-        client gone, timeout) leave the canvas at the next step without a cache, at the next block start
-        with a cache rebuilt there."""
+        client gone, timeout) leave the canvas at the next step for the caches that rebuild everything at
+        a block start (none, prefix, dual, dkv-decode: see `_keep_rows`); with the other caches, and when
+        anything is sampled, they stay until the batch ends."""
         from ..decoding.diffusion import BlockDecoder
 
         cfg: DecodeConfig = batch.cfg
@@ -598,25 +625,22 @@ class Engine:
         # Rows may leave only where that changes nothing for the others: a cache rebuilt at every
         # block start, and no random draws (their order depends on the batch's shape).
         droppable = cfg.cache in ROW_DROP_CACHES and not batch.sampled
-        # Without a cache a decoder's whole state is the canvas, the block and the step in it (no random
-        # draws here), so rows may also leave in the middle of a block.
-        every_step = droppable and cfg.cache == "none"
         while not all(r.done for r in live):
             b = decoder.current_block()
             if b is None:
                 break
-            if droppable and (b != decoder.block or every_step):
+            if droppable and any(r.done for r in live):
                 keep = [i for i, r in enumerate(live) if not r.done]
-                if len(keep) < len(live):
+                idx = torch.tensor(keep, device=canvas.x.device)
+                small = Canvas(canvas.x[idx].clone(), canvas.attention_mask[idx].clone(), canvas.prompt_len,
+                               canvas.gen_length, canvas.mask_id)
+                if b != decoder.block:  # a block start: a fresh decoder rebuilds what the old one would
+                    decoder = BlockDecoder(metered, small, cfg, generator)
+                elif not _keep_rows(decoder, small, idx):
+                    small = None  # mid-block with a cache whose state cannot be cut: at the next block start
+                if small is not None:
                     self.stats.rows_left_early += self._free(live)
-                    idx = torch.tensor(keep, device=canvas.x.device)
-                    canvas = Canvas(canvas.x[idx].clone(), canvas.attention_mask[idx].clone(), canvas.prompt_len,
-                                    canvas.gen_length, canvas.mask_id)
-                    live = [live[i] for i in keep]
-                    old, decoder = decoder, BlockDecoder(metered, canvas, cfg, generator)
-                    if b == old.block:  # mid-block (no cache): go on at the same step of the same block
-                        decoder.block, decoder.step_in_block = b, old.step_in_block
-                        decoder.cache.begin_block(*canvas.block_bounds(b, cfg.block_length))
+                    canvas, live = small, [live[i] for i in keep]
             decoder.step()
             self._publish(batch, canvas, live)
         self._free(live)
