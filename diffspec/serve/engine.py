@@ -13,11 +13,14 @@ How text reaches a client while its batch decodes, without touching the decoders
 
 - vanilla / fast-dllm / dkv-cache: the engine runs `BlockDecoder` itself, one
   step at a time, and after each step hands every row its final prefix (every
-  cell up to the first masked one). At a block boundary, rows that are done
-  (EOS or a stop string reached, client gone) leave the canvas: for the caches
-  that rebuild everything at a block start (none, prefix, dual, dkv-decode) a
-  fresh decoder on the remaining rows computes exactly what the old one would.
-  The batch ends as soon as every row is done.
+  cell up to the first masked one). Rows that are done (EOS or a stop string
+  reached, client gone, request timed out) leave the canvas at the next step for
+  the caches that keep their state per row and rebuild it at a block start
+  (none, prefix, dual, dkv-decode): at a block start a fresh decoder on the
+  remaining rows computes exactly what the old one would, inside a block the
+  decoder and its KV store are cut down to those rows (`_keep_rows`). The batch
+  ends as soon as every row is done. A job cancelled while queued leaves the
+  queue at once (`Engine.cancel`), freeing its rows' capacity.
 - psd / dualdiffusion: their loops are called as they are, with a model wrapper
   that looks at the canvas before each forward (PSD never takes back a
   committed cell; DualDiffusion's cells are final once an iteration begins, i.e.
