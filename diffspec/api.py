@@ -108,15 +108,15 @@ def check_model_type(raw: dict[str, Any], path: str | Path) -> None:
     from .models.causal import CAUSAL_MODEL_TYPES
 
     mt = raw.get("model_type")
-    if (mt in CAUSAL_MODEL_TYPES or str(mt).lower() in ("dream", "llada", "llada2_moe")
+    if (mt in CAUSAL_MODEL_TYPES or str(mt).lower() in ("dream", "llada", "llada2_moe", "sdar")
             or (mt is None and "d_model" in raw)):
         return
     if mt == "dflash":
         raise CheckpointError(f"{path} is a DFlash drafter, not a model to decode with: pass it as --drafter "
                               "(or as D²SD's --vp-drafter) next to its AR target")
     raise CheckpointError(f"{path}/config.json has model_type {mt!r}, which diffspec cannot load; supported: "
-                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream', 'llada' and 'llada2_moe' "
-                          "(masked diffusion)")
+                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream', 'llada', 'llada2_moe' "
+                          "and 'sdar' (masked diffusion)")
 
 
 def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
     family: everything a load would refuse before reading any weights."""
     from .models.causal import is_causal_config
     from .models.checkpoint import read_config
-    from .models.llada2 import is_llada2_config
+    from .models.llada2 import is_block_causal_config
 
     raw = read_config(Path(path))
     check_model_type(raw, path)
@@ -133,12 +133,12 @@ def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
         family = "ar" if is_causal_config(raw) else "diffusion"
         what = f"the checkpoint {path} (model_type {raw.get('model_type')!r})"
         check_family(method, family, what)
-        check_block_causal(method, bool(is_llada2_config(raw)), what)
+        check_block_causal(method, is_block_causal_config(raw), what)
     return raw
 
 
 def check_block_causal(method: str, block_causal: bool, what: str) -> None:
-    """A block-causal model (LLaDA2) only with the sampler that keeps its mask (`llada2`)."""
+    """A block-causal model (LLaDA2, SDAR) only with a sampler that keeps its mask (`llada2`, `sdar`)."""
     from .models.llada2 import check_block_causal_method
 
     if block_causal and method in method_names() and method_family(method) == "diffusion":
@@ -183,6 +183,10 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
         from .models.llada2 import load_llada2
 
         return load_llada2(path, device=device, dtype=dtype)
+    if model_type == "sdar":
+        from .models.sdar import load_sdar
+
+        return load_sdar(path, device=device, dtype=dtype)
     return load_model(path, device=device, dtype=dtype)
 
 

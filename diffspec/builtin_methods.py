@@ -255,3 +255,44 @@ register(Method(
     "cache of finished blocks; for block-causal LLaDA2 MoE checkpoints",
     build=build_llada2_config, config_type=(Ref("diffspec.decoding.llada2:LLaDA2DecodeConfig"),),
     run=run_llada2, options=LLADA2_OPTIONS, takes_block_options=False))
+
+
+# ---------------------------------------------------------------- SDAR's block-diffusion sampler (issue #39)
+
+SDAR_SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature", "cache", "seed", "batch_size")
+SDAR_OPTIONS = {
+    "top_k": LLADA2_OPTIONS["top_k"],
+    "top_p": LLADA2_OPTIONS["top_p"],
+    "remasking_strategy": Option(str, "sdar: low_confidence_dynamic (default: --threshold, else the schedule's "
+                                      "top-k) | low_confidence_static | sequential"),
+}
+
+
+def build_sdar_config(base: Any = None, **options: Any) -> Any:
+    """SDARDecodeConfig from the shared options that apply and its own (remasking_strategy)."""
+    from .decoding.sdar import SDARDecodeConfig
+
+    given = {k: v for k, v in options.items() if v is not None}
+    valid = set(SDAR_SHARED) | set(SDAR_OPTIONS)
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to method 'sdar' (SDAR's block-diffusion sampler); "
+                         f"valid: {sorted(valid)}")
+    if "remasking_strategy" in given:
+        given["remasking"] = given.pop("remasking_strategy")
+    return base.replace(**given) if base is not None else SDARDecodeConfig(**given)
+
+
+def run_sdar(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+             **_: Any) -> Any:
+    from .decoding.sdar import sdar_generate
+
+    return sdar_generate(model, tokenizer, list(prompts), cfg, progress=progress)
+
+
+register(Method(
+    "sdar", "diffusion",
+    "SDAR's block-diffusion sampler (block 4, 4 steps, low_confidence_dynamic at 0.85) with an exact K/V cache of "
+    "finished blocks; for block-causal SDAR checkpoints",
+    build=build_sdar_config, config_type=(Ref("diffspec.decoding.sdar:SDARDecodeConfig"),),
+    run=run_sdar, options=SDAR_OPTIONS, takes_block_options=False))

@@ -59,25 +59,30 @@ from .layers import LMParts, ModelOutput, RMSNorm, TransformerLM, apply_rope, at
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
-           "is_llada2_config", "BLOCK_CAUSAL_METHODS", "check_block_causal_method"]
+           "is_llada2_config", "is_block_causal_config", "BLOCK_CAUSAL_METHODS", "BLOCK_CAUSAL_MODEL_TYPES",
+           "check_block_causal_method", "masked_forward", "load_checked"]
 
 MODEL_TYPE = "llada2_moe"
-# The methods that decode a block-causal model: its own sampler. The bidirectional samplers
-# (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd, dream) would let the prompt and early
-# blocks attend to later, still-masked blocks, which this model was never trained to see.
-BLOCK_CAUSAL_METHODS = ("llada2",)
+BLOCK_CAUSAL_MODEL_TYPES = (MODEL_TYPE, "sdar")
+# The methods that decode a block-causal model (LLaDA2, SDAR): the block-diffusion samplers. The
+# bidirectional samplers (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd, dream) would let the
+# prompt and early blocks attend to later, still-masked blocks, which these models never saw.
+BLOCK_CAUSAL_METHODS = ("llada2", "sdar")
 
 
 def is_llada2_config(raw: dict[str, Any]) -> bool:
     return raw.get("model_type") == MODEL_TYPE
 
 
+def is_block_causal_config(raw: dict[str, Any]) -> bool:
+    return raw.get("model_type") in BLOCK_CAUSAL_MODEL_TYPES
+
+
 def check_block_causal_method(method: str | None, what: str) -> None:
     """One clear line when a method that decodes bidirectionally is given a block-causal model."""
     if method is not None and method not in BLOCK_CAUSAL_METHODS:
         raise ValueError(f"method {method!r} decodes with full bidirectional attention, but {what} is a "
-                         f"block-causal LLaDA2 model (model_type {MODEL_TYPE!r}); use method "
-                         f"{' / '.join(BLOCK_CAUSAL_METHODS)}")
+                         f"block-causal LLaDA2 / SDAR model; use method {' / '.join(BLOCK_CAUSAL_METHODS)}")
 
 
 @dataclass

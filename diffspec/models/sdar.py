@@ -1,0 +1,213 @@
+"""SDAR (`model_type` "sdar": JetAstra's SDAR-1.7B/4B/8B-Chat), Qwen3 turned into a block-diffusion LM.
+
+Read from the published `modeling_sdar.py` / `configuration_sdar.py` / `config.json` (JetAstra/SDAR,
+`training/model/SDAR-4B-Chat/`), written here on the shared layers: the network is Qwen3's (q/k/v/o
+projections with `attention_bias`, per-head RMSNorm `q_norm` / `k_norm` before full rotate-half RoPE,
+SwiGLU MLP, `input_layernorm` / `post_attention_layernorm`, `model.embed_tokens`, `model.norm`,
+`lm_head`), with transformers' Qwen3 tensor names, so a published directory loads unchanged. At
+inference the attention takes a bool mask (SDPA, scale head_dim ** -0.5): the block-causal one of
+its sampler (`block_size` 4 in config.json), never the causal one. Logits are not shifted: the
+sampler reads the logit of each masked cell at that cell.
+
+Special ids: `mask_token_id` (151669, `<|MASK|>`) is in config.json (else the tokenizer's
+`mask_token`); the stop ids are generation_config.json's `eos_token_id` list (151645 `<|im_end|>`,
+151643 `<|endoftext|>`), as the reference `generate.py` reads them, else config.json's.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import (CheckpointError, check_hf_features, load_tokenizer, read_config, resolve_device,
+                         resolve_dtype)
+from .layers import DecoderLM, ModelOutput, check_positive_ints
+from .llada2 import load_checked, masked_forward
+from .tokenizer import Tokenizer
+
+__all__ = ["SDAR_MODEL_TYPE", "SDARConfig", "SDARModel", "load_sdar", "is_sdar_config"]
+
+SDAR_MODEL_TYPE = "sdar"
+
+
+def is_sdar_config(raw: dict[str, Any]) -> bool:
+    return raw.get("model_type") == SDAR_MODEL_TYPE
+
+
+@dataclass
+class SDARConfig:
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    block_size: int = 4
+    mask_token_id: int = 1
+    eos_token_id: int = 0
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # every id that ends an answer (generation_config.json's list)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                   "block_size"))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                                 f"({self.num_attention_heads}) when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even and >= 2 for rotate-half RoPE, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        self.stop_token_ids = tuple(self.stop_token_ids) or (self.eos_token_id,)
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
+                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
+        for v in self.stop_token_ids:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise ValueError(f"stop id {v!r} (eos_token_id) is outside the vocabulary ({self.vocab_size})")
+        if self.mask_token_id in self.stop_token_ids:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is also an EOS id; they must differ")
+
+    # Qwen3's layout switches, read by layers.DecoderLayer.from_config.
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    qk_norm = True
+    mlp_bias = False
+
+    # The names the shared decoding code reads.
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.stop_token_ids
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def embedding_size(self) -> int:
+        return self.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], stop_ids: Any = None) -> "SDARConfig":
+        """Read SDAR's config.json (and, as `stop_ids`, generation_config.json's eos_token_id)."""
+        if d.get("model_type") != SDAR_MODEL_TYPE:
+            raise ValueError(f"model_type is {d.get('model_type')!r}, not {SDAR_MODEL_TYPE!r}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"config lacks SDAR keys {missing}")
+        check_hf_features(d)  # silu only, no sliding window, plain full RoPE
+        known = {f.name for f in fields(cls)} - {"extra", "stop_token_ids"}
+        kw = {k: d[k] for k in known if d.get(k) is not None}
+        if "num_key_value_heads" not in kw:
+            kw["num_key_value_heads"] = d["num_attention_heads"]
+        eos = kw.get("eos_token_id")
+        ids = stop_ids if stop_ids is not None else eos
+        if isinstance(eos, list):
+            if not eos:
+                raise ValueError("eos_token_id is an empty list")
+            kw["eos_token_id"] = eos[0]
+        if ids is not None:
+            kw["stop_token_ids"] = tuple(ids) if isinstance(ids, list) else (ids,)
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        return cls(**kw)
+
+
+class SDARModel(DecoderLM):
+    """SDAR with transformers' Qwen3 names; `forward` takes any bool mask over the keys (the sampler's
+    block-causal one) and a KV-cache hook. `logits[:, i]` predicts token i."""
+
+    logits_shifted = False
+    block_causal = True
+
+    config: SDARConfig
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
+                kv_cache: Any = None, output_hidden_states: bool = False) -> ModelOutput:
+        """As `LLaDA2MoeModel.forward`: attention_mask (Q, K) or (B, Q, K) bool, or None for all keys."""
+        return masked_forward(self, input_ids, positions, attention_mask, kv_cache, output_hidden_states,
+                              self.config.head_dim)
+
+
+def _stop_ids(path: Path) -> Any:
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e})") from None
+    return d.get("eos_token_id") if isinstance(d, dict) else None
+
+
+def load_sdar(path: str | Path, device: str | torch.device | None = "cpu",
+              dtype: str | torch.dtype | None = None) -> tuple[SDARModel, Tokenizer]:
+    """Load an SDAR directory (config.json, generation_config.json, sharded or single safetensors,
+    tokenizer.json); names and shapes checked against the headers before any weight is read."""
+    from .dream import _no_init, special_ids_from_files
+
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    raw = read_config(path)
+    if not is_sdar_config(raw):
+        raise CheckpointError(f"{path}/config.json has model_type {raw.get('model_type')!r}, not 'sdar'")
+    tok = load_tokenizer(path)
+    ids = {k: v for k, v in special_ids_from_files(path, raw, tok).items() if k in ("mask_token_id", "eos_token_id")}
+    for key in ("mask_token_id", "eos_token_id"):
+        if raw.get(key) is None and key not in ids:
+            raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
+                                  f"name no such token; add {key} to config.json")
+    try:
+        cfg = SDARConfig.from_hf_dict({**raw, **ids}, stop_ids=_stop_ids(path))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
+                              "the tokenizer.json does not belong to this model")
+    with _no_init(), torch.device("meta"):
+        model = SDARModel(cfg)
+    return load_checked(path, model, dt, dev, tied_head=cfg.tie_word_embeddings), tok
