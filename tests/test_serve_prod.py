@@ -471,12 +471,13 @@ def test_a_bad_timeout_is_a_400(held, timeout):
     assert (status, err["param"]) == (400, "timeout"), err
 
 
-@pytest.mark.parametrize("method,cache,extra", [
-    ("vanilla", "none", {}),
-    ("fast-dllm", "dual", {"policy": "schedule"}),
-    ("dkv-cache", "dkv-decode", {}),
+@pytest.mark.parametrize("method,cache,extra,stream", [
+    ("vanilla", "none", {}, True),
+    ("vanilla", "none", {}, False),  # a plain request's socket: checked every half second
+    ("fast-dllm", "dual", {"policy": "schedule"}, True),
+    ("dkv-cache", "dkv-decode", {}, True),
 ])
-def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(model, method, cache, extra):
+def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(model, method, cache, extra, stream):
     """One block of 64 cells (so a row can leave only in the middle of a block, with its cache's state
     cut down to the other rows) and 3 rows that start together. X hangs up once the batch has started; its row must leave the canvas before the batch ends,
     and the other two answers must be exactly what `generate` gives each alone. (The batch, 64 forwards of
@@ -488,8 +489,9 @@ def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(mode
     try:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port)
         conn.request("POST", "/v1/completions", json.dumps({"model": "llada-arith", "prompt": QUESTIONS[2],
-                                                            "stream": True}), {"Content-Type": "application/json"})
-        assert conn.getresponse().status == 200
+                                                            "stream": stream}), {"Content-Type": "application/json"})
+        if stream:
+            assert conn.getresponse().status == 200
         wait_until(lambda: srv.health()["queue_rows"] == 1)
         threads = [_in_thread(lambda q=q: srv.post("/v1/completions", {"model": "llada-arith", "prompt": q}))
                    for q in (Q0, Q1)]
@@ -530,3 +532,17 @@ def test_bad_production_options_are_refused_before_loading(capsys, monkeypatch, 
     assert main(["serve", "--method", "vanilla", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffspec: error:") and words in err, err
+
+
+def test_defaults_stay_safe_and_every_flag_is_in_help(capsys):
+    from diffspec.cli import build_parser
+
+    a = build_parser().parse_args(["serve"])
+    assert a.host == "127.0.0.1"  # loopback unless the operator says otherwise
+    assert (a.api_key, a.drain_timeout, a.limit_body_bytes, a.no_access_log) == (None, 30.0, 1 << 20, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--api-key", "--drain-timeout", "--limit-prompt-tokens", "--limit-max-tokens", "--limit-n",
+                 "--limit-body-bytes", "--no-access-log", "DIFFSPEC_API_KEY"):
+        assert flag in text, flag
