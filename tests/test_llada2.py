@@ -510,3 +510,12 @@ def test_loader_peak_memory(tmp_path):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["weights_bytes"] > 30e6
     assert 0.9 <= m["ratio"] <= 1.1, m  # the weights are really read, and nothing else of their size
+
+
+def test_chat_template_comes_from_the_checkpoint(ckpt):
+    from diffspec.api import chat_prompts, generate
+
+    [prompt] = chat_prompts(str(ckpt), "llada2", ["2+2?"])
+    assert prompt == "<role>USER</role>2+2?<role>ASSISTANT</role>"
+    res = generate(prompt, model=str(ckpt), method="llada2", gen_length=8, block_length=8, steps=8)
+    assert len(res.raw_ids[0]) == 8
