@@ -277,6 +277,21 @@ def test_drain_timeout_fails_unfinished_requests_with_503_and_exits_0():
         srv.stop()
 
 
+def test_a_second_sigterm_stops_at_once():
+    srv = Server("--method", "vanilla", "--gen-length", "32", "--drain-timeout", "100000")
+    try:
+        half = HalfSent(srv.port, "/v1/completions", {"model": "llada-arith", "prompt": Q0}, {})
+        wait_until(lambda: srv.metrics()["diffspec_requests_in_flight"] == 1)  # it would hold the drain open
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: srv.get("/health")[0] == 503)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait() == 0  # without waiting for the half-sent request
+        assert "SIGTERM again: stopping now" in srv.log()
+        half.close()
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- key, limits, metrics, access log
 
 

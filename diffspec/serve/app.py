@@ -474,9 +474,8 @@ def _draining_server_class() -> type:
                             "(--drain-timeout); send it again to stop at once", signal.Signals(sig).name,
                             self.gate.in_flight, self.drain_timeout)
                 return
-            if self.should_exit:
-                self.force_exit = True
-            self.should_exit = True
+            log.warning("%s again: stopping now", signal.Signals(sig).name)
+            self.should_exit = self.force_exit = True  # no more waiting for connections
 
         async def on_tick(self, counter: int) -> bool:
             if self.drain_started is not None and not self.should_exit:
