@@ -386,8 +386,8 @@ def test_api_generate_and_refusals(ckpt, loaded):
 
 
 def test_llada2_on_a_bidirectional_model(tiny_model, tokenizer):
-    """LLaDA / Dream checkpoints run the same loop with the block-causal mask and no cache ('auto'
-    resolves to 'none'); the exact cache needs a block-causal model and says so."""
+    """LLaDA / Dream checkpoints run the same rules over the whole canvas, full attention, no cache
+    ('auto' resolves to 'none'); the exact cache needs a block-causal model and says so."""
     from diffspec.api import generate
 
     res = generate("1+1=", model=tiny_model, tokenizer=tokenizer, method="llada2", gen_length=8, block_length=4)

@@ -35,6 +35,10 @@ are reproducible but not the reference's stream; EOS is looked for in the genera
 columns only (the reference's mid-block check also scans the prompt); cells left after the
 first EOS are filled with EOS in `raw_ids` (the reference returns the answer up to it).
 As in the reference, the mask token itself may be proposed (a cell that gets it stays masked).
+
+On a bidirectional model (LLaDA, Dream), which was never trained with the block-causal mask, the
+same rules run over the whole canvas with full attention (later blocks' masks included, as those
+models decode), without a cache.
 """
 from __future__ import annotations
 
@@ -208,7 +212,8 @@ def threshold_or_topk(conf: Tensor, active: Tensor, k: int, threshold: float) ->
 def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block_length: int, gen_length: int,
                             schedule: Sequence[int], choose: Callable[[Tensor, Tensor, int], Tensor],
                             sample: Callable[[Tensor], tuple[Tensor, Tensor]], stop_ids: Collection[int],
-                            early_stop: bool, cache: bool, mask_id: int, device: torch.device) -> list[int]:
+                            early_stop: bool, cache: bool, mask_id: int, device: torch.device,
+                            bidirectional: bool = False) -> list[int]:
     """The block-diffusion loop shared by LLaDA2's and SDAR's samplers, for one prompt.
 
     Blocks of `block_length` columns from column 0; the prompt's last partial block is the first
@@ -218,7 +223,8 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
     After a block, decoding stops if a stop id appears in the generated columns; with
     `early_stop`, also mid-block once a committed stop id has no masked cell before it.
     `cache`: the exact K/V cache of finished blocks (else the reference's full recompute).
-    Returns the `gen_length` generated ids, stop id repeated after the first one."""
+    `bidirectional`: a model trained with full attention (LLaDA, Dream) sees the whole canvas, later
+    blocks' masks included, as it does in its own samplers (no mask, no cache). Returns the `gen_length` generated ids, stop id repeated after the first one."""
     P, L, G = len(prompt), block_length, gen_length
     n_blocks = -(-(P + G) // L)
     x = torch.full((n_blocks * L,), mask_id, dtype=torch.long, device=device)
@@ -233,7 +239,9 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
             active = x[s:e] == mask_id
             if not active.any():
                 break
-            if kv is None:  # the reference: the whole window, block-causal
+            if bidirectional:
+                out = model(x[None], positions=positions)
+            elif kv is None:  # the reference: the whole window, block-causal
                 pos = positions[:e]
                 out = model(x[None, :e], positions=pos, attention_mask=_block_causal(pos, pos, L)[None])
             else:
@@ -242,7 +250,7 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
                 mask = None if start == s else _block_causal(pos, positions[:e], L)
                 kv.commit(s - start)
                 out = model(x[None, start:e], positions=pos, attention_mask=mask, kv_cache=kv)
-            tokens, probs = sample(out.logits[0, -L:])
+            tokens, probs = sample(out.logits[0, s:e] if bidirectional else out.logits[0, -L:])
             conf = torch.where(active, probs, torch.tensor(-torch.inf, device=device))
             chosen = choose(conf, active, k)
             x[s:e] = torch.where(chosen, tokens, x[s:e])
@@ -263,22 +271,24 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
 
 
 def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2DecodeConfig, mask_id: int,
-                      eos_id: int, generator: torch.Generator | None, device: torch.device) -> list[int]:
+                      eos_id: int, generator: torch.Generator | None, device: torch.device,
+                      bidirectional: bool = False) -> list[int]:
     """Decode one prompt with LLaDA2's rules; returns its `gen_length` generated ids."""
     return decode_block_causal_row(
         model, prompt, block_length=cfg.block_length, gen_length=cfg.gen_length,
         schedule=even_schedule(cfg.block_length, cfg.steps_per_block),
         choose=lambda conf, active, k: threshold_or_topk(conf, active, k, cfg.threshold),
         sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=(eos_id,),
-        early_stop=cfg.eos_early_stop, cache=cfg.cache == "block", mask_id=mask_id, device=device)
+        early_stop=cfg.eos_early_stop, cache=cfg.cache == "block", mask_id=mask_id, device=device,
+        bidirectional=bidirectional)
 
 
 @torch.inference_mode()
 def llada2_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: LLaDA2DecodeConfig,
                     progress: bool = False, meter: CostMeter | None = None) -> GenerationResult:
     """Decode `prompts` one at a time (see the module docstring). A bidirectional model (LLaDA, Dream)
-    runs the same loop, block-causal mask included, without a cache: its forward takes the mask per
-    query but cannot mix it with a cache (`cache="auto"` resolves to "none" there, "block" is refused)."""
+    runs the same rules over its whole canvas with full attention, as its own samplers do, and
+    without a cache (`cache="auto"` resolves to "none" there, "block" is refused)."""
     block_causal = bool(getattr(model, "block_causal", False))
     if cfg.cache == "auto":
         cfg = cfg.replace(cache="block" if block_causal else "none")
@@ -292,8 +302,8 @@ def llada2_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seque
     mcfg = model.config
 
     def decode(batch: list[list[int]]) -> list[list[int]]:
-        return [llada2_decode_row(metered, p, cfg, mcfg.mask_token_id, mcfg.eos_token_id, generator, device)
-                for p in batch]
+        return [llada2_decode_row(metered, p, cfg, mcfg.mask_token_id, mcfg.eos_token_id, generator, device,
+                                  bidirectional=not block_causal) for p in batch]
 
     token_ids, texts, raw = run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length,
                                         batch_size=cfg.batch_size, meter=meter, desc=f"decode[llada2,{cfg.cache}]",

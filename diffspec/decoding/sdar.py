@@ -112,7 +112,8 @@ def choose(cfg: SDARDecodeConfig, conf: Tensor, active: Tensor, k: int) -> Tenso
 def sdar_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: SDARDecodeConfig,
                   progress: bool = False, meter: CostMeter | None = None) -> GenerationResult:
     """Decode `prompts` one at a time with SDAR's rules. Answers end at any of the model's stop ids.
-    A bidirectional model runs the same loop without a cache (as `llada2_generate`)."""
+    A bidirectional model runs the same rules over its whole canvas, without a cache (as
+    `llada2_generate`)."""
     block_causal = bool(getattr(model, "block_causal", False))
     if cfg.cache == "auto":
         cfg = cfg.replace(cache="block" if block_causal else "none")
@@ -131,7 +132,8 @@ def sdar_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequenc
             metered, p, block_length=cfg.block_length, gen_length=cfg.gen_length, schedule=schedule,
             choose=lambda conf, active, k: choose(cfg, conf, active, k),
             sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=stops, early_stop=False,
-            cache=cfg.cache == "block", mask_id=model.config.mask_token_id, device=device) for p in batch]
+            cache=cfg.cache == "block", mask_id=model.config.mask_token_id, device=device,
+            bidirectional=not block_causal) for p in batch]
 
     token_ids, texts, raw = run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length,
                                         batch_size=cfg.batch_size, meter=meter, desc=f"decode[sdar,{cfg.cache}]",
