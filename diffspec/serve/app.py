@@ -239,8 +239,8 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
     app.state.gate = gate
     app.state.metrics = metrics
 
-    def wrap(inner: Any) -> Gate:  # the outermost middleware inside Starlette's error handler
-        gate.app = inner
+    def wrap(app: Any) -> Gate:  # the outermost middleware inside Starlette's error handler (older
+        gate.app = app  # Starlettes pass `app=` by name)
         return gate
 
     app.add_middleware(wrap)  # type: ignore[arg-type]
