@@ -32,29 +32,28 @@ from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel, load_llada2
 from test_real_configs import decoder_entries, write_tokenizer_json
 
-# LLaDA2.0-mini's config.json keys and values (reconstructed from the keys LLaDA2MoeConfig and
-# modeling_llada2_moe.py read; the sizes are shrunk below).
+# LLaDA2.0-mini's config.json: the keys and values that copies of it in public test code agree on
+# (xLLM's model-args loader test, dFactory-based scripts, the mlx ports), with no eos_token_id or
+# mask_token_id (the reference `generate` takes them as arguments, 156892 / 156895); the sizes are
+# shrunk below.
 LLADA2_MINI = {
     "architectures": ["LLaDA2MoeModelLM"],
     "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
                  "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
                  "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
-    "model_type": "llada2_moe", "attention_dropout": 0.0, "embedding_dropout": 0.0, "output_dropout": 0.0,
-    "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
-    "initializer_range": 0.006, "intermediate_size": 5120, "max_position_embeddings": 32768,
-    "max_window_layers": 20, "moe_intermediate_size": 512, "moe_router_enable_expert_bias": True,
-    "n_group": 8, "norm_head": False, "norm_softmax": False, "norm_topk_prob": True, "num_attention_heads": 16,
-    "num_experts": 256, "num_experts_per_tok": 8, "num_hidden_layers": 20, "num_key_value_heads": 4,
-    "num_shared_experts": 1, "output_router_logits": False, "pad_token_id": 156892, "eos_token_id": 156892,
-    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 600000,
-    "rotary_dim": 64, "routed_scaling_factor": 2.5, "router_dtype": "fp32", "score_function": "sigmoid",
-    "sliding_window": 4096, "tie_word_embeddings": False, "topk_group": 4, "torch_dtype": "bfloat16",
-    "transformers_version": "4.52.3", "use_bias": False, "use_cache": False, "use_qk_norm": True,
-    "use_qkv_bias": False, "use_rmsnorm": True, "use_sliding_window": False, "vocab_size": 157184,
+    "model_type": "llada2_moe", "dtype": "bfloat16", "first_k_dense_replace": 1, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5120,
+    "max_position_embeddings": 32768, "moe_intermediate_size": 512, "moe_router_enable_expert_bias": True,
+    "n_group": 8, "norm_head": False, "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 256,
+    "num_experts_per_tok": 8, "num_hidden_layers": 20, "num_key_value_heads": 4, "num_shared_experts": 1,
+    "output_router_logits": False, "pad_token_id": 156892, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+    "rope_theta": 600000, "routed_scaling_factor": 2.5, "router_dtype": "fp32", "score_function": "sigmoid",
+    "tie_word_embeddings": False, "topk_group": 4, "use_bias": False, "use_qk_norm": True, "use_qkv_bias": False,
+    "vocab_size": 157184,
 }
-TINY = {"hidden_size": 32, "head_dim": 16, "rotary_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+TINY = {"hidden_size": 32, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_hidden_layers": 3, "intermediate_size": 48, "moe_intermediate_size": 16, "num_experts": 8,
-        "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3, "max_window_layers": 3}
+        "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3}
 EOS, MASK = 156892, 156895
 SPECIALS = {"<|endoftext|>": EOS, "<|role_start|>": 156893, "<|role_end|>": 156894, "<|mask|>": MASK}
 TEMPLATE = ("{% for m in messages %}<role>{{ m['role'] | upper }}</role>{{ m['content'] }}{% endfor %}"
@@ -66,7 +65,7 @@ def write_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 3) -
     written as fp32 safetensors shards with an index, plus tokenizer files."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    cfg = LLaDA2MoeConfig.from_hf_dict({**config, "mask_token_id": MASK})
+    cfg = LLaDA2MoeConfig.from_hf_dict({**config, "mask_token_id": MASK, "eos_token_id": EOS})
     torch.manual_seed(seed)
     model = LLaDA2MoeModel(cfg)
     state = {}
@@ -417,7 +416,7 @@ def test_missing_shard(ckpt, tmp_path):
     ({"topk_group": 9}, "topk_group"),
     ({"score_function": "softmax"}, "score_function"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rotary_dim": 6}, "rotary_dim 6 disagrees"),
+    ({"rotary_dim": 6}, "rotary_dim 6 disagrees"),  # some ports write rotary_dim
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
     ({"num_key_value_heads": 3}, "divisible by num_key_value_heads"),
     ({"eos_token_id": 10 ** 6}, "outside the vocabulary"),
@@ -436,6 +435,14 @@ def test_weights_that_do_not_fit_the_config(ckpt, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "num_experts": 16}))
     with pytest.raises(CheckpointError, match="do not match config.json"):
         load_llada2(d)
+
+
+def test_eos_falls_back_to_the_pad_id(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path / "m")
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.pop("eos_token")
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert load_llada2(d)[0].config.eos_token_id == 156892  # config.json's pad_token_id
 
 
 def test_no_mask_id_anywhere(ckpt, tmp_path):

@@ -444,11 +444,16 @@ def _on_meta(cfg: LLaDA2MoeConfig) -> LLaDA2MoeModel:
 
 
 def parse_config(path: Path, raw: dict[str, Any], tok: Tokenizer) -> LLaDA2MoeConfig:
-    """The config of a checkpoint directory, special ids completed from the tokenizer files
-    (`mask_token_id` is not always in config.json; the tokenizer names `<|mask|>`)."""
+    """The config of a checkpoint directory, special ids completed from the tokenizer files: the
+    published config.json names `pad_token_id` (156892) but no mask id and, in the copies we could
+    read, no `eos_token_id`; the mask comes from the tokenizer (`mask_token` / `<|mask|>`), EOS from
+    tokenizer_config.json's `eos_token`, else `pad_token_id` (the reference `generate`'s EOS
+    default 156892 is the pad id)."""
     from .dream import special_ids_from_files
 
     ids = {k: v for k, v in special_ids_from_files(path, raw, tok).items() if k in ("mask_token_id", "eos_token_id")}
+    if raw.get("eos_token_id") is None and "eos_token_id" not in ids and raw.get("pad_token_id") is not None:
+        ids["eos_token_id"] = raw["pad_token_id"]
     for key in ("mask_token_id", "eos_token_id"):
         if raw.get(key) is None and key not in ids:
             raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
