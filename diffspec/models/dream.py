@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, check_hf_features, check_state, load_tokenizer, read_config, resolve_device,
                          resolve_dtype)
-from .layers import DecoderLM, MaskedKVCacheHook, ModelOutput, check_positive_ints
+from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_positive_ints
 from .tokenizer import Tokenizer
 
 __all__ = ["DreamConfig", "DreamModel", "load_dream", "save_dream", "shift_logits", "read_safetensors_headers",
@@ -76,7 +76,7 @@ _EOT_TEXTS = ("<|im_end|>", "<|eot_id|>")
 
 
 @dataclass
-class DreamConfig:
+class DreamConfig(HFConfigNames):
     """The fields of Dream's config.json that change the math, plus its special ids.
 
     Defaults are a tiny model for tests, except `rope_theta` and `rms_norm_eps`,
@@ -127,34 +127,10 @@ class DreamConfig:
             if getattr(self, name) == self.mask_token_id:
                 raise ValueError(f"mask_token_id and {name} are both {self.mask_token_id}; they must differ")
 
-    # The names the LLaDA-side decoding code reads (caches, canvases, meters).
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
+    # The names the LLaDA-side decoding code reads (caches, canvases, meters), beyond `HFConfigNames`.
     @property
     def mlp_hidden_size(self) -> int:
         return self.intermediate_size
-
-    @property
-    def embedding_size(self) -> int:
-        return self.vocab_size
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
 
     @property
     def weight_tying(self) -> bool:

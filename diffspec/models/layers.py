@@ -31,7 +31,7 @@ Parameter names are checkpoint names: nothing here renames a state-dict key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, NamedTuple, Protocol
+from typing import Any, Callable, Collection, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 __all__ = ["ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm", "rope_cos_sin", "apply_rope", "swiglu",
            "SwiGLU", "project_q", "project_kv", "attend", "attention", "bidirectional_mask", "Attention",
-           "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints"]
+           "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints", "HFConfigNames"]
 
 
 
@@ -50,6 +50,42 @@ def check_positive_ints(cfg: Any, names: Collection[str]) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"config {name} must be an integer >= 1, got {v!r}")
+
+
+class HFConfigNames:
+    """The names the shared decoding code reads (runner, meter, caches), for a dataclass config
+    with transformers' field names (`num_hidden_layers`, `hidden_size`, ...)."""
+
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def embedding_size(self) -> int:
+        return self.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
 
 @dataclass
 class ModelOutput:
@@ -321,6 +357,28 @@ class TransformerLM(nn.Module):
             x = x[logits_mask]
         return F.linear(p.norm(x), head), states
 
+    def rope_forward(self, input_ids: Tensor, positions: Tensor | None,
+                     mask_for: Callable[[int, int], Tensor | None], kv_cache: KVCacheHook | None,
+                     output_hidden_states: bool,
+                     rotary_dim: int | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """The non-causal forward (LLaDA, Dream, LLaDA2, SDAR): (logits, hidden states or None).
+
+        input_ids (B, Q); positions (Q,) or (B, Q), default 0..Q-1; RoPE over `rotary_dim`
+        channels (default `config.head_dim`) with `config.rope_theta`; `mask_for(B, Q)` gives the
+        attention mask the blocks take (checked after the positions)."""
+        B, Q = input_ids.shape
+        if positions is None:
+            positions = torch.arange(Q, device=input_ids.device)
+        elif tuple(positions.shape) not in ((Q,), (B, Q)):
+            raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
+                             f"got {tuple(positions.shape)}")
+        cos, sin = rope_cos_sin(positions, self.config.head_dim if rotary_dim is None else rotary_dim,
+                                self.config.rope_theta)
+        mask = mask_for(B, Q)
+        keep = range(len(self.parts().blocks) + 1) if output_hidden_states else ()
+        logits, states = self.run_blocks(input_ids, cos, sin, mask, False, kv_cache, keep)
+        return logits, tuple(states.values()) if output_hidden_states else None
+
     def bidirectional_forward(self, input_ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None,
                               kv_cache: MaskedKVCacheHook | None,
                               output_hidden_states: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
@@ -329,36 +387,35 @@ class TransformerLM(nn.Module):
         input_ids (B, Q); positions (Q,) or (B, Q), default 0..Q-1; attention_mask as
         `bidirectional_mask` takes it. Reads `config.head_dim` and `config.rope_theta`.
         """
-        B, Q = input_ids.shape
-        if positions is None:
-            positions = torch.arange(Q, device=input_ids.device)
-        elif tuple(positions.shape) not in ((Q,), (B, Q)):
-            raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
-                             f"got {tuple(positions.shape)}")
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        mask = bidirectional_mask(attention_mask, kv_cache, B, Q)
-        keep = range(len(self.parts().blocks) + 1) if output_hidden_states else ()
-        logits, states = self.run_blocks(input_ids, cos, sin, mask, False, kv_cache, keep)
-        return logits, tuple(states.values()) if output_hidden_states else None
+        return self.rope_forward(input_ids, positions,
+                                 lambda B, Q: bidirectional_mask(attention_mask, kv_cache, B, Q),
+                                 kv_cache, output_hidden_states)
 
 
 class DecoderLM(TransformerLM):
     """transformers' layout (`model.embed_tokens`, `model.layers` of `DecoderLayer`, `model.norm`,
     `lm_head` unless `tie_word_embeddings`), built from a config `DecoderLayer.from_config` reads
-    plus `vocab_size`, `num_hidden_layers` and `tie_word_embeddings`."""
+    plus `vocab_size`, `num_hidden_layers` and `tie_word_embeddings`. A subclass with other names
+    sets `embed_name` and overrides `make_layer`."""
+
+    embed_name = "embed_tokens"
 
     def __init__(self, cfg: Any):
         super().__init__()
         self.config = cfg
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer.from_config(cfg) for _ in range(cfg.num_hidden_layers))
+        setattr(self.model, self.embed_name, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+        self.model.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._init_unless_meta()
 
+    @staticmethod
+    def make_layer(cfg: Any, index: int) -> nn.Module:
+        return DecoderLayer.from_config(cfg)
+
     def parts(self) -> LMParts:
         cfg = self.config
-        return LMParts(self.model.embed_tokens, self.model.layers, self.model.norm,
+        return LMParts(getattr(self.model, self.embed_name), self.model.layers, self.model.norm,
                        None if cfg.tie_word_embeddings else self.lm_head, cfg.num_attention_heads * cfg.head_dim)

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, check_state, load_tokenizer, read_config, resolve_device, resolve_dtype)
-from .layers import LMParts, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, check_positive_ints, \
-    rope_cos_sin, swiglu
+from .layers import DecoderLM, HFConfigNames, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, \
+    check_positive_ints, swiglu
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
@@ -86,7 +86,7 @@ def check_block_causal_method(method: str | None, what: str) -> None:
 
 
 @dataclass
-class LLaDA2MoeConfig:
+class LLaDA2MoeConfig(HFConfigNames):
     """The published config.json fields that change the math, with the reference's defaults
     where a config may leave one out (head_dim, partial_rotary_factor, rope_theta...).
     Defaults of the size fields are a tiny model for tests."""
@@ -194,31 +194,6 @@ class LLaDA2MoeConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts is not None and i >= self.first_k_dense_replace
-
-    # The names the shared decoding code reads (runner, meter, caches).
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def embedding_size(self) -> int:
-        return self.vocab_size
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
 
     @property
     def weight_tying(self) -> bool:
@@ -363,28 +338,19 @@ class LLaDA2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LLaDA2MoeModel(TransformerLM):
+class LLaDA2MoeModel(DecoderLM):
     """LLaDA2 MoE with the published module names (`model.word_embeddings`, `model.layers.{i}.attention.*`,
     `model.layers.{i}.mlp.*`, `model.norm`, `lm_head`). `logits[:, i]` predicts token i."""
 
     logits_shifted = False
     block_causal = True  # decoded only by the block-causal sampler (`decoding/llada2.py`)
+    embed_name = "word_embeddings"  # `layers.DecoderLM`'s modules under LLaDA2's names
 
-    def __init__(self, cfg: LLaDA2MoeConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = nn.Module()
-        self.model.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(LLaDA2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._init_unless_meta()
+    config: LLaDA2MoeConfig
 
-    def parts(self) -> LMParts:
-        cfg = self.config
-        return LMParts(self.model.word_embeddings, self.model.layers, self.model.norm,
-                       None if cfg.tie_word_embeddings else self.lm_head, cfg.num_attention_heads * cfg.head_dim)
+    @staticmethod
+    def make_layer(cfg: LLaDA2MoeConfig, index: int) -> nn.Module:
+        return LLaDA2DecoderLayer(cfg, index)
 
     def active_params(self) -> int:
         """Parameters one token goes through: every routed expert a token does not use is left out."""
@@ -415,23 +381,17 @@ def masked_forward(model: TransformerLM, input_ids: Tensor, positions: Tensor | 
                    kv_cache: Any, output_hidden_states: bool, rotary_dim: int) -> ModelOutput:
     """The forward of the block-causal models (LLaDA2, SDAR): RoPE over `rotary_dim` channels, any bool
     attention mask over the keys (or none), an optional KV-cache hook; logits not shifted."""
-    B, Q = input_ids.shape
-    if positions is None:
-        positions = torch.arange(Q, device=input_ids.device)
-    elif tuple(positions.shape) not in ((Q,), (B, Q)):
-        raise ValueError(f"positions must be (Q,) or (B, Q) for input (B, Q) = {(B, Q)}, "
-                         f"got {tuple(positions.shape)}")
-    cos, sin = rope_cos_sin(positions, rotary_dim, model.config.rope_theta)
-    mask = None
-    if attention_mask is not None:
+    def mask_for(B: int, Q: int) -> Tensor | None:
+        if attention_mask is None:
+            return None
         if attention_mask.dim() not in (2, 3) or attention_mask.shape[-2] != Q:
             raise ValueError(f"attention_mask must be (Q, K) or (B, Q, K) with Q = {Q}, "
                              f"got {tuple(attention_mask.shape)}")
         mask = attention_mask.to(torch.bool)
-        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
-    keep = range(len(model.parts().blocks) + 1) if output_hidden_states else ()
-    logits, states = model.run_blocks(input_ids, cos, sin, mask, False, kv_cache, keep)
-    return ModelOutput(logits=logits, hidden_states=tuple(states.values()) if output_hidden_states else None)
+        return mask[None, None] if mask.dim() == 2 else mask[:, None]
+
+    logits, hidden = model.rope_forward(input_ids, positions, mask_for, kv_cache, output_hidden_states, rotary_dim)
+    return ModelOutput(logits=logits, hidden_states=hidden)
 
 
 # ---------------------------------------------------------------- loading

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .checkpoint import (CheckpointError, check_hf_features, load_tokenizer, read_config, resolve_device,
                          resolve_dtype)
-from .layers import DecoderLM, ModelOutput, check_positive_ints
+from .layers import DecoderLM, HFConfigNames, ModelOutput, check_positive_ints
 from .llada2 import load_checked, masked_forward
 from .tokenizer import Tokenizer
 
@@ -39,7 +39,7 @@ def is_sdar_config(raw: dict[str, Any]) -> bool:
 
 
 @dataclass
-class SDARConfig:
+class SDARConfig(HFConfigNames):
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -101,34 +101,10 @@ class SDARConfig:
     qk_norm = True
     mlp_bias = False
 
-    # The names the shared decoding code reads.
+    # The stop ids under the name the shared decoding code reads (the others: `HFConfigNames`).
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.stop_token_ids
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def embedding_size(self) -> int:
-        return self.vocab_size
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], stop_ids: Any = None) -> "SDARConfig":
