@@ -55,7 +55,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -73,6 +73,8 @@ DREAM_AUTO_MAP = {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": 
 # Token texts the loader looks for when config.json leaves an id out (Dream's own tokenizer names them).
 _MASK_TEXTS = ("<|mask|>",)
 _EOT_TEXTS = ("<|im_end|>", "<|eot_id|>")
+C = TypeVar("C")
+M = TypeVar("M")
 
 
 @dataclass
@@ -368,8 +370,32 @@ def iter_safetensors(
                 yield name, t.to(device)
 
 
-def _tokenizer_config(path: Path) -> dict[str, Any]:
-    f = path / "tokenizer_config.json"
+def load_checked(path: Path, model: nn.Module, dt: torch.dtype, dev: torch.device, tied_head: bool = False,
+                 optional: tuple[str, ...] = ()) -> Any:
+    """Assign a meta-device `model` its weights from `path`'s safetensors (single or sharded): every
+    tensor name and shape checked against the headers first, then one tensor read at a time in the
+    target dtype. Weights whose names end with an `optional` suffix may be absent (zeros)."""
+    entries = read_safetensors_headers(path)
+    # Harmless extras some exporters write: a tied head stored twice, old RoPE buffers.
+    entries = {k: v for k, v in entries.items() if not k.endswith("rotary_emb.inv_freq")}
+    if tied_head:
+        entries.pop("lm_head.weight", None)
+    expected = model.state_dict()
+    shapes = {k: torch.empty([int(s) for s in info["shape"]], device="meta") for k, (_, info, _) in entries.items()}
+    absent = [k for k in expected if k not in shapes and k.endswith(optional)] if optional else []
+    for k in absent:
+        shapes[k] = expected[k]
+    check_state(expected, shapes, path)
+    weights = dict(iter_safetensors(entries, dtype=dt, device=dev))
+    for k in absent:
+        weights[k] = torch.zeros(expected[k].shape, dtype=dt, device=dev)
+    model.load_state_dict(weights, assign=True)
+    return model.eval()
+
+
+def read_json_dict(f: Path) -> dict[str, Any]:
+    """A checkpoint's optional JSON file (tokenizer_config.json, generation_config.json): {} when
+    absent or not an object."""
     if not f.is_file():
         return {}
     try:
@@ -377,6 +403,10 @@ def _tokenizer_config(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not valid JSON ({e})") from None
     return d if isinstance(d, dict) else {}
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    return read_json_dict(path / "tokenizer_config.json")
 
 
 def _token_text(value: Any) -> str | None:
@@ -432,9 +462,36 @@ def _no_init() -> Iterator[None]:
             setattr(nn.init, n, f)
 
 
-def _on_meta(cfg: DreamConfig) -> DreamModel:
+def on_meta(model_cls: Callable[[C], M], cfg: C) -> M:
+    """`model_cls(cfg)` on the meta device, without running any init: the loaders assign real weights."""
     with _no_init(), torch.device("meta"):
-        return DreamModel(cfg)
+        return model_cls(cfg)
+
+
+def config_from_files(path: Path, raw: dict[str, Any], tok: Tokenizer, parse: Callable[[dict[str, Any]], C],
+                      only: tuple[str, ...] | None = None, fallback: dict[str, str] | None = None) -> C:
+    """A checkpoint's config, its special ids completed from the tokenizer files
+    (`special_ids_from_files`; `only` keeps those keys), then from `fallback` (id key -> the
+    config.json key to take it from); a mask or EOS id found nowhere, a config `parse` refuses or a
+    tokenizer larger than the embedding is one CheckpointError line."""
+    ids = special_ids_from_files(path, raw, tok)
+    if only is not None:
+        ids = {k: v for k, v in ids.items() if k in only}
+    for key, other in (fallback or {}).items():
+        if raw.get(key) is None and key not in ids and raw.get(other) is not None:
+            ids[key] = raw[other]
+    for key in ("mask_token_id", "eos_token_id"):
+        if raw.get(key) is None and key not in ids:
+            raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
+                                  f"name no such token; add {key} to config.json")
+    try:
+        cfg = parse({**raw, **ids})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
+                              "the tokenizer.json does not belong to this model")
+    return cfg
 
 
 def load_dream(
@@ -456,29 +513,8 @@ def load_dream(
         raise CheckpointError(f"{path} is a LLaDA checkpoint (model_type={raw.get('model_type')!r}), not a Dream "
                               "one; load it with diffspec.models.checkpoint.load_model")
     tok = load_tokenizer(path)
-    ids = special_ids_from_files(path, raw, tok)
-    for key in ("mask_token_id", "eos_token_id"):
-        if raw.get(key) is None and key not in ids:
-            raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
-                                  f"name no such token; add {key} to config.json")
-    try:
-        cfg = DreamConfig.from_hf_dict({**raw, **ids})
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
-                              "the tokenizer.json does not belong to this model")
-    entries = read_safetensors_headers(path)
-    # Harmless extras some exporters write: a tied head stored twice, old RoPE buffers.
-    entries = {k: v for k, v in entries.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        entries.pop("lm_head.weight", None)
-    model = _on_meta(cfg)
-    shapes = {k: torch.empty([int(s) for s in info["shape"]], device="meta") for k, (_, info, _) in entries.items()}
-    check_state(model.state_dict(), shapes, path)
-    weights = dict(iter_safetensors(entries, dtype=dt, device=dev))
-    model.load_state_dict(weights, assign=True)
-    return model.eval(), tok
+    cfg = config_from_files(path, raw, tok, DreamConfig.from_hf_dict)
+    return load_checked(path, on_meta(DreamModel, cfg), dt, dev, tied_head=cfg.tie_word_embeddings), tok
 
 
 def save_dream(model: DreamModel, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.dtype | None = None,

@@ -53,14 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, check_state, load_tokenizer, read_config, resolve_device, resolve_dtype)
+from .checkpoint import CheckpointError, load_tokenizer, read_config, resolve_device, resolve_dtype
 from .layers import DecoderLM, HFConfigNames, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, \
     check_positive_ints, swiglu
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
            "is_llada2_config", "is_block_causal_config", "BLOCK_CAUSAL_METHODS", "BLOCK_CAUSAL_MODEL_TYPES",
-           "check_block_causal_method", "masked_forward", "load_checked"]
+           "check_block_causal_method", "masked_forward"]
 
 MODEL_TYPE = "llada2_moe"
 BLOCK_CAUSAL_MODEL_TYPES = (MODEL_TYPE, "sdar")
@@ -396,32 +396,16 @@ def masked_forward(model: TransformerLM, input_ids: Tensor, positions: Tensor | 
 
 # ---------------------------------------------------------------- loading
 
-def _on_meta(cfg: LLaDA2MoeConfig) -> LLaDA2MoeModel:
-    from .dream import _no_init
-
-    with _no_init(), torch.device("meta"):
-        return LLaDA2MoeModel(cfg)
-
-
 def parse_config(path: Path, raw: dict[str, Any], tok: Tokenizer) -> LLaDA2MoeConfig:
     """The config of a checkpoint directory, special ids completed from the tokenizer files: the
     published config.json names `pad_token_id` (156892) but no mask id and, in the copies we could
     read, no `eos_token_id`; the mask comes from the tokenizer (`mask_token` / `<|mask|>`), EOS from
     tokenizer_config.json's `eos_token`, else `pad_token_id` (the reference `generate`'s EOS
-    default 156892 is the pad id)."""
-    from .dream import special_ids_from_files
+    default 156892 is the pad id). The tokenizer must fit the embedding."""
+    from .dream import config_from_files
 
-    ids = {k: v for k, v in special_ids_from_files(path, raw, tok).items() if k in ("mask_token_id", "eos_token_id")}
-    if raw.get("eos_token_id") is None and "eos_token_id" not in ids and raw.get("pad_token_id") is not None:
-        ids["eos_token_id"] = raw["pad_token_id"]
-    for key in ("mask_token_id", "eos_token_id"):
-        if raw.get(key) is None and key not in ids:
-            raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
-                                  f"name no such token; add {key} to config.json")
-    try:
-        return LLaDA2MoeConfig.from_hf_dict({**raw, **ids})
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+    return config_from_files(path, raw, tok, LLaDA2MoeConfig.from_hf_dict, only=("mask_token_id", "eos_token_id"),
+                             fallback={"eos_token_id": "pad_token_id"})
 
 
 def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
@@ -430,6 +414,8 @@ def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
 
     dtype None / "auto": bfloat16 on CUDA, float32 on CPU. Every tensor's name and shape is checked
     against the headers before any weight is read; peak memory is the weights plus one tensor."""
+    from .dream import load_checked, on_meta
+
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -438,33 +424,7 @@ def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
         raise CheckpointError(f"{path}/config.json has model_type {raw.get('model_type')!r}, not {MODEL_TYPE!r}")
     tok = load_tokenizer(path)
     cfg = parse_config(path, raw, tok)
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
-                              "the tokenizer.json does not belong to this model")
-    model = load_checked(path, _on_meta(cfg), dt, dev, tied_head=cfg.tie_word_embeddings,
+    model = load_checked(path, on_meta(LLaDA2MoeModel, cfg), dt, dev, tied_head=cfg.tie_word_embeddings,
                          optional=() if cfg.moe_router_enable_expert_bias else ("mlp.gate.expert_bias",))
     return model, tok
 
-
-def load_checked(path: Path, model: nn.Module, dt: torch.dtype, dev: torch.device, tied_head: bool = False,
-                 optional: tuple[str, ...] = ()) -> Any:
-    """Assign a meta-device `model` its weights from `path`'s safetensors (single or sharded): every
-    tensor name and shape checked against the headers first, then one tensor read at a time in the
-    target dtype. Weights whose names end with an `optional` suffix may be absent (zeros)."""
-    from .dream import iter_safetensors, read_safetensors_headers
-
-    entries = read_safetensors_headers(path)
-    entries = {k: v for k, v in entries.items() if not k.endswith("rotary_emb.inv_freq")}
-    if tied_head:
-        entries.pop("lm_head.weight", None)
-    expected = model.state_dict()
-    shapes = {k: torch.empty([int(s) for s in info["shape"]], device="meta") for k, (_, info, _) in entries.items()}
-    absent = [k for k in expected if k not in shapes and k.endswith(optional)] if optional else []
-    for k in absent:
-        shapes[k] = expected[k]
-    check_state(expected, shapes, path)
-    weights = dict(iter_safetensors(entries, dtype=dt, device=dev))
-    for k in absent:
-        weights[k] = torch.zeros(expected[k].shape, dtype=dt, device=dev)
-    model.load_state_dict(weights, assign=True)
-    return model.eval()

@@ -15,7 +15,6 @@ Special ids: `mask_token_id` (151669, `<|MASK|>`) is in config.json (else the to
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import Tensor
 from .checkpoint import (CheckpointError, check_hf_features, load_tokenizer, read_config, resolve_device,
                          resolve_dtype)
 from .layers import DecoderLM, HFConfigNames, ModelOutput, check_positive_ints
-from .llada2 import load_checked, masked_forward
+from .llada2 import masked_forward
 from .tokenizer import Tokenizer
 
 __all__ = ["SDAR_MODEL_TYPE", "SDARConfig", "SDARModel", "load_sdar", "is_sdar_config"]
@@ -149,21 +148,16 @@ class SDARModel(DecoderLM):
 
 
 def _stop_ids(path: Path) -> Any:
-    f = path / "generation_config.json"
-    if not f.is_file():
-        return None
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e})") from None
-    return d.get("eos_token_id") if isinstance(d, dict) else None
+    from .dream import read_json_dict
+
+    return read_json_dict(path / "generation_config.json").get("eos_token_id")
 
 
 def load_sdar(path: str | Path, device: str | torch.device | None = "cpu",
               dtype: str | torch.dtype | None = None) -> tuple[SDARModel, Tokenizer]:
     """Load an SDAR directory (config.json, generation_config.json, sharded or single safetensors,
     tokenizer.json); names and shapes checked against the headers before any weight is read."""
-    from .dream import _no_init, special_ids_from_files
+    from .dream import config_from_files, load_checked, on_meta
 
     path = Path(path)
     dev = resolve_device(device)
@@ -172,18 +166,6 @@ def load_sdar(path: str | Path, device: str | torch.device | None = "cpu",
     if not is_sdar_config(raw):
         raise CheckpointError(f"{path}/config.json has model_type {raw.get('model_type')!r}, not 'sdar'")
     tok = load_tokenizer(path)
-    ids = {k: v for k, v in special_ids_from_files(path, raw, tok).items() if k in ("mask_token_id", "eos_token_id")}
-    for key in ("mask_token_id", "eos_token_id"):
-        if raw.get(key) is None and key not in ids:
-            raise CheckpointError(f"{path}: config.json has no {key}, and tokenizer_config.json / tokenizer.json "
-                                  f"name no such token; add {key} to config.json")
-    try:
-        cfg = SDARConfig.from_hf_dict({**raw, **ids}, stop_ids=_stop_ids(path))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}; "
-                              "the tokenizer.json does not belong to this model")
-    with _no_init(), torch.device("meta"):
-        model = SDARModel(cfg)
-    return load_checked(path, model, dt, dev, tied_head=cfg.tie_word_embeddings), tok
+    cfg = config_from_files(path, raw, tok, lambda d: SDARConfig.from_hf_dict(d, stop_ids=_stop_ids(path)),
+                            only=("mask_token_id", "eos_token_id"))
+    return load_checked(path, on_meta(SDARModel, cfg), dt, dev, tied_head=cfg.tie_word_embeddings), tok
