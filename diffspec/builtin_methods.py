@@ -217,9 +217,41 @@ register(_ar_method("d2sd", "D²SD: the K likeliest rejection boundaries re-anch
                      "vp_drafter": Option(str, "d2sd: variable-prefix drafter checkpoint (default: the bundled one)")},
                     ("model", "drafter", "vp_drafter")))
 
-# ---------------------------------------------------------------- LLaDA2's block-diffusion sampler (issue #39)
+# ---------------------------------------------------------------- LLaDA2's and SDAR's block-diffusion samplers (issue #39)
 
-LLADA2_SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature", "cache", "seed", "batch_size")
+BLOCK_SAMPLER_SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature", "cache", "seed",
+                        "batch_size")
+
+
+def _block_sampler(name: str, what: str, summary: str, config: str, generate: str, options: dict[str, Option],
+                   renames: dict[str, str] | None = None) -> Method:
+    """A block-diffusion sampler's method: its config `diffspec.decoding.<name>:<config>` built from
+    the shared options that apply and its own (`renames`: option name -> config field), run by
+    `diffspec.decoding.<name>:<generate>`."""
+    config_type = Ref(f"diffspec.decoding.{name}:{config}")
+    generate_fn = Ref(f"diffspec.decoding.{name}:{generate}")
+
+    def build(base: Any = None, **options_given: Any) -> Any:
+        given = {k: v for k, v in options_given.items() if v is not None}
+        valid = set(BLOCK_SAMPLER_SHARED) | set(options)
+        unknown = sorted(set(given) - valid)
+        if unknown:
+            raise ValueError(f"option(s) {unknown} do not apply to method {name!r} ({what}); "
+                             f"valid: {sorted(valid)}")
+        for option, field in (renames or {}).items():
+            if option in given:
+                given[field] = given.pop(option)
+        return base.replace(**given) if base is not None else config_type(**given)
+
+    def run(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+            **_: Any) -> Any:
+        return generate_fn(model, tokenizer, list(prompts), cfg, progress=progress)
+
+    build.__doc__ = f"{config} from the shared options that apply and its own."
+    return Method(name, "diffusion", summary, build=build, config_type=(config_type,), run=run, options=options,
+                  takes_block_options=False)
+
+
 LLADA2_OPTIONS = {
     "top_k": Option(int, "llada2 / dream: top-k filtering before sampling (default none)"),
     "top_p": Option(float, "llada2 / dream: nucleus (top-p) filtering before sampling (default none)"),
@@ -227,72 +259,20 @@ LLADA2_OPTIONS = {
     "eos_early_stop": Option(parse_bool, "llada2: stop as soon as a committed EOS has no masked cell before it "
                                          "(default true)"),
 }
-
-
-def build_llada2_config(base: Any = None, **options: Any) -> Any:
-    """LLaDA2DecodeConfig from the shared options that apply (cache: auto | block | none) and its own."""
-    from .decoding.llada2 import LLaDA2DecodeConfig
-
-    given = {k: v for k, v in options.items() if v is not None}
-    valid = set(LLADA2_SHARED) | set(LLADA2_OPTIONS)
-    unknown = sorted(set(given) - valid)
-    if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to method 'llada2' (LLaDA2's block-diffusion sampler); "
-                         f"valid: {sorted(valid)}")
-    return base.replace(**given) if base is not None else LLaDA2DecodeConfig(**given)
-
-
-def run_llada2(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-               **_: Any) -> Any:
-    from .decoding.llada2 import llada2_generate
-
-    return llada2_generate(model, tokenizer, list(prompts), cfg, progress=progress)
-
-
-register(Method(
-    "llada2", "diffusion",
+register(_block_sampler(
+    "llada2", "LLaDA2's block-diffusion sampler",
     "LLaDA2's block-diffusion sampler (block 32, threshold 0.95 else the schedule's top-k) with an exact K/V "
     "cache of finished blocks; for block-causal LLaDA2 MoE checkpoints",
-    build=build_llada2_config, config_type=(Ref("diffspec.decoding.llada2:LLaDA2DecodeConfig"),),
-    run=run_llada2, options=LLADA2_OPTIONS, takes_block_options=False))
+    "LLaDA2DecodeConfig", "llada2_generate", LLADA2_OPTIONS))
 
-
-# ---------------------------------------------------------------- SDAR's block-diffusion sampler (issue #39)
-
-SDAR_SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature", "cache", "seed", "batch_size")
 SDAR_OPTIONS = {
     "top_k": LLADA2_OPTIONS["top_k"],
     "top_p": LLADA2_OPTIONS["top_p"],
     "remasking_strategy": Option(str, "sdar: low_confidence_dynamic (default: --threshold, else the schedule's "
                                       "top-k) | low_confidence_static | sequential"),
 }
-
-
-def build_sdar_config(base: Any = None, **options: Any) -> Any:
-    """SDARDecodeConfig from the shared options that apply and its own (remasking_strategy)."""
-    from .decoding.sdar import SDARDecodeConfig
-
-    given = {k: v for k, v in options.items() if v is not None}
-    valid = set(SDAR_SHARED) | set(SDAR_OPTIONS)
-    unknown = sorted(set(given) - valid)
-    if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to method 'sdar' (SDAR's block-diffusion sampler); "
-                         f"valid: {sorted(valid)}")
-    if "remasking_strategy" in given:
-        given["remasking"] = given.pop("remasking_strategy")
-    return base.replace(**given) if base is not None else SDARDecodeConfig(**given)
-
-
-def run_sdar(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-             **_: Any) -> Any:
-    from .decoding.sdar import sdar_generate
-
-    return sdar_generate(model, tokenizer, list(prompts), cfg, progress=progress)
-
-
-register(Method(
-    "sdar", "diffusion",
+register(_block_sampler(
+    "sdar", "SDAR's block-diffusion sampler",
     "SDAR's block-diffusion sampler (block 4, 4 steps, low_confidence_dynamic at 0.85) with an exact K/V cache of "
     "finished blocks; for block-causal SDAR checkpoints",
-    build=build_sdar_config, config_type=(Ref("diffspec.decoding.sdar:SDARDecodeConfig"),),
-    run=run_sdar, options=SDAR_OPTIONS, takes_block_options=False))
+    "SDARDecodeConfig", "sdar_generate", SDAR_OPTIONS, renames={"remasking_strategy": "remasking"}))

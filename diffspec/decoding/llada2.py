@@ -54,7 +54,8 @@ from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, max_positions, model_device, run_prompts
 
 __all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
-           "sample_candidates", "threshold_or_topk", "decode_block_causal_row", "CACHES"]
+           "sample_candidates", "threshold_or_topk", "decode_block_causal_row", "run_block_sampler", "check_counts",
+           "check_sampling", "CACHES"]
 
 CACHES = ("auto", "block", "none")
 
@@ -67,6 +68,26 @@ def _real(v: Any) -> bool:
     import math
 
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_counts(cfg: Any, names: Sequence[str]) -> None:
+    """Each of `names` an integer >= 1."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not _int(v) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def check_sampling(cfg: Any) -> None:
+    """The options LLaDA2's and SDAR's samplers share: threshold, temperature, top_k, top_p."""
+    if not _real(cfg.threshold) or not 0 <= cfg.threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {cfg.threshold!r}")
+    if not _real(cfg.temperature) or cfg.temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {cfg.temperature!r}")
+    if cfg.top_k is not None and (not _int(cfg.top_k) or cfg.top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {cfg.top_k!r}")
+    if cfg.top_p is not None and (not _real(cfg.top_p) or not 0 < cfg.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {cfg.top_p!r}")
 
 
 @dataclass(frozen=True)
@@ -89,23 +110,13 @@ class LLaDA2DecodeConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("gen_length", "block_length", "steps", "minimal_topk", "batch_size"):
-            v = getattr(self, name)
-            if not _int(v) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_counts(self, ("gen_length", "block_length", "steps", "minimal_topk", "batch_size"))
         if self.minimal_topk > self.gen_length:
             raise ValueError(f"minimal_topk ({self.minimal_topk}) exceeds gen_length ({self.gen_length}): "
                              "no step would be left per block")
         if not _int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not _real(self.threshold) or not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
-        if not _real(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not _int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        check_sampling(self)
         if not isinstance(self.eos_early_stop, bool):
             raise ValueError(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
         if self.cache not in CACHES:
@@ -289,24 +300,40 @@ def llada2_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seque
     """Decode `prompts` one at a time (see the module docstring). A bidirectional model (LLaDA, Dream)
     runs the same rules over its whole canvas with full attention, as its own samplers do, and
     without a cache (`cache="auto"` resolves to "none" there, "block" is refused)."""
+    mcfg = model.config
+
+    def row(metered: MeteredModel, p: Sequence[int], cfg: LLaDA2DecodeConfig, generator: torch.Generator,
+            device: torch.device, bidirectional: bool) -> list[int]:
+        return llada2_decode_row(metered, p, cfg, mcfg.mask_token_id, mcfg.eos_token_id, generator, device,
+                                 bidirectional=bidirectional)
+
+    return run_block_sampler(model, tokenizer, prompts, cfg, row, method="llada2",
+                             needs="LLaDA2, model_type 'llada2_moe'", eos=(mcfg.eos_token_id,), progress=progress,
+                             meter=meter)
+
+
+def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: Any,
+                      row: Callable[..., list[int]], *, method: str, needs: str, eos: Sequence[int],
+                      progress: bool, meter: CostMeter | None) -> GenerationResult:
+    """What LLaDA2's and SDAR's samplers share around the row loop: `cfg.cache` "auto" resolved
+    ("block" on a block-causal model, else "none"; "block" refused on a bidirectional one, whose
+    `needs` names the models that take it), a metered model, one seeded generator, and the
+    prompts decoded one at a time by `row(metered, prompt, cfg, generator, device, bidirectional)`."""
     block_causal = bool(getattr(model, "block_causal", False))
     if cfg.cache == "auto":
         cfg = cfg.replace(cache="block" if block_causal else "none")
     elif cfg.cache == "block" and not block_causal:
-        raise ValueError(f"method 'llada2' with cache 'block' needs a block-causal model (LLaDA2, model_type "
-                         f"'llada2_moe'); {type(model).__name__} attends bidirectionally: use cache none or auto")
+        raise ValueError(f"method {method!r} with cache 'block' needs a block-causal model ({needs}); "
+                         f"{type(model).__name__} attends bidirectionally: use cache none or auto")
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    mcfg = model.config
 
     def decode(batch: list[list[int]]) -> list[list[int]]:
-        return [llada2_decode_row(metered, p, cfg, mcfg.mask_token_id, mcfg.eos_token_id, generator, device,
-                                  bidirectional=not block_causal) for p in batch]
+        return [row(metered, p, cfg, generator, device, not block_causal) for p in batch]
 
     token_ids, texts, raw = run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length,
-                                        batch_size=cfg.batch_size, meter=meter, desc=f"decode[llada2,{cfg.cache}]",
-                                        progress=progress, eos=(mcfg.eos_token_id,),
-                                        limit=max_positions(model))
+                                        batch_size=cfg.batch_size, meter=meter, desc=f"decode[{method},{cfg.cache}]",
+                                        progress=progress, eos=eos, limit=max_positions(model))
     return GenerationResult(token_ids, texts, meter, cfg, raw)

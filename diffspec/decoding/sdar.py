@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
-from .llada2 import (CACHES, _int, _real, decode_block_causal_row, even_schedule, sample_candidates,
-                     threshold_or_topk)
+from .llada2 import (CACHES, _int, check_counts, check_sampling, decode_block_causal_row, even_schedule,
+                     run_block_sampler, sample_candidates, threshold_or_topk)
 from .meter import CostMeter, MeteredModel
-from .runner import GenerationResult, eos_ids, max_positions, model_device, run_prompts
+from .runner import GenerationResult, eos_ids
 
 __all__ = ["SDARDecodeConfig", "sdar_generate", "REMASKING"]
 
@@ -66,22 +66,12 @@ class SDARDecodeConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("gen_length", "block_length", "steps", "batch_size"):
-            v = getattr(self, name)
-            if not _int(v) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_counts(self, ("gen_length", "block_length", "steps", "batch_size"))
         if not _int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.remasking not in REMASKING:
             raise ValueError(f"method 'sdar' takes remasking {' / '.join(REMASKING)}; got {self.remasking!r}")
-        if not _real(self.threshold) or not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
-        if not _real(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not _int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        check_sampling(self)
         if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
             raise ValueError("top_k / top_p filter a sampling distribution: give a temperature > 0 with them")
         if self.cache not in CACHES:
@@ -114,28 +104,17 @@ def sdar_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequenc
     """Decode `prompts` one at a time with SDAR's rules. Answers end at any of the model's stop ids.
     A bidirectional model runs the same rules over its whole canvas, without a cache (as
     `llada2_generate`)."""
-    block_causal = bool(getattr(model, "block_causal", False))
-    if cfg.cache == "auto":
-        cfg = cfg.replace(cache="block" if block_causal else "none")
-    elif cfg.cache == "block" and not block_causal:
-        raise ValueError(f"method 'sdar' with cache 'block' needs a block-causal model (SDAR / LLaDA2); "
-                         f"{type(model).__name__} attends bidirectionally: use cache none or auto")
-    meter = meter or CostMeter()
-    metered = MeteredModel(model, meter, meter.primary)
-    device = model_device(model)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stops = eos_ids(model)
     schedule = even_schedule(cfg.block_length, cfg.steps)
 
-    def decode(batch: list[list[int]]) -> list[list[int]]:
-        return [decode_block_causal_row(
+    def row(metered: MeteredModel, p: Sequence[int], cfg: SDARDecodeConfig, generator: torch.Generator,
+            device: torch.device, bidirectional: bool) -> list[int]:
+        return decode_block_causal_row(
             metered, p, block_length=cfg.block_length, gen_length=cfg.gen_length, schedule=schedule,
             choose=lambda conf, active, k: choose(cfg, conf, active, k),
             sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=stops, early_stop=False,
             cache=cfg.cache == "block", mask_id=model.config.mask_token_id, device=device,
-            bidirectional=not block_causal) for p in batch]
+            bidirectional=bidirectional)
 
-    token_ids, texts, raw = run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length,
-                                        batch_size=cfg.batch_size, meter=meter, desc=f"decode[sdar,{cfg.cache}]",
-                                        progress=progress, eos=stops, limit=max_positions(model))
-    return GenerationResult(token_ids, texts, meter, cfg, raw)
+    return run_block_sampler(model, tokenizer, prompts, cfg, row, method="sdar", needs="SDAR / LLaDA2", eos=stops,
+                             progress=progress, meter=meter)
