@@ -6,7 +6,7 @@ CLI shows) and where its config builder and decode function live; those are
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .methods import Method, Option, Ref, register
 from .options import parse_bool, parse_depths
@@ -146,16 +146,23 @@ register(Method(
 DREAM_SHARED = ("gen_length", "steps", "temperature", "seed", "batch_size")
 
 
+def _given_options(options: dict[str, Any], shared: tuple[str, ...], own: Mapping[str, Option], name: str,
+                   what: str) -> dict[str, Any]:
+    """The options given (not None) to method `name`, refused with one line unless each is one of the
+    `shared` options that apply to it or its `own`."""
+    given = {k: v for k, v in options.items() if v is not None}
+    valid = set(shared) | set(own)
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to method {name!r} ({what}); valid: {sorted(valid)}")
+    return given
+
+
 def build_dream_config(base: Any = None, **options: Any) -> Any:
     """DreamDecodeConfig from the shared options (gen_length is its max_new_tokens) and its own."""
     from .decoding.dream import DreamDecodeConfig
 
-    given = {k: v for k, v in options.items() if v is not None}
-    valid = set(DREAM_SHARED) | set(DREAM_OPTIONS)
-    unknown = sorted(set(given) - valid)
-    if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to method 'dream' (Dream's whole-sequence sampler); "
-                         f"valid: {sorted(valid)}")
+    given = _given_options(options, DREAM_SHARED, DREAM_OPTIONS, "dream", "Dream's whole-sequence sampler")
     if "gen_length" in given:
         given["max_new_tokens"] = given.pop("gen_length")
         given.setdefault("steps", given["max_new_tokens"])
@@ -232,12 +239,7 @@ def _block_sampler(name: str, what: str, summary: str, config: str, generate: st
     generate_fn = Ref(f"diffspec.decoding.{name}:{generate}")
 
     def build(base: Any = None, **options_given: Any) -> Any:
-        given = {k: v for k, v in options_given.items() if v is not None}
-        valid = set(BLOCK_SAMPLER_SHARED) | set(options)
-        unknown = sorted(set(given) - valid)
-        if unknown:
-            raise ValueError(f"option(s) {unknown} do not apply to method {name!r} ({what}); "
-                             f"valid: {sorted(valid)}")
+        given = _given_options(options_given, BLOCK_SAMPLER_SHARED, options, name, what)
         for option, field in (renames or {}).items():
             if option in given:
                 given[field] = given.pop(option)

@@ -17,7 +17,6 @@ from the tokenizer's `<|mask|>` (the token texts are our assumption).
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from diffspec.decoding.llada2 import LLaDA2DecodeConfig, llada2_generate
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel, load_llada2
+from block_diffusion_common import checkpoint_fixtures, random_state, ref_rms
 from test_real_configs import decoder_entries, write_tokenizer_json
 
 # LLaDA2.0-mini's config.json: the keys and values that copies of it in public test code agree on
@@ -67,18 +67,7 @@ def write_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 3) -
     (path / "config.json").write_text(json.dumps(config, indent=2))
     cfg = LLaDA2MoeConfig.from_hf_dict({**config, "mask_token_id": MASK, "eos_token_id": EOS})
     torch.manual_seed(seed)
-    model = LLaDA2MoeModel(cfg)
-    state = {}
-    for k, t in model.state_dict().items():
-        if k.endswith("layernorm.weight") or k.endswith("norm.weight"):
-            t = 1 + 0.3 * torch.randn_like(t)
-        elif k.endswith("expert_bias"):
-            t = 0.5 * torch.randn_like(t)
-        elif k == "lm_head.weight":
-            t = torch.randn_like(t)
-        else:
-            t = torch.randn_like(t) / math.sqrt(t.shape[-1]) if t.dim() == 2 else torch.randn_like(t)
-        state[k] = t.contiguous()
+    state = random_state(LLaDA2MoeModel(cfg), {"expert_bias": 0.5})
     keys = list(state)
     per = -(-len(keys) // shards)
     weight_map = {}
@@ -96,23 +85,10 @@ def write_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 3) -
     return state
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("llada2") / "mini"
-    write_checkpoint(path, {**LLADA2_MINI, **TINY})
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded(ckpt):
-    return load_llada2(ckpt, dtype="float32")
+ckpt, loaded = checkpoint_fixtures("llada2", "mini", write_checkpoint, {**LLADA2_MINI, **TINY}, load_llada2)
 
 
 # ---------------------------------------------------------------- the reference, in plain torch
-
-def ref_rms(x, w, eps):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def ref_mlp(x, W, p):

@@ -12,7 +12,6 @@ are written here in plain torch over the state dict read back from the shards.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from diffspec.decoding.sdar import SDARDecodeConfig, sdar_generate
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import block_causal_mask
 from diffspec.models.sdar import SDARConfig, SDARModel, load_sdar
+from block_diffusion_common import checkpoint_fixtures, random_state, ref_rms as rms
 from test_real_configs import decoder_entries, write_tokenizer_json
 
 # JetAstra/SDAR training/model/SDAR-4B-Chat/config.json
@@ -56,16 +56,7 @@ def write_checkpoint(path: Path, config: dict, seed: int = 0) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     torch.manual_seed(seed)
-    model = SDARModel(SDARConfig.from_hf_dict(config))
-    state = {}
-    for k, t in model.state_dict().items():
-        if k.endswith("norm.weight"):
-            t = 1 + 0.3 * torch.randn_like(t)
-        elif k == "lm_head.weight":
-            t = torch.randn_like(t)
-        else:
-            t = torch.randn_like(t) / math.sqrt(t.shape[-1]) if t.dim() == 2 else torch.randn_like(t)
-        state[k] = t.contiguous()
+    state = random_state(SDARModel(SDARConfig.from_hf_dict(config)))
     keys, weight_map = list(state), {}
     for i in range(2):
         name = f"model-{i + 1:05d}-of-00002.safetensors"
@@ -79,23 +70,10 @@ def write_checkpoint(path: Path, config: dict, seed: int = 0) -> None:
         "pad_token": "<|endoftext|>", "tokenizer_class": "Qwen2Tokenizer"}))
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sdar") / "sdar-4b"
-    write_checkpoint(path, {**SDAR_4B, **TINY})
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded(ckpt):
-    return load_sdar(ckpt, dtype="float32")
+ckpt, loaded = checkpoint_fixtures("sdar", "sdar-4b", write_checkpoint, {**SDAR_4B, **TINY}, load_sdar)
 
 
 # ---------------------------------------------------------------- the reference, in plain torch
-
-def rms(x, w, eps):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rotate_half(x):
