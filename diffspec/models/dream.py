@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, check_hf_features, check_state, load_tokenizer, read_config, resolve_device,
                          resolve_dtype)
-from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_positive_ints
+from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_attention_sizes
 from .tokenizer import Tokenizer
 
 __all__ = ["DreamConfig", "DreamModel", "load_dream", "save_dream", "shift_logits", "read_safetensors_headers",
@@ -105,18 +105,7 @@ class DreamConfig(HFConfigNames):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
-                                 f"num_attention_heads ({self.num_attention_heads})")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even number for rotate-half RoPE, got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                             f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+        check_attention_sizes(self)
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
         if self.pad_token_id is None:
@@ -468,6 +457,21 @@ def on_meta(model_cls: Callable[[C], M], cfg: C) -> M:
         return model_cls(cfg)
 
 
+def open_checkpoint(path: str | Path, device: str | torch.device | None, dtype: str | torch.dtype | None,
+                    refuse: Callable[[Path, dict[str, Any]], str | None]
+                    ) -> tuple[Path, torch.device, torch.dtype, dict[str, Any], Tokenizer]:
+    """(path, device, dtype, config.json, tokenizer) of a checkpoint directory; `refuse(path, raw)`
+    names why config.json is not one this loader reads (a CheckpointError), or None."""
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    raw = read_config(path)
+    why = refuse(path, raw)
+    if why is not None:
+        raise CheckpointError(why)
+    return path, dev, dt, raw, load_tokenizer(path)
+
+
 def config_from_files(path: Path, raw: dict[str, Any], tok: Tokenizer, parse: Callable[[dict[str, Any]], C],
                       only: tuple[str, ...] | None = None, fallback: dict[str, str] | None = None) -> C:
     """A checkpoint's config, its special ids completed from the tokenizer files
@@ -505,14 +509,9 @@ def load_dream(
     from config.json, else from tokenizer_config.json / tokenizer.json (never assumed); a
     config.json without a mask or EOS id anywhere is an error. Memory: see the module docstring.
     """
-    path = Path(path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    raw = read_config(path)
-    if "d_model" in raw or raw.get("model_type") == "llada":
-        raise CheckpointError(f"{path} is a LLaDA checkpoint (model_type={raw.get('model_type')!r}), not a Dream "
-                              "one; load it with diffspec.models.checkpoint.load_model")
-    tok = load_tokenizer(path)
+    path, dev, dt, raw, tok = open_checkpoint(path, device, dtype, lambda path, raw: (
+        f"{path} is a LLaDA checkpoint (model_type={raw.get('model_type')!r}), not a Dream one; load it with "
+        "diffspec.models.checkpoint.load_model" if "d_model" in raw or raw.get("model_type") == "llada" else None))
     cfg = config_from_files(path, raw, tok, DreamConfig.from_hf_dict)
     return load_checked(path, on_meta(DreamModel, cfg), dt, dev, tied_head=cfg.tie_word_embeddings), tok
 

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 __all__ = ["ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm", "rope_cos_sin", "apply_rope", "swiglu",
            "SwiGLU", "project_q", "project_kv", "attend", "attention", "bidirectional_mask", "Attention",
-           "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints", "HFConfigNames"]
+           "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints", "HFConfigNames",
+           "check_attention_sizes"]
 
 
 
@@ -50,6 +51,29 @@ def check_positive_ints(cfg: Any, names: Collection[str]) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"config {name} must be an integer >= 1, got {v!r}")
+
+
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings")
+
+
+def check_attention_sizes(cfg: Any, more: tuple[str, ...] = (), rope_head_dim: bool = True) -> None:
+    """A transformers-named config's sizes (and `more`) integers >= 1; `head_dim` None derived as
+    hidden_size // num_attention_heads, then checked (even and >= 2 for rotate-half RoPE over the
+    whole head when `rope_head_dim`, else >= 1); query heads a multiple of the key/value heads."""
+    check_positive_ints(cfg, _HF_SIZES + more)
+    if cfg.head_dim is None:
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size ({cfg.hidden_size}) must be divisible by num_attention_heads "
+                             f"({cfg.num_attention_heads}) when head_dim is not given")
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if not rope_head_dim:
+        check_positive_ints(cfg, ("head_dim",))
+    elif cfg.head_dim < 2 or cfg.head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even number for rotate-half RoPE, got {cfg.head_dim}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(f"num_attention_heads ({cfg.num_attention_heads}) must be divisible by "
+                         f"num_key_value_heads ({cfg.num_key_value_heads}) for grouped-query attention")
 
 
 class HFConfigNames:

@@ -53,9 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, load_tokenizer, read_config, resolve_device, resolve_dtype
 from .layers import DecoderLM, HFConfigNames, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, \
-    check_positive_ints, swiglu
+    check_attention_sizes, check_positive_ints, swiglu
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
@@ -127,17 +126,7 @@ class LLaDA2MoeConfig(HFConfigNames):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                                 f"({self.num_attention_heads}) when head_dim is not given")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        check_positive_ints(self, ("head_dim",))
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+        check_attention_sizes(self, rope_head_dim=False)  # partial RoPE: the rotary dimension is checked below
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
@@ -414,15 +403,11 @@ def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
 
     dtype None / "auto": bfloat16 on CUDA, float32 on CPU. Every tensor's name and shape is checked
     against the headers before any weight is read; peak memory is the weights plus one tensor."""
-    from .dream import load_checked, on_meta
+    from .dream import load_checked, on_meta, open_checkpoint
 
-    path = Path(path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    raw = read_config(path)
-    if not is_llada2_config(raw):
-        raise CheckpointError(f"{path}/config.json has model_type {raw.get('model_type')!r}, not {MODEL_TYPE!r}")
-    tok = load_tokenizer(path)
+    path, dev, dt, raw, tok = open_checkpoint(path, device, dtype, lambda path, raw: None if is_llada2_config(raw) else
+                                              f"{path}/config.json has model_type {raw.get('model_type')!r}, "
+                                              f"not {MODEL_TYPE!r}")
     cfg = parse_config(path, raw, tok)
     model = load_checked(path, on_meta(LLaDA2MoeModel, cfg), dt, dev, tied_head=cfg.tie_word_embeddings,
                          optional=() if cfg.moe_router_enable_expert_bias else ("mlp.gate.expert_bias",))

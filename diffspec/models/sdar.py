@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import (CheckpointError, check_hf_features, load_tokenizer, read_config, resolve_device,
-                         resolve_dtype)
-from .layers import DecoderLM, HFConfigNames, ModelOutput, check_positive_ints
+from .checkpoint import check_hf_features
+from .layers import DecoderLM, HFConfigNames, ModelOutput, check_attention_sizes
 from .llada2 import masked_forward
 from .tokenizer import Tokenizer
 
@@ -60,19 +59,7 @@ class SDARConfig(HFConfigNames):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                                   "block_size"))
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                                 f"({self.num_attention_heads}) when head_dim is not given")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be even and >= 2 for rotate-half RoPE, got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+        check_attention_sizes(self, ("block_size",))
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
         if self.pad_token_id is None:
@@ -157,15 +144,10 @@ def load_sdar(path: str | Path, device: str | torch.device | None = "cpu",
               dtype: str | torch.dtype | None = None) -> tuple[SDARModel, Tokenizer]:
     """Load an SDAR directory (config.json, generation_config.json, sharded or single safetensors,
     tokenizer.json); names and shapes checked against the headers before any weight is read."""
-    from .dream import config_from_files, load_checked, on_meta
+    from .dream import config_from_files, load_checked, on_meta, open_checkpoint
 
-    path = Path(path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    raw = read_config(path)
-    if not is_sdar_config(raw):
-        raise CheckpointError(f"{path}/config.json has model_type {raw.get('model_type')!r}, not 'sdar'")
-    tok = load_tokenizer(path)
+    path, dev, dt, raw, tok = open_checkpoint(path, device, dtype, lambda path, raw: None if is_sdar_config(raw) else
+                                              f"{path}/config.json has model_type {raw.get('model_type')!r}, not 'sdar'")
     cfg = config_from_files(path, raw, tok, lambda d: SDARConfig.from_hf_dict(d, stop_ids=_stop_ids(path)),
                             only=("mask_token_id", "eos_token_id"))
     return load_checked(path, on_meta(SDARModel, cfg), dt, dev, tied_head=cfg.tie_word_embeddings), tok
