@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +33,16 @@ def random_state(model: torch.nn.Module, scales: dict[str, float] | None = None)
 def ref_rms(x, w, eps):
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def cli_generate(ckpt: Path, method: str, *flags: str) -> subprocess.CompletedProcess:
+    """`diffspec generate --model ckpt --method method --prompt Hello *flags` in a subprocess: it
+    succeeds and reports its forwards."""
+    r = subprocess.run([sys.executable, "-m", "diffspec", "generate", "--model", str(ckpt), "--method", method,
+                        "--prompt", "Hello", *flags], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"[{method}] forwards" in r.stderr
+    return r
 
 
 def checkpoint_fixtures(folder: str, name: str, write: Callable[[Path, dict], Any], config: dict,

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from diffspec.decoding.llada2 import LLaDA2DecodeConfig, llada2_generate
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel, load_llada2
-from block_diffusion_common import checkpoint_fixtures, random_state, ref_rms
+from block_diffusion_common import checkpoint_fixtures, cli_generate, random_state, ref_rms
 from test_real_configs import decoder_entries, write_tokenizer_json
 
 # LLaDA2.0-mini's config.json: the keys and values that copies of it in public test code agree on
@@ -336,11 +336,7 @@ def test_cache_is_exact_and_cheaper(loaded):
 # ---------------------------------------------------------------- (d) the CLI and the API
 
 def test_cli_generate(ckpt):
-    r = subprocess.run([sys.executable, "-m", "diffspec", "generate", "--model", str(ckpt), "--method", "llada2",
-                        "--prompt", "Hello", "--gen-length", "16", "--block-length", "8"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "[llada2] forwards" in r.stderr
+    cli_generate(ckpt, "llada2", "--gen-length", "16", "--block-length", "8")
 
 
 def test_api_generate_and_refusals(ckpt, loaded):

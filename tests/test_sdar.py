@@ -12,8 +12,6 @@ are written here in plain torch over the state dict read back from the shards.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from diffspec.decoding.sdar import SDARDecodeConfig, sdar_generate
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import block_causal_mask
 from diffspec.models.sdar import SDARConfig, SDARModel, load_sdar
-from block_diffusion_common import checkpoint_fixtures, random_state, ref_rms as rms
+from block_diffusion_common import checkpoint_fixtures, cli_generate, random_state, ref_rms as rms
 from test_real_configs import decoder_entries, write_tokenizer_json
 
 # JetAstra/SDAR training/model/SDAR-4B-Chat/config.json
@@ -271,11 +269,7 @@ def test_cache_is_exact_and_cheaper(loaded):
 def test_cli_generate_and_refusals(ckpt):
     from diffspec.api import generate
 
-    r = subprocess.run([sys.executable, "-m", "diffspec", "generate", "--model", str(ckpt), "--method", "sdar",
-                        "--prompt", "Hello", "--gen-length", "8", "--remasking-strategy", "low_confidence_static"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "[sdar] forwards" in r.stderr
+    cli_generate(ckpt, "sdar", "--gen-length", "8", "--remasking-strategy", "low_confidence_static")
     for method in ("vanilla", "fast-dllm", "dkv-cache", "dream"):
         with pytest.raises(ValueError, match="block-causal LLaDA2 / SDAR model"):
             generate("Hello", model=str(ckpt), method=method, gen_length=16)
