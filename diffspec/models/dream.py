@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 import struct
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -63,7 +63,8 @@ from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, check_hf_features, check_state, load_tokenizer, read_config, resolve_device,
                          resolve_dtype)
-from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_attention_sizes
+from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_attention_sizes, hf_kwargs, \
+    require_hf_keys
 from .tokenizer import Tokenizer
 
 __all__ = ["DreamConfig", "DreamModel", "load_dream", "save_dream", "shift_logits", "read_safetensors_headers",
@@ -153,26 +154,15 @@ class DreamConfig(HFConfigNames):
                                 "model (use the AR methods, which load it with load_causal)"
                                 if isinstance(model_type, str) and model_type.lower() in ("qwen2", "qwen3", "llama")
                                 else ""))
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
-        if missing:
-            raise ValueError(f"config lacks Dream keys {missing}")
+        require_hf_keys(d, "Dream")
         no_ids = [k for k in ("mask_token_id", "eos_token_id") if d.get(k) is None]
         if no_ids:  # Dream's remote code would assume 151666 / 151643; the ids must come from the files
             raise ValueError(f"config names no {' or '.join(no_ids)} (and the tokenizer files none either)")
         rope = check_hf_features(d)
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kw = {k: d[k] for k in known if d.get(k) is not None}
-        if "num_key_value_heads" not in kw:  # Dream's config: None means as many as the query heads
-            kw["num_key_value_heads"] = d["num_attention_heads"]
+        kw = hf_kwargs(cls, d)
         if "rope_theta" not in kw and rope.get("rope_theta") is not None:
             kw["rope_theta"] = rope["rope_theta"]
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list):  # some configs list several end ids; the first is the padding/EOS one
-            if not eos:
-                raise ValueError("eos_token_id is an empty list")
-            kw["eos_token_id"] = eos[0]
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        eos = d.get("eos_token_id")
         if isinstance(eos, list):
             kw["extra"]["eos_token_ids"] = list(eos)
         return cls(**kw)

@@ -30,7 +30,7 @@ Parameter names are checkpoint names: nothing here renames a state-dict key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Collection, NamedTuple, Protocol
 
 import torch
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 __all__ = ["ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm", "rope_cos_sin", "apply_rope", "swiglu",
            "SwiGLU", "project_q", "project_kv", "attend", "attention", "bidirectional_mask", "Attention",
            "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints", "HFConfigNames",
-           "check_attention_sizes"]
+           "check_attention_sizes", "require_hf_keys", "hf_kwargs"]
 
 
 
@@ -55,6 +55,31 @@ def check_positive_ints(cfg: Any, names: Collection[str]) -> None:
 
 _HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "max_position_embeddings")
+
+
+def require_hf_keys(d: dict[str, Any], what: str) -> None:
+    """A transformers-named config.json names the sizes every loader needs."""
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in d]
+    if missing:
+        raise ValueError(f"config lacks {what} keys {missing}")
+
+
+def hf_kwargs(cls: Any, d: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword arguments of dataclass config `cls` read from a transformers-named config.json `d`:
+    each field `d` gives (not None; `exclude` and `extra` aside), `num_key_value_heads` defaulting to
+    the query heads, a list `eos_token_id` read as its first id, and every other key in `extra`."""
+    known = {f.name for f in fields(cls)} - {"extra", *exclude}
+    kw = {k: d[k] for k in known if d.get(k) is not None}
+    if "num_key_value_heads" not in kw:  # None means as many as the query heads
+        kw["num_key_value_heads"] = d["num_attention_heads"]
+    eos = kw.get("eos_token_id")
+    if isinstance(eos, list):  # some configs list several end ids; the first is the padding/EOS one
+        if not eos:
+            raise ValueError("eos_token_id is an empty list")
+        kw["eos_token_id"] = eos[0]
+    kw["extra"] = {k: v for k, v in d.items() if k not in known}
+    return kw
 
 
 def check_attention_sizes(cfg: Any, more: tuple[str, ...] = (), rope_head_dim: bool = True) -> None:

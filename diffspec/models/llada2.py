@@ -45,7 +45,7 @@ are read one at a time into their own buffers, cast to the target dtype and assi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import DecoderLM, HFConfigNames, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, \
-    check_attention_sizes, check_positive_ints, swiglu
+    check_attention_sizes, check_positive_ints, hf_kwargs, require_hf_keys, swiglu
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
@@ -193,24 +193,12 @@ class LLaDA2MoeConfig(HFConfigNames):
         """Read a published LLaDA2 config.json; unknown keys are kept in `extra`."""
         if d.get("model_type") != MODEL_TYPE:
             raise ValueError(f"model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
-        if missing:
-            raise ValueError(f"config lacks LLaDA2 keys {missing}")
+        require_hf_keys(d, "LLaDA2")
         if d.get("num_experts") is not None and d.get("moe_intermediate_size") is None:
             raise ValueError("config has num_experts but no moe_intermediate_size")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kw = {k: d[k] for k in known if k in d and d[k] is not None}
+        kw = hf_kwargs(cls, d)
         if "num_experts" in d and d["num_experts"] is None:
             kw["num_experts"] = None  # a dense model: no MoE layer at all
-        if "num_key_value_heads" not in kw:
-            kw["num_key_value_heads"] = d["num_attention_heads"]
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list):
-            if not eos:
-                raise ValueError("eos_token_id is an empty list")
-            kw["eos_token_id"] = eos[0]
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
 
 

@@ -15,7 +15,7 @@ Special ids: `mask_token_id` (151669, `<|MASK|>`) is in config.json (else the to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import check_hf_features
-from .layers import DecoderLM, HFConfigNames, ModelOutput, check_attention_sizes
+from .layers import DecoderLM, HFConfigNames, ModelOutput, check_attention_sizes, hf_kwargs, require_hf_keys
 from .llada2 import masked_forward
 from .tokenizer import Tokenizer
 
@@ -97,24 +97,12 @@ class SDARConfig(HFConfigNames):
         """Read SDAR's config.json (and, as `stop_ids`, generation_config.json's eos_token_id)."""
         if d.get("model_type") != SDAR_MODEL_TYPE:
             raise ValueError(f"model_type is {d.get('model_type')!r}, not {SDAR_MODEL_TYPE!r}")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
-        if missing:
-            raise ValueError(f"config lacks SDAR keys {missing}")
+        require_hf_keys(d, "SDAR")
         check_hf_features(d)  # silu only, no sliding window, plain full RoPE
-        known = {f.name for f in fields(cls)} - {"extra", "stop_token_ids"}
-        kw = {k: d[k] for k in known if d.get(k) is not None}
-        if "num_key_value_heads" not in kw:
-            kw["num_key_value_heads"] = d["num_attention_heads"]
-        eos = kw.get("eos_token_id")
-        ids = stop_ids if stop_ids is not None else eos
-        if isinstance(eos, list):
-            if not eos:
-                raise ValueError("eos_token_id is an empty list")
-            kw["eos_token_id"] = eos[0]
+        kw = hf_kwargs(cls, d, exclude=("stop_token_ids",))
+        ids = stop_ids if stop_ids is not None else d.get("eos_token_id")
         if ids is not None:
             kw["stop_token_ids"] = tuple(ids) if isinstance(ids, list) else (ids,)
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
 
 
