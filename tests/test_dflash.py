@@ -279,3 +279,17 @@ def test_draft_vocabulary_narrows_the_head_and_round_trips(drafter, target, tmp_
     (tmp_path / "dv" / "draft_vocab.json").write_text('{"ids": "all"}')
     with pytest.raises(CheckpointError, match="list of token ids"):
         load_dflash(tmp_path / "dv", target)
+
+
+@torch.no_grad()
+def test_a_few_read_cells_run_the_head_on_the_whole_window_on_cpu(drafter) -> None:
+    """Below 16 rows the CPU's matmul is slower than at 16, so a call reading fewer cells computes the
+    whole window's head (and is charged for it); from 16 read cells on, only those."""
+    assert drafter.head_rows(4, 8) == 8 and drafter.head_rows(4, 3 * 8) == 24
+    assert drafter.head_rows(16, 40) == 16 and drafter.head_rows(20, 40) == 20
+    block, bpos, ctx, cpos = inputs(B=5, W=8)
+    full = drafter(block, bpos, ctx[:1], cpos)
+    for n in (3, 17):
+        read = torch.zeros(5, 8, dtype=torch.bool)
+        read.view(-1)[:n] = True
+        assert torch.allclose(drafter(block, bpos, ctx[:1], cpos, read=read), full[read], atol=1e-5)

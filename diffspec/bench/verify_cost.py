@@ -98,6 +98,18 @@ def drafter_costs(drafter: DFlashDrafter, hidden: torch.Tensor, windows: int, re
     return out
 
 
+@torch.inference_mode()
+def head_gemm_rows(target: Qwen3Model, rows: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    """ms of the target's LM head matmul alone for M rows: the BLAS picks its kernel by M, and on
+    some CPUs a few rows cost more than 16 (why the curve above can fall from Q = 8 to Q = 16)."""
+    w = target.model.embed_tokens.weight if target.config.tie_word_embeddings else target.lm_head.weight
+    out = []
+    for m in rows:
+        h = torch.randn(m, w.shape[1], dtype=w.dtype, device=w.device)
+        out.append({"rows": m, "ms": median_ms(lambda: torch.nn.functional.linear(h, w), repeats)})
+    return out
+
+
 def gsm8k_context(tok: Any, target_dir: Path, n: int) -> list[int]:
     """The ids of GSM8K train questions (chat-templated when the target has a template), cut to `n`
     tokens: a realistic prefix."""
@@ -131,6 +143,9 @@ def table(result: dict[str, Any]) -> str:
                   "|---|" + "---|" * len(curve),
                   "| ms (× Q=1) | " + " | ".join(f"{r['ms']:.0f} ({r['ms'] / base:.1f})" for r in curve) + " |",
                   "| of which LM head, ms | " + " | ".join(f"{r['ms_head']:.0f}" for r in curve) + " |", ""]
+        gemm = run.get("head_gemm", [])
+        if gemm:
+            lines += ["LM head matmul alone, by rows: " + ", ".join(f"{g['rows']} → {g['ms']:.1f} ms" for g in gemm), ""]
         for name, costs in run["drafters"].items():
             lines += [f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} ms" for k, v in costs.items()), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -200,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in threads:
         torch.set_num_threads(n)
         print(f"[verify-cost] {n} thread(s): target", file=sys.stderr)
-        run: dict[str, Any] = {"target": target_curve(target, context, sizes, a.repeats), "drafters": {}}
+        run: dict[str, Any] = {"target": target_curve(target, context, sizes, a.repeats), "drafters": {},
+                               "head_gemm": head_gemm_rows(target, (1, 2, 4, 8, 15, 16, 32, 64), a.repeats)}
         for name, d in drafters.items():
             hidden = torch.cat([states[i] for i in d.config.target_layers], dim=-1)
             windows = 1 if name == "dflash" else a.vp_windows

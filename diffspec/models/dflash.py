@@ -53,6 +53,11 @@ __all__ = ["DFlashConfig", "DFlashDrafter", "ContextKV", "check_target", "save_d
            "DRAFT_VOCAB_FILE", "read_draft_vocab", "write_draft_vocab"]
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside a drafter's weights: {"ids": [...]}, most frequent first
+# On the CPU the LM head's matmul is slower for 3-15 rows than for 16 (the BLAS picks another
+# kernel: on the project's machine 52 ms for 15 rows of SmolLM2's head, 27 ms for 16; see
+# benchmarks/verify-cost-cpu). So a CPU call that reads fewer cells runs the head on the whole
+# window instead, and keeps the cells it reads.
+CPU_HEAD_MIN_ROWS = 16
 
 
 @dataclass
@@ -276,6 +281,12 @@ class DFlashDrafter(nn.Module):
         self.draft_vocab = t
         return self
 
+    def head_rows(self, n_read: int, n_cells: int) -> int:
+        """Rows the LM head computes for `n_read` read cells of `n_cells` (see CPU_HEAD_MIN_ROWS)."""
+        if self.fc.weight.device.type == "cpu" and n_read < min(CPU_HEAD_MIN_ROWS, n_cells):
+            return n_cells
+        return n_read
+
     def head_size(self) -> int:
         """Rows of the LM head a forward computes: the draft vocabulary's, else the target's vocabulary."""
         return self.config.vocab_size if self.draft_vocab is None else int(self.draft_vocab.numel())
@@ -405,6 +416,8 @@ class DFlashDrafter(nn.Module):
         return cached[1]
 
     def _logits(self, x: Tensor, head: Tensor, read: Tensor | None) -> Tensor:
+        if read is not None and self.head_rows(int(read.sum()), read.numel()) == read.numel():
+            return self._logits(x, head, None)[read]  # the whole window is cheaper than a few rows here
         h = self.norm(x if read is None else x[read])
         if self.draft_vocab is None:
             return F.linear(h, head)

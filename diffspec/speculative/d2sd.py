@@ -213,7 +213,8 @@ class _MeteredDrafter:
         n_keys = ctx_hidden.shape[1] + W
         # One row's windows share its context (computed once) and advance one sequence; the batch
         # size is recorded as max_batch.
-        flops = self.model.forward_flops(W, n_keys, windows=B, n_ctx=cache.length - before, n_logits=int(read.sum()))
+        n_logits = self.model.head_rows(int(read.sum()), read.numel())
+        flops = self.model.forward_flops(W, n_keys, windows=B, n_ctx=cache.length - before, n_logits=n_logits)
         self.meter.record(self.name, B, W, n_keys, flops, sequences=1, params=self.model.num_params())
         return logits
 
