@@ -114,7 +114,7 @@ def profile_method(method: str, model: Any, tok: Any, prompts: list[str], gen_le
 
 
 def table(results: list[dict[str, Any]], load: dict[str, Any]) -> str:
-    lines = [f"Seconds per round (one round = one target forward; `ar`: one token). Load average "
+    lines = [f"Milliseconds per round (one round = one target forward; `ar`: one token). Load average "
              f"{load['loadavg_start']:.1f} → {load['loadavg_end']:.1f} on {load['cores']} cores.", "",
              "| method | τ | ms / round | target (of which head) | drafters (of which head) | host | tokens/s |",
              "|---|---|---|---|---|---|---|"]
