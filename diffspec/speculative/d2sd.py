@@ -202,6 +202,7 @@ class _MeteredDrafter:
 
     def __init__(self, drafter: DFlashDrafter, meter: CostMeter, name: str):
         self.model, self.meter, self.name = drafter, meter, name
+        self.params = drafter.num_params()  # counted once, not in every round
 
     def __call__(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,
                  cache: ContextKV, read: Tensor) -> Tensor:
@@ -215,7 +216,7 @@ class _MeteredDrafter:
         # size is recorded as max_batch.
         n_logits = self.model.head_rows(int(read.sum()), read.numel())
         flops = self.model.forward_flops(W, n_keys, windows=B, n_ctx=cache.length - before, n_logits=n_logits)
-        self.meter.record(self.name, B, W, n_keys, flops, sequences=1, params=self.model.num_params())
+        self.meter.record(self.name, B, W, n_keys, flops, sequences=1, params=self.params)
         return logits
 
 
