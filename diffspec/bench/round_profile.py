@@ -86,7 +86,7 @@ def profile_method(method: str, model: Any, tok: Any, prompts: list[str], gen_le
         t0 = time.perf_counter()
         res = generate(prompts, model=model, tokenizer=tok, method=method, gen_length=gen_length, batch_size=1)
         wall = time.perf_counter() - t0
-    rows = {k: v for k, v in res.meter.summary()["models"].items()}
+    rows = res.meter.summary()["models"]
     vocab_rows = {model.config.vocab_size}  # and the bundled drafters' draft vocabularies
     from ..models.dflash import DRAFT_VOCAB_FILE
     from ..speculative.armethods import bundled_drafter
@@ -95,10 +95,9 @@ def profile_method(method: str, model: Any, tok: Any, prompts: list[str], gen_le
         f = bundled_drafter(kind, model) / DRAFT_VOCAB_FILE
         if f.is_file():
             vocab_rows.add(len(json.loads(f.read_text())["ids"]))
-    ptimes: dict[str, float] = defaultdict(float)
     # The profiler keeps every op event (gigabytes over a long decode): the head's share is a ratio,
     # so one short answer measures it.
-    with timed_calls(ptimes, label=True), torch.profiler.profile(record_shapes=True) as prof:
+    with timed_calls(defaultdict(float), label=True), torch.profiler.profile(record_shapes=True) as prof:
         generate(prompts[:1], model=model, tokenizer=tok, method=method, gen_length=min(gen_length, PROFILED_TOKENS),
                  batch_size=1)
     shares = head_shares(prof, vocab_rows)
