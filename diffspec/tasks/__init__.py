@@ -50,9 +50,10 @@ def arith_examples(split: str, n: int, seed: int = 0, spec: arith.ArithSpec = ar
             for p in arith.generate(split, n, seed, spec=spec)]
 
 
-def arith_hard_examples(split: str, n: int, seed: int = 0) -> list[Example]:
+def arith_hard_examples(split: str, n: int, seed: int = 0,
+                        lines: tuple[int, int] = arith_hard.LINES) -> list[Example]:
     return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen")
-            for p in arith_hard.generate(split, n, seed)]
+            for p in arith_hard.generate(split, n, seed, lines)]
 
 
 def _mc_choices(p: arith.Problem) -> tuple[list[str], int]:

@@ -30,7 +30,7 @@ from ..models.checkpoint import DTYPES, save_model
 from ..models.dream import DreamConfig, DreamModel, save_dream
 from ..models.llada import LLaDAConfig, LLaDAModel
 from ..models.tokenizer import MASK_TOKEN, EOS_TOKEN, Tokenizer, train_bpe
-from ..tasks import Example, arith, arith_examples, arith_hard_examples, arith_mc_examples, score
+from ..tasks import Example, arith, arith_hard, arith_examples, arith_hard_examples, arith_mc_examples, score
 from .common import (TOP_KEYS, TRAIN_KEYS, Schema, anything, choice, dataclass_section, int_list, integer, number,
                      setup, shape_difference, shared_tokenizer, text, train_loop)
 
@@ -131,7 +131,8 @@ SCHEMA: Schema = {
     "tokenizer": {"vocab_size": integer(1), "corpus_problems": integer(1), "arith": anything},
     "data": {"task": choice(*TRAIN_TASKS), "gen_length": integer(1), "block_length": integer(1), "pool": integer(1),
              "mc_fraction": _FRACTION,
-             "mc_gen_length": integer(1), "long_fraction": _FRACTION, "long_lengths": int_list(1), "arith": anything},
+             "mc_gen_length": integer(1), "long_fraction": _FRACTION, "long_lengths": int_list(1), "arith": anything,
+             "lines": int_list(2)},
     "train": {**TRAIN_KEYS, "block_fraction": _FRACTION, "two_stream_fraction": _FRACTION,
               "two_stream_block": integer(1), "block_k": choice(*BLOCK_K), "loss_weighting": choice(*WEIGHTINGS),
               "init_from": text},
@@ -366,11 +367,15 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     if task == "arith-hard" and ("arith" in dcfg or mc_frac > 0):
         raise ValueError("data.arith and data.mc_fraction apply to data.task 'arith'; for 'arith-hard' drop "
                          "data.arith and set data.mc_fraction to 0")
+    if "lines" in dcfg and (task != "arith-hard" or len(dcfg["lines"]) != 2):
+        raise ValueError("data.lines is the [min, max] working lines of arith-hard training stories (a curriculum "
+                         f"of shorter stories); got {dcfg['lines']!r} for task {task!r}")
+    train_lines = tuple(dcfg.get("lines", arith_hard.LINES))
     spec = arith_spec(cfg)
 
     def examples(split: str, n: int, seed: int) -> list[Example]:
-        if task == "arith-hard":
-            return arith_hard_examples(split, n, seed)
+        if task == "arith-hard":  # validation keeps the task's own line range
+            return arith_hard_examples(split, n, seed, train_lines if split == "train" else arith_hard.LINES)
         return arith_examples(split, n, seed=seed, spec=spec)
 
     for ex in examples("train", n_pool, int(tr.get("seed", 0))):
