@@ -23,7 +23,6 @@ from .methods import get_method, method_names, option_owners
 from .models.checkpoint import CheckpointError, load_model
 from .models.tokenizer import Tokenizer
 from .speculative.armethods import DEFAULT_TARGET
-from .speculative.dualdiffusion import SELF, DualConfig
 
 AnyConfig = Any  # a DecodeConfig or a method's own config (DualConfig, PSDConfig, ARMethodConfig, ...)
 
@@ -275,21 +274,6 @@ def chat_prompts(model: Any, method: str, prompts: Sequence[str], system: str | 
     return [template.render(head + [{"role": "user", "content": p}]) for p in prompts]
 
 
-def resolve_drafter(drafter: Any, cfg: DualConfig, verifier: torch.nn.Module, drafter_tokenizer: Tokenizer | None,
-                    dtype: str | None = None) -> tuple[torch.nn.Module | None, Tokenizer | None]:
-    """The drafter model and its tokenizer: an object as given, `cfg.drafter` loaded
-    onto the verifier's device, or (None, None) for 'self' (the verifier drafts)."""
-    if isinstance(drafter, torch.nn.Module):
-        return drafter, drafter_tokenizer
-    if drafter is not None:
-        raise ValueError(f"drafter must be a checkpoint path, 'self', a model object or None; "
-                         f"got {type(drafter).__name__}")
-    if cfg.drafter == SELF:
-        return None, None
-    param = next(verifier.parameters())
-    return load_model(cfg.drafter, device=param.device, dtype=dtype or param.dtype)
-
-
 def prompt_list(prompts: Any) -> list[str]:
     """`prompts` as a list of non-empty strings, or a ValueError naming the argument and the entry."""
     if isinstance(prompts, str):
@@ -351,5 +335,6 @@ def generate(
     cfg = build_config(method, config, **options)
     model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method, compile=compile,
                                      quantize=quantize)
-    return m.run(model, tokenizer, prompts, cfg, drafter=drafter, drafter_tokenizer=drafter_tokenizer,
-                 vp_drafter=vp_drafter, progress=progress, dtype=dtype)
+    models = {"drafter": drafter, "drafter_tokenizer": drafter_tokenizer, "vp_drafter": vp_drafter}
+    return m.run(model, tokenizer, prompts, cfg, progress=progress,
+                 **{k: v for k, v in models.items() if k in m.model_keywords})

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .methods import REGISTRY, get_method, method_names
+from .methods import all_methods, get_method, method_names
 from .options import parse_bool
 
 # OSError: the file system said no (permissions, a full disk, a path in the way), never a bug of ours.
@@ -40,9 +40,8 @@ class Parser(argparse.ArgumentParser):
 def _decode_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g = p.add_argument_group("decoding (defaults: the method's, and the task's for lengths)")
     if with_method:
-        get_method("vanilla")  # loads the registry
         g.add_argument("--method", default="vanilla", help="; ".join(
-            f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default vanilla; the last four need an "
+            f"{m.name}: {m.summary}" for m in all_methods()) + " (default vanilla; the last four need an "
             "AR (Qwen3) target and use the bundled one without --model)")
     g.add_argument("--gen-length", type=int, help="tokens to generate (the task's default: 48 for arith)")
     g.add_argument("--block-length", type=int, help="semi-autoregressive block size, must divide gen-length "
@@ -93,8 +92,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     """One flag per method-specific option of the registry, grouped under the first method that owns
     it, so a new method's options appear here without touching this file."""
     seen = {a.dest for a in p._actions}
-    get_method("vanilla")
-    for method in REGISTRY.values():
+    for method in all_methods():
         new = [k for k in method.options if k not in seen]
         if not new:
             continue
@@ -126,7 +124,7 @@ def _verifier_is_model(a: argparse.Namespace) -> None:
 
 def _options(a: argparse.Namespace) -> dict:
     """Every decoding option the user gave (None: not given), shared and method-specific alike."""
-    keys = DECODE_KEYS + [k for m in REGISTRY.values() for k in m.options]
+    keys = DECODE_KEYS + [k for m in all_methods() for k in m.options]
     return {k: getattr(a, k) for k in dict.fromkeys(keys) if getattr(a, k, None) is not None}
 
 

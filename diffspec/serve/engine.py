@@ -7,7 +7,7 @@ collection window (or the queue holds a full batch), and decodes up to
 `max_batch` rows in one canvas. Requests with other settings wait in their own
 queues. A request that samples (temperature > 0, random remasking, Dream's
 sampler) is decoded alone, so its seed reproduces `diffspec.api.generate`, and so is
-a request whose method is not in BATCHED_METHODS (see there).
+a request whose method does not batch (`Method.batches`).
 
 How text reaches a client while its batch decodes, without touching the decoders:
 
@@ -71,12 +71,11 @@ log = logging.getLogger("diffspec.serve")
 # row), so rows may leave the canvas there without changing what the others decode; their state is
 # also kept per row in between, so rows may leave at any step (`_keep_rows`).
 ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
-# Methods whose rows decode in one canvas exactly as each would alone (checked against
-# `generate` one prompt at a time) and share their forwards. Every other method decodes each
-# request alone: DualDiffusion's rows advance in lockstep (one iteration budget and drafter clock
-# per canvas), so a companion changes a row's answer; ar-spec, dflash and d2sd decode rows one at a
-# time anyway, so a batch would only delay its first answers.
-BATCHED_METHODS = ("vanilla", "fast-dllm", "dkv-cache", "psd", "ar")
+# A method batches (`Method.batches`) when its rows decode in one canvas exactly as each would
+# alone (checked against `generate` one prompt at a time) and share their forwards. Every other
+# method decodes each request alone: DualDiffusion's rows advance in lockstep (one iteration budget
+# and drafter clock per canvas), so a companion changes a row's answer; ar-spec, dflash and d2sd
+# decode rows one at a time anyway, so a batch would only delay its first answers.
 
 
 class _AllDone(Exception):
@@ -169,7 +168,7 @@ class Job:
         self.method, self.cfg, self.prompts, self.n, self.stops = method, cfg, list(prompts), n, list(stops)
         self.eos_ids = tuple(eos_ids)
         self.sampled = uses_rng(cfg)
-        self.solo = self.sampled or method not in BATCHED_METHODS  # decoded alone
+        self.solo = self.sampled or not get_method(method).batches  # decoded alone
         self.key = batch_key(method, cfg) + (f"#solo{self.id}" if self.solo else "")
         # A sampled job decodes one row per choice (generate([p] * n) with its seed); a greedy one
         # decodes each prompt once and gives every choice of it the same text.
@@ -564,15 +563,17 @@ class Engine:
         self.stats.rows += len(batch.rows)
         self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(batch.rows))
         run = get_method(batch.method).run
-        from .. import builtin_methods as bm
+        from ..methods.block import run_block
+        from ..methods.dualdiffusion import run_dual
+        from ..methods.psd import run_psd
 
         try:
             with torch.inference_mode(), batch.meter.timed(self.device):
-                if run is bm.run_block and isinstance(batch.cfg, DecodeConfig):
+                if run is run_block and isinstance(batch.cfg, DecodeConfig):
                     self._run_blocks(batch)
-                elif run is bm.run_psd:
+                elif run is run_psd:
                     self._run_psd(batch)
-                elif run is bm.run_dual:
+                elif run is run_dual:
                     self._run_dual(batch)
                 elif batch.method == "ar":
                     self._run_ar(batch)
@@ -689,7 +690,7 @@ class Engine:
     def _run_dual(self, batch: Batch) -> None:
         """DualDiffusion's own loop (as `dualdiffusion_generate` sets it up); cells are final when an
         iteration begins, i.e. at a drafter forward that follows a verifier forward."""
-        from ..api import resolve_drafter
+        from ..methods.dualdiffusion import resolve_drafter
         from ..speculative.core import DiffusionDrafter, FullForwardVerifier
         from ..speculative.dualdiffusion import check_compatible, dual_decode_canvas
         from ..speculative.rules import make_rule
@@ -697,7 +698,7 @@ class Engine:
         cfg = batch.cfg
         key = ("dual", cfg.drafter)
         if key not in self._drafters:
-            self._drafters[key] = resolve_drafter(None, cfg, self.model, None, self.dtype)
+            self._drafters[key] = resolve_drafter(None, cfg, self.model)
         d_model, d_tok = self._drafters[key]
         d_model = self.model if d_model is None else d_model
         check_compatible(d_model, self.model, d_tok, self.tokenizer)
@@ -795,8 +796,7 @@ class Engine:
         m = get_method(batch.method)
         cfg = build_config(batch.method, batch.cfg, strict=False, batch_size=len(batch.rows))
         models = self._ar_drafters(batch) if m.family == "ar" else {}
-        res = m.run(self.model, self.tokenizer, [r.prompt.text for r in batch.rows], cfg, progress=False,
-                    dtype=self.dtype, **models)
+        res = m.run(self.model, self.tokenizer, [r.prompt.text for r in batch.rows], cfg, progress=False, **models)
         res.meter.tokens_generated = 0  # the rows' streams count them (feed), by the one definition
         batch.meter.merge(res.meter)
         batch.meter.primary = res.meter.primary

@@ -18,7 +18,6 @@ from ..decoding.runner import GenerationResult
 from ..models.tokenizer import Tokenizer, check_same_tokenizer
 from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
 from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
-from ..options import parse_bool
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Bundled checkpoints, used when no path is given (trained by configs/qwen3-arith.json etc.).
@@ -42,24 +41,9 @@ def bundled_drafter(kind: str, target: torch.nn.Module | None) -> Path:
         return SMOLLM2_DRAFTERS[kind]
     return DEFAULT_VP if kind == "vp" else DEFAULT_DRAFTERS[kind]
 
+
 _CONFIGS: dict[str, type[ARConfig]] = {"ar": ARConfig, "ar-spec": SpecConfig, "dflash": DFlashSpecConfig,
                                        "d2sd": D2SDConfig}
-_PARSERS = {"bool": parse_bool, "int": int, "float": float, "str": str}
-
-
-def ar_options(method: str) -> dict[str, Any]:
-    """Options `method` takes beyond the shared ones, with their text parsers."""
-    cls = _CONFIGS[method]
-    own = {f.name: _PARSERS[type(f.default).__name__] for f in fields(cls)
-           if f.name not in ("temperature", "seed", "batch_size")}
-    if method != "ar":
-        own["drafter"] = str
-    if method == "d2sd":
-        own["vp_drafter"] = str
-    return own
-
-
-AR_METHODS = tuple(_CONFIGS)
 
 
 @dataclass(frozen=True)

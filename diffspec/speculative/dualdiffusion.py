@@ -83,7 +83,6 @@ from ..decoding.runner import GenerationResult, model_device
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
-from ..options import parse_bool
 from .core import VIEWS, DiffusionDrafter, FullForwardVerifier, apply_verdict, verifier_views
 from .rules import Rule, VerifyInput, make_rule, resolve_threshold, resolve_verifier_unmask
 
@@ -91,23 +90,8 @@ SELF = "self"
 ROLLBACKS = ("discard", "keep")
 
 
-# DualDiffusion's own options (beyond DecodeConfig fields) and how to parse them from text.
-DUAL_OPTIONS: dict[str, Any] = {
-    "drafter": str,
-    "drafter_cache": str,
-    "drafter_policy": str,
-    "drafter_threshold": float,
-    "rule": str,
-    "rule_threshold": float,
-    "num_drafter_steps": int,
-    "num_verifier_steps": int,
-    "max_iterations": int,
-    "verifier_view": str,
-    "verifier_unmask": int,
-    "rollback": str,
-    "progress_guard": parse_bool,
-    "adaptive_drafter_steps": parse_bool,
-}
+# The drafter's cache × policy, named apart from the verifier's (which always runs full forwards).
+DRAFTER_OPTIONS = ("drafter_cache", "drafter_policy", "drafter_threshold")
 # The drafter's decoding when nothing else is said: Fast-dLLM's dual cache + threshold 0.9.
 DRAFTER_PRESET: dict[str, Any] = {"cache": "dual", "policy": "threshold", "threshold": 0.9}
 
@@ -428,10 +412,11 @@ def build_dual_config(base: DualConfig | DecodeConfig | None = None, **options: 
         )
     decode_fields = set(DecodeConfig.__dataclass_fields__)
     loop_fields = set(DualConfig.__dataclass_fields__) - {"decode"}
-    unknown = set(given) - decode_fields - set(DUAL_OPTIONS)
+    own = loop_fields | set(DRAFTER_OPTIONS)
+    unknown = set(given) - decode_fields - own
     if unknown:
         raise ValueError(f"unknown dualdiffusion option(s) {sorted(unknown)}; valid: "
-                         f"{sorted((decode_fields - {'cache', 'policy', 'threshold'}) | set(DUAL_OPTIONS))}")
+                         f"{sorted((decode_fields - {'cache', 'policy', 'threshold'}) | own)}")
     if isinstance(base, DualConfig):
         decode, loop = base.decode.to_dict(), {k: getattr(base, k) for k in loop_fields}
     else:

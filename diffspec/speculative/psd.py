@@ -56,7 +56,7 @@ from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
 from ..decoding.state import Canvas
 from ..models.tokenizer import Tokenizer
-from ..options import parse_bool, parse_depths
+from ..options import parse_depths
 
 PSD_CACHES = ("none", "prefix", "dual")
 PSD_POLICIES = ("threshold", "factor", "local")
@@ -65,8 +65,6 @@ LOSSLESS_DEPTH = 7  # default D of the lossless variant: drafts of every depth 1
 _GREEDY = DecodeConfig()  # temperature 0, low_confidence: the decoder lossless PSD must reproduce
 
 
-PSD_OPTIONS: dict[str, Any] = {"depths": parse_depths, "lossless": parse_bool, "accept_threshold": float,
-                               "draft_order": str}
 DRAFT_ORDERS = ("confidence", "position")
 
 
@@ -418,9 +416,10 @@ def build_psd_config(base: PSDConfig | DecodeConfig | None = None, **options: An
     """
     given = {k: v for k, v in options.items() if v is not None}
     decode_fields = set(DecodeConfig.__dataclass_fields__)
-    unknown = set(given) - decode_fields - set(PSD_OPTIONS)
+    own = set(PSDConfig.__dataclass_fields__) - {"decode"}
+    unknown = set(given) - decode_fields - own
     if unknown:
-        raise ValueError(f"unknown psd option(s) {sorted(unknown)}; valid: {sorted(decode_fields | set(PSD_OPTIONS))}")
+        raise ValueError(f"unknown psd option(s) {sorted(unknown)}; valid: {sorted(decode_fields | own)}")
     if isinstance(base, PSDConfig):
         decode, loop = base.decode.to_dict(), {"depths": base.depths, "lossless": base.lossless,
                                                "accept_threshold": base.accept_threshold,
@@ -428,7 +427,7 @@ def build_psd_config(base: PSDConfig | DecodeConfig | None = None, **options: An
     else:
         decode, loop = {**(base.to_dict() if base else {}), "policy": "threshold", "threshold": 0.9}, {}
         decode["steps"] = decode.get("steps", decode.get("gen_length", 48))
-    loop.update({k: v for k, v in given.items() if k in PSD_OPTIONS})
+    loop.update({k: v for k, v in given.items() if k in own})
     decode.update({k: v for k, v in given.items() if k in decode_fields})
     if "gen_length" in given and "steps" not in given:
         decode["steps"] = given["gen_length"]

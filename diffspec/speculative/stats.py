@@ -13,12 +13,11 @@ from typing import Any, Sequence
 
 
 def _classes() -> list[type]:
-    from .ar import ARSpecStats
-    from .d2sd import BlockSpecStats
-    from .dualdiffusion import SpecStats
-    from .psd import PSDStats
+    """The registered methods' stats classes, each once."""
+    from ..methods import all_methods
 
-    return [ARSpecStats, BlockSpecStats, SpecStats, PSDStats]
+    classes = [m.stats_class for m in all_methods() if m.stats is not None]
+    return list(dict.fromkeys(classes))
 
 
 def stats_class(summary: dict[str, Any]) -> type | None:
