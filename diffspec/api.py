@@ -18,6 +18,7 @@ import torch
 
 from .decoding.config import DecodeConfig, is_finite_number
 from .decoding.runner import GenerationResult
+from .decoding.streamer import Streamer
 from .methods import FAMILIES as FAMILY_NAMES
 from .methods import get_method, method_names, option_owners
 from .models.checkpoint import CheckpointError, load_model
@@ -304,6 +305,7 @@ def generate(
     drafter_tokenizer: Tokenizer | None = None,
     compile: str | None = None,
     quantize: str | None = None,
+    streamer: Streamer | None = None,
     **options: Any,
 ) -> GenerationResult:
     """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd).
@@ -321,6 +323,8 @@ def generate(
     `drafter` / `vp_drafter` as paths or loaded models.
     `compile` ('inductor', 'eager', ...) compiles the model's forward with torch.compile.
     `quantize` ('int8') quantizes the model's transformer blocks (CPU; `models.quantized`).
+    `streamer` (`diffspec.decoding.streamer.Streamer`) hears every token as it becomes final:
+    `on_commit(row, positions, token_ids)`; once its `should_stop()` is true the decode ends early.
     """
     prompts = prompt_list(prompts)
     m = get_method(method)
@@ -336,5 +340,5 @@ def generate(
     model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method, compile=compile,
                                      quantize=quantize)
     models = {"drafter": drafter, "drafter_tokenizer": drafter_tokenizer, "vp_drafter": vp_drafter}
-    return m.run(model, tokenizer, prompts, cfg, progress=progress,
+    return m.run(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer,
                  **{k: v for k, v in models.items() if k in m.model_keywords})

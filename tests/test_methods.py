@@ -22,7 +22,7 @@ from diffspec.tasks import load_examples
 PROMPT = load_examples("arith", limit=1)[0].prompt
 
 TOY = textwrap.dedent('''
-    """A toy method in one file: vanilla's block decoder with 1/divide of the steps."""
+    """A toy method in one file: vanilla's block decoder with 1/divide of the steps (streamed)."""
     from dataclasses import dataclass, replace
 
     from diffspec.decoding.config import DecodeConfig, WrapsDecodeConfig
@@ -48,9 +48,10 @@ TOY = textwrap.dedent('''
         return ToyConfig(decode, divide or (base.divide if base else 2))
 
 
-    def run(model, tokenizer, prompts, cfg, *, progress=False):
+    def run(model, tokenizer, prompts, cfg, *, progress=False, streamer=None, meter=None):
         d = cfg.decode
-        res = run_block(model, tokenizer, prompts, d.replace(steps=d.gen_length // cfg.divide), progress=progress)
+        res = run_block(model, tokenizer, prompts, d.replace(steps=d.gen_length // cfg.divide), progress=progress,
+                        streamer=streamer, meter=meter)
         res.config = cfg  # the result records the toy's options
         return res
 
@@ -109,6 +110,8 @@ def _served_equals_api(text: str) -> None:
                   extra_body={"diffspec": {"method": "toy", "divide": 4, "block_length": 8}})
         assert s.client.completions.create(**kw).choices[0].text == text
         assert streamed_completion(s.client, **kw)[0] == text
+        chunks = [c for c in s.client.completions.create(stream=True, **kw) if c.choices and c.choices[0].text]
+        assert len(chunks) > 1  # its 4 steps commit over 2 blocks: the toy streams through the block decoder
     finally:
         s.stop()
 

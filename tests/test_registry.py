@@ -51,7 +51,7 @@ def test_a_registered_method_appears_everywhere_without_touching_them(monkeypatc
         given = {k: v for k, v in options.items() if v is not None}
         return _Echo(**{k: v for k, v in given.items() if k == "repeat"})
 
-    def run(model, tokenizer, prompts, cfg, *, progress=False):
+    def run(model, tokenizer, prompts, cfg, *, progress=False, streamer=None, meter=None):
         return generate(prompts, model=model, tokenizer=tokenizer, method="vanilla", gen_length=16, block_length=8)
 
     toy = Method("toy", "diffusion", "a toy method for this test", build=build, config_type=(_Echo,), run=run,

@@ -59,7 +59,8 @@ def test_run_prompts_batches_cuts_and_counts():
     model = Fake(max_sequence_length=64, eos_token_id=9)
     seen = []
 
-    def decode(batch):
+    def decode(batch, streamer):
+        assert streamer is None  # no streamer given: the loops do no streaming work
         seen.append(len(batch))
         return [ids[:1] + [9, 9] for ids in batch]  # echo the first prompt token, then EOS fill
 

@@ -459,15 +459,15 @@ def test_cli_serve_refuses_bad_defaults_before_loading(capsys):
 
 
 def test_a_failing_request_does_not_fail_its_batch(srv, model):
-    """A row that breaks its canvas (here: the mask token, which validation refuses) is retried alone;
-    its companions still get their answers."""
+    """A row that breaks its batch (here: a prompt longer than the model's positions, which validation
+    refuses) is retried alone; its companions still get their answers."""
     from diffspec.serve.engine import Job, Prompt
 
     m, tok = model
     svc, events = srv.service, {}
     cfg = svc.parser.config({})[1]
-    bad_ids = tok.encode(Q0) + [m.config.mask_token_id]
-    prompts = [Prompt(Q0, tok.encode(Q0)), Prompt(Q0, bad_ids), Prompt(QUESTIONS[1], tok.encode(QUESTIONS[1]))]
+    long = Q0 * (m.config.max_sequence_length // len(tok.encode(Q0)) + 1)
+    prompts = [Prompt(Q0, tok.encode(Q0)), Prompt(long, tok.encode(long)), Prompt(QUESTIONS[1], tok.encode(QUESTIONS[1]))]
     jobs = []
     for i, p in enumerate(prompts):
         job = Job("fast-dllm", cfg, [p], 1, [], svc.eos_ids, None)

@@ -9,4 +9,5 @@
   cache.py      cache strategies: none, Fast-dLLM prefix / dual, dKV-Cache decode / greedy / prefill
   diffusion.py  the block decoder shared by vanilla LLaDA, Fast-dLLM, dKV-Cache and DualDiffusion's drafter
   dream.py      Dream's whole-sequence sampler (origin / maskgit_plus / topk_margin / entropy)
+  streamer.py   the one hook every decoding loop reports final tokens through (`Streamer`)
 """
