@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .decoding.capabilities import capabilities
 from .decoding.config import DecodeConfig, is_finite_number
 from .decoding.runner import GenerationResult
 from .decoding.streamer import Streamer
@@ -79,14 +80,6 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
 def method_family(method: str) -> str:
     """'ar' for the AR-target methods, 'diffusion' for the masked-diffusion ones."""
     return get_method(method).family
-
-
-def model_family(model: torch.nn.Module) -> str:
-    """A loaded model's family: 'ar' for the causal (Llama / Qwen2 / Qwen3) targets, else 'diffusion'
-    (LLaDA, Dream). Not `logits_shifted`: Dream's network is shifted too, but it is a masked model."""
-    from .models.causal import Qwen3Model
-
-    return "ar" if isinstance(model, Qwen3Model) else "diffusion"
 
 
 def check_family(method: str, family: str, what: str) -> None:
@@ -224,10 +217,10 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a checkpoint directory, a loaded model or None (the bundled one); "
                          f"got {type(model).__name__}")
-    check_family(method, model_family(model), f"the model object ({type(model).__name__})")
-    if model_family(model) == "diffusion":
-        check_block_causal(method, bool(getattr(model, "block_causal", False)),
-                           f"the model object ({type(model).__name__})")
+    caps = capabilities(model)
+    check_family(method, caps.family, f"the model object ({type(model).__name__})")
+    if not caps.is_ar:
+        check_block_causal(method, caps.block_causal, f"the model object ({type(model).__name__})")
     if tokenizer is None:
         raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
     embeds = getattr(model.config, "embedding_size", None) or model.config.vocab_size

@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffspec.decoding import diffusion
+from diffspec.decoding import cache, diffusion
 from diffspec.decoding.cache import DKVGreedy, KVStore, make_cache
 from diffspec.decoding.config import DecodeConfig
 from diffspec.decoding.diffusion import BlockDecoder
@@ -62,7 +62,8 @@ def fix_order(monkeypatch, order: list[int]) -> None:
     def propose(logits, cfg, generator, *rest):
         return logits.argmax(-1), score.expand(logits.shape[:2]).clone()
 
-    monkeypatch.setattr(diffusion, "propose", propose)
+    monkeypatch.setattr(diffusion, "propose", propose)  # the loop's
+    monkeypatch.setattr(cache, "propose", propose)  # dkv-greedy's replay of it
 
 
 def run(monkeypatch, ps, window: int = 0, **kw) -> tuple[list[set[int] | None], torch.Tensor, CostMeter]:

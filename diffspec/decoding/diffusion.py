@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
 from .cache import DKVDecode, DualCache, NoCache, PrefixCache, make_cache
+from .capabilities import capabilities
 from .config import DecodeConfig
 from .meter import CostMeter, MeteredModel
-from .policies import num_transfer_tokens, select_factor, select_local, select_threshold, select_topk
+from .policies import num_transfer_tokens
+from .propose import propose, select
 from .runner import GenerationResult, model_device, run_prompts
 from .state import Canvas
 from .streamer import CanvasReporter, Streamer
@@ -27,46 +28,6 @@ from .streamer import CanvasReporter, Streamer
 # The caches whose decoder state is rebuilt from scratch at every block start and kept per row in
 # between, so a row may leave the canvas at any step without changing what the others decode.
 ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
-
-
-def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """LLaDA's sampler: argmax(exp(l) / (-log u)^T) in float64 (low precision hurts sampling quality)."""
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
-    gumbel = (-torch.log(u.clamp_min(1e-300))) ** temperature
-    return logits.exp() / gumbel
-
-
-def propose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None,
-            end_ids: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-    """Candidate tokens and their confidence (softmax prob of the candidate, or random).
-
-    With `cfg.confidence_eos_eot_inf` the confidence comes from a softmax in which
-    the `end_ids` (EOS, <|eot_id|>) are impossible, as in LLaDA's sampler: a cell
-    whose candidate ends the answer scores 0, so it is committed after the others.
-    """
-    x0 = add_gumbel_noise(logits, cfg.temperature, generator).argmax(dim=-1)
-    if cfg.remasking == "low_confidence":
-        scored = logits
-        if cfg.confidence_eos_eot_inf and end_ids:
-            scored = logits.index_fill(-1, torch.tensor(list(end_ids), device=logits.device), -torch.inf)
-        p = F.softmax(scored.to(torch.float64), dim=-1)
-        conf = torch.gather(p, -1, x0[..., None]).squeeze(-1).nan_to_num(0.0)  # NaN: only end ids were finite
-    else:
-        conf = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
-    return x0, conf
-
-
-def select(conf: Tensor, cfg: DecodeConfig, k: int) -> Tensor:
-    if cfg.policy == "threshold":
-        return select_threshold(conf, cfg.threshold)
-    if cfg.policy == "factor":
-        return select_factor(conf, cfg.factor)
-    if cfg.policy == "local":
-        return select_local(conf, cfg.threshold, cfg.local_threshold, cfg.local_radius)
-    return select_topk(conf, k)
 
 
 @dataclass
@@ -251,17 +212,18 @@ def run_batches(
     config's single `eos_token_id`, as in LLaDA's and Dream's own code.
 
     Returns (ids cut at EOS, texts, raw generation ids)."""
-    mcfg = model.config
-    limit = max_positions or mcfg.max_sequence_length
+    caps = capabilities(model)
+    limit = max_positions or caps.max_positions
     device = model_device(model)
+    pad_id = model.config.pad_token_id
 
     def decode(batch: list[list[int]], stream: Streamer | None) -> list[list[int]]:
-        canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id, limit, device)
+        canvas = Canvas.from_prompts(batch, cfg.gen_length, caps.mask_id, pad_id, limit, device)
         decode_batch(canvas, stream)
         return canvas.generated().tolist()
 
     return run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length, batch_size=cfg.batch_size,
-                       meter=meter, desc=desc, progress=progress, eos=(mcfg.eos_token_id,), limit=limit,
+                       meter=meter, desc=desc, progress=progress, eos=caps.eos_ids, limit=limit,
                        streamer=streamer)
 
 

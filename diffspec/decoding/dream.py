@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
+from .capabilities import capabilities
 from .diffusion import run_batches
 from .runner import GenerationResult
 from .meter import CostMeter, MeteredModel
@@ -288,8 +289,7 @@ def dream_generate(
     Works on any masked diffusion model whose forward returns aligned logits (Dream,
     LLaDA); an autoregressive model is refused. Token ids are cut at the first EOS.
     """
-    mc = getattr(model, "config", None)
-    if getattr(mc, "mask_token_id", None) is None:
+    if capabilities(model).mask_id is None:
         raise ValueError(f"the dream sampler needs a masked diffusion model (Dream or LLaDA) with a mask token; "
                          f"{type(model).__name__} has none (an autoregressive model? use the AR methods)")
     meter = meter or CostMeter()

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
+from .capabilities import capabilities
 from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, max_positions, model_device, run_prompts
 from .streamer import RowReporter, Streamer
@@ -339,7 +340,7 @@ def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seq
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    mask_id = model.config.mask_token_id
+    mask_id = capabilities(model).mask_id
 
     def decode(batch: list[list[int]], stream: Streamer | None) -> list[list[int]]:
         return [row(metered, p, cfg, generator, device, not block_causal,

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoding.config import check_field_types, check_finite_floats
+from ..decoding.capabilities import capabilities
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import GenerationResult, eos_ids, max_positions, model_device, run_prompts
 from ..decoding.streamer import Streamer, commit_tail
@@ -154,7 +155,7 @@ def rejection_accept(p: Tensor, q: Tensor, drafts: Sequence[int], generator: tor
 
 
 def check_ar(model: torch.nn.Module, who: str) -> None:
-    if not getattr(model, "logits_shifted", False):
+    if not capabilities(model).logits_shifted:
         raise ValueError(f"the {who} ({type(model).__name__}) is not an autoregressive model: "
                          "AR decoding needs logit i to predict token i+1 (e.g. a Qwen3Model)")
 

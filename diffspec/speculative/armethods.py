@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..decoding.capabilities import capabilities
 from ..decoding.meter import CostMeter
 from ..decoding.runner import GenerationResult
 from ..decoding.streamer import Streamer
@@ -156,9 +157,7 @@ def ar_method_generate(target: torch.nn.Module, tokenizer: Tokenizer, prompts: S
     tokenizer.json, an object against `drafter_tokenizer` when given. (DFlash / VP drafters reuse
     the target's embedding and LM head, so they have no tokenizer of their own.)
     """
-    from ..models.causal import Qwen3Model
-
-    if not isinstance(target, Qwen3Model):
+    if not capabilities(target).is_ar:
         raise ValueError(f"method {cfg.method!r} needs an autoregressive (Qwen3-layout) target model, got "
                          f"{type(target).__name__}; pass --model with a Qwen3 checkpoint")
     if drafter is not None and drafter_tokenizer is not None:

@@ -78,6 +78,7 @@ from typing import Any, Sequence
 import torch
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
+from ..decoding.capabilities import capabilities
 from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult, model_device
 from ..decoding.meter import CostMeter, MeteredModel
@@ -369,7 +370,7 @@ def check_compatible(drafter: torch.nn.Module, verifier: torch.nn.Module,
             raise ValueError(f"drafter and verifier disagree on {name} (drafter {getattr(d, name)}, "
                              f"verifier {getattr(v, name)}); they must share a tokenizer and its special tokens")
     for who, m in (("drafter", drafter), ("verifier", verifier)):
-        if getattr(m.config, "mask_token_id", None) is None:
+        if capabilities(m).mask_id is None:
             raise ValueError(f"the {who} ({type(m).__name__}) has no mask token; DualDiffusion needs masked "
                              "diffusion models (LLaDA, Dream)")
     if drafter_tokenizer is not None and verifier_tokenizer is not None \

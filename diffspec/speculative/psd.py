@@ -50,10 +50,12 @@ import torch
 from torch import Tensor
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
-from ..decoding.diffusion import propose, run_batches, select
+from ..decoding.capabilities import capabilities
+from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
+from ..decoding.propose import propose, select
 from ..decoding.state import Canvas
 from ..decoding.streamer import CanvasReporter, Streamer
 from ..models.tokenizer import Tokenizer
@@ -276,7 +278,7 @@ class ViewScorer:
         # A shifted network (Dream) scores cell i from its output at i - 1, so a cached
         # verification also feeds the column before the block; its forward shifts inside the
         # fed slice, which is exact for every column but the slice's first, never read.
-        self.lead = int(bool(getattr(model.model, "logits_shifted", False)))
+        self.lead = int(capabilities(model).logits_shifted)
 
     def seed(self, s: int, e: int, working: int) -> Tensor:
         """Plain forward of the canvas at a block start; returns generation-region logits (B, L, V)."""
