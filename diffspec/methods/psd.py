@@ -18,11 +18,10 @@ OPTIONS = {
 }
 
 
-def run_psd(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-            streamer: Any = None, meter: Any = None) -> Any:
+def run_psd(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False) -> Any:
     from ..speculative.psd import psd_generate
 
-    return psd_generate(model, tokenizer, list(prompts), cfg, progress=progress, streamer=streamer, meter=meter)
+    return psd_generate(model, tokenizer, list(prompts), cfg, progress=progress)
 
 
 METHODS = (Method(
