@@ -16,8 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
+from .decoding.capabilities import capabilities
 from .decoding.config import DecodeConfig, is_finite_number
 from .decoding.runner import GenerationResult
+from .decoding.streamer import Streamer
 from .methods import FAMILIES as FAMILY_NAMES
 from .methods import get_method, method_names, option_owners
 from .models.checkpoint import CheckpointError, load_model
@@ -78,14 +80,6 @@ def build_config(method: str = "vanilla", base: AnyConfig | None = None, strict:
 def method_family(method: str) -> str:
     """'ar' for the AR-target methods, 'diffusion' for the masked-diffusion ones."""
     return get_method(method).family
-
-
-def model_family(model: torch.nn.Module) -> str:
-    """A loaded model's family: 'ar' for the causal (Llama / Qwen2 / Qwen3) targets, else 'diffusion'
-    (LLaDA, Dream). Not `logits_shifted`: Dream's network is shifted too, but it is a masked model."""
-    from .models.causal import Qwen3Model
-
-    return "ar" if isinstance(model, Qwen3Model) else "diffusion"
 
 
 def check_family(method: str, family: str, what: str) -> None:
@@ -223,10 +217,10 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a checkpoint directory, a loaded model or None (the bundled one); "
                          f"got {type(model).__name__}")
-    check_family(method, model_family(model), f"the model object ({type(model).__name__})")
-    if model_family(model) == "diffusion":
-        check_block_causal(method, bool(getattr(model, "block_causal", False)),
-                           f"the model object ({type(model).__name__})")
+    caps = capabilities(model)
+    check_family(method, caps.family, f"the model object ({type(model).__name__})")
+    if not caps.is_ar:
+        check_block_causal(method, caps.block_causal, f"the model object ({type(model).__name__})")
     if tokenizer is None:
         raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
     embeds = getattr(model.config, "embedding_size", None) or model.config.vocab_size
@@ -304,6 +298,7 @@ def generate(
     drafter_tokenizer: Tokenizer | None = None,
     compile: str | None = None,
     quantize: str | None = None,
+    streamer: Streamer | None = None,
     **options: Any,
 ) -> GenerationResult:
     """Generate completions for `prompts` with `method` (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd).
@@ -321,6 +316,8 @@ def generate(
     `drafter` / `vp_drafter` as paths or loaded models.
     `compile` ('inductor', 'eager', ...) compiles the model's forward with torch.compile.
     `quantize` ('int8') quantizes the model's transformer blocks (CPU; `models.quantized`).
+    `streamer` (`diffspec.decoding.streamer.Streamer`) hears every token as it becomes final:
+    `on_commit(row, positions, token_ids)`; once its `should_stop()` is true the decode ends early.
     """
     prompts = prompt_list(prompts)
     m = get_method(method)
@@ -336,5 +333,5 @@ def generate(
     model, tokenizer = resolve_model(model, tokenizer, device, dtype, method=method, compile=compile,
                                      quantize=quantize)
     models = {"drafter": drafter, "drafter_tokenizer": drafter_tokenizer, "vp_drafter": vp_drafter}
-    return m.run(model, tokenizer, prompts, cfg, progress=progress,
+    return m.run(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer,
                  **{k: v for k, v in models.items() if k in m.model_keywords})

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .decoding.capabilities import capabilities
 from .decoding.meter import CostMeter, MeteredModel
 from .decoding.runner import max_positions, model_device
 
@@ -60,13 +61,6 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if whole[: len(ctx)] != ctx or not cont:  # a merge across the boundary: score the continuation alone
         cont = tokenizer.encode(continuation)
     return list(ctx), list(cont)
-
-
-def is_causal(model: Any) -> bool:
-    """True for the AR targets (exact likelihood), False for masked diffusion models (MC ELBO)."""
-    from .api import model_family
-
-    return model_family(model) == "ar"
 
 
 def _pad_id(model: Any) -> int:
@@ -253,7 +247,7 @@ def mc_loglikelihood(model: Any, pairs: Sequence[Pair], mc_num: int = 128, batch
     if not cfg_scale >= 0:
         raise ValueError(f"cfg must be >= 0, got {cfg_scale}")
     pairs = _check_pairs(pairs)
-    mask_id = model.config.mask_token_id
+    mask_id = capabilities(model).mask_id
     limit, pad, device = max_positions(model), _pad_id(model), model_device(model)
     run = _metered(model, meter)
     rows: list[_Row] = []
@@ -354,7 +348,7 @@ def loglikelihood(model: Any, pairs: Sequence[Pair], *, batch_size: int = 32, mc
                   meter: CostMeter | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per (context ids, continuation ids): exact for AR targets, the MC
     ELBO for masked diffusion models (`mc_num`, `cfg_scale`, `seed` apply to those only)."""
-    if is_causal(model):
+    if capabilities(model).is_ar:  # exact likelihood; masked diffusion models: MC ELBO
         return ar_loglikelihood(model, pairs, batch_size=batch_size, meter=meter)
     return mc_loglikelihood(model, pairs, mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
                             check_greedy=check_greedy, meter=meter)

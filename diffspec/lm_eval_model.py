@@ -491,9 +491,10 @@ class DiffspecLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        from .likelihood import ar_loglikelihood_rolling, is_causal
+        from .decoding.capabilities import capabilities
+        from .likelihood import ar_loglikelihood_rolling
 
-        if not is_causal(self.model):
+        if not capabilities(self.model).is_ar:
             raise NotImplementedError(
                 "loglikelihood_rolling (perplexity tasks such as wikitext) needs an autoregressive model: a masked "
                 "diffusion model has no exact left-to-right likelihood and its ELBO over a whole document is not "

@@ -6,7 +6,11 @@
   state.py      the canvas: prompt + masked generation slots, block bounds
   config.py     `DecodeConfig`, validated on construction
   policies.py   which masked cells to commit: schedule top-k, threshold, factor, local
+  propose.py    one step's candidates and confidences (LLaDA's Gumbel sampler) and the policy dispatch
   cache.py      cache strategies: none, Fast-dLLM prefix / dual, dKV-Cache decode / greedy / prefill
   diffusion.py  the block decoder shared by vanilla LLaDA, Fast-dLLM, dKV-Cache and DualDiffusion's drafter
   dream.py      Dream's whole-sequence sampler (origin / maskgit_plus / topk_margin / entropy)
+  llada2.py     LLaDA2's block-diffusion sampler (and the row loop SDAR's shares); sdar.py: SDAR's
+  streamer.py   the one hook every decoding loop reports final tokens through (`Streamer`)
+  capabilities.py  what a loaded model is: family, shifted logits, mask id, EOS ids, max positions
 """

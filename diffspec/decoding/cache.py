@@ -61,9 +61,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .capabilities import capabilities
 from .config import DecodeConfig
 from .meter import MeteredModel
 from .policies import num_transfer_tokens
+from .propose import propose, select
 from .state import Canvas
 
 
@@ -221,7 +223,7 @@ class CachedDecoding:
         # Dream-style networks predict cell i from their output at i - 1 (`logits_shifted`); their
         # forward undoes the shift inside the fed columns, which is only right for a contiguous
         # slice, so here they return raw outputs and the shift is taken over canvas columns.
-        self.shifted = bool(getattr(getattr(model, "model", model), "logits_shifted", False))
+        self.shifted = capabilities(model).logits_shifted
         if self.shifted and canvas.prompt_len < 1:
             raise ValueError("a shifted-logit model needs at least one prompt token before the generation region")
 
@@ -415,8 +417,6 @@ class DKVGreedy(CachedDecoding):
         Runs the loop's `propose` and `select` on the current generator state
         and puts the state back, so the loop then draws the same numbers.
         """
-        from .diffusion import propose, select  # the loop's own functions (that module imports this one)
-
         c, B, n = self.canvas, self.canvas.batch_size, self.e - self.s
         state = self.generator.get_state()
         try:
@@ -448,7 +448,7 @@ class DKVGreedy(CachedDecoding):
         if self.order_known and bool((chosen & ~self.last_need[:, self.s : self.e]).any()):
             raise RuntimeError(
                 "dkv-greedy: the policy committed a cell whose logits were not recomputed; the replay of "
-                "the decoding loop's random draw (diffusion.propose/select) no longer matches the loop"
+                "the decoding loop's random draw (propose.propose/select) no longer matches the loop"
             )
 
 
@@ -482,7 +482,7 @@ def _check_supports_cache(cfg: DecodeConfig, model: MeteredModel) -> None:
             f"cache {cfg.cache!r} needs a model whose forward takes `kv_cache` and `positions` "
             f"(the KVCacheHook of diffspec.models.llada); {type(inner).__name__} does not — use cache='none'"
         )
-    if getattr(inner, "logits_shifted", False) and "shift" not in params:
+    if capabilities(inner).logits_shifted and "shift" not in params:
         raise ValueError(
             f"cache {cfg.cache!r} feeds a subset of columns; {type(inner).__name__} shifts its logits and its "
             "forward has no `shift` switch to return raw outputs — use cache='none'"

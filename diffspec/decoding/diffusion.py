@@ -12,56 +12,22 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
-from .cache import make_cache
+from .cache import DKVDecode, DualCache, NoCache, PrefixCache, make_cache
+from .capabilities import capabilities
 from .config import DecodeConfig
 from .meter import CostMeter, MeteredModel
-from .policies import num_transfer_tokens, select_factor, select_local, select_threshold, select_topk
+from .policies import num_transfer_tokens
+from .propose import propose, select
 from .runner import GenerationResult, model_device, run_prompts
 from .state import Canvas
+from .streamer import CanvasReporter, Streamer
 
-
-def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """LLaDA's sampler: argmax(exp(l) / (-log u)^T) in float64 (low precision hurts sampling quality)."""
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
-    gumbel = (-torch.log(u.clamp_min(1e-300))) ** temperature
-    return logits.exp() / gumbel
-
-
-def propose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None,
-            end_ids: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-    """Candidate tokens and their confidence (softmax prob of the candidate, or random).
-
-    With `cfg.confidence_eos_eot_inf` the confidence comes from a softmax in which
-    the `end_ids` (EOS, <|eot_id|>) are impossible, as in LLaDA's sampler: a cell
-    whose candidate ends the answer scores 0, so it is committed after the others.
-    """
-    x0 = add_gumbel_noise(logits, cfg.temperature, generator).argmax(dim=-1)
-    if cfg.remasking == "low_confidence":
-        scored = logits
-        if cfg.confidence_eos_eot_inf and end_ids:
-            scored = logits.index_fill(-1, torch.tensor(list(end_ids), device=logits.device), -torch.inf)
-        p = F.softmax(scored.to(torch.float64), dim=-1)
-        conf = torch.gather(p, -1, x0[..., None]).squeeze(-1).nan_to_num(0.0)  # NaN: only end ids were finite
-    else:
-        conf = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
-    return x0, conf
-
-
-def select(conf: Tensor, cfg: DecodeConfig, k: int) -> Tensor:
-    if cfg.policy == "threshold":
-        return select_threshold(conf, cfg.threshold)
-    if cfg.policy == "factor":
-        return select_factor(conf, cfg.factor)
-    if cfg.policy == "local":
-        return select_local(conf, cfg.threshold, cfg.local_threshold, cfg.local_radius)
-    return select_topk(conf, k)
+# The caches whose decoder state is rebuilt from scratch at every block start and kept per row in
+# between, so a row may leave the canvas at any step without changing what the others decode.
+ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
 
 
 @dataclass
@@ -160,9 +126,73 @@ class BlockDecoder:
             pass
 
 
-def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None) -> None:
-    """Fill every masked slot of `canvas` in place, block by block."""
-    BlockDecoder(model, canvas, cfg, generator).run()
+def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None,
+                  streamer: Streamer | None = None) -> None:
+    """Fill every masked slot of `canvas` in place, block by block; with a `streamer`, report each
+    step's commits (final: this loop never takes a committed cell back) and end when it says stop."""
+    if streamer is None:
+        BlockDecoder(model, canvas, cfg, generator).run()
+        return
+    decoder = BlockDecoder(model, canvas, cfg, generator)
+    report = CanvasReporter(streamer, canvas)
+    # Rows may leave only where that changes nothing for the others: a cache rebuilt at every
+    # block start and kept per row in between, and no random draws (their order depends on the
+    # batch's shape).
+    droppable = cfg.cache in ROW_DROP_CACHES and cfg.temperature == 0 and cfg.remasking != "random"
+    while not streamer.should_stop():
+        b = decoder.current_block()
+        if b is None:
+            break
+        keep = [i for i, r in enumerate(report.rows) if not streamer.row_done(r)] if droppable else []
+        if droppable and len(keep) < len(report.rows):
+            _write_back(canvas, decoder.canvas, report.rows)  # the leaving rows' cells, as they are now
+            decoder = _without_rows(decoder, keep, b, report)
+        decoder.step()
+        report()
+    _write_back(canvas, decoder.canvas, report.rows)
+
+
+def _write_back(canvas: Canvas, small: Canvas, rows: list[int]) -> None:
+    """Copy the rows of `small` (a cut-down canvas) back to rows `rows` of `canvas`."""
+    if small is not canvas:
+        canvas.x[rows] = small.x
+
+
+def _without_rows(decoder: BlockDecoder, keep: list[int], block: int, report: CanvasReporter) -> BlockDecoder:
+    """The decoder of rows `keep` of `decoder`'s canvas: at a block start a fresh decoder (it rebuilds
+    what the old one would), inside a block the old one cut down to those rows (`keep_rows`)."""
+    c = decoder.canvas
+    idx = torch.tensor(keep, dtype=torch.long, device=c.x.device)
+    small = Canvas(c.x[idx].clone(), c.attention_mask[idx].clone(), c.prompt_len, c.gen_length, c.mask_id)
+    if block != decoder.block:
+        decoder = BlockDecoder(decoder.model, small, decoder.cfg, decoder.generator)
+    elif not keep_rows(decoder, small, idx):
+        return decoder  # a cache whose state cannot be cut: the rows stay
+    report.keep(keep, small)
+    return decoder
+
+
+def keep_rows(decoder: BlockDecoder, canvas: Canvas, idx: Tensor) -> bool:
+    """Cut a BlockDecoder down to the rows `idx` in the middle of a block, in place: its canvas becomes
+    `canvas` (those rows), and its cache keeps exactly those rows' state. False (nothing changed) for
+    a cache this does not know.
+
+    Exact, because nothing in these decoders couples rows: without a cache the state is the canvas,
+    the block and the step in it; the cached strategies keep K/V, validity and refresh clocks per
+    row, and a row attends exactly to what it would attend to alone, whatever its companions need
+    (`decoding.cache.KVStore`). Taking rows out leaves the others' state untouched."""
+    cache = decoder.cache
+    if type(cache) in (PrefixCache, DualCache, DKVDecode):
+        store = cache.store
+        store.k = [None if t is None else t[idx] for t in store.k]
+        store.v = [None if t is None else t[idx] for t in store.v]
+        store.valid, store.token = store.valid[idx], store.token[idx]
+        cache.row_steps, cache.block_steps = cache.row_steps[idx], cache.block_steps[idx]
+        cache.last_need = cache.last_need[idx]
+    elif type(cache) is not NoCache:
+        return False
+    decoder.canvas = cache.canvas = canvas
+    return True
 
 
 def run_batches(
@@ -171,27 +201,30 @@ def run_batches(
     prompts: Sequence[str],
     cfg: DecodeConfig,
     meter: CostMeter,
-    decode_batch: Callable[[Canvas], None],
+    decode_batch: Callable[[Canvas, Streamer | None], None],
     desc: str,
     progress: bool = False,
     max_positions: int | None = None,
+    streamer: Streamer | None = None,
 ) -> tuple[list[list[int]], list[str], list[list[int]]]:
     """The shared runner (`runner.run_prompts`) with each batch laid out on a canvas and filled in
     place by `decode_batch`; every masked-diffusion method decodes through it. Answers end at the
     config's single `eos_token_id`, as in LLaDA's and Dream's own code.
 
     Returns (ids cut at EOS, texts, raw generation ids)."""
-    mcfg = model.config
-    limit = max_positions or mcfg.max_sequence_length
+    caps = capabilities(model)
+    limit = max_positions or caps.max_positions
     device = model_device(model)
+    pad_id = model.config.pad_token_id
 
-    def decode(batch: list[list[int]]) -> list[list[int]]:
-        canvas = Canvas.from_prompts(batch, cfg.gen_length, mcfg.mask_token_id, mcfg.pad_token_id, limit, device)
-        decode_batch(canvas)
+    def decode(batch: list[list[int]], stream: Streamer | None) -> list[list[int]]:
+        canvas = Canvas.from_prompts(batch, cfg.gen_length, caps.mask_id, pad_id, limit, device)
+        decode_batch(canvas, stream)
         return canvas.generated().tolist()
 
     return run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length, batch_size=cfg.batch_size,
-                       meter=meter, desc=desc, progress=progress, eos=(mcfg.eos_token_id,), limit=limit)
+                       meter=meter, desc=desc, progress=progress, eos=caps.eos_ids, limit=limit,
+                       streamer=streamer)
 
 
 @torch.inference_mode()
@@ -202,12 +235,14 @@ def diffusion_generate(
     cfg: DecodeConfig,
     progress: bool = False,
     meter: CostMeter | None = None,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with a masked diffusion model in batches of `cfg.batch_size`."""
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     token_ids, texts, raw = run_batches(
-        model, tokenizer, prompts, cfg, meter, lambda canvas: decode_canvas(metered, canvas, cfg, generator),
-        desc=f"decode[{cfg.policy},{cfg.cache}]", progress=progress)
+        model, tokenizer, prompts, cfg, meter,
+        lambda canvas, stream: decode_canvas(metered, canvas, cfg, generator, stream),
+        desc=f"decode[{cfg.policy},{cfg.cache}]", progress=progress, streamer=streamer)
     return GenerationResult(token_ids, texts, meter, cfg, raw)

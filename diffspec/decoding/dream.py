@@ -53,11 +53,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
+from .capabilities import capabilities
 from .diffusion import run_batches
 from .runner import GenerationResult
 from .meter import CostMeter, MeteredModel
 from .policies import select_topk
 from .state import Canvas
+from .streamer import CanvasReporter, Streamer
 
 __all__ = ["ALGS", "DreamDecodeConfig", "dream_generate", "dream_decode_canvas", "sample_tokens",
            "dream_positions"]
@@ -214,8 +216,10 @@ def dream_positions(attention_mask: Tensor) -> Tensor | None:
 
 
 def dream_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DreamDecodeConfig,
-                        generator: torch.Generator | None) -> None:
-    """Fill every masked cell of `canvas` in place with Dream's whole-sequence loop."""
+                        generator: torch.Generator | None, streamer: Streamer | None = None) -> None:
+    """Fill every masked cell of `canvas` in place with Dream's whole-sequence loop (which never
+    re-masks a cell, so `streamer` hears each step's commits before the next forward)."""
+    report = CanvasReporter(streamer, canvas) if streamer is not None else None
     x, mask_id = canvas.x, canvas.mask_id
     B = x.shape[0]
     positions = dream_positions(canvas.attention_mask)
@@ -223,6 +227,8 @@ def dream_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DreamDecodeCon
     timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=x.device)
     even: list[int] | None = None
     for i in range(cfg.steps):
+        if report is not None and report.tick():
+            return
         mask_index = x == mask_id
         working = int(mask_index.any(1).sum())
         if working == 0:
@@ -264,6 +270,8 @@ def dream_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DreamDecodeCon
         proposal = torch.full_like(x, mask_id)
         proposal[mask_index] = x0
         x[chosen] = proposal[chosen]
+    if report is not None:
+        report()
 
 
 @torch.inference_mode()
@@ -274,20 +282,21 @@ def dream_generate(
     cfg: DreamDecodeConfig,
     progress: bool = False,
     meter: CostMeter | None = None,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with Dream's sampler in batches of `cfg.batch_size`.
 
     Works on any masked diffusion model whose forward returns aligned logits (Dream,
     LLaDA); an autoregressive model is refused. Token ids are cut at the first EOS.
     """
-    mc = getattr(model, "config", None)
-    if getattr(mc, "mask_token_id", None) is None:
+    if capabilities(model).mask_id is None:
         raise ValueError(f"the dream sampler needs a masked diffusion model (Dream or LLaDA) with a mask token; "
                          f"{type(model).__name__} has none (an autoregressive model? use the AR methods)")
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     token_ids, texts, raw = run_batches(
-        model, tokenizer, prompts, cfg, meter, lambda canvas: dream_decode_canvas(metered, canvas, cfg, generator),
-        desc=f"dream[{cfg.alg}]", progress=progress)
+        model, tokenizer, prompts, cfg, meter,
+        lambda canvas, stream: dream_decode_canvas(metered, canvas, cfg, generator, stream),
+        desc=f"dream[{cfg.alg}]", progress=progress, streamer=streamer)
     return GenerationResult(token_ids, texts, meter, cfg, raw)

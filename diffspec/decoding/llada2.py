@@ -50,8 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
+from .capabilities import capabilities
 from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, max_positions, model_device, run_prompts
+from .streamer import RowReporter, Streamer
 
 __all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
            "sample_candidates", "threshold_or_topk", "decode_block_causal_row", "run_block_sampler", "check_counts",
@@ -224,7 +226,7 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
                             schedule: Sequence[int], choose: Callable[[Tensor, Tensor, int], Tensor],
                             sample: Callable[[Tensor], tuple[Tensor, Tensor]], stop_ids: Collection[int],
                             early_stop: bool, cache: bool, mask_id: int, device: torch.device,
-                            bidirectional: bool = False) -> list[int]:
+                            bidirectional: bool = False, report: RowReporter | None = None) -> list[int]:
     """The block-diffusion loop shared by LLaDA2's and SDAR's samplers, for one prompt.
 
     Blocks of `block_length` columns from column 0; the prompt's last partial block is the first
@@ -235,7 +237,9 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
     `early_stop`, also mid-block once a committed stop id has no masked cell before it.
     `cache`: the exact K/V cache of finished blocks (else the reference's full recompute).
     `bidirectional`: a model trained with full attention (LLaDA, Dream) sees the whole canvas, later
-    blocks' masks included, as it does in its own samplers (no mask, no cache). Returns the `gen_length` generated ids, stop id repeated after the first one."""
+    blocks' masks included, as it does in its own samplers (no mask, no cache). `report` hears each
+    step's commits (a cell past the first stop id becomes that id in the result). Returns the
+    `gen_length` generated ids, stop id repeated after the first one."""
     P, L, G = len(prompt), block_length, gen_length
     n_blocks = -(-(P + G) // L)
     x = torch.full((n_blocks * L,), mask_id, dtype=torch.long, device=device)
@@ -265,6 +269,9 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
             conf = torch.where(active, probs, torch.tensor(-torch.inf, device=device))
             chosen = choose(conf, active, k)
             x[s:e] = torch.where(chosen, tokens, x[s:e])
+            if report is not None and report.tick(x[P:P + G]):
+                stopped = True
+                break
             if early_stop and bool(torch.isin(tokens[chosen], stops).any()):
                 gen = x[P:e]
                 first = int(torch.isin(gen, stops).nonzero()[0])
@@ -283,7 +290,7 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
 
 def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2DecodeConfig, mask_id: int,
                       eos_id: int, generator: torch.Generator | None, device: torch.device,
-                      bidirectional: bool = False) -> list[int]:
+                      bidirectional: bool = False, report: RowReporter | None = None) -> list[int]:
     """Decode one prompt with LLaDA2's rules; returns its `gen_length` generated ids."""
     return decode_block_causal_row(
         model, prompt, block_length=cfg.block_length, gen_length=cfg.gen_length,
@@ -291,34 +298,37 @@ def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2Dec
         choose=lambda conf, active, k: threshold_or_topk(conf, active, k, cfg.threshold),
         sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=(eos_id,),
         early_stop=cfg.eos_early_stop, cache=cfg.cache == "block", mask_id=mask_id, device=device,
-        bidirectional=bidirectional)
+        bidirectional=bidirectional, report=report)
 
 
 @torch.inference_mode()
 def llada2_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: LLaDA2DecodeConfig,
-                    progress: bool = False, meter: CostMeter | None = None) -> GenerationResult:
+                    progress: bool = False, meter: CostMeter | None = None,
+                    streamer: Streamer | None = None) -> GenerationResult:
     """Decode `prompts` one at a time (see the module docstring). A bidirectional model (LLaDA, Dream)
     runs the same rules over its whole canvas with full attention, as its own samplers do, and
     without a cache (`cache="auto"` resolves to "none" there, "block" is refused)."""
     mcfg = model.config
 
     def row(metered: MeteredModel, p: Sequence[int], cfg: LLaDA2DecodeConfig, generator: torch.Generator,
-            device: torch.device, bidirectional: bool) -> list[int]:
+            device: torch.device, bidirectional: bool, report: RowReporter | None) -> list[int]:
         return llada2_decode_row(metered, p, cfg, mcfg.mask_token_id, mcfg.eos_token_id, generator, device,
-                                 bidirectional=bidirectional)
+                                 bidirectional=bidirectional, report=report)
 
     return run_block_sampler(model, tokenizer, prompts, cfg, row, method="llada2",
                              needs="LLaDA2, model_type 'llada2_moe'", eos=(mcfg.eos_token_id,), progress=progress,
-                             meter=meter)
+                             meter=meter, streamer=streamer)
 
 
 def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: Any,
                       row: Callable[..., list[int]], *, method: str, needs: str, eos: Sequence[int],
-                      progress: bool, meter: CostMeter | None) -> GenerationResult:
+                      progress: bool, meter: CostMeter | None,
+                      streamer: Streamer | None = None) -> GenerationResult:
     """What LLaDA2's and SDAR's samplers share around the row loop: `cfg.cache` "auto" resolved
     ("block" on a block-causal model, else "none"; "block" refused on a bidirectional one, whose
     `needs` names the models that take it), a metered model, one seeded generator, and the
-    prompts decoded one at a time by `row(metered, prompt, cfg, generator, device, bidirectional)`."""
+    prompts decoded one at a time by `row(metered, prompt, cfg, generator, device, bidirectional,
+    report)` (`report`: a `RowReporter` for `streamer`, or None)."""
     block_causal = bool(getattr(model, "block_causal", False))
     if cfg.cache == "auto":
         cfg = cfg.replace(cache="block" if block_causal else "none")
@@ -330,10 +340,13 @@ def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seq
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    def decode(batch: list[list[int]]) -> list[list[int]]:
-        return [row(metered, p, cfg, generator, device, not block_causal) for p in batch]
+    mask_id = capabilities(model).mask_id
+
+    def decode(batch: list[list[int]], stream: Streamer | None) -> list[list[int]]:
+        return [row(metered, p, cfg, generator, device, not block_causal,
+                    None if stream is None else RowReporter(stream, i, mask_id)) for i, p in enumerate(batch)]
 
     token_ids, texts, raw = run_prompts(model, tokenizer, prompts, decode, gen_length=cfg.gen_length,
                                         batch_size=cfg.batch_size, meter=meter, desc=f"decode[{method},{cfg.cache}]",
-                                        progress=progress, eos=eos, limit=max_positions(model))
+                                        progress=progress, eos=eos, limit=max_positions(model), streamer=streamer)
     return GenerationResult(token_ids, texts, meter, cfg, raw)

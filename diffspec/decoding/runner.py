@@ -18,6 +18,7 @@ import torch
 
 from ..models.tokenizer import Tokenizer
 from .meter import CostMeter, answer_length, progress_bar
+from .streamer import OffsetStreamer, Streamer
 
 __all__ = ["GenerationResult", "model_device", "eos_ids", "max_positions", "encode_prompts", "cut_at_eos",
            "run_prompts"]
@@ -107,7 +108,7 @@ def run_prompts(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     prompts: Sequence[str],
-    decode: Callable[[list[list[int]]], list[list[int]]],
+    decode: Callable[[list[list[int]], Streamer | None], list[list[int]]],
     *,
     gen_length: int,
     batch_size: int,
@@ -117,9 +118,14 @@ def run_prompts(
     eos: Collection[int] | None = None,
     limit: int | None = None,
     cut: bool = True,
+    streamer: Streamer | None = None,
 ) -> tuple[list[list[int]], list[str], list[list[int]]]:
     """Encode `prompts`, hand them to `decode` `batch_size` at a time (it returns each row's
     generated ids), and charge tokens, sequences and wall clock to `meter`.
+
+    `decode(batch, streamer)` gets `streamer` (`decoding.streamer`) seen from its batch (row 0 is
+    the batch's first prompt), or None. Once the streamer says stop, the batches not started yet
+    are not decoded: their rows come back empty.
 
     eos: the ids that end an answer (default: the model's); limit: positions available (default:
     the model's; a drafter/verifier pair passes the smaller of the two); cut: whether answers stop
@@ -134,7 +140,11 @@ def run_prompts(
     with meter.timed(model_device(model)), progress_bar(meter, len(encoded), desc, progress) as bar:
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start : start + batch_size]
-            for row in decode(batch):
+            if streamer is not None and streamer.should_stop():
+                raw += [[] for _ in batch]
+                token_ids += [[] for _ in batch]
+                continue
+            for row in decode(batch, None if streamer is None else OffsetStreamer(streamer, start)):
                 raw.append(row)
                 token_ids.append(cut_at_eos(row, eos) if cut else row)
                 meter.tokens_generated += answer_length(row, eos)

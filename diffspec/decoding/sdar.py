@@ -42,6 +42,7 @@ from .llada2 import (CACHES, _int, check_counts, check_sampling, decode_block_ca
                      run_block_sampler, sample_candidates, threshold_or_topk)
 from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, eos_ids
+from .streamer import RowReporter, Streamer
 
 __all__ = ["SDARDecodeConfig", "sdar_generate", "REMASKING"]
 
@@ -100,7 +101,8 @@ def choose(cfg: SDARDecodeConfig, conf: Tensor, active: Tensor, k: int) -> Tenso
 
 @torch.inference_mode()
 def sdar_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: SDARDecodeConfig,
-                  progress: bool = False, meter: CostMeter | None = None) -> GenerationResult:
+                  progress: bool = False, meter: CostMeter | None = None,
+                  streamer: Streamer | None = None) -> GenerationResult:
     """Decode `prompts` one at a time with SDAR's rules. Answers end at any of the model's stop ids.
     A bidirectional model runs the same rules over its whole canvas, without a cache (as
     `llada2_generate`)."""
@@ -108,13 +110,13 @@ def sdar_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequenc
     schedule = even_schedule(cfg.block_length, cfg.steps)
 
     def row(metered: MeteredModel, p: Sequence[int], cfg: SDARDecodeConfig, generator: torch.Generator,
-            device: torch.device, bidirectional: bool) -> list[int]:
+            device: torch.device, bidirectional: bool, report: RowReporter | None) -> list[int]:
         return decode_block_causal_row(
             metered, p, block_length=cfg.block_length, gen_length=cfg.gen_length, schedule=schedule,
             choose=lambda conf, active, k: choose(cfg, conf, active, k),
             sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=stops, early_stop=False,
             cache=cfg.cache == "block", mask_id=model.config.mask_token_id, device=device,
-            bidirectional=bidirectional)
+            bidirectional=bidirectional, report=report)
 
     return run_block_sampler(model, tokenizer, prompts, cfg, row, method="sdar", needs="SDAR / LLaDA2", eos=stops,
-                             progress=progress, meter=meter)
+                             progress=progress, meter=meter, streamer=streamer)

@@ -41,9 +41,11 @@ class Option:
 class Method:
     """One decoding method, declared once.
 
-    `run(model, tokenizer, prompts, cfg, *, progress, **models)` decodes a batch of prompts
-    and returns a `GenerationResult`; `models` are exactly the keywords of its roles
-    (`ROLE_KEYWORDS`), and anything else is a TypeError, never silently dropped."""
+    `run(model, tokenizer, prompts, cfg, *, progress, streamer, meter, **models)` decodes a batch
+    of prompts and returns a `GenerationResult`: `streamer` (`decoding.streamer`, or None) hears
+    every token as it becomes final, `meter` (or None: a fresh one) is charged the forwards, and
+    `models` are exactly the keywords of its roles (`ROLE_KEYWORDS`). Anything else is a
+    TypeError, never silently dropped."""
 
     name: str
     family: str  # a key of FAMILIES: which checkpoints the method decodes
@@ -60,6 +62,9 @@ class Method:
     # Whether the server may decode requests with equal settings in one canvas: only where a row
     # decodes exactly as it would alone (see `serve.engine`).
     batches: bool = False
+    # load(cfg, model, tokenizer) -> the keywords of `run` for the models its roles name beyond the
+    # target, loaded from cfg's paths (or the bundled ones): a server loads them once and keeps them.
+    load: Callable[..., dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

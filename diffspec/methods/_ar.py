@@ -24,7 +24,12 @@ def ar_method(name: str, summary: str, run: Callable[..., Any], options: dict[st
 
         return build_ar_config(name, base, **given)
 
+    def load(cfg: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
+        from ..speculative.armethods import load_drafters
+
+        return load_drafters(cfg, model, tokenizer)
+
     return Method(name, "ar", summary, build=build,
                   config_type=(Ref("diffspec.speculative.armethods:ARMethodConfig"),),
                   run=run, options={**COMMON, **(options or {})}, roles=roles, takes_block_options=False,
-                  stats=stats, batches=batches)
+                  stats=stats, batches=batches, load=load if roles != ("model",) else None)

@@ -27,8 +27,9 @@ def block_sampler(name: str, what: str, summary: str, config: str, generate: str
                 given[field] = given.pop(option)
         return base.replace(**given) if base is not None else config_type(**given)
 
-    def run(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False) -> Any:
-        return generate_fn(model, tokenizer, list(prompts), cfg, progress=progress)
+    def run(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+            streamer: Any = None, meter: Any = None) -> Any:
+        return generate_fn(model, tokenizer, list(prompts), cfg, progress=progress, streamer=streamer, meter=meter)
 
     build.__doc__ = f"{config} from the shared options that apply and its own."
     return Method(name, "diffusion", summary, build=build, config_type=(config_type,), run=run, options=options,

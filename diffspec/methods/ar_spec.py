@@ -10,11 +10,11 @@ ORDER = 51
 
 
 def run_ar_spec(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-                drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
+                streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
     from ..speculative.armethods import ar_method_generate
 
-    return ar_method_generate(model, tokenizer, prompts, cfg, drafter=drafter, progress=progress,
-                              drafter_tokenizer=drafter_tokenizer)
+    return ar_method_generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter,
+                              drafter=drafter, drafter_tokenizer=drafter_tokenizer)
 
 
 METHODS = (ar_method("ar-spec", "speculative decoding with a small AR drafter (lossless greedy, exact sampling)",

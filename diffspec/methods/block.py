@@ -45,10 +45,11 @@ def build_block_config(method: str, base: Any = None, **options: Any) -> Any:
     return cfg
 
 
-def run_block(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False) -> Any:
+def run_block(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+              streamer: Any = None, meter: Any = None) -> Any:
     from ..decoding.diffusion import diffusion_generate
 
-    return diffusion_generate(model, tokenizer, list(prompts), cfg, progress=progress)
+    return diffusion_generate(model, tokenizer, list(prompts), cfg, progress=progress, streamer=streamer, meter=meter)
 
 
 def _block_method(name: str, summary: str) -> Method:

@@ -18,11 +18,12 @@ OPTIONS = {
 
 
 def run_d2sd(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-             drafter: Any = None, drafter_tokenizer: Any = None, vp_drafter: Any = None) -> Any:
+             streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None,
+             vp_drafter: Any = None) -> Any:
     from ..speculative.armethods import ar_method_generate
 
-    return ar_method_generate(model, tokenizer, prompts, cfg, drafter=drafter, vp_drafter=vp_drafter,
-                              progress=progress, drafter_tokenizer=drafter_tokenizer)
+    return ar_method_generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter,
+                              drafter=drafter, drafter_tokenizer=drafter_tokenizer, vp_drafter=vp_drafter)
 
 
 METHODS = (ar_method("d2sd", "D²SD: the K likeliest rejection boundaries re-anchored, tree verification",

@@ -11,11 +11,11 @@ ORDER = 52
 
 
 def run_dflash(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-               drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
+               streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
     from ..speculative.armethods import ar_method_generate
 
-    return ar_method_generate(model, tokenizer, prompts, cfg, drafter=drafter, progress=progress,
-                              drafter_tokenizer=drafter_tokenizer)
+    return ar_method_generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter,
+                              drafter=drafter, drafter_tokenizer=drafter_tokenizer)
 
 
 METHODS = (ar_method("dflash", "DFlash: a block-diffusion drafter on the target's hidden states, chain verification",

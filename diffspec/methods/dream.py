@@ -32,10 +32,11 @@ def build_dream_config(base: Any = None, **options: Any) -> Any:
     return base.replace(**given) if base is not None else DreamDecodeConfig(**given)
 
 
-def run_dream(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False) -> Any:
+def run_dream(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+              streamer: Any = None, meter: Any = None) -> Any:
     from ..decoding.dream import dream_generate
 
-    return dream_generate(model, tokenizer, list(prompts), cfg, progress=progress)
+    return dream_generate(model, tokenizer, list(prompts), cfg, progress=progress, streamer=streamer, meter=meter)
 
 
 METHODS = (Method(

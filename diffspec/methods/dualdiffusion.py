@@ -53,8 +53,14 @@ def resolve_drafter(drafter: Any, cfg: Any, verifier: Any, drafter_tokenizer: An
     return load_model(cfg.drafter, device=param.device, dtype=param.dtype)
 
 
+def load_dual(cfg: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The drafter `cfg` names, loaded (nothing for 'self': the verifier drafts)."""
+    d_model, d_tok = resolve_drafter(None, cfg, model)
+    return {} if d_model is None else {"drafter": d_model, "drafter_tokenizer": d_tok}
+
+
 def run_dual(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-             drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
+             streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
     import torch
 
     from ..speculative.dualdiffusion import dualdiffusion_generate
@@ -62,7 +68,8 @@ def run_dual(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, pr
     if isinstance(drafter, torch.nn.Module):
         cfg = cfg.replace(drafter=f"<{type(drafter).__name__} object>")
     d_model, d_tok = resolve_drafter(drafter, cfg, model, drafter_tokenizer)
-    return dualdiffusion_generate(model, tokenizer, list(prompts), cfg, d_model, d_tok, progress=progress)
+    return dualdiffusion_generate(model, tokenizer, list(prompts), cfg, d_model, d_tok, progress=progress,
+                                  streamer=streamer, meter=meter)
 
 
 METHODS = (Method(
@@ -70,5 +77,5 @@ METHODS = (Method(
     "DualDiffusion: a cheap drafter runs N steps, the full verifier checks them, a rule decides",
     build=Ref("diffspec.speculative.dualdiffusion:build_dual_config"),
     config_type=(Ref("diffspec.decoding.config:DecodeConfig"), Ref("diffspec.speculative.dualdiffusion:DualConfig")),
-    run=run_dual, options=OPTIONS, roles=("model", "drafter"),
+    run=run_dual, options=OPTIONS, roles=("model", "drafter"), load=load_dual,
     stats=Ref("diffspec.speculative.dualdiffusion:SpecStats")),)

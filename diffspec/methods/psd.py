@@ -18,10 +18,11 @@ OPTIONS = {
 }
 
 
-def run_psd(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False) -> Any:
+def run_psd(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+            streamer: Any = None, meter: Any = None) -> Any:
     from ..speculative.psd import psd_generate
 
-    return psd_generate(model, tokenizer, list(prompts), cfg, progress=progress)
+    return psd_generate(model, tokenizer, list(prompts), cfg, progress=progress, streamer=streamer, meter=meter)
 
 
 METHODS = (Method(

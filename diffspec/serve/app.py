@@ -77,7 +77,8 @@ class Service:
     """The served model, its request parser and its batching engine."""
 
     def __init__(self, settings: ServeSettings, model: Any = None, tokenizer: Any = None):
-        from ..api import model_family, resolve_model
+        from ..api import resolve_model
+        from ..decoding.capabilities import capabilities
         from ..evaluate import task_config
         from ..methods import get_method
         from ..models.chat import ChatTemplate, load_chat_template, load_special_tokens
@@ -94,7 +95,8 @@ class Service:
         self.model, self.tokenizer = resolve_model(model if model is not None else s.model, tokenizer, s.device,
                                                    s.dtype, method=s.method, compile=s.compile,
                                                    quantize=s.quantize)
-        self.family = model_family(self.model)
+        caps = capabilities(self.model)
+        self.family = caps.family
         ckpt = checkpoint_dir(s.model if model is None else model, s.method)
         template = load_chat_template(ckpt) if ckpt is not None else None
         self.chat_template = ChatTemplate(template, load_special_tokens(ckpt)) if template else None
@@ -108,18 +110,8 @@ class Service:
                                     limit_n=s.limit_n, limit_max_tokens=s.limit_max_tokens)
         self.engine = Engine(self.model, self.tokenizer, max_batch=s.max_batch, batch_window=s.batch_window,
                              max_queue=s.max_queue, dtype=s.dtype)
-        mc = self.model.config
-        if self.family == "ar":
-            from ..decoding.runner import eos_ids, max_positions
-
-            self.max_positions = max_positions(self.model)
-            self.eos_ids = tuple(sorted(eos_ids(self.model)))
-            self.mask_id = None
-        else:
-            self.max_positions = mc.max_sequence_length
-            self.eos_ids = (mc.eos_token_id,)
-            self.mask_id = mc.mask_token_id
-        self.vocab = getattr(mc, "vocab_size", None)
+        self.max_positions, self.eos_ids, self.mask_id = caps.max_positions, caps.eos_ids, caps.mask_id
+        self.vocab = getattr(self.model.config, "vocab_size", None)
 
     # -- requests
 

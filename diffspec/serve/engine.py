@@ -9,29 +9,18 @@ queues. A request that samples (temperature > 0, random remasking, Dream's
 sampler) is decoded alone, so its seed reproduces `diffspec.api.generate`, and so is
 a request whose method does not batch (`Method.batches`).
 
-How text reaches a client while its batch decodes, without touching the decoders:
-
-- vanilla / fast-dllm / dkv-cache: the engine runs `BlockDecoder` itself, one
-  step at a time, and after each step hands every row its final prefix (every
-  cell up to the first masked one). Rows that are done (EOS or a stop string
-  reached, client gone, request timed out) leave the canvas at the next step for
-  the caches that keep their state per row and rebuild it at a block start
-  (none, prefix, dual, dkv-decode): at a block start a fresh decoder on the
-  remaining rows computes exactly what the old one would, inside a block the
-  decoder and its KV store are cut down to those rows (`_keep_rows`). The batch
-  ends as soon as every row is done. A job cancelled while queued leaves the
-  queue at once (`Engine.cancel`), freeing its rows' capacity.
-- psd / dualdiffusion: their loops are called as they are, with a model wrapper
-  that looks at the canvas before each forward (PSD never takes back a
-  committed cell; DualDiffusion's cells are final once an iteration begins, i.e.
-  at a drafter forward that follows a verifier forward), and that ends the
-  loop early once every row is done.
-- ar: the plain AR loop is called with a model wrapper that reads each step's
-  new tokens from the forward's input (token-by-token streaming).
-- every other method (ar-spec, dflash, d2sd, dream, and any method registered
-  later): the method's own `run`, each answer sent as one chunk when the batch
-  ends (their loops keep accepted tokens in local variables; a progress hook in
-  the core would let them stream too).
+How text reaches a client while its batch decodes: one executor for every method.
+It calls the method's own decode function (`Method.run`) on the batch's prompts
+with a `BatchStreamer` (`decoding.streamer`): every decoding loop reports the
+cells it has made final, and the streamer hands each row its final prefix (every
+token up to the first one not final yet) as text. Once every row is done (EOS or
+a stop string reached, client gone, request timed out) the streamer tells the
+loop to stop. The block decoder (vanilla / fast-dllm / dkv-cache) also asks it
+which rows are done and, for the caches that allow it, takes them out of its
+canvas at the next step without changing the others (`decoding.diffusion.
+keep_rows`). A job cancelled while queued leaves the queue at once
+(`Engine.cancel`), freeing its rows' capacity. The models a method's roles name
+beyond the target (drafters) are loaded once by its `Method.load` and kept.
 
 Tokens generated mean one thing everywhere (`TextStream.completion_tokens`, the
 library meter's `answer_length`): a decoded row's answer through its first EOS,
@@ -58,41 +47,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..decoding.config import DecodeConfig
-from ..decoding.meter import CostMeter, MeteredModel
-from ..decoding.state import Canvas
-from ..methods import get_method
+from ..decoding.meter import CostMeter
+from ..decoding.streamer import Streamer
+from ..methods import Method, get_method
 from .errors import ApiError, queue_full, server_error
 from .text import TextStream
 
 log = logging.getLogger("diffspec.serve")
 
-# Caches whose decoder state is rebuilt from scratch at every block start (a full refresh of every
-# row), so rows may leave the canvas there without changing what the others decode; their state is
-# also kept per row in between, so rows may leave at any step (`_keep_rows`).
-ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
 # A method batches (`Method.batches`) when its rows decode in one canvas exactly as each would
 # alone (checked against `generate` one prompt at a time) and share their forwards. Every other
 # method decodes each request alone: DualDiffusion's rows advance in lockstep (one iteration budget
 # and drafter clock per canvas), so a companion changes a row's answer; ar-spec, dflash and d2sd
 # decode rows one at a time anyway, so a batch would only delay its first answers.
-
-
-class _AllDone(Exception):
-    """Raised from a model wrapper to end a decoding loop whose rows are all done."""
-
-
-class ObservedModel(MeteredModel):
-    """A MeteredModel that calls `before(name, input_ids)` before each forward (and charges it as usual)."""
-
-    def __init__(self, model: torch.nn.Module, meter: CostMeter, name: str,
-                 before: Callable[[str, torch.Tensor], None]):
-        super().__init__(model, meter, name)
-        self.before = before
-
-    def __call__(self, input_ids: torch.Tensor, *, sequences: int | None = None, **kw: Any):
-        self.before(self.name, input_ids)
-        return super().__call__(input_ids, sequences=sequences, **kw)
 
 
 def uses_rng(cfg: Any) -> bool:
@@ -114,31 +81,6 @@ def batch_key(method: str, cfg: Any) -> str:
     seed aside when nothing is sampled)."""
     drop = ("batch_size",) if uses_rng(cfg) else ("batch_size", "seed")
     return method + ":" + json.dumps(_strip(cfg.to_dict(), drop), sort_keys=True, default=str)
-
-
-def _keep_rows(decoder: Any, canvas: Canvas, idx: torch.Tensor) -> bool:
-    """Cut a BlockDecoder down to the rows `idx` in the middle of a block, in place: its canvas becomes
-    `canvas` (those rows), and its cache keeps exactly those rows' state. False (nothing changed) for
-    a cache this does not know.
-
-    Exact, because nothing in these decoders couples rows: without a cache the state is the canvas,
-    the block and the step in it; the cached strategies keep K/V, validity and refresh clocks per
-    row, and a row attends exactly to what it would attend to alone, whatever its companions need
-    (`decoding.cache.KVStore`). Taking rows out leaves the others' state untouched."""
-    from ..decoding.cache import DKVDecode, DualCache, NoCache, PrefixCache
-
-    cache = decoder.cache
-    if type(cache) in (PrefixCache, DualCache, DKVDecode):
-        store = cache.store
-        store.k = [None if t is None else t[idx] for t in store.k]
-        store.v = [None if t is None else t[idx] for t in store.v]
-        store.valid, store.token = store.valid[idx], store.token[idx]
-        cache.row_steps, cache.block_steps = cache.row_steps[idx], cache.block_steps[idx]
-        cache.last_need = cache.last_need[idx]
-    elif type(cache) is not NoCache:
-        return False
-    decoder.canvas = cache.canvas = canvas
-    return True
 
 
 def gen_length_of(cfg: Any) -> int:
@@ -248,7 +190,8 @@ class Batch:
                     self.rows.extend(Row(job, prompt, [c], decode) for c in choices)
                 else:
                     self.rows.append(Row(job, prompt, choices, decode))
-        self.meter = CostMeter()
+        self.meter = CostMeter()  # the method's run charges it (`_decode_batch`)
+        self.tokens_counted = 0  # the finished rows' tokens generated (`_count_tokens`)
         self.t0 = time.perf_counter()
 
     def feed(self, row: Row, ids: Sequence[int], complete: bool, text: str | None = None) -> None:
@@ -276,6 +219,7 @@ class Batch:
     def _count_tokens(self, row: Row) -> None:
         """The row's answer is done: its tokens go to the meter and the server's totals, once."""
         self.meter.tokens_generated += row.tokens_generated
+        self.tokens_counted += row.tokens_generated
         primary = self.meter.models.get(self.meter.primary)
         row.forwards = primary.nfe if primary is not None else 0  # a shared canvas's rows are in every forward
         if self.stats is not None:
@@ -410,7 +354,7 @@ class Engine:
 
     def cancel(self, job: Job) -> None:
         """The client left or its request's timeout passed: the job's rows stop being decoded (they leave a
-        running canvas at its next step or block start, see `_run_blocks`), and a job still in the queue
+        running canvas at its next step or block start, see `BatchStreamer`), and a job still in the queue
         leaves it now, so its rows free the queue's capacity at once."""
         job.cancel()
         with self.cond:
@@ -559,29 +503,26 @@ class Engine:
             self._batch = None
 
     def _decode_batch(self, batch: Batch, jobs: list[Job]) -> None:
+        """The one executor: the method's own decode function with a streamer, whatever the method."""
+        from ..api import build_config
+
         self.stats.batches += 1
         self.stats.rows += len(batch.rows)
         self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(batch.rows))
-        run = get_method(batch.method).run
-        from ..methods.block import run_block
-        from ..methods.dualdiffusion import run_dual
-        from ..methods.psd import run_psd
-
+        m = get_method(batch.method)
+        cfg = build_config(batch.method, batch.cfg, strict=False, batch_size=len(batch.rows))
+        streamer = BatchStreamer(batch, self._free_row)
         try:
-            with torch.inference_mode(), batch.meter.timed(self.device):
-                if run is run_block and isinstance(batch.cfg, DecodeConfig):
-                    self._run_blocks(batch)
-                elif run is run_psd:
-                    self._run_psd(batch)
-                elif run is run_dual:
-                    self._run_dual(batch)
-                elif batch.method == "ar":
-                    self._run_ar(batch)
-                else:
-                    self._run_generic(batch)
+            with torch.inference_mode():
+                res = m.run(self.model, self.tokenizer, [r.prompt.text for r in batch.rows], cfg, progress=False,
+                            streamer=streamer, meter=batch.meter, **self._models(m, cfg))
         finally:
+            batch.meter.tokens_generated = batch.tokens_counted  # the streams' count, the one definition
             batch.count_forwards()
-        for row in batch.rows:  # a runner always finishes its rows; this is a safety net
+        self._free(batch.rows)
+        for row, ids, text in zip(batch.rows, res.raw_ids or res.token_ids, res.texts):
+            batch.feed(row, ids, True, text)
+        for row in batch.rows:  # a method always finishes its rows; this is a safety net
             if not row.done:
                 batch.feed(row, [], True)
         batch.count_forwards()
@@ -590,217 +531,60 @@ class Engine:
                 job.done = True
                 job.emit("done", batch.usage(job))
 
+    def _models(self, method: Method, cfg: Any) -> dict[str, Any]:
+        """The models `method`'s roles name beyond the target, loaded once (`Method.load`) and kept."""
+        if method.load is None:
+            return {}
+        key = (method.name, *(str(getattr(cfg, r, None)) for r in method.roles if r != "model"))
+        if key not in self._drafters:
+            self._drafters[key] = method.load(cfg, self.model, self.tokenizer)
+        return self._drafters[key]
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # -- canvases
-
-    def _canvas(self, batch: Batch, gen_length: int, max_positions: int | None = None) -> Canvas:
-        mc = self.model.config
-        return Canvas.from_prompts([r.prompt.ids for r in batch.rows], gen_length, mc.mask_token_id,
-                                   mc.pad_token_id, max_positions or mc.max_sequence_length, self.device)
-
-    def _publish(self, batch: Batch, canvas: Canvas, rows: list[Row], complete: bool = False) -> None:
-        """Hand each row its final prefix: its generated cells up to the first masked one."""
-        gen = canvas.x[:, canvas.prompt_len:]
-        masked = gen == canvas.mask_id
-        L = gen.shape[1]
-        firsts = torch.where(masked.any(1), masked.int().argmax(1), torch.full_like(masked[:, 0], L, dtype=torch.long))
-        for i, f in enumerate(firsts.tolist()):
-            row = rows[i]
-            if row.done or (f == row.final_len and not complete):
-                continue
-            row.final_len = f
-            batch.feed(row, gen[i, :f].tolist(), complete or f == L)
-
-    def _run_blocks(self, batch: Batch) -> None:
-        """vanilla / fast-dllm / dkv-cache: BlockDecoder one step at a time; done rows (answer complete,
-        client gone, timeout) leave the canvas at the next step for the caches that rebuild everything at
-        a block start (none, prefix, dual, dkv-decode: see `_keep_rows`); with the other caches, and when
-        anything is sampled, they stay until the batch ends."""
-        from ..decoding.diffusion import BlockDecoder
-
-        cfg: DecodeConfig = batch.cfg
-        canvas = self._canvas(batch, cfg.gen_length)
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        metered = MeteredModel(self.model, batch.meter, batch.meter.primary)
-        decoder = BlockDecoder(metered, canvas, cfg, generator)
-        live = list(batch.rows)
-        # Rows may leave only where that changes nothing for the others: a cache rebuilt at every
-        # block start, and no random draws (their order depends on the batch's shape).
-        droppable = cfg.cache in ROW_DROP_CACHES and not batch.sampled
-        while not all(r.done for r in live):
-            b = decoder.current_block()
-            if b is None:
-                break
-            if droppable and any(r.done for r in live):
-                keep = [i for i, r in enumerate(live) if not r.done]
-                idx = torch.tensor(keep, device=canvas.x.device)
-                small = Canvas(canvas.x[idx].clone(), canvas.attention_mask[idx].clone(), canvas.prompt_len,
-                               canvas.gen_length, canvas.mask_id)
-                if b != decoder.block:  # a block start: a fresh decoder rebuilds what the old one would
-                    decoder = BlockDecoder(metered, small, cfg, generator)
-                elif not _keep_rows(decoder, small, idx):
-                    small = None  # mid-block with a cache whose state cannot be cut: at the next block start
-                if small is not None:
-                    self.stats.rows_left_early += self._free(live)
-                    canvas, live = small, [live[i] for i in keep]
-            decoder.step()
-            self._publish(batch, canvas, live)
-        self._free(live)
-        self._publish(batch, canvas, live, complete=True)
+    def _free_row(self, r: Row) -> bool:
+        """Count row `r` as freed if it stops being decoded because its client left (or its request's
+        timeout passed) before its answer was done; whether it was (once per row)."""
+        if r.job.cancelled and not r.freed and not all(r.job.streams[c].finished for c in r.choices):
+            r.freed = True
+            self.stats.freed_rows += 1
+            return True
+        return False
 
     def _free(self, rows: list[Row]) -> int:
-        """Count the rows among `rows` that stop being decoded because their client left (or their
-        request's timeout passed); how many there were."""
-        n = 0
-        for r in rows:
-            if r.job.cancelled and not r.freed and not all(r.job.streams[c].finished for c in r.choices):
-                r.freed = True
-                self.stats.freed_rows += 1
-                n += 1
-        return n
+        """Count the rows among `rows` that stop being decoded because their client left; how many."""
+        return sum(self._free_row(r) for r in rows)
 
-    def _observer(self, batch: Batch, canvas: Canvas, final_at: Callable[[str], bool]) -> Callable:
-        """A model wrapper's `before`: publish the final prefixes, and end the loop once every row is done."""
-        def before(name: str, _ids: torch.Tensor) -> None:
-            if final_at(name):
-                self._publish(batch, canvas, batch.rows)
-                if all(r.done for r in batch.rows):
-                    self._free(batch.rows)
-                    raise _AllDone
-        return before
 
-    def _run_psd(self, batch: Batch) -> None:
-        """PSD's own loop; a committed cell is never taken back, so the canvas prefix is final at any forward."""
-        from ..speculative.psd import psd_decode_canvas
+class BatchStreamer(Streamer):
+    """A batch's streamer: each row's final prefix to its choices' text streams (`Batch.feed`), the
+    decode stopped once every row is done, and a done row let go when the loop can drop it."""
 
-        if getattr(self.model, "logits_shifted", False):
-            raise ValueError(f"PSD compares logit i with token i; {type(self.model).__name__} shifts its logits")
-        cfg = batch.cfg
-        canvas = self._canvas(batch, cfg.gen_length)
-        metered = ObservedModel(self.model, batch.meter, batch.meter.primary,
-                                self._observer(batch, canvas, lambda name: True))
-        try:
-            psd_decode_canvas(metered, canvas, cfg)
-        except _AllDone:
-            pass
-        self._publish(batch, canvas, batch.rows, complete=True)
+    def __init__(self, batch: Batch, free: Callable[[Row], bool]):
+        self.batch, self.free = batch, free
+        self.cells: list[dict[int, int]] = [{} for _ in batch.rows]
+        self.final = [0] * len(batch.rows)  # each row's final prefix length so far
+        self.length = gen_length_of(batch.cfg)
 
-    def _run_dual(self, batch: Batch) -> None:
-        """DualDiffusion's own loop (as `dualdiffusion_generate` sets it up); cells are final when an
-        iteration begins, i.e. at a drafter forward that follows a verifier forward."""
-        from ..methods.dualdiffusion import resolve_drafter
-        from ..speculative.core import DiffusionDrafter, FullForwardVerifier
-        from ..speculative.dualdiffusion import check_compatible, dual_decode_canvas
-        from ..speculative.rules import make_rule
+    def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
+        cells = self.cells[row]
+        cells.update(zip(positions, token_ids))
+        n = self.final[row]
+        while n in cells:
+            n += 1
+        if n > self.final[row]:
+            self.final[row] = n
+            r = self.batch.rows[row]
+            if not r.done:
+                self.batch.feed(r, [cells[i] for i in range(n)], n >= self.length)
 
-        cfg = batch.cfg
-        key = ("dual", cfg.drafter)
-        if key not in self._drafters:
-            self._drafters[key] = resolve_drafter(None, cfg, self.model)
-        d_model, d_tok = self._drafters[key]
-        d_model = self.model if d_model is None else d_model
-        check_compatible(d_model, self.model, d_tok, self.tokenizer)
-        rule = make_rule(cfg.rule, cfg.rule_threshold, cfg.verifier_unmask)
-        dcfg = cfg.decode
-        batch.meter.primary = "verifier"
-        max_pos = min(self.model.config.max_sequence_length, d_model.config.max_sequence_length)
-        canvas = self._canvas(batch, dcfg.gen_length, max_pos)
-        last = [None]
+    def should_stop(self) -> bool:
+        return all(r.done for r in self.batch.rows)
 
-        def final_at(name: str) -> bool:
-            final = not rule.spec.needs_verifier or (name == "drafter" and last[0] != "drafter")
-            last[0] = name
-            return final
-
-        before = self._observer(batch, canvas, final_at)
-        d_metered = ObservedModel(d_model, batch.meter, "drafter", before)
-        verifier = FullForwardVerifier(ObservedModel(self.model, batch.meter, "verifier", before))
-        generator = torch.Generator(device=self.device).manual_seed(dcfg.seed)
-        drafter = DiffusionDrafter(d_metered, canvas, dcfg, generator, keep_logprobs=rule.spec.needs_drafter_logprobs)
-        try:
-            dual_decode_canvas(drafter, verifier, rule, canvas, cfg)
-        except _AllDone:
-            pass
-        self._publish(batch, canvas, batch.rows, complete=True)
-
-    # -- AR targets
-
-    def _run_ar(self, batch: Batch) -> None:
-        """Plain AR decoding (`speculative.ar`'s batch loop); each forward's input holds the tokens just
-        sampled, so every row streams token by token."""
-        from ..decoding.runner import cut_at_eos, eos_ids
-        from ..speculative.ar import ar_batch
-
-        cfg = batch.cfg.decode
-        eos = eos_ids(self.model)
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        rows = batch.rows
-        tokens: list[list[int]] = [[] for _ in rows]
-        calls = [0]
-
-        def before(name: str, input_ids: torch.Tensor) -> None:
-            calls[0] += 1
-            if calls[0] == 1 or input_ids.shape[1] != 1:
-                return  # the prefill
-            for i, t in enumerate(input_ids[:, 0].tolist()):
-                if not rows[i].done:
-                    tokens[i].append(t)
-                    batch.feed(rows[i], tokens[i], False)
-            if all(r.done for r in rows):
-                self._free(rows)
-                raise _AllDone
-
-        metered = ObservedModel(self.model, batch.meter, batch.meter.primary, before)
-        try:
-            raw = ar_batch(metered, [r.prompt.ids for r in rows], cfg, eos, generator)
-        except _AllDone:
-            return
-        for row, ids in zip(rows, raw):
-            cut = cut_at_eos(ids, eos) if cfg.stop_at_eos else ids
-            batch.feed(row, ids, True, self.tokenizer.decode(cut, skip_special_tokens=True))
-
-    def _ar_drafters(self, batch: Batch) -> dict[str, Any]:
-        """Loaded once and kept: the drafters an AR method's config names (or the bundled ones)."""
-        from ..speculative import armethods as am
-
-        cfg, method = batch.cfg, batch.method
-        param = next(self.model.parameters())
-        out: dict[str, Any] = {}
-        if method == "ar-spec":
-            key = ("ar-spec", cfg.drafter)
-            if key not in self._drafters:
-                self._drafters[key] = am.load_causal_or_default(
-                    cfg.drafter, am.bundled_drafter("ar-spec", self.model), "drafter", param.device, param.dtype,
-                    self.tokenizer, self.model)
-            out["drafter"] = self._drafters[key]
-        elif method in ("dflash", "d2sd"):
-            key = ("dflash", cfg.drafter)
-            if key not in self._drafters:
-                self._drafters[key] = am.load_dflash_or_default(
-                    cfg.drafter, am.bundled_drafter(method, self.model), "drafter", self.model)
-            out["drafter"] = self._drafters[key]
-            if method == "d2sd":
-                key = ("vp", cfg.vp_drafter)
-                if key not in self._drafters:
-                    self._drafters[key] = am.load_dflash_or_default(
-                        cfg.vp_drafter, am.bundled_drafter("vp", self.model), "vp drafter", self.model)
-                out["vp_drafter"] = self._drafters[key]
-        return out
-
-    def _run_generic(self, batch: Batch) -> None:
-        """Any other method: its own `run` over the batch; each answer arrives whole when the batch ends."""
-        from ..api import build_config
-
-        m = get_method(batch.method)
-        cfg = build_config(batch.method, batch.cfg, strict=False, batch_size=len(batch.rows))
-        models = self._ar_drafters(batch) if m.family == "ar" else {}
-        res = m.run(self.model, self.tokenizer, [r.prompt.text for r in batch.rows], cfg, progress=False, **models)
-        res.meter.tokens_generated = 0  # the rows' streams count them (feed), by the one definition
-        batch.meter.merge(res.meter)
-        batch.meter.primary = res.meter.primary
-        batch.meter.wall_seconds = 0.0  # the batch's own clock covers it
-        raw = res.raw_ids or res.token_ids
-        for row, ids, text in zip(batch.rows, raw, res.texts):
-            batch.feed(row, ids, True, text)
+    def row_done(self, row: int) -> bool:
+        """The loop asks only when it takes done rows out of its canvas: a freed row leaves it early."""
+        r = self.batch.rows[row]
+        if r.done and self.free(r) and self.batch.stats is not None:
+            self.batch.stats.rows_left_early += 1
+        return r.done

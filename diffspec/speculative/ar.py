@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoding.config import check_field_types, check_finite_floats
+from ..decoding.capabilities import capabilities
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import GenerationResult, eos_ids, max_positions, model_device, run_prompts
+from ..decoding.streamer import Streamer, commit_tail
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
 
@@ -153,7 +155,7 @@ def rejection_accept(p: Tensor, q: Tensor, drafts: Sequence[int], generator: tor
 
 
 def check_ar(model: torch.nn.Module, who: str) -> None:
-    if not getattr(model, "logits_shifted", False):
+    if not capabilities(model).logits_shifted:
         raise ValueError(f"the {who} ({type(model).__name__}) is not an autoregressive model: "
                          "AR decoding needs logit i to predict token i+1 (e.g. a Qwen3Model)")
 
@@ -180,13 +182,14 @@ def through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
 
 
 def run_rows(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, meter: CostMeter,
-             decode: Callable[[list[list[int]]], list[list[int]]], desc: str, progress: bool,
-             batch_size: int | None = None, limit: int | None = None) -> GenerationResult:
+             decode: Callable[[list[list[int]], Streamer | None], list[list[int]]], desc: str, progress: bool,
+             batch_size: int | None = None, limit: int | None = None,
+             streamer: Streamer | None = None) -> GenerationResult:
     """The shared runner for the AR-target methods: answers end at any of the target's EOS ids
     (when `cfg.stop_at_eos`); speculative methods pass batch_size=1 (one row at a time)."""
     token_ids, texts, raw = run_prompts(
         target, tokenizer, prompts, decode, gen_length=cfg.gen_length, batch_size=batch_size or cfg.batch_size,
-        meter=meter, desc=desc, progress=progress, limit=limit, cut=cfg.stop_at_eos)
+        meter=meter, desc=desc, progress=progress, limit=limit, cut=cfg.stop_at_eos, streamer=streamer)
     return GenerationResult(token_ids, texts, meter, cfg, raw)
 
 
@@ -195,8 +198,9 @@ def run_rows(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[st
 
 def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: frozenset[int],
              generator: torch.Generator, hidden_layers: Sequence[int] | None = None,
-             hidden_out: list[torch.Tensor] | None = None) -> list[list[int]]:
-    """Decode left-padded rows together; a row stops growing after its EOS, the batch when all stopped.
+             hidden_out: list[torch.Tensor] | None = None, streamer: Streamer | None = None) -> list[list[int]]:
+    """Decode left-padded rows together; a row stops growing after its EOS, the batch when all stopped
+    (or when `streamer`, which hears every token as it is sampled, says stop).
 
     Finished rows are still fed (their tokens are ignored) but are not counted
     as sequences advanced, so tokens per forward stays exactly 1.
@@ -234,11 +238,13 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
     done = [False] * B
     for step in range(cfg.gen_length):
         tok = sample(logits, cfg.temperature, generator)
+        stop = False
         for r, t in enumerate(tok.tolist()):
             if not done[r]:
                 out[r].append(t)
                 done[r] = cfg.stop_at_eos and t in eos
-        if all(done) or step == cfg.gen_length - 1:
+                stop = commit_tail(streamer, r, out[r], 1)
+        if all(done) or step == cfg.gen_length - 1 or stop:
             break
         if padded:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
@@ -261,6 +267,7 @@ def ar_generate(
     meter: CostMeter | None = None,
     *,
     progress: bool = False,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` autoregressively with a KV cache, in left-padded batches of `cfg.batch_size`."""
     check_ar(model, "model")
@@ -268,8 +275,9 @@ def ar_generate(
     metered = MeteredModel(model, meter, meter.primary)
     eos = eos_ids(model)
     generator = torch.Generator(device=model_device(model)).manual_seed(cfg.seed)
-    return run_rows(model, tokenizer, prompts, cfg, meter, lambda rows: ar_batch(metered, rows, cfg, eos, generator),
-                    "ar", progress)
+    return run_rows(model, tokenizer, prompts, cfg, meter,
+                    lambda rows, stream: ar_batch(metered, rows, cfg, eos, generator, streamer=stream),
+                    "ar", progress, streamer=streamer)
 
 
 # ---------------------------------------------------------------- speculative decoding
@@ -307,8 +315,10 @@ def _draft(drafter: MeteredModel, cache: CausalKVCache, seq: list[int], n: int, 
 
 
 def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cfg: SpecConfig,
-              eos: frozenset[int], generator: torch.Generator, stats: ARSpecStats) -> list[int]:
+              eos: frozenset[int], generator: torch.Generator, stats: ARSpecStats,
+              streamer: Streamer | None = None) -> list[int]:
     """Speculatively decode one row; returns its generated ids (EOS included when it stopped there).
+    `streamer` hears each round's accepted tokens (as row 0) and may end the row early.
 
     Invariants between rounds: `seq` = prompt + generated; the target cache
     holds seq[:-1] (the last token is the first query of the next
@@ -321,7 +331,8 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
     first = target(torch.tensor([prompt], device=device), kv_cache=t_cache).logits[0, -1]
     out = [int(sample(first, T, generator))]
     seq = prompt + out
-    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos):
+    stop = commit_tail(streamer, 0, out, 1)
+    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos) and not stop:
         n = len(seq)
         gamma = min(cfg.gamma, budget - len(out) - 1)  # never draft past the budget
         drafts, q = _draft(drafter, d_cache, seq, gamma, T, generator)
@@ -341,6 +352,7 @@ def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cf
             new = through_eos(new, eos)
         out += new
         seq += new
+        stop = commit_tail(streamer, 0, out, len(new))
     return out
 
 
@@ -354,6 +366,7 @@ def spec_generate(
     meter: CostMeter | None = None,
     *,
     progress: bool = False,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with `target`, speculating `cfg.gamma` tokens per round with `drafter`, row by row."""
     if not isinstance(cfg, SpecConfig):
@@ -366,8 +379,8 @@ def spec_generate(
     generator = torch.Generator(device=model_device(target)).manual_seed(cfg.seed)
     stats = ARSpecStats()
     res = run_rows(target, tokenizer, prompts, cfg, meter,
-                   lambda rows: [_spec_row(t_metered, d_metered, rows[0], cfg, eos, generator, stats)],
+                   lambda rows, stream: [_spec_row(t_metered, d_metered, rows[0], cfg, eos, generator, stats, stream)],
                    f"spec[γ={cfg.gamma}]", progress, batch_size=1,
-                   limit=min(max_positions(target), max_positions(drafter)))
+                   limit=min(max_positions(target), max_positions(drafter)), streamer=streamer)
     res.stats = stats.summary()
     return res

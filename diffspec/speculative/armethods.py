@@ -14,7 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
+from ..decoding.capabilities import capabilities
+from ..decoding.meter import CostMeter
 from ..decoding.runner import GenerationResult
+from ..decoding.streamer import Streamer
 from ..models.tokenizer import Tokenizer, check_same_tokenizer
 from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
 from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
@@ -125,37 +128,49 @@ def load_dflash_or_default(path: str | None, default: Path, what: str, target: t
     return load_dflash(path or default, target)
 
 
+def load_drafters(cfg: ARMethodConfig, target: torch.nn.Module, tokenizer: Tokenizer,
+                  given: dict[str, Any] | None = None) -> dict[str, torch.nn.Module]:
+    """The drafters `cfg.method` runs with: those `given` as objects, the others loaded from cfg's paths
+    (or the bundled ones). A server loads them once this way and keeps them."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    out: dict[str, torch.nn.Module] = {}
+    if cfg.method == "ar-spec":
+        param = next(target.parameters())
+        out["drafter"] = given.get("drafter") or load_causal_or_default(
+            cfg.drafter, bundled_drafter("ar-spec", target), "drafter", param.device, param.dtype, tokenizer, target)
+    elif cfg.method in ("dflash", "d2sd"):
+        out["drafter"] = given.get("drafter") or load_dflash_or_default(
+            cfg.drafter, bundled_drafter(cfg.method, target), "drafter", target)
+    if cfg.method == "d2sd":
+        out["vp_drafter"] = given.get("vp_drafter") or load_dflash_or_default(
+            cfg.vp_drafter, bundled_drafter("vp", target), "vp drafter", target)
+    return out
+
+
 def ar_method_generate(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARMethodConfig,
                        drafter: torch.nn.Module | None = None, vp_drafter: torch.nn.Module | None = None,
-                       progress: bool = False, drafter_tokenizer: Tokenizer | None = None) -> GenerationResult:
+                       progress: bool = False, drafter_tokenizer: Tokenizer | None = None,
+                       meter: CostMeter | None = None, streamer: Streamer | None = None) -> GenerationResult:
     """Run `cfg.method` on an AR target; drafters are objects, or loaded from cfg's paths / the bundled ones.
 
     An ar-spec drafter must share the target's tokenizer: a loaded one is checked against its
     tokenizer.json, an object against `drafter_tokenizer` when given. (DFlash / VP drafters reuse
     the target's embedding and LM head, so they have no tokenizer of their own.)
     """
-    from ..models.causal import Qwen3Model
-
-    if not isinstance(target, Qwen3Model):
+    if not capabilities(target).is_ar:
         raise ValueError(f"method {cfg.method!r} needs an autoregressive (Qwen3-layout) target model, got "
                          f"{type(target).__name__}; pass --model with a Qwen3 checkpoint")
-    param = next(target.parameters())
     if drafter is not None and drafter_tokenizer is not None:
         check_same_tokenizer(drafter_tokenizer, tokenizer, "the drafter", "the target")
+    models = load_drafters(cfg, target, tokenizer, {"drafter": drafter, "vp_drafter": vp_drafter})
+    run = dict(meter=meter, progress=progress, streamer=streamer)
     if cfg.method == "ar":
-        res = ar_generate(target, tokenizer, prompts, cfg.decode, progress=progress)
+        res = ar_generate(target, tokenizer, prompts, cfg.decode, **run)
     elif cfg.method == "ar-spec":
-        drafter = drafter or load_causal_or_default(cfg.drafter, bundled_drafter("ar-spec", target), "drafter",
-                                                     param.device, param.dtype, tokenizer, target)
-        res = spec_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
+        res = spec_generate(target, models["drafter"], tokenizer, prompts, cfg.decode, **run)
+    elif cfg.method == "dflash":
+        res = dflash_generate(target, models["drafter"], tokenizer, prompts, cfg.decode, **run)
     else:
-        drafter = drafter or load_dflash_or_default(cfg.drafter, bundled_drafter(cfg.method, target), "drafter",
-                                                    target)
-        if cfg.method == "dflash":
-            res = dflash_generate(target, drafter, tokenizer, prompts, cfg.decode, progress=progress)
-        else:
-            vp_drafter = vp_drafter or load_dflash_or_default(cfg.vp_drafter, bundled_drafter("vp", target),
-                                                              "vp drafter", target)
-            res = d2sd_generate(target, drafter, vp_drafter, tokenizer, prompts, cfg.decode, progress=progress)
+        res = d2sd_generate(target, models["drafter"], models["vp_drafter"], tokenizer, prompts, cfg.decode, **run)
     res.config = cfg  # record the method and drafter paths with the decoding options
     return res

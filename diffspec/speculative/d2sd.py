@@ -69,6 +69,7 @@ from torch import Tensor
 
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import GenerationResult, eos_ids, model_device
+from ..decoding.streamer import Streamer, commit_tail
 from ..models.causal import CausalKVCache
 from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
@@ -401,8 +402,9 @@ def _acceptance(tree: DraftTree, temperature: float, chain_q: Tensor | None, gen
 
 def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDrafter | None, prompt: list[int],
                 cfg: DFlashSpecConfig, eos: frozenset[int], stats: BlockSpecStats,
-                generator: torch.Generator) -> list[int]:
-    """Speculatively decode one row (DFlash when vp is None, else D²SD); returns its generated ids."""
+                generator: torch.Generator, streamer: Streamer | None = None) -> list[int]:
+    """Speculatively decode one row (DFlash when vp is None, else D²SD); returns its generated ids.
+    `streamer` hears each round's accepted tokens (as row 0) and may end the row early."""
     layers = sorted(set(drafter.model.config.target_layers) |
                     (set(vp.model.config.target_layers) if vp is not None else set()))
     d2 = cfg if vp is not None and isinstance(cfg, D2SDConfig) else None
@@ -413,7 +415,8 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
     st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator,
                       [drafter] + ([vp] if vp is not None else []))
     out = [st.first]
-    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos):
+    stop = commit_tail(streamer, 0, out, 1)
+    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos) and not stop:
         remaining = budget - len(out)
         n_draft = min(cfg.gamma - 1, remaining - 1)  # a round emits at most n_draft + 1 tokens
         branches: list[list[int]] = []
@@ -444,12 +447,13 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
             new = through_eos(new, eos)
         out += new
         st.seq += new
+        stop = commit_tail(streamer, 0, out, len(new))
     return out
 
 
 def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDrafter | None, tokenizer: Tokenizer,
          prompts: Sequence[str], cfg: DFlashSpecConfig, meter: CostMeter | None, progress: bool,
-         desc: str) -> GenerationResult:
+         desc: str, streamer: Streamer | None = None) -> GenerationResult:
     check_drafter(target, drafter, "drafter")
     if vp_drafter is not None:
         check_drafter(target, vp_drafter, "vp_drafter")
@@ -463,8 +467,9 @@ def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDraf
     stats = BlockSpecStats()
     with torch.inference_mode():
         res = run_rows(target, tokenizer, prompts, cfg, meter,
-                       lambda rows: [_decode_row(t_metered, d_metered, vp_metered, rows[0], cfg, eos, stats, generator)],
-                       desc, progress, batch_size=1)
+                       lambda rows, stream: [_decode_row(t_metered, d_metered, vp_metered, rows[0], cfg, eos, stats,
+                                                         generator, stream)],
+                       desc, progress, batch_size=1, streamer=streamer)
     res.stats = stats.summary()
     return res
 
@@ -478,12 +483,13 @@ def dflash_generate(
     meter: CostMeter | None = None,
     *,
     progress: bool = False,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `target` with one DFlash block draft (γ = cfg.gamma) per round, row by row: greedy at
     temperature 0, exact speculative sampling (drafts drawn from the drafter) otherwise."""
     if not isinstance(cfg, DFlashSpecConfig):
         raise ValueError(f"dflash_generate needs a DFlashSpecConfig (or D2SDConfig), got {type(cfg).__name__}")
-    return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]")
+    return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]", streamer)
 
 
 def d2sd_generate(
@@ -496,6 +502,7 @@ def d2sd_generate(
     meter: CostMeter | None = None,
     *,
     progress: bool = False,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """D²SD: block draft → top-k rejection boundaries → VP branches → one tree verification per round
     (greedy at temperature 0, exact recursive rejection sampling over the tree otherwise)."""
@@ -504,4 +511,4 @@ def d2sd_generate(
     if vp_drafter is None:
         raise ValueError("d2sd_generate needs a vp_drafter (use dflash_generate for a single draft)")
     return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
-                f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]")
+                f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)

@@ -78,10 +78,12 @@ from typing import Any, Sequence
 import torch
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
+from ..decoding.capabilities import capabilities
 from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult, model_device
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.state import Canvas
+from ..decoding.streamer import CanvasReporter, Streamer
 from ..models.tokenizer import Tokenizer
 from .core import VIEWS, DiffusionDrafter, FullForwardVerifier, apply_verdict, verifier_views
 from .rules import Rule, VerifyInput, make_rule, resolve_threshold, resolve_verifier_unmask
@@ -203,13 +205,19 @@ def dual_decode_canvas(
     rule: Rule,
     canvas: Canvas,
     cfg: DualConfig,
+    streamer: Streamer | None = None,
 ) -> SpecStats:
-    """Fill every masked cell of `canvas` in place by draft / verify / roll-back iterations."""
+    """Fill every masked cell of `canvas` in place by draft / verify / roll-back iterations. A cell
+    filled when an iteration begins is final (only that iteration's own cells are re-masked), so
+    `streamer` hears them then."""
     stats = SpecStats()
     P, bl = canvas.prompt_len, cfg.decode.block_length
     n_steps = cfg.num_drafter_steps
     k = rule.verifier_unmask
+    report = CanvasReporter(streamer, canvas) if streamer is not None else None
     while canvas.masked().any() and stats.iterations < cfg.iterations:
+        if report is not None and report.tick():
+            return stats
         stats.iterations += 1
         decoded_before = (~canvas.masked()).sum(1)
         draft = drafter.draft(n_steps)
@@ -265,18 +273,32 @@ def dual_decode_canvas(
             n_steps = max(1, n_steps // 2) if n_rejected else min(cfg.decode.gen_length, 2 * n_steps)
         if cfg.progress_guard and last_logits is not None:
             stats.guard_fills += _guard(canvas, remasked, decoded_before, last_logits)
-        changed_rows = (canvas.x != drafted_x).any(1)
-        if changed_rows.any():
-            start = _first_true(canvas.masked() | (canvas.x != drafted_x))
-            start = torch.where(changed_rows, start, torch.full_like(start, canvas.length))
-            drafter.rollback(start)
+        _roll_back_drafter(drafter, canvas, drafted_x)
     if canvas.masked().any():  # max_iterations ran out: one verifier forward fills the rest
-        logits = verifier.score(canvas, torch.zeros_like(canvas.x, dtype=torch.bool)[None])[0]
-        gen = canvas.x[:, P:]
-        left = gen == canvas.mask_id
-        stats.finish_filled += int(left.sum())
-        canvas.x[:, P:] = torch.where(left, logits.argmax(-1), gen)
+        _fill_rest(verifier, canvas, stats)
+    if report is not None:
+        report()
     return stats
+
+
+def _roll_back_drafter(drafter: DiffusionDrafter, canvas: Canvas, drafted_x: torch.Tensor) -> None:
+    """The verifier changed some rows of the drafted canvas `drafted_x`: the drafter drops its
+    cached state of each such row from the row's first changed or masked cell on."""
+    changed_rows = (canvas.x != drafted_x).any(1)
+    if changed_rows.any():
+        start = _first_true(canvas.masked() | (canvas.x != drafted_x))
+        start = torch.where(changed_rows, start, torch.full_like(start, canvas.length))
+        drafter.rollback(start)
+
+
+def _fill_rest(verifier: FullForwardVerifier, canvas: Canvas, stats: SpecStats) -> None:
+    """One verifier forward fills every cell still masked with its argmax."""
+    P = canvas.prompt_len
+    logits = verifier.score(canvas, torch.zeros_like(canvas.x, dtype=torch.bool)[None])[0]
+    gen = canvas.x[:, P:]
+    left = gen == canvas.mask_id
+    stats.finish_filled += int(left.sum())
+    canvas.x[:, P:] = torch.where(left, logits.argmax(-1), gen)
 
 
 def _discard_after_first_rejection(canvas: Canvas, filled: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -348,7 +370,7 @@ def check_compatible(drafter: torch.nn.Module, verifier: torch.nn.Module,
             raise ValueError(f"drafter and verifier disagree on {name} (drafter {getattr(d, name)}, "
                              f"verifier {getattr(v, name)}); they must share a tokenizer and its special tokens")
     for who, m in (("drafter", drafter), ("verifier", verifier)):
-        if getattr(m.config, "mask_token_id", None) is None:
+        if capabilities(m).mask_id is None:
             raise ValueError(f"the {who} ({type(m).__name__}) has no mask token; DualDiffusion needs masked "
                              "diffusion models (LLaDA, Dream)")
     if drafter_tokenizer is not None and verifier_tokenizer is not None \
@@ -367,6 +389,7 @@ def dualdiffusion_generate(
     drafter_tokenizer: Tokenizer | None = None,
     progress: bool = False,
     meter: CostMeter | None = None,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with DualDiffusion: `model` verifies, `drafter_model` (default: `model`) drafts."""
     drafter_model = model if drafter_model is None else drafter_model
@@ -382,14 +405,15 @@ def dualdiffusion_generate(
     generator = torch.Generator(device=model_device(model)).manual_seed(dcfg.seed)
     stats = SpecStats()
 
-    def decode_batch(canvas: Canvas) -> None:
+    def decode_batch(canvas: Canvas, stream: Streamer | None) -> None:
         drafter = DiffusionDrafter(d_metered, canvas, dcfg, generator, keep_logprobs=rule.spec.needs_drafter_logprobs)
-        stats.add(dual_decode_canvas(drafter, verifier, rule, canvas, cfg))
+        stats.add(dual_decode_canvas(drafter, verifier, rule, canvas, cfg, stream))
 
     token_ids, texts, raw = run_batches(
         model, tokenizer, prompts, dcfg, meter, decode_batch,
         desc=f"dualdiffusion[{cfg.rule},N={cfg.num_drafter_steps}]", progress=progress,
-        max_positions=min(model.config.max_sequence_length, drafter_model.config.max_sequence_length))
+        max_positions=min(model.config.max_sequence_length, drafter_model.config.max_sequence_length),
+        streamer=streamer)
     return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
 
 

@@ -50,11 +50,14 @@ import torch
 from torch import Tensor
 
 from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
-from ..decoding.diffusion import propose, run_batches, select
+from ..decoding.capabilities import capabilities
+from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.policies import select_topk
+from ..decoding.propose import propose, select
 from ..decoding.state import Canvas
+from ..decoding.streamer import CanvasReporter, Streamer
 from ..models.tokenizer import Tokenizer
 from ..options import parse_depths
 
@@ -275,7 +278,7 @@ class ViewScorer:
         # A shifted network (Dream) scores cell i from its output at i - 1, so a cached
         # verification also feeds the column before the block; its forward shifts inside the
         # fed slice, which is exact for every column but the slice's first, never read.
-        self.lead = int(bool(getattr(model.model, "logits_shifted", False)))
+        self.lead = int(capabilities(model).logits_shifted)
 
     def seed(self, s: int, e: int, working: int) -> Tensor:
         """Plain forward of the canvas at a block start; returns generation-region logits (B, L, V)."""
@@ -319,9 +322,12 @@ def _no_mask(logits: Tensor, mask_id: int) -> Tensor:
 
 # ---------------------------------------------------------------- the loop
 
-def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig) -> PSDStats:
-    """Fill every masked cell of `canvas` in place, block by block, one batched call per iteration."""
+def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig,
+                      streamer: Streamer | None = None) -> PSDStats:
+    """Fill every masked cell of `canvas` in place, block by block, one batched call per iteration.
+    A committed cell is never taken back, so `streamer` hears every commit before the next forward."""
     dc, stats = cfg.decode, PSDStats()
+    report = CanvasReporter(streamer, canvas) if streamer is not None else None
     P, bl = canvas.prompt_len, dc.block_length
     scorer = ViewScorer(model, canvas, dc.cache)
     seed_gen: Tensor | None = None  # logits (B, L, V) of the current canvas's generation region, if fresh
@@ -337,6 +343,8 @@ def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig) -> PS
             scorer.s, scorer.e = s, e
         seed = seed_gen[:, s - P : e - P]
         for _ in range(bl + 1):
+            if report is not None and report.tick():
+                return stats
             masked = canvas.x[:, s:e] == canvas.mask_id
             working_rows = masked.any(1)
             if not working_rows.any():
@@ -375,6 +383,8 @@ def psd_decode_canvas(model: MeteredModel, canvas: Canvas, cfg: PSDConfig) -> PS
                 seed_gen = _pad_front(chosen_logits, s - P)
         else:
             raise RuntimeError(f"PSD block {b} still has masks after {bl + 1} iterations; the logits may contain NaN")
+    if report is not None:
+        report()
     return stats
 
 
@@ -391,18 +401,19 @@ def psd_generate(
     cfg: PSDConfig,
     progress: bool = False,
     meter: CostMeter | None = None,
+    streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with PSD (or its lossless variant) on one masked diffusion model."""
     meter = meter or CostMeter()
     metered = MeteredModel(model, meter, meter.primary)
     stats = PSDStats()
 
-    def decode_batch(canvas: Canvas) -> None:
-        stats.add(psd_decode_canvas(metered, canvas, cfg))
+    def decode_batch(canvas: Canvas, stream: Streamer | None) -> None:
+        stats.add(psd_decode_canvas(metered, canvas, cfg, stream))
 
     name = "psd-lossless" if cfg.lossless else f"psd[{cfg.decode.policy},{cfg.decode.cache}]"
     token_ids, texts, raw = run_batches(model, tokenizer, prompts, cfg.decode, meter, decode_batch,
-                                        desc=name, progress=progress)
+                                        desc=name, progress=progress, streamer=streamer)
     return GenerationResult(token_ids, texts, meter, cfg, raw, stats=stats.summary())
 
 
