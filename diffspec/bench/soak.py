@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -231,11 +232,8 @@ def run_phase(port: int, traffic: Traffic, clients: int, seed: int, requests: in
                 bar.update(1)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))  # a client that raises fails the phase, not silently
     return records, time.perf_counter() - t0
 
 
