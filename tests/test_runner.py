@@ -59,8 +59,7 @@ def test_run_prompts_batches_cuts_and_counts():
     model = Fake(max_sequence_length=64, eos_token_id=9)
     seen = []
 
-    def decode(batch, streamer):
-        assert streamer is None  # no streamer given: the loops do no streaming work
+    def decode(batch):  # no streamer given: decode(batch), as before the hook
         seen.append(len(batch))
         return [ids[:1] + [9, 9] for ids in batch]  # echo the first prompt token, then EOS fill
 
@@ -74,6 +73,31 @@ def test_run_prompts_batches_cuts_and_counts():
     ids, _, _ = run_prompts(model, CharTok(), ["ab"], decode, gen_length=3, batch_size=2, meter=CostMeter(),
                             desc="t", cut=False)
     assert ids == [[1, 9, 9]]
+
+
+def test_run_prompts_hands_each_batch_the_streamer_from_its_first_row_and_stops_when_told():
+    from diffspec.decoding.streamer import Streamer
+
+    class Stop(Streamer):
+        def __init__(self):
+            self.heard = []
+
+        def on_commit(self, row, positions, token_ids):
+            self.heard.append((row, list(positions), list(token_ids)))
+
+        def should_stop(self):
+            return len(self.heard) >= 3  # after the second batch
+
+    def decode(batch, streamer):
+        for i, ids in enumerate(batch):
+            streamer.on_commit(i, [0], ids[:1])
+        return [ids[:1] + [9] for ids in batch]
+
+    model, stop = Fake(max_sequence_length=64, eos_token_id=9), Stop()
+    ids, texts, raw = run_prompts(model, CharTok(), ["ab", "cd", "ef", "gh", "ij"], decode, gen_length=2,
+                                  batch_size=2, meter=CostMeter(), desc="t", streamer=stop)
+    assert stop.heard == [(0, [0], [1]), (1, [0], [3]), (2, [0], [5]), (3, [0], [7])]  # rows offset per batch
+    assert raw == [[1, 9], [3, 9], [5, 9], [7, 9], []] and ids[4] == [] and texts[4] == ""  # never decoded
 
 
 def test_one_budget_name_for_ar_methods():

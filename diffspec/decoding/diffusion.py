@@ -217,7 +217,7 @@ def run_batches(
     device = model_device(model)
     pad_id = model.config.pad_token_id
 
-    def decode(batch: list[list[int]], stream: Streamer | None) -> list[list[int]]:
+    def decode(batch: list[list[int]], stream: Streamer | None = None) -> list[list[int]]:
         canvas = Canvas.from_prompts(batch, cfg.gen_length, caps.mask_id, pad_id, limit, device)
         decode_batch(canvas, stream)
         return canvas.generated().tolist()

@@ -342,7 +342,7 @@ def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seq
 
     mask_id = capabilities(model).mask_id
 
-    def decode(batch: list[list[int]], stream: Streamer | None) -> list[list[int]]:
+    def decode(batch: list[list[int]], stream: Streamer | None = None) -> list[list[int]]:
         return [row(metered, p, cfg, generator, device, not block_causal,
                     None if stream is None else RowReporter(stream, i, mask_id)) for i, p in enumerate(batch)]
 

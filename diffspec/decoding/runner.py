@@ -108,7 +108,7 @@ def run_prompts(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     prompts: Sequence[str],
-    decode: Callable[[list[list[int]], Streamer | None], list[list[int]]],
+    decode: Callable[..., list[list[int]]],
     *,
     gen_length: int,
     batch_size: int,
@@ -123,9 +123,9 @@ def run_prompts(
     """Encode `prompts`, hand them to `decode` `batch_size` at a time (it returns each row's
     generated ids), and charge tokens, sequences and wall clock to `meter`.
 
-    `decode(batch, streamer)` gets `streamer` (`decoding.streamer`) seen from its batch (row 0 is
-    the batch's first prompt), or None. Once the streamer says stop, the batches not started yet
-    are not decoded: their rows come back empty.
+    With a `streamer` (`decoding.streamer`), `decode(batch, streamer)` gets it as seen from its
+    batch (row 0 is the batch's first prompt); without one, `decode(batch)`. Once the streamer
+    says stop, the batches not started yet are not decoded: their rows come back empty.
 
     eos: the ids that end an answer (default: the model's); limit: positions available (default:
     the model's; a drafter/verifier pair passes the smaller of the two); cut: whether answers stop
@@ -144,7 +144,8 @@ def run_prompts(
                 raw += [[] for _ in batch]
                 token_ids += [[] for _ in batch]
                 continue
-            for row in decode(batch, None if streamer is None else OffsetStreamer(streamer, start)):
+            rows = decode(batch) if streamer is None else decode(batch, OffsetStreamer(streamer, start))
+            for row in rows:
                 raw.append(row)
                 token_ids.append(cut_at_eos(row, eos) if cut else row)
                 meter.tokens_generated += answer_length(row, eos)

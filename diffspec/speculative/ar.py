@@ -182,7 +182,7 @@ def through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
 
 
 def run_rows(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, meter: CostMeter,
-             decode: Callable[[list[list[int]], Streamer | None], list[list[int]]], desc: str, progress: bool,
+             decode: Callable[..., list[list[int]]], desc: str, progress: bool,
              batch_size: int | None = None, limit: int | None = None,
              streamer: Streamer | None = None) -> GenerationResult:
     """The shared runner for the AR-target methods: answers end at any of the target's EOS ids
@@ -276,7 +276,7 @@ def ar_generate(
     eos = eos_ids(model)
     generator = torch.Generator(device=model_device(model)).manual_seed(cfg.seed)
     return run_rows(model, tokenizer, prompts, cfg, meter,
-                    lambda rows, stream: ar_batch(metered, rows, cfg, eos, generator, streamer=stream),
+                    lambda rows, stream=None: ar_batch(metered, rows, cfg, eos, generator, streamer=stream),
                     "ar", progress, streamer=streamer)
 
 
@@ -379,7 +379,8 @@ def spec_generate(
     generator = torch.Generator(device=model_device(target)).manual_seed(cfg.seed)
     stats = ARSpecStats()
     res = run_rows(target, tokenizer, prompts, cfg, meter,
-                   lambda rows, stream: [_spec_row(t_metered, d_metered, rows[0], cfg, eos, generator, stats, stream)],
+                   lambda rows, stream=None: [_spec_row(t_metered, d_metered, rows[0], cfg, eos, generator, stats,
+                                                        stream)],
                    f"spec[γ={cfg.gamma}]", progress, batch_size=1,
                    limit=min(max_positions(target), max_positions(drafter)), streamer=streamer)
     res.stats = stats.summary()

@@ -467,8 +467,8 @@ def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDraf
     stats = BlockSpecStats()
     with torch.inference_mode():
         res = run_rows(target, tokenizer, prompts, cfg, meter,
-                       lambda rows, stream: [_decode_row(t_metered, d_metered, vp_metered, rows[0], cfg, eos, stats,
-                                                         generator, stream)],
+                       lambda rows, stream=None: [_decode_row(t_metered, d_metered, vp_metered, rows[0], cfg, eos,
+                                                              stats, generator, stream)],
                        desc, progress, batch_size=1, streamer=streamer)
     res.stats = stats.summary()
     return res
