@@ -12,6 +12,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from .methods import all_methods, get_method, method_names
 from .options import parse_bool
@@ -282,7 +283,19 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="diffspec", description="Fast, honest inference for diffusion language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _generate_parser(sub)
+    _eval_parser(sub)
+    _bench_parser(sub)
+    _plot_parser(sub)
+    _convert_parser(sub)
+    _serve_parser(sub)
+    _draft_vocab_parser(sub)
+    _train_parser(sub)
+    return p
 
+
+def _generate_parser(sub: Any) -> None:
+    """`diffspec generate`'s flags."""
     g = sub.add_parser("generate", help="complete one prompt (completion on stdout, cost on stderr)")
     g.add_argument("--prompt", required=True, help="the text to complete (wrapped by --template)")
     g.add_argument("--template", help="qa: wrap as 'Question: …\\nAnswer:' (default for the bundled model); raw: as is")
@@ -293,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(g)
     g.set_defaults(func=cmd_generate)
 
+
+def _eval_parser(sub: Any) -> None:
+    """`diffspec eval`'s flags."""
     e = sub.add_parser("eval", help="accuracy and cost of one method on a task")
     e.add_argument("--task", default="arith", help="arith | arith-hard | arith-mc | gsm8k | mmlu")
     e.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
@@ -311,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(e)
     e.set_defaults(func=cmd_eval)
 
+
+def _bench_parser(sub: Any) -> None:
+    """`diffspec bench`'s flags."""
     b = sub.add_parser("bench", help="sweep methods on the same examples: table, JSON and Pareto plot")
     b.add_argument("--task", default="arith", help="arith (default) | arith-hard | arith-mc | gsm8k | mmlu")
     b.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
@@ -343,11 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(b, with_method=False)
     b.set_defaults(func=cmd_bench)
 
+
+def _plot_parser(sub: Any) -> None:
+    """`diffspec plot`'s flags."""
     pl = sub.add_parser("plot", help="redraw a bench run's Pareto plot from its results.json")
     pl.add_argument("results", help="results.json written by `diffspec bench`")
     pl.add_argument("--out", help="PNG path (default: pareto.png beside results.json)")
     pl.set_defaults(func=cmd_plot)
 
+
+def _convert_parser(sub: Any) -> None:
+    """`diffspec convert`'s flags."""
     c = sub.add_parser("convert", help="convert a checkpoint into a Hugging Face directory every tool reads")
     c.add_argument("kind", help="gguf (a llama.cpp file: Llama / Qwen2 / Qwen3)")
     c.add_argument("file", help="the file to convert")
@@ -355,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", help="float32 (default; exact) | bfloat16 (half the size)")
     c.set_defaults(func=cmd_convert)
 
+
+def _serve_parser(sub: Any) -> None:
+    """`diffspec serve`'s flags."""
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install -e '.[serve]')")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -382,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(sv)
     sv.set_defaults(func=cmd_serve)
 
+
+def _draft_vocab_parser(sub: Any) -> None:
+    """`diffspec draft-vocab`'s flags."""
     dv = sub.add_parser("draft-vocab", help="give a DFlash / VP drafter a draft vocabulary: the target's most "
                                             "frequent answer tokens (the head proposes only those; output unchanged)")
     dv.add_argument("drafter", help="the drafter's checkpoint directory (draft_vocab.json is written there)")
@@ -390,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--size", type=int, default=8192, help="ids to keep (default 8192)")
     dv.set_defaults(func=cmd_draft_vocab)
 
+
+def _train_parser(sub: Any) -> None:
+    """`diffspec train`'s flags."""
     t = sub.add_parser("train", help="train a small model from a JSON config")
     t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "
                                 "vp (D²SD variable-prefix drafter)")
@@ -401,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-only", action="store_true",
                    help="dflash / vp: generate (or rebuild from data.manifest) the target continuations, then stop")
     t.set_defaults(func=cmd_train)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

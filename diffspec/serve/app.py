@@ -236,6 +236,13 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         return gate
 
     app.add_middleware(wrap)  # type: ignore[arg-type]
+    _add_error_handlers(app)
+    _add_routes(app, _Handlers(service, metrics))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON error body."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -257,6 +264,10 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         log.exception("unhandled error on %s", request.url.path)
         return _error_response(server_error(f"internal error ({type(e).__name__}); see the server log"))
 
+
+def _add_routes(app: FastAPI, h: "_Handlers") -> None:
+    service, metrics = h.service, h.metrics
+
     @app.get("/health")
     async def health():
         body = service.health()
@@ -266,24 +277,41 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict[str, Any]:
-        return {"id": service.model_id, "object": "model", "created": int(service.engine.stats.started),
-                "owned_by": "diffspec", "diffspec": {"family": service.family, "method": service.settings.method,
-                                                     "default_config": service.default_cfg.to_dict()}}
-
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [h.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_id:
             raise not_found(f"the model {model_id!r} does not exist; this server serves {service.model_id!r}",
                             "model", "model_not_found")
-        return model_card()
+        return h.model_card()
 
-    async def body_of(request: Request) -> Any:
-        limit = settings.limit_body_bytes
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await h.handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await h.handle(request, chat=True)
+
+
+class _Handlers:
+    """What the completion endpoints do: read the body, queue the job, then collect its events into
+    one response or stream them as server-sent events, minding the request's timeout and its client."""
+
+    def __init__(self, service: Service, metrics: Metrics):
+        self.service, self.metrics, self.settings = service, metrics, service.settings
+
+    def model_card(self) -> dict[str, Any]:
+        service = self.service
+        return {"id": service.model_id, "object": "model", "created": int(service.engine.stats.started),
+                "owned_by": "diffspec", "diffspec": {"family": service.family, "method": service.settings.method,
+                                                     "default_config": service.default_cfg.to_dict()}}
+
+    async def body_of(self, request: Request) -> Any:
+        limit = self.settings.limit_body_bytes
         too_large = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes, diffspec "
                                   "serve --limit-body-bytes)", "invalid_request_error", None, "request_too_large")
         length = request.headers.get("content-length")
@@ -301,7 +329,7 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad_request(f"the request body is not valid JSON ({e})") from None
 
-    def first_text(request: Request, chat: bool) -> Any:
+    def first_text(self, request: Request, chat: bool) -> Any:
         """A callback that records the request's time to first token, once."""
         t0 = request.scope.get("state", {}).get("t0", time.perf_counter())
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
@@ -310,20 +338,22 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         def observe() -> None:
             if not seen[0]:
                 seen[0] = True
-                metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
+                self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
         return observe
 
+    @staticmethod
     def deadline_of(request: Request, plan: RequestPlan) -> float | None:
         """perf_counter time at which the request's `timeout` (seconds from its arrival) runs out."""
         if plan.timeout is None:
             return None
         return request.scope.get("state", {}).get("t0", time.perf_counter()) + plan.timeout
 
-    def timed_out(job: Job, plan: RequestPlan) -> ApiError:
-        service.engine.cancel(job)  # its rows leave the canvas / the queue
+    def timed_out(self, job: Job, plan: RequestPlan) -> ApiError:
+        self.service.engine.cancel(job)  # its rows leave the canvas / the queue
         return ApiError(408, f"the request did not finish within its timeout ({plan.timeout:g} s); its decoding "
                              "was stopped", "timeout_error", "timeout", "request_timeout")
 
+    @staticmethod
     async def next_event(job: Job, deadline: float | None, poll: float | None = None) -> tuple | None:
         """The job's next event; None when `poll` seconds (or the time left to `deadline`) pass first."""
         wait = poll
@@ -337,31 +367,33 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
         except asyncio.TimeoutError:
             return None
 
-    async def handle(request: Request, chat: bool):
-        body = await body_of(request)
-        job, plan = service.job(body, chat)
-        service.engine.submit(job)  # 429 here when the queue is full
+    async def handle(self, request: Request, chat: bool):
+        body = await self.body_of(request)
+        job, plan = self.service.job(body, chat)
+        self.service.engine.submit(job)  # 429 here when the queue is full
         rid, created = new_id(chat), now()
         headers = {"X-Diffspec-Method": plan.method, "X-Diffspec-Gen-Length": str(plan.gen_length)}
-        deadline = deadline_of(request, plan)
+        deadline = self.deadline_of(request, plan)
         if plan.stream:
-            return StreamingResponse(_stream(job, plan, rid, created, chat, first_text(request, chat), deadline),
+            return StreamingResponse(self.stream(job, plan, rid, created, chat, self.first_text(request, chat),
+                                                 deadline),
                                      media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
-        return await _collect(request, job, plan, rid, created, chat, headers, deadline)
+        return await self.collect(request, job, plan, rid, created, chat, headers, deadline)
 
-    async def _collect(request: Request, job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
-                       headers: dict[str, str], deadline: float | None):
+    async def collect(self, request: Request, job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
+                      headers: dict[str, str], deadline: float | None):
+        service = self.service
         texts = [""] * job.n_choices
         reasons: list[str | None] = [None] * job.n_choices
-        ttft = first_text(request, chat)
+        ttft = self.first_text(request, chat)
         checked = time.perf_counter()
         try:
             while True:
-                ev = await next_event(job, deadline, poll=0.5)
+                ev = await self.next_event(job, deadline, poll=0.5)
                 if ev is None and deadline is not None and time.perf_counter() >= deadline:
                     if not job.done:
-                        return _error_response(timed_out(job, plan))
+                        return _error_response(self.timed_out(job, plan))
                     deadline = None  # it finished just in time: its last events are on their way
                 if ev is None or time.perf_counter() - checked >= 0.5:  # every half second, events or not
                     checked = time.perf_counter()
@@ -390,20 +422,20 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                 "usage": usage, "diffspec": {**service.info(plan), "batch_rows": usage["diffspec"]["batch_rows"]}}
         return JSONResponse(body, headers=headers)
 
-    async def _stream(job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
-                      ttft: Any, deadline: float | None) -> AsyncIterator[str]:
-        model_id, usage_field = service.model_id, plan.include_usage
+    async def stream(self, job: Job, plan: RequestPlan, rid: str, created: int, chat: bool,
+                     ttft: Any, deadline: float | None) -> AsyncIterator[str]:
+        model_id, usage_field = self.service.model_id, plan.include_usage
         try:
             if chat:
                 for i in range(job.n_choices):
                     yield _sse(_chunk(rid, created, model_id, chat, i, None, role=True, usage=usage_field))
             while True:
-                ev = await next_event(job, deadline)
+                ev = await self.next_event(job, deadline)
                 if ev is None:  # the request's timeout passed
                     if job.done:
                         deadline = None  # it finished just in time: its last events are on their way
                         continue
-                    yield _sse(timed_out(job, plan).body())
+                    yield _sse(self.timed_out(job, plan).body())
                     yield "data: [DONE]\n\n"
                     return
                 if ev[0] in ("delta", "finish"):
@@ -426,17 +458,7 @@ def create_app(settings: ServeSettings | None = None, model: Any = None, tokeniz
                     return
         finally:  # the client went away (the task is cancelled) or the stream ended
             if not job.done:
-                service.engine.cancel(job)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    return app
+                self.service.engine.cancel(job)
 
 
 def _draining_server_class() -> type:
