@@ -131,7 +131,7 @@ def _options(a: argparse.Namespace) -> dict:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from .api import chat_prompts, generate, resolve_model
-    from .evaluate import task_config
+    from .evaluation.evaluate import task_config
     from .tasks import gsm8k_prompt
 
     if a.system is not None and not a.chat:
@@ -161,7 +161,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .evaluate import run_eval
+    from .evaluation.evaluate import run_eval
 
     # Checks the --out path before the run, scores (data-parallel under torchrun), prints one line
     # and writes the JSON on rank 0.
@@ -197,7 +197,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     model, tok = resolve_model(model_path, None, a.device, a.dtype, method=family_method, compile=a.compile,
                                quantize=a.quantize)
     if a.chat:  # rendered with the model's own template, like eval --chat
-        from .evaluate import chat_examples
+        from .evaluation.evaluate import chat_examples
 
         examples = chat_examples(examples, model_path, family_method)
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])

@@ -5,7 +5,7 @@ import pytest
 
 from diffspec.api import build_config, generate, load_any
 from diffspec.cli import main
-from diffspec.evaluate import task_config
+from diffspec.evaluation.evaluate import task_config
 from diffspec.models.causal import Qwen3Model, save_causal
 from diffspec.models.dflash import save_dflash
 from diffspec.speculative.armethods import ARMethodConfig

@@ -161,7 +161,7 @@ def test_a_chunked_row_equals_the_whole_row(tiny_checkpoint, tmp_path, monkeypat
 def test_a_row_stopped_between_chunks_resumes_inside_the_row(tiny_checkpoint, tmp_path, monkeypatch):
     whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", CHUNKED))
     calls = []
-    import diffspec.evaluate as ev
+    import diffspec.evaluation.evaluate as ev
 
     real_part = ev._run_part
 
@@ -194,7 +194,7 @@ def test_chunk_option_is_checked(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_a_larger_limit_reuses_the_chunks_it_shares(tiny_checkpoint, tmp_path, monkeypatch):
-    import diffspec.evaluate as ev
+    import diffspec.evaluation.evaluate as ev
 
     small = ["--gen-length", "8", "--block-length", "8", "--batch-size", "2", "--methods", "vanilla:steps=8"]
     _bench_out(tiny_checkpoint, tmp_path, ["--limit", "4", "--chunk", "2", *small])
@@ -214,7 +214,7 @@ def test_a_larger_limit_reuses_the_chunks_it_shares(tiny_checkpoint, tmp_path, m
 
 
 def test_shards_split_a_row_and_the_assembling_run_decodes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    import diffspec.evaluate as ev
+    import diffspec.evaluation.evaluate as ev
 
     args = ["--limit", "5", "--gen-length", "8", "--block-length", "8", "--batch-size", "2",
             "--methods", "vanilla:steps=8", "--chunk", "2", "--resume"]
@@ -257,7 +257,7 @@ def test_shard_option_is_checked(tiny_checkpoint, tmp_path, capsys, extra, messa
 def test_a_shard_assembles_the_row_when_the_other_shard_finished_meanwhile(tiny_checkpoint, tmp_path, monkeypatch):
     """Shard 0 passes chunk 1 before shard 1 has saved it; shard 1 finishes while shard 0 decodes
     chunk 2, so shard 0 finds chunk 1 on its second look and writes the whole table."""
-    import diffspec.evaluate as ev
+    import diffspec.evaluation.evaluate as ev
 
     args = ["--limit", "5", "--gen-length", "8", "--block-length", "8", "--batch-size", "2",
             "--methods", "vanilla:steps=8", "--chunk", "2", "--resume"]

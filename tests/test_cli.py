@@ -100,7 +100,7 @@ def test_eval_arith_mc_uses_letter_scoring(make_model, tokenizer, tmp_path, caps
     The tiny model's own completions are noise, so the run's decoded texts are replaced by known
     ones (right letter, wrong letter, right letter then a number, the right *number* alone) and
     the accuracy must be exactly 2 / 4; scored as numbers it would be 0."""
-    import diffspec.evaluate as evaluate
+    import diffspec.evaluation.evaluate as evaluate
     from diffspec.tasks import load_examples
 
     ckpt = save_model(make_model(max_sequence_length=512), tokenizer, tmp_path / "long")

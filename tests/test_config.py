@@ -6,7 +6,7 @@ import pytest
 from diffspec.api import build_config
 from diffspec.cli import main
 from diffspec.decoding.config import DecodeConfig
-from diffspec.evaluate import task_config
+from diffspec.evaluation.evaluate import task_config
 
 
 @pytest.mark.parametrize("kw, match", [

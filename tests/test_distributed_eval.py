@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from diffspec.cli import main
-from diffspec.evaluate import Shard
+from diffspec.evaluation.evaluate import Shard
 from diffspec.models.checkpoint import save_model
 
 from conftest import REPO_ROOT

@@ -1,4 +1,4 @@
-"""diffspec.likelihood: exact AR log-likelihoods (parity with transformers' Qwen3ForCausalLM) and
+"""diffspec.evaluation.likelihood: exact AR log-likelihoods (parity with transformers' Qwen3ForCausalLM) and
 LLaDA's Monte-Carlo ELBO for masked diffusion models (deterministic, unbiased, variance falling with
 mc_num), plus `diffspec eval --scoring likelihood`."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from diffspec.cli import main
 from diffspec.decoding.meter import CostMeter
-from diffspec.likelihood import (ar_loglikelihood, ar_loglikelihood_rolling, encode_pair, loglikelihood,
+from diffspec.evaluation.likelihood import (ar_loglikelihood, ar_loglikelihood_rolling, encode_pair, loglikelihood,
                                  mask_draws, mc_loglikelihood, request_seed, rolling_windows)
 from diffspec.models.causal import Qwen3Config, Qwen3Model
 from diffspec.models.checkpoint import save_model

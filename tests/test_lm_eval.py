@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from diffspec.api import resolve_model
-from diffspec.evaluate import evaluate, task_config
+from diffspec.evaluation.evaluate import evaluate, task_config
 from diffspec.tasks import load_examples
 from diffspec.tasks.scoring import truncate_at_stops
 
@@ -41,7 +41,7 @@ def harness(tmp_path_factory):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from diffspec.lm_eval_model import local_tasks_dir
+    from diffspec.evaluation.harness_model import local_tasks_dir
 
     with pytest.MonkeyPatch.context() as mp:  # lm-eval's `pip list` for its environment report: 2 s a run
         mp.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
@@ -52,7 +52,7 @@ def harness(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm_model():
     pytest.importorskip("lm_eval")
-    from diffspec.lm_eval_model import DiffspecLM, ModelArgsError
+    from diffspec.evaluation.harness_model import DiffspecLM, ModelArgsError
 
     return DiffspecLM, ModelArgsError
 
@@ -187,7 +187,7 @@ def test_loglikelihood_rolling_ar_only(lm_model, tiny_lm) -> None:
     with pytest.raises(NotImplementedError, match="autoregressive"):
         tiny_lm.loglikelihood_rolling([req("Tom has 5 apples.")])
     ar = DiffspecLM.create_from_arg_string("method=ar", {"device": "cpu"})
-    from diffspec.likelihood import ar_loglikelihood_rolling
+    from diffspec.evaluation.likelihood import ar_loglikelihood_rolling
 
     text = "Question: Tom has 5 apples. Tom buys 3 more.\nAnswer: 5+3=8\n#### 8"
     (got,) = ar.loglikelihood_rolling([req(text)])
@@ -232,17 +232,17 @@ def test_bad_model_args_are_one_clear_line(lm_model, args, needle) -> None:
 
 @pytest.mark.slow  # lm-eval's CLI indexes its ~10,000 task files first: about 18 s here
 def test_cli_bad_model_args_exit_2_with_one_line(lm_model, capsys) -> None:
-    from diffspec.lm_eval import main
+    from diffspec.evaluation.harness import main
 
     rc = main(["--model", "diffspec", "--model_args", "method=fast-dllm,treshold=0.9", "--tasks", "arith",
                "--device", "cpu", "--limit", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("diffspec.lm_eval: error: unknown model_arg 'treshold'")
+    assert rc == 2 and err[-1].startswith("diffspec.evaluation.harness: error: unknown model_arg 'treshold'")
 
 
 def test_model_module_imports_without_lm_eval() -> None:
     code = ("import sys; sys.modules['lm_eval'] = None\n"
-            "import diffspec.lm_eval_model as m\n"
+            "import diffspec.evaluation.harness_model as m\n"
             "assert not m.HAVE_LM_EVAL\n"
             "try:\n    m.DiffspecLM()\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
@@ -274,8 +274,8 @@ def test_apply_chat_template_renders_the_checkpoints_template(lm_model, tiny_che
 
 
 def test_local_tasks_name_the_data_wherever_it_is(tmp_path, monkeypatch, capsys) -> None:
-    from diffspec.lm_eval import main
-    from diffspec.lm_eval_model import ModelArgsError, bundled_tasks_dir, check_local_data, local_tasks_dir
+    from diffspec.evaluation.harness import main
+    from diffspec.evaluation.harness_model import ModelArgsError, bundled_tasks_dir, check_local_data, local_tasks_dir
 
     data = tmp_path / "my data"
     (data / "gsm8k").mkdir(parents=True)

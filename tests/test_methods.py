@@ -159,7 +159,7 @@ def test_model_keywords_follow_the_roles():
 
 
 def test_stats_classes_come_from_the_registry():
-    from diffspec.speculative.stats import _classes
+    from diffspec.methods._stats import _classes
 
     names = {c.__name__ for c in _classes()}
     assert names == {"SpecStats", "PSDStats", "ARSpecStats", "BlockSpecStats"}

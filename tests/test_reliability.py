@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from diffspec.api import build_config, generate
 from diffspec.cli import main
 from diffspec.decoding.config import DecodeConfig
-from diffspec.evaluate import write_json
+from diffspec.evaluation.evaluate import write_json
 from diffspec.jsonio import OutputError, OutputFile
 from diffspec.models.causal import save_causal
 from diffspec.models.checkpoint import save_model

@@ -5,7 +5,7 @@ from diffspec.decoding.meter import CostMeter
 from diffspec.speculative.ar import ARSpecStats
 from diffspec.speculative.d2sd import BlockSpecStats
 from diffspec.speculative.psd import PSDStats
-from diffspec.speculative.stats import merge_summaries, stats_class
+from diffspec.methods._stats import merge_summaries, stats_class
 
 
 def test_block_stats_merge_recomputes_the_rates():

@@ -87,7 +87,7 @@ def test_table_shows_target_forwards_and_flexible_accuracy_only_when_they_say_so
 @pytest.mark.parametrize("task,shown", [("gsm8k", True), ("arith", False), ("arith-hard", False), (None, False)])
 def test_flexible_accuracy_is_shown_for_gsm8k_rows_only(task, shown):
     """Scoring gives every numeric task an `accuracy_flexible`; the table's column and the plot's key
-    show it only for GSM8K rows (table.FLEXIBLE_TASKS), where strict "#### N" misses prose answers."""
+    show it only for GSM8K rows (evaluation.flexible.FLEXIBLE_TASKS), where strict "#### N" misses prose answers."""
     from diffspec.bench.plot import _key_label
 
     row = {"label": "vanilla", "accuracy": 0.9, "accuracy_flexible": 0.95, "nfe_per_sequence": 48.0,

@@ -19,7 +19,7 @@ from pathlib import Path
 import diffspec
 from diffspec.api import resolve_model
 from diffspec.bench.runner import parse_spec, suite
-from diffspec.evaluate import evaluate, task_config
+from diffspec.evaluation.evaluate import evaluate, task_config
 from diffspec.tasks import load_examples
 
 LLADA_SUITES = ("steps", "cache", "dual", "psd", "frontier")

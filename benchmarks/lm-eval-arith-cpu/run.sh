@@ -9,7 +9,7 @@ set -euo pipefail
 OUT=benchmarks/lm-eval-arith-cpu
 WHAT=${1:-all}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-LM="python -m diffspec.lm_eval --model diffspec --limit 100 --device cpu --batch_size 32"
+LM="python -m diffspec.evaluation.harness --model diffspec --limit 100 --device cpu --batch_size 32"
 
 if [[ $WHAT == all || $WHAT == compare ]]; then
   for method in vanilla ar; do   # vanilla: the bundled LLaDA model (full steps); ar: the bundled Qwen3 AR target

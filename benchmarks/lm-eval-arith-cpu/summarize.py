@@ -48,7 +48,7 @@ for name, method, mc in [("ar", "ar", None), ("vanilla-mc1", "vanilla", 1), ("va
     })
 summary = {
     "what": "the bundled models on the same 100 arith / arith-mc test problems through lm-evaluation-harness "
-            "(python -m diffspec.lm_eval, the `diffspec` model) and through `diffspec eval`",
+            "(python -m diffspec.evaluation.harness, the `diffspec` model) and through `diffspec eval`",
     "command": "bash benchmarks/lm-eval-arith-cpu/run.sh",
     "lm_eval_version": json.loads(sorted((out / "lm-eval-generate-vanilla").rglob("results_*.json"))[-1]
                                   .read_text()).get("lm_eval_version"),

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..api import generate, resolve_model
-from ..evaluate import task_config
+from ..evaluation.evaluate import task_config
 from ..models.compiled import compile_forward
 from ..tasks import load_examples
 from .gpu import device_of, device_parser

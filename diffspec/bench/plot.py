@@ -23,9 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from ..evaluation.flexible import flexible_accuracy  # noqa: E402
 from ..jsonio import parse_json_file  # noqa: E402
-from .table import (drafter_flops, flexible_accuracy, modelled_gpu_ms, overloaded,  # noqa: E402
-                    target_forwards_per_sequence)
+from .table import drafter_flops, modelled_gpu_ms, overloaded, target_forwards_per_sequence  # noqa: E402
 
 # (row key, axis label, scale): FLOPs are shown in GFLOPs so tick labels stay short.
 AXES = [("nfe_per_sequence", "forwards per sequence", 1.0), ("flops", "GFLOPs (total)", 1e-9),

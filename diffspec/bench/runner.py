@@ -20,7 +20,7 @@ from ..api import method_options
 from ..decoding.config import DecodeConfig
 from ..methods import get_method, method_names, option_owners
 from ..models.checkpoint import DEFAULT_DRAFTER_DIR
-from ..evaluate import TASK_DEFAULTS, evaluate, task_config
+from ..evaluation.evaluate import TASK_DEFAULTS, evaluate, task_config
 from ..jsonio import OutputError, OutputFile, check_output_dir
 from ..speculative.dualdiffusion import DualConfig
 from ..tasks import Example, load_examples
@@ -267,7 +267,7 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
     With `shard` = (i, n) only chunks number i, i + n, i + 2n, … are decoded; the others are taken
     from disk when another shard has saved them. n processes sharing one --out thus split a row
     that would otherwise keep one core busy alone, and a row still missing chunks returns None."""
-    from ..evaluate import DEFAULT_MC_NUM, _merge, _run_part, config_value
+    from ..evaluation.evaluate import DEFAULT_MC_NUM, _merge, _run_part, config_value
 
     bs = int(config_value(cfg, "batch_size", 32))
     size = -(-chunk // bs) * bs

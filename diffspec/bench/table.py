@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..evaluation.flexible import flexible_accuracy
+
 COLUMNS = [
     ("method", "label", "{}"),
     ("accuracy", "accuracy", "{:.1%}"),
@@ -55,21 +57,6 @@ def target_forwards_per_sequence(r: dict[str, Any]) -> float | None:
     if primary not in models or not n:
         return None
     return models[primary]["sequence_forwards"] / n
-
-
-# Tasks whose rows show a flexible-match accuracy beside the strict one. Scoring computes a flexible
-# match for every numeric task, but only GSM8K needs it: it is graded by lm-eval's two filters, and a
-# chat model that writes its answer in prose instead of "#### N" scores 0 % strict there. The arith
-# tasks' models are trained to write "#### N", so their flexible column would only add noise.
-FLEXIBLE_TASKS = ("gsm8k",)
-
-
-def flexible_accuracy(r: dict[str, Any]) -> float | None:
-    """The flexible match (the last number in the answer) of a row whose task is in FLEXIBLE_TASKS;
-    None for every other row (an arith row's `accuracy_flexible` is kept in its JSON, not shown)."""
-    if r.get("task") not in FLEXIBLE_TASKS:
-        return None
-    return r.get("accuracy_flexible")
 
 
 def modelled_gpu_ms(r: dict[str, Any]) -> float | None:

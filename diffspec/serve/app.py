@@ -79,7 +79,7 @@ class Service:
     def __init__(self, settings: ServeSettings, model: Any = None, tokenizer: Any = None):
         from ..api import resolve_model
         from ..decoding.capabilities import capabilities
-        from ..evaluate import task_config
+        from ..evaluation.evaluate import task_config
         from ..methods import get_method
         from ..models.chat import ChatTemplate, load_chat_template, load_special_tokens
 

@@ -170,7 +170,7 @@ class RequestParser:
     def config(self, body: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
         """(method, config, info) for a request: the server's defaults when it keeps the server's method,
         then its "diffspec" options, then the OpenAI fields, validated by `task_config` as the CLI does."""
-        from ..evaluate import task_config
+        from ..evaluation.evaluate import task_config
 
         ds = body.get("diffspec") or {}
         if not isinstance(ds, Mapping):

@@ -1,6 +1,6 @@
 """diffspec as an lm-evaluation-harness model: `lm_eval --model diffspec --model_args ...`.
 
-Registered as `diffspec` when this module is imported (`python -m diffspec.lm_eval` does that, then
+Registered as `diffspec` when this module is imported (`python -m diffspec.evaluation.harness` does that, then
 runs lm-eval's own CLI). Importing it without lm-eval installed works; building the model then says
 how to install it (`pip install -e '.[eval]'`).
 
@@ -30,7 +30,7 @@ so a stop string may sit inside one); `max_gen_toks` is the generation length (r
 blocks for the block-decoding methods, logged) unless `gen_length` is a model_arg, which wins;
 `temperature` / `do_sample` from gen_kwargs. Prompts too long for the model keep their end.
 
-loglikelihood: `diffspec.likelihood` (exact for AR targets; LLaDA's MC ELBO for diffusion models).
+loglikelihood: `diffspec.evaluation.likelihood` (exact for AR targets; LLaDA's MC ELBO for diffusion models).
 loglikelihood_rolling: AR targets only.
 
 Data parallel: under `torchrun` or `accelerate launch` (RANK / WORLD_SIZE set) the model joins a
@@ -78,7 +78,7 @@ def _text(value: Any) -> str:
 
 def _field_parser(default: Any):
     """How a DecodeConfig field's text becomes its type (the CLI's argparse types)."""
-    from .options import parse_bool
+    from ..options import parse_bool
 
     if isinstance(default, bool):
         return parse_bool
@@ -92,8 +92,8 @@ def _field_parser(default: Any):
 def parse_options(method: str, raw: dict[str, Any]) -> dict[str, Any]:
     """model_args (anything lm-eval's parser produced: str, int, float, bool, None) -> decoding options
     typed as `diffspec generate` types them. Unknown names and unparsable values raise ModelArgsError."""
-    from .decoding.config import DecodeConfig
-    from .methods import get_method, option_owners
+    from ..decoding.config import DecodeConfig
+    from ..methods import get_method, option_owners
 
     try:
         m = get_method(method)
@@ -193,12 +193,12 @@ class DiffspecLM(LM):
     def _setup(self, pretrained: str | None, method: str, device: str | None, dtype: str | None, batch_size: Any,
                mc_num: Any, cfg: Any, cost_out: str | None, is_check_greedy: Any, device_from_cli: bool,
                options: dict[str, Any]) -> None:
-        from .api import resolve_model
+        from ..api import resolve_model
         from .evaluate import init_distributed, shard_from_env
-        from .jsonio import OutputFile
-        from .methods import get_method
-        from .models.checkpoint import resolve_device, resolve_dtype
-        from .options import parse_bool
+        from ..jsonio import OutputFile
+        from ..methods import get_method
+        from ..models.checkpoint import resolve_device, resolve_dtype
+        from ..options import parse_bool
 
         self.method = str(method)
         self.options = parse_options(self.method, options)
@@ -252,7 +252,7 @@ class DiffspecLM(LM):
         self._checkpoint = pretrained
         self._chat: Any = None  # the checkpoint's ChatTemplate, loaded on first use
 
-        from .decoding.meter import CostMeter
+        from ..decoding.meter import CostMeter
 
         self.meter = CostMeter()
         self.requests: dict[str, int] = {}
@@ -264,8 +264,8 @@ class DiffspecLM(LM):
         """The checkpoint's own chat template (`models.chat.ChatTemplate`), loaded once; a checkpoint
         without one is an error naming the fix, never a silent plain-text prompt."""
         if self._chat is None:
-            from .api import checkpoint_dir
-            from .models.chat import ChatTemplate
+            from ..api import checkpoint_dir
+            from ..models.chat import ChatTemplate
 
             path = checkpoint_dir(self._checkpoint, self.method)
             if path is None:
@@ -344,9 +344,9 @@ class DiffspecLM(LM):
     def _generation_config(self, max_gen_toks: int | None, temperature: float | None, quiet: bool = False) -> Any:
         """The method's config for one group of requests: the task's budget (whole blocks for the block
         decoders), the request's temperature, every model_arg option."""
-        from .api import build_config
-        from .decoding.config import DecodeConfig
-        from .methods import get_method
+        from ..api import build_config
+        from ..decoding.config import DecodeConfig
+        from ..methods import get_method
 
         m = get_method(self.method)
         opts = dict(self.options)
@@ -379,7 +379,7 @@ class DiffspecLM(LM):
 
     def _fit_prompt(self, prompt: str, gen_length: int) -> tuple[str, bool]:
         """The prompt, keeping its end when prompt + generation would not fit the model's positions."""
-        from .decoding.runner import max_positions
+        from ..decoding.runner import max_positions
 
         room = max_positions(self.model) - gen_length
         if room < 1:
@@ -394,7 +394,7 @@ class DiffspecLM(LM):
         """Totals over every rank so far, written by rank 0 to `cost_out` (a collective call)."""
         if self.cost_out is None:
             return
-        from .decoding.meter import CostMeter
+        from ..decoding.meter import CostMeter
 
         mine = {"meter": self.meter, "requests": dict(self.requests)}
         parts = self.gather_object(mine, dst=0)
@@ -424,7 +424,7 @@ class DiffspecLM(LM):
     # ---------------------------------------------------------------- lm-eval's request types
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from .api import generate
+        from ..api import generate
 
         groups: dict[tuple, list[int]] = {}
         settings: dict[tuple, tuple[list[str], int | None, float | None]] = {}
@@ -491,7 +491,7 @@ class DiffspecLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        from .decoding.capabilities import capabilities
+        from ..decoding.capabilities import capabilities
         from .likelihood import ar_loglikelihood_rolling
 
         if not capabilities(self.model).is_ar:
@@ -511,7 +511,7 @@ class DiffspecLM(LM):
 
 def bundled_tasks_dir() -> Path:
     """diffspec's lm-eval task YAMLs (`--include_path`)."""
-    return Path(__file__).resolve().parent / "lm_eval_tasks"
+    return Path(__file__).resolve().parent / "harness_tasks"
 
 
 LOCAL_DATA = "../shared/data"  # what the packaged gsm8k_local / mmlu_local YAMLs name
@@ -526,8 +526,8 @@ def local_tasks_dir(data_dir: str | Path | None = None, root: str | Path | None 
     diffspec cache), one folder per data directory, rewritten each call so an edited YAML is seen."""
     import hashlib
 
-    from .models.gguf import cache_root
-    from .tasks import default_data_dir
+    from ..models.gguf import cache_root
+    from ..tasks import default_data_dir
 
     data = Path(data_dir if data_dir is not None else default_data_dir()).expanduser().resolve()
     key = hashlib.sha256(str(data).encode("utf-8", "surrogatepass")).hexdigest()[:12]
@@ -541,7 +541,7 @@ def local_tasks_dir(data_dir: str | Path | None = None, root: str | Path | None 
 
 def check_local_data(tasks: str, data_dir: str | Path | None = None) -> None:
     """Name the missing file and the fix before lm-eval fails inside `datasets` with a traceback."""
-    from .tasks import default_data_dir
+    from ..tasks import default_data_dir
 
     data = Path(data_dir if data_dir is not None else default_data_dir())
     for task in tasks.split(","):

@@ -1,17 +1,17 @@
-"""`python -m diffspec.lm_eval ARGS`: lm-evaluation-harness's own CLI with the `diffspec` model registered.
+"""`python -m diffspec.evaluation.harness ARGS`: lm-evaluation-harness's own CLI with the `diffspec` model registered.
 
-lm-eval 0.4.x has no plugin entry point for models, so this module imports `diffspec.lm_eval_model`
+lm-eval 0.4.x has no plugin entry point for models, so this module imports `diffspec.evaluation.harness_model`
 (whose `@register_model("diffspec")` registers it) and then hands the command line to lm-eval's
-`cli_evaluate`. diffspec's offline task folder (`diffspec/lm_eval_tasks`: arith, arith_mc,
+`cli_evaluate`. diffspec's offline task folder (`diffspec/evaluation/harness_tasks`: arith, arith_mc,
 gsm8k_local, mmlu_local) is added to `--include_path` unless the command already names one, as a
 copy whose local data paths point at `tasks.default_data_dir()` ($DIFFSPEC_DATA or the
 ../shared/data it finds), so the command works from any directory.
 
-    python -m diffspec.lm_eval --model diffspec --model_args method=vanilla --tasks arith \\
+    python -m diffspec.evaluation.harness --model diffspec --model_args method=vanilla --tasks arith \\
         --device cpu --batch_size 32 --limit 100
 
 A bad model_arg (unknown option, bad value, missing checkpoint) ends with one
-`diffspec.lm_eval: error: ...` line and exit status 2.
+`diffspec.evaluation.harness: error: ...` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
-        from .lm_eval_model import INSTALL_HINT
+        from .harness_model import INSTALL_HINT
 
-        print(f"diffspec.lm_eval: error: {INSTALL_HINT}", file=sys.stderr)
+        print(f"diffspec.evaluation.harness: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    from .lm_eval_model import ModelArgsError, check_local_data, local_tasks_dir  # registers `diffspec`
+    from .harness_model import ModelArgsError, check_local_data, local_tasks_dir  # registers `diffspec`
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0] if sys.argv else "lm_eval", *args]
         cli_evaluate()
     except ModelArgsError as e:
-        print(f"diffspec.lm_eval: error: {e}", file=sys.stderr)
+        print(f"diffspec.evaluation.harness: error: {e}", file=sys.stderr)
         return 2
     return 0
 

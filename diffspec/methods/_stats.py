@@ -5,6 +5,9 @@ produces one stats summary per part. Rates such as τ cannot be averaged across 
 recomputed from the summed counters, by the same `summary()` that wrote them. A summary carries
 its raw counters (each stats class's fields), so the class is the registered one whose fields it
 holds (the largest such class: DFlash's counters include AR-spec's).
+
+It lives beside the registry because the stats classes are found there: in `speculative/` it was an
+upward arrow (speculative -> methods) and a package circle.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any, Sequence
 
 def _classes() -> list[type]:
     """The registered methods' stats classes, each once."""
-    from ..methods import all_methods
+    from . import all_methods
 
     classes = [m.stats_class for m in all_methods() if m.stats is not None]
     return list(dict.fromkeys(classes))

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decoding.capabilities import capabilities
-from .decoding.meter import CostMeter, MeteredModel
-from .decoding.runner import max_positions, model_device
+from ..decoding.capabilities import capabilities
+from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.runner import max_positions, model_device
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
