@@ -11,8 +11,9 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -96,96 +97,129 @@ def options_for(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
 POSITION_DEPTHS = "1;2;3;4;5;6;7;8"  # PSD's left-to-right drafts: every depth, so each cell is checked alone
 
 
+def _suite_steps(L: int, task: str) -> list[str]:
+    return [f"vanilla:steps={s}" for s in (L, L // 2, L // 4, L // 8)]
+
+
+def _suite_cache(L: int, task: str) -> list[str]:
+    return [
+        f"vanilla:steps={L}", f"vanilla:steps={L // 2}", f"vanilla:steps={L // 4}",
+        "fast-dllm:cache=prefix,policy=schedule", "fast-dllm:cache=dual,policy=schedule",
+        "fast-dllm:cache=none,policy=threshold", "fast-dllm:cache=none,policy=factor",
+        "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
+        "dkv-cache:cache=dkv-decode", "dkv-cache:cache=dkv-greedy", "dkv-cache:cache=dkv-prefill",
+    ]
+
+
+def _suite_dual(L: int, task: str) -> list[str]:
+    d = "dualdiffusion:drafter=self"
+    rows = [
+        f"vanilla:steps={L}", f"vanilla:steps={L // 4}", "fast-dllm:cache=dual,policy=threshold",
+        "dkv-cache:cache=dkv-decode",
+        f"{d},rule=exact_match,num_drafter_steps=2,verifier_view=masked",
+        f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=masked",
+        f"{d},rule=confidence_threshold,num_drafter_steps=4,verifier_view=masked",
+        f"{d},rule=trust_verifier,num_drafter_steps=4,verifier_view=masked",
+        f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=stepwise",
+        f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=drafted",
+    ]
+    if task in ("arith", "arith-mc") and (DEFAULT_DRAFTER_DIR / "config.json").is_file():
+        # the bundled small MDM drafter: a second drafter kind on the same axes
+        s = f"dualdiffusion:drafter={DEFAULT_DRAFTER_DIR}"
+        rows += [f"{s},drafter_policy=schedule,drafter_cache=dual,rule=exact_match,num_drafter_steps=4,"
+                 "verifier_view=masked",
+                 f"{s},rule=exact_match,num_drafter_steps=4,verifier_view=masked",
+                 f"{s},rule=confidence_threshold,num_drafter_steps=4,verifier_view=masked",
+                 f"{s},rule=exact_match,num_drafter_steps=8,verifier_view=masked"]
+    return rows
+
+
+def _suite_psd(L: int, task: str) -> list[str]:
+    return [
+        f"vanilla:steps={L}", "fast-dllm:cache=none,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
+        "psd:policy=threshold", "psd:policy=threshold,depths=1;3", "psd:policy=threshold,depths=1;3;5;7;11;15",
+        "psd:policy=local", "psd:policy=factor", "psd:policy=threshold,cache=dual", "psd:lossless=true",
+    ]
+
+
+def _suite_frontier(L: int, task: str) -> list[str]:
+    # Each family's knob swept (issue #23), to draw accuracy against FLOPs, wall clock and
+    # forwards with every family's Pareto front: Fast-dLLM's threshold and factor (dual cache),
+    # dKV-Cache's refresh interval, DualDiffusion's drafter steps and rule threshold, PSD's
+    # threshold and depths.
+    d = "dualdiffusion:drafter=self,verifier_view=masked"
+    return [
+        f"vanilla:steps={L}", f"vanilla:steps={L // 2}",
+        *[f"fast-dllm:cache=dual,policy=threshold,threshold={t}" for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)],
+        *[f"fast-dllm:cache=dual,policy=factor,factor={f}" for f in (0.5, 1.0, 2.0)],
+        *[f"dkv-cache:cache=dkv-decode,refresh_interval={n}" for n in (2, 4, 8)], "dkv-cache:cache=dkv-prefill",
+        *[f"{d},num_drafter_steps={n}" for n in (2, 4, 8)],
+        f"{d},rule=confidence_threshold,rule_threshold=0.5,num_drafter_steps=4",
+        f"{d},rule=confidence_threshold,rule_threshold=0.9,num_drafter_steps=4",
+        *[f"psd:policy=threshold,threshold={t}" for t in (0.7, 0.9, 0.99)],
+        # (PSD lossless is in the psd suite: 71 TFLOPs on 500 problems, dominated on every axis by
+        # the left-to-right drafts below)
+        "psd:policy=threshold,depths=1;3",
+        # beyond the papers (issue #23): drafts checked left to right, and a confidence requirement
+        *[f"psd:threshold={t},draft_order=position,depths={POSITION_DEPTHS}{c}"
+          for t, c in ((1.0, ""), (1.0, ",cache=dual"), (0.99, ",cache=dual"))],
+        "psd:threshold=0.9,accept_threshold=0.9,cache=dual",
+        "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,num_drafter_steps=2",
+    ]
+
+
+def _suite_dream(L: int, task: str) -> list[str]:
+    # Run on a Dream model (default: the bundled diffspec/assets/dream-arith). Dream's own
+    # whole-sequence sampler: each alg at full steps, the confidence algs at fewer steps; then
+    # LLaDA's block loop and Fast-dLLM / dKV-Cache / PSD on the same shifted-logit network.
+    return [
+        f"dream:alg=entropy,steps={L}", f"dream:alg=origin,steps={L}", f"dream:alg=maskgit_plus,steps={L}",
+        f"dream:alg=topk_margin,steps={L}",
+        *[f"dream:alg={a},steps={s}" for s in (L // 2, L // 4) for a in ("entropy", "maskgit_plus")],
+        f"dream:alg=origin,steps={L // 2}",
+        f"vanilla:steps={L}", f"vanilla:steps={L // 4}",
+        "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
+        "fast-dllm:cache=dual,policy=threshold,threshold=0.99", "dkv-cache:cache=dkv-prefill",
+        "psd:policy=threshold", "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,"
+        "num_drafter_steps=2",
+    ]
+
+
+def _suite_d2sd(L: int, task: str) -> list[str]:
+    # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a
+    # latency comparison); AR at its default batch of 8 comes last, for the throughput view.
+    return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd", "d2sd:k=8",
+            "d2sd:gamma2=24", "d2sd:gamma2=48", "ar"]
+
+
+def _suite_d2sd_smollm2(L: int, task: str) -> list[str]:
+    # Issue #19: the AR family on real text (run with --model smollm2 --task gsm8k --chat --k-shot 0
+    # --gen-length 256): AR greedy at batch 1 (the baseline) and batched, AR-spec, DFlash, D²SD K = 1, 2, 4.
+    return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd:k=4", "ar"]
+
+
+# One builder per suite: (the task's gen_length L, the task) -> its rows' method specs.
+SUITES: dict[str, Callable[[int, str], list[str]]] = {
+    "steps": _suite_steps,
+    "cache": _suite_cache,
+    "dual": _suite_dual,
+    "psd": _suite_psd,
+    "frontier": _suite_frontier,
+    "dream": _suite_dream,
+    "d2sd": _suite_d2sd,
+    "d2sd-smollm2": _suite_d2sd_smollm2,
+}
+
+
 def suite(name: str, task: str) -> list[str]:
+    """The method specs of bench suite `name` for `task` (whose default gen_length sets the step counts)."""
     if task not in TASK_DEFAULTS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
-    L = TASK_DEFAULTS[task]["gen_length"]
-    if name == "steps":
-        return [f"vanilla:steps={s}" for s in (L, L // 2, L // 4, L // 8)]
-    if name == "cache":
-        return [
-            f"vanilla:steps={L}", f"vanilla:steps={L // 2}", f"vanilla:steps={L // 4}",
-            "fast-dllm:cache=prefix,policy=schedule", "fast-dllm:cache=dual,policy=schedule",
-            "fast-dllm:cache=none,policy=threshold", "fast-dllm:cache=none,policy=factor",
-            "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
-            "dkv-cache:cache=dkv-decode", "dkv-cache:cache=dkv-greedy", "dkv-cache:cache=dkv-prefill",
-        ]
-    if name == "dual":
-        d = "dualdiffusion:drafter=self"
-        rows = [
-            f"vanilla:steps={L}", f"vanilla:steps={L // 4}", "fast-dllm:cache=dual,policy=threshold",
-            "dkv-cache:cache=dkv-decode",
-            f"{d},rule=exact_match,num_drafter_steps=2,verifier_view=masked",
-            f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=masked",
-            f"{d},rule=confidence_threshold,num_drafter_steps=4,verifier_view=masked",
-            f"{d},rule=trust_verifier,num_drafter_steps=4,verifier_view=masked",
-            f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=stepwise",
-            f"{d},rule=exact_match,num_drafter_steps=4,verifier_view=drafted",
-        ]
-        if task in ("arith", "arith-mc") and (DEFAULT_DRAFTER_DIR / "config.json").is_file():
-            # the bundled small MDM drafter: a second drafter kind on the same axes
-            s = f"dualdiffusion:drafter={DEFAULT_DRAFTER_DIR}"
-            rows += [f"{s},drafter_policy=schedule,drafter_cache=dual,rule=exact_match,num_drafter_steps=4,"
-                     "verifier_view=masked",
-                     f"{s},rule=exact_match,num_drafter_steps=4,verifier_view=masked",
-                     f"{s},rule=confidence_threshold,num_drafter_steps=4,verifier_view=masked",
-                     f"{s},rule=exact_match,num_drafter_steps=8,verifier_view=masked"]
-        return rows
-    if name == "psd":
-        return [
-            f"vanilla:steps={L}", "fast-dllm:cache=none,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
-            "psd:policy=threshold", "psd:policy=threshold,depths=1;3", "psd:policy=threshold,depths=1;3;5;7;11;15",
-            "psd:policy=local", "psd:policy=factor", "psd:policy=threshold,cache=dual", "psd:lossless=true",
-        ]
-    if name == "frontier":
-        # Each family's knob swept (issue #23), to draw accuracy against FLOPs, wall clock and
-        # forwards with every family's Pareto front: Fast-dLLM's threshold and factor (dual cache),
-        # dKV-Cache's refresh interval, DualDiffusion's drafter steps and rule threshold, PSD's
-        # threshold and depths.
-        d = "dualdiffusion:drafter=self,verifier_view=masked"
-        return [
-            f"vanilla:steps={L}", f"vanilla:steps={L // 2}",
-            *[f"fast-dllm:cache=dual,policy=threshold,threshold={t}" for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)],
-            *[f"fast-dllm:cache=dual,policy=factor,factor={f}" for f in (0.5, 1.0, 2.0)],
-            *[f"dkv-cache:cache=dkv-decode,refresh_interval={n}" for n in (2, 4, 8)], "dkv-cache:cache=dkv-prefill",
-            *[f"{d},num_drafter_steps={n}" for n in (2, 4, 8)],
-            f"{d},rule=confidence_threshold,rule_threshold=0.5,num_drafter_steps=4",
-            f"{d},rule=confidence_threshold,rule_threshold=0.9,num_drafter_steps=4",
-            *[f"psd:policy=threshold,threshold={t}" for t in (0.7, 0.9, 0.99)],
-            # (PSD lossless is in the psd suite: 71 TFLOPs on 500 problems, dominated on every axis by
-            # the left-to-right drafts below)
-            "psd:policy=threshold,depths=1;3",
-            # beyond the papers (issue #23): drafts checked left to right, and a confidence requirement
-            *[f"psd:threshold={t},draft_order=position,depths={POSITION_DEPTHS}{c}"
-              for t, c in ((1.0, ""), (1.0, ",cache=dual"), (0.99, ",cache=dual"))],
-            "psd:threshold=0.9,accept_threshold=0.9,cache=dual",
-            "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,num_drafter_steps=2",
-        ]
-    if name == "dream":
-        # Run on a Dream model (default: the bundled diffspec/assets/dream-arith). Dream's own
-        # whole-sequence sampler: each alg at full steps, the confidence algs at fewer steps; then
-        # LLaDA's block loop and Fast-dLLM / dKV-Cache / PSD on the same shifted-logit network.
-        return [
-            f"dream:alg=entropy,steps={L}", f"dream:alg=origin,steps={L}", f"dream:alg=maskgit_plus,steps={L}",
-            f"dream:alg=topk_margin,steps={L}",
-            *[f"dream:alg={a},steps={s}" for s in (L // 2, L // 4) for a in ("entropy", "maskgit_plus")],
-            f"dream:alg=origin,steps={L // 2}",
-            f"vanilla:steps={L}", f"vanilla:steps={L // 4}",
-            "fast-dllm:cache=prefix,policy=threshold", "fast-dllm:cache=dual,policy=threshold",
-            "fast-dllm:cache=dual,policy=threshold,threshold=0.99", "dkv-cache:cache=dkv-prefill",
-            "psd:policy=threshold", "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,"
-            "num_drafter_steps=2",
-        ]
-    if name == "d2sd":
-        # Speculative rows decode one prompt at a time, so the baseline is AR greedy at batch 1 (a
-        # latency comparison); AR at its default batch of 8 comes last, for the throughput view.
-        return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd", "d2sd:k=8",
-                "d2sd:gamma2=24", "d2sd:gamma2=48", "ar"]
-    if name == "d2sd-smollm2":
-        # Issue #19: the AR family on real text (run with --model smollm2 --task gsm8k --chat --k-shot 0
-        # --gen-length 256): AR greedy at batch 1 (the baseline) and batched, AR-spec, DFlash, D²SD K = 1, 2, 4.
-        return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd:k=4", "ar"]
-    raise ValueError(f"unknown suite {name!r}; choose steps, cache, dual, psd, frontier, dream, d2sd or d2sd-smollm2")
+    build = SUITES.get(name)
+    if build is None:
+        choices = ", ".join(SUITES)
+        raise ValueError(f"unknown suite {name!r}; choose {choices.rpartition(', ')[0]} or {list(SUITES)[-1]}")
+    return build(TASK_DEFAULTS[task]["gen_length"], task)
 
 
 BENCH_FILES = ("results.json", "table.md", "pareto.png")
@@ -371,71 +405,121 @@ def run_bench(
     check_run_options(repeats, resume, chunk, shard)
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
-    out_path = outputs["results.json"].path.parent
     if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
         examples = load_examples(task, limit=limit, data=data)
-    keys: list[str | None] = [None] * len(specs)
-    chunk_keys: list[str | None] = [None] * len(specs)
-    if repeats == 1 and isinstance(model, torch.nn.Module):
-        ex_hash, model_hash = rows_store.examples_fingerprint(examples), rows_store.weights_fingerprint(model)
-        keys = [rows_store.row_key(s, task, c, ex_hash, model_hash, model) for s, c in zip(specs, configs)]
-        # chunks are keyed by their own examples, so a run over more examples reuses the first ones
-        chunk_keys = [rows_store.row_key(s, task, c, rows_store.WITHOUT_EXAMPLES, model_hash, model)
-                      for s, c in zip(specs, configs)]
+    keys, chunk_keys = _row_keys(specs, configs, task, examples, model, repeats)
     if shard is not None and not all(keys):
         raise ValueError("--shard needs rows that can be saved and resumed: a diffspec model (torch module), "
                          "not an external backend")
-    rows: list[dict[str, Any]] = []
-    resumed: list[str] = []
-    unfinished: list[str] = []
-    walls: list[list[float]] = [[] for _ in specs]
-    n = len(specs)
+    run = _BenchRun(task, model, tokenizer, examples, outputs["results.json"].path.parent, keys, chunk_keys,
+                    chunk, resume, shard, walls=[[] for _ in specs])
     for rep in range(repeats):
         for i, ((method, opts), cfg, spec) in enumerate(zip(parsed, configs, specs)):
-            label = label_of(method, opts)
-            again = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
-            saved = rows_store.load_row(out_path, keys[i]) if resume and keys[i] else None
-            if saved is not None:
-                print(f"[bench] row {i + 1}/{n}: {label}: reusing the row measured at {saved.get('measured_at')} "
-                      f"(accuracy {saved['accuracy']:.1%})", file=sys.stderr)
-                rows.append(saved)
-                resumed.append(label)
-                continue
-            print(f"[bench] row {i + 1}/{n}{again}: {label} on {len(examples)} {task} examples", file=sys.stderr)
-            start = machine_load()
-            if chunk and keys[i]:
-                r = decode_in_chunks(task, model, tokenizer, method, cfg, examples, out_path, chunk_keys[i], chunk,
-                                     resume, shard)
-                if r is None:
-                    unfinished.append(label)
-                    continue
-            else:
-                r = evaluate(task, model, tokenizer, method, cfg, examples=examples, progress=True,
-                             keep_samples=False, keep_ids=True)
-            r["load"] = load_during(start)
-            r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            walls[i].append(r["wall_seconds"])
-            print(f"[bench] row {i + 1}/{n}: accuracy {r['accuracy']:.1%}, {r['nfe_per_sequence']:.1f} forwards/seq, "
-                  f"{r['flops'] / 1e9:,.1f} GFLOPs, {r['wall_seconds']:.1f} s{_load_note(r['load'])}", file=sys.stderr)
-            if rep == 0:
-                r.update(label=label, bench_spec=spec)  # r["spec"] holds the method's stats
-                rows.append(r)
-                if keys[i]:  # kept at once: a run stopped later still has this row
-                    rows_store.save_row(out_path, keys[i], spec, r)
-            elif r["token_ids"] != rows[i]["token_ids"]:
-                raise RuntimeError(f"row {label!r} decoded different token ids on repeat {rep + 1}: "
-                                   "the method is not deterministic under a fixed seed")
-            else:
-                rows[i]["load"] = _worse_load(rows[i]["load"], r["load"])
-    if unfinished:
+            run.row(i, len(specs), rep, repeats, method, opts, cfg, spec)
+    if run.unfinished:
         print(f"[bench] shard {shard[0]}/{shard[1]} done; rows still missing other shards' chunks: "
-              f"{', '.join(unfinished)}. Once every shard has finished, run the same command without --shard "
+              f"{', '.join(run.unfinished)}. Once every shard has finished, run the same command without --shard "
               "(with --resume) to assemble the table.", file=sys.stderr)
-        return {"shard": list(shard), "unfinished_rows": unfinished, "finished_rows": [r["label"] for r in rows]}
+        return {"shard": list(shard), "unfinished_rows": run.unfinished,
+                "finished_rows": [r["label"] for r in run.rows]}
     if repeats > 1:
-        for r, w in zip(rows, walls):
+        for r, w in zip(run.rows, run.walls):
             r["wall_seconds_repeats"] = w
             r["wall_seconds"] = statistics.median(w)
+    _compare_to_baseline(run.rows)
+    result = _bench_result(task, examples, command, run.resumed, run.rows)
+    table = format_table(run.rows)
+    print(table)  # before saving: a failure to save never hides the numbers
+    written = save_bench(result, table, outputs, title=f"{task}: accuracy vs cost ({len(examples)} examples)")
+    print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
+    return result
+
+
+def _row_keys(specs: list[str], configs: list[Any], task: str, examples: Sequence[Example], model: Any,
+              repeats: int) -> tuple[list[str | None], list[str | None]]:
+    """Each row's key in the saved-rows store and its chunks' key (None: the row is not saved, as with
+    repeats > 1 or an external backend). Chunks are keyed by their own examples, so a run over more
+    examples reuses the first ones."""
+    if repeats != 1 or not isinstance(model, torch.nn.Module):
+        return [None] * len(specs), [None] * len(specs)
+    ex_hash, model_hash = rows_store.examples_fingerprint(examples), rows_store.weights_fingerprint(model)
+    keys = [rows_store.row_key(s, task, c, ex_hash, model_hash, model) for s, c in zip(specs, configs)]
+    chunk_keys = [rows_store.row_key(s, task, c, rows_store.WITHOUT_EXAMPLES, model_hash, model)
+                  for s, c in zip(specs, configs)]
+    return keys, chunk_keys
+
+
+@dataclass
+class _BenchRun:
+    """What one `run_bench` call shares between its rows, and the rows it has so far (a row is
+    reused from the store, measured, or left unfinished for other shards)."""
+
+    task: str
+    model: Any
+    tokenizer: Any
+    examples: Sequence[Example]
+    out_path: Path
+    keys: list[str | None]
+    chunk_keys: list[str | None]
+    chunk: int
+    resume: bool
+    shard: tuple[int, int] | None
+    walls: list[list[float]]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)
+
+    def row(self, i: int, n: int, rep: int, repeats: int, method: str, opts: dict[str, Any], cfg: Any,
+            spec: str) -> None:
+        """Row i's repeat `rep`: reuse it when saved, else measure it and keep (repeat 0) or check it."""
+        label = label_of(method, opts)
+        saved = rows_store.load_row(self.out_path, self.keys[i]) if self.resume and self.keys[i] else None
+        if saved is not None:
+            print(f"[bench] row {i + 1}/{n}: {label}: reusing the row measured at {saved.get('measured_at')} "
+                  f"(accuracy {saved['accuracy']:.1%})", file=sys.stderr)
+            self.rows.append(saved)
+            self.resumed.append(label)
+            return
+        again = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
+        print(f"[bench] row {i + 1}/{n}{again}: {label} on {len(self.examples)} {self.task} examples",
+              file=sys.stderr)
+        r = self._measure(i, method, cfg)
+        if r is None:
+            self.unfinished.append(label)
+            return
+        self.walls[i].append(r["wall_seconds"])
+        print(f"[bench] row {i + 1}/{n}: accuracy {r['accuracy']:.1%}, {r['nfe_per_sequence']:.1f} forwards/seq, "
+              f"{r['flops'] / 1e9:,.1f} GFLOPs, {r['wall_seconds']:.1f} s{_load_note(r['load'])}", file=sys.stderr)
+        if rep == 0:
+            r.update(label=label, bench_spec=spec)  # r["spec"] holds the method's stats
+            self.rows.append(r)
+            if self.keys[i]:  # kept at once: a run stopped later still has this row
+                rows_store.save_row(self.out_path, self.keys[i], spec, r)
+        elif r["token_ids"] != self.rows[i]["token_ids"]:
+            raise RuntimeError(f"row {label!r} decoded different token ids on repeat {rep + 1}: "
+                               "the method is not deterministic under a fixed seed")
+        else:
+            self.rows[i]["load"] = _worse_load(self.rows[i]["load"], r["load"])
+
+    def _measure(self, i: int, method: str, cfg: Any) -> dict[str, Any] | None:
+        """Decode row i on every example (in saved chunks when asked); None when other shards' chunks
+        are still missing."""
+        start = machine_load()
+        if self.chunk and self.keys[i]:
+            r = decode_in_chunks(self.task, self.model, self.tokenizer, method, cfg, self.examples, self.out_path,
+                                 self.chunk_keys[i], self.chunk, self.resume, self.shard)
+            if r is None:
+                return None
+        else:
+            r = evaluate(self.task, self.model, self.tokenizer, method, cfg, examples=self.examples, progress=True,
+                         keep_samples=False, keep_ids=True)
+        r["load"] = load_during(start)
+        r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        return r
+
+
+def _compare_to_baseline(rows: list[dict[str, Any]]) -> None:
+    """Add each row's lossless check and speed-ups against the first row, dropping its token ids."""
     base = rows[0]
     base_ids = base["token_ids"]
     for r in rows:
@@ -446,10 +530,15 @@ def run_bench(
         r["speedup_flops"] = base["flops"] / r["flops"] if r["flops"] else float("nan")
         r["speedup_nfe"] = base["nfe_per_sequence"] / r["nfe_per_sequence"] if r["nfe_per_sequence"] else float("nan")
         r["accuracy_delta"] = r["accuracy"] - base["accuracy"]
-    result = {
+
+
+def _bench_result(task: str, examples: Sequence[Example], command: str | None, resumed: list[str],
+                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """results.json: the rows and what they ran on."""
+    return {
         "task": task,
         "n": len(examples),
-        "baseline": base["label"],
+        "baseline": rows[0]["label"],
         "command": command,
         "first_prompt": examples[0].prompt,  # the prompt format every row saw (chat template, shots)
         "resumed_rows": resumed,  # measured by an earlier run into the same --out (see each row's measured_at)
@@ -458,8 +547,3 @@ def run_bench(
                         "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")},
         "rows": rows,
     }
-    table = format_table(rows)
-    print(table)  # before saving: a failure to save never hides the numbers
-    written = save_bench(result, table, outputs, title=f"{task}: accuracy vs cost ({len(examples)} examples)")
-    print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
-    return result

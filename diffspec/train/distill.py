@@ -200,23 +200,7 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
     full_meta = {**meta, "gen_length": gen_length, "layers": list(layers) if layers is not None else None,
                  "hidden_dtype": str(hidden_dtype), "chunk": CHUNK}
     meta_file = cache_dir / "meta.json"
-    if meta_file.is_file():
-        old = json.loads(meta_file.read_text())
-        want = json.loads(json.dumps(full_meta, default=str))
-        gen_layers = layers
-        if layers is None:  # a reader of token ids only (the AR drafter) takes any layer set's cache,
-            for k in ("layers", "hidden_dtype"):  # and extends it with that layer set
-                want[k] = old.get("meta", {}).get(k)
-            gen_layers = want["layers"]
-            hidden_dtype = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}.get(
-                want["hidden_dtype"], hidden_dtype)
-        if old.get("meta") != want:
-            raise ValueError(f"{cache_dir} holds continuations made for another target, gen_length or layer set; "
-                             "delete it (or point data.cache elsewhere) to regenerate")
-        seconds = float(old.get("seconds", 0.0))
-    else:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        seconds, gen_layers = 0.0, layers
+    seconds, gen_layers, hidden_dtype = _open_cache(cache_dir, full_meta, layers, hidden_dtype)
     seqs: list[Seq] = []
     hidden: list[Tensor] | None = [] if layers is not None else None
     n_chunks = (len(prompts) + CHUNK - 1) // CHUNK
@@ -226,12 +210,7 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         part = prompts[c * CHUNK:(c + 1) * CHUNK]
         mf = manifest / f"chunk-{c:05d}.json.gz" if manifest is not None else None
         if f.is_file():
-            st = torch.load(f, map_location="cpu", weights_only=False)
-            if st.get("prompts") != _fingerprint(part):
-                raise ValueError(f"{f} was generated for other prompts (another data source, seed or chat "
-                                 f"setting); delete {cache_dir} (or point data.cache elsewhere) to regenerate")
-            if mf is not None and not mf.is_file() and len(st["seqs"]) == len(part):
-                write_manifest_chunk(mf, st["prompts"], st["seqs"], 0.0)
+            st = _load_chunk(f, part, mf, cache_dir)
         else:
             t0 = time.time()
             if mf is not None and mf.is_file():
@@ -266,6 +245,43 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         meta_file.write_text(json.dumps({"meta": full_meta, "seconds": seconds}, indent=2, default=str) + "\n")
     print(f"target continuations: {len(seqs)} in {cache_dir} ({seconds / 60:.1f} min of generation in all)")
     return seqs, hidden
+
+
+def _open_cache(cache_dir: Path, full_meta: dict[str, Any], layers: Sequence[int] | None,
+                hidden_dtype: torch.dtype) -> tuple[float, Sequence[int] | None, torch.dtype]:
+    """(generation seconds so far, the layer set and dtype new chunks are made with) of the cache in
+    `cache_dir`, created when absent; a cache made for another target, length or layer set is
+    refused. A reader of token ids only (`layers` None, the AR drafter) takes any layer set's cache
+    and extends it with that layer set."""
+    meta_file = cache_dir / "meta.json"
+    if not meta_file.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return 0.0, layers, hidden_dtype
+    old = json.loads(meta_file.read_text())
+    want = json.loads(json.dumps(full_meta, default=str))
+    gen_layers = layers
+    if layers is None:
+        for k in ("layers", "hidden_dtype"):
+            want[k] = old.get("meta", {}).get(k)
+        gen_layers = want["layers"]
+        hidden_dtype = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}.get(
+            want["hidden_dtype"], hidden_dtype)
+    if old.get("meta") != want:
+        raise ValueError(f"{cache_dir} holds continuations made for another target, gen_length or layer set; "
+                         "delete it (or point data.cache elsewhere) to regenerate")
+    return float(old.get("seconds", 0.0)), gen_layers, hidden_dtype
+
+
+def _load_chunk(f: Path, part: list[str], mf: Path | None, cache_dir: Path) -> dict[str, Any]:
+    """A cached chunk, refused when made for other prompts; its answers are copied to the manifest
+    when that lacks them."""
+    st = torch.load(f, map_location="cpu", weights_only=False)
+    if st.get("prompts") != _fingerprint(part):
+        raise ValueError(f"{f} was generated for other prompts (another data source, seed or chat "
+                         f"setting); delete {cache_dir} (or point data.cache elsewhere) to regenerate")
+    if mf is not None and not mf.is_file() and len(st["seqs"]) == len(part):
+        write_manifest_chunk(mf, st["prompts"], st["seqs"], 0.0)
+    return st
 
 
 def manifest_counts(manifest: Path) -> tuple[dict[int, int], int]:

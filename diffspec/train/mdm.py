@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -338,24 +338,44 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
     model = build_model(arch, cfg["model"], tok).to(dev)
     save_dtype = DTYPES[cfg["save_dtype"]] if "save_dtype" in cfg else None  # bf16 halves a bundled checkpoint
     if tr.get("init_from"):  # warm start from a saved checkpoint (weights only, fresh optimizer)
-        from ..models.checkpoint import load_model
-        from ..models.dream import load_dream
-
-        loader = load_dream if arch == "dream" else load_model
-        init, init_tok = loader(tr["init_from"], device=dev, dtype=torch.float32)
-        if init_tok.fingerprint() != tok.fingerprint():
-            raise ValueError(f"init_from {tr['init_from']} uses another tokenizer than this config builds; "
-                             f"set tokenizer_from to {tr['init_from']}")
-        diff = shape_difference(init.state_dict(), model)
-        if diff is not None:
-            raise ValueError(f"init_from {tr['init_from']} has another model shape than this config's 'model' "
-                             f"section ({diff})")
-        model.load_state_dict(init.state_dict())
-        print(f"initialised weights from {tr['init_from']}")
+        _warm_start(model, arch, tok, tr["init_from"], dev)
     print(f"{arch} model: {model.num_params() / 1e6:.2f}M non-embedding params, vocab {tok.vocab_size}, device {dev}")
 
     gen_length = int(dcfg.get("gen_length", 48))
     block_length = int(dcfg.get("block_length", 16))
+    batcher, val = _training_data(cfg, tr, tok, eos_id, gen_length)
+    loss_fn = _loss_fn(model, batcher, tr, mask_id, eos_id, block_length, dev)
+    train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
+               lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
+               lambda: save_dream(model, tok, out_dir, save_dtype) if arch == "dream"
+               else save_model(model, tok, out_dir, save_dtype),
+               rngs=[batcher.rng])
+    return out_dir
+
+
+def _warm_start(model: torch.nn.Module, arch: str, tok: Tokenizer, init_from: str, dev: str) -> None:
+    """Load `init_from`'s weights into `model`, refusing another tokenizer or another model shape."""
+    from ..models.checkpoint import load_model
+    from ..models.dream import load_dream
+
+    loader = load_dream if arch == "dream" else load_model
+    init, init_tok = loader(init_from, device=dev, dtype=torch.float32)
+    if init_tok.fingerprint() != tok.fingerprint():
+        raise ValueError(f"init_from {init_from} uses another tokenizer than this config builds; "
+                         f"set tokenizer_from to {init_from}")
+    diff = shape_difference(init.state_dict(), model)
+    if diff is not None:
+        raise ValueError(f"init_from {init_from} has another model shape than this config's 'model' "
+                         f"section ({diff})")
+    model.load_state_dict(init.state_dict())
+    print(f"initialised weights from {init_from}")
+
+
+def _training_data(cfg: dict[str, Any], tr: dict[str, Any], tok: Tokenizer, eos_id: int,
+                   gen_length: int) -> tuple[MDMBatcher, list[Example]]:
+    """The training batcher (the task's pool, some rows at longer answer lengths, plus the
+    multiple-choice share) and the validation examples, as `data` and `train.seed` say."""
+    dcfg = cfg.get("data", {})
     n_pool = int(dcfg.get("pool", 100_000))
     mc_frac = float(dcfg.get("mc_fraction", 0.1))
     long_frac = float(dcfg.get("long_fraction", 0.0))
@@ -388,8 +408,13 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
         if enc:
             items.append(enc)
     batcher = MDMBatcher(items, int(tr.get("batch_size", 64)), eos_id, int(tr.get("seed", 0)))
-    val = examples("validation", int(tr.get("eval_n", 64)), 0)
+    return batcher, examples("validation", int(tr.get("eval_n", 64)), 0)
 
+
+def _loss_fn(model: torch.nn.Module, batcher: MDMBatcher, tr: dict[str, Any], mask_id: int, eos_id: int,
+             block_length: int, dev: str) -> Callable[[], torch.Tensor]:
+    """The loss of the next batch: a `two_stream_fraction` share of its rows scored as block-diffusion
+    canvases, the rest by `mdm_loss` (with `block_fraction` of them block-masked)."""
     block_fraction = float(tr.get("block_fraction", 0.0))
     if not 0.0 <= block_fraction <= 1.0:
         raise ValueError(f"train.block_fraction is the share of block-masked rows, in [0, 1]; got {block_fraction}")
@@ -417,9 +442,4 @@ def train_mdm(config_path: str | Path, out: str | Path | None = None, resume: bo
                 block_fraction=block_fraction, block_k=block_k, eos_id=eos_id, weighting=weighting)
         return loss
 
-    train_loop("mdm", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
-               lambda: {"val_accuracy": evaluate(model, tok, val, gen_length, block_length)},
-               lambda: save_dream(model, tok, out_dir, save_dtype) if arch == "dream"
-               else save_model(model, tok, out_dir, save_dtype),
-               rngs=[batcher.rng])
-    return out_dir
+    return loss_fn
