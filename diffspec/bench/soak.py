@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    log_dir = out or Path(os.environ.get("TMPDIR", "/tmp"))
+    log_dir = Path(tempfile.mkdtemp(prefix="diffspec-soak-"))  # server logs: large, kept out of --out
+    print(f"server logs in {log_dir}", file=sys.stderr)
     runs = []
     for i, args in enumerate(a.server_args or [""]):
         server_args = shlex.split(args) + (["--model", a.model] if a.model else [])
