@@ -307,12 +307,18 @@ def _generate_parser(sub: Any) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def _examples_args(p: Any, task_help: str, limit_help: str, limit: int | None = None) -> None:
+    """--task, --data and --limit: the flags that choose the examples, read alike by eval and bench."""
+    p.add_argument("--task", default="arith", help=task_help)
+    p.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
+    p.add_argument("--limit", type=int, default=limit, help=limit_help)
+
+
 def _eval_parser(sub: Any) -> None:
     """`diffspec eval`'s flags."""
     e = sub.add_parser("eval", help="accuracy and cost of one method on a task")
-    e.add_argument("--task", default="arith", help="arith | arith-hard | arith-mc | gsm8k | mmlu")
-    e.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
-    e.add_argument("--limit", type=int, help="number of examples (default 500 for arith, all for files)")
+    _examples_args(e, "arith | arith-hard | arith-mc | gsm8k | mmlu",
+                   "number of examples (default 500 for arith, all for files)")
     e.add_argument("--k-shot", type=int, help="few-shot exemplars (gsm8k default 5, mmlu 0)")
     e.add_argument("--out", help="write the result JSON here")
     e.add_argument("--scoring", default="generate",
@@ -331,9 +337,8 @@ def _eval_parser(sub: Any) -> None:
 def _bench_parser(sub: Any) -> None:
     """`diffspec bench`'s flags."""
     b = sub.add_parser("bench", help="sweep methods on the same examples: table, JSON and Pareto plot")
-    b.add_argument("--task", default="arith", help="arith (default) | arith-hard | arith-mc | gsm8k | mmlu")
-    b.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
-    b.add_argument("--limit", type=int, default=500, help="examples, the same for every row (default 500)")
+    _examples_args(b, "arith (default) | arith-hard | arith-mc | gsm8k | mmlu",
+                   "examples, the same for every row (default 500)", limit=500)
     b.add_argument("--suite", default="steps", help="steps (vanilla steps sweep, default) | cache (Fast-dLLM / dKV-Cache) | dual (DualDiffusion vs both) "
                         "| psd (PSD vs greedy and Fast-dLLM) | frontier (every family's knob swept) | dream (Dream's sampler algs "
                         "x steps and Fast-dLLM on a Dream model, default the bundled dream-arith) | d2sd (AR greedy, "

@@ -106,13 +106,6 @@ def test_sharded_checkpoint(tiny_checkpoint, tiny_model, tmp_path, ids):
         load_model(path)
 
 
-def test_bad_index_json(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "badindex")
-    (path / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="index"):
-        load_model(path)
-
-
 def test_missing_dir(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope")
@@ -123,75 +116,36 @@ def test_dir_without_config(tmp_path):
         load_model(tmp_path)
 
 
-def test_config_not_json(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "badjson")
-    (path / "config.json").write_text("{oops")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_model(path)
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
 
 
-def test_no_weights(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "noweights")
-    (path / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="safetensors"):
-        load_model(path)
+# (how the copied checkpoint is broken, the error it must give); each case is one broken checkpoint,
+# loaded by load_model unless LOADERS names another loader
+BROKEN = {
+    "bad-index-json": (lambda p: (p / "model.safetensors.index.json").write_text("{not json"), "index"),
+    "config-not-json": (lambda p: (p / "config.json").write_text("{oops"), "not valid JSON"),
+    "no-weights": (lambda p: (p / "model.safetensors").unlink(), "safetensors"),
+    "corrupt-safetensors": (lambda p: (p / "model.safetensors").write_bytes(b"\x00\x13garbage-bytes" * 100),
+                            "model.safetensors.*not a readable safetensors"),
+    "truncated-safetensors": (lambda p: _truncate(p / "model.safetensors"), "not a readable safetensors"),
+    "shape-mismatch": (lambda p: edit_config(p, d_model=128), "shape"),
+    "layer-mismatch": (lambda p: edit_config(p, n_layers=3), "do not match config.json.*missing"),
+    "invalid-config-values": (lambda p: edit_config(p, n_heads=5), "config.json.*divisible"),
+    "missing-tokenizer": (lambda p: (p / "tokenizer.json").unlink(), "tokenizer.json"),
+    "tokenizer-larger-than-embedding": (lambda p: edit_config(p, vocab_size=100, embedding_size=100), "tokenizer"),
+    "corrupt-tokenizer": (lambda p: (p / "tokenizer.json").write_text('{"hello": 1}'), "tokenizer"),
+}
+LOADERS = {"corrupt-tokenizer": load_tokenizer}
 
 
-def test_corrupt_safetensors(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "corrupt")
-    (path / "model.safetensors").write_bytes(b"\x00\x13garbage-bytes" * 100)
-    with pytest.raises(CheckpointError, match="model.safetensors.*not a readable safetensors"):
-        load_model(path)
-
-
-def test_truncated_safetensors(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "truncated")
-    data = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        load_model(path)
-
-
-def test_config_weights_shape_mismatch(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "wrongdim")
-    edit_config(path, d_model=128)
-    with pytest.raises(CheckpointError, match="shape"):
-        load_model(path)
-
-
-def test_config_weights_layer_mismatch(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "wronglayers")
-    edit_config(path, n_layers=3)
-    with pytest.raises(CheckpointError, match="do not match config.json.*missing"):
-        load_model(path)
-
-
-def test_invalid_config_values(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "badvalues")
-    edit_config(path, n_heads=5)
-    with pytest.raises(CheckpointError, match="config.json.*divisible"):
-        load_model(path)
-
-
-def test_missing_tokenizer(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "notok")
-    (path / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer.json"):
-        load_model(path)
-
-
-def test_corrupt_tokenizer(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "badtok")
-    (path / "tokenizer.json").write_text('{"hello": 1}')
-    with pytest.raises(CheckpointError, match="tokenizer"):
-        load_tokenizer(path)
-
-
-def test_tokenizer_larger_than_embedding(tiny_checkpoint, tmp_path):
-    path = copy_ckpt(tiny_checkpoint, tmp_path / "smallvocab")
-    edit_config(path, vocab_size=100, embedding_size=100)
-    with pytest.raises(CheckpointError, match="tokenizer"):
-        load_model(path)
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_checkpoint_is_refused_with_a_clear_error(tiny_checkpoint, tmp_path, case):
+    path = copy_ckpt(tiny_checkpoint, tmp_path / case)
+    breakage, message = BROKEN[case]
+    breakage(path)
+    with pytest.raises(CheckpointError, match=message):
+        LOADERS.get(case, load_model)(path)
 
 
 def test_non_llada_config(tiny_checkpoint, tmp_path):

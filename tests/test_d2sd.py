@@ -82,6 +82,16 @@ def greedy_sequence(target, tokenizer, prompt: str, n: int) -> list[int]:
     return tokenizer.encode(prompt) + res.raw_ids[0]
 
 
+def oracle_drafters(target, tokenizer, prompt: str, budget: int, gamma: int, gamma2: int) -> tuple[Oracle, Oracle]:
+    """A block drafter (window γ) and a VP drafter (window γ₂) that both draft the target's own greedy
+    continuation of `prompt`, so every draft is right unless a test marks some wrong."""
+    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
+    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
+    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
+    block.greedy = vp.greedy = greedy
+    return block, vp
+
+
 # --- configs ------------------------------------------------------------------------------------
 
 
@@ -190,10 +200,7 @@ def test_stop_at_eos(target, drafters, tokenizer) -> None:
 @pytest.mark.parametrize("prompt", PROMPTS[:3])
 def test_oracle_drafters_give_long_acceptances(target, tokenizer, prompt) -> None:
     budget, gamma, gamma2 = 40, 8, 16
-    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
-    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
-    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
-    block.greedy = vp.greedy = greedy
+    block, vp = oracle_drafters(target, tokenizer, prompt, budget, gamma, gamma2)
     ar = ar_generate(target, tokenizer, [prompt], ARConfig(gen_length=budget, stop_at_eos=False))
     cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
 
@@ -263,10 +270,7 @@ def test_k1_anchors_one_boundary_per_round_besides_the_first_draft(target, token
     (it would get no anchor at all if "all accepted" could take the K slot)."""
     budget, gamma, gamma2 = 30, 4, 8
     prompt = PROMPTS[0]
-    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
-    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
-    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
-    block.greedy = vp.greedy = greedy
+    block, vp = oracle_drafters(target, tokenizer, prompt, budget, gamma, gamma2)
     cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=1, stop_at_eos=False)
     res = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)
     assert res.raw_ids == ar_generate(target, tokenizer, [prompt], cfg).raw_ids
@@ -295,10 +299,7 @@ def test_winning_branch_statistics(target, tokenizer) -> None:
     the VP branch re-anchored there runs on, and it wins those rounds with more tokens."""
     budget, gamma, gamma2 = 40, 8, 16
     prompt = PROMPTS[1]
-    greedy = greedy_sequence(target, tokenizer, prompt, budget + gamma2)
-    block = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma)
-    vp = make_drafter(target, tokenizer, cls=Oracle, block_size=gamma2)
-    block.greedy = vp.greedy = greedy
+    block, vp = oracle_drafters(target, tokenizer, prompt, budget, gamma, gamma2)
     block.wrong = (3,)
     cfg = D2SDConfig(gen_length=budget, gamma=gamma, gamma2=gamma2, k=2, stop_at_eos=False)
     res = d2sd_generate(target, block, vp, tokenizer, [prompt], cfg)

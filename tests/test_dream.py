@@ -20,6 +20,7 @@ from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.dream import (DreamConfig, DreamModel, iter_safetensors, load_dream, read_safetensors_headers,
                                    save_dream, shift_logits)
 from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
+from test_real_configs import DREAM_7B  # Dream-v0-Instruct-7B's config.json, kept once
 
 TOL = 1e-4
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,18 +205,6 @@ def test_per_query_mask_and_bad_shapes(dream):
 
 
 # ------------------------------------------------------------------ config
-
-DREAM_7B = {
-    "architectures": ["DreamModel"], "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-    "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584,
-    "initializer_range": 0.02, "intermediate_size": 18944, "mask_token_id": 151666,
-    "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "Dream", "num_attention_heads": 28,
-    "num_hidden_layers": 28, "num_key_value_heads": 4, "pad_token_id": 151643, "rms_norm_eps": 1e-06,
-    "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "transformers_version": "4.46.2", "use_cache": False, "use_sliding_window": False,
-    "vocab_size": 152064,
-}
 
 
 def test_config_reads_dream_keys_and_round_trips():

@@ -27,6 +27,7 @@ from diffspec.models import gguf as dgguf
 from diffspec.models.causal import CausalConfig, CausalLM, load_causal
 from diffspec.models.gguf import GGUFError, convert_gguf, smollm2_path
 from diffspec.models.tokenizer import EOS_TOKEN, Tokenizer
+from weights_common import randomize
 
 gguf = pytest.importorskip("gguf", reason="GGUF import needs the 'gguf' package (pip install gguf)")
 Q = gguf.GGMLQuantizationType
@@ -48,15 +49,6 @@ TEXTS = ["Question: Tom has 5 apples. Tom buys 3 more. How many apples does Tom 
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute` (what the conversion must undo)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.15 * noise)
-    return model
 
 
 def write_tiny_gguf(path: Path, model: CausalLM, tok: Tokenizer, arch: str | None = None, pre: str = "smollm") -> dict:

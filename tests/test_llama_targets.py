@@ -17,6 +17,7 @@ import torch
 from diffspec.models.causal import CausalConfig, CausalLM, Qwen3Model, is_causal_config, load_causal, save_causal
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.tokenizer import EOS_TOKEN, MASK_TOKEN
+from weights_common import randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,16 +37,6 @@ VARIANTS = {
     "qwen2-tied-headdim": ("qwen2", dict(tie_word_embeddings=True, head_dim=16)),
     "qwen3-bias": ("qwen3", dict(tie_word_embeddings=False, attention_bias=True, head_dim=16)),
 }
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights large enough (and norm gains far enough from 1, biases far from 0) that bugs show in logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.15 * noise)
-    return model
 
 
 def make(variant: str, seed: int = 0) -> CausalLM:

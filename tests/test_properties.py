@@ -130,12 +130,9 @@ def check_result(res, ps: list[str], gen_length: int, vocab: int, mask_id: int) 
         assert cut == raw[:len(cut)]
 
 
-@SETTINGS
-@given(case=decode_cases(), drawn=prompts)
-def test_diffusion_generate_contract(tiny_model, tokenizer, case, drawn):
-    method, opts, bad = case
-    ps, clean = drawn
-    kw = dict(model=tiny_model, tokenizer=tokenizer, method=method, **opts)
+def generate_or_refuse(ps: Any, kw: dict[str, Any], bad: str | None, clean: bool) -> Any:
+    """generate(ps, **kw), held to the contract: a refusal (None) must name the bad option or the
+    unclean prompt, and a result must not come from a bad option."""
     try:
         res = generate(ps, **kw)
     except ValueError as e:
@@ -143,9 +140,21 @@ def test_diffusion_generate_contract(tiny_model, tokenizer, case, drawn):
         assert bad or not clean, f"a valid configuration with clean prompts was refused: {e}"
         culprits = ([bad] if bad else []) + ([] if clean else ["prompt", "prompts"])
         assert names(str(e), culprits), f"{e!s} names none of {culprits}"
+        return None
+    event(f"decoded with {kw['method']}")
+    assert bad is None, f"{bad}={kw[bad]!r} was accepted"
+    return res
+
+
+@SETTINGS
+@given(case=decode_cases(), drawn=prompts)
+def test_diffusion_generate_contract(tiny_model, tokenizer, case, drawn):
+    method, opts, bad = case
+    ps, clean = drawn
+    kw = dict(model=tiny_model, tokenizer=tokenizer, method=method, **opts)
+    res = generate_or_refuse(ps, kw, bad, clean)
+    if res is None:
         return
-    event(f"decoded with {method}")
-    assert bad is None, f"{bad}={opts[bad]!r} was accepted"
     plist = [ps] if isinstance(ps, str) else ps
     gen_length = res.config.gen_length
     assert gen_length == opts.get("gen_length", gen_length)
@@ -200,16 +209,9 @@ def test_ar_generate_contract(ar_models, tokenizer, case, drawn):
         kw["drafter"] = ar_models["block"]
         if method == "d2sd":
             kw["vp_drafter"] = ar_models["vp"]
-    try:
-        res = generate(ps, **kw)
-    except ValueError as e:
-        event("refused")
-        assert bad or not clean, f"a valid configuration with clean prompts was refused: {e}"
-        culprits = ([bad] if bad else []) + ([] if clean else ["prompt", "prompts"])
-        assert names(str(e), culprits), f"{e!s} names none of {culprits}"
+    res = generate_or_refuse(ps, kw, bad, clean)
+    if res is None:
         return
-    event(f"decoded with {method}")
-    assert bad is None, f"{bad}={opts[bad]!r} was accepted"
     plist = [ps] if isinstance(ps, str) else ps
     budget, eos = res.config.gen_length, set(ar_models["target"].config.eos_token_ids)
     assert budget == opts.get("gen_length", budget)

@@ -149,10 +149,11 @@ def check_field_types(cfg: Any) -> None:
 
 
 class WrapsDecodeConfig:
-    """Mixin for a method config that keeps a DecodeConfig in `decode` (DualDiffusion,
-    PSD): code that reads the canvas shape or batching sees the same surface."""
+    """Mixin for a method config that keeps its decoding options in `decode` (DualDiffusion and PSD
+    a DecodeConfig, the AR methods an ARConfig): code that reads the canvas shape or batching sees
+    the same surface."""
 
-    decode: DecodeConfig
+    decode: Any  # a DecodeConfig, or any config with gen_length and batch_size
 
     @property
     def gen_length(self) -> int:

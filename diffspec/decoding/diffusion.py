@@ -18,7 +18,7 @@ from ..models.tokenizer import Tokenizer
 from .cache import DKVDecode, DualCache, NoCache, PrefixCache, make_cache
 from .capabilities import capabilities
 from .config import DecodeConfig
-from .meter import CostMeter, MeteredModel
+from .meter import CostMeter, MeteredModel, meter_primary
 from .policies import num_transfer_tokens
 from .propose import propose, select
 from .runner import GenerationResult, model_device, run_prompts
@@ -238,8 +238,7 @@ def diffusion_generate(
     streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with a masked diffusion model in batches of `cfg.batch_size`."""
-    meter = meter or CostMeter()
-    metered = MeteredModel(model, meter, meter.primary)
+    meter, metered = meter_primary(model, meter)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     token_ids, texts, raw = run_batches(
         model, tokenizer, prompts, cfg, meter,

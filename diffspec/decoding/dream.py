@@ -44,7 +44,6 @@ What is ours, not Dream's:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
@@ -54,9 +53,10 @@ from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
 from .capabilities import capabilities
+from .config import is_finite_number
 from .diffusion import run_batches
 from .runner import GenerationResult
-from .meter import CostMeter, MeteredModel
+from .meter import CostMeter, MeteredModel, meter_primary
 from .policies import select_topk
 from .state import Canvas
 from .streamer import CanvasReporter, Streamer
@@ -70,15 +70,6 @@ TRANSFER_SCHEDULES = ("dream", "even")
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -111,19 +102,19 @@ class DreamDecodeConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.alg, str) or self.alg not in ALGS:
             raise ValueError(f"alg must be one of {', '.join(ALGS)}; got {self.alg!r}")
-        if not _is_real(self.temperature) or self.temperature < 0:
+        if not is_finite_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_p is not None and (not _is_real(self.top_p) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_finite_number(self.top_p) or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
         if self.alg_temp is not None:
-            if not _is_real(self.alg_temp) or self.alg_temp < 0:
+            if not is_finite_number(self.alg_temp) or self.alg_temp < 0:
                 raise ValueError(f"alg_temp must be a finite number >= 0 or None, got {self.alg_temp!r}")
             if self.alg == "origin" and self.alg_temp > 0:
                 raise ValueError("alg_temp only applies to the confidence-based algs (maskgit_plus, topk_margin, "
                                  "entropy); alg 'origin' reveals cells at random already")
-        if not _is_real(self.eps) or not 0 < self.eps < 1:
+        if not is_finite_number(self.eps) or not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
         if self.transfer_schedule not in TRANSFER_SCHEDULES:
             raise ValueError(f"transfer_schedule must be one of {', '.join(TRANSFER_SCHEDULES)}; "
@@ -292,8 +283,7 @@ def dream_generate(
     if capabilities(model).mask_id is None:
         raise ValueError(f"the dream sampler needs a masked diffusion model (Dream or LLaDA) with a mask token; "
                          f"{type(model).__name__} has none (an autoregressive model? use the AR methods)")
-    meter = meter or CostMeter()
-    metered = MeteredModel(model, meter, meter.primary)
+    meter, metered = meter_primary(model, meter)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     token_ids, texts, raw = run_batches(
         model, tokenizer, prompts, cfg, meter,

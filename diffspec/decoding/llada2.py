@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
 from .capabilities import capabilities
-from .meter import CostMeter, MeteredModel
+from .meter import CostMeter, MeteredModel, meter_primary
 from .runner import GenerationResult, max_positions, model_device, run_prompts
 from .streamer import RowReporter, Streamer
 
@@ -335,8 +335,7 @@ def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seq
     elif cfg.cache == "block" and not block_causal:
         raise ValueError(f"method {method!r} with cache 'block' needs a block-causal model ({needs}); "
                          f"{type(model).__name__} attends bidirectionally: use cache none or auto")
-    meter = meter or CostMeter()
-    metered = MeteredModel(model, meter, meter.primary)
+    meter, metered = meter_primary(model, meter)
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 

@@ -210,3 +210,10 @@ class MeteredModel:
             count = getattr(self.model, "num_params", None)
             n = self._n_params = int(count()) if callable(count) else 0
         return n
+
+
+def meter_primary(model: torch.nn.Module, meter: CostMeter | None = None) -> tuple[CostMeter, MeteredModel]:
+    """The run's meter (the caller's, or a fresh one) and `model` charged to it as its primary model:
+    how every single-model decode loop starts, so its cost lands where the run's reports read it."""
+    meter = meter or CostMeter()
+    return meter, MeteredModel(model, meter, meter.primary)

@@ -1,8 +1,9 @@
 """What the AR-target methods (ar, ar-spec, dflash, d2sd) share: one config (`ARMethodConfig`,
-`speculative.armethods`), two options and one way of declaring a method."""
+`speculative.armethods`), two options, one decode function per set of model roles and one way of
+declaring a method."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..options import parse_bool
 from . import Method, Option, Ref
@@ -16,9 +17,41 @@ DRAFTER = Option(str, "the AR drafter (ar-spec) or DFlash block drafter (dflash 
                       "(default: the bundled one)")
 
 
-def ar_method(name: str, summary: str, run: Callable[..., Any], options: dict[str, Option] | None = None,
-              roles: tuple[str, ...] = ("model",), stats: Any = None, batches: bool = False) -> Method:
-    """An AR-target method whose config is `ARMethodConfig(name, ...)`."""
+def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, **given: Any) -> Any:
+    from ..speculative.armethods import ar_method_generate
+
+    return ar_method_generate(model, tokenizer, prompts, cfg, **given)
+
+
+# One decode function per set of model roles: `ar_method_generate` picks the loop by cfg.method, and
+# each function takes exactly its roles' keywords, so a model the method does not load is an error.
+def run_target(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+               streamer: Any = None, meter: Any = None) -> Any:
+    return _generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter)
+
+
+def run_drafted(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+                streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None) -> Any:
+    return _generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter,
+                     drafter=drafter, drafter_tokenizer=drafter_tokenizer)
+
+
+def run_two_drafters(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
+                     streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None,
+                     vp_drafter: Any = None) -> Any:
+    return _generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter,
+                     drafter=drafter, drafter_tokenizer=drafter_tokenizer, vp_drafter=vp_drafter)
+
+
+RUNS: dict[tuple[str, ...], Callable[..., Any]] = {
+    ("model",): run_target, ("model", "drafter"): run_drafted, ("model", "drafter", "vp_drafter"): run_two_drafters,
+}
+
+
+def ar_method(name: str, summary: str, options: dict[str, Option] | None = None, roles: tuple[str, ...] = ("model",),
+              stats: Any = None, batches: bool = False) -> Method:
+    """An AR-target method whose config is `ARMethodConfig(name, ...)` and whose decode function is
+    its roles' one in RUNS."""
     def build(base: Any = None, **given: Any) -> Any:
         from ..speculative.armethods import build_ar_config
 
@@ -31,5 +64,5 @@ def ar_method(name: str, summary: str, run: Callable[..., Any], options: dict[st
 
     return Method(name, "ar", summary, build=build,
                   config_type=(Ref("diffspec.speculative.armethods:ARMethodConfig"),),
-                  run=run, options={**COMMON, **(options or {})}, roles=roles, takes_block_options=False,
+                  run=RUNS[roles], options={**COMMON, **(options or {})}, roles=roles, takes_block_options=False,
                   stats=stats, batches=batches, load=load if roles != ("model",) else None)

@@ -2,8 +2,6 @@
 tree verification (`speculative.d2sd`)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 from . import Option, Ref
 from ._ar import DRAFTER, GAMMA, ar_method
 
@@ -17,15 +15,6 @@ OPTIONS = {
 }
 
 
-def run_d2sd(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any, *, progress: bool = False,
-             streamer: Any = None, meter: Any = None, drafter: Any = None, drafter_tokenizer: Any = None,
-             vp_drafter: Any = None) -> Any:
-    from ..speculative.armethods import ar_method_generate
-
-    return ar_method_generate(model, tokenizer, prompts, cfg, progress=progress, streamer=streamer, meter=meter,
-                              drafter=drafter, drafter_tokenizer=drafter_tokenizer, vp_drafter=vp_drafter)
-
-
 METHODS = (ar_method("d2sd", "D²SD: the K likeliest rejection boundaries re-anchored, tree verification",
-                     run_d2sd, OPTIONS, ("model", "drafter", "vp_drafter"),
+                     OPTIONS, ("model", "drafter", "vp_drafter"),
                      stats=Ref("diffspec.speculative.d2sd:BlockSpecStats")),)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..decoding.config import check_field_types, check_finite_floats
 from ..decoding.capabilities import capabilities
-from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.meter import CostMeter, MeteredModel, meter_primary
 from ..decoding.runner import GenerationResult, eos_ids, max_positions, model_device, run_prompts
 from ..decoding.streamer import Streamer, commit_tail
 from ..models.causal import CausalKVCache
@@ -271,8 +271,7 @@ def ar_generate(
 ) -> GenerationResult:
     """Decode `prompts` autoregressively with a KV cache, in left-padded batches of `cfg.batch_size`."""
     check_ar(model, "model")
-    meter = meter or CostMeter()
-    metered = MeteredModel(model, meter, meter.primary)
+    meter, metered = meter_primary(model, meter)
     eos = eos_ids(model)
     generator = torch.Generator(device=model_device(model)).manual_seed(cfg.seed)
     return run_rows(model, tokenizer, prompts, cfg, meter,

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..decoding.capabilities import capabilities
+from ..decoding.config import WrapsDecodeConfig
 from ..decoding.meter import CostMeter
 from ..decoding.runner import GenerationResult
 from ..decoding.streamer import Streamer
@@ -50,19 +51,11 @@ _CONFIGS: dict[str, type[ARConfig]] = {"ar": ARConfig, "ar-spec": SpecConfig, "d
 
 
 @dataclass(frozen=True)
-class ARMethodConfig:
+class ARMethodConfig(WrapsDecodeConfig):
     method: str
     decode: ARConfig
     drafter: str | None = None  # checkpoint path; None = the bundled default
     vp_drafter: str | None = None
-
-    @property
-    def gen_length(self) -> int:
-        return self.decode.gen_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.decode.batch_size
 
     def replace(self, **kw: Any) -> "ARMethodConfig":
         return replace(self, **kw)

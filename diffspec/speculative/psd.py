@@ -53,7 +53,7 @@ from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
 from ..decoding.capabilities import capabilities
 from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult
-from ..decoding.meter import CostMeter, MeteredModel
+from ..decoding.meter import CostMeter, MeteredModel, meter_primary
 from ..decoding.policies import select_topk
 from ..decoding.propose import propose, select
 from ..decoding.state import Canvas
@@ -404,8 +404,7 @@ def psd_generate(
     streamer: Streamer | None = None,
 ) -> GenerationResult:
     """Decode `prompts` with PSD (or its lossless variant) on one masked diffusion model."""
-    meter = meter or CostMeter()
-    metered = MeteredModel(model, meter, meter.primary)
+    meter, metered = meter_primary(model, meter)
     stats = PSDStats()
 
     def decode_batch(canvas: Canvas, stream: Streamer | None) -> None:
