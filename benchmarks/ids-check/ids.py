@@ -19,7 +19,10 @@ from pathlib import Path
 import diffspec
 from diffspec.api import resolve_model
 from diffspec.bench.runner import parse_spec, suite
-from diffspec.evaluation.evaluate import evaluate, task_config
+try:
+    from diffspec.evaluation.evaluate import evaluate, task_config
+except ImportError:  # a tree from before issue #36 moved evaluation into its package
+    from diffspec.evaluate import evaluate, task_config
 from diffspec.tasks import load_examples
 
 LLADA_SUITES = ("steps", "cache", "dual", "psd", "frontier")
