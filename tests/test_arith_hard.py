@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from diffspec.evaluate import task_config
+from diffspec.evaluation.evaluate import task_config
 from diffspec.models.checkpoint import DEFAULT_MODEL_DIR, load_tokenizer
 from diffspec.tasks import arith_hard, load_examples, score
 from diffspec.tasks.arith import split_of
