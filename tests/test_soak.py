@@ -84,3 +84,11 @@ def test_schedule_holds_every_kind_in_each_round():
     for half in (kinds[:ROUND], kinds[ROUND:]):
         assert sorted(half) == sorted(k for k, w in soak.KINDS.items() for _ in range(w))
     assert soak.percentile([], 50) is None and soak.percentile([3.0, 1.0, 2.0], 50) == 2.0
+
+
+@pytest.mark.parametrize("argv", [["--clients", "0"], ["--prompts", "0"], ["--requests", "0"], ["--minutes", "0"],
+                                  ["--minutes", "1", "--requests", "2"]])
+def test_bad_soak_options_are_refused_before_anything_starts(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        soak.main(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
