@@ -147,3 +147,35 @@ def test_train_mdm_on_arith_hard(tmp_path):
     path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="data.lines"):
         train_mdm(path)
+    cfg["data"].pop("lines")
+    cfg["data"]["recall_fraction"] = 0.5  # recall stories are arith-hard's too
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="recall_fraction"):
+        train_mdm(path)
+
+
+def test_a_recall_story_asks_who_changes_by_how_much_in_each_event():
+    """Checked against the independent solver: each recall line is a working line without its
+    arithmetic (same event number, name and signed amount, in order), the story is the problem's."""
+    for p in arith_hard.generate("train", 200, lines=(3, 8)):
+        r = arith_hard.recall(p)
+        lines, _ = solve(p.question)
+        events = [m for m in map(_LINE.fullmatch, lines) if m[1]]
+        story = p.question.rsplit(" How many ", 1)[0]
+        assert r.question == f"{story} {arith_hard.RECALL_QUESTION}"
+        want = [f"({m[1]}) {m[2]}: {m[4]}{m[5]}" for m in events]
+        assert r.answer == "\n".join(want) + f"\n#### {int(events[-1][1])}"
+        assert r.target == events[-1][1]
+    with pytest.raises(ValueError, match="not an arith-hard problem"):
+        arith_hard.recall(arith_hard.Problem("Q?", "#### 3", "3"))
+
+
+def test_recall_stories_come_after_a_pool_that_stays_the_same():
+    from diffspec.tasks import arith_hard_examples
+
+    plain = arith_hard_examples("train", 40, 0, (3, 8))
+    mixed = arith_hard_examples("train", 40, 0, (3, 8), recall=10)
+    assert mixed[:40] == plain and len(mixed) == 50
+    assert all(arith_hard.RECALL_QUESTION in e.prompt and "=" not in e.solution for e in mixed[40:])
+    nxt = arith_hard.generate("train", 50, 0, (3, 8))[40:]  # the stream's next ten problems, recalled
+    assert [e.solution for e in mixed[40:]] == [" " + arith_hard.recall(p).answer for p in nxt]

@@ -51,9 +51,12 @@ def arith_examples(split: str, n: int, seed: int = 0, spec: arith.ArithSpec = ar
 
 
 def arith_hard_examples(split: str, n: int, seed: int = 0,
-                        lines: tuple[int, int] = arith_hard.LINES) -> list[Example]:
-    return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen")
-            for p in arith_hard.generate(split, n, seed, lines)]
+                        lines: tuple[int, int] = arith_hard.LINES, recall: int = 0) -> list[Example]:
+    """`n` problems, then `recall` recall stories (`arith_hard.recall`) of the next problems of the
+    same stream, so adding recall stories never changes the first `n`."""
+    probs = arith_hard.generate(split, n + recall, seed, lines)
+    probs = probs[:n] + [arith_hard.recall(p) for p in probs[n:]]
+    return [Example(gsm8k_prompt(p.question), p.target, " " + p.answer, "gen") for p in probs]
 
 
 def _mc_choices(p: arith.Problem) -> tuple[list[str], int]:

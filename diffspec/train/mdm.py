@@ -132,7 +132,7 @@ SCHEMA: Schema = {
     "data": {"task": choice(*TRAIN_TASKS), "gen_length": integer(1), "block_length": integer(1), "pool": integer(1),
              "mc_fraction": _FRACTION,
              "mc_gen_length": integer(1), "long_fraction": _FRACTION, "long_lengths": int_list(1), "arith": anything,
-             "lines": int_list(2)},
+             "lines": int_list(2), "recall_fraction": _FRACTION},
     "train": {**TRAIN_KEYS, "block_fraction": _FRACTION, "two_stream_fraction": _FRACTION,
               "two_stream_block": integer(1), "block_k": choice(*BLOCK_K), "loss_weighting": choice(*WEIGHTINGS),
               "init_from": text},
@@ -391,11 +391,16 @@ def _training_data(cfg: dict[str, Any], tr: dict[str, Any], tok: Tokenizer, eos_
         raise ValueError("data.lines is the [min, max] working lines of arith-hard training stories (a curriculum "
                          f"of shorter stories); got {dcfg['lines']!r} for task {task!r}")
     train_lines = tuple(dcfg.get("lines", arith_hard.LINES))
+    recall_frac = float(dcfg.get("recall_fraction", 0.0))
+    if recall_frac and task != "arith-hard":
+        raise ValueError(f"data.recall_fraction adds arith-hard recall stories; task {task!r} has none, drop it")
     spec = arith_spec(cfg)
 
     def examples(split: str, n: int, seed: int) -> list[Example]:
-        if task == "arith-hard":  # validation keeps the task's own line range
-            return arith_hard_examples(split, n, seed, train_lines if split == "train" else arith_hard.LINES)
+        if task == "arith-hard":  # validation keeps the task's own line range and has no recall stories
+            if split == "train":
+                return arith_hard_examples(split, n, seed, train_lines, recall=round(n * recall_frac))
+            return arith_hard_examples(split, n, seed)
         return arith_examples(split, n, seed=seed, spec=spec)
 
     for ex in examples("train", n_pool, int(tr.get("seed", 0))):
