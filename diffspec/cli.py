@@ -273,7 +273,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise ValueError("DIFFSPEC_API_KEY is set but empty; give a key, or unset it to serve without one")
     serve(ServeSettings(model=a.model, method=a.method, options=_options(a), device=a.device, dtype=a.dtype,
                         compile=a.compile, quantize=a.quantize, host=a.host, port=a.port, max_batch=a.max_batch,
-                        batch_window=a.batch_window,
+                        batch_window=a.batch_window, batching=a.batching, prompt_bucket=a.prompt_bucket,
                         max_queue=a.max_queue, model_name=a.served_model_name,
                         api_key=api_key, drain_timeout=a.drain_timeout, limit_prompt_tokens=a.limit_prompt_tokens,
                         limit_max_tokens=a.limit_max_tokens, limit_n=a.limit_n, limit_body_bytes=a.limit_body_bytes,
@@ -394,6 +394,13 @@ def _serve_parser(sub: Any) -> None:
     sv.add_argument("--max-batch", type=int, default=16, help="rows decoded together in one canvas (default 16)")
     sv.add_argument("--batch-window", type=float, default=0.02,
                     help="seconds a request waits for companions with the same settings (default 0.02)")
+    sv.add_argument("--batching", choices=("step", "static"), default="step",
+                    help="step (default): requests join a running vanilla / fast-dllm / dkv-cache batch at its next "
+                         "block start and leave it when done; static: a batch runs to its end before the next one "
+                         "starts (other methods always batch statically, see docs/serving.md)")
+    sv.add_argument("--prompt-bucket", type=int, default=32,
+                    help="step batching: a batch's canvas reserves its longest prompt rounded up to this many "
+                         "tokens, so that requests with prompts up to that long can join it (default 32)")
     sv.add_argument("--max-queue", type=int, default=256,
                     help="rows waiting before new requests get 429 with Retry-After (default 256)")
     sv.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")

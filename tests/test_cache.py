@@ -75,7 +75,7 @@ def first_block_logits(model: LLaDAModel, ps: list[list[int]], cache: str, **kw)
     canvas = Canvas.from_prompts(ps, cfg.gen_length, MASK, EOS, 64)
     strategy = make_cache(cfg, MeteredModel(model, CostMeter()), canvas)
     with torch.inference_mode():
-        strategy.begin_block(*canvas.block_bounds(0, cfg.block_length))
+        strategy.begin_block(canvas.block(0, cfg.block_length))
         return strategy.block_logits(0)
 
 
@@ -193,13 +193,13 @@ class Recorder:
     def __init__(self, inner, canvas: Canvas, log: list):
         self.inner, self.canvas, self.log = inner, canvas, log
 
-    def begin_block(self, s: int, e: int) -> None:
-        self.s, self.e = s, e
-        self.inner.begin_block(s, e)
+    def begin_block(self, block) -> None:
+        self.block = block
+        self.inner.begin_block(block)
 
     def block_logits(self, step: int) -> torch.Tensor:
         out = self.inner.block_logits(step)
-        self.log.append([row[m] for row, m in zip(out, self.canvas.x[:, self.s : self.e] == MASK)])
+        self.log.append([row[m] for row, m in zip(out, self.block.take(self.canvas.x) == MASK)])
         return out
 
     def after_commit(self, chosen: torch.Tensor, step: int) -> None:

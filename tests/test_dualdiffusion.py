@@ -393,7 +393,7 @@ def test_cache_invalidate_from_drops_cells_per_row(model, tokenizer):
     cache = make_cache(DecodeConfig(**SHAPE, cache="dual"), MeteredModel(model, CostMeter()), canvas)
     P = canvas.prompt_len
     with torch.inference_mode():
-        cache.begin_block(P, P + 8)
+        cache.begin_block(canvas.block(0, 8))
         cache.block_logits(0)
     assert cache.store.valid[:, :P].all()
     before = cache.store.valid.clone()

@@ -66,13 +66,13 @@ from .config import DecodeConfig
 from .meter import MeteredModel
 from .policies import num_transfer_tokens
 from .propose import propose, select
-from .state import Canvas
+from .state import Block, Canvas
 
 
 class CacheStrategy(Protocol):
     """What `decode_canvas` needs from a cache strategy."""
 
-    def begin_block(self, s: int, e: int) -> None: ...
+    def begin_block(self, block: Block) -> None: ...
 
     def block_logits(self, step: int) -> Tensor: ...
 
@@ -80,29 +80,34 @@ class CacheStrategy(Protocol):
 
     def invalidate_from(self, start: Tensor) -> None: ...
 
+    def add_rows(self, n: int) -> None: ...
+
 
 class NoCache:
     """Vanilla: one full bidirectional forward per step."""
 
     def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig):
         self.model, self.canvas, self.cfg = model, canvas, cfg
-        self.s = self.e = 0
+        self.block = Block(torch.zeros(canvas.batch_size, dtype=torch.long, device=canvas.x.device), 0)
 
-    def begin_block(self, s: int, e: int) -> None:
-        self.s, self.e = s, e
+    def begin_block(self, block: Block) -> None:
+        self.block = block
 
     def block_logits(self, step: int) -> Tensor:
         c = self.canvas
         # Rows whose block is already decoded ride along in the batch: their compute
         # is charged, but they are not counted as advanced (TPF must not depend on batching).
-        working = int((c.x[:, self.s : self.e] == c.mask_id).any(1).sum())
-        return self.model(c.x, attention_mask=c.attention_mask, sequences=working).logits[:, self.s : self.e]
+        working = int((self.block.take(c.x) == c.mask_id).any(1).sum())
+        return self.block.take(self.model(c.x, attention_mask=c.attention_mask, sequences=working).logits)
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
         pass
 
     def invalidate_from(self, start: Tensor) -> None:
         pass  # nothing is kept between forwards
+
+    def add_rows(self, n: int) -> None:
+        pass  # the canvas is the whole state
 
 
 class KVStore:
@@ -169,6 +174,13 @@ class KVStore:
         self.token = torch.where(write, canvas.x, self.token)
         return idx, out.logits
 
+    def add_rows(self, n: int) -> None:
+        """`n` more rows (joining a running batch) with nothing cached yet."""
+        self.k = [None if t is None else torch.cat([t, t.new_zeros(n, *t.shape[1:])]) for t in self.k]
+        self.v = [None if t is None else torch.cat([t, t.new_zeros(n, *t.shape[1:])]) for t in self.v]
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(n, self.length)])
+        self.token = torch.cat([self.token, self.token.new_full((n, self.length), -1)])
+
     def key_mask(self, attention_mask: Tensor | None, n_query: int) -> Tensor | None:
         if attention_mask is None or self._all_keys:
             return attention_mask
@@ -215,7 +227,7 @@ class CachedDecoding:
         self.model, self.canvas, self.cfg = model, canvas, cfg
         device = canvas.x.device
         self.store = KVStore(canvas.batch_size, canvas.length, model.config.n_layers, device)
-        self.s = self.e = 0
+        self.block = Block(torch.zeros(canvas.batch_size, dtype=torch.long, device=device), 0)
         self.block_start = False
         self.row_steps = torch.zeros(canvas.batch_size, dtype=torch.long, device=device)  # across blocks
         self.block_steps = torch.zeros_like(self.row_steps)  # since the current block began
@@ -227,10 +239,17 @@ class CachedDecoding:
         if self.shifted and canvas.prompt_len < 1:
             raise ValueError("a shifted-logit model needs at least one prompt token before the generation region")
 
-    def begin_block(self, s: int, e: int) -> None:
-        self.s, self.e = s, e
+    def begin_block(self, block: Block) -> None:
+        self.block = block
         self.block_start = True
         self.block_steps.zero_()
+
+    def add_rows(self, n: int) -> None:
+        """`n` more rows join at a block start, with nothing cached and their clocks at zero (as alone)."""
+        self.store.add_rows(n)
+        self.row_steps = torch.cat([self.row_steps, self.row_steps.new_zeros(n)])
+        self.block_steps = torch.cat([self.block_steps, self.block_steps.new_zeros(n)])
+        self.last_need = torch.cat([self.last_need, self.last_need.new_zeros(n, self.last_need.shape[1])])
 
     def refresh_due(self) -> Tensor:
         """Bool (B,): rows whose next forward must recompute (and re-store) every cell."""
@@ -248,7 +267,7 @@ class CachedDecoding:
         all of them.
         """
         need = torch.zeros_like(self.canvas.x, dtype=torch.bool)
-        need[:, self.s : self.e] = candidates
+        self.block.put(need, candidates)
         return need
 
     def columns(self, lo: int, hi: int) -> Tensor:
@@ -261,15 +280,15 @@ class CachedDecoding:
         return torch.full((self.canvas.batch_size,), flag, dtype=torch.bool, device=self.canvas.x.device)
 
     def block_logits(self, step: int) -> Tensor:
-        c, s, e = self.canvas, self.s, self.e
-        candidates = c.x[:, s:e] == c.mask_id
+        c, blk = self.canvas, self.block
+        candidates = blk.take(c.x) == c.mask_id
         working = candidates.any(1)
         refresh = working & self.refresh_due()
         need = ~self.store.valid | self.store.stale(c.x) | self.queried(step, candidates, refresh)
         need[refresh] = True
         shifted = self.shifted
         if shifted:  # a shifted network scores cell i from its output at i - 1: feed that column too
-            need[:, s - 1 : e - 1] |= need[:, s:e].clone()
+            blk.put(need, blk.take(need, 1) | blk.take(need).clone(), 1)
         kw = {"shift": False} if shifted else {}
         idx, logits = self.store.forward(self.model, c, need, need & self.cacheable(), sequences=int(working.sum()),
                                          **kw)
@@ -277,17 +296,7 @@ class CachedDecoding:
         self.row_steps += working
         self.block_steps += working
         self.block_start = False
-        # Block columns that were not fed are decoded and cached (or, for
-        # dkv-greedy, masked cells the policy will not pick this step); the
-        # policy never commits them, so zeros do.
-        out = logits.new_zeros(c.batch_size, e - s, logits.shape[-1])
-        if shifted:  # the logit of column i is the output at column i - 1, when that was fed
-            inside = (idx >= s - 1) & (idx < e - 1)
-            out[:, idx[inside] + 1 - s] = logits[:, inside]
-        else:
-            inside = (idx >= s) & (idx < e)
-            out[:, idx[inside] - s] = logits[:, inside]
-        return out
+        return _block_outputs(logits, idx, blk, c.length, int(shifted))
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
         pass  # commits show up as stale or uncached cells at the next forward
@@ -303,6 +312,26 @@ class CachedDecoding:
         self.store.valid = self.store.valid & (cols[None, :] < start.to(cols.device)[:, None])
 
 
+def _block_outputs(logits: Tensor, idx: Tensor, blk: Block, n_cols: int, shift: int) -> Tensor:
+    """(B, block length, V): each row's block logits, read from the forward's outputs at the fed
+    columns `idx` (`shift` columns to the left for a shifted network); zeros where not fed.
+
+    Block columns that were not fed are decoded and cached (or, for dkv-greedy, masked cells
+    the policy will not pick this step); the policy never commits them, so zeros do."""
+    B, V = logits.shape[0], logits.shape[-1]
+    if blk.uniform is not None:
+        s, e = blk.uniform - shift, blk.uniform - shift + blk.length
+        out = logits.new_zeros(B, blk.length, V)
+        inside = (idx >= s) & (idx < e)
+        out[:, idx[inside] - s] = logits[:, inside]
+        return out
+    at = torch.full((n_cols,), -1, dtype=torch.long, device=idx.device)
+    at[idx] = torch.arange(len(idx), device=idx.device)
+    src = at[blk.cols - shift]  # (B, L): where each block cell's output sits among the fed columns
+    got = logits.gather(1, src.clamp(min=0)[..., None].expand(-1, -1, V))
+    return torch.where((src >= 0)[..., None], got, logits.new_zeros(()))
+
+
 class PrefixCache(CachedDecoding):
     """Fast-dLLM prefix cache: a full forward at each block start keeps K/V of
     everything before the block; later steps feed the block and the suffix."""
@@ -311,7 +340,7 @@ class PrefixCache(CachedDecoding):
         return self.every_row(self.block_start)
 
     def cacheable(self) -> Tensor:
-        return self.columns(0, self.s)
+        return self.block.before(self.canvas.length)
 
 
 class DualCache(PrefixCache):
@@ -319,7 +348,7 @@ class DualCache(PrefixCache):
     (masked) suffix, so later steps feed only the current block."""
 
     def cacheable(self) -> Tensor:
-        return ~self.columns(self.s, self.e)
+        return ~self.block.inside(self.canvas.length)
 
 
 class DKVDecode(CachedDecoding):
@@ -406,7 +435,7 @@ class DKVGreedy(CachedDecoding):
         if bool(refresh[candidates.any(1)].all()):
             return need  # every working row recomputes everything anyway
         chosen, conf = self.predict(step, candidates)
-        need[:, self.s : self.e] = chosen
+        self.block.put(need, chosen)
         if self.window_size:
             self.add_window(need, chosen, conf)
         return need
@@ -417,7 +446,7 @@ class DKVGreedy(CachedDecoding):
         Runs the loop's `propose` and `select` on the current generator state
         and puts the state back, so the loop then draws the same numbers.
         """
-        c, B, n = self.canvas, self.canvas.batch_size, self.e - self.s
+        c, B, n = self.canvas, self.canvas.batch_size, self.block.length
         state = self.generator.get_state()
         try:
             # the logits' values never matter under random remasking, and their width only
@@ -437,7 +466,7 @@ class DKVGreedy(CachedDecoding):
         for r in range(need.shape[0]):
             picked = chosen[r].nonzero()[:, 0]
             picked = picked[conf[r, picked].argsort(descending=True, stable=True)]
-            for p in (picked + self.s).tolist():
+            for p in (picked + self.block.starts[r]).tolist():
                 # left neighbour first at each distance: order L1, R1, L2, R2, ...
                 order = 2 * (cols - p).abs() - (cols < p).long()
                 order = torch.where(masked[r] & ~need[r], order, torch.iinfo(order.dtype).max)
@@ -445,7 +474,7 @@ class DKVGreedy(CachedDecoding):
                 need[r, near[masked[r, near] & ~need[r, near]]] = True
 
     def after_commit(self, chosen: Tensor, step: int) -> None:
-        if self.order_known and bool((chosen & ~self.last_need[:, self.s : self.e]).any()):
+        if self.order_known and bool((chosen & ~self.block.take(self.last_need)).any()):
             raise RuntimeError(
                 "dkv-greedy: the policy committed a cell whose logits were not recomputed; the replay of "
                 "the decoding loop's random draw (propose.propose/select) no longer matches the loop"

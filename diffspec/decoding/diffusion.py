@@ -22,22 +22,31 @@ from .meter import CostMeter, MeteredModel, meter_primary
 from .policies import num_transfer_tokens
 from .propose import propose, select
 from .runner import GenerationResult, model_device, run_prompts
-from .state import Canvas
+from .state import Block, Canvas
 from .streamer import CanvasReporter, Streamer
 
 # The caches whose decoder state is rebuilt from scratch at every block start and kept per row in
 # between, so a row may leave the canvas at any step without changing what the others decode.
 ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
+# The caches rows may join at a block start (step-level batching): a late row starts with nothing
+# cached and its clocks at zero, as alone, and the others keep their state. dkv-prefill joins too
+# (the late row's prompt is prefilled at its first step, against its all-masked answer, as alone),
+# though its rows cannot leave at a block start: a rebuilt decoder would prefill them again.
+JOIN_CACHES = (*ROW_DROP_CACHES, "dkv-prefill")
 
 
 @dataclass
 class StepOutput:
-    """What one decoding step did to the current block [s, e) of the canvas."""
+    """What one decoding step did to the current block [s, e) of the canvas.
+
+    s and e are every row's block while no row joined late (the speculative methods, which
+    never add rows); `block` holds each row's own."""
 
     s: int
     e: int
     chosen: Tensor  # bool (B, e - s): cells committed by this step
     logits: Tensor  # (B, e - s, V): the logits the step decided on (mask token at -inf)
+    block: Block
 
 
 class BlockDecoder:
@@ -51,6 +60,13 @@ class BlockDecoder:
     The per-block step counter drives the schedule policy's plan; it restarts
     when the decoder enters a block and after a `rollback`, so a block whose
     cells were re-masked is decoded again at the same rate.
+
+    Rows advance in rounds: in round r, row i decodes its block r - offset[i],
+    and the next round begins once no row has a masked cell in its block. A
+    plain batch has every offset 0 (round = block). Step-level batching adds
+    rows at a round's start (`add_rows`) with offset r, so a late row decodes
+    its first block while its companions decode their (r+1)-th, with its own
+    cache clocks starting at zero: as it would alone, at the same rate.
     """
 
     def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, generator: torch.Generator | None):
@@ -59,19 +75,52 @@ class BlockDecoder:
         self.model, self.canvas, self.cfg, self.generator = model, canvas, cfg, generator
         self.cache = make_cache(cfg, model, canvas, generator)
         self.plan = num_transfer_tokens(cfg.block_length, cfg.steps // cfg.num_blocks)
-        self.block: int | None = None
+        self.block: int | None = None  # the round being decoded (the block, without late rows)
         self.step_in_block = 0
+        self.offset = torch.zeros(canvas.batch_size, dtype=torch.long, device=canvas.x.device)
         self._mask_index = torch.tensor([canvas.mask_id], device=canvas.x.device)
         mc = model.config
         self._eos_index = torch.tensor([mc.eos_token_id], device=canvas.x.device)
         self._end_ids = tuple(i for i in (mc.eos_token_id, getattr(mc, "eot_token_id", None)) if i is not None)
 
     def current_block(self) -> int | None:
-        """The first block in which some row still has a masked cell (None when done)."""
+        """The round to decode: the first in which some row's block still has a masked cell (None when
+        done). Without late rows, the first block in which some row still has a masked cell."""
         c, cfg = self.canvas, self.cfg
-        gen = c.masked()[:, c.prompt_len :].reshape(c.batch_size, cfg.num_blocks, cfg.block_length)
-        todo = gen.any(-1).any(0).nonzero()
-        return int(todo[0]) if len(todo) else None
+        gen = c.masked()[:, c.prompt_len :].reshape(c.batch_size, cfg.num_blocks, cfg.block_length).any(-1)
+        todo = gen.any(1)
+        if not bool(todo.any()):
+            return None
+        return int((gen.float().argmax(1) + self.offset)[todo].min())
+
+    def blocks(self, r: int) -> Block:
+        """Each row's block in round `r` (a row that finished sits on its last block)."""
+        cfg = self.cfg
+        index = (r - self.offset).clamp(0, cfg.num_blocks - 1)
+        return Block(self.canvas.prompt_len + index * cfg.block_length, cfg.block_length)
+
+    def at_round_start(self) -> bool:
+        """Whether the next step begins a round (where rows may join)."""
+        return self.block is None or self.current_block() != self.block
+
+    def add_rows(self, canvas: Canvas) -> None:
+        """Rows joining at a round's start: `canvas` holds them (same prompt and generation widths),
+        masked and with nothing cached; they decode their first block in the coming round."""
+        c = self.canvas
+        if not self.at_round_start():
+            raise RuntimeError("rows join a running batch only where a round (block) begins")
+        if canvas.prompt_len != c.prompt_len or canvas.gen_length != c.gen_length:
+            raise ValueError(f"joining rows need the canvas's layout: prompt {c.prompt_len}, answer {c.gen_length} "
+                             f"columns; got {canvas.prompt_len}, {canvas.gen_length}")
+        r = self.current_block()
+        if r is None:
+            raise RuntimeError("the batch is done; start a new one instead of joining it")
+        self.canvas = Canvas(torch.cat([c.x, canvas.x]), torch.cat([c.attention_mask, canvas.attention_mask]),
+                             c.prompt_len, c.gen_length, c.mask_id)
+        self.offset = torch.cat([self.offset, self.offset.new_full((canvas.batch_size,), r)])
+        self.cache.canvas = self.canvas
+        self.cache.add_rows(canvas.batch_size)
+        self.block = None  # the round (re)starts with every row in it
 
     def step(self) -> StepOutput | None:
         """One forward and one commit on the current block; None when nothing is masked."""
@@ -79,19 +128,19 @@ class BlockDecoder:
         if b is None:
             return None
         c, cfg, model = self.canvas, self.cfg, self.model
-        s, e = c.block_bounds(b, cfg.block_length)
+        blk = self.blocks(b)
         if b != self.block:
             self.block, self.step_in_block = b, 0
-            self.cache.begin_block(s, e)
+            self.cache.begin_block(blk)
         step = self.step_in_block
-        masked = c.x[:, s:e] == c.mask_id
+        masked = blk.take(c.x) == c.mask_id
         logits = self.cache.block_logits(step)
         if cfg.cfg_scale > 0:
             uncond = c.x.clone()
             uncond[:, : c.prompt_len] = torch.where(
                 c.attention_mask[:, : c.prompt_len], c.mask_id, uncond[:, : c.prompt_len]
             )
-            un = model(uncond, attention_mask=c.attention_mask).logits[:, s:e]
+            un = blk.take(model(uncond, attention_mask=c.attention_mask).logits)
             logits = un + (cfg.cfg_scale + 1) * (logits - un)
         # Never propose the mask token itself: committing it would leave the slot
         # masked, and with greedy decoding the loop would then never terminate.
@@ -102,13 +151,14 @@ class BlockDecoder:
         conf = torch.where(masked, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
         k = self.plan[step] if step < len(self.plan) else 1
         chosen = select(conf, cfg, k)
-        c.x[:, s:e] = torch.where(chosen, x0, c.x[:, s:e])
+        blk.put(c.x, torch.where(chosen, x0, blk.take(c.x)))
         self.cache.after_commit(chosen, step)
         self.step_in_block += 1
         if self.step_in_block > cfg.block_length:  # every policy commits >= 1 per row and step
             raise RuntimeError(f"block {b} still has masks after {self.step_in_block} steps; "
                                "the logits may contain NaN")
-        return StepOutput(s, e, chosen, logits)
+        s = blk.uniform if blk.uniform is not None else -1
+        return StepOutput(s, s + cfg.block_length, chosen, logits, blk)
 
     def rollback(self, start: Tensor) -> None:
         """Someone else changed the canvas: drop cached K/V of row r from column start[r] on.
@@ -135,10 +185,11 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
         return
     decoder = BlockDecoder(model, canvas, cfg, generator)
     report = CanvasReporter(streamer, canvas)
-    # Rows may leave only where that changes nothing for the others: a cache rebuilt at every
-    # block start and kept per row in between, and no random draws (their order depends on the
-    # batch's shape).
-    droppable = cfg.cache in ROW_DROP_CACHES and cfg.temperature == 0 and cfg.remasking != "random"
+    # Rows may leave, or join at a round's start, only where that changes nothing for the others: a
+    # cache rebuilt at every block start and kept per row in between, and no random draws (their
+    # order depends on the batch's shape).
+    greedy = cfg.temperature == 0 and cfg.remasking != "random"
+    droppable, joinable = greedy and cfg.cache in ROW_DROP_CACHES, greedy and cfg.cache in JOIN_CACHES
     while not streamer.should_stop():
         b = decoder.current_block()
         if b is None:
@@ -147,15 +198,40 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
         if droppable and len(keep) < len(report.rows):
             _write_back(canvas, decoder.canvas, report.rows)  # the leaving rows' cells, as they are now
             decoder = _without_rows(decoder, keep, b, report)
+        if joinable and decoder.at_round_start():
+            _join(decoder, streamer, report, decoder.canvas.batch_size)
         decoder.step()
         report()
     _write_back(canvas, decoder.canvas, report.rows)
 
 
+def _join(decoder: BlockDecoder, streamer: Streamer, report: CanvasReporter, live: int) -> None:
+    """Step-level batching: the rows the streamer admits now join the canvas (`BlockDecoder.add_rows`)."""
+    c = decoder.canvas
+    new = streamer.admit(c.prompt_len, live)
+    if not new:
+        return
+    pad_id = decoder.model.config.pad_token_id
+    prompts = [ids for _, ids in new]
+    if any(len(p) > c.prompt_len for p in prompts):
+        raise ValueError(f"a joining prompt is longer than the canvas's {c.prompt_len} prompt columns")
+    joined = Canvas.from_prompts(prompts, c.gen_length, c.mask_id, pad_id, c.length, c.x.device)
+    if joined.prompt_len < c.prompt_len:  # left-pad to the canvas's prompt width
+        pad = c.prompt_len - joined.prompt_len
+        joined = Canvas(torch.cat([joined.x.new_full((len(prompts), pad), pad_id), joined.x], 1),
+                        torch.cat([joined.attention_mask.new_zeros(len(prompts), pad), joined.attention_mask], 1),
+                        c.prompt_len, c.gen_length, c.mask_id)
+    decoder.add_rows(joined)
+    report.add([row for row, _ in new], decoder.canvas)
+
+
 def _write_back(canvas: Canvas, small: Canvas, rows: list[int]) -> None:
-    """Copy the rows of `small` (a cut-down canvas) back to rows `rows` of `canvas`."""
+    """Copy the rows of `small` (a cut-down or grown canvas) back to rows `rows` of `canvas`, those
+    of them that `canvas` has (rows that joined late reach their listener through the streamer only)."""
     if small is not canvas:
-        canvas.x[rows] = small.x
+        pairs = [(i, r) for i, r in enumerate(rows) if r < canvas.batch_size]
+        if pairs:
+            canvas.x[[r for _, r in pairs]] = small.x[[i for i, _ in pairs]]
 
 
 def _without_rows(decoder: BlockDecoder, keep: list[int], block: int, report: CanvasReporter) -> BlockDecoder:
@@ -165,7 +241,9 @@ def _without_rows(decoder: BlockDecoder, keep: list[int], block: int, report: Ca
     idx = torch.tensor(keep, dtype=torch.long, device=c.x.device)
     small = Canvas(c.x[idx].clone(), c.attention_mask[idx].clone(), c.prompt_len, c.gen_length, c.mask_id)
     if block != decoder.block:
+        offset = decoder.offset[idx]
         decoder = BlockDecoder(decoder.model, small, decoder.cfg, decoder.generator)
+        decoder.offset = offset
     elif not keep_rows(decoder, small, idx):
         return decoder  # a cache whose state cannot be cut: the rows stay
     report.keep(keep, small)
@@ -191,7 +269,9 @@ def keep_rows(decoder: BlockDecoder, canvas: Canvas, idx: Tensor) -> bool:
         cache.last_need = cache.last_need[idx]
     elif type(cache) is not NoCache:
         return False
+    cache.block = Block(cache.block.starts[idx], cache.block.length)
     decoder.canvas = cache.canvas = canvas
+    decoder.offset = decoder.offset[idx]
     return True
 
 
@@ -218,7 +298,8 @@ def run_batches(
     pad_id = model.config.pad_token_id
 
     def decode(batch: list[list[int]], stream: Streamer | None = None) -> list[list[int]]:
-        canvas = Canvas.from_prompts(batch, cfg.gen_length, caps.mask_id, pad_id, limit, device)
+        width = stream.prompt_width if stream is not None else 0
+        canvas = Canvas.from_prompts(batch, cfg.gen_length, caps.mask_id, pad_id, limit, device, width)
         decode_batch(canvas, stream)
         return canvas.generated().tolist()
 

@@ -29,7 +29,10 @@ class Canvas:
         pad_id: int,
         max_positions: int,
         device: torch.device | str = "cpu",
+        min_prompt_len: int = 0,
     ) -> "Canvas":
+        """`min_prompt_len` reserves prompt columns (as far as the model's positions allow) so that
+        longer prompts can join the canvas later (step-level batching)."""
         if not prompts:
             raise ValueError("no prompts given")
         for i, p in enumerate(prompts):
@@ -43,6 +46,7 @@ class Canvas:
                 f"prompt ({P} tokens) + gen_length ({gen_length}) = {P + gen_length} exceeds the model's "
                 f"max_sequence_length {max_positions}; shorten the prompt or lower gen_length"
             )
+        P = max(P, min(min_prompt_len, max_positions - gen_length))
         B = len(prompts)
         x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
         attn = torch.ones((B, P + gen_length), dtype=torch.bool)
@@ -67,5 +71,58 @@ class Canvas:
         s = self.prompt_len + block * block_length
         return s, s + block_length
 
+    def block(self, index: int, block_length: int) -> "Block":
+        """Block `index` of every row's answer."""
+        starts = torch.full((self.batch_size,), self.block_bounds(index, block_length)[0], device=self.x.device)
+        return Block(starts, block_length)
+
     def generated(self) -> Tensor:
         return self.x[:, self.prompt_len :]
+
+
+class Block:
+    """Each row's current block of a canvas: `length` columns from `starts[r]`.
+
+    Rows decode the same block in a plain batch, and then every operation is a
+    slice, exactly as before rows could differ. A row that joined a running
+    batch later (step-level batching, `decoding.diffusion`) is at an earlier
+    block than its companions, so the operations gather and scatter per row.
+    """
+
+    def __init__(self, starts: Tensor, length: int):
+        self.starts, self.length = starts, length
+        same = bool((starts == starts[0]).all()) if len(starts) else True
+        self.uniform: int | None = int(starts[0]) if same and len(starts) else None
+
+    @property
+    def cols(self) -> Tensor:
+        """(B, length) canvas columns of each row's block."""
+        return self.starts[:, None] + torch.arange(self.length, device=self.starts.device)
+
+    def _index(self, t: Tensor, shift: int = 0) -> Tensor:
+        idx = self.cols - shift
+        return idx if t.dim() == 2 else idx[..., None].expand(-1, -1, *t.shape[2:])
+
+    def take(self, t: Tensor, shift: int = 0) -> Tensor:
+        """The block's cells of `t` (B, T, ...) as (B, length, ...); `shift` reads columns that many to the left."""
+        if self.uniform is not None:
+            s = self.uniform - shift
+            return t[:, s : s + self.length]
+        return t.gather(1, self._index(t, shift))
+
+    def put(self, t: Tensor, values: Tensor, shift: int = 0) -> None:
+        """Write `values` (B, length, ...) into the block's cells of `t`, in place."""
+        if self.uniform is not None:
+            s = self.uniform - shift
+            t[:, s : s + self.length] = values
+        else:
+            t.scatter_(1, self._index(t, shift), values)
+
+    def inside(self, n_cols: int) -> Tensor:
+        """Bool (B, n_cols): True on each row's block."""
+        cols = torch.arange(n_cols, device=self.starts.device)[None, :]
+        return (cols >= self.starts[:, None]) & (cols < self.starts[:, None] + self.length)
+
+    def before(self, n_cols: int) -> Tensor:
+        """Bool (B, n_cols): True on the columns left of each row's block."""
+        return torch.arange(n_cols, device=self.starts.device)[None, :] < self.starts[:, None]

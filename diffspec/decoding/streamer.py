@@ -23,6 +23,10 @@ from .state import Canvas
 class Streamer:
     """The hook's protocol; this base class hears everything and never stops a loop."""
 
+    # Step-level batching: the prompt columns a canvas reserves, so that prompts up to this long
+    # can join it later (`admit`); 0 = just the batch's longest prompt.
+    prompt_width: int = 0
+
     def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
         """Cells `positions` of row `row`'s answer are final, holding `token_ids`."""
 
@@ -33,6 +37,15 @@ class Streamer:
     def row_done(self, row: int) -> bool:
         """Whether nobody needs more of row `row` (a loop may then stop computing it)."""
         return False
+
+    def admit(self, prompt_room: int, live_rows: int) -> list[tuple[int, list[int]]]:
+        """Step-level batching: new rows to add to the running batch now, as (row, prompt ids).
+
+        A loop that can take rows in without changing the others' results (the block decoder, at
+        a block start) asks; `prompt_room` is the longest prompt that fits its canvas and
+        `live_rows` how many rows it decodes. The streamer numbers the new rows after every row it
+        knows. Default: none."""
+        return []
 
 
 class OffsetStreamer(Streamer):
@@ -49,6 +62,13 @@ class OffsetStreamer(Streamer):
 
     def row_done(self, row: int) -> bool:
         return self.streamer.row_done(self.offset + row)
+
+    def admit(self, prompt_room: int, live_rows: int) -> list[tuple[int, list[int]]]:
+        return [(row - self.offset, ids) for row, ids in self.streamer.admit(prompt_room, live_rows)]
+
+    @property
+    def prompt_width(self) -> int:  # type: ignore[override]
+        return self.streamer.prompt_width
 
 
 def commit_tail(streamer: Streamer | None, row: int, out: Sequence[int], n: int) -> bool:
@@ -114,3 +134,9 @@ class CanvasReporter:
         self.canvas = canvas
         self.rows = [self.rows[i] for i in idx]
         self.reported = self.reported[idx]
+
+    def add(self, rows: list[int], canvas: Canvas) -> None:
+        """Rows joined the loop's canvas (now `canvas`, the new rows last) as the streamer's `rows`."""
+        self.canvas = canvas
+        self.rows += rows
+        self.reported = torch.cat([self.reported, self.reported.new_zeros(len(rows), canvas.gen_length)])

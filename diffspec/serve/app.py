@@ -44,6 +44,8 @@ class ServeSettings:
     port: int = 8000
     max_batch: int = 16
     batch_window: float = 0.02
+    batching: str = "step"  # step-level (requests join a running batch) or static (--batching)
+    prompt_bucket: int = 32  # step batching: prompt columns a canvas reserves, rounded up to this (--prompt-bucket)
     max_queue: int = 256
     model_name: str | None = None
     # production: API key (None = open), graceful shutdown, request size limits (None = only the model's own)
@@ -60,6 +62,10 @@ def check_settings(s: ServeSettings) -> None:
     """The production options, checked before anything is loaded (errors name the CLI flag)."""
     if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
         raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
+    if s.batching not in ("step", "static"):
+        raise ValueError(f"--batching must be step or static, got {s.batching!r}")
+    if isinstance(s.prompt_bucket, bool) or not isinstance(s.prompt_bucket, int) or s.prompt_bucket < 1:
+        raise ValueError(f"--prompt-bucket must be an integer >= 1 (tokens), got {s.prompt_bucket!r}")
     check_api_key(s.api_key)
     if isinstance(s.drain_timeout, bool) or not isinstance(s.drain_timeout, (int, float)) \
             or not (math.isfinite(s.drain_timeout) and s.drain_timeout >= 0):
@@ -109,7 +115,8 @@ class Service:
         self.parser = RequestParser(s.method, opts, self.family, s.max_batch, self.chat_template,
                                     limit_n=s.limit_n, limit_max_tokens=s.limit_max_tokens)
         self.engine = Engine(self.model, self.tokenizer, max_batch=s.max_batch, batch_window=s.batch_window,
-                             max_queue=s.max_queue, dtype=s.dtype)
+                             max_queue=s.max_queue, dtype=s.dtype, batching=s.batching,
+                             prompt_bucket=s.prompt_bucket)
         self.max_positions, self.eos_ids, self.mask_id = caps.max_positions, caps.eos_ids, caps.mask_id
         self.vocab = getattr(self.model.config, "vocab_size", None)
 
@@ -165,7 +172,8 @@ class Service:
                 "chat_template": "checkpoint" if self.chat_template else "Question/Answer (diffspec generate's)",
                 "queue_rows": self.engine.queue_depth(), "running_rows": self.engine.running_rows(),
                 "max_batch": self.engine.max_batch,
-                "batch_window": self.engine.batch_window, "max_queue": self.engine.max_queue,
+                "batch_window": self.engine.batch_window, "batching": self.engine.batching,
+                "max_queue": self.engine.max_queue,
                 "stats": asdict(self.engine.stats)}
 
 

@@ -87,6 +87,8 @@ def gen_length_of(cfg: Any) -> int:
     return int(cfg.gen_length)
 
 
+BATCHING = ("step", "static")  # `Engine(batching=...)`, `diffspec serve --batching`
+
 # ---------------------------------------------------------------- jobs, rows, choices
 
 _ids = itertools.count(1)
@@ -162,7 +164,8 @@ class Row:
             job.streams[c] = TextStream(decode, job.stops, job.eos_ids)
         self.final_len = -1
         self.freed = False
-        self.forwards = 0  # primary-model forwards until the row's answer was done (set when it is)
+        self.forwards = 0  # primary-model forwards from its start until its answer was done (set when it is)
+        self.nfe0 = 0  # the batch's primary-model forwards when the row started (it may join late)
 
     @property
     def tokens_generated(self) -> int:
@@ -179,20 +182,31 @@ class Batch:
     """Rows decoded together, with the meter their forwards charge."""
 
     def __init__(self, jobs: list[Job], decode: Callable[[list[int]], str], stats: "EngineStats | None" = None):
-        self.jobs, self.stats, self._counted = jobs, stats, 0
+        self.stats, self._counted = stats, 0
         self.method, self.cfg = jobs[0].method, jobs[0].cfg
         self.sampled = jobs[0].sampled
+        self.decode = decode
         self.rows: list[Row] = []
-        for job in jobs:
-            for p_i, prompt in enumerate(job.prompts):
-                choices = [p_i * job.n + j for j in range(job.n)]
-                if job.sampled:
-                    self.rows.extend(Row(job, prompt, [c], decode) for c in choices)
-                else:
-                    self.rows.append(Row(job, prompt, choices, decode))
+        self.jobs: list[Job] = []
         self.meter = CostMeter()  # the method's run charges it (`_decode_batch`)
         self.tokens_counted = 0  # the finished rows' tokens generated (`_count_tokens`)
         self.t0 = time.perf_counter()
+        for job in jobs:
+            self.add(job)
+
+    def add(self, job: Job) -> list[Row]:
+        """`job`'s rows, appended to the batch (at its start, or joining it at a block start)."""
+        self.jobs.append(job)
+        primary = self.meter.models.get(self.meter.primary)
+        new: list[Row] = []
+        for p_i, prompt in enumerate(job.prompts):
+            choices = [p_i * job.n + j for j in range(job.n)]
+            groups = [[c] for c in choices] if job.sampled else [choices]
+            new.extend(Row(job, prompt, g, self.decode) for g in groups)
+        for row in new:
+            row.nfe0 = primary.nfe if primary is not None else 0
+        self.rows.extend(new)
+        return new
 
     def feed(self, row: Row, ids: Sequence[int], complete: bool, text: str | None = None) -> None:
         """Row `row`'s final prefix is `ids`: send every choice its new text, finish what finished."""
@@ -221,7 +235,8 @@ class Batch:
         self.meter.tokens_generated += row.tokens_generated
         self.tokens_counted += row.tokens_generated
         primary = self.meter.models.get(self.meter.primary)
-        row.forwards = primary.nfe if primary is not None else 0  # a shared canvas's rows are in every forward
+        # a shared canvas's rows are in every forward from their start on
+        row.forwards = primary.nfe - row.nfe0 if primary is not None else 0
         if self.stats is not None:
             self.stats.tokens_generated += row.tokens_generated
 
@@ -282,6 +297,7 @@ class EngineStats:
     errors: int = 0
     rejected: int = 0
     cancelled: int = 0  # jobs whose client left while they waited in the queue
+    joined: int = 0  # jobs that joined a running batch at a block start (step-level batching)
     freed_rows: int = 0  # canvas rows that stopped being decoded early because their client left
     rows_left_early: int = 0  # freed rows taken out of a running canvas while its other rows went on decoding
     max_rows_in_batch: int = 0
@@ -294,7 +310,12 @@ class Engine:
     """Queues jobs by batch key and decodes them on one worker thread."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, batch_window: float = 0.01,
-                 max_queue: int = 256, dtype: str | None = None):
+                 max_queue: int = 256, dtype: str | None = None, batching: str = "step", prompt_bucket: int = 32):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+        if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket must be an integer >= 1 (tokens), got {prompt_bucket!r}")
+        self.batching, self.prompt_bucket = batching, prompt_bucket
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not batch_window >= 0:
@@ -464,6 +485,8 @@ class Engine:
             self._run_batch(jobs)
             return
         except Exception as e:
+            with self.cond:  # jobs that joined the batch while it ran share its fate
+                jobs = jobs + [j for j in self._current if all(j is not k for k in jobs)]
             if len(jobs) == 1:
                 self._fail(jobs[0], e)
                 return
@@ -512,6 +535,10 @@ class Engine:
         m = get_method(batch.method)
         cfg = build_config(batch.method, batch.cfg, strict=False, batch_size=len(batch.rows))
         streamer = BatchStreamer(batch, self._free_row)
+        if self.batching == "step" and not jobs[0].solo:
+            streamer.join, streamer.max_rows = self._join, self.max_batch
+            longest = max(len(r.prompt.ids) for r in batch.rows)
+            streamer.prompt_width = -(-longest // self.prompt_bucket) * self.prompt_bucket
         try:
             with torch.inference_mode():
                 res = m.run(self.model, self.tokenizer, [r.prompt.text for r in batch.rows], cfg, progress=False,
@@ -526,10 +553,42 @@ class Engine:
             if not row.done:
                 batch.feed(row, [], True)
         batch.count_forwards()
-        for job in jobs:
+        for job in batch.jobs:  # those that joined it included
             if not job.done and not job.cancelled:
                 job.done = True
                 job.emit("done", batch.usage(job))
+
+    def _join(self, batch: Batch, prompt_room: int, capacity: int) -> list[Job]:
+        """Step-level batching: queued jobs of `batch`'s key that join it now, oldest first, while their
+        rows fit `capacity` and their prompts `prompt_room` tokens (the first that does not fit waits
+        for the next batch, and so does everything behind it: arrival order is kept)."""
+        key = batch.jobs[0].key
+        taken: list[Job] = []
+        with self.cond:
+            q = self.queues.get(key)
+            while q:
+                job = q[0]
+                if job.cancelled:
+                    q.popleft()
+                    self.queued_rows -= job.n_rows
+                    self.stats.cancelled += 1
+                    continue
+                if job.n_rows > capacity or any(len(p.ids) > prompt_room for p in job.prompts):
+                    break
+                q.popleft()
+                self.queued_rows -= job.n_rows
+                capacity -= job.n_rows
+                taken.append(job)
+            if q is not None and not q:
+                del self.queues[key]
+            self._current.extend(taken)
+            if taken:
+                self.cond.notify_all()
+        now = time.monotonic()
+        for job in taken:
+            job.started = now
+            self.stats.joined += 1
+        return taken
 
     def _models(self, method: Method, cfg: Any) -> dict[str, Any]:
         """The models `method`'s roles name beyond the target, loaded once (`Method.load`) and kept."""
@@ -566,6 +625,25 @@ class BatchStreamer(Streamer):
         self.cells: list[dict[int, int]] = [{} for _ in batch.rows]
         self.final = [0] * len(batch.rows)  # each row's final prefix length so far
         self.length = gen_length_of(batch.cfg)
+        # step-level batching (`Engine._join`, set by the engine): the queue's jobs that may join
+        self.join: Callable[[Batch, int, int], list[Job]] | None = None
+        self.max_rows = len(batch.rows)
+
+    def admit(self, prompt_room: int, live_rows: int) -> list[tuple[int, list[int]]]:
+        """Queued jobs of this batch's key join at the loop's block start, as many rows as fit."""
+        if self.join is None or live_rows >= self.max_rows:
+            return []
+        out = []
+        for job in self.join(self.batch, prompt_room, self.max_rows - live_rows):
+            for row in self.batch.add(job):
+                out.append((len(self.cells), row.prompt.ids))
+                self.cells.append({})
+                self.final.append(0)
+        if out and self.batch.stats is not None:
+            stats = self.batch.stats
+            stats.rows += len(out)
+            stats.max_rows_in_batch = max(stats.max_rows_in_batch, live_rows + len(out))
+        return out
 
     def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
         cells = self.cells[row]

@@ -36,6 +36,7 @@ class _EngineCollector:
         ("requests_cancelled", "cancelled", "Queued requests whose client left before they were decoded"),
         ("decode_errors", "errors", "Requests whose decoding failed"),
         ("batches", "batches", "Batches started"),
+        ("requests_joined", "joined", "Requests that joined a running batch at a block start (step-level batching)"),
         ("rows", "rows", "Canvas rows decoded"),
         ("freed_rows", "freed_rows", "Rows that stopped being decoded early because their client left or their "
          "request's timeout passed"),
