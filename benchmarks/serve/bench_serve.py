@@ -1,7 +1,7 @@
 """Load benchmark of `diffspec serve`: N concurrent clients × M streamed requests, per method.
 
     python benchmarks/serve/bench_serve.py --methods vanilla fast-dllm psd --clients 1 8 --requests 4 \\
-        --out benchmarks/serve-cpu
+        --batching static step --out benchmarks/serve-cpu
 
 Starts a server on a free 127.0.0.1 port in this process (the bundled model, or --model), or
 talks to a running one with --url (loopback addresses only). Each client sends its requests one
@@ -10,7 +10,8 @@ the first chunk holding text, and the completion tokens the server reports. Per 
 count it reports requests/s, completion tokens/s, p50/p99 latency and time to first chunk, the
 server's batched forwards per request and rows per batch (from /health), and the accuracy of the
 answers on the arith problems they came from. Bounded: N × M requests per row and a --deadline
-for the whole run; it stops by itself.
+for the whole run; it stops by itself. `--batching static step` runs every row once per server
+batching mode (one in-process server each, same traffic), to compare them in one run.
 """
 from __future__ import annotations
 
@@ -142,6 +143,7 @@ def run_row(target: Target, model_id: str, method: str, clients: int, requests: 
     batches = after["batches"] - before["batches"]
     rows = after["rows"] - before["rows"]
     return {
+        "joined": after.get("joined", 0) - before.get("joined", 0),
         "method": method, "clients": clients, "requests": len(results), "ok": len(ok),
         "errors": sorted({str(r.get("error")) for r in results if not r["ok"]})[:5],
         "wall_seconds": wall, "requests_per_second": len(ok) / wall, "tokens_per_second": tokens / wall,
@@ -154,15 +156,17 @@ def run_row(target: Target, model_id: str, method: str, clients: int, requests: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | clients × requests | ok | req/s | tokens/s | p50 latency (s) | p99 latency (s) | "
-            "p50 first chunk (s) | p99 first chunk (s) | forwards / request | rows / batch | accuracy |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| method | batching | clients × requests | ok | req/s | tokens/s | p50 latency (s) | p99 latency (s) | "
+            "p50 first chunk (s) | p99 first chunk (s) | forwards / request | rows / batch | joined | accuracy |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         f = (lambda v: "—" if v is None else f"{v:.3f}")
-        lines.append(f"| {r['method']} | {r['clients']} × {r['requests'] // r['clients']} | {r['ok']}/{r['requests']} | "
+        lines.append(f"| {r['method']} | {r.get('batching', 'static')} | {r['clients']} × {r['requests'] // r['clients']} | "
+                     f"{r['ok']}/{r['requests']} | "
                      f"{r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | {f(r['latency_p50'])} | "
                      f"{f(r['latency_p99'])} | {f(r['ttfc_p50'])} | {f(r['ttfc_p99'])} | "
-                     f"{r['forwards_per_request']:.1f} | {r['rows_per_batch']:.1f} | {r['accuracy']:.0%} |")
+                     f"{r['forwards_per_request']:.1f} | {r['rows_per_batch']:.1f} | {r.get('joined', 0)} | "
+                     f"{r['accuracy']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint for the in-process server (default: the bundled model)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-window", type=float, default=0.02)
+    p.add_argument("--batching", nargs="+", choices=("static", "step"), default=["step"],
+                   help="the in-process server's batching modes, each run with the same traffic (default step)")
     p.add_argument("--deadline", type=float, default=600, help="seconds for the whole run (default 600)")
     p.add_argument("--out", help="directory for results.json and table.md")
     a = p.parse_args(argv)
@@ -186,37 +192,41 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffspec.tasks import load_examples
 
-    server = None
-    if a.url:
-        target = Target(a.url)
-    else:
-        import uvicorn
+    if a.url and len(a.batching) > 1:
+        p.error("--batching with several modes starts its own servers; drop --url")
+    examples = load_examples("arith", limit=max(a.clients) * a.requests)
+    rows = []
+    for mode in a.batching:
+        server = None
+        if a.url:
+            target = Target(a.url)
+        else:
+            import uvicorn
 
-        from diffspec.serve import ServeSettings, create_app
+            from diffspec.serve import ServeSettings, create_app
 
-        port = free_port()
-        app = create_app(ServeSettings(model=a.model, method=a.methods[0], max_batch=a.max_batch,
-                                       batch_window=a.batch_window))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
-        target = Target(f"http://127.0.0.1:{port}")
-    try:
-        health = target.get("/health")
-        model_id = health["model"]
-        examples = load_examples("arith", limit=max(a.clients) * a.requests)
-        rows = []
-        for method in a.methods:
-            target.stream({"model": model_id, "prompt": examples[0].prompt, "stream": True,
-                           "diffspec": {"method": method}}, timeout=120)  # warm-up, not counted
-            for clients in a.clients:
-                row = run_row(target, model_id, method, clients, a.requests, examples, a.max_tokens, deadline)
-                rows.append(row)
-                print(table([row]).splitlines()[-1], flush=True)
-    finally:
-        if server is not None:
-            server.should_exit = True
+            port = free_port()
+            app = create_app(ServeSettings(model=a.model, method=a.methods[0], max_batch=a.max_batch,
+                                           batch_window=a.batch_window, batching=mode))
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+            threading.Thread(target=server.run, daemon=True).start()
+            while not server.started:
+                time.sleep(0.05)
+            target = Target(f"http://127.0.0.1:{port}")
+        try:
+            health = target.get("/health")
+            model_id = health["model"]
+            for method in a.methods:
+                target.stream({"model": model_id, "prompt": examples[0].prompt, "stream": True,
+                               "diffspec": {"method": method}}, timeout=120)  # warm-up, not counted
+                for clients in a.clients:
+                    row = run_row(target, model_id, method, clients, a.requests, examples, a.max_tokens, deadline)
+                    row["batching"] = health.get("batching", mode)
+                    rows.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
+        finally:
+            if server is not None:
+                server.should_exit = True
     md = table(rows)
     print("\n" + md)
     if a.out:
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "python": platform.python_version()},
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
                 "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                "server": {k: health[k] for k in ("model", "max_batch", "batch_window", "max_queue")},
+                "server": {k: health.get(k) for k in ("model", "max_batch", "batch_window", "max_queue")},
                 "rows": rows}
         import torch
 
@@ -239,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"1-minute load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on "
                 f"{os.cpu_count()} cores. Accuracy is on the arith problems each row sent (clients × requests "
                 "of them), so rows with different counts saw different problems. Forwards are the server's "
-                "batched forwards; rows / batch is the mean canvas height.\n\n")
+                "batched forwards; rows / batch is the mean canvas height; joined counts the requests that joined "
+                "a running batch (step batching).\n\n")
         (out / "table.md").write_text(note + md)
         print(f"wrote {out / 'results.json'} and {out / 'table.md'}", file=sys.stderr)
     return 0 if all(r["ok"] == r["requests"] for r in rows) else 1
