@@ -32,6 +32,13 @@ def model():
     return m.eval(), tok
 
 
+@pytest.fixture(scope="module")
+def ar_model():
+    from diffspec.models.causal import load_causal
+
+    return load_causal(DEFAULT_MODEL_DIR.parent / "qwen3-arith")
+
+
 class LateRows(Streamer):
     """Starts with rows 0..n-1; admits `pending` prompts at the `at`-th block start the loop reaches."""
 
@@ -132,6 +139,39 @@ def test_a_join_is_refused_where_it_would_change_the_answers(model):
             decode_canvas(MeteredModel(m, CostMeter()), canvas, cfg, None, streamer)
 
 
+def test_ar_rows_join_after_any_forward_and_decode_as_alone(ar_model):
+    """AR step-level batching (`speculative.ar._ARRows`): two rows join after the 4th forward and one
+    after the 11th (when the first rows may be done and leave); every row's answer is its answer
+    alone, and the first rows' results are still returned."""
+    from diffspec.decoding.runner import eos_ids
+    from diffspec.speculative.ar import ARConfig, ar_batch
+
+    m, tok = ar_model
+    ids = [tok.encode(q) for q in QUESTIONS[:5]]
+    cfg, eos, gen = ARConfig(gen_length=48), frozenset(eos_ids(m)), torch.Generator()
+
+    def run(rows, streamer=None):
+        meter = CostMeter()
+        with torch.inference_mode():
+            return ar_batch(MeteredModel(m, meter), rows, cfg, eos, gen, streamer=streamer), meter
+
+    want = [run([p])[0][0] for p in ids]
+
+    class Late(LateRows):
+        def admit(self, prompt_room, live_rows):
+            self.starts += 1
+            self.rooms.append(prompt_room)
+            return {4: [(2, ids[2]), (3, ids[3])], 11: [(4, ids[4])]}.get(self.starts, [])
+
+    streamer = Late(2, [], 0)
+    out, meter = run(ids[:2], streamer)
+    assert out == want[:2]
+    for row in range(5):
+        assert [streamer.cells[row][i] for i in range(len(want[row]))] == want[row], row
+    assert streamer.rooms[3] == max(map(len, ids[:2])) + 4  # a prompt fits left of the current column
+    assert meter.nfe < sum(run([p])[1].nfe for p in ids)  # the rows shared their forwards
+
+
 # ---------------------------------------------------------------- the engine
 
 
@@ -142,7 +182,9 @@ def run_two(model, batching: str, method: str = "vanilla", **opts) -> tuple[list
     m, tok = model
     eng = Engine(m, tok, max_batch=4, batch_window=0.0, batching=batching)
     cfg = build_config(method, **opts)
-    eos = (m.config.eos_token_id,)
+    from diffspec.decoding.runner import eos_ids
+
+    eos = tuple(eos_ids(m))
     a_q, b_q = QUESTIONS[0], QUESTIONS[1]
     jobs = [Job(method, cfg, [Prompt(q, tok.encode(q))], 1, [], eos, None) for q in (a_q, b_q)]
     events: dict[int, list] = {0: [], 1: []}
@@ -185,6 +227,14 @@ def test_a_request_arriving_mid_batch_joins_it_and_answers_as_alone(model, metho
     # B's TPF counts only the shared forwards since it joined, fewer than the batch's by then
     b_forwards = b["tokens_generated"] / b["tokens_per_forward"]
     assert b_forwards == pytest.approx(round(b_forwards)) and 0 < round(b_forwards) < b["forwards"]
+
+
+def test_an_ar_request_arriving_mid_batch_joins_it_and_answers_as_alone(ar_model):
+    m, tok = ar_model
+    texts, stats, _ = run_two(ar_model, "step", "ar", max_new_tokens=48)
+    assert stats.joined == 1 and stats.batches == 1
+    for q, text in zip(QUESTIONS[:2], texts):
+        assert text == generate([q], model=m, tokenizer=tok, method="ar", max_new_tokens=48).texts[0]
 
 
 def test_static_batching_keeps_a_late_request_for_its_own_batch(model):

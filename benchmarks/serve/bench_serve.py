@@ -152,7 +152,29 @@ def run_row(target: Target, model_id: str, method: str, clients: int, requests: 
         "ttfc_p50": percentile(ttfc, 50) if ttfc else None, "ttfc_p99": percentile(ttfc, 99) if ttfc else None,
         "forwards": forwards, "forwards_per_request": forwards / max(1, len(ok)), "batches": batches,
         "rows_per_batch": rows / max(1, batches), "accuracy": sum(r["correct"] for r in results) / len(results),
+        "texts": [r.get("text") if r["ok"] else None for r in results],  # request i asks examples[i % len]
     }
+
+
+def same_answers(rows: list[dict[str, Any]]) -> list[str]:
+    """For each row of a batching mode other than the first, how many of its answers equal the first
+    mode's answers to the same requests (same method, clients and request index)."""
+    first = rows[0].get("batching")
+    base = {(r["method"], r["clients"]): r["texts"] for r in rows if r.get("batching") == first}
+    out = []
+    for r in rows:
+        ref = base.get((r["method"], r["clients"]))
+        if r.get("batching") == first or ref is None:
+            continue
+        same = sum(a is not None and a == b for a, b in zip(r["texts"], ref))
+        ratio = ""
+        p50 = {row.get("batching"): row["latency_p50"] for row in rows
+               if (row["method"], row["clients"]) == (r["method"], r["clients"])}
+        if p50.get(first) and r["latency_p50"] is not None:
+            ratio = f"; p50 latency {r['latency_p50'] / p50[first]:.2f}× {first} batching's"
+        out.append(f"{r['method']} at {r['clients']} clients: {same}/{len(ref)} answers with {r['batching']} batching "
+                   f"equal {first} batching's{ratio}")
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -228,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.should_exit = True
     md = table(rows)
+    checks = same_answers(rows)
+    if checks:
+        md += "\n" + "\n".join(f"- {c}" for c in checks) + "\n"
     print("\n" + md)
     if a.out:
         out = Path(a.out)

@@ -266,6 +266,23 @@ class CausalKVCache:
         """Mark n more slots valid; the model calls this after all layers appended."""
         self.length += n
 
+    def grow(self, rows: int, max_len: int) -> None:
+        """`rows` more rows (empty) and room for at least `max_len` slots: a row joining a running
+        batch (step-level batching) whose answer may end later than the others'."""
+        extra = max(0, max_len - self.max_len)
+        for bufs in (self.k, self.v):
+            for i, buf in enumerate(bufs):
+                B, H, T, D = buf.shape
+                new = buf.new_zeros(B + rows, H, T + extra, D)
+                new[:B, :, :T] = buf
+                bufs[i] = new
+
+    def select_rows(self, rows: Sequence[int] | Tensor) -> None:
+        """Keep only these rows (finished rows leaving a batch); the others' slots are untouched."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.k[0].device)
+        self.k = [buf[idx] for buf in self.k]
+        self.v = [buf[idx] for buf in self.v]
+
     def crop(self, n: int) -> None:
         """Keep only the first n positions, e.g. to drop rejected draft tokens."""
         if not 0 <= n <= self.length:

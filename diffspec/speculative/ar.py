@@ -236,26 +236,79 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
     pos = positions[:, -1:] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    for step in range(cfg.gen_length):
+    # Step-level batching: a greedy loop with a streamer may take rows in after any forward (`_ARRows`).
+    joins = _ARRows(model, cfg, streamer) if streamer is not None and cfg.temperature == 0 and taps is None \
+        else None
+    row_ids, live = list(range(B)), list(out)  # each batch row's streamer row, and its answer so far
+    while True:
         tok = sample(logits, cfg.temperature, generator)
         stop = False
-        for r, t in enumerate(tok.tolist()):
-            if not done[r]:
-                out[r].append(t)
-                done[r] = cfg.stop_at_eos and t in eos
-                stop = commit_tail(streamer, r, out[r], 1)
-        if all(done) or step == cfg.gen_length - 1 or stop:
+        for i, t in enumerate(tok.tolist()):
+            if not done[i]:
+                live[i].append(t)
+                done[i] = (cfg.stop_at_eos and t in eos) or len(live[i]) >= cfg.gen_length
+                stop = commit_tail(streamer, row_ids[i], live[i], 1)
+        if all(done) or stop:
             break
         if padded:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(row_ids), 1)], dim=1)
         logits = keep(model(tok[:, None], positions=pos, attention_mask=mask if padded else None, kv_cache=cache,
                             sequences=done.count(False), hidden_layers=taps))
         pos = pos + 1
+        if joins is not None and joins.due(cache.length, done):
+            logits, mask, pos = joins.take(cache, logits, mask, pos, row_ids, live, done)
+            padded = True
     if hidden_out is not None:
         full = torch.cat(steps, dim=1)  # (B, W + answer steps fed, len·H)
         for r, row in enumerate(rows):
             hidden_out.append(full[r, W - len(row):W + len(out[r]) - 1])
     return out
+
+
+class _ARRows:
+    """Step-level batching for `ar_batch`: after a forward, rows whose answers are done leave the batch
+    (their cache rows go) and the rows the streamer admits join it. A joining prompt is prefilled
+    alone, exactly as `ar_batch` prefills a batch of one, and its K/V are placed in the batch's cache
+    so that they end at the current column (left padding before them), with its first answer token
+    still to be sampled from its own prefill's logits: from there it decodes as alone."""
+
+    def __init__(self, model: MeteredModel, cfg: ARConfig, streamer: Streamer):
+        self.model, self.cfg, self.streamer = model, cfg, streamer
+        self.new: list[tuple[int, list[int]]] = []
+
+    def due(self, columns: int, done: list[bool]) -> bool:
+        """Ask the streamer for rows now (the prompts that fit `columns` may join)."""
+        self.new = self.streamer.admit(columns, done.count(False))
+        return bool(self.new)
+
+    def take(self, cache: CausalKVCache, logits: Tensor, mask: Tensor, pos: Tensor, rows: list[int],
+             live: list[list[int]], done: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+        keep = [i for i, d in enumerate(done) if not d]
+        if len(keep) < len(done):  # done rows leave: nothing they hold is read again
+            cache.select_rows(keep)
+            logits, mask, pos = logits[keep], mask[keep], pos[keep]
+            rows[:], live[:], done[:] = [rows[i] for i in keep], [live[i] for i in keep], [False] * len(keep)
+        L = cache.length
+        device = logits.device
+        if mask.shape[1] < L:  # an unpadded batch kept no mask: every column it has is real
+            mask = torch.cat([mask, mask.new_ones(len(rows), L - mask.shape[1])], dim=1)
+        for row, prompt in self.new:
+            p = len(prompt)
+            if p > L:
+                raise ValueError(f"a joining prompt of {p} tokens does not fit the batch's {L} columns")
+            alone = CausalKVCache.for_model(self.model.model, 1, p, dtype=cache.k[0].dtype)
+            first = self.model(torch.tensor([prompt], device=device), positions=torch.arange(p, device=device)[None],
+                               kv_cache=alone).logits[:, -1]
+            cache.grow(1, L + self.cfg.gen_length)
+            for buf, src in zip((*cache.k, *cache.v), (*alone.k, *alone.v)):
+                buf[-1, :, L - p:L] = src[0, :, :p]
+            logits = torch.cat([logits, first])
+            mask = torch.cat([mask, torch.arange(L, device=device)[None] >= L - p])
+            pos = torch.cat([pos, pos.new_full((1, 1), p)])
+            rows.append(row)
+            live.append([])
+            done.append(False)
+        return logits, mask, pos
 
 
 @torch.inference_mode()
