@@ -163,7 +163,7 @@ def test_a_row_stopped_between_chunks_resumes_inside_the_row(tiny_checkpoint, tm
     calls = []
     import diffspec.evaluation.evaluate as ev
 
-    real_part = ev._run_part
+    real_part = ev.run_part
 
     def part(task, examples, *a, **kw):
         calls.append(len(examples))
@@ -171,7 +171,7 @@ def test_a_row_stopped_between_chunks_resumes_inside_the_row(tiny_checkpoint, tm
             raise KeyboardInterrupt("stopped")
         return real_part(task, examples, *a, **kw)
 
-    monkeypatch.setattr(ev, "_run_part", part)
+    monkeypatch.setattr(ev, "run_part", part)
     out = tmp_path / "chunked"
     with pytest.raises(KeyboardInterrupt):
         main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *CHUNKED, "--chunk", "4"])
@@ -199,13 +199,13 @@ def test_a_larger_limit_reuses_the_chunks_it_shares(tiny_checkpoint, tmp_path, m
     small = ["--gen-length", "8", "--block-length", "8", "--batch-size", "2", "--methods", "vanilla:steps=8"]
     _bench_out(tiny_checkpoint, tmp_path, ["--limit", "4", "--chunk", "2", *small])
     calls = []
-    real_part = ev._run_part
+    real_part = ev.run_part
 
     def part(task, examples, *a, **kw):
         calls.append(len(examples))
         return real_part(task, examples, *a, **kw)
 
-    monkeypatch.setattr(ev, "_run_part", part)
+    monkeypatch.setattr(ev, "run_part", part)
     r = json.loads(_bench_out(tiny_checkpoint, tmp_path, ["--limit", "6", "--chunk", "2", "--resume", *small]))
     assert calls == [2]  # examples 5-6 only: 1-4 came from the 4-example run
     assert r["n"] == 6 and r["rows"][0]["chunks"] == {"examples_per_chunk": 2, "chunks": 3, "reused": 2}
@@ -220,13 +220,13 @@ def test_shards_split_a_row_and_the_assembling_run_decodes_nothing(tiny_checkpoi
             "--methods", "vanilla:steps=8", "--chunk", "2", "--resume"]
     whole = json.loads(_bench_out(tiny_checkpoint, tmp_path / "whole", args[:-3]))
     calls: list[int] = []
-    real_part = ev._run_part
+    real_part = ev.run_part
 
     def part(task, examples, *a, **kw):
         calls.append(len(examples))
         return real_part(task, examples, *a, **kw)
 
-    monkeypatch.setattr(ev, "_run_part", part)
+    monkeypatch.setattr(ev, "run_part", part)
     out = tmp_path / "sharded"
     assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "0/2"]) == 0
     assert calls == [2, 1]  # chunks 0 (examples 1-2) and 2 (example 5) only
@@ -262,7 +262,7 @@ def test_a_shard_assembles_the_row_when_the_other_shard_finished_meanwhile(tiny_
     args = ["--limit", "5", "--gen-length", "8", "--block-length", "8", "--batch-size", "2",
             "--methods", "vanilla:steps=8", "--chunk", "2", "--resume"]
     out = tmp_path / "sharded"
-    real_part = ev._run_part
+    real_part = ev.run_part
     calls: list[int] = []
 
     def part(task, examples, *a, **kw):
@@ -271,7 +271,7 @@ def test_a_shard_assembles_the_row_when_the_other_shard_finished_meanwhile(tiny_
             assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "1/2"]) == 0
         return real_part(task, examples, *a, **kw)
 
-    monkeypatch.setattr(ev, "_run_part", part)
+    monkeypatch.setattr(ev, "run_part", part)
     assert main(["bench", "--model", str(tiny_checkpoint), "--out", str(out), *args, "--shard", "0/2"]) == 0
     assert calls == [2, 1, 2]  # shard 0: chunks 0 and 2; shard 1 (inside): chunk 1 only
     r = json.loads((out / "results.json").read_text())

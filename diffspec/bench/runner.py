@@ -301,7 +301,7 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
     With `shard` = (i, n) only chunks number i, i + n, i + 2n, … are decoded; the others are taken
     from disk when another shard has saved them. n processes sharing one --out thus split a row
     that would otherwise keep one core busy alone, and a row still missing chunks returns None."""
-    from ..evaluation.evaluate import DEFAULT_MC_NUM, _merge, _run_part, config_value
+    from ..evaluation.evaluate import DEFAULT_MC_NUM, merge_parts, run_part, config_value
 
     bs = int(config_value(cfg, "batch_size", 32))
     size = -(-chunk // bs) * bs
@@ -317,7 +317,7 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
             continue
         if part is None:
             print(f"[bench]   examples {start + 1}-{end} of {len(examples)}", file=sys.stderr)
-            part = _run_part(task, list(examples[start:end]), model, tokenizer, method, cfg, "generate",
+            part = run_part(task, list(examples[start:end]), model, tokenizer, method, cfg, "generate",
                              DEFAULT_MC_NUM, True)
             part.update(indices=list(range(start, end)), measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
             rows_store.save_part(out_dir, part_key, start, end, part)
@@ -332,7 +332,7 @@ def decode_in_chunks(task: str, model: Any, tokenizer: Any, method: str, cfg: An
         print(f"[bench]   {missing} chunk(s) of this row are left to the other shards", file=sys.stderr)
         return None
     wall = sum(p["meter"].wall_seconds for p in parts)
-    r = _merge(task, method, examples, parts, cfg, "generate", DEFAULT_MC_NUM, wall, False, True)
+    r = merge_parts(task, method, examples, parts, cfg, "generate", DEFAULT_MC_NUM, wall, False, True)
     for k in ("wall_seconds_per_rank", "spec_per_rank"):  # chunks are not ranks
         r.pop(k, None)
     r["world_size"] = 1

@@ -143,8 +143,8 @@ def _likelihood_scores(examples: Sequence[Example], model: Any, tokenizer: Any, 
     return out
 
 
-def _run_part(task: str, examples: Sequence[Example], model: Any, tokenizer: Any, method: str, cfg: AnyConfig,
-              scoring: str, mc_num: int, progress: bool) -> dict[str, Any]:
+def run_part(task: str, examples: Sequence[Example], model: Any, tokenizer: Any, method: str, cfg: AnyConfig,
+             scoring: str, mc_num: int, progress: bool) -> dict[str, Any]:
     """Score `examples` in this process: per-example scores, texts, ids, the meter, the config."""
     from ..decoding.meter import CostMeter
 
@@ -197,7 +197,7 @@ def evaluate(
 
         dist.barrier()  # start the clocks together
     t0 = time.perf_counter()
-    part = _run_part(task, [examples[i] for i in mine], model, tokenizer, method, cfg, scoring, mc_num,
+    part = run_part(task, [examples[i] for i in mine], model, tokenizer, method, cfg, scoring, mc_num,
                      progress and shard.is_main)
     part["indices"] = mine
     part["wall"] = time.perf_counter() - t0
@@ -205,11 +205,13 @@ def evaluate(
     overall = time.perf_counter() - t0
     if parts is None:
         return None
-    return _merge(task, method, examples, parts, cfg, scoring, mc_num, overall, keep_samples, keep_ids)
+    return merge_parts(task, method, examples, parts, cfg, scoring, mc_num, overall, keep_samples, keep_ids)
 
 
-def _merge(task: str, method: str, examples: Sequence[Example], parts: list[dict[str, Any]], cfg: AnyConfig,
-           scoring: str, mc_num: int, overall: float, keep_samples: bool, keep_ids: bool) -> dict[str, Any]:
+def merge_parts(task: str, method: str, examples: Sequence[Example], parts: list[dict[str, Any]], cfg: AnyConfig,
+                scoring: str, mc_num: int, overall: float, keep_samples: bool, keep_ids: bool) -> dict[str, Any]:
+    """One result from `run_part`s over consecutive slices of `examples` (processes, or a bench row's
+    resumable chunks): scores and meters added up, so a chunked run reports what one run would."""
     from ..decoding.meter import CostMeter
 
     n = len(examples)
