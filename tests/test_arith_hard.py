@@ -65,15 +65,14 @@ def test_answers_follow_from_the_question():
         assert 7 <= len(lines) <= 8
 
 
-def test_lines_reuse_earlier_results():
-    """Most problems start a line from a count written at least two lines earlier (not just the line above)."""
-    reused = 0
-    probs = arith_hard.generate("validation", 200)
-    for p in probs:
+def test_every_line_continues_the_line_above():
+    """The chain parallel decoding must respect: each line starts from the result above it, the first from
+    the question's count, and the final answer is the last result."""
+    for p in arith_hard.generate("validation", 200):
         rows = [_LINE.fullmatch(x) for x in p.answer.split("\n")[:-1]]
-        results = [r[6] for r in rows]
-        reused += any(r[3] in results[:max(0, i - 1)] for i, r in enumerate(rows))
-    assert reused > 0.8 * len(probs)
+        start = re.search(r"has (\d+) ", p.question)[1]
+        assert [r[3] for r in rows] == [start] + [r[6] for r in rows[:-1]]
+        assert p.target == rows[-1][6] and len({r[2] for r in rows}) == 1
 
 
 def test_seeded_and_extends():

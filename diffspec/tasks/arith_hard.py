@@ -5,13 +5,11 @@ threshold costs 0.2 points, so no decoding method can win or lose there. A
 contest needs answers whose cells really depend on each other when a decoder
 commits several in one step:
 
-- two or three people and numbered events, so an answer runs to 7-8 lines and
-  88-116 tokens: three or four blocks of 32;
-- values that later lines reuse: every line starts from the person's current
-  count, written lines earlier (or in the question), and a transfer ("(2) Tom
-  gives Ana 7.") writes two lines, the second reusing the operand of the
-  first; the question may ask for two people's total, a final line over two
-  earlier results (a two-digit sum with a carry);
+- one person and 7-8 numbered events, so an answer runs to 7-8 lines and
+  about 100-117 tokens: four blocks of 32;
+- a chain: every line starts from the result of the line above (the first
+  from the question's count), so a line's first operand is a value the
+  decoder wrote in the same or the previous block;
 - results up to 50, so a line's tens digit depends on a carry or a borrow
   that a parallel step commits blind.
 
@@ -38,6 +36,17 @@ plateau before induction-style copying, because names are 1/7 of the answer's
 cells and the arithmetic dominates the loss. A pure copy task in this format
 learns the copy within 600 steps (benchmarks/arith-hard-probe/copy_sanity.py).
 
+Why one person (2026-12-06): the versions with two or three people (transfers
+between them, a question about two people's total) never trained. Four runs,
+about six CPU-hours (from scratch and warm-started from `arith`, with and without
+event numbers, with recall stories), all ended with the masked-name
+cross-entropy at ln 12: the models never learned to read a name from the
+question (benchmarks/arith-hard-probe), so they could not know whose count a
+line continues. `arith`'s model already copies each event's amount from the
+question in order; one person keeps that skill sufficient and makes the chain
+long, which is what parallel decoding breaks. `PEOPLE` and the give and total
+code stay for the record of what was tried; `generate` uses one person.
+
 The answer keeps GSM8K's format (`#### N` after the working) so the same
 prompt, stop and scoring code runs on it. Every value stays in 1..50. Splits
 are disjoint by a hash of the question text (`arith.split_of`), as for `arith`.
@@ -50,6 +59,7 @@ import re
 from .arith import ITEMS, NAMES, SPLITS, Problem, split_of
 
 MAX_VALUE = 50
+PEOPLE = 1  # one person: see the module docstring for the two- and three-person versions and why they went
 OPERAND = (2, 9)  # one-digit amounts: the fact table a 4-layer CPU model learns (see below)
 START = (10, 40)
 
@@ -63,7 +73,7 @@ def _amount(rng: random.Random, lo: int, hi: int) -> int | None:
 def _event(rng: random.Random, people: list[str], have: dict[str, int]
            ) -> tuple[str, list[str], dict[str, int]] | None:
     """One story sentence, its answer lines and the new counts, or None if the draw does not fit 1..99."""
-    kind = rng.choice(["buy", "lose", "give"])
+    kind = rng.choice(["buy", "lose", "give"] if len(people) > 1 else ["buy", "lose"])
     a = rng.choice(people)
     va = have[a]
     if kind == "buy":
@@ -91,11 +101,11 @@ def make_problem(rng: random.Random, min_lines: int = 7, max_lines: int = 8) -> 
     """One problem whose answer has between `min_lines` and `max_lines` working lines."""
     while True:
         item = rng.choice(ITEMS)
-        people = rng.sample(NAMES, rng.choice([2, 2, 3]))
+        people = rng.sample(NAMES, PEOPLE)
         have = {p: rng.randint(*START) for p in people}
         sentences = [f"{p} has {have[p]} {item}." for p in people]
         lines: list[str] = []
-        total = rng.random() < 0.4  # ask for two people's total: one more line over two results
+        total = PEOPLE > 1 and rng.random() < 0.4  # ask for two people's total: one more line over two results
         want = rng.randint(min_lines, max_lines) - int(total)
         tries = 0
         while len(lines) < want and tries < 50:
