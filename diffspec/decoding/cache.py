@@ -88,7 +88,7 @@ class NoCache:
 
     def __init__(self, model: MeteredModel, canvas: Canvas, cfg: DecodeConfig):
         self.model, self.canvas, self.cfg = model, canvas, cfg
-        self.block = Block(torch.zeros(canvas.batch_size, dtype=torch.long, device=canvas.x.device), 0)
+        self.block = Block(torch.zeros(canvas.batch_size, dtype=torch.long, device=canvas.x.device), 0, 0)
 
     def begin_block(self, block: Block) -> None:
         self.block = block
@@ -227,7 +227,7 @@ class CachedDecoding:
         self.model, self.canvas, self.cfg = model, canvas, cfg
         device = canvas.x.device
         self.store = KVStore(canvas.batch_size, canvas.length, model.config.n_layers, device)
-        self.block = Block(torch.zeros(canvas.batch_size, dtype=torch.long, device=device), 0)
+        self.block = Block(torch.zeros(canvas.batch_size, dtype=torch.long, device=device), 0, 0)
         self.block_start = False
         self.row_steps = torch.zeros(canvas.batch_size, dtype=torch.long, device=device)  # across blocks
         self.block_steps = torch.zeros_like(self.row_steps)  # since the current block began

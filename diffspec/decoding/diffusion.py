@@ -78,6 +78,7 @@ class BlockDecoder:
         self.block: int | None = None  # the round being decoded (the block, without late rows)
         self.step_in_block = 0
         self.offset = torch.zeros(canvas.batch_size, dtype=torch.long, device=canvas.x.device)
+        self.late = False  # whether rows joined late (then offsets differ and blocks are found per row)
         self._mask_index = torch.tensor([canvas.mask_id], device=canvas.x.device)
         mc = model.config
         self._eos_index = torch.tensor([mc.eos_token_id], device=canvas.x.device)
@@ -95,9 +96,10 @@ class BlockDecoder:
 
     def blocks(self, r: int) -> Block:
         """Each row's block in round `r` (a row that finished sits on its last block)."""
-        cfg = self.cfg
+        cfg, P = self.cfg, self.canvas.prompt_len
         index = (r - self.offset).clamp(0, cfg.num_blocks - 1)
-        return Block(self.canvas.prompt_len + index * cfg.block_length, cfg.block_length)
+        uniform = None if self.late else P + r * cfg.block_length  # no late rows: round r is block r
+        return Block(P + index * cfg.block_length, cfg.block_length, uniform)
 
     def at_round_start(self) -> bool:
         """Whether the next step begins a round (where rows may join)."""
@@ -118,6 +120,7 @@ class BlockDecoder:
         self.canvas = Canvas(torch.cat([c.x, canvas.x]), torch.cat([c.attention_mask, canvas.attention_mask]),
                              c.prompt_len, c.gen_length, c.mask_id)
         self.offset = torch.cat([self.offset, self.offset.new_full((canvas.batch_size,), r)])
+        self.late = True
         self.cache.canvas = self.canvas
         self.cache.add_rows(canvas.batch_size)
         self.block = None  # the round (re)starts with every row in it
@@ -241,9 +244,9 @@ def _without_rows(decoder: BlockDecoder, keep: list[int], block: int, report: Ca
     idx = torch.tensor(keep, dtype=torch.long, device=c.x.device)
     small = Canvas(c.x[idx].clone(), c.attention_mask[idx].clone(), c.prompt_len, c.gen_length, c.mask_id)
     if block != decoder.block:
-        offset = decoder.offset[idx]
+        offset, late = decoder.offset[idx], decoder.late
         decoder = BlockDecoder(decoder.model, small, decoder.cfg, decoder.generator)
-        decoder.offset = offset
+        decoder.offset, decoder.late = offset, late
     elif not keep_rows(decoder, small, idx):
         return decoder  # a cache whose state cannot be cut: the rows stay
     report.keep(keep, small)
@@ -269,7 +272,7 @@ def keep_rows(decoder: BlockDecoder, canvas: Canvas, idx: Tensor) -> bool:
         cache.last_need = cache.last_need[idx]
     elif type(cache) is not NoCache:
         return False
-    cache.block = Block(cache.block.starts[idx], cache.block.length)
+    cache.block = Block(cache.block.starts[idx], cache.block.length, cache.block.uniform)
     decoder.canvas = cache.canvas = canvas
     decoder.offset = decoder.offset[idx]
     return True

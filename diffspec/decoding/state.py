@@ -73,8 +73,8 @@ class Canvas:
 
     def block(self, index: int, block_length: int) -> "Block":
         """Block `index` of every row's answer."""
-        starts = torch.full((self.batch_size,), self.block_bounds(index, block_length)[0], device=self.x.device)
-        return Block(starts, block_length)
+        s = self.block_bounds(index, block_length)[0]
+        return Block(torch.full((self.batch_size,), s, device=self.x.device), block_length, s)
 
     def generated(self) -> Tensor:
         return self.x[:, self.prompt_len :]
@@ -89,10 +89,12 @@ class Block:
     block than its companions, so the operations gather and scatter per row.
     """
 
-    def __init__(self, starts: Tensor, length: int):
+    def __init__(self, starts: Tensor, length: int, uniform: int | None = None):
+        """`uniform`: every row's start, when the caller knows they agree (no device sync to find out)."""
         self.starts, self.length = starts, length
-        same = bool((starts == starts[0]).all()) if len(starts) else True
-        self.uniform: int | None = int(starts[0]) if same and len(starts) else None
+        if uniform is None and len(starts):
+            uniform = int(starts[0]) if bool((starts == starts[0]).all()) else None
+        self.uniform: int | None = uniform
 
     @property
     def cols(self) -> Tensor:
