@@ -175,8 +175,10 @@ def test_ar_rows_join_after_any_forward_and_decode_as_alone(ar_model):
 # ---------------------------------------------------------------- the engine
 
 
-def run_two(model, batching: str, method: str = "vanilla", **opts) -> tuple[list[str], object, list[dict]]:
-    """Request A starts alone; request B is submitted when A's first text arrives (A decoding)."""
+def run_two(model, batching: str, method: str = "vanilla", other: dict | None = None,
+            **opts) -> tuple[list[str], object, list[dict]]:
+    """Request A starts alone; request B is submitted when A's first text arrives (A decoding); with
+    `other`, a request with those other options is submitted just before B."""
     from diffspec.serve.engine import Engine, Job, Prompt
 
     m, tok = model
@@ -186,15 +188,19 @@ def run_two(model, batching: str, method: str = "vanilla", **opts) -> tuple[list
 
     eos = tuple(eos_ids(m))
     a_q, b_q = QUESTIONS[0], QUESTIONS[1]
-    jobs = [Job(method, cfg, [Prompt(q, tok.encode(q))], 1, [], eos, None) for q in (a_q, b_q)]
-    events: dict[int, list] = {0: [], 1: []}
+    # the other request is made (arrives) before B, which is what `created` records
+    first = [Job(method, build_config(method, **other), [Prompt(a_q, tok.encode(a_q))], 1, [], eos, None)] \
+        if other is not None else []
+    jobs = [Job(method, cfg, [Prompt(q, tok.encode(q))], 1, [], eos, None) for q in (a_q, b_q)] + first
+    events: dict[int, list] = {i: [] for i in range(len(jobs))}
     done = threading.Event()
 
     def sink(i: int):
         def take(ev: tuple) -> None:
             events[i].append(ev)
             if i == 0 and ev[0] == "delta" and not any(e[0] == "delta" for e in events[0][:-1]):
-                eng.submit(jobs[1])
+                for job in jobs[2:] + jobs[1:2]:
+                    eng.submit(job)
             if all(evs and evs[-1][0] in ("done", "error") for evs in events.values()):
                 done.set()
         return take
@@ -207,9 +213,9 @@ def run_two(model, batching: str, method: str = "vanilla", **opts) -> tuple[list
         done.wait()
     finally:
         eng.stop()
-    texts = ["".join(e[2] for e in events[i] if e[0] == "delta") for i in range(2)]
-    assert [events[i][-1][0] for i in range(2)] == ["done", "done"], events
-    return texts, eng.stats, [events[i][-1][1] for i in range(2)]
+    texts = ["".join(e[2] for e in events[i] if e[0] == "delta") for i in range(len(jobs))]
+    assert all(events[i][-1][0] == "done" for i in range(len(jobs))), events
+    return texts, eng.stats, [events[i][-1][1] for i in range(len(jobs))]
 
 
 @pytest.mark.parametrize("method,opts", [
@@ -242,6 +248,16 @@ def test_static_batching_keeps_a_late_request_for_its_own_batch(model):
     opts = dict(gen_length=64, block_length=16, steps=32)
     texts, stats, _ = run_two(model, "static", **opts)
     assert stats.joined == 0 and stats.batches == 2 and stats.max_rows_in_batch == 1
+    assert texts[1] == generate([QUESTIONS[1]], model=m, tokenizer=tok, method="vanilla", **opts).texts[0]
+
+
+def test_a_request_does_not_join_ahead_of_an_older_one_with_other_settings(model):
+    """No starvation: B may not join A's batch while C (other settings, queued before B) waits; A's
+    batch ends, then C's and B's run, and every answer is still its own."""
+    m, tok = model
+    opts = dict(gen_length=64, block_length=16, steps=32)
+    texts, stats, _ = run_two(model, "step", other=dict(gen_length=32, block_length=16, steps=16), **opts)
+    assert stats.joined == 0 and stats.batches == 3
     assert texts[1] == generate([QUESTIONS[1]], model=m, tokenizer=tok, method="vanilla", **opts).texts[0]
 
 

@@ -284,7 +284,7 @@ def soak(server_args: list[str], traffic: Traffic, clients: list[int], requests:
         with tqdm(total=total, desc="soak " + (" ".join(server_args) or "(defaults)"), unit="req") as bar:
             for n in clients:
                 records, wall = run_phase(srv.port, traffic, n, seed, requests, seconds, bar)
-                phases.append(summarize(records, wall, n))
+                phases.append({**summarize(records, wall, n), "rss_mb": srv.rss_mb()})
         rss_end = srv.rss_mb()
     except BaseException:
         srv.proc.kill()
@@ -297,13 +297,14 @@ def soak(server_args: list[str], traffic: Traffic, clients: list[int], requests:
 def table(runs: list[dict[str, Any]]) -> str:
     f: Callable[[float | None], str] = lambda v: "—" if v is None else f"{v:.2f}"
     lines = ["| server | clients | requests | good exact | wrong | 5xx | good req/s | p50 latency (s) | "
-             "p99 latency (s) | p50 first chunk (s) | p99 first chunk (s) |", "|" + "---|" * 11]
+             "p99 latency (s) | p50 first chunk (s) | p99 first chunk (s) | RSS after (MiB) |", "|" + "---|" * 12]
     for run in runs:
         name = " ".join(run["server_args"]) or "defaults"
         for p in run["phases"]:
             lines.append(f"| {name} | {p['clients']} | {p['requests']} | {p['good_exact']}/{p['good']} | {p['wrong']} | "
                          f"{p['server_errors']} | {p['good_per_second']:.2f} | {f(p['latency_p50'])} | "
-                         f"{f(p['latency_p99'])} | {f(p['ttft_p50'])} | {f(p['ttft_p99'])} |")
+                         f"{f(p['latency_p99'])} | {f(p['ttft_p50'])} | {f(p['ttft_p99'])} | "
+                         f"{p['rss_mb']:.0f} |")
     lines += ["", "| server | RSS after warm-up (MiB) | RSS at end (MiB) | growth | exit code after SIGTERM |",
               "|---|---|---|---|---|"]
     for run in runs:

@@ -561,11 +561,15 @@ class Engine:
     def _join(self, batch: Batch, prompt_room: int, capacity: int) -> list[Job]:
         """Step-level batching: queued jobs of `batch`'s key that join it now, oldest first, while their
         rows fit `capacity` and their prompts `prompt_room` tokens (the first that does not fit waits
-        for the next batch, and so does everything behind it: arrival order is kept)."""
+        for the next batch, and so does everything behind it: arrival order is kept). A job that
+        arrived after the oldest job waiting under another key does not join: the running batch then
+        ends as its rows finish, and the other key's batch starts, so no key starves another."""
         key = batch.jobs[0].key
         taken: list[Job] = []
         with self.cond:
             q = self.queues.get(key)
+            others = [d[0].created for k, d in self.queues.items() if k != key and d]
+            oldest_other = min(others) if others else float("inf")
             while q:
                 job = q[0]
                 if job.cancelled:
@@ -573,7 +577,8 @@ class Engine:
                     self.queued_rows -= job.n_rows
                     self.stats.cancelled += 1
                     continue
-                if job.n_rows > capacity or any(len(p.ids) > prompt_room for p in job.prompts):
+                if job.n_rows > capacity or any(len(p.ids) > prompt_room for p in job.prompts) \
+                        or job.created > oldest_other:
                     break
                 q.popleft()
                 self.queued_rows -= job.n_rows
@@ -656,6 +661,8 @@ class BatchStreamer(Streamer):
             r = self.batch.rows[row]
             if not r.done:
                 self.batch.feed(r, [cells[i] for i in range(n)], n >= self.length)
+        if self.batch.rows[row].done:  # a long-lived batch (step batching) keeps no finished row's cells
+            cells.clear()
 
     def should_stop(self) -> bool:
         return all(r.done for r in self.batch.rows)
