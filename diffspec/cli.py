@@ -394,10 +394,11 @@ def _serve_parser(sub: Any) -> None:
     sv.add_argument("--max-batch", type=int, default=16, help="rows decoded together in one canvas (default 16)")
     sv.add_argument("--batch-window", type=float, default=0.02,
                     help="seconds a request waits for companions with the same settings (default 0.02)")
-    sv.add_argument("--batching", choices=("step", "static"), default="step",
-                    help="step (default): requests join a running vanilla / fast-dllm / dkv-cache batch at its next "
-                         "block start and leave it when done; static: a batch runs to its end before the next one "
-                         "starts (other methods always batch statically, see docs/serving.md)")
+    sv.add_argument("--batching", choices=("auto", "step", "static"), default="auto",
+                    help="step: requests join a running vanilla / fast-dllm / dkv-cache batch at its next block start "
+                         "(greedy ar: at the next token) and leave it when done; static: a batch runs to its end "
+                         "before the next one starts (other methods always do); auto (default): step on a CUDA "
+                         "device, static on a CPU, where it served more (see docs/serving.md)")
     sv.add_argument("--prompt-bucket", type=int, default=32,
                     help="step batching: a batch's canvas reserves its longest prompt rounded up to this many "
                          "tokens, so that requests with prompts up to that long can join it (default 32)")

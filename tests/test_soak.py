@@ -27,9 +27,10 @@ def traffic():
     return soak.build_traffic(None, ["vanilla", "fast-dllm"], 4, {"gen_length": 32})
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = soak.ServerProcess([], tmp_path_factory.mktemp("soak") / "server.log")
+@pytest.fixture(scope="module", params=["static", "step"])
+def server(request, tmp_path_factory):
+    """A server per batching mode: with step, requests of the mix join running batches."""
+    srv = soak.ServerProcess(["--batching", request.param], tmp_path_factory.mktemp("soak") / "server.log")
     yield srv
     if srv.proc.poll() is None:
         srv.proc.kill()

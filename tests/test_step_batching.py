@@ -265,7 +265,8 @@ def test_engine_batching_options_are_checked(model):
     from diffspec.serve.engine import Engine
 
     m, tok = model
-    with pytest.raises(ValueError, match="batching must be one of step, static"):
+    with pytest.raises(ValueError, match="batching must be one of auto, step, static"):
         Engine(m, tok, batching="continuous")
+    assert Engine(m, tok).batching == "static"  # auto, on a CPU: see benchmarks/serve-soak-step-cpu
     with pytest.raises(ValueError, match="prompt_bucket must be an integer >= 1"):
         Engine(m, tok, prompt_bucket=0)

@@ -44,7 +44,7 @@ class ServeSettings:
     port: int = 8000
     max_batch: int = 16
     batch_window: float = 0.02
-    batching: str = "step"  # step-level (requests join a running batch) or static (--batching)
+    batching: str = "auto"  # step-level (requests join a running batch), static, or auto: step on CUDA (--batching)
     prompt_bucket: int = 32  # step batching: prompt columns a canvas reserves, rounded up to this (--prompt-bucket)
     max_queue: int = 256
     model_name: str | None = None
@@ -62,8 +62,8 @@ def check_settings(s: ServeSettings) -> None:
     """The production options, checked before anything is loaded (errors name the CLI flag)."""
     if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
         raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
-    if s.batching not in ("step", "static"):
-        raise ValueError(f"--batching must be step or static, got {s.batching!r}")
+    if s.batching not in ("auto", "step", "static"):
+        raise ValueError(f"--batching must be auto, step or static, got {s.batching!r}")
     if isinstance(s.prompt_bucket, bool) or not isinstance(s.prompt_bucket, int) or s.prompt_bucket < 1:
         raise ValueError(f"--prompt-bucket must be an integer >= 1 (tokens), got {s.prompt_bucket!r}")
     check_api_key(s.api_key)

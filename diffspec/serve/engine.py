@@ -87,7 +87,11 @@ def gen_length_of(cfg: Any) -> int:
     return int(cfg.gen_length)
 
 
-BATCHING = ("step", "static")  # `Engine(batching=...)`, `diffspec serve --batching`
+# `Engine(batching=...)`, `diffspec serve --batching`. "auto" is step on CUDA and static on a CPU: a
+# CPU forward of B rows costs B times one row's (benchmarks/serve-step-cpu/forward_cost.py), so a row
+# that joins slows every step of its batch by its share and, with mixed traffic, static batching
+# served 1.3x the requests (benchmarks/serve-soak-step-cpu).
+BATCHING = ("auto", "step", "static")
 
 # ---------------------------------------------------------------- jobs, rows, choices
 
@@ -310,11 +314,13 @@ class Engine:
     """Queues jobs by batch key and decodes them on one worker thread."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, batch_window: float = 0.01,
-                 max_queue: int = 256, dtype: str | None = None, batching: str = "step", prompt_bucket: int = 32):
+                 max_queue: int = 256, dtype: str | None = None, batching: str = "auto", prompt_bucket: int = 32):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be an integer >= 1 (tokens), got {prompt_bucket!r}")
+        if batching == "auto":
+            batching = "step" if next(model.parameters()).device.type == "cuda" else "static"
         self.batching, self.prompt_bucket = batching, prompt_bucket
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
