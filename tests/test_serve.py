@@ -461,7 +461,7 @@ def test_cli_serve_refuses_bad_defaults_before_loading(capsys):
 def test_a_failing_request_does_not_fail_its_batch(srv, model):
     """A row that breaks its batch (here: a prompt longer than the model's positions, which validation
     refuses) is retried alone; its companions still get their answers."""
-    from diffspec.serve.engine import Job, Prompt
+    from diffspec.serve.scheduler import Job, Prompt
 
     m, tok = model
     svc, events = srv.service, {}
@@ -484,7 +484,7 @@ def test_requests_sharing_a_canvas_each_count_their_own_tokens(srv, model):
     """Two requests decoded in one canvas (run_jobs: one batch, whatever the machine's speed): each
     usage counts its own answer as `generate` does, its TPF divides that by the forwards its row took
     part in (a whole number of them, at most the batch's), and the server's total counts each row once."""
-    from diffspec.serve.engine import Job, Prompt
+    from diffspec.serve.scheduler import Job, Prompt
 
     _, tok = model
     svc, events = srv.service, {}

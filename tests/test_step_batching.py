@@ -179,7 +179,8 @@ def run_two(model, batching: str, method: str = "vanilla", other: dict | None = 
             **opts) -> tuple[list[str], object, list[dict]]:
     """Request A starts alone; request B is submitted when A's first text arrives (A decoding); with
     `other`, a request with those other options is submitted just before B."""
-    from diffspec.serve.engine import Engine, Job, Prompt
+    from diffspec.serve.engine import Engine
+    from diffspec.serve.scheduler import Job, Prompt
 
     m, tok = model
     eng = Engine(m, tok, max_batch=4, batch_window=0.0, batching=batching)

@@ -6,8 +6,9 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET 
 Per-request decoding options go under one extra field, validated like the CLI's flags:
 `{"model": ..., "prompt": ..., "diffspec": {"method": "psd", "lossless": true}}`.
 Streaming sends append-only text as it becomes final; requests with the same settings are
-decoded together in one canvas (`engine.py`). The API key, draining on SIGTERM, request ids,
-metrics and the access log live in `gate.py`, `metrics.py` and `app.serve`.
+decoded together in one canvas (the queues in `scheduler.py`, decoding and output in
+`engine.py`). The API key, draining on SIGTERM, request ids, metrics and the access log live in
+`gate.py`, `metrics.py` and `app.serve`.
 """
 from __future__ import annotations
 

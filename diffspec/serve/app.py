@@ -18,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Job, Prompt
+from .engine import Engine
+from .scheduler import Job, Prompt
 from .errors import ApiError, bad_request, not_found, server_error
 from .gate import Gate, check_api_key
 from .metrics import CONTENT_TYPE_LATEST, Metrics

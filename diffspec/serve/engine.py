@@ -1,13 +1,8 @@
-"""The batching engine: one worker thread decodes queued requests together, streaming each row's final text.
+"""The executor: one worker thread decodes the batches the scheduler gives it, streaming each row's final text.
 
-Requests whose decoding settings agree (`Job.key`: the method and its whole
-config but the batch size, and the seed when nothing is sampled) wait in one
-queue; the worker takes the oldest queue once its first job has waited the
-collection window (or the queue holds a full batch), and decodes up to
-`max_batch` rows in one canvas. Requests with other settings wait in their own
-queues. A request that samples (temperature > 0, random remasking, Dream's
-sampler) is decoded alone, so its seed reproduces `diffspec.api.generate`, and so is
-a request whose method does not batch (`Method.batches`).
+The scheduler (`serve.scheduler`) keeps the queues by batch key and decides what runs next;
+this module decodes a batch and turns what the decoding loops commit into each request's text
+and usage (`Batch`, the output processing).
 
 How text reaches a client while its batch decodes: one executor for every method.
 It calls the method's own decode function (`Method.run`) on the batch's prompts
@@ -19,7 +14,7 @@ loop to stop. The block decoder (vanilla / fast-dllm / dkv-cache) also asks it
 which rows are done and, for the caches that allow it, takes them out of its
 canvas at the next step without changing the others (`decoding.diffusion.
 keep_rows`). A job cancelled while queued leaves the queue at once
-(`Engine.cancel`), freeing its rows' capacity. The models a method's roles name
+(`Scheduler.cancel`), freeing its rows' capacity. The models a method's roles name
 beyond the target (drafters) are loaded once by its `Method.load` and kept.
 
 Tokens generated mean one thing everywhere (`TextStream.completion_tokens`, the
@@ -33,16 +28,10 @@ meter's TPF). OpenAI's `completion_tokens` counts every choice: it equals
 """
 from __future__ import annotations
 
-import asyncio
-import itertools
-import json
 import logging
-import math
 import threading
 import time
 import traceback
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,42 +39,11 @@ import torch
 from ..decoding.meter import CostMeter
 from ..decoding.streamer import Streamer
 from ..methods import Method, get_method
-from .errors import ApiError, queue_full, server_error
+from .errors import ApiError, server_error
+from .scheduler import EngineStats, Job, Prompt, Scheduler, gen_length_of
 from .text import TextStream
 
 log = logging.getLogger("diffspec.serve")
-
-# A method batches (`Method.batches`) when its rows decode in one canvas exactly as each would
-# alone (checked against `generate` one prompt at a time) and share their forwards. Every other
-# method decodes each request alone: DualDiffusion's rows advance in lockstep (one iteration budget
-# and drafter clock per canvas), so a companion changes a row's answer; ar-spec, dflash and d2sd
-# decode rows one at a time anyway, so a batch would only delay its first answers.
-
-
-def uses_rng(cfg: Any) -> bool:
-    """Whether decoding `cfg` draws random numbers (then a row's draws depend on its batch companions)."""
-    if type(cfg).__name__ == "DreamDecodeConfig":
-        return True  # alg 'origin' reveals cells at random; treat every Dream run as sampled
-    d = getattr(cfg, "decode", cfg)
-    return getattr(d, "temperature", 0) > 0 or getattr(d, "remasking", "low_confidence") == "random"
-
-
-def _strip(d: Any, keys: tuple[str, ...]) -> Any:
-    if isinstance(d, dict):
-        return {k: _strip(v, keys) for k, v in d.items() if k not in keys}
-    return d
-
-
-def batch_key(method: str, cfg: Any) -> str:
-    """Jobs with equal keys may share a canvas: same method and config, batch size aside (and the
-    seed aside when nothing is sampled)."""
-    drop = ("batch_size",) if uses_rng(cfg) else ("batch_size", "seed")
-    return method + ":" + json.dumps(_strip(cfg.to_dict(), drop), sort_keys=True, default=str)
-
-
-def gen_length_of(cfg: Any) -> int:
-    return int(cfg.gen_length)
-
 
 # `Engine(batching=...)`, `diffspec serve --batching`. "auto" is step on CUDA and static on a CPU: a
 # CPU forward of B rows costs B times one row's (benchmarks/serve-step-cpu/forward_cost.py), so a row
@@ -93,70 +51,8 @@ def gen_length_of(cfg: Any) -> int:
 # served 1.3x the requests (benchmarks/serve-soak-step-cpu).
 BATCHING = ("auto", "step", "static")
 
-# ---------------------------------------------------------------- jobs, rows, choices
 
-_ids = itertools.count(1)
-
-
-@dataclass
-class Prompt:
-    text: str
-    ids: list[int]
-
-
-class Job:
-    """One HTTP request: its prompts × n choices, its validated config, and a channel back to the client.
-
-    Events go to an asyncio queue on the server's loop: ("delta", choice, text),
-    ("finish", choice, reason), ("done", usage) or ("error", ApiError)."""
-
-    def __init__(self, method: str, cfg: Any, prompts: Sequence[Prompt], n: int, stops: Sequence[str],
-                 eos_ids: Sequence[int], loop: asyncio.AbstractEventLoop | None, info: dict[str, Any] | None = None):
-        self.id = next(_ids)
-        self.method, self.cfg, self.prompts, self.n, self.stops = method, cfg, list(prompts), n, list(stops)
-        self.eos_ids = tuple(eos_ids)
-        self.sampled = uses_rng(cfg)
-        self.solo = self.sampled or not get_method(method).batches  # decoded alone
-        self.key = batch_key(method, cfg) + (f"#solo{self.id}" if self.solo else "")
-        # A sampled job decodes one row per choice (generate([p] * n) with its seed); a greedy one
-        # decodes each prompt once and gives every choice of it the same text.
-        self.n_rows = len(self.prompts) * (n if self.sampled else 1)
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue() if loop is not None else None  # type: ignore[assignment]
-        self.info = info or {}
-        self.cancelled = False
-        self.created = time.monotonic()
-        self.started: float | None = None
-        self.streams: dict[int, TextStream] = {}
-        self.finished_choices = 0
-        self.done = False
-        self.emitted = False
-        self.sink: Callable[[tuple], None] | None = None  # tests / in-process use: receive events directly
-
-    @property
-    def n_choices(self) -> int:
-        return len(self.prompts) * self.n
-
-    def cancel(self) -> None:
-        """The client went away: its rows stop being decoded (and leave the canvas where the method allows)."""
-        self.cancelled = True
-
-    def emit(self, *event: Any) -> None:
-        self.emitted = True
-        if self.sink is not None:
-            self.sink(event)
-            return
-        if self.loop is None:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the server's loop is closed: nobody is listening any more
-            self.cancelled = True
-
-    def fail(self, err: ApiError) -> None:
-        if not self.done:
-            self.done = True
-            self.emit("error", err)
+# ---------------------------------------------------------------- rows and their output
 
 
 class Row:
@@ -291,25 +187,6 @@ class Batch:
 # ---------------------------------------------------------------- the engine
 
 
-@dataclass
-class EngineStats:
-    requests: int = 0
-    batches: int = 0  # started
-    batches_done: int = 0  # finished (one worker: batches - batches_done is the one in flight, if any)
-    rows: int = 0
-    forwards: int = 0
-    errors: int = 0
-    rejected: int = 0
-    cancelled: int = 0  # jobs whose client left while they waited in the queue
-    joined: int = 0  # jobs that joined a running batch at a block start (step-level batching)
-    freed_rows: int = 0  # canvas rows that stopped being decoded early because their client left
-    rows_left_early: int = 0  # freed rows taken out of a running canvas while its other rows went on decoding
-    max_rows_in_batch: int = 0
-    tokens_generated: int = 0  # each decoded row's answer through its first EOS or stop string (see above)
-    busy_seconds: float = 0.0
-    started: float = field(default_factory=time.time)
-
-
 class Engine:
     """Queues jobs by batch key and decodes them on one worker thread."""
 
@@ -322,43 +199,24 @@ class Engine:
         if batching == "auto":
             batching = "step" if next(model.parameters()).device.type == "cuda" else "static"
         self.batching, self.prompt_bucket = batching, prompt_bucket
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if not batch_window >= 0:
-            raise ValueError(f"batch_window must be >= 0 seconds, got {batch_window}")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
-        self.max_batch, self.batch_window, self.max_queue = max_batch, batch_window, max_queue
-        self.device = next(model.parameters()).device
-        self.cond = threading.Condition()
-        self.queues: dict[str, deque[Job]] = {}
-        self.queued_rows = 0
         self.stats = EngineStats()
-        self._batch_seconds = 0.5  # running estimate, for Retry-After
-        self._stop = False
+        self.scheduler = Scheduler(self.stats, max_batch=max_batch, batch_window=batch_window, max_queue=max_queue)
+        self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
+        self.device = next(model.parameters()).device
         self._thread: threading.Thread | None = None
         self._drafters: dict[tuple, Any] = {}
         self._batch: Batch | None = None  # the batch being decoded (read by /metrics)
-        self._current: list[Job] = []  # the jobs the worker took (set under `cond`; failed by abort_all)
 
     # -- lifecycle
 
     def start(self) -> None:
         if self._thread is None:
-            self._stop = False
+            self.scheduler.open()
             self._thread = threading.Thread(target=self._worker, name="diffspec-serve-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        with self.cond:
-            self._stop = True
-            pending = [j for q in self.queues.values() for j in q]
-            self.queues.clear()
-            self.queued_rows = 0
-            self.cond.notify_all()
-        for job in pending:
-            job.fail(ApiError(503, "the server is shutting down", "server_error", None, "shutting_down"))
+        self.scheduler.close()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -367,42 +225,20 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise a 429 ApiError (with Retry-After) when the queue is full."""
-        with self.cond:
-            if self._stop:
-                raise ApiError(503, "the server is shutting down", "server_error", None, "shutting_down")
-            if self.queued_rows + job.n_rows > self.max_queue:
-                self.stats.rejected += 1
-                batches_ahead = self.queued_rows / self.max_batch + 1
-                raise queue_full(max(1, math.ceil(self._batch_seconds * batches_ahead)), self.queued_rows)
-            self.queues.setdefault(job.key, deque()).append(job)
-            self.queued_rows += job.n_rows
-            self.stats.requests += 1
-            self.cond.notify_all()
+        self.scheduler.submit(job)
 
     def cancel(self, job: Job) -> None:
         """The client left or its request's timeout passed: the job's rows stop being decoded (they leave a
         running canvas at its next step or block start, see `BatchStreamer`), and a job still in the queue
         leaves it now, so its rows free the queue's capacity at once."""
-        job.cancel()
-        with self.cond:
-            q = self.queues.get(job.key)
-            if q is not None and any(j is job for j in q):
-                q.remove(job)
-                self.queued_rows -= job.n_rows
-                self.stats.cancelled += 1
-                if not q:
-                    del self.queues[job.key]
-                self.cond.notify_all()
+        self.scheduler.cancel(job)
 
     def queue_depth(self) -> int:
-        with self.cond:
-            return self.queued_rows
+        return self.scheduler.queue_depth()
 
     def flush(self) -> None:
         """Stop waiting for companions (draining: no new request will come): queued jobs start at once."""
-        with self.cond:
-            self.batch_window = 0.0
-            self.cond.notify_all()
+        self.scheduler.flush()
 
     def running_rows(self) -> int:
         """Rows of the batch being decoded whose answers are not done yet (0 when the worker is idle)."""
@@ -412,62 +248,21 @@ class Engine:
     def abort_all(self, err: ApiError) -> int:
         """Fail every queued job and every unfinished job of the running batch with `err` (their rows are
         done from now on, so the running batch ends at its next step); the number of jobs failed."""
-        with self.cond:
-            pending = [j for q in self.queues.values() for j in q]
-            self.queues.clear()
-            self.queued_rows = 0
-            running = list(self._current)
-        failed = 0
-        for job in pending + running:
-            if not job.done and not job.cancelled:
-                job.fail(err)
-                failed += 1
-        return failed
+        return self.scheduler.abort(err)
 
-    def _take(self) -> list[Job] | None:
-        """Wait for the next batch: the oldest queue, once its head waited the window or it fills a batch."""
-        with self.cond:
-            while True:
-                if self._stop:
-                    return None
-                for key in list(self.queues):
-                    q = self.queues[key]
-                    while q and q[0].cancelled:
-                        self.queued_rows -= q.popleft().n_rows
-                        self.stats.cancelled += 1
-                    if not q:
-                        del self.queues[key]
-                if not self.queues:
-                    self.cond.wait()
-                    continue
-                key = min(self.queues, key=lambda k: self.queues[k][0].created)
-                q = self.queues[key]
-                rows = sum(j.n_rows for j in q)
-                wait = q[0].created + self.batch_window - time.monotonic()
-                if rows < self.max_batch and wait > 0 and not q[0].solo:
-                    self.cond.wait(wait)
-                    continue
-                jobs: list[Job] = []
-                taken = 0
-                while q and (not jobs or taken + q[0].n_rows <= self.max_batch):
-                    job = q.popleft()
-                    self.queued_rows -= job.n_rows
-                    if job.cancelled:
-                        self.stats.cancelled += 1
-                        continue
-                    jobs.append(job)
-                    taken += job.n_rows
-                if not q:
-                    del self.queues[key]
-                if jobs:
-                    self._current = jobs
-                    return jobs
+    # the scheduler's settings, read by /health and /metrics (and set by tests)
+    cond = property(lambda self: self.scheduler.cond)
+    max_batch = property(lambda self: self.scheduler.max_batch)
+    batch_window = property(lambda self: self.scheduler.batch_window,
+                            lambda self, v: setattr(self.scheduler, "batch_window", v))
+    max_queue = property(lambda self: self.scheduler.max_queue,
+                         lambda self, v: setattr(self.scheduler, "max_queue", v))
 
     # -- the worker
 
     def _worker(self) -> None:
         while True:
-            jobs = self._take()
+            jobs = self.scheduler.take()
             if jobs is None:
                 return
             t0 = time.perf_counter()
@@ -479,10 +274,8 @@ class Engine:
                     job.fail(server_error("internal error while decoding; see the server log"))
             dt = time.perf_counter() - t0
             self.stats.busy_seconds += dt
-            with self.cond:
-                self._current = []
+            self.scheduler.batch_done(dt)
             self.stats.batches_done += 1
-            self._batch_seconds = 0.7 * self._batch_seconds + 0.3 * dt
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Decode `jobs` as one batch; if that fails, each job that has received nothing yet alone,
@@ -491,8 +284,8 @@ class Engine:
             self._run_batch(jobs)
             return
         except Exception as e:
-            with self.cond:  # jobs that joined the batch while it ran share its fate
-                jobs = jobs + [j for j in self._current if all(j is not k for k in jobs)]
+            # jobs that joined the batch while it ran share its fate
+            jobs = jobs + [j for j in self.scheduler.running_jobs() if all(j is not k for k in jobs)]
             if len(jobs) == 1:
                 self._fail(jobs[0], e)
                 return
@@ -542,7 +335,9 @@ class Engine:
         cfg = build_config(batch.method, batch.cfg, strict=False, batch_size=len(batch.rows))
         streamer = BatchStreamer(batch, self._free_row)
         if self.batching == "step" and not jobs[0].solo:
-            streamer.join, streamer.max_rows = self._join, self.max_batch
+            key = jobs[0].key
+            streamer.join = lambda room, capacity: self.scheduler.join(key, room, capacity)
+            streamer.max_rows = self.max_batch
             longest = max(len(r.prompt.ids) for r in batch.rows)
             streamer.prompt_width = -(-longest // self.prompt_bucket) * self.prompt_bucket
         try:
@@ -563,43 +358,6 @@ class Engine:
             if not job.done and not job.cancelled:
                 job.done = True
                 job.emit("done", batch.usage(job))
-
-    def _join(self, batch: Batch, prompt_room: int, capacity: int) -> list[Job]:
-        """Step-level batching: queued jobs of `batch`'s key that join it now, oldest first, while their
-        rows fit `capacity` and their prompts `prompt_room` tokens (the first that does not fit waits
-        for the next batch, and so does everything behind it: arrival order is kept). A job that
-        arrived after the oldest job waiting under another key does not join: the running batch then
-        ends as its rows finish, and the other key's batch starts, so no key starves another."""
-        key = batch.jobs[0].key
-        taken: list[Job] = []
-        with self.cond:
-            q = self.queues.get(key)
-            others = [d[0].created for k, d in self.queues.items() if k != key and d]
-            oldest_other = min(others) if others else float("inf")
-            while q:
-                job = q[0]
-                if job.cancelled:
-                    q.popleft()
-                    self.queued_rows -= job.n_rows
-                    self.stats.cancelled += 1
-                    continue
-                if job.n_rows > capacity or any(len(p.ids) > prompt_room for p in job.prompts) \
-                        or job.created > oldest_other:
-                    break
-                q.popleft()
-                self.queued_rows -= job.n_rows
-                capacity -= job.n_rows
-                taken.append(job)
-            if q is not None and not q:
-                del self.queues[key]
-            self._current.extend(taken)
-            if taken:
-                self.cond.notify_all()
-        now = time.monotonic()
-        for job in taken:
-            job.started = now
-            self.stats.joined += 1
-        return taken
 
     def _models(self, method: Method, cfg: Any) -> dict[str, Any]:
         """The models `method`'s roles name beyond the target, loaded once (`Method.load`) and kept."""
@@ -636,8 +394,8 @@ class BatchStreamer(Streamer):
         self.cells: list[dict[int, int]] = [{} for _ in batch.rows]
         self.final = [0] * len(batch.rows)  # each row's final prefix length so far
         self.length = gen_length_of(batch.cfg)
-        # step-level batching (`Engine._join`, set by the engine): the queue's jobs that may join
-        self.join: Callable[[Batch, int, int], list[Job]] | None = None
+        # step-level batching (`Scheduler.join`, set by the engine): the queue's jobs that may join
+        self.join: Callable[[int, int], list[Job]] | None = None
         self.max_rows = len(batch.rows)
 
     def admit(self, prompt_room: int, live_rows: int) -> list[tuple[int, list[int]]]:
@@ -645,7 +403,7 @@ class BatchStreamer(Streamer):
         if self.join is None or live_rows >= self.max_rows:
             return []
         out = []
-        for job in self.join(self.batch, prompt_room, self.max_rows - live_rows):
+        for job in self.join(prompt_room, self.max_rows - live_rows):
             for row in self.batch.add(job):
                 out.append((len(self.cells), row.prompt.ids))
                 self.cells.append({})
