@@ -271,3 +271,49 @@ def test_engine_batching_options_are_checked(model):
     assert Engine(m, tok).batching == "static"  # auto, on a CPU: see benchmarks/serve-soak-step-cpu
     with pytest.raises(ValueError, match="prompt_bucket must be an integer >= 1"):
         Engine(m, tok, prompt_bucket=0)
+
+
+def test_a_long_lived_ar_batch_keeps_its_cache_as_wide_as_its_live_rows(ar_model, monkeypatch):
+    """200 prompts join one after another (never more than 4 live): done rows and the columns no live
+    row reads leave the cache, so its width stays bounded instead of growing one column a forward."""
+    from diffspec.decoding.runner import eos_ids
+    from diffspec.models.causal import CausalKVCache
+    from diffspec.speculative.ar import ARConfig, ar_batch
+
+    m, tok = ar_model
+    p = tok.encode(QUESTIONS[0])
+    widths: list[int] = []
+    grow = CausalKVCache.grow
+    monkeypatch.setattr(CausalKVCache, "grow", lambda self, rows, n: (grow(self, rows, n), widths.append(self.max_len)))
+
+    class Always(Streamer):
+        def __init__(self):
+            self.n = 0
+
+        def admit(self, prompt_room, live_rows):
+            if live_rows >= 4 or self.n >= 200:
+                return []
+            self.n += 1
+            return [(self.n, p)]
+
+    streamer = Always()
+    with torch.inference_mode():
+        ar_batch(MeteredModel(m, CostMeter()), [p], ARConfig(gen_length=8), frozenset(eos_ids(m)), torch.Generator(),
+                 streamer=streamer)
+    assert streamer.n == 200 and max(widths) <= len(p) + 2 * 8
+
+
+def test_a_batch_stops_taking_joiners_after_its_quota_of_rows(model):
+    """The streamer's cap: a step batch that has held 8 × max_batch rows admits nobody, so its bookkeeping
+    stays bounded however long the traffic lasts; below the cap it admits."""
+    from diffspec.serve.engine import Batch, BatchStreamer
+    from diffspec.serve.scheduler import Job, Prompt
+
+    m, tok = model
+    cfg = build_config("vanilla", gen_length=32, block_length=16, steps=16)
+    job = lambda: Job("vanilla", cfg, [Prompt(QUESTIONS[0], tok.encode(QUESTIONS[0]))], 1, [], (0,), None)  # noqa: E731
+    batch = Batch([job()], tok.decode)
+    streamer = BatchStreamer(batch, lambda r: False)
+    streamer.join, streamer.max_rows, streamer.max_total = (lambda room, capacity: [job()]), 4, 3
+    assert len(streamer.admit(512, 1)) == 1 and len(streamer.admit(512, 1)) == 1  # 3 rows held now
+    assert streamer.admit(512, 1) == [] and len(batch.rows) == 3

@@ -35,6 +35,11 @@ ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
 JOIN_CACHES = (*ROW_DROP_CACHES, "dkv-prefill")
 
 
+def joinable(cfg: DecodeConfig) -> bool:
+    """Whether rows may join a running batch of `cfg` (greedy, and a cache in JOIN_CACHES)."""
+    return cfg.temperature == 0 and cfg.remasking != "random" and cfg.cache in JOIN_CACHES
+
+
 @dataclass
 class StepOutput:
     """What one decoding step did to the current block [s, e) of the canvas.
@@ -192,16 +197,18 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
     # cache rebuilt at every block start and kept per row in between, and no random draws (their
     # order depends on the batch's shape).
     greedy = cfg.temperature == 0 and cfg.remasking != "random"
-    droppable, joinable = greedy and cfg.cache in ROW_DROP_CACHES, greedy and cfg.cache in JOIN_CACHES
+    droppable = greedy and cfg.cache in ROW_DROP_CACHES
     while not streamer.should_stop():
         b = decoder.current_block()
         if b is None:
             break
         keep = [i for i, r in enumerate(report.rows) if not streamer.row_done(r)] if droppable else []
         if droppable and len(keep) < len(report.rows):
+            if not keep:  # every row is done: nothing left to decode, nor to join
+                break
             _write_back(canvas, decoder.canvas, report.rows)  # the leaving rows' cells, as they are now
             decoder = _without_rows(decoder, keep, b, report)
-        if joinable and decoder.at_round_start():
+        if joinable(cfg) and decoder.at_round_start():
             _join(decoder, streamer, report, decoder.canvas.batch_size)
         decoder.step()
         report()
@@ -289,6 +296,7 @@ def run_batches(
     progress: bool = False,
     max_positions: int | None = None,
     streamer: Streamer | None = None,
+    joins: bool = False,
 ) -> tuple[list[list[int]], list[str], list[list[int]]]:
     """The shared runner (`runner.run_prompts`) with each batch laid out on a canvas and filled in
     place by `decode_batch`; every masked-diffusion method decodes through it. Answers end at the
@@ -301,7 +309,8 @@ def run_batches(
     pad_id = model.config.pad_token_id
 
     def decode(batch: list[list[int]], stream: Streamer | None = None) -> list[list[int]]:
-        width = stream.prompt_width if stream is not None else 0
+        # only a loop that takes rows in (`joins`) reserves prompt columns for them
+        width = stream.prompt_width if stream is not None and joins else 0
         canvas = Canvas.from_prompts(batch, cfg.gen_length, caps.mask_id, pad_id, limit, device, width)
         decode_batch(canvas, stream)
         return canvas.generated().tolist()
@@ -327,5 +336,5 @@ def diffusion_generate(
     token_ids, texts, raw = run_batches(
         model, tokenizer, prompts, cfg, meter,
         lambda canvas, stream: decode_canvas(metered, canvas, cfg, generator, stream),
-        desc=f"decode[{cfg.policy},{cfg.cache}]", progress=progress, streamer=streamer)
+        desc=f"decode[{cfg.policy},{cfg.cache}]", progress=progress, streamer=streamer, joins=joinable(cfg))
     return GenerationResult(token_ids, texts, meter, cfg, raw)

@@ -277,6 +277,16 @@ class CausalKVCache:
                 new[:B, :, :T] = buf
                 bufs[i] = new
 
+    def drop_front(self, n: int) -> None:
+        """Forget slots [0, n) of every row (no row reads them any more) and move the rest to the front:
+        K/V are stored after RoPE with each row's own positions, so moving columns changes nothing."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot drop {n} slots: the cache holds {self.length} positions")
+        if n:
+            self.k = [buf[:, :, n:].contiguous() for buf in self.k]
+            self.v = [buf[:, :, n:].contiguous() for buf in self.v]
+            self.length -= n
+
     def select_rows(self, rows: Sequence[int] | Tensor) -> None:
         """Keep only these rows (finished rows leaving a batch); the others' slots are untouched."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.k[0].device)

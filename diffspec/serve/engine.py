@@ -50,6 +50,7 @@ log = logging.getLogger("diffspec.serve")
 # that joins slows every step of its batch by its share and, with mixed traffic, static batching
 # served 1.3x the requests (benchmarks/serve-soak-step-cpu).
 BATCHING = ("auto", "step", "static")
+JOIN_ROWS_PER_SLOT = 8  # step batching: a batch stops taking joiners once it has held 8 × --max-batch rows
 
 
 # ---------------------------------------------------------------- rows and their output
@@ -298,7 +299,7 @@ class Engine:
                 self._fail(job, RuntimeError("the batch failed after this request's text had started"))
                 continue
             try:
-                self._run_batch([job])
+                self._run_batch([job], join=False)  # a retry alone takes nobody in
             except Exception as e:
                 self._fail(job, e)
 
@@ -313,18 +314,18 @@ class Engine:
             err = server_error(f"internal error while decoding ({type(e).__name__}: {e})")
         job.fail(err)
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def _run_batch(self, jobs: list[Job], join: bool = True) -> None:
         now = time.monotonic()
         for job in jobs:
             job.started = job.started or now
         batch = Batch(jobs, self._decode, self.stats)
         self._batch = batch
         try:
-            self._decode_batch(batch, jobs)
+            self._decode_batch(batch, jobs, join)
         finally:
             self._batch = None
 
-    def _decode_batch(self, batch: Batch, jobs: list[Job]) -> None:
+    def _decode_batch(self, batch: Batch, jobs: list[Job], join: bool = True) -> None:
         """The one executor: the method's own decode function with a streamer, whatever the method."""
         from ..api import build_config
 
@@ -334,10 +335,11 @@ class Engine:
         m = get_method(batch.method)
         cfg = build_config(batch.method, batch.cfg, strict=False, batch_size=len(batch.rows))
         streamer = BatchStreamer(batch, self._free_row)
-        if self.batching == "step" and not jobs[0].solo:
+        if join and self.batching == "step" and not jobs[0].solo:
             key = jobs[0].key
             streamer.join = lambda room, capacity: self.scheduler.join(key, room, capacity)
             streamer.max_rows = self.max_batch
+            streamer.max_total = JOIN_ROWS_PER_SLOT * self.max_batch
             longest = max(len(r.prompt.ids) for r in batch.rows)
             streamer.prompt_width = -(-longest // self.prompt_bucket) * self.prompt_bucket
         try:
@@ -397,10 +399,13 @@ class BatchStreamer(Streamer):
         # step-level batching (`Scheduler.join`, set by the engine): the queue's jobs that may join
         self.join: Callable[[int, int], list[Job]] | None = None
         self.max_rows = len(batch.rows)
+        # A batch takes joiners until it has held this many rows in all, then drains: its bookkeeping
+        # (rows, streams, cells) grows with every row it ever held, so a long-lived batch stays bounded.
+        self.max_total = JOIN_ROWS_PER_SLOT * max(1, len(batch.rows))
 
     def admit(self, prompt_room: int, live_rows: int) -> list[tuple[int, list[int]]]:
         """Queued jobs of this batch's key join at the loop's block start, as many rows as fit."""
-        if self.join is None or live_rows >= self.max_rows:
+        if self.join is None or live_rows >= self.max_rows or len(self.batch.rows) >= self.max_total:
             return []
         out = []
         for job in self.join(prompt_room, self.max_rows - live_rows):

@@ -255,8 +255,8 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
         logits = keep(model(tok[:, None], positions=pos, attention_mask=mask if padded else None, kv_cache=cache,
                             sequences=done.count(False), hidden_layers=taps))
         pos = pos + 1
-        if joins is not None and joins.due(cache.length, done):
-            logits, mask, pos = joins.take(cache, logits, mask, pos, row_ids, live, done)
+        if joins is not None and (joined := joins.step(cache, logits, mask, pos, row_ids, live, done)):
+            logits, mask, pos = joined
             padded = True
     if hidden_out is not None:
         full = torch.cat(steps, dim=1)  # (B, W + answer steps fed, len·H)
@@ -266,43 +266,46 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
 
 
 class _ARRows:
-    """Step-level batching for `ar_batch`: after a forward, rows whose answers are done leave the batch
-    (their cache rows go) and the rows the streamer admits join it. A joining prompt is prefilled
-    alone, exactly as `ar_batch` prefills a batch of one, and its K/V are placed in the batch's cache
-    so that they end at the current column (left padding before them), with its first answer token
-    still to be sampled from its own prefill's logits: from there it decodes as alone."""
+    """Step-level batching for `ar_batch`: after a forward, the rows the streamer admits join the batch.
+    A joining prompt is prefilled alone, exactly as `ar_batch` prefills a batch of one, and its K/V are
+    placed in the batch's cache so that they end at the current column (left padding before them),
+    with its first answer token still to be sampled from its own prefill's logits: from there it
+    decodes as alone. When rows join, the rows whose answers are done leave the cache, and so do the
+    columns no remaining row reads, so the cache stays as wide as its live rows need however long
+    the batch lives."""
 
     def __init__(self, model: MeteredModel, cfg: ARConfig, streamer: Streamer):
         self.model, self.cfg, self.streamer = model, cfg, streamer
-        self.new: list[tuple[int, list[int]]] = []
 
-    def due(self, columns: int, done: list[bool]) -> bool:
-        """Ask the streamer for rows now (the prompts that fit `columns` may join)."""
-        self.new = self.streamer.admit(columns, done.count(False))
-        return bool(self.new)
-
-    def take(self, cache: CausalKVCache, logits: Tensor, mask: Tensor, pos: Tensor, rows: list[int],
-             live: list[list[int]], done: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    def step(self, cache: CausalKVCache, logits: Tensor, mask: Tensor, pos: Tensor, rows: list[int],
+             live: list[list[int]], done: list[bool]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Take in the rows the streamer admits now; the batch's new (logits, mask, pos), or None when
+        nobody joined (then nothing changed)."""
+        L, device = cache.length, logits.device
+        if mask.shape[1] < L:  # an unpadded batch kept no mask: every column it has is real
+            mask = torch.cat([mask, mask.new_ones(len(rows), L - mask.shape[1])], dim=1)
         keep = [i for i, d in enumerate(done) if not d]
+        first = int(mask[keep].float().argmax(1).min()) if keep else L  # the first column a live row reads
+        new = self.streamer.admit(L - first, len(keep))
+        if not new:
+            return None
         if len(keep) < len(done):  # done rows leave: nothing they hold is read again
             cache.select_rows(keep)
             logits, mask, pos = logits[keep], mask[keep], pos[keep]
             rows[:], live[:], done[:] = [rows[i] for i in keep], [live[i] for i in keep], [False] * len(keep)
-        L = cache.length
-        device = logits.device
-        if mask.shape[1] < L:  # an unpadded batch kept no mask: every column it has is real
-            mask = torch.cat([mask, mask.new_ones(len(rows), L - mask.shape[1])], dim=1)
-        for row, prompt in self.new:
+        cache.drop_front(first)
+        mask, L = mask[:, first:], cache.length
+        for row, prompt in new:
             p = len(prompt)
             if p > L:
                 raise ValueError(f"a joining prompt of {p} tokens does not fit the batch's {L} columns")
             alone = CausalKVCache.for_model(self.model.model, 1, p, dtype=cache.k[0].dtype)
-            first = self.model(torch.tensor([prompt], device=device), positions=torch.arange(p, device=device)[None],
-                               kv_cache=alone).logits[:, -1]
+            first_logits = self.model(torch.tensor([prompt], device=device),
+                                      positions=torch.arange(p, device=device)[None], kv_cache=alone).logits[:, -1]
             cache.grow(1, L + self.cfg.gen_length)
             for buf, src in zip((*cache.k, *cache.v), (*alone.k, *alone.v)):
                 buf[-1, :, L - p:L] = src[0, :, :p]
-            logits = torch.cat([logits, first])
+            logits = torch.cat([logits, first_logits])
             mask = torch.cat([mask, torch.arange(L, device=device)[None] >= L - p])
             pos = torch.cat([pos, pos.new_full((1, 1), p)])
             rows.append(row)
