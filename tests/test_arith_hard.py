@@ -178,3 +178,16 @@ def test_recall_stories_come_after_a_pool_that_stays_the_same():
     assert all(arith_hard.RECALL_QUESTION in e.prompt and "=" not in e.solution for e in mixed[40:])
     nxt = arith_hard.generate("train", 50, 0, (3, 8))[40:]  # the stream's next ten problems, recalled
     assert [e.solution for e in mixed[40:]] == [" " + arith_hard.recall(p).answer for p in nxt]
+
+
+def test_the_bundled_arith_hard_model_solves_the_chain():
+    """The committed checkpoint is the trained one (configs/llada-arith-hard.json): on 4 validation
+    problems at full steps it gets most answers right (a random or untrained model gets none)."""
+    from diffspec.api import generate
+    from diffspec.models.checkpoint import load_model
+
+    model, tok = load_model(DEFAULT_MODEL_DIR.parent / "llada-arith-hard")
+    examples = load_examples("arith-hard", split="validation", limit=4)
+    texts = generate([e.prompt for e in examples], model=model, tokenizer=tok, method="vanilla",
+                     gen_length=128, block_length=32, steps=128).texts
+    assert sum(score(e, t)["correct"] for e, t in zip(examples, texts)) >= 2
