@@ -537,6 +537,8 @@ def test_a_client_that_leaves_mid_decode_leaves_the_canvas_at_the_next_step(mode
     (["--limit-prompt-tokens", "-5"], {}, "--limit-prompt-tokens must be"),
     (["--limit-body-bytes", "0"], {}, "--limit-body-bytes must be"),
     (["--limit-max-tokens", "16", "--gen-length", "32"], {}, "beyond --limit-max-tokens (16)"),
+    (["--prompt-bucket", "0"], {}, "--prompt-bucket must be an integer >= 1"),
+    (["--batching", "continuous"], {}, "--batching: invalid choice"),
 ])
 def test_bad_production_options_are_refused_before_loading(capsys, monkeypatch, args, env, words):
     from diffspec.cli import main

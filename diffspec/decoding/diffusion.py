@@ -35,9 +35,14 @@ ROW_DROP_CACHES = ("none", "prefix", "dual", "dkv-decode")
 JOIN_CACHES = (*ROW_DROP_CACHES, "dkv-prefill")
 
 
+def _greedy(cfg: DecodeConfig) -> bool:
+    """No random draws: their order would depend on the batch's shape, so rows could not come or go."""
+    return cfg.temperature == 0 and cfg.remasking != "random"
+
+
 def joinable(cfg: DecodeConfig) -> bool:
     """Whether rows may join a running batch of `cfg` (greedy, and a cache in JOIN_CACHES)."""
-    return cfg.temperature == 0 and cfg.remasking != "random" and cfg.cache in JOIN_CACHES
+    return _greedy(cfg) and cfg.cache in JOIN_CACHES
 
 
 @dataclass
@@ -101,14 +106,15 @@ class BlockDecoder:
 
     def blocks(self, r: int) -> Block:
         """Each row's block in round `r` (a row that finished sits on its last block)."""
-        cfg, P = self.cfg, self.canvas.prompt_len
+        cfg = self.cfg
+        if not self.late:  # no late rows: round r is block r for every row
+            return self.canvas.block(r, cfg.block_length)
         index = (r - self.offset).clamp(0, cfg.num_blocks - 1)
-        uniform = None if self.late else P + r * cfg.block_length  # no late rows: round r is block r
-        return Block(P + index * cfg.block_length, cfg.block_length, uniform)
+        return Block(self.canvas.prompt_len + index * cfg.block_length, cfg.block_length)
 
-    def at_round_start(self) -> bool:
-        """Whether the next step begins a round (where rows may join)."""
-        return self.block is None or self.current_block() != self.block
+    def at_round_start(self, r: int | None = None) -> bool:
+        """Whether the next step begins a round (where rows may join); `r`: `current_block()`, if known."""
+        return self.block is None or (self.current_block() if r is None else r) != self.block
 
     def add_rows(self, canvas: Canvas) -> None:
         """Rows joining at a round's start: `canvas` holds them (same prompt and generation widths),
@@ -196,8 +202,7 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
     # Rows may leave, or join at a round's start, only where that changes nothing for the others: a
     # cache rebuilt at every block start and kept per row in between, and no random draws (their
     # order depends on the batch's shape).
-    greedy = cfg.temperature == 0 and cfg.remasking != "random"
-    droppable = greedy and cfg.cache in ROW_DROP_CACHES
+    droppable, joins = _greedy(cfg) and cfg.cache in ROW_DROP_CACHES, joinable(cfg)
     while not streamer.should_stop():
         b = decoder.current_block()
         if b is None:
@@ -208,30 +213,26 @@ def decode_canvas(model: MeteredModel, canvas: Canvas, cfg: DecodeConfig, genera
                 break
             _write_back(canvas, decoder.canvas, report.rows)  # the leaving rows' cells, as they are now
             decoder = _without_rows(decoder, keep, b, report)
-        if joinable(cfg) and decoder.at_round_start():
-            _join(decoder, streamer, report, decoder.canvas.batch_size)
+            b = decoder.current_block()  # the leaving rows may have held the round open
+        if joins and decoder.at_round_start(b):
+            _join(decoder, streamer, report)
         decoder.step()
         report()
     _write_back(canvas, decoder.canvas, report.rows)
 
 
-def _join(decoder: BlockDecoder, streamer: Streamer, report: CanvasReporter, live: int) -> None:
+def _join(decoder: BlockDecoder, streamer: Streamer, report: CanvasReporter) -> None:
     """Step-level batching: the rows the streamer admits now join the canvas (`BlockDecoder.add_rows`)."""
     c = decoder.canvas
-    new = streamer.admit(c.prompt_len, live)
+    new = streamer.admit(c.prompt_len, c.batch_size)
     if not new:
         return
-    pad_id = decoder.model.config.pad_token_id
     prompts = [ids for _, ids in new]
     if any(len(p) > c.prompt_len for p in prompts):
         raise ValueError(f"a joining prompt is longer than the canvas's {c.prompt_len} prompt columns")
-    joined = Canvas.from_prompts(prompts, c.gen_length, c.mask_id, pad_id, c.length, c.x.device)
-    if joined.prompt_len < c.prompt_len:  # left-pad to the canvas's prompt width
-        pad = c.prompt_len - joined.prompt_len
-        joined = Canvas(torch.cat([joined.x.new_full((len(prompts), pad), pad_id), joined.x], 1),
-                        torch.cat([joined.attention_mask.new_zeros(len(prompts), pad), joined.attention_mask], 1),
-                        c.prompt_len, c.gen_length, c.mask_id)
-    decoder.add_rows(joined)
+    # laid out as the canvas: left-padded to its prompt width
+    decoder.add_rows(Canvas.from_prompts(prompts, c.gen_length, c.mask_id, decoder.model.config.pad_token_id,
+                                         c.length, c.x.device, min_prompt_len=c.prompt_len))
     report.add([row for row, _ in new], decoder.canvas)
 
 

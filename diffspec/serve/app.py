@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine
+from .engine import Engine, check_batching
 from .scheduler import Job, Prompt
 from .errors import ApiError, bad_request, not_found, server_error
 from .gate import Gate, check_api_key
@@ -63,10 +63,7 @@ def check_settings(s: ServeSettings) -> None:
     """The production options, checked before anything is loaded (errors name the CLI flag)."""
     if s.max_batch < 1 or s.max_queue < 1 or not s.batch_window >= 0:
         raise ValueError("--max-batch and --max-queue must be >= 1 and --batch-window >= 0")
-    if s.batching not in ("auto", "step", "static"):
-        raise ValueError(f"--batching must be auto, step or static, got {s.batching!r}")
-    if isinstance(s.prompt_bucket, bool) or not isinstance(s.prompt_bucket, int) or s.prompt_bucket < 1:
-        raise ValueError(f"--prompt-bucket must be an integer >= 1 (tokens), got {s.prompt_bucket!r}")
+    check_batching(s.batching, s.prompt_bucket, ("--batching", "--prompt-bucket"))
     check_api_key(s.api_key)
     if isinstance(s.drain_timeout, bool) or not isinstance(s.drain_timeout, (int, float)) \
             or not (math.isfinite(s.drain_timeout) and s.drain_timeout >= 0):

@@ -50,6 +50,16 @@ log = logging.getLogger("diffspec.serve")
 # that joins slows every step of its batch by its share and, with mixed traffic, static batching
 # served 1.3x the requests (benchmarks/serve-soak-step-cpu).
 BATCHING = ("auto", "step", "static")
+
+
+def check_batching(batching: Any, prompt_bucket: Any, names: tuple[str, str] = ("batching", "prompt_bucket")) -> None:
+    """The step-batching options, checked once for the library (`Engine`) and the CLI (`names`: its flags)."""
+    if batching not in BATCHING:
+        raise ValueError(f"{names[0]} must be one of {', '.join(BATCHING)}, got {batching!r}")
+    if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 1:
+        raise ValueError(f"{names[1]} must be an integer >= 1 (tokens), got {prompt_bucket!r}")
+
+
 JOIN_ROWS_PER_SLOT = 8  # step batching: a batch stops taking joiners once it has held 8 × --max-batch rows
 
 
@@ -193,10 +203,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, batch_window: float = 0.01,
                  max_queue: int = 256, dtype: str | None = None, batching: str = "auto", prompt_bucket: int = 32):
-        if batching not in BATCHING:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-        if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 1:
-            raise ValueError(f"prompt_bucket must be an integer >= 1 (tokens), got {prompt_bucket!r}")
+        check_batching(batching, prompt_bucket)
         if batching == "auto":
             batching = "step" if next(model.parameters()).device.type == "cuda" else "static"
         self.batching, self.prompt_bucket = batching, prompt_bucket

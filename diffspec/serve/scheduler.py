@@ -252,11 +252,7 @@ class Scheduler:
                 if self._stop:
                     return None
                 for key in list(self.queues):
-                    q = self.queues[key]
-                    while q and q[0].cancelled:
-                        self.queued_rows -= q.popleft().n_rows
-                        self.stats.cancelled += 1
-                    if not q:
+                    if not self._pop_cancelled(self.queues[key]):
                         del self.queues[key]
                 if not self.queues:
                     self.cond.wait()
@@ -284,6 +280,13 @@ class Scheduler:
                     self._current = jobs
                     return jobs
 
+    def _pop_cancelled(self, q: deque[Job]) -> bool:
+        """Drop the cancelled jobs at the head of `q` (under `cond`); whether a job is left."""
+        while q and q[0].cancelled:
+            self.queued_rows -= q.popleft().n_rows
+            self.stats.cancelled += 1
+        return bool(q)
+
     def join(self, key: str, prompt_room: int, capacity: int) -> list[Job]:
         """Step-level batching: queued jobs of `key` that join its running batch now, oldest first, while their
         rows fit `capacity` and their prompts `prompt_room` tokens (the first that does not fit waits
@@ -295,13 +298,8 @@ class Scheduler:
             q = self.queues.get(key)
             others = [d[0].created for k, d in self.queues.items() if k != key and d]
             oldest_other = min(others) if others else float("inf")
-            while q:
+            while q and self._pop_cancelled(q):
                 job = q[0]
-                if job.cancelled:
-                    q.popleft()
-                    self.queued_rows -= job.n_rows
-                    self.stats.cancelled += 1
-                    continue
                 if job.n_rows > capacity or any(len(p.ids) > prompt_room for p in job.prompts) \
                         or job.created > oldest_other:
                     break

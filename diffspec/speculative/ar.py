@@ -237,8 +237,8 @@ def ar_batch(model: MeteredModel, rows: list[list[int]], cfg: ARConfig, eos: fro
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     # Step-level batching: a greedy loop with a streamer may take rows in after any forward (`_ARRows`).
-    joins = _ARRows(model, cfg, streamer) if streamer is not None and cfg.temperature == 0 and taps is None \
-        else None
+    joins = _ARRows(model, cfg, streamer, [W - len(r) for r in rows]) \
+        if streamer is not None and cfg.temperature == 0 and taps is None else None
     row_ids, live = list(range(B)), list(out)  # each batch row's streamer row, and its answer so far
     while True:
         tok = sample(logits, cfg.temperature, generator)
@@ -274,27 +274,29 @@ class _ARRows:
     columns no remaining row reads, so the cache stays as wide as its live rows need however long
     the batch lives."""
 
-    def __init__(self, model: MeteredModel, cfg: ARConfig, streamer: Streamer):
+    def __init__(self, model: MeteredModel, cfg: ARConfig, streamer: Streamer, starts: list[int]):
         self.model, self.cfg, self.streamer = model, cfg, streamer
+        self.starts = starts  # each batch row's first cache column (its left padding), kept on the host
 
     def step(self, cache: CausalKVCache, logits: Tensor, mask: Tensor, pos: Tensor, rows: list[int],
              live: list[list[int]], done: list[bool]) -> tuple[Tensor, Tensor, Tensor] | None:
         """Take in the rows the streamer admits now; the batch's new (logits, mask, pos), or None when
-        nobody joined (then nothing changed)."""
+        nobody joined (then nothing changed, and nothing was asked of the device)."""
         L, device = cache.length, logits.device
-        if mask.shape[1] < L:  # an unpadded batch kept no mask: every column it has is real
-            mask = torch.cat([mask, mask.new_ones(len(rows), L - mask.shape[1])], dim=1)
         keep = [i for i, d in enumerate(done) if not d]
-        first = int(mask[keep].float().argmax(1).min()) if keep else L  # the first column a live row reads
+        first = min((self.starts[i] for i in keep), default=L)  # the first column a live row reads
         new = self.streamer.admit(L - first, len(keep))
         if not new:
             return None
+        if mask.shape[1] < L:  # an unpadded batch kept no mask: every column it has is real
+            mask = torch.cat([mask, mask.new_ones(len(rows), L - mask.shape[1])], dim=1)
         if len(keep) < len(done):  # done rows leave: nothing they hold is read again
             cache.select_rows(keep)
             logits, mask, pos = logits[keep], mask[keep], pos[keep]
             rows[:], live[:], done[:] = [rows[i] for i in keep], [live[i] for i in keep], [False] * len(keep)
         cache.drop_front(first)
         mask, L = mask[:, first:], cache.length
+        self.starts = [self.starts[i] - first for i in keep]
         for row, prompt in new:
             p = len(prompt)
             if p > L:
@@ -311,6 +313,7 @@ class _ARRows:
             rows.append(row)
             live.append([])
             done.append(False)
+            self.starts.append(L - p)
         return logits, mask, pos
 
 
