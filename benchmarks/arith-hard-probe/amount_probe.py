@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--n", type=int, default=12, help="validation problems (default 12)")
     a = ap.parse_args()
+    if a.n < 1:
+        ap.error(f"--n must be >= 1, got {a.n}")
     hit, tot = probe(a.checkpoint, a.n)
     print(f"{a.checkpoint}: amount copied from the question {hit}/{tot} ({hit / tot:.0%}; chance 1/8)")
 
