@@ -21,7 +21,8 @@ ASSETS = Path(diffspec.__file__).resolve().parent / "assets"
 PROMPTS = [e.prompt for e in load_examples("arith", limit=3)] + [
     "Question: 987*654-321=?\nAnswer:", "Hello there, my", "The 7 cats and 9 dogs"]
 AR_RUNS = [("ar", {}), ("ar", {"temperature": 0.8, "seed": 3}), ("ar-spec", {}), ("dflash", {}), ("d2sd", {}),
-           ("ar-spec", {"temperature": 0.7, "seed": 1})]
+           ("ar-spec", {"temperature": 0.7, "seed": 1}), ("dflash", {"temperature": 0.7, "seed": 1}),
+           ("d2sd", {"temperature": 0.7, "seed": 1})]
 DREAM_RUNS = [{"alg": "maskgit_plus", "steps": 32}, {"steps": 16, "seed": 2}]
 LLADA_RUNS = [("psd", {"lossless": True}), ("dualdiffusion", {"rule": "kl_divergence"}),
               ("fast-dllm", {"temperature": 0.5, "seed": 4})]

@@ -47,6 +47,7 @@ from ..decoding.runner import GenerationResult, eos_ids, max_positions, model_de
 from ..decoding.streamer import Streamer, commit_tail
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
+from .round import Proposal, chain, speculate, through_eos
 
 __all__ = ["ARConfig", "SpecConfig", "ar_generate", "spec_generate", "ar_batch", "greedy_accept",
            "rejection_accept", "check_compatible", "through_eos", "run_rows"]
@@ -173,12 +174,6 @@ def check_compatible(target: torch.nn.Module, drafter: torch.nn.Module) -> None:
                          f"target {sorted(eos_ids(target))}); they must share a tokenizer and its special tokens")
     if model_device(drafter) != model_device(target):
         raise ValueError(f"drafter is on {model_device(drafter)} but the target is on {model_device(target)}")
-
-
-def through_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
-    """`tokens` up to and including the first EOS (all of them when there is none)."""
-    cut = next((i for i, t in enumerate(tokens) if t in eos), None)
-    return tokens if cut is None else tokens[:cut + 1]
 
 
 def run_rows(target: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: ARConfig, meter: CostMeter,
@@ -372,46 +367,56 @@ def _draft(drafter: MeteredModel, cache: CausalKVCache, seq: list[int], n: int, 
     return drafts, (torch.stack(qs) if qs else None)
 
 
+class _ChainSpeculator:
+    """AR speculative decoding's side of a round (`speculative.round`) on one row: the drafter
+    proposes a chain of γ tokens with its own cache; the target scores [anchor, d_1..d_γ] causally.
+
+    Invariants between rounds: `seq` = prompt + generated; the target cache holds seq[:-1] (the
+    last token is the first query of the next verification); the drafter cache holds some prefix
+    of seq."""
+
+    def __init__(self, target: MeteredModel, drafter: MeteredModel, prompt: list[int], cfg: SpecConfig,
+                 generator: torch.Generator):
+        self.target, self.drafter, self.cfg, self.generator = target, drafter, cfg, generator
+        self.device = model_device(target.model)
+        self.t_cache = CausalKVCache.for_model(target.model, 1, len(prompt) + cfg.gen_length)
+        self.d_cache = CausalKVCache.for_model(drafter.model, 1, len(prompt) + cfg.gen_length)
+        first = target(torch.tensor([prompt], device=self.device), kv_cache=self.t_cache).logits[0, -1]
+        self.first = int(sample(first, cfg.temperature, generator))
+        self.seq = prompt + [self.first]
+
+    def propose(self, remaining: int) -> Proposal:
+        T = self.cfg.temperature
+        gamma = min(self.cfg.gamma, remaining - 1)  # never draft past the budget
+        drafts, q = _draft(self.drafter, self.d_cache, self.seq, gamma, T, self.generator)
+
+        def accept(logits: Tensor) -> tuple[list[int], int]:
+            if T == 0:
+                k, token = greedy_accept(logits, drafts)
+            else:
+                p = probs(logits, T)
+                k, token = rejection_accept(p, q if q is not None else p[:0], drafts, self.generator)
+            return list(range(1, k + 1)), token  # the chain's nodes 1..k
+
+        return Proposal(chain(self.seq[-1], drafts), accept)
+
+    def score(self, proposal: Proposal) -> Tensor:
+        return self.target(torch.tensor([proposal.tree.tokens], device=self.device), kv_cache=self.t_cache).logits[0]
+
+    def commit(self, proposal: Proposal, path: list[int], new: list[int]) -> None:
+        kept = len(self.seq) + len(path)
+        self.t_cache.crop(kept)
+        self.d_cache.crop(min(self.d_cache.length, kept))
+        self.seq += new
+
+
 def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cfg: SpecConfig,
               eos: frozenset[int], generator: torch.Generator, stats: ARSpecStats,
               streamer: Streamer | None = None) -> list[int]:
-    """Speculatively decode one row; returns its generated ids (EOS included when it stopped there).
-    `streamer` hears each round's accepted tokens (as row 0) and may end the row early.
-
-    Invariants between rounds: `seq` = prompt + generated; the target cache
-    holds seq[:-1] (the last token is the first query of the next
-    verification); the drafter cache holds some prefix of seq.
-    """
-    device = model_device(target.model)
-    budget, T = cfg.gen_length, cfg.temperature
-    t_cache = CausalKVCache.for_model(target.model, 1, len(prompt) + budget)
-    d_cache = CausalKVCache.for_model(drafter.model, 1, len(prompt) + budget)
-    first = target(torch.tensor([prompt], device=device), kv_cache=t_cache).logits[0, -1]
-    out = [int(sample(first, T, generator))]
-    seq = prompt + out
-    stop = commit_tail(streamer, 0, out, 1)
-    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos) and not stop:
-        n = len(seq)
-        gamma = min(cfg.gamma, budget - len(out) - 1)  # never draft past the budget
-        drafts, q = _draft(drafter, d_cache, seq, gamma, T, generator)
-        logits = target(torch.tensor([seq[-1:] + drafts], device=device), kv_cache=t_cache).logits[0]
-        if T == 0:
-            k, token = greedy_accept(logits, drafts)
-        else:
-            p = probs(logits, T)
-            k, token = rejection_accept(p, q if q is not None else p[:0], drafts, generator)
-        stats.rounds += 1
-        stats.drafted += gamma
-        stats.accepted += k
-        t_cache.crop(n + k)
-        d_cache.crop(min(d_cache.length, n + k))
-        new = drafts[:k] + [token]
-        if cfg.stop_at_eos:
-            new = through_eos(new, eos)
-        out += new
-        seq += new
-        stop = commit_tail(streamer, 0, out, len(new))
-    return out
+    """Speculatively decode one row; returns its generated ids (EOS included when it stopped there)."""
+    spec = _ChainSpeculator(target, drafter, prompt, cfg, generator)
+    return speculate(spec, spec.first, cfg.gen_length, eos=eos, stop_at_eos=cfg.stop_at_eos, stats=stats,
+                     streamer=streamer)
 
 
 @torch.inference_mode()

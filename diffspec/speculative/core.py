@@ -12,11 +12,11 @@ work on the one shared `Canvas` and charge the one `CostMeter` (through
 - an acceptance rule (`speculative.rules`) turns drafts + verifier logits into a
   `Verdict`: cells to re-mask and cells to overwrite, applied by `apply_verdict`.
 
-PSD, AR speculative decoding, DFlash and D²SD have loops of their own
-(`psd.py`, `ar.py`, `d2sd.py`): their drafts come from the verifier's own
-ranking or from AR / block drafters, and their acceptance is a walk over the
-target's predictions, so they share the canvas or the KV cache and the cost
-meter, not these classes.
+AR speculative decoding, DFlash and D²SD share one round of another shape
+(`speculative.round`: a draft tree appended to a causal K/V cache, one target
+forward, an acceptance walk). PSD's drafts come from the verifier's own
+ranking and are checked in place on the canvas (`psd.py`). All of them charge
+the same cost meter.
 
 Logits are aligned LLaDA-style everywhere: logit i predicts token i. Nothing
 is shifted (the public DualDiffusion loop was off by one there).

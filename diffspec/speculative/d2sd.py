@@ -62,24 +62,22 @@ boundaries per round and which branch each round's accepted path came from
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import GenerationResult, eos_ids, model_device
-from ..decoding.streamer import Streamer, commit_tail
+from ..decoding.streamer import Streamer
 from ..models.causal import CausalKVCache
 from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
-from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample, through_eos
+from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
+from .round import Acceptance, Proposal, speculate, through_eos
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
-
-Acceptance = Callable[[Tensor], tuple[list[int], int]]  # the target's logits over the tree -> (path, bonus)
-
 
 @dataclass(frozen=True)
 class DFlashSpecConfig(ARConfig):
@@ -238,6 +236,7 @@ class _TargetState:
         self._store(0, torch.stack(out.hidden_states, dim=2)[0])
         self.first = int(sample(out.logits[0, -1], temperature, generator))
         self.seq = prompt + [self.first]
+        self._scored: tuple[int, Any] | None = None  # the last `score`: cache length and hidden states
 
     @property
     def n_cached(self) -> int:
@@ -253,24 +252,31 @@ class _TargetState:
         ctx = self.hidden[:C, cols].reshape(1, C, -1)
         return ctx, torch.arange(C, device=ctx.device)
 
-    def verify(self, tree: DraftTree, accept: Acceptance) -> tuple[list[int], int]:
-        """One target forward over all tree nodes; `accept` picks the path from its logits (N, V);
-        commit the anchor + accepted path. Returns (path, bonus)."""
+    def score(self, tree: DraftTree) -> Tensor:
+        """One target forward over all tree nodes: logits (N, V). A single branch is verified with
+        the plain causal mask and positions, which are the tree's."""
         device = self.hidden.device
         C = self.n_cached
         ids = torch.tensor([tree.tokens], device=device)
         is_chain = all(p == n - 1 for n, p in enumerate(tree.parent))
-        if is_chain:  # a single branch: the default causal mask and positions are the tree's
+        if is_chain:
             out = self.target(ids, kv_cache=self.cache, hidden_layers=self.layers)
         else:
             out = self.target(ids, positions=tree.positions(C, device), kv_cache=self.cache,
                               attn_mask_override=tree.attention_mask(C, device)[None, None],
                               hidden_layers=self.layers)
-        path, bonus = accept(out.logits[0])
+        self._scored = (C, out.hidden_states)
+        return out.logits[0]
+
+    def commit(self, path: list[int], new: list[int]) -> None:
+        """Keep the anchor and the accepted `path` (K/V and hidden states), append `new` to the row."""
+        if self._scored is None:
+            raise RuntimeError("commit before score")
+        (C, hidden), self._scored = self._scored, None
         nodes = [0] + path
         self.cache.keep(C, [C + n for n in nodes])
-        self._store(C, torch.stack(out.hidden_states, dim=2)[0, nodes])
-        return path, bonus
+        self._store(C, torch.stack(hidden, dim=2)[0, nodes])
+        self.seq += new
 
 
 # ---------------------------------------------------------------- drafting
@@ -414,41 +420,53 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
     max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.gamma - 1)  # tree size bound
     st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator,
                       [drafter] + ([vp] if vp is not None else []))
-    out = [st.first]
-    stop = commit_tail(streamer, 0, out, 1)
-    while len(out) < budget and not (cfg.stop_at_eos and out[-1] in eos) and not stop:
-        remaining = budget - len(out)
+    spec = _BlockSpeculator(st, drafter, vp, cfg, d2, eos, stats, generator)
+    return speculate(spec, st.first, budget, eos=eos, stop_at_eos=cfg.stop_at_eos, stats=stats, streamer=streamer,
+                     on_round=spec.record)
+
+
+class _BlockSpeculator:
+    """DFlash's and D²SD's side of a round (`speculative.round`): the block drafter's first draft,
+    and for D²SD the VP drafter's re-anchored branches, as one tree over the row's `_TargetState`."""
+
+    def __init__(self, st: _TargetState, drafter: _MeteredDrafter, vp: _MeteredDrafter | None, cfg: DFlashSpecConfig,
+                 d2: D2SDConfig | None, eos: frozenset[int], stats: BlockSpecStats, generator: torch.Generator):
+        self.st, self.drafter, self.vp, self.cfg, self.d2 = st, drafter, vp, cfg, d2
+        self.eos, self.stats, self.generator = eos, stats, generator
+
+    def propose(self, remaining: int) -> Proposal:
+        cfg, d2, T = self.cfg, self.d2, self.cfg.temperature
         n_draft = min(cfg.gamma - 1, remaining - 1)  # a round emits at most n_draft + 1 tokens
         branches: list[list[int]] = []
         labels: list[str] = []
         q: Tensor | None = None
         if n_draft > 0:
-            drafts, conf, q = _pick_drafts(_block_logits(drafter, st, cfg.gamma, n_draft), T, d2 is None, generator)
-            stats.drafter_forwards += 1
+            drafts, conf, q = _pick_drafts(_block_logits(self.drafter, self.st, cfg.gamma, n_draft), T, d2 is None,
+                                           self.generator)
+            self.stats.drafter_forwards += 1
             if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
-                drafts = through_eos(drafts, eos)
+                drafts = through_eos(drafts, self.eos)
                 conf = conf[:len(drafts)]
                 q = q[:len(drafts)] if q is not None else None
             if d2 is None:
                 branches, labels = [drafts], [FIRST_DRAFT]
             else:
-                branches, labels = _d2sd_branches(vp, st, drafts, conf, d2, remaining, eos, stats)
-        tree = DraftTree.from_branches(st.seq[-1], branches)
-        path, bonus = st.verify(tree, _acceptance(tree, T, q, generator))
-        stats.rounds += 1
-        stats.drafted += len(tree) - 1
-        stats.accepted += len(path)
-        stats.tree_nodes += len(tree)
-        stats.max_tree_nodes = max(stats.max_tree_nodes, len(tree))
-        winner = tree.branch_of(path)
-        stats.record_win(NONE if winner is None else labels[winner], len(path))
-        new = [tree.tokens[n] for n in path] + [bonus]
-        if cfg.stop_at_eos:
-            new = through_eos(new, eos)
-        out += new
-        st.seq += new
-        stop = commit_tail(streamer, 0, out, len(new))
-    return out
+                assert self.vp is not None
+                branches, labels = _d2sd_branches(self.vp, self.st, drafts, conf, d2, remaining, self.eos, self.stats)
+        tree = DraftTree.from_branches(self.st.seq[-1], branches)
+        return Proposal(tree, _acceptance(tree, T, q, self.generator), labels)
+
+    def score(self, proposal: Proposal) -> Tensor:
+        return self.st.score(proposal.tree)
+
+    def commit(self, proposal: Proposal, path: list[int], new: list[int]) -> None:
+        self.st.commit(path, new)
+
+    def record(self, proposal: Proposal, path: list[int]) -> None:
+        self.stats.tree_nodes += len(proposal.tree)
+        self.stats.max_tree_nodes = max(self.stats.max_tree_nodes, len(proposal.tree))
+        winner = proposal.tree.branch_of(path)
+        self.stats.record_win(NONE if winner is None else proposal.labels[winner], len(path))
 
 
 def _run(target: torch.nn.Module, drafter: DFlashDrafter, vp_drafter: DFlashDrafter | None, tokenizer: Tokenizer,
