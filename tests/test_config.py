@@ -50,3 +50,17 @@ def test_used_options_pass():
 def test_cli_reports_an_ignored_option(tiny_checkpoint, capsys):
     rc = main(["generate", "--prompt", "Tom has 5 pens.", "--model", str(tiny_checkpoint), "--threshold", "0.8"])
     assert rc == 2 and "no effect with policy 'schedule'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["vanilla", "fast-dllm", "dkv-cache", "psd", "dualdiffusion"])
+def test_one_full_steps_rule_for_every_diffusion_builder(method):
+    """A gen_length alone decodes one token per step, in every builder and through every task
+    default; a base config's steps are its own; explicit steps win."""
+    decode = lambda c: getattr(c, "decode", c)  # noqa: E731
+    assert decode(build_config(method, gen_length=96)).steps == 96
+    assert decode(build_config(method, gen_length=96, steps=24)).steps == 24
+    assert decode(task_config("arith-hard", method)).steps == 128
+    assert decode(task_config("arith-hard", method, gen_length=64)).steps == 64
+    assert decode(task_config("arith", method, steps=12)).steps == 12
+    base = build_config(method, gen_length=96, steps=48)
+    assert decode(build_config(method, base, gen_length=96)).steps == 48

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
 REMASKING = ("low_confidence", "random")
 POLICIES = ("schedule", "threshold", "factor", "local")
@@ -109,6 +109,15 @@ class DecodeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def full_steps(decode: dict[str, Any], given: Mapping[str, Any], base: Any) -> None:
+    """Full steps unless told otherwise: a gen_length given without steps decodes one token per
+    step (steps = gen_length, LLaDA's default), unless a base config already fixed its steps. Every
+    masked-diffusion builder applies this one rule, so the CLI, the API, eval, lm-eval and the
+    server agree on it."""
+    if base is None and "gen_length" in given and "steps" not in given:
+        decode["steps"] = given["gen_length"]
 
 
 def is_finite_number(value: Any) -> bool:

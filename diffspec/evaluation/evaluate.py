@@ -31,11 +31,11 @@ from ..tasks import LETTERS, Example, load_examples, score
 
 # Generation shapes that fit each task's answers (overridable per run).
 TASK_DEFAULTS: dict[str, dict[str, int]] = {
-    "arith": {"gen_length": 48, "block_length": 16, "steps": 48},
-    "arith-hard": {"gen_length": 128, "block_length": 32, "steps": 128},
-    "arith-mc": {"gen_length": 8, "block_length": 8, "steps": 8},
-    "gsm8k": {"gen_length": 256, "block_length": 32, "steps": 256},
-    "mmlu": {"gen_length": 8, "block_length": 8, "steps": 8},
+    "arith": {"gen_length": 48, "block_length": 16},
+    "arith-hard": {"gen_length": 128, "block_length": 32},
+    "arith-mc": {"gen_length": 8, "block_length": 8},
+    "gsm8k": {"gen_length": 256, "block_length": 32},
+    "mmlu": {"gen_length": 8, "block_length": 8},
 }
 SCORINGS = ("generate", "likelihood")
 LIKELIHOOD_TASKS = ("arith-mc", "mmlu")  # multiple choice: one continuation per letter
@@ -49,10 +49,8 @@ def task_config(task: str, method: str, strict: bool = True, **options: Any) -> 
     ar = not m.takes_block_options
     if ar:  # AR methods and Dream's sampler take only the generation budget of the task's defaults
         defaults = {k: v for k, v in defaults.items() if k == "gen_length"}
-    base = {**defaults, **given}
-    if "gen_length" in given and "steps" not in given and not ar:  # full steps unless told otherwise
-        base["steps"] = given["gen_length"]
-    return build_config(method, strict=strict, **base)
+    # (no steps: the builders' one rule, `decoding.config.full_steps`, makes them gen_length)
+    return build_config(method, strict=strict, **{**defaults, **given})
 
 
 def config_value(cfg: Any, name: str, default: Any = None) -> Any:

@@ -365,9 +365,7 @@ class DiffspecLM(LM):
                     self._log_once(f"diffspec: max_gen_toks={want} rounded up to gen_length={gen_length} "
                                    f"({gen_length // block} whole blocks of block_length={block}) for method "
                                    f"{self.method}")
-            opts["gen_length"] = gen_length
-            if self.family == "diffusion" and "steps" not in opts:
-                opts["steps"] = gen_length  # full steps unless told otherwise, as `diffspec generate`
+            opts["gen_length"] = gen_length  # (steps: gen_length unless given, `decoding.config.full_steps`)
         if temperature is not None:
             opts["temperature"] = float(temperature)
         return build_config(self.method, **opts)

@@ -27,15 +27,14 @@ ALLOWED_CACHES = {
 
 def build_block_config(method: str, base: Any = None, **options: Any) -> Any:
     """A DecodeConfig for vanilla / fast-dllm / dkv-cache: preset, then `base`, then `options`."""
-    from ..decoding.config import DecodeConfig
+    from ..decoding.config import DecodeConfig, full_steps
 
     unknown = set(options) - set(DecodeConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown decoding option(s) {sorted(unknown)}; "
                          f"valid: {sorted(DecodeConfig.__dataclass_fields__)}")
     given = {k: v for k, v in options.items() if v is not None}
-    if base is None and "gen_length" in given and "steps" not in given:
-        given["steps"] = given["gen_length"]  # full steps unless told otherwise
+    full_steps(given, given, base)
     cfg = DecodeConfig(**{**PRESETS[method], **(base.to_dict() if base else {}), **given})
     if cfg.cache not in ALLOWED_CACHES[method]:
         raise ValueError(f"method {method!r} does not use cache {cfg.cache!r} "

@@ -77,7 +77,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
+from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types, full_steps
 from ..decoding.capabilities import capabilities
 from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult, model_device
@@ -456,8 +456,7 @@ def build_dual_config(base: DualConfig | DecodeConfig | None = None, **options: 
         for k in ("rule_threshold", "verifier_unmask"):
             if k not in given:
                 loop[k] = None
-    if "gen_length" in given and "steps" not in given and not isinstance(base, DualConfig):
-        decode["steps"] = given["gen_length"]  # full steps unless told otherwise, as the other builders do
+    full_steps(decode, given, base)
     try:
         drafter_decode = DecodeConfig(**decode)
     except ValueError as e:  # name the option the caller gave, not the field it became

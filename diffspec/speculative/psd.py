@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types
+from ..decoding.config import DecodeConfig, WrapsDecodeConfig, check_field_types, full_steps
 from ..decoding.capabilities import capabilities
 from ..decoding.diffusion import run_batches
 from ..decoding.runner import GenerationResult
@@ -439,8 +439,7 @@ def build_psd_config(base: PSDConfig | DecodeConfig | None = None, **options: An
         decode["steps"] = decode.get("steps", decode.get("gen_length", 48))
     loop.update({k: v for k, v in given.items() if k in own})
     decode.update({k: v for k, v in given.items() if k in decode_fields})
-    if "gen_length" in given and "steps" not in given:
-        decode["steps"] = given["gen_length"]
+    full_steps(decode, given, base)
     if loop.get("lossless"):
         fixed = sorted({"policy", "threshold", "factor", "local_threshold", "local_radius"} & set(given))
         if fixed:
