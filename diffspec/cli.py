@@ -166,7 +166,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     # Checks the --out path before the run, scores (data-parallel under torchrun), prints one line
     # and writes the JSON on rank 0.
     run_eval(a.task, a.method, _options(a), model=a.model, device=a.device, dtype=a.dtype, limit=a.limit,
-             data=a.data, k_shot=a.k_shot, out=a.out, scoring=a.scoring, mc_num=a.mc_num, chat=a.chat,
+             data=a.data, k_shot=a.k_shot, split=a.split, out=a.out, scoring=a.scoring, mc_num=a.mc_num, chat=a.chat,
              compile=a.compile, quantize=a.quantize)
 
 
@@ -202,7 +202,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         examples = chat_examples(examples, model_path, family_method)
     command = "diffspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
-              overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume,
+              overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume, split=a.split,
               chunk=a.chunk, shard=shard)
 
 
@@ -213,7 +213,7 @@ def _bench_examples(a: argparse.Namespace, model_path: str | None, method: str) 
     from .tasks import load_examples
 
     check_model(model_path, method)
-    return load_examples(a.task, limit=a.limit, data=a.data, k_shot=a.k_shot)
+    return load_examples(a.task, limit=a.limit, split=a.split, data=a.data, k_shot=a.k_shot)
 
 
 def cmd_draft_vocab(a: argparse.Namespace) -> None:
@@ -312,6 +312,9 @@ def _examples_args(p: Any, task_help: str, limit_help: str, limit: int | None = 
     p.add_argument("--task", default="arith", help=task_help)
     p.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
     p.add_argument("--limit", type=int, default=limit, help=limit_help)
+    p.add_argument("--split", default="test",
+                   help="test (default) | validation: which split of a generated task (arith, arith-hard, "
+                        "arith-mc); tune on validation, report on test")
 
 
 def _eval_parser(sub: Any) -> None:

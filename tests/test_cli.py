@@ -369,3 +369,31 @@ def test_bench_chat_and_k_shot_shape_every_rows_prompts(chat_checkpoint, tmp_pat
     rc, _, err = run(["bench", "--methods", "vanilla:steps=8", "--chat", "--limit", "1", "--gen-length", "16",
                       "--out", str(tmp_path / "c")], capsys)
     assert rc == 2 and "no chat template" in err
+
+
+def test_eval_and_bench_read_the_validation_split(tiny_checkpoint, tmp_path, capsys):
+    """--split validation scores other problems than the default test split (tune there, report on
+    test); a file task has no splits and says so."""
+    from diffspec.tasks import load_examples
+    from diffspec.tasks.arith import split_of
+
+    res = {}
+    for split in ("test", "validation"):
+        out_file = tmp_path / f"{split}.json"
+        rc, _, _ = run(["eval", "--task", "arith", "--limit", "3", "--split", split, "--model", str(tiny_checkpoint),
+                        "--gen-length", "16", "--block-length", "8", "--steps", "8", "--out", str(out_file)], capsys)
+        assert rc == 0
+        res[split] = json.loads(out_file.read_text())
+    assert res["validation"]["split"] == "validation"
+    prompts = [s["prompt"] for s in res["validation"]["samples"]]
+    assert prompts == [e.prompt for e in load_examples("arith", limit=3, split="validation")]
+    assert all(split_of(p.removeprefix("Question: ").rsplit("\nAnswer:", 1)[0]) == "validation" for p in prompts)
+    assert not set(prompts) & {s["prompt"] for s in res["test"]["samples"]}
+    rc, _, err = run(["bench", "--task", "arith", "--limit", "2", "--split", "validation", "--model",
+                      str(tiny_checkpoint), "--methods", "vanilla:steps=8", "--gen-length", "16", "--block-length",
+                      "8", "--out", str(tmp_path / "b")], capsys)
+    assert rc == 0
+    bench = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert bench["split"] == "validation"
+    rc, _, err = run(["eval", "--task", "gsm8k", "--split", "validation", "--model", str(tiny_checkpoint)], capsys)
+    _one_line_error(rc, err, "--split validation applies to the generated tasks")

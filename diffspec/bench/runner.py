@@ -382,6 +382,7 @@ def run_bench(
     out_dir: str | Path = "bench-out",
     data: str | None = None,
     overrides: dict[str, Any] | None = None,
+    split: str = "test",
     command: str | None = None,
     repeats: int = 1,
     examples: Sequence[Example] | None = None,
@@ -406,7 +407,7 @@ def run_bench(
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
     outputs = check_bench_out(out_dir)  # and where the results will go
     if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
-        examples = load_examples(task, limit=limit, data=data)
+        examples = load_examples(task, limit=limit, split=split, data=data)
     keys, chunk_keys = _row_keys(specs, configs, task, examples, model, repeats)
     if shard is not None and not all(keys):
         raise ValueError("--shard needs rows that can be saved and resumed: a diffspec model (torch module), "
@@ -427,7 +428,7 @@ def run_bench(
             r["wall_seconds_repeats"] = w
             r["wall_seconds"] = statistics.median(w)
     _compare_to_baseline(run.rows)
-    result = _bench_result(task, examples, command, run.resumed, run.rows)
+    result = _bench_result(task, examples, command, run.resumed, run.rows, split)
     table = format_table(run.rows)
     print(table)  # before saving: a failure to save never hides the numbers
     written = save_bench(result, table, outputs, title=f"{task}: accuracy vs cost ({len(examples)} examples)")
@@ -533,10 +534,11 @@ def _compare_to_baseline(rows: list[dict[str, Any]]) -> None:
 
 
 def _bench_result(task: str, examples: Sequence[Example], command: str | None, resumed: list[str],
-                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+                  rows: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
     """results.json: the rows and what they ran on."""
     return {
         "task": task,
+        "split": split,
         "n": len(examples),
         "baseline": rows[0]["label"],
         "command": command,

@@ -271,7 +271,7 @@ def chat_examples(examples: Sequence[Example], model: str | None, method: str) -
 
 def run_eval(task: str, method: str, options: dict[str, Any], model: str | None = None, device: str | None = "cpu",
              dtype: str | None = None, limit: int | None = None, data: str | None = None, k_shot: int | None = None,
-             out: str | None = None, scoring: str = "generate", mc_num: int | None = None,
+             split: str = "test", out: str | None = None, scoring: str = "generate", mc_num: int | None = None,
              chat: bool = False, compile: str | None = None, quantize: str | None = None) -> dict[str, Any] | None:
     """`diffspec eval`: validate everything, load, score (data-parallel under torchrun), print one
     line and write the JSON on rank 0. Returns the result on rank 0, None on the others."""
@@ -289,7 +289,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     shard = shard_from_env()
     target = OutputFile.check(out, "--out") if out is not None and shard.is_main else None  # before the run
     check_model(model, method)  # a missing model is reported before missing data, as the user meets them
-    examples = load_examples(task, limit=limit, data=data, k_shot=k_shot)
+    examples = load_examples(task, limit=limit, split=split, data=data, k_shot=k_shot)
     if chat:
         if scoring == "likelihood":
             raise ValueError("--chat applies to --scoring generate")
@@ -310,6 +310,7 @@ def run_eval(task: str, method: str, options: dict[str, Any], model: str | None 
     family = get_method(method).family
     r["model"] = model or ("bundled:qwen3-arith" if family == "ar" else "bundled:llada-arith")
     r["chat"] = chat
+    r["split"] = split
     flex_acc = flexible_accuracy(r)  # the bench table's rule: GSM8K rows only
     flex = f", flexible {flex_acc:.1%}" if flex_acc is not None else ""
     ranks = f" | {r['world_size']} ranks" if r["world_size"] > 1 else ""

@@ -154,6 +154,9 @@ def load_examples(task: str, limit: int | None = None, split: str = "test", data
             raise ValueError(f"k_shot (--k-shot) must be an integer >= 0, got {k_shot!r}")
         if task not in ("gsm8k", "mmlu"):
             raise ValueError(f"--k-shot applies to gsm8k and mmlu; the {task} prompts have no exemplars")
+    if task in ("gsm8k", "mmlu") and split != "test":
+        raise ValueError(f"--split {split} applies to the generated tasks (arith, arith-hard, arith-mc); {task} reads "
+                         "one file: choose it with --data")
     if task == "arith":
         return arith_examples(split, limit or 500, seed)
     if task == "arith-hard":
