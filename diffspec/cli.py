@@ -312,7 +312,7 @@ def _examples_args(p: Any, task_help: str, limit_help: str, limit: int | None = 
     p.add_argument("--task", default="arith", help=task_help)
     p.add_argument("--data", help="jsonl path for gsm8k / mmlu (default ../shared/data/...)")
     p.add_argument("--limit", type=int, default=limit, help=limit_help)
-    p.add_argument("--split", default="test",
+    p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="test (default) | validation: which split of a generated task (arith, arith-hard, "
                         "arith-mc); tune on validation, report on test")
 

@@ -27,9 +27,9 @@ RUN = [row("vanilla", 0.80, 1200.0, 128.0),  # the baseline: savings are against
 def test_the_reference_front_is_read_between_its_points_in_log_cost():
     front = [(100.0, 0.5), (400.0, 0.7)]
     assert accuracy_at(front, 200.0) == pytest.approx(0.6)  # halfway in log cost
-    assert accuracy_at(front, 50.0) is None and accuracy_at(front, 1e9) == 0.7
-    assert cost_for(front, 0.6) == pytest.approx(200.0)
-    assert cost_for(front, 0.4) == 100.0 and math.isinf(cost_for(front, 0.71))
+    assert accuracy_at(front, 50.0) == 0.5 and accuracy_at(front, 1e9) == 0.7  # bounds outside it
+    assert cost_for(front, 0.6) == pytest.approx(200.0) and cost_for(front, 0.5) == 100.0
+    assert cost_for(front, 0.4) is None and math.isinf(cost_for(front, 0.71))  # unmeasured / never
 
 
 def test_rows_above_the_curve_win_and_rows_below_or_outside_the_band_do_not():
@@ -43,9 +43,25 @@ def test_rows_above_the_curve_win_and_rows_below_or_outside_the_band_do_not():
     best = v["psd above the front's best"]
     assert math.isinf(best.reference_cost_ratio)
     assert best.margin == pytest.approx(0.71 - (0.5 + 0.2 * math.log(3) / math.log(4))) and best.wins
-    # ... and +0.9 points over the reference's best is noise, not a win ("never" is no ratio)
+    # ... and +0.9 points over the front at its cost (+0.5 over its best) is noise, not a win
     hair = v["psd a hair above"]
     assert math.isinf(hair.reference_cost_ratio) and 0 < hair.margin < 0.02 and not hair.wins
+
+
+def test_rows_cheaper_than_the_whole_front_are_judged_against_its_cheapest_point():
+    run = [row("vanilla", 0.8, 1200.0), row("fast-dllm", 0.5, 300.0),
+           row("psd", 0.6, 200.0, label="beats it all"), row("psd", 0.05, 200.0, label="cheap and wrong")]
+    v = {x.label: x for x in decide(run, ["psd"], "fast-dllm")}
+    assert v["beats it all"].below_front and v["beats it all"].margin == pytest.approx(0.1)
+    assert v["beats it all"].wins  # cheaper and 10 points above anything the reference measured
+    assert v["cheap and wrong"].reference_cost_ratio is None and not v["cheap and wrong"].wins
+
+
+def test_a_row_without_a_cost_is_an_error_or_skipped():
+    run = [row("vanilla", 0.8, 1200.0), row("fast-dllm", 0.5, 100.0), row("psd", 0.6, 0.0, label="no cost")]
+    assert decide(run, ["psd"], "fast-dllm", band=(0.1, 1e9)) == []
+    with pytest.raises(ValueError, match="positive"):
+        decide([row("vanilla", 0.8, 0.0), *run[1:]], ["psd"], "fast-dllm")
 
 
 def test_a_cheaper_row_at_equal_accuracy_wins_by_the_cost_ratio():
@@ -66,6 +82,6 @@ def test_the_forwards_axis_and_bad_inputs(tmp_path, capsys):
     path.write_text(json.dumps({"rows": RUN}))
     main([str(path)])
     out = capsys.readouterr().out
-    assert "psd above" in out and "**yes**" in out and "nothing that cheap" not in out
+    assert "psd above" in out and "**yes**" in out
     with pytest.raises(SystemExit, match="does not exist"):
         main([str(tmp_path / "missing.json")])

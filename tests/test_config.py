@@ -55,12 +55,16 @@ def test_cli_reports_an_ignored_option(tiny_checkpoint, capsys):
 @pytest.mark.parametrize("method", ["vanilla", "fast-dllm", "dkv-cache", "psd", "dualdiffusion"])
 def test_one_full_steps_rule_for_every_diffusion_builder(method):
     """A gen_length alone decodes one token per step, in every builder and through every task
-    default; a base config's steps are its own; explicit steps win."""
+    default; a base config at full steps stays at full steps for a new gen_length, one with fewer
+    steps keeps its count; explicit steps win."""
     decode = lambda c: getattr(c, "decode", c)  # noqa: E731
     assert decode(build_config(method, gen_length=96)).steps == 96
     assert decode(build_config(method, gen_length=96, steps=24)).steps == 24
     assert decode(task_config("arith-hard", method)).steps == 128
     assert decode(task_config("arith-hard", method, gen_length=64)).steps == 64
     assert decode(task_config("arith", method, steps=12)).steps == 12
-    base = build_config(method, gen_length=96, steps=48)
-    assert decode(build_config(method, base, gen_length=96)).steps == 48
+    reduced = build_config(method, gen_length=96, steps=24)
+    assert decode(build_config(method, reduced, gen_length=48)).steps == 24
+    full = build_config(method, gen_length=96)
+    assert decode(build_config(method, full, gen_length=48)).steps == 48
+    assert decode(build_config(method, full, gen_length=48, steps=12)).steps == 12

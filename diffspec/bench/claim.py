@@ -6,14 +6,16 @@ cost lies in a band of savings against the baseline row (e.g. 3× to 12× fewer 
 
 - **at equal cost**: the reference's accuracy at that cost, read off its Pareto front with linear
   interpolation in log-cost between measured points (beyond its most expensive point: its best
-  accuracy; below its cheapest: nothing to compare, reported as such), and the challenger's margin;
+  accuracy; below its cheapest point: that point's accuracy, an upper bound, shown as "≤"), and
+  the challenger's margin (then a lower bound);
 - **at equal accuracy**: the reference's cost to reach the challenger's accuracy (interpolated the
-  same way; "never" when no reference row reaches it), as a ratio to the challenger's cost.
+  same way; "never" when no reference row reaches it; unknown when the challenger's accuracy is
+  below the reference's cheapest point), as a ratio to the challenger's cost.
 
 A row wins when its margin is at least `points` (default +2) or the reference needs at least
-`ratio` (default 1.5×) its cost (a reference that never reaches the row's accuracy gives no ratio:
-then the margin alone decides, so +0.2 points above the reference's best is not a win). Both readings are needed: a frontier that is flat in accuracy makes
-the first small and the second large.
+`ratio` (default 1.5×) its cost. A reference that never reaches the row's accuracy gives no ratio:
+then the margin alone decides, so +0.2 points above the reference's best is not a win. Both
+readings are needed: a frontier that is flat in accuracy makes the first small and the second large.
 
     python -m diffspec.bench.claim benchmarks/frontier-arith-hard-cpu/results.json
 """
@@ -37,13 +39,14 @@ class Verdict:
     axis: str
     saving: float  # baseline cost / row cost
     accuracy: float
-    reference_accuracy: float | None  # the reference's accuracy at the row's cost (None: it has nothing that cheap)
-    reference_cost_ratio: float  # the reference's cost for the row's accuracy / the row's cost (inf: never)
+    reference_accuracy: float  # the reference's accuracy at the row's cost
+    below_front: bool  # the reference has nothing that cheap: reference_accuracy is an upper bound
+    reference_cost_ratio: float | None  # its cost for the row's accuracy / the row's cost (inf: never; None: unknown)
     wins: bool
 
     @property
-    def margin(self) -> float | None:
-        return None if self.reference_accuracy is None else self.accuracy - self.reference_accuracy
+    def margin(self) -> float:
+        return self.accuracy - self.reference_accuracy
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -54,20 +57,24 @@ def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     return ys[-1]
 
 
-def accuracy_at(front: list[tuple[float, float]], cost: float) -> float | None:
-    """The front's accuracy at `cost` (interpolated in log cost); None below its cheapest point."""
-    if not front or cost < front[0][0]:
-        return None
+def accuracy_at(front: list[tuple[float, float]], cost: float) -> float:
+    """The front's accuracy at `cost` (interpolated in log cost). Below its cheapest point: that
+    point's accuracy, which bounds what the reference could do for less."""
+    if cost <= front[0][0]:
+        return front[0][1]
     if cost >= front[-1][0]:
         return front[-1][1]
     return _interp(math.log(cost), [math.log(c) for c, _ in front], [a for _, a in front])
 
 
-def cost_for(front: list[tuple[float, float]], accuracy: float) -> float:
-    """The front's cost to reach `accuracy` (interpolated in log cost); inf when it never does."""
-    if not front or accuracy > front[-1][1]:
+def cost_for(front: list[tuple[float, float]], accuracy: float) -> float | None:
+    """The front's cost to reach `accuracy` (interpolated in log cost); inf when it never does; None
+    below its cheapest point's accuracy (what the reference would need for so little is unmeasured)."""
+    if accuracy > front[-1][1]:
         return math.inf
-    if accuracy <= front[0][1]:
+    if accuracy < front[0][1]:
+        return None
+    if accuracy == front[0][1]:
         return front[0][0]
     return math.exp(_interp(accuracy, [a for _, a in front], [math.log(c) for c, _ in front]))
 
@@ -86,19 +93,23 @@ def decide(rows: list[dict[str, Any]], challengers: Sequence[str], reference: st
     ref = [r for r in rows if r["method"] == reference]
     if not ref:
         raise ValueError(f"no {reference!r} rows in the run; methods there: {sorted({r['method'] for r in rows})}")
+    costly = [r for r in rows if not (r.get(key) or 0) > 0]
+    if costly and (costly[0] is rows[0] or any(r["method"] == reference for r in costly)):
+        raise ValueError(f"rows without a positive {AXES[axis][1]}: {[r['label'] for r in costly]}")
     front = pareto_front([(r[key], r["accuracy"]) for r in ref])
     out = []
     for r in rows:
-        if r["method"] not in challengers:
+        if r["method"] not in challengers or r in costly:
             continue
         saving = base / r[key]
         if not band[0] <= saving <= band[1]:
             continue
         at = accuracy_at(front, r[key])
-        cost_ratio = cost_for(front, r["accuracy"]) / r[key]
-        # "never" (the reference does not reach this accuracy) is no cost ratio: then only the margin counts
-        wins = (at is not None and r["accuracy"] - at >= points - 1e-12) or ratio <= cost_ratio < math.inf
-        out.append(Verdict(r["label"], axis, saving, r["accuracy"], at, cost_ratio, wins))
+        need = cost_for(front, r["accuracy"])
+        cost_ratio = None if need is None else need / r[key]
+        # "never" (the reference does not reach this accuracy) is no cost ratio: then the margin decides
+        wins = r["accuracy"] - at >= points - 1e-12 or (cost_ratio is not None and ratio <= cost_ratio < math.inf)
+        out.append(Verdict(r["label"], axis, saving, r["accuracy"], at, r[key] < front[0][0], cost_ratio, wins))
     return out
 
 
@@ -107,9 +118,10 @@ def table(verdicts: list[Verdict], reference: str, points: float, ratio: float) 
              f"{reference} cost for equal accuracy | wins (≥ +{points * 100:g} pts or ≥ {ratio:g}×) |",
              "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
-        at = "nothing that cheap" if v.reference_accuracy is None else f"{v.reference_accuracy:.1%}"
-        margin = "" if v.margin is None else f"{v.margin * 100:+.1f}"
-        cost = "never" if math.isinf(v.reference_cost_ratio) else f"{v.reference_cost_ratio:.2f}×"
+        at = f"{'≤ ' if v.below_front else ''}{v.reference_accuracy:.1%}"
+        margin = f"{'≥ ' if v.below_front else ''}{v.margin * 100:+.1f}"
+        r = v.reference_cost_ratio
+        cost = "unknown (below its cheapest)" if r is None else "never" if math.isinf(r) else f"{r:.2f}×"
         lines.append(f"| {v.label} | {AXES[v.axis][1]} | {v.saving:.1f}× | {v.accuracy:.1%} | {at} | {margin} | "
                      f"{cost} | {'**yes**' if v.wins else 'no'} |")
     return "\n".join(lines)

@@ -382,13 +382,13 @@ def run_bench(
     out_dir: str | Path = "bench-out",
     data: str | None = None,
     overrides: dict[str, Any] | None = None,
-    split: str = "test",
     command: str | None = None,
     repeats: int = 1,
     examples: Sequence[Example] | None = None,
     resume: bool = False,
     chunk: int = 0,
     shard: tuple[int, int] | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Run every spec on the same examples; with `repeats` > 1 the rows run that many times,
     interleaved (row 1, 2, …, 1, 2, …), and each row's wall clock is the median of its runs, so a
@@ -431,7 +431,8 @@ def run_bench(
     result = _bench_result(task, examples, command, run.resumed, run.rows, split)
     table = format_table(run.rows)
     print(table)  # before saving: a failure to save never hides the numbers
-    written = save_bench(result, table, outputs, title=f"{task}: accuracy vs cost ({len(examples)} examples)")
+    written = save_bench(result, table, outputs, title=f"{task}: accuracy vs cost ({len(examples)} "
+                                                        f"{'' if split == 'test' else split + ' '}examples)")
     print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
     return result
 

@@ -113,10 +113,14 @@ class DecodeConfig:
 
 def full_steps(decode: dict[str, Any], given: Mapping[str, Any], base: Any) -> None:
     """Full steps unless told otherwise: a gen_length given without steps decodes one token per
-    step (steps = gen_length, LLaDA's default), unless a base config already fixed its steps. Every
-    masked-diffusion builder applies this one rule, so the CLI, the API, eval, lm-eval and the
-    server agree on it."""
-    if base is None and "gen_length" in given and "steps" not in given:
+    step (steps = gen_length, LLaDA's default). A base config (a DecodeConfig, or a config wrapping
+    one) at full steps stays at full steps; one with fewer steps than its gen_length keeps its
+    count (that was a choice). The LLaDA-style builders (block, PSD, DualDiffusion) apply this one
+    rule, so the CLI, the API, eval, lm-eval and the server agree on it."""
+    if "gen_length" not in given or "steps" in given:
+        return
+    d = getattr(base, "decode", base)
+    if base is None or getattr(d, "steps", None) == getattr(d, "gen_length", None):
         decode["steps"] = given["gen_length"]
 
 

@@ -413,7 +413,8 @@ class _ChainSpeculator:
 def _spec_row(target: MeteredModel, drafter: MeteredModel, prompt: list[int], cfg: SpecConfig,
               eos: frozenset[int], generator: torch.Generator, stats: ARSpecStats,
               streamer: Streamer | None = None) -> list[int]:
-    """Speculatively decode one row; returns its generated ids (EOS included when it stopped there)."""
+    """Speculatively decode one row; returns its generated ids (EOS included when it stopped there).
+    `streamer` hears each round's accepted tokens (as row 0) and may end the row early."""
     spec = _ChainSpeculator(target, drafter, prompt, cfg, generator)
     return speculate(spec, spec.first, cfg.gen_length, eos=eos, stop_at_eos=cfg.stop_at_eos, stats=stats,
                      streamer=streamer)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..decoding.streamer import Streamer, commit_tail
 from .tree import DraftTree
 
-__all__ = ["Acceptance", "Proposal", "Speculator", "speculate", "through_eos"]
+__all__ = ["Acceptance", "Proposal", "Speculator", "RoundCounters", "speculate", "chain", "through_eos"]
 
 Acceptance = Callable[[Tensor], tuple[list[int], int]]  # the target's logits over the tree -> (path, bonus)
 
