@@ -1,19 +1,40 @@
 #!/usr/bin/env bash
 # Issue #35 item 3: the frontier suite (every family's knob) on the hard task, 500 test problems,
 # the bundled arith-hard model. Two processes of one thread share the rows 50 problems at a time
-# (--shard; greedy, so the ids equal a one-process run's); it is resumable: run it again after a
-# stop and it goes on where it left off. The last process to finish writes table.md, results.json
-# and pareto.png; `bash run.sh assemble` rebuilds them from the saved rows without decoding.
-# EXTRA: more method specs to add to the suite's rows (the attempts of item 4), e.g.
-#   EXTRA="psd:threshold=0.99,draft_order=position,cache=dual" bash run.sh
+# (--shard; greedy, so the ids equal a one-process run's), and the run is resumable: run it again
+# after a stop and it goes on where it left off (the rows are saved under rows/).
+#   bash run.sh            decode (cheap rows first, so the claim's rows land early), then the table
+#   bash run.sh assemble   the table, results.json and pareto.png from the saved rows, in the suite's
+#                          order, without decoding (the same as `diffspec bench --suite frontier
+#                          --task arith-hard ... --resume`)
+# EXTRA: method specs to add after the suite's rows (the attempts of item 4), e.g.
+#   EXTRA="psd:threshold=0.95,draft_order=position,depths=1;2;3;4;5;6;7;8,cache=dual" bash run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=benchmarks/frontier-arith-hard-cpu
 MODEL=${MODEL:-diffspec/assets/llada-arith-hard}
 export OMP_NUM_THREADS=1
-read -r -a SPECS < <(python -c "from diffspec.bench.runner import suite; print(' '.join(suite('frontier', 'arith-hard')))")
+read -r -a SUITE < <(python -c "from diffspec.bench.runner import suite; print(' '.join(suite('frontier', 'arith-hard')))")
 read -r -a MORE <<< "${EXTRA:-}"
+# The decoding order: the baseline first, then Fast-dLLM, the cached PSD rows and DualDiffusion's
+# masked view (the rows the claim is about), then the rest, the two that cost more than vanilla last.
+read -r -a ORDER < <(python - "${SUITE[@]}" <<'PY'
+import sys
+specs = sys.argv[1:]
+def rank(i_s):
+    i, s = i_s
+    if i == 0: return 0
+    if s.startswith("fast-dllm"): return 1
+    if s.startswith("psd") and "cache=dual" in s: return 2
+    if s.startswith("dualdiffusion") and "verifier_view=masked" in s: return 3
+    if "leftward" in s or ("draft_order=position" in s and "cache=" not in s): return 6
+    if s.startswith("dkv-cache"): return 5
+    return 4
+print(" ".join(s for _, s in sorted(enumerate(specs), key=lambda i_s: (rank(i_s), i_s[0]))))
+PY
+)
 bench() { python -m diffspec bench --task arith-hard --model "$MODEL" --limit 500 --chunk 50 --resume \
-            --methods "${SPECS[@]}" "${MORE[@]}" --out $OUT "$@"; }
-if [[ "${1:-}" == assemble ]]; then bench; exit; fi
-bench --shard 0/2 & bench --shard 1/2 & wait
+            --out $OUT "$@"; }
+if [[ "${1:-}" == assemble ]]; then bench --methods "${SUITE[@]}" "${MORE[@]}"; exit; fi
+bench --methods "${ORDER[@]}" "${MORE[@]}" --shard 0/2 & bench --methods "${ORDER[@]}" "${MORE[@]}" --shard 1/2 & wait
+bench --methods "${SUITE[@]}" "${MORE[@]}"  # the table in the suite's order (decodes nothing)
