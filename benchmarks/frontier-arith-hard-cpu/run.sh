@@ -16,7 +16,8 @@ MODEL=${MODEL:-diffspec/assets/llada-arith-hard}
 export OMP_NUM_THREADS=1
 read -r -a SUITE < <(python -c "from diffspec.bench.runner import suite; print(' '.join(suite('frontier', 'arith-hard')))")
 read -r -a MORE <<< "${EXTRA:-}"
-# The decoding order: the baseline first, then Fast-dLLM, the cached PSD rows and DualDiffusion's
+# The decoding order: the baseline first, then Fast-dLLM and vanilla at a quarter of the steps (with
+# the baseline, item 2's targets), the cached PSD rows and DualDiffusion's
 # masked view (the rows the claim is about), then the rest, the two that cost more than vanilla last.
 read -r -a ORDER < <(python - "${SUITE[@]}" <<'PY'
 import sys
@@ -24,7 +25,7 @@ specs = sys.argv[1:]
 def rank(i_s):
     i, s = i_s
     if i == 0: return 0
-    if s.startswith("fast-dllm"): return 1
+    if s.startswith("fast-dllm") or s == "vanilla:steps=32": return 1  # (and item 2's targets)
     if s.startswith("psd") and "cache=dual" in s: return 2
     if s.startswith("dualdiffusion") and "verifier_view=masked" in s: return 3
     if "leftward" in s or ("draft_order=position" in s and "cache=" not in s): return 6
