@@ -498,3 +498,26 @@ def test_chat_template_comes_from_the_checkpoint(ckpt):
     assert prompt == "<role>USER</role>2+2?<role>ASSISTANT</role>"
     res = generate(prompt, model=str(ckpt), method="llada2", gen_length=8, block_length=8, steps=8)
     assert len(res.raw_ids[0]) == 8
+
+
+def test_fast_dllm_factor_rule_in_the_block_sampler(loaded):
+    """Issue #39 item 4: Fast-dLLM's factor rule replaces the threshold, with the schedule's top-k
+    floor and the exact block cache underneath. A vanishing factor commits the floor only (the
+    threshold rule at 1.0 does the same); a huge one commits every masked cell of a block at its
+    first step (one forward a block); in between, ids stay equal with and without the cache."""
+    from diffspec.api import build_config
+
+    model, tok = loaded
+    kw = dict(gen_length=32, block_length=8, steps=8, eos_early_stop=False)
+    run = lambda **o: llada2_generate(model, tok, PROMPTS, LLaDA2DecodeConfig(**kw, **o))  # noqa: E731
+    assert run(factor=1e-9).raw_ids == run(threshold=1.0).raw_ids
+    every = run(factor=1e9)
+    n_blocks = [-(-(len(tok.encode(p)) + 32) // 8) - len(tok.encode(p)) // 8 for p in PROMPTS]
+    assert every.meter.models["model"].nfe == sum(n_blocks)
+    mid = {c: run(factor=1.0, cache=c) for c in ("none", "block")}
+    assert mid["none"].raw_ids == mid["block"].raw_ids
+    assert sum(n_blocks) < mid["block"].meter.models["model"].nfe <= run(threshold=1.0).meter.models["model"].nfe
+    with pytest.raises(ValueError, match="one of them"):
+        build_config("llada2", factor=1.0, threshold=0.9)
+    with pytest.raises(ValueError, match="factor must be"):
+        LLaDA2DecodeConfig(factor=0.0)

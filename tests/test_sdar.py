@@ -266,6 +266,20 @@ def test_cache_is_exact_and_cheaper(loaded):
     assert out["block"].meter.flops < out["none"].meter.flops
 
 
+def test_factor_rule_in_low_confidence_dynamic(loaded):
+    """Fast-dLLM's factor rule (issue #39 item 4) replaces the threshold of low_confidence_dynamic: a
+    huge factor fills a block in one forward, a vanishing one commits the schedule's floor like
+    low_confidence_static; the other strategies refuse it."""
+    model, tok = loaded
+    kw = dict(gen_length=24, block_length=4, steps=4)
+    static = sdar_generate(model, tok, PROMPTS, SDARDecodeConfig(remasking="low_confidence_static", **kw))
+    assert sdar_generate(model, tok, PROMPTS, SDARDecodeConfig(factor=1e-9, **kw)).raw_ids == static.raw_ids
+    every = sdar_generate(model, tok, PROMPTS, SDARDecodeConfig(factor=1e9, **kw))
+    assert every.meter.models["model"].nfe < static.meter.models["model"].nfe / 3
+    with pytest.raises(ValueError, match="leave factor unset"):
+        SDARDecodeConfig(factor=1.0, remasking="sequential")
+
+
 def test_cli_generate_and_refusals(ckpt):
     from diffspec.api import generate
 

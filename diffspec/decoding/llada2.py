@@ -56,7 +56,8 @@ from .runner import GenerationResult, max_positions, model_device, run_prompts
 from .streamer import RowReporter, Streamer
 
 __all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
-           "sample_candidates", "threshold_or_topk", "decode_block_causal_row", "run_block_sampler", "check_counts",
+           "sample_candidates", "threshold_or_topk", "factor_or_topk", "choose_cells", "check_factor",
+           "decode_block_causal_row", "run_block_sampler", "check_counts",
            "check_sampling", "CACHES"]
 
 CACHES = ("auto", "block", "none")
@@ -102,6 +103,7 @@ class LLaDA2DecodeConfig:
     block_length: int = 32
     steps: int = 32
     threshold: float = 0.95
+    factor: float | None = None  # ours: Fast-dLLM's factor rule instead of the threshold (issue #39)
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -119,6 +121,7 @@ class LLaDA2DecodeConfig:
         if not _int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         check_sampling(self)
+        check_factor(self)
         if not isinstance(self.eos_early_stop, bool):
             raise ValueError(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
         if self.cache not in CACHES:
@@ -211,6 +214,33 @@ def _block_causal(q_pos: Tensor, k_pos: Tensor, block_length: int) -> Tensor:
     return block_causal_mask(q_pos, k_pos, block_length)
 
 
+def factor_or_topk(conf: Tensor, active: Tensor, k: int, factor: float) -> Tensor:
+    """Fast-dLLM's factor rule on a block: the n most confident masked cells while (n + 1)(1 − c_n) <
+    `factor` (`decoding.policies.select_factor`), and never fewer than the schedule's k, so a block
+    still ends within its steps."""
+    from .policies import select_factor
+
+    chosen = select_factor(conf[None], factor)[0]
+    if int(chosen.sum()) >= k:
+        return chosen
+    chosen = torch.zeros_like(active)
+    chosen[conf.topk(min(k, int(active.sum()))).indices] = True
+    return chosen
+
+
+def choose_cells(cfg: Any) -> Callable[[Tensor, Tensor, int], Tensor]:
+    """The commit rule of a block sampler's config: Fast-dLLM's factor rule when `cfg.factor` is
+    set, else the threshold rule (every masked cell above `cfg.threshold`, else the top k)."""
+    if cfg.factor is not None:
+        return lambda conf, active, k: factor_or_topk(conf, active, k, cfg.factor)
+    return lambda conf, active, k: threshold_or_topk(conf, active, k, cfg.threshold)
+
+
+def check_factor(cfg: Any) -> None:
+    if cfg.factor is not None and (not _real(cfg.factor) or cfg.factor <= 0):
+        raise ValueError(f"factor must be a finite number > 0 (or unset for the threshold rule), got {cfg.factor!r}")
+
+
 def threshold_or_topk(conf: Tensor, active: Tensor, k: int, threshold: float) -> Tensor:
     """LLaDA2's (and SDAR's low_confidence_dynamic) rule: every masked cell above `threshold` when
     there are at least k of them, else the k most confident masked cells."""
@@ -295,8 +325,7 @@ def llada2_decode_row(model: MeteredModel, prompt: Sequence[int], cfg: LLaDA2Dec
     return decode_block_causal_row(
         model, prompt, block_length=cfg.block_length, gen_length=cfg.gen_length,
         schedule=even_schedule(cfg.block_length, cfg.steps_per_block),
-        choose=lambda conf, active, k: threshold_or_topk(conf, active, k, cfg.threshold),
-        sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=(eos_id,),
+        choose=choose_cells(cfg), sample=lambda logits: sample_candidates(logits, cfg, generator), stop_ids=(eos_id,),
         early_stop=cfg.eos_early_stop, cache=cfg.cache == "block", mask_id=mask_id, device=device,
         bidirectional=bidirectional, report=report)
 

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
-from .llada2 import (CACHES, _int, check_counts, check_sampling, decode_block_causal_row, even_schedule,
-                     run_block_sampler, sample_candidates, threshold_or_topk)
+from .llada2 import (CACHES, _int, check_counts, check_factor, check_sampling, choose_cells, decode_block_causal_row,
+                     even_schedule, run_block_sampler, sample_candidates)
 from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, eos_ids
 from .streamer import RowReporter, Streamer
@@ -59,6 +59,7 @@ class SDARDecodeConfig:
     steps: int = 4
     remasking: str = "low_confidence_dynamic"
     threshold: float = 0.85
+    factor: float | None = None  # ours: Fast-dLLM's factor rule in low_confidence_dynamic (issue #39)
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -73,6 +74,10 @@ class SDARDecodeConfig:
         if self.remasking not in REMASKING:
             raise ValueError(f"method 'sdar' takes remasking {' / '.join(REMASKING)}; got {self.remasking!r}")
         check_sampling(self)
+        check_factor(self)
+        if self.factor is not None and self.remasking != "low_confidence_dynamic":
+            raise ValueError(f"factor replaces low_confidence_dynamic's threshold; remasking {self.remasking!r} "
+                             "commits a fixed number of cells a step: leave factor unset")
         if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
             raise ValueError("top_k / top_p filter a sampling distribution: give a temperature > 0 with them")
         if self.cache not in CACHES:
@@ -88,7 +93,7 @@ class SDARDecodeConfig:
 def choose(cfg: SDARDecodeConfig, conf: Tensor, active: Tensor, k: int) -> Tensor:
     """The cells the remasking strategy commits (conf is -inf off the masked cells)."""
     if cfg.remasking == "low_confidence_dynamic":
-        return threshold_or_topk(conf, active, k, cfg.threshold)
+        return choose_cells(cfg)(conf, active, k)
     chosen = torch.zeros_like(active)
     if cfg.remasking == "low_confidence_static":
         chosen[conf.topk(min(k, int(active.sum()))).indices] = True

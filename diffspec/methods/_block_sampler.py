@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from . import Method, Option, Ref
 from ._common import given_options
 
-SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature", "cache", "seed", "batch_size")
+SHARED = ("gen_length", "block_length", "steps", "threshold", "factor", "temperature", "cache", "seed", "batch_size")
 TOP_K = Option(int, "llada2 / dream: top-k filtering before sampling (default none)")
 TOP_P = Option(float, "llada2 / dream: nucleus (top-p) filtering before sampling (default none)")
 
@@ -22,6 +22,8 @@ def block_sampler(name: str, what: str, summary: str, config: str, generate: str
 
     def build(base: Any = None, **options_given: Any) -> Any:
         given = given_options(options_given, SHARED, options, name, what)
+        if "factor" in given and "threshold" in given:
+            raise ValueError(f"method {name!r} commits by --threshold or by Fast-dLLM's --factor rule; give one of them")
         for option, field in (renames or {}).items():
             if option in given:
                 given[field] = given.pop(option)
