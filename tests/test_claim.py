@@ -85,3 +85,25 @@ def test_the_forwards_axis_and_bad_inputs(tmp_path, capsys):
     assert "psd above" in out and "**yes**" in out
     with pytest.raises(SystemExit, match="does not exist"):
         main([str(tmp_path / "missing.json")])
+
+
+def test_a_row_within_noise_of_the_front_wins_only_by_the_cost_ratio():
+    """A flat reference front: +0.4 points at equal cost is no margin, but the reference needs 1.58x
+    the FLOPs for the same accuracy, which is a win at the default ratio (1.5) and not at 2."""
+    run = [row("vanilla", 0.8, 1200.0), row("fast-dllm", 0.50, 100.0), row("fast-dllm", 0.52, 1000.0),
+           row("psd", 0.51, 200.0, label="flat")]
+    (v,) = decide(run, ["psd"], "fast-dllm", band=(1.0, 12.0))
+    assert v.margin < 0.02 and v.reference_cost_ratio == pytest.approx(10 ** 0.5 / 2, rel=1e-3) and v.wins
+    (v2,) = decide(run, ["psd"], "fast-dllm", band=(1.0, 12.0), ratio=2.0)
+    assert not v2.wins
+
+
+def test_the_band_is_inclusive_and_checked():
+    run = [row("vanilla", 0.8, 1200.0), row("fast-dllm", 0.5, 100.0), row("psd", 0.6, 400.0, label="3x"),
+           row("psd", 0.6, 100.0, label="12x"), row("psd", 0.6, 0.5, label="cheap")]
+    assert {v.label for v in decide(run, ["psd"], "fast-dllm")} == {"3x", "12x"}
+    for band in ((0.0, 5.0), (5.0, 3.0)):
+        with pytest.raises(ValueError, match="band"):
+            decide(run, ["psd"], "fast-dllm", band=band)
+    with pytest.raises(ValueError, match="no rows"):
+        decide([], ["psd"], "fast-dllm")

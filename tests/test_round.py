@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffspec.speculative.round import Proposal, chain, speculate
+from diffspec.speculative.round import Proposal, chain, speculate, through_eos
 
 
 class Counting:
@@ -37,6 +37,8 @@ class Counting:
         return torch.nn.functional.one_hot(torch.tensor(nxt), 200).float()
 
     def commit(self, proposal: Proposal, path: list[int], new: list[int]) -> None:
+        kept = [proposal.tree.tokens[n] for n in path]  # the path of this round's tree (cut at an EOS)
+        assert kept[:len(new)] == new[:len(kept)]
         self.commits.append((list(path), list(new)))
         self.seq += new
 
@@ -76,3 +78,16 @@ def test_the_streamer_hears_each_round_and_can_stop_it():
     out = speculate(Counting(gamma=2, good=2), 0, 50, eos=frozenset(), stop_at_eos=False, stats=Stats(), streamer=s)
     assert out == [0, 1, 2, 3]
     assert s.heard == [(0, [0], [0]), (0, [1, 2, 3], [1, 2, 3])]
+
+
+def test_on_round_hears_each_proposal_and_its_path():
+    heard = []
+    speculate(Counting(gamma=3, good=1), 0, 7, eos=frozenset(), stop_at_eos=False, stats=Stats(),
+              on_round=lambda proposal, path: heard.append((proposal.tree.tokens, path)))
+    assert heard == [([0, 1, 99, 99], [1]), ([2, 3, 99, 99], [1]), ([4, 5], [1])]  # 2 left: one draft
+
+
+def test_through_eos():
+    assert through_eos([5, 6, 7], frozenset({9})) == [5, 6, 7]
+    assert through_eos([5, 9, 7, 9], frozenset({9})) == [5, 9]
+    assert through_eos([], frozenset({9})) == []
