@@ -18,10 +18,13 @@ export OMP_NUM_THREADS=1
 read -r -a SUITE < <(python -c "from diffspec.bench.runner import suite; print(' '.join(suite('frontier', 'arith-hard')))")
 # Fast-dLLM's curve beyond the suite's dual-cache sweep, so the claim is judged against all of it:
 # on this task its dual cache tops out at 16x fewer FLOPs than vanilla, below the 3-12x band the
-# claim is about, where its prefix cache and no cache (more accurate, more FLOPs) are.
+# claim is about, where its prefix cache and no cache (more accurate, more FLOPs) are; threshold 1.0
+# commits one cell a step. And PSD's left-to-right drafts at depth 1 only: how much of PSD's accuracy
+# is the left-to-right order rather than the speculation.
 REFERENCE="fast-dllm:cache=dual,policy=threshold,threshold=0.999 fast-dllm:cache=prefix,policy=threshold,threshold=0.9
 fast-dllm:cache=prefix,policy=threshold,threshold=0.99 fast-dllm:cache=none,policy=threshold,threshold=0.9
-fast-dllm:cache=none,policy=threshold,threshold=0.99"
+fast-dllm:cache=none,policy=threshold,threshold=0.99 fast-dllm:cache=dual,policy=threshold,threshold=1.0
+psd:threshold=1.0,draft_order=position,depths=1,cache=dual"
 read -r -a MORE <<< "$(echo $REFERENCE) ${EXTRA:-}"
 # The decoding order: the baseline first, then Fast-dLLM and vanilla at a quarter of the steps (with
 # the baseline, item 2's targets), the cached PSD rows and DualDiffusion's
