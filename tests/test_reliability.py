@@ -430,7 +430,7 @@ def test_every_committed_config_loads_with_its_trainers_schema():
     from diffspec.train.common import read_train_config
 
     schemas = {"llada-arith.json": mdm.SCHEMA, "llada-arith-drafter.json": mdm.SCHEMA,
-               "llada-arith-hard.json": mdm.SCHEMA, "qwen3-arith.json": ar.SCHEMA, "qwen3-arith-small.json": ar.SCHEMA, "dflash-arith.json": dflash.SCHEMA, "vp-arith.json": dflash.SCHEMA,
+               "llada-arith-hard.json": mdm.SCHEMA, "llada-arith-hard-2.json": mdm.SCHEMA, "qwen3-arith.json": ar.SCHEMA, "qwen3-arith-small.json": ar.SCHEMA, "dflash-arith.json": dflash.SCHEMA, "vp-arith.json": dflash.SCHEMA,
                "dream-arith.json": mdm.DREAM_SCHEMA, "ar-smollm2.json": ar.DISTILL_SCHEMA,
                "dflash-smollm2.json": dflash.SCHEMA, "vp-smollm2.json": dflash.SCHEMA}
     paths = sorted((REPO / "configs").glob("*.json"))
