@@ -107,3 +107,15 @@ def test_the_band_is_inclusive_and_checked():
             decide(run, ["psd"], "fast-dllm", band=band)
     with pytest.raises(ValueError, match="no rows"):
         decide([], ["psd"], "fast-dllm")
+
+
+def test_equal_to_the_reference_best_is_a_ratio_and_two_points_is_a_win():
+    """A row exactly as accurate as the reference's best, for less, wins by the cost ratio (that
+    accuracy is reached, not 'never'); a margin of exactly 2 points is a win."""
+    flat = [row("vanilla", 0.8, 1200.0), row("fast-dllm", 0.69, 100.0), row("fast-dllm", 0.70, 1000.0),
+            row("psd", 0.70, 300.0, label="as good, cheaper")]
+    (v,) = decide(flat, ["psd"], "fast-dllm")
+    assert v.margin < 0.02 and v.reference_cost_ratio == pytest.approx(1000 / 300) and v.wins
+    single = [row("vanilla", 0.8, 1200.0), row("fast-dllm", 0.60, 100.0), row("psd", 0.62, 200.0, label="+2")]
+    (v,) = decide(single, ["psd"], "fast-dllm")
+    assert v.margin == pytest.approx(0.02) and v.wins
