@@ -220,12 +220,7 @@ def factor_or_topk(conf: Tensor, active: Tensor, k: int, factor: float) -> Tenso
     still ends within its steps."""
     from .policies import select_factor
 
-    chosen = select_factor(conf[None], factor)[0]
-    if int(chosen.sum()) >= k:
-        return chosen
-    chosen = torch.zeros_like(active)
-    chosen[conf.topk(min(k, int(active.sum()))).indices] = True
-    return chosen
+    return _at_least_topk(select_factor(conf[None], factor)[0], conf, active, k)
 
 
 def choose_cells(cfg: Any) -> Callable[[Tensor, Tensor, int], Tensor]:
@@ -244,9 +239,14 @@ def check_factor(cfg: Any) -> None:
 def threshold_or_topk(conf: Tensor, active: Tensor, k: int, threshold: float) -> Tensor:
     """LLaDA2's (and SDAR's low_confidence_dynamic) rule: every masked cell above `threshold` when
     there are at least k of them, else the k most confident masked cells."""
-    high = conf > threshold
-    if int(high.sum()) >= k:
-        return high
+    return _at_least_topk(conf > threshold, conf, active, k)
+
+
+def _at_least_topk(chosen: Tensor, conf: Tensor, active: Tensor, k: int) -> Tensor:
+    """`chosen` when it holds at least k cells, else the k most confident masked cells: the
+    schedule's floor under every commit rule."""
+    if int(chosen.sum()) >= k:
+        return chosen
     chosen = torch.zeros_like(active)
     chosen[conf.topk(min(k, int(active.sum()))).indices] = True
     return chosen
