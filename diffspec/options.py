@@ -25,3 +25,14 @@ def parse_depths(value: Any) -> tuple[int, ...]:
         return tuple(int(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"depths must be a list of integers like (1, 3, 5, 7); got {value!r}") from None
+
+
+def int_or_auto(s: Any) -> int | str:
+    """'auto' or a whole number (D²SD's k); the range is checked by the config."""
+    v = str(s).strip().lower()
+    if v == "auto":
+        return "auto"
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"expected a whole number or auto, got {s!r}") from None

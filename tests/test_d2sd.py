@@ -102,7 +102,7 @@ def oracle_drafters(target, tokenizer, prompt: str, budget: int, gamma: int, gam
     (dict(temperature=-0.5), "temperature must be >= 0"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
     (dict(gen_length=0), "gen_length"),
-    (dict(k="4"), "k must be a int"),
+    (dict(k="4"), "k must be a int or .auto."),
 ])
 def test_config_validation(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -376,3 +376,59 @@ def test_drafter_context_is_projected_once_per_committed_token(target, drafters,
     context_cells = sum(rows) - 4 * calls  # each call's window: 4 cells
     assert calls >= 2 and P <= context_cells <= P + len(res.raw_ids[0]) - 1
     assert context_cells < calls * P  # what recomputing the context in every call would project at least
+
+
+# --- k="auto": the tree sized on this device ----------------------------------------------------
+
+
+def test_auto_k_decodes_as_the_k_it_chose_and_reports_it(target, drafters, tokenizer) -> None:
+    from diffspec.speculative import sizing
+
+    sizing._CHOSEN.clear()
+    cfg = D2SDConfig(gen_length=16, gamma=8, gamma2=8, k="auto")
+    res = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
+    report = res.stats["auto_k"]
+    k = report["chosen"]
+    assert [c["k"] for c in report["candidates"]] == [1, 2, 4] and k in (1, 2, 4)  # γ − 1 = 7 boundaries
+    assert report["calibration_tokens"] == 16 and not report["remembered"]
+    assert report["calibration_forwards"] > 0 and all(c["tokens"] > 0 for c in report["candidates"])
+    fixed = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg.replace(k=k))
+    assert res.raw_ids == fixed.raw_ids == ar_generate(target, tokenizer, PROMPTS, cfg).raw_ids
+    # the run's forwards are the chosen K's own (the calibration's are reported, not mixed in)
+    assert res.meter.nfe == fixed.meter.nfe and res.stats["rounds"] == fixed.stats["rounds"]
+    assert res.meter.wall_seconds >= report["calibration_seconds"]
+    again = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS[:1], cfg)
+    assert again.stats["auto_k"]["remembered"] and again.stats["auto_k"]["chosen"] == k
+
+
+def test_choose_k_takes_the_most_tokens_per_second() -> None:
+    from diffspec.speculative.sizing import candidates, choose_k
+
+    now = [0.0]
+    seconds = {1: 2.0, 2: 1.0, 4: 1.5}  # K = 2 yields its 30 tokens fastest
+    tokens = {1: 30, 2: 30, 4: 30}
+    calls: list[int] = []
+
+    def run(k: int) -> tuple[int, dict]:
+        calls.append(k)
+        now[0] += seconds[k] + (5.0 if len(calls) == 3 else 0.0)  # one slow spell: the best of two runs counts
+        return tokens[k], {"acceptance_length": 2.0}
+
+    k, report = choose_k(run, [1, 2, 4], clock=lambda: now[0])
+    assert k == 2 and calls == [1, 1, 2, 4, 4, 2, 1]  # a warm-up, then both orders
+    assert [c["seconds"] for c in report["candidates"]] == [2.0, 1.0, 1.5]
+    assert report["candidates"][1]["tokens_per_second"] == 30.0
+    tokens[4] = 60  # now K = 4 yields twice the tokens in 1.5 s
+    assert choose_k(run, [1, 2, 4], clock=lambda: now[0])[0] == 4
+    assert choose_k(run, [4], clock=lambda: now[0])[0] == 4  # one candidate: nothing to time
+    assert candidates(16) == [1, 2, 4, 8] and candidates(3) == [1, 2] and candidates(2) == [1]
+
+
+def test_auto_k_option_parsing_and_errors() -> None:
+    from diffspec.bench.runner import parse_spec
+
+    assert parse_spec("d2sd:k=auto")[1]["k"] == "auto" and parse_spec("d2sd:k=3")[1]["k"] == 3
+    with pytest.raises(ValueError, match="k needs"):
+        parse_spec("d2sd:k=many")
+    with pytest.raises(ValueError, match="or 'auto'"):
+        D2SDConfig(k="Auto ")

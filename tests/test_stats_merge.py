@@ -37,3 +37,14 @@ def test_cost_meter_round_trips_through_its_summary():
     m.record("drafter", batch=1, n_query=1, n_keys=1, flops=2.0)
     back = CostMeter.from_summary(m.summary())
     assert back.summary() == m.summary()
+
+
+def test_d2sd_auto_k_report_survives_the_merge():
+    a, b = BlockSpecStats(rounds=2, accepted=4), BlockSpecStats(rounds=1, accepted=1)
+    sa, sb = a.summary(), b.summary()
+    sa["auto_k"] = {"chosen": 2, "candidates": [{"k": 1}, {"k": 2}], "remembered": False}
+    sb["auto_k"] = {"chosen": 2, "candidates": [{"k": 1}, {"k": 2}], "remembered": True}
+    m = merge_summaries([sa, sb])
+    assert m["auto_k"]["chosen"] == 2 and m["auto_k"]["chosen_per_part"] == [2, 2]
+    assert m["auto_k"]["remembered"] is False  # the part that measured
+    assert "auto_k" not in merge_summaries([a.summary(), b.summary()])

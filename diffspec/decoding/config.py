@@ -147,6 +147,8 @@ def check_field_types(cfg: Any) -> None:
     """Reject wrongly typed options up front (a string "48" would fail deep inside torch)."""
     for name, f in cfg.__dataclass_fields__.items():
         value, default = getattr(cfg, name), f.default
+        if value == "auto" and name in getattr(cfg, "AUTO_FIELDS", ()):
+            continue  # chosen when decoding starts (D²SD's k: `speculative.sizing`)
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -158,7 +160,8 @@ def check_field_types(cfg: Any) -> None:
         else:
             ok = True
         if not ok:
-            raise ValueError(f"{name} must be a {type(default).__name__}, got {value!r} ({type(value).__name__})")
+            also = " or 'auto'" if name in getattr(cfg, "AUTO_FIELDS", ()) else ""
+            raise ValueError(f"{name} must be a {type(default).__name__}{also}, got {value!r} ({type(value).__name__})")
 
 
 class WrapsDecodeConfig:

@@ -53,4 +53,8 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | Non
     total = cls()
     for s in parts:
         add_counters(total, cls(**{f.name: s[f.name] for f in fields(cls)}))
-    return total.summary()
+    merged = total.summary()
+    reports = [s["auto_k"] for s in parts if "auto_k" in s]
+    if reports:  # D²SD's k=auto: the first part's measurement, and what every part chose
+        merged["auto_k"] = {**reports[0], "chosen_per_part": [r["chosen"] for r in reports]}
+    return merged

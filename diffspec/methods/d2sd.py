@@ -2,6 +2,7 @@
 tree verification (`speculative.d2sd`)."""
 from __future__ import annotations
 
+from ..options import int_or_auto
 from . import Option, Ref
 from ._ar import DRAFTER, GAMMA, ar_method
 
@@ -10,7 +11,9 @@ OPTIONS = {
     "gamma": GAMMA,
     "drafter": DRAFTER,
     "gamma2": Option(int, "d2sd: the variable-prefix drafter's window γ₂ (default 32)"),
-    "k": Option(int, "d2sd: rejection boundaries re-anchored by the VP drafter (default 4)"),
+    "k": Option(int_or_auto, "d2sd: rejection boundaries re-anchored by the VP drafter (default 4); auto: the K "
+                             "with the most tokens/s on this device, timed on the first prompt's first 64 tokens "
+                             "(reported in the stats as auto_k)"),
     "vp_drafter": Option(str, "d2sd: variable-prefix drafter checkpoint (default: the bundled one)"),
 }
 

@@ -61,8 +61,8 @@ boundaries per round and which branch each round's accepted path came from
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -75,6 +75,7 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
+from .sizing import AUTO, auto_k
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -108,11 +109,12 @@ class D2SDConfig(DFlashSpecConfig):
     most k + 1 branches."""
 
     gamma2: int = 32
-    k: int = 4
+    k: int | str = 4  # or "auto": the K with the most tokens/s on this device (`speculative.sizing`)
+    AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("k",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.k < 1:
+        if self.k != AUTO and self.k < 1:
             raise ValueError(f"k (rejection boundaries re-anchored by the VP drafter) must be >= 1, got {self.k}")
         if self.gamma2 < self.gamma:
             raise ValueError(f"gamma2 (γ₂ = {self.gamma2}) must be >= gamma (γ = {self.gamma}): the VP drafter "
@@ -528,5 +530,17 @@ def d2sd_generate(
         raise ValueError(f"d2sd_generate needs a D2SDConfig, got {type(cfg).__name__}")
     if vp_drafter is None:
         raise ValueError("d2sd_generate needs a vp_drafter (use dflash_generate for a single draft)")
-    return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
-                f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)
+    if cfg.k != AUTO:
+        return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
+                    f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)
+    if not prompts:
+        raise ValueError("d2sd_generate: no prompts to decode")
+    k, report = auto_k(target, drafter, vp_drafter, prompts[0], cfg,
+                       lambda ps, c, m: _run(target, drafter, vp_drafter, tokenizer, ps, c, m, False, "", None))
+    res = d2sd_generate(target, drafter, vp_drafter, tokenizer, prompts, replace(cfg, k=k), meter,
+                        progress=progress, streamer=streamer)
+    if not report["remembered"]:  # what choosing K cost is part of this run's time
+        res.meter.wall_seconds += report["calibration_seconds"]
+    res.config = cfg
+    res.stats["auto_k"] = report
+    return res
