@@ -42,12 +42,21 @@ def main() -> None:
     ap.add_argument("--suites", nargs="+", default=[*LLADA_SUITES, "d2sd"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--compare", help="a JSON file written by this script under other code")
+    ap.add_argument("--shard", default="0/1", help="i/n: decode every n-th row from the i-th, so n processes "
+                    "(one core each) share the rows; the parts' `rows` together are the whole")
     a = ap.parse_args()
+    index, count = (int(v) for v in a.shard.split("/"))
     examples = load_examples("arith", limit=a.limit)
     result: dict[str, str] = {}
+    n_diffusion = 0
     for family, suites in (("diffusion", [s for s in a.suites if s != "d2sd"]),
                            ("ar", [s for s in a.suites if s == "d2sd"])):
         specs = specs_of(suites)
+        if family == "ar":  # the two families' rows are numbered as one list
+            specs = [s for i, s in enumerate(specs, start=n_diffusion) if i % count == index]
+        else:
+            n_diffusion = len(specs)
+            specs = [s for i, s in enumerate(specs) if i % count == index]
         if not specs:
             continue
         method0 = parse_spec(specs[0])[0]
