@@ -99,17 +99,19 @@ def check_model_type(raw: dict[str, Any], path: str | Path) -> None:
     """Refuse a config.json whose model_type no loader here reads, before it is taken for a LLaDA
     checkpoint and refused later with a message about the wrong family."""
     from .models.causal import CAUSAL_MODEL_TYPES
+    from .models.llada_moe import is_llada_moe_config
 
     mt = raw.get("model_type")
     if (mt in CAUSAL_MODEL_TYPES or str(mt).lower() in ("dream", "llada", "llada2_moe", "sdar")
-            or (mt is None and "d_model" in raw)):
+            or mt == "Fast_dLLM_Qwen"
+            or (mt is None and "d_model" in raw) or is_llada_moe_config(raw)):
         return
     if mt == "dflash":
         raise CheckpointError(f"{path} is a DFlash drafter, not a model to decode with: pass it as --drafter "
                               "(or as D²SD's --vp-drafter) next to its AR target")
     raise CheckpointError(f"{path}/config.json has model_type {mt!r}, which diffspec cannot load; supported: "
-                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream', 'llada', 'llada2_moe' "
-                          "and 'sdar' (masked diffusion)")
+                          f"{', '.join(map(repr, CAUSAL_MODEL_TYPES))} (AR), 'Dream', 'llada', 'llada2_moe', "
+                          "'sdar' and 'Fast_dLLM_Qwen' (masked diffusion)")
 
 
 def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
@@ -118,7 +120,7 @@ def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
     family: everything a load would refuse before reading any weights."""
     from .models.causal import is_causal_config
     from .models.checkpoint import read_config
-    from .models.llada2 import is_block_causal_config
+    from .models.llada2 import block_causal_family
 
     raw = read_config(Path(path))
     check_model_type(raw, path)
@@ -126,16 +128,17 @@ def checked_config(path: str | Path, method: str | None) -> dict[str, Any]:
         family = "ar" if is_causal_config(raw) else "diffusion"
         what = f"the checkpoint {path} (model_type {raw.get('model_type')!r})"
         check_family(method, family, what)
-        check_block_causal(method, is_block_causal_config(raw), what)
+        check_block_causal(method, block_causal_family(raw), what)
     return raw
 
 
-def check_block_causal(method: str, block_causal: bool, what: str) -> None:
-    """A block-causal model (LLaDA2, SDAR) only with a sampler that keeps its mask (`llada2`, `sdar`)."""
+def check_block_causal(method: str, family: str | None, what: str) -> None:
+    """A block-causal model (family "LLaDA2 / SDAR" or "Fast-dLLM v2"; None: bidirectional) only with a
+    sampler of its family, which keeps its mask (`llada2` / `sdar`, `fast-dllm-v2`)."""
     from .models.llada2 import check_block_causal_method
 
-    if block_causal and method in method_names() and method_family(method) == "diffusion":
-        check_block_causal_method(method, what)
+    if family is not None and method in method_names() and method_family(method) == "diffusion":
+        check_block_causal_method(method, what, family)
 
 
 def check_model(model: Any, method: str) -> None:
@@ -180,6 +183,16 @@ def load_any(path: str | Path | None, device: str | None = "cpu", dtype: str | N
         from .models.sdar import load_sdar
 
         return load_sdar(path, device=device, dtype=dtype)
+    if model_type == "Fast_dLLM_Qwen":
+        from .models.fastdllm_v2 import load_fastdllm_v2
+
+        return load_fastdllm_v2(path, device=device, dtype=dtype)
+    from .models.llada_moe import is_llada_moe_config
+
+    if is_llada_moe_config(raw):  # model_type "llada" too, but no d_model: LLaDA-MoE-7B-A1B
+        from .models.llada_moe import load_llada_moe
+
+        return load_llada_moe(path, device=device, dtype=dtype)
     return load_model(path, device=device, dtype=dtype)
 
 
@@ -220,7 +233,9 @@ def resolve_model(model: Any, tokenizer: Tokenizer | None, device: str | None = 
     caps = capabilities(model)
     check_family(method, caps.family, f"the model object ({type(model).__name__})")
     if not caps.is_ar:
-        check_block_causal(method, caps.block_causal, f"the model object ({type(model).__name__})")
+        from .models.llada2 import model_block_family
+
+        check_block_causal(method, model_block_family(model), f"the model object ({type(model).__name__})")
     if tokenizer is None:
         raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
     embeds = getattr(model.config, "embedding_size", None) or model.config.vocab_size

@@ -61,3 +61,66 @@ def checkpoint_fixtures(folder: str, name: str, write: Callable[[Path, dict], An
         return load(ckpt, dtype="float32")
 
     return ckpt, loaded
+
+
+# Loader peak memory, measured in fresh processes: one writes a sharded bf16 checkpoint, another
+# loads it (memory a writer freed would be reused without showing in the RSS growth).
+_WRITE = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from {module} import {config}, {model}
+sys.path.insert(0, "tests")
+from test_real_configs import write_tokenizer_json
+path = Path(sys.argv[1]); path.mkdir(parents=True)
+raw = json.loads(sys.argv[2])
+(path / "config.json").write_text(json.dumps(raw))
+torch.manual_seed(0)
+model = {model}({config}.from_hf_dict(raw))
+state = {{k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}}
+keys = list(state); weight_map = {{}}
+for i in range(4):
+    name = f"model-{{i + 1:05d}}-of-00004.safetensors"
+    part = {{k: state[k] for k in keys[i::4]}}
+    save_file(part, str(path / name)); weight_map.update({{k: name for k in part}})
+(path / "model.safetensors.index.json").write_text(json.dumps({{"weight_map": weight_map}}))
+write_tokenizer_json(path, {{"<|endoftext|>": 300, "<|mask|>": 301}})
+"""
+_MEASURE = r"""
+import json, sys
+from pathlib import Path
+from {module} import {loader}
+import diffspec.models.dream, diffspec.models.tokenizer  # imported by the loader: their code is no weight
+path = Path(sys.argv[1])
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+base = status("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+model, _ = {loader}(path, dtype="bfloat16")
+peak = status("VmHWM")
+weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+print(json.dumps({{"weights_bytes": weights, "ratio": (peak - base) / weights}}))
+"""
+
+
+def loader_peak(tmp_path: Path, raw: dict, module: str, config: str, model: str, loader: str) -> dict:
+    """{weights_bytes, ratio}: the loader's peak RSS growth over the bf16 weights' bytes, for a
+    4-shard checkpoint of `raw` built by `module.model(module.config.from_hf_dict(raw))`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    names = dict(module=module, config=config, model=model, loader=loader)
+    out = None
+    for script, args in ((_WRITE, [json.dumps(raw)]), (_MEASURE, [])):
+        out = subprocess.run([sys.executable, "-c", script.format(**names), str(tmp_path / "big"), *args],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             cwd=Path(__file__).resolve().parents[1])
+        assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,8 +17,6 @@ from the tokenizer's `<|mask|>` (the token texts are our assumption).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from diffspec.decoding.llada2 import LLaDA2DecodeConfig, llada2_generate
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel, load_llada2
-from block_diffusion_common import checkpoint_fixtures, cli_generate, random_state, ref_rms
+from block_diffusion_common import loader_peak, checkpoint_fixtures, cli_generate, random_state, ref_rms
 from test_real_configs import decoder_entries, write_tokenizer_json
 
 # LLaDA2.0-mini's config.json: the keys and values that copies of it in public test code agree on
@@ -427,66 +425,18 @@ def test_no_mask_id_anywhere(ckpt, tmp_path):
         load_llada2(d)
 
 
-MEMORY_SCRIPT = r"""
-import json, sys
-from pathlib import Path
-import torch
-from safetensors.torch import save_file
-from diffspec.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel
-sys.path.insert(0, "tests")
-from test_real_configs import write_tokenizer_json
-path = Path(sys.argv[1]); path.mkdir(parents=True)
-raw = {"model_type": "llada2_moe", "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1536,
+LOADER_RAW = {"model_type": "llada2_moe", "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1536,
        "moe_intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
        "head_dim": 64, "partial_rotary_factor": 0.5, "num_experts": 32, "num_shared_experts": 1,
        "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1, "use_qk_norm": True,
        "routed_scaling_factor": 2.5, "eos_token_id": 0, "pad_token_id": 0, "mask_token_id": 1}
-(path / "config.json").write_text(json.dumps(raw))
-torch.manual_seed(0)
-model = LLaDA2MoeModel(LLaDA2MoeConfig.from_hf_dict(raw))
-state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-keys = list(state); weight_map = {}
-for i in range(4):
-    name = f"model-{i + 1:05d}-of-00004.safetensors"
-    part = {k: state[k] for k in keys[i::4]}
-    save_file(part, str(path / name)); weight_map.update({k: name for k in part})
-(path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-write_tokenizer_json(path, {"<|endoftext|>": 300, "<|mask|>": 301})
-"""
-
-# A fresh process: memory a writer freed would be reused without showing in the RSS growth.
-MEASURE_SCRIPT = r"""
-import json, sys
-from pathlib import Path
-from diffspec.models.llada2 import load_llada2
-import diffspec.models.dream, diffspec.models.tokenizer  # imported by the loader: their code is no weight
-path = Path(sys.argv[1])
-
-def status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-base = status("VmRSS")
-Path("/proc/self/clear_refs").write_text("5")
-model, _ = load_llada2(path, dtype="bfloat16")
-peak = status("VmHWM")
-weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"weights_bytes": weights, "ratio": (peak - base) / weights}))
-"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_loader_peak_memory(tmp_path):
     """Sharded bf16 weights load in bf16 at about their own bytes (one tensor in flight)."""
-    import os
-
-    for script in (MEMORY_SCRIPT, MEASURE_SCRIPT):
-        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big")], capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             cwd=Path(__file__).resolve().parents[1])
-        assert out.returncode == 0, out.stderr[-2000:]
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = loader_peak(tmp_path, LOADER_RAW, "diffspec.models.llada2", "LLaDA2MoeConfig", "LLaDA2MoeModel",
+                    "load_llada2")
     assert m["weights_bytes"] > 30e6
     assert 0.9 <= m["ratio"] <= 1.1, m  # the weights are really read, and nothing else of their size
 

@@ -140,10 +140,11 @@ def test_a_builtin_name_registered_before_the_first_lookup_is_refused(monkeypatc
 def test_every_builtin_module_declares_its_methods():
     declared = [m.name for mod in registry.builtin_modules() for m in getattr(mod, "METHODS", ())]
     assert declared == [n for n in method_names() if n in declared]
-    assert len(declared) == len(set(declared)) == 12
+    assert len(declared) == len(set(declared)) == 13
 
 
-@pytest.mark.parametrize("name", ["vanilla", "psd", "dream", "ar", "dualdiffusion", "d2sd", "sdar"])
+@pytest.mark.parametrize("name", ["vanilla", "psd", "dream", "ar", "dualdiffusion", "d2sd", "sdar",
+                                  "fast-dllm-v2"])
 def test_a_decode_function_refuses_keywords_it_does_not_take(name):
     with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         get_method(name).run(None, None, ["x"], None, nonsense=1)

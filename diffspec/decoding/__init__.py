@@ -11,6 +11,7 @@
   diffusion.py  the block decoder shared by vanilla LLaDA, Fast-dLLM, dKV-Cache and DualDiffusion's drafter
   dream.py      Dream's whole-sequence sampler (origin / maskgit_plus / topk_margin / entropy)
   llada2.py     LLaDA2's block-diffusion sampler (and the row loop SDAR's shares); sdar.py: SDAR's
+  fastdllm_v2.py  Fast-dLLM v2's block-diffusion sampler (sub-blocks, AR tokens opening blocks)
   streamer.py   the one hook every decoding loop reports final tokens through (`Streamer`)
   capabilities.py  what a loaded model is: family, shifted logits, mask id, EOS ids, max positions
 """

@@ -23,7 +23,7 @@ class ModelCapabilities:
     mask_id: int | None  # the mask token (None for AR models)
     eos_ids: tuple[int, ...]  # the ids that end an answer, as the family's decoders stop at them
     max_positions: int | None  # how many positions (prompt + answer) it attends over (None: its config does not say)
-    block_causal: bool  # LLaDA2 / SDAR: attention is causal across blocks
+    block_causal: bool  # LLaDA2 / SDAR / Fast-dLLM v2: attention is causal across blocks
 
     @property
     def is_ar(self) -> bool:

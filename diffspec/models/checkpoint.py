@@ -178,6 +178,11 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     def parse(raw: dict[str, Any]) -> LLaDAConfig:
+        from .llada_moe import is_llada_moe_config
+
+        if is_llada_moe_config(raw):  # the same model_type, another network
+            raise CheckpointError(f"{path} is a LLaDA-MoE checkpoint, not LLaDA-8B's layout: load it with "
+                                  "diffspec.models.llada_moe.load_llada_moe (or diffspec.api.load_any / --model)")
         if "d_model" not in raw:
             raise CheckpointError(
                 f"{path}/config.json is not a LLaDA config (model_type={raw.get('model_type')!r}); "

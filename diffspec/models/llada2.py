@@ -59,14 +59,19 @@ from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
            "is_llada2_config", "is_block_causal_config", "BLOCK_CAUSAL_METHODS", "BLOCK_CAUSAL_MODEL_TYPES",
-           "check_block_causal_method", "masked_forward"]
+           "BLOCK_CAUSAL_FAMILIES", "block_causal_family", "model_block_family", "check_block_causal_method",
+           "masked_forward"]
 
 MODEL_TYPE = "llada2_moe"
-BLOCK_CAUSAL_MODEL_TYPES = (MODEL_TYPE, "sdar")
-# The methods that decode a block-causal model (LLaDA2, SDAR): the block-diffusion samplers. The
-# bidirectional samplers (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd, dream) would let the
-# prompt and early blocks attend to later, still-masked blocks, which these models never saw.
-BLOCK_CAUSAL_METHODS = ("llada2", "sdar")
+# Each block-causal model_type's family, and the methods that decode each family: its block-diffusion
+# samplers. The bidirectional samplers (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd, dream) would
+# let the prompt and early blocks attend to later, still-masked blocks, which these models never saw.
+# LLaDA2's and SDAR's samplers read the logit of cell i at i, so either decodes either model; Fast-dLLM
+# v2's network predicts cell i at i - 1 and opens every block with an AR token: only its own sampler.
+_FAMILY_OF_TYPE = {MODEL_TYPE: "LLaDA2 / SDAR", "sdar": "LLaDA2 / SDAR", "Fast_dLLM_Qwen": "Fast-dLLM v2"}
+BLOCK_CAUSAL_MODEL_TYPES = tuple(_FAMILY_OF_TYPE)
+BLOCK_CAUSAL_FAMILIES = {"LLaDA2 / SDAR": ("llada2", "sdar"), "Fast-dLLM v2": ("fast-dllm-v2",)}
+BLOCK_CAUSAL_METHODS = tuple(m for methods in BLOCK_CAUSAL_FAMILIES.values() for m in methods)
 
 
 def is_llada2_config(raw: dict[str, Any]) -> bool:
@@ -77,11 +82,27 @@ def is_block_causal_config(raw: dict[str, Any]) -> bool:
     return raw.get("model_type") in BLOCK_CAUSAL_MODEL_TYPES
 
 
-def check_block_causal_method(method: str | None, what: str) -> None:
-    """One clear line when a method that decodes bidirectionally is given a block-causal model."""
-    if method is not None and method not in BLOCK_CAUSAL_METHODS:
-        raise ValueError(f"method {method!r} decodes with full bidirectional attention, but {what} is a "
-                         f"block-causal LLaDA2 / SDAR model; use method {' / '.join(BLOCK_CAUSAL_METHODS)}")
+def block_causal_family(raw: dict[str, Any]) -> str | None:
+    """The block-causal family (a key of BLOCK_CAUSAL_FAMILIES) of a config.json, None if bidirectional."""
+    return _FAMILY_OF_TYPE.get(raw.get("model_type"))
+
+
+def model_block_family(model: Any) -> str | None:
+    """The block-causal family of a loaded model (its class's `block_family`), None if bidirectional."""
+    if not getattr(model, "block_causal", False):
+        return None
+    return getattr(model, "block_family", "LLaDA2 / SDAR")
+
+
+def check_block_causal_method(method: str | None, what: str, family: str = "LLaDA2 / SDAR") -> None:
+    """One clear line when `method` cannot decode `what`, a block-causal model of `family`: a method
+    that decodes bidirectionally, or another family's block sampler."""
+    allowed = BLOCK_CAUSAL_FAMILIES[family]
+    if method is not None and method not in allowed:
+        why = ("is another block-diffusion family's sampler" if method in BLOCK_CAUSAL_METHODS
+               else "decodes with full bidirectional attention")
+        raise ValueError(f"method {method!r} {why}, but {what} is a block-causal {family} model; "
+                         f"use method {' / '.join(allowed)}")
 
 
 @dataclass
@@ -315,7 +336,32 @@ class LLaDA2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LLaDA2MoeModel(DecoderLM):
+class RoutedExpertCost:
+    """The cost of a decoder with routed experts (LLaDA2, LLaDA-MoE): a token runs only the experts it
+    chooses, so FLOPs count those, not every expert's weights. The model names its expert width."""
+
+    config: Any
+
+    def expert_width(self) -> int:
+        raise NotImplementedError
+
+    def active_params(self) -> int:
+        """Parameters one token goes through: every routed expert a token does not use is left out."""
+        cfg = self.config
+        n = self.num_params()  # type: ignore[attr-defined]
+        if cfg.num_experts is not None:
+            per_expert = 3 * cfg.hidden_size * self.expert_width()
+            n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+            n -= n_moe * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+        return n
+
+    def forward_flops(self, n_query: int, n_keys: int) -> float:
+        """2·active params·tokens (a token runs only its chosen experts) plus the attention term."""
+        p = self.parts()  # type: ignore[attr-defined]
+        return 2.0 * self.active_params() * n_query + 4.0 * len(p.blocks) * p.attn_dim * n_query * n_keys
+
+
+class LLaDA2MoeModel(RoutedExpertCost, DecoderLM):
     """LLaDA2 MoE with the published module names (`model.word_embeddings`, `model.layers.{i}.attention.*`,
     `model.layers.{i}.mlp.*`, `model.norm`, `lm_head`). `logits[:, i]` predicts token i."""
 
@@ -329,20 +375,8 @@ class LLaDA2MoeModel(DecoderLM):
     def make_layer(cfg: LLaDA2MoeConfig, index: int) -> nn.Module:
         return LLaDA2DecoderLayer(cfg, index)
 
-    def active_params(self) -> int:
-        """Parameters one token goes through: every routed expert a token does not use is left out."""
-        cfg = self.config
-        n = self.num_params()
-        if cfg.num_experts is not None:
-            per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-            n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-            n -= n_moe * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
-        return n
-
-    def forward_flops(self, n_query: int, n_keys: int) -> float:
-        """2·active params·tokens (a token runs only its chosen experts) plus the attention term."""
-        p = self.parts()
-        return 2.0 * self.active_params() * n_query + 4.0 * len(p.blocks) * p.attn_dim * n_query * n_keys
+    def expert_width(self) -> int:
+        return self.config.moe_intermediate_size
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
                 kv_cache: Any = None, output_hidden_states: bool = False) -> ModelOutput:
