@@ -12,6 +12,20 @@ import pytest
 import torch
 
 
+def ref_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded safetensors checkpoint, in fp32, read with safetensors alone (the
+    reference side of a parity test must not go through diffspec's loader)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(set(index.values())):
+        state.update(load_file(str(path / f)))
+    return {k: v.float() for k, v in state.items()}
+
+
 def random_state(model: torch.nn.Module, scales: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Weights large enough to route and attend unevenly: norms 1 + 0.3·N(0, 1), `lm_head` N(0, 1), a
     weight whose name ends with a key of `scales` that scale times N(0, 1), matrices N(0, 1/fan_in)."""

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from diffspec.decoding.llada2 import LLaDA2DecodeConfig, llada2_generate
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModel, load_llada2
-from block_diffusion_common import loader_peak, checkpoint_fixtures, cli_generate, random_state, ref_rms
+from block_diffusion_common import ref_state, loader_peak, checkpoint_fixtures, cli_generate, random_state, ref_rms
 from test_real_configs import decoder_entries, write_tokenizer_json
 
 # LLaDA2.0-mini's config.json: the keys and values that copies of it in public test code agree on
@@ -207,12 +207,6 @@ def ref_generate(forward, prompt, gen_length, block_length, steps, threshold, eo
     return ans[: e[0].item() + 1 if len(e) else gen_length].tolist()
 
 
-def ref_state(path: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    state = {}
-    for f in sorted(set(index.values())):
-        state.update(load_file(str(path / f)))
-    return {k: v.float() for k, v in state.items()}
 
 
 def ref_config(path: Path, block: int | None) -> dict:

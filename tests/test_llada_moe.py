@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from diffspec.models.checkpoint import CheckpointError, load_model, load_tokenizer
 from diffspec.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel, is_llada_moe_config, load_llada_moe
-from block_diffusion_common import loader_peak, cli_generate, random_state, ref_rms
+from block_diffusion_common import ref_state, loader_peak, cli_generate, random_state, ref_rms
 from test_real_configs import decoder_entries, write_sharded, write_tokenizer_json
 from test_sampler import llada_generate_greedy
 
@@ -90,14 +90,6 @@ def loaded(dirs):
 
 # ---------------------------------------------------------------- the reference, in plain torch
 
-def ref_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    state = {}
-    for f in sorted(set(index.values())):
-        state.update(load_file(str(path / f)))
-    return {k: v.float() for k, v in state.items()}
 
 
 def lin(x, W, name):

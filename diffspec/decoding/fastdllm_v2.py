@@ -69,7 +69,8 @@ from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
 from .capabilities import unwrapped
-from .llada2 import BlockKVCache, check_counts, check_factor, choose_cells, run_block_sampler, sample_candidates
+from .llada2 import (CACHES, BlockKVCache, check_cache, check_counts, check_factor, choose_cells, run_block_sampler,
+                     sample_candidates)
 from .meter import CostMeter, MeteredModel
 from .runner import GenerationResult, eos_ids
 from .streamer import RowReporter, Streamer
@@ -77,7 +78,6 @@ from .streamer import RowReporter, Streamer
 __all__ = ["FastDLLMv2DecodeConfig", "SubBlockKVCache", "fastdllm_v2_generate", "fastdllm_v2_decode_row", "CACHES"]
 
 METHOD = "fast-dllm-v2"
-CACHES = ("auto", "block", "none")
 
 
 def _real(v: Any) -> bool:
@@ -119,10 +119,7 @@ class FastDLLMv2DecodeConfig:
         check_factor(self)
         if not isinstance(self.sub_block_cache, bool):
             raise ValueError(f"sub_block_cache must be true or false, got {self.sub_block_cache!r}")
-        if self.cache not in CACHES:
-            raise ValueError(f"method {METHOD!r} takes cache {' / '.join(CACHES)} (block: the exact cache of "
-                             f"finished blocks; none: recompute the window every forward; auto: block on a "
-                             f"block-causal model); got {self.cache!r}")
+        check_cache(self.cache, METHOD)
         if self.sub_block_cache and self.cache == "none":
             raise ValueError("sub_block_cache sits on the cache of finished blocks: use cache block or auto with it")
 

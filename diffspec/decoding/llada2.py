@@ -58,7 +58,7 @@ from .streamer import RowReporter, Streamer
 __all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
            "sample_candidates", "threshold_or_topk", "factor_or_topk", "choose_cells", "check_factor",
            "decode_block_causal_row", "run_block_sampler", "check_counts",
-           "check_sampling", "CACHES"]
+           "check_sampling", "check_cache", "CACHES"]
 
 CACHES = ("auto", "block", "none")
 
@@ -124,10 +124,7 @@ class LLaDA2DecodeConfig:
         check_factor(self)
         if not isinstance(self.eos_early_stop, bool):
             raise ValueError(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
-        if self.cache not in CACHES:
-            raise ValueError(f"method 'llada2' takes cache {' / '.join(CACHES)} (block: the exact cache of "
-                             f"finished blocks; none: recompute the window every step; auto: block when the "
-                             f"model is block-causal); got {self.cache!r}")
+        check_cache(self.cache, "llada2")
 
     @property
     def steps_per_block(self) -> int:
@@ -229,6 +226,14 @@ def choose_cells(cfg: Any) -> Callable[[Tensor, Tensor, int], Tensor]:
     if cfg.factor is not None:
         return lambda conf, active, k: factor_or_topk(conf, active, k, cfg.factor)
     return lambda conf, active, k: threshold_or_topk(conf, active, k, cfg.threshold)
+
+
+def check_cache(cache: Any, method: str) -> None:
+    """The block samplers' `cache` option, named in the error with what each value means."""
+    if cache not in CACHES:
+        raise ValueError(f"method {method!r} takes cache {' / '.join(CACHES)} (block: the exact cache of finished "
+                         f"blocks; none: recompute the window every step; auto: block when the model is "
+                         f"block-causal); got {cache!r}")
 
 
 def check_factor(cfg: Any) -> None:

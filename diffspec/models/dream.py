@@ -63,8 +63,8 @@ from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, check_hf_features, check_state, load_tokenizer, read_config, resolve_device,
                          resolve_dtype)
-from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_attention_sizes, hf_kwargs, \
-    require_hf_keys
+from .layers import DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, check_attention_sizes, \
+    check_special_ids, hf_kwargs, require_hf_keys
 from .tokenizer import Tokenizer
 
 __all__ = ["DreamConfig", "DreamModel", "load_dream", "save_dream", "shift_logits", "read_safetensors_headers",
@@ -109,15 +109,8 @@ class DreamConfig(HFConfigNames):
         check_attention_sizes(self)
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
-                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
-        for name in ("eos_token_id", "pad_token_id"):  # padding or EOS read as masks would be decoded over
-            if getattr(self, name) == self.mask_token_id:
-                raise ValueError(f"mask_token_id and {name} are both {self.mask_token_id}; they must differ")
+        check_special_ids(self, optional=("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+                                          "eot_token_id"), apart=("eos_token_id", "pad_token_id"))
 
     # The names the LLaDA-side decoding code reads (caches, canvases, meters), beyond `HFConfigNames`.
     @property

@@ -33,7 +33,7 @@ Config fields that would change the math and that the reference does not impleme
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,10 @@ from torch import Tensor
 
 from .checkpoint import check_hf_features
 from .dream import shift_logits
-from .layers import DecoderLM, HFConfigNames, ModelOutput, check_attention_sizes, hf_kwargs, require_hf_keys
+from .layers import DecoderLM, ModelOutput, check_attention_sizes, check_special_ids, hf_kwargs, \
+    require_hf_keys
 from .llada2 import masked_forward
+from .sdar import QwenBlockConfig
 from .tokenizer import Tokenizer
 
 __all__ = ["FASTDLLM_V2_MODEL_TYPE", "FASTDLLM_V2_MASK_TEXT", "FastDLLMv2Config", "FastDLLMv2Model",
@@ -58,42 +60,20 @@ def is_fastdllm_v2_config(raw: dict[str, Any]) -> bool:
 
 
 @dataclass
-class FastDLLMv2Config(HFConfigNames):
+class FastDLLMv2Config(QwenBlockConfig):
     """The published config.json fields that change the math, with `Fast_dLLM_QwenConfig`'s defaults
     where a config may leave one out (rope_theta 10000, rms_norm_eps 1e-6, bd_size 32). Size defaults
     are a tiny model for tests. `bd_size` is the block size the model was trained with; the sampler's
     `block_length` is its own option (the reference's `block_size`, default 32 too)."""
 
-    vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
     max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = False
     bd_size: int = 32
-    mask_token_id: int = 1
-    eos_token_id: int = 0
-    bos_token_id: int | None = None
-    pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         check_attention_sizes(self, ("bd_size",))
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
-                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
-        if self.mask_token_id == self.eos_token_id:
-            raise ValueError(f"mask_token_id and eos_token_id are both {self.mask_token_id}; they must differ")
+        check_special_ids(self, optional=("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"))
 
     # Qwen2's layout switches, read by layers.DecoderLayer.from_config (fixed in the reference's code).
     qkv_bias = True

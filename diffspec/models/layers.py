@@ -82,6 +82,24 @@ def hf_kwargs(cls: Any, d: dict[str, Any], exclude: tuple[str, ...] = ()) -> dic
     return kw
 
 
+def check_special_ids(cfg: Any, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+                      apart: tuple[str, ...] = ("eos_token_id",)) -> None:
+    """A config's special ids are ids of its vocabulary (`optional` ones may be None), padding is EOS
+    when not given, and the mask differs from each of `apart`: padding or EOS read as masks would be
+    decoded over, and an id past the vocabulary fails deep inside the embedding."""
+    if cfg.pad_token_id is None:
+        cfg.pad_token_id = cfg.eos_token_id
+    for name in (*required, *optional):
+        v = getattr(cfg, name)
+        if v is None and name in optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < cfg.vocab_size:
+            raise ValueError(f"config {name}={v!r} is outside the vocabulary ({cfg.vocab_size})")
+    for name in apart:
+        if getattr(cfg, name) == cfg.mask_token_id:
+            raise ValueError(f"mask_token_id and {name} are both {cfg.mask_token_id}; they must differ")
+
+
 def check_attention_sizes(cfg: Any, more: tuple[str, ...] = (), rope_head_dim: bool = True) -> None:
     """A transformers-named config's sizes (and `more`) integers >= 1; `head_dim` None derived as
     hidden_size // num_attention_heads, then checked (even and >= 2 for rotate-half RoPE over the

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import DecoderLM, HFConfigNames, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, \
-    check_attention_sizes, check_positive_ints, hf_kwargs, require_hf_keys, swiglu
+    check_attention_sizes, check_positive_ints, check_special_ids, hf_kwargs, require_hf_keys, swiglu
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
@@ -189,14 +189,7 @@ class LLaDA2MoeConfig(HFConfigNames):
                                  f"topk_group={self.topk_group} eligible groups")
             if not self.routed_scaling_factor > 0:
                 raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
-                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
-        if self.mask_token_id == self.eos_token_id:
-            raise ValueError(f"mask_token_id and eos_token_id are both {self.mask_token_id}; they must differ")
+        check_special_ids(self, required=("mask_token_id", "eos_token_id", "pad_token_id"))
 
     @property
     def has_moe(self) -> bool:

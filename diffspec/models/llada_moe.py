@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import (DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, RMSNorm, SwiGLU, apply_rope, attend,
-                     bidirectional_mask, check_positive_ints, hf_kwargs)
+                     bidirectional_mask, check_positive_ints, check_special_ids, hf_kwargs)
 from .llada2 import RoutedExpertCost
 from .tokenizer import Tokenizer
 
@@ -179,17 +179,8 @@ class LLaDAMoEConfig(HFConfigNames):
                              f"{self.moe_router_enable_expert_bias!r}")
 
     def _check_ids(self) -> None:
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
-            v = getattr(self, name)
-            if v is None and name == "bos_token_id":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
-                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
-        for name in ("eos_token_id", "pad_token_id"):  # padding or EOS read as masks would be decoded over
-            if getattr(self, name) == self.mask_token_id:
-                raise ValueError(f"mask_token_id and {name} are both {self.mask_token_id}; they must differ")
+        check_special_ids(self, required=("mask_token_id", "eos_token_id", "pad_token_id"),
+                          optional=("bos_token_id",), apart=("eos_token_id", "pad_token_id"))
 
     @property
     def rotary_dim(self) -> int:

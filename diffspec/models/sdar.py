@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .checkpoint import check_hf_features
-from .layers import DecoderLM, HFConfigNames, ModelOutput, check_attention_sizes, hf_kwargs, require_hf_keys
+from .layers import DecoderLM, HFConfigNames, ModelOutput, check_attention_sizes, check_special_ids, hf_kwargs, \
+    require_hf_keys
 from .llada2 import masked_forward
 from .tokenizer import Tokenizer
 
@@ -37,7 +38,11 @@ def is_sdar_config(raw: dict[str, Any]) -> bool:
 
 
 @dataclass
-class SDARConfig(HFConfigNames):
+class QwenBlockConfig(HFConfigNames):
+    """The transformers Qwen fields the Qwen-based block-diffusion families share (SDAR on Qwen3,
+    Fast-dLLM v2 on Qwen2.5), with a tiny model's sizes as defaults (for tests); each family adds
+    its own block size and switches."""
+
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -49,26 +54,25 @@ class SDARConfig(HFConfigNames):
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    block_size: int = 4
     mask_token_id: int = 1
     eos_token_id: int = 0
     bos_token_id: int | None = None
     pad_token_id: int | None = None
-    stop_token_ids: tuple[int, ...] = ()  # every id that ends an answer (generation_config.json's list)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class SDARConfig(QwenBlockConfig):
+    attention_bias: bool = False
+    block_size: int = 4
+    stop_token_ids: tuple[int, ...] = ()  # every id that ends an answer (generation_config.json's list)
 
     def __post_init__(self) -> None:
         check_attention_sizes(self, ("block_size",))
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id
+        check_special_ids(self, optional=("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"), apart=())
         self.stop_token_ids = tuple(self.stop_token_ids) or (self.eos_token_id,)
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
-                raise ValueError(f"config {name}={v!r} is outside the vocabulary ({self.vocab_size})")
         for v in self.stop_token_ids:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
                 raise ValueError(f"stop id {v!r} (eos_token_id) is outside the vocabulary ({self.vocab_size})")
