@@ -161,9 +161,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
     auto = (res.stats or {}).get("auto_k") if isinstance(res.stats, dict) else None
     if auto:  # d2sd --k auto: say what it chose and from what, so the next run can pass --k directly
         timed = ", ".join(f"K={c['k']} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])
-        print(f"[{a.method}] --k auto chose K={auto['chosen']}" + (f" ({timed}; "
-              f"{auto['calibration_seconds']:.1f}s of calibration, included above)" if timed else ""),
-              file=sys.stderr)
+        why = (f" ({timed}; {auto['calibration_seconds']:.1f}s of calibration, included above)" if timed else
+               " (the calibration answer was too short to time: D²SD's default)")
+        print(f"[{a.method}] --k auto chose K={auto['chosen']}{why}", file=sys.stderr)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -244,6 +244,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         from .train.mdm import train_mdm
 
         out = train_mdm(a.config, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
+    elif a.kind == "block":
+        from .train.block import train_block
+
+        out = train_block(a.config, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps)
     elif a.kind == "ar":
         from .train.ar import train_ar
 
@@ -254,7 +258,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         out = train_dflash(a.config, kind=a.kind, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps,
                            data_only=a.data_only)
     else:
-        raise ValueError(f"unknown training kind {a.kind!r}; use mdm, ar, dflash or vp")
+        raise ValueError(f"unknown training kind {a.kind!r}; use mdm, block, ar, dflash or vp")
     print(f"saved {out}")
 
 
@@ -447,8 +451,8 @@ def _draft_vocab_parser(sub: Any) -> None:
 def _train_parser(sub: Any) -> None:
     """`diffspec train`'s flags."""
     t = sub.add_parser("train", help="train a small model from a JSON config")
-    t.add_argument("kind", help="mdm (masked diffusion) | ar (Qwen3 target) | dflash (block drafter) | "
-                                "vp (D²SD variable-prefix drafter)")
+    t.add_argument("kind", help="mdm (masked diffusion) | block (block-causal LLaDA2, for --method llada2 / sdar) | "
+                                "ar (Qwen3 target) | dflash (block drafter) | vp (D²SD variable-prefix drafter)")
     t.add_argument("--config", required=True, help="JSON training config (see configs/)")
     t.add_argument("--out", help="checkpoint directory (default: the config's 'out')")
     t.add_argument("--resume", action="store_true", help="continue from the saved trainer state")

@@ -385,20 +385,46 @@ def test_auto_k_decodes_as_the_k_it_chose_and_reports_it(target, drafters, token
     from diffspec.speculative import sizing
 
     sizing._CHOSEN.clear()
+    t = copy.deepcopy(target)
+    t.config.eos_token_id = tokenizer.vocab_size - 1  # an id no answer reaches: the calibration runs 64 tokens
+    block, vp = copy.deepcopy(drafters["block"]).bind(t), copy.deepcopy(drafters["vp"]).bind(t)
     cfg = D2SDConfig(gen_length=16, gamma=8, gamma2=8, k="auto")
-    res = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg)
+    res = d2sd_generate(t, block, vp, tokenizer, PROMPTS, cfg)
     report = res.stats["auto_k"]
     k = report["chosen"]
     assert [c["k"] for c in report["candidates"]] == [1, 2, 4] and k in (1, 2, 4)  # γ − 1 = 7 boundaries
-    assert report["calibration_tokens"] == 16 and not report["remembered"]
-    assert report["calibration_forwards"] > 0 and all(c["tokens"] > 0 for c in report["candidates"])
-    fixed = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS, cfg.replace(k=k))
-    assert res.raw_ids == fixed.raw_ids == ar_generate(target, tokenizer, PROMPTS, cfg).raw_ids
-    # the run's forwards are the chosen K's own (the calibration's are reported, not mixed in)
-    assert res.meter.nfe == fixed.meter.nfe and res.stats["rounds"] == fixed.stats["rounds"]
+    assert report["calibration_tokens"] == 64 and not report["remembered"]  # whatever the request's length
+    assert all(c["tokens"] == 64 for c in report["candidates"]) and report["calibration_forwards"] > 0
+    fixed = d2sd_generate(t, block, vp, tokenizer, PROMPTS, cfg.replace(k=k))
+    assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
+    # the run is the chosen K's own (the calibration's forwards are reported, not mixed in): the tree
+    # sizes differ between K even where the random drafters' acceptances do not
+    assert res.meter.nfe == fixed.meter.nfe and res.meter.flops == fixed.meter.flops
+    assert res.stats["mean_tree_nodes"] == fixed.stats["mean_tree_nodes"]
+    assert len({c["mean_tree_nodes"] for c in report["candidates"]}) == 3
     assert res.meter.wall_seconds >= report["calibration_seconds"]
-    again = d2sd_generate(target, drafters["block"], drafters["vp"], tokenizer, PROMPTS[:1], cfg)
+    # drafters loaded again from the same weights (as every bench chunk and CLI call does) hit the memo
+    again = d2sd_generate(t, copy.deepcopy(block), copy.deepcopy(vp), tokenizer, PROMPTS[:1], cfg)
     assert again.stats["auto_k"]["remembered"] and again.stats["auto_k"]["chosen"] == k
+    again.stats["auto_k"]["chosen"] = 99  # a caller's edit does not reach the memo
+    assert d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], cfg).stats["auto_k"]["chosen"] == k
+    other = copy.deepcopy(vp)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # other weights: measured anew
+    assert not d2sd_generate(t, block, other, tokenizer, PROMPTS[:1], cfg).stats["auto_k"]["remembered"]
+
+
+def test_auto_k_keeps_the_default_when_the_answer_is_too_short_to_time(target, drafters, tokenizer) -> None:
+    from diffspec.speculative import sizing
+
+    sizing._CHOSEN.clear()
+    first = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(gen_length=4, stop_at_eos=False)).raw_ids[0][0]
+    t = copy.deepcopy(target)
+    t.config.eos_token_id = first  # the answer is one EOS: no round, nothing to time
+    block, vp = copy.deepcopy(drafters["block"]).bind(t), copy.deepcopy(drafters["vp"]).bind(t)
+    res = d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], D2SDConfig(gen_length=16, gamma=8, gamma2=8, k="auto"))
+    report = res.stats["auto_k"]
+    assert report["too_short"] and report["chosen"] == sizing.DEFAULT_K == D2SDConfig().k and not report["candidates"]
 
 
 def test_choose_k_takes_the_most_tokens_per_second() -> None:
@@ -416,6 +442,8 @@ def test_choose_k_takes_the_most_tokens_per_second() -> None:
 
     k, report = choose_k(run, [1, 2, 4], clock=lambda: now[0])
     assert k == 2 and calls == [1, 1, 2, 4, 4, 2, 1]  # a warm-up, then both orders
+    calls.clear()
+    assert choose_k(run, [1, 2, 4], clock=lambda: now[0], warm=False)[0] == 2 and calls == [1, 2, 4, 4, 2, 1]
     assert [c["seconds"] for c in report["candidates"]] == [2.0, 1.0, 1.5]
     assert report["candidates"][1]["tokens_per_second"] == 30.0
     tokens[4] = 60  # now K = 4 yields twice the tokens in 1.5 s

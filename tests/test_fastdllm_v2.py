@@ -344,6 +344,9 @@ def test_cache_is_exact_and_cheaper(loaded):
     assert out["block"].raw_ids == out["none"].raw_ids
     assert out["block"].meter.tokens_processed < out["none"].meter.tokens_processed / 2
     assert out["block"].meter.flops < out["none"].meter.flops
+    # every cached forward is charged its cached keys too: keys = whole cached blocks + the fed block
+    shapes = [tuple(map(int, k.split(","))) for k in out["block"].meter.models["model"].shapes]
+    assert any(keys > q for _, q, keys in shapes) and all((keys - q) % 8 == 0 for _, q, keys in shapes)
     sub = fastdllm_v2_generate(model, tok, PROMPTS, FastDLLMv2DecodeConfig(sub_block_cache=True, **kw))
     assert sub.meter.tokens_processed < out["block"].meter.tokens_processed
 
@@ -440,3 +443,16 @@ def test_a_mask_found_nowhere_is_one_line(ckpt, tmp_path):
     write_tokenizer_json(d, {k: v for k, v in SPECIALS.items() if k != "|<MASK>|"})
     with pytest.raises(CheckpointError, match="no mask_token_id"):
         load_fastdllm_v2(d)
+
+
+def test_the_llada2_and_sdar_samplers_refuse_it(loaded):
+    """Their loops read logit i at i and never write the AR token: on this model they would decode
+    garbage without a word, so the decode functions themselves refuse it (not only the API)."""
+    from diffspec.decoding.llada2 import LLaDA2DecodeConfig, llada2_generate
+    from diffspec.decoding.sdar import SDARDecodeConfig, sdar_generate
+
+    model, tok = loaded
+    with pytest.raises(ValueError, match="another block-diffusion family's sampler.*fast-dllm-v2"):
+        llada2_generate(model, tok, PROMPTS[:1], LLaDA2DecodeConfig(gen_length=8, block_length=8, steps=8))
+    with pytest.raises(ValueError, match="another block-diffusion family's sampler.*fast-dllm-v2"):
+        sdar_generate(model, tok, PROMPTS[:1], SDARDecodeConfig(gen_length=8, block_length=4, steps=4))

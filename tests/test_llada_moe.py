@@ -223,7 +223,14 @@ def test_loader_reads_published_layout(dirs, loaded):
     assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.expert_bias",
             "model.layers.2.shared_expert.up_proj.weight", "model.layers.0.self_attn.o_proj.bias"} <= variant
     assert "lm_head.weight" not in variant  # tied
-    assert model.active_params() < model.num_params()  # a token runs 3 of the 8 routed experts
+    for m in (model, loaded["variant"][0]):  # a token runs k of the routed experts: the rest are not counted
+        cfg, experts = m.config, {}
+        for n, w in m.named_parameters():
+            if ".mlp.experts." in n:
+                layer = n.split(".mlp.experts.")[0]
+                experts.setdefault(layer, []).append(w.numel())
+        unused = sum(sum(ws) // cfg.num_experts * (cfg.num_experts - cfg.num_experts_per_tok) for ws in experts.values())
+        assert experts and m.active_params() == m.num_params() - unused
     assert is_llada_moe_config(ref_config(dirs["published"]))
 
 

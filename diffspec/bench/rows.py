@@ -23,25 +23,10 @@ from typing import Any, Sequence
 import torch
 
 from ..jsonio import OutputError, OutputFile, parse_json_file
+from ..models.checkpoint import weights_fingerprint  # noqa: F401 (the row keys' model hash)
 from ..tasks import Example
 
 ROWS_DIR = "rows"
-_SAMPLE = 4096  # values read from each weight tensor: enough to tell two checkpoints apart cheaply
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter's name, shape and dtype and a strided sample of its values.
-
-    Hashing every byte of a 135M-parameter model costs seconds; a strided sample of each tensor
-    still changes when any checkpoint is swapped, retrained or cast to another dtype."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLE)
-        sample = flat[::step][:_SAMPLE].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _dir_fingerprint(path: str | Path) -> str:

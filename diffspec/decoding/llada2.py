@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.tokenizer import Tokenizer
-from .capabilities import capabilities
+from .capabilities import capabilities, unwrapped
 from .meter import CostMeter, MeteredModel, meter_primary
 from .runner import GenerationResult, max_positions, model_device, run_prompts
 from .streamer import RowReporter, Streamer
@@ -363,6 +363,11 @@ def run_block_sampler(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Seq
     `needs` names the models that take it), a metered model, one seeded generator, and the
     prompts decoded one at a time by `row(metered, prompt, cfg, generator, device, bidirectional,
     report)` (`report`: a `RowReporter` for `streamer`, or None)."""
+    from ..models.llada2 import check_block_causal_method, model_block_family
+
+    family = model_block_family(unwrapped(model))
+    if family is not None:  # another block family's model (Fast-dLLM v2's AR tokens) would decode wrong, silently
+        check_block_causal_method(method, f"the model ({type(unwrapped(model)).__name__})", family)
     block_causal = bool(getattr(model, "block_causal", False))
     if cfg.cache == "auto":
         cfg = cfg.replace(cache="block" if block_causal else "none")
