@@ -426,13 +426,14 @@ def test_ar_and_drafter_schemas(tmp_path):
 
 
 def test_every_committed_config_loads_with_its_trainers_schema():
-    from diffspec.train import ar, dflash, mdm
+    from diffspec.train import ar, block, dflash, mdm
     from diffspec.train.common import read_train_config
 
     schemas = {"llada-arith.json": mdm.SCHEMA, "llada-arith-drafter.json": mdm.SCHEMA,
                "llada-arith-hard.json": mdm.SCHEMA, "llada-arith-hard-2.json": mdm.SCHEMA, "qwen3-arith.json": ar.SCHEMA, "qwen3-arith-small.json": ar.SCHEMA, "dflash-arith.json": dflash.SCHEMA, "vp-arith.json": dflash.SCHEMA,
                "dream-arith.json": mdm.DREAM_SCHEMA, "ar-smollm2.json": ar.DISTILL_SCHEMA,
-               "dflash-smollm2.json": dflash.SCHEMA, "vp-smollm2.json": dflash.SCHEMA}
+               "dflash-smollm2.json": dflash.SCHEMA, "vp-smollm2.json": dflash.SCHEMA,
+               "llada2-arith.json": block.SCHEMA}
     paths = sorted((REPO / "configs").glob("*.json"))
     assert {p.name for p in paths} == set(schemas), "a new config: add it here with the trainer that reads it"
     for p in paths:

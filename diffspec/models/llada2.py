@@ -45,7 +45,8 @@ are read one at a time into their own buffers, cast to the target dtype and assi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from .tokenizer import Tokenizer
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
            "is_llada2_config", "is_block_causal_config", "BLOCK_CAUSAL_METHODS", "BLOCK_CAUSAL_MODEL_TYPES",
            "BLOCK_CAUSAL_FAMILIES", "block_causal_family", "model_block_family", "check_block_causal_method",
-           "masked_forward"]
+           "masked_forward", "save_llada2"]
 
 MODEL_TYPE = "llada2_moe"
 # Each block-causal model_type's family, and the methods that decode each family: its block-diffusion
@@ -202,6 +203,21 @@ class LLaDA2MoeConfig(HFConfigNames):
     def weight_tying(self) -> bool:
         return self.tie_word_embeddings
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The published config.json names and values (what `from_hf_dict` reads back to this config).
+        A dense model (num_experts None) writes `num_experts: null` and none of the router fields, so
+        neither this loader nor the published modeling code builds an expert; `rotary_dim` is derived
+        from `partial_rotary_factor` and not written, as in the published files."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "rotary_dim")}
+        if self.num_experts is None:
+            for key in _ROUTER_FIELDS:
+                d.pop(key)
+            # every layer dense also by the published rule (experts from layer first_k_dense_replace on)
+            d["first_k_dense_replace"] = max(self.first_k_dense_replace, self.num_hidden_layers)
+        d.update(self.extra)
+        d.update(model_type=MODEL_TYPE, architectures=["LLaDA2MoeModelLM"])
+        return d
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "LLaDA2MoeConfig":
         """Read a published LLaDA2 config.json; unknown keys are kept in `extra`."""
@@ -214,6 +230,11 @@ class LLaDA2MoeConfig(HFConfigNames):
         if "num_experts" in d and d["num_experts"] is None:
             kw["num_experts"] = None  # a dense model: no MoE layer at all
         return cls(**kw)
+
+
+# The config fields that only an expert layer reads (left out of a dense model's config.json).
+_ROUTER_FIELDS = ("moe_intermediate_size", "num_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                  "routed_scaling_factor", "norm_topk_prob", "score_function", "moe_router_enable_expert_bias")
 
 
 def block_causal_mask(q_positions: Tensor, k_positions: Tensor, block_length: int) -> Tensor:
@@ -428,3 +449,31 @@ def load_llada2(path: str | Path, device: str | torch.device | None = "cpu",
                          optional=() if cfg.moe_router_enable_expert_bias else ("mlp.gate.expert_bias",))
     return model, tok
 
+
+def save_llada2(model: LLaDA2MoeModel, tokenizer: Tokenizer, path: str | Path,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write `model` in the published LLaDA2 layout: config.json (`LLaDA2MoeConfig.to_hf_dict`, with
+    the mask and EOS ids, which the published files leave to the tokenizer), model.safetensors
+    under the published tensor names (the module's own: nothing is renamed), tokenizer.json and a
+    tokenizer_config.json naming the EOS / mask / pad token texts, so `load_llada2` (and `--model`)
+    reads it back. `dtype` casts the floating-point tensors (bf16 halves a bundled checkpoint)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw = cfg.to_hf_dict()
+    if dtype is not None:
+        raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    tokenizer.save(path / "tokenizer.json")
+    names = {"eos_token": cfg.eos_token_id, "pad_token": cfg.pad_token_id, "mask_token": cfg.mask_token_id}
+    texts = {k: tokenizer.hf.id_to_token(v) for k, v in names.items() if v is not None}
+    (path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in texts.items() if v is not None},
+                                                           indent=2) + "\n")
+    return path
