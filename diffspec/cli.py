@@ -178,7 +178,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .api import resolve_model
-    from .bench.runner import check_bench_out, check_run_options, parse_shard, plan_bench, run_bench, suite
+    from .bench.runner import (ROW_MODEL, check_bench_out, check_run_options, parse_shard, plan_bench, run_bench,
+                               suite)
     from .methods import method_names
 
     AR_METHODS = method_names("ar")
@@ -186,12 +187,16 @@ def cmd_bench(a: argparse.Namespace) -> None:
     overrides = _options(a)
     shard = parse_shard(a.shard) if a.shard is not None else None
     check_run_options(a.repeats, a.resume, a.chunk, shard)  # before loading a model
-    # One model per run, so AR-target and diffusion methods are benchmarked in separate runs.
-    is_ar = {spec.partition(":")[0].strip() in AR_METHODS for spec in specs}
+    # One --model per run, so AR-target and diffusion methods are benchmarked in separate runs (a row
+    # with its own model= is checked against that model by plan_bench instead).
+    is_ar = {spec.partition(":")[0].strip() in AR_METHODS for spec in specs if not _has_row_model(spec)}
     if len(is_ar) > 1:
         raise ValueError("a bench run compares methods on one model: run the AR-target methods (ar, ar-spec, "
                          "dflash, d2sd) and the diffusion methods in separate runs")
-    plan_bench(specs, a.task, overrides)  # bad specs and options fail before the output directory is made
+    parsed, _ = plan_bench(specs, a.task, overrides)  # bad specs, options, model= fail before --out is made
+    if a.chat and any(ROW_MODEL in opts for _, opts in parsed):
+        raise ValueError("--chat renders every prompt with --model's chat template, which a row with its own "
+                         "model= may not share: run those rows without --chat, or in a run of their own with --model")
     check_bench_out(a.out)  # before loading anything; run_bench checks both again before decoding
     model_path = a.model
     if model_path is None and a.suite == "dream" and not a.methods:
@@ -210,6 +215,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
     run_bench(model, tok, specs, task=a.task, limit=a.limit, out_dir=a.out, data=a.data,
               overrides=overrides, command=command, repeats=a.repeats, examples=examples, resume=a.resume, split=a.split,
               chunk=a.chunk, shard=shard)
+
+
+def _has_row_model(spec: str) -> bool:
+    """Whether a bench spec names its own model (`model=PATH`): read before the spec is validated, so
+    the family check below can leave such rows to plan_bench."""
+    return any(item.partition("=")[0].strip() == "model" for item in spec.partition(":")[2].split(","))
 
 
 def _bench_examples(a: argparse.Namespace, model_path: str | None, method: str) -> list:
@@ -360,7 +371,10 @@ def _bench_parser(sub: Any) -> None:
     b.add_argument("--methods", nargs="+",
                    help="rows as specs, METHOD:key=value,... e.g. vanilla:steps=24 fast-dllm:cache=dual,policy=threshold "
                         "(psd depths as 1;3;5); replaces --suite. The decoding flags below apply to every row whose "
-                        "method takes them (a spec's own value wins); a method's own flags only to its rows")
+                        "method takes them (a spec's own value wins); a method's own flags only to its rows. "
+                        "model=PATH in a spec (e.g. fast-dllm:cache=dual,model=diffspec/assets/llada-arith-hard) "
+                        "decodes that row with the checkpoint at PATH, with its own tokenizer, on --model's device "
+                        "and dtype; its label ends in [DIR] (not with --chat)")
     b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     b.add_argument("--chat", action="store_true",
                    help="render each prompt as one user turn in the model's own chat template (as eval --chat)")

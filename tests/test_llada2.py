@@ -336,7 +336,7 @@ def test_api_generate_and_refusals(ckpt, loaded):
 
     res = generate("Hello", model=str(ckpt), method="llada2", gen_length=16, block_length=8, steps=8)
     assert len(res.raw_ids[0]) == 16 and res.config.block_length == 8
-    for method in ("vanilla", "fast-dllm", "psd", "dream"):
+    for method in ("vanilla", "fast-dllm", "dkv-cache", "dream"):  # psd / dualdiffusion run within a block
         with pytest.raises(ValueError, match="block-causal LLaDA2 / SDAR model"):
             generate("Hello", model=str(ckpt), method=method, gen_length=16)
     model, tok = loaded

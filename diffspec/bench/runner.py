@@ -30,12 +30,24 @@ from .plot import pareto_plot
 from .table import format_table, overloaded
 
 
+# A spec's `model=PATH`: that row is decoded by the checkpoint at PATH instead of the run's model, so
+# one table can compare models (e.g. llada-arith against llada2-arith). It is a row option, not a
+# method option: it never reaches task_config, and opts keep it only for the label and results.
+ROW_MODEL = "model"
+
+
+def method_opts(opts: dict[str, Any]) -> dict[str, Any]:
+    """A parsed spec's options without the row's `model=`: what the method's config is built from."""
+    return {k: v for k, v in opts.items() if k != ROW_MODEL}
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'fast-dllm:cache=dual,policy=threshold,threshold=0.9' -> ('fast-dllm', {...}).
 
     Speculative specs also take their own options, e.g.
     'dualdiffusion:rule=exact_match,num_drafter_steps=4,drafter=self' or
-    'psd:policy=local,depths=1;3;5;7' (depths separated by ';' inside a spec).
+    'psd:policy=local,depths=1;3;5;7' (depths separated by ';' inside a spec). Any spec may end in
+    `model=PATH` (kept as given under opts["model"]): the row is decoded by that checkpoint.
     """
     method, _, rest = spec.partition(":")
     method = method.strip()
@@ -48,9 +60,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, val = item.partition("=")
         key = key.strip().replace("-", "_")
+        if eq and key == ROW_MODEL:
+            if not val.strip():
+                raise ValueError(f"bench spec {spec!r}: model= needs a checkpoint directory")
+            opts[key] = val.strip()
+            continue
         if not eq or key not in parsers:
             raise ValueError(f"bench spec {spec!r}: bad option {item!r}; "
-                             f"use key=value with keys from {sorted(parsers)}")
+                             f"use key=value with keys from {sorted([*parsers, ROW_MODEL])}")
         parse = parsers[key]
         try:
             val = val.strip().replace(";", ",") if key == "depths" else val.strip()
@@ -65,14 +82,27 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 _DUAL_SHORT = {"num_drafter_steps": "N", "num_verifier_steps": "M", "rule_threshold": "τ"}
 
 
+def _dir_name(path: Any) -> str:
+    """A checkpoint directory reads best in a label by its name ('.' by the directory it stands for)."""
+    p = Path(str(path))
+    return p.name or p.resolve().name or str(path)
+
+
 def label_of(method: str, opts: dict[str, Any]) -> str:
+    """The row's name in the table: the method and its options, then `[DIR]` for a row decoded by
+    another model than the run's (`model=`), so two rows that differ only in the model are told apart."""
+    label = _method_label(method, method_opts(opts))
+    return f"{label} [{_dir_name(opts[ROW_MODEL])}]" if ROW_MODEL in opts else label
+
+
+def _method_label(method: str, opts: dict[str, Any]) -> str:
     if method == "dualdiffusion":
         parts = [method, str(opts.get("rule", DualConfig.rule))]
         for k, v in opts.items():
             if k == "rule":
                 continue
             if k == "drafter" and v != "self":
-                v = Path(str(v)).name or v  # a checkpoint directory reads best by its name
+                v = _dir_name(v)
             parts.append(f"{_DUAL_SHORT.get(k, k)}={v}")
         return " ".join(parts)
     if not opts:
@@ -81,7 +111,7 @@ def label_of(method: str, opts: dict[str, Any]) -> str:
         if isinstance(v, (tuple, list)):
             return ",".join(map(str, v))
         if k in ("drafter", "vp_drafter"):
-            return Path(str(v)).name or v  # a checkpoint directory reads best by its name
+            return _dir_name(v)
         return v
 
     return method + " " + " ".join(f"{k}={fmt(k, v)}" for k, v in opts.items())
@@ -256,12 +286,84 @@ def _load_note(load: dict[str, Any]) -> str:
 
 def plan_bench(specs: list[str], task: str, overrides: dict[str, Any] | None = None
                ) -> tuple[list[tuple[str, dict[str, Any]]], list[Any]]:
-    """Every spec parsed and turned into its config, so a bad one fails before anything runs."""
+    """Every spec parsed and turned into its config, and every row's `model=` checked (without
+    loading weights), so a bad one fails before anything runs."""
     if not specs:
         raise ValueError("no methods to benchmark")
     parsed = [parse_spec(s) for s in specs]
-    configs = [task_config(task, m, strict=False, **{**options_for(m, overrides or {}), **o}) for m, o in parsed]
+    configs = [task_config(task, m, strict=False, **{**options_for(m, overrides or {}), **method_opts(o)})
+               for m, o in parsed]
+    for spec, (method, opts) in zip(specs, parsed):
+        if ROW_MODEL in opts:
+            check_row_model(spec, method, opts[ROW_MODEL])
     return parsed, configs
+
+
+def check_row_model(spec: str, method: str, path: str) -> None:
+    """A row's `model=` directory exists and holds a config.json of a model the row's method decodes:
+    what `api.check_model` checks before any weights are read, with the spec named, so a typo in the
+    last row of a suite fails at once rather than after hours of the rows before it."""
+    from ..api import check_model
+
+    try:
+        check_model(str(Path(path).expanduser()), method)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"bench spec {spec!r}: model={path}: {e}") from None
+
+
+def _placement(model: Any) -> tuple[Any, torch.dtype | None]:
+    """The device and dtype of the run model's first floating-point tensor: rows with `model=` run
+    there too, so their costs and wall clocks compare with the other rows'."""
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                return t.device, t.dtype
+    return "cpu", None
+
+
+def load_row_models(specs: list[str], parsed: list[tuple[str, dict[str, Any]]], model: Any, tokenizer: Any
+                    ) -> list[tuple[Any, Any]]:
+    """Each row's (model, tokenizer): the run's, or for a spec with `model=PATH` the checkpoint at PATH
+    (relative to the current directory) on the run model's device and dtype with its own tokenizer.
+    Each distinct directory is loaded once per run, and all of them before any row decodes, so a
+    corrupt checkpoint fails first and the row keys can hash every row's weights."""
+    from ..api import load_any
+
+    device, dtype = _placement(model)
+    loaded: dict[str, tuple[Any, Any]] = {}
+    out = []
+    for spec, (method, opts) in zip(specs, parsed):
+        if ROW_MODEL not in opts:
+            out.append((model, tokenizer))
+            continue
+        path = Path(opts[ROW_MODEL]).expanduser()
+        where = str(path.resolve()) if path.exists() else str(path)  # 'smollm2' is a name, not a path
+        if where not in loaded:
+            try:
+                loaded[where] = load_any(str(path), device=device, dtype=dtype, method=method)
+            except (ValueError, OSError, RuntimeError) as e:
+                raise ValueError(f"bench spec {spec!r}: cannot load model={opts[ROW_MODEL]}: {e}") from None
+        out.append(loaded[where])
+    return out
+
+
+def _vocab(tokenizer: Any) -> dict[str, int] | None:
+    """The tokenizer's token -> id map (None when it does not expose one)."""
+    hf = getattr(tokenizer, "hf", tokenizer)
+    get = getattr(hf, "get_vocab", None)
+    if get is None:
+        return None
+    try:
+        return get(with_added_tokens=True)
+    except TypeError:
+        return get()
+
+
+def same_vocab_as_baseline(tokenizers: Sequence[Any]) -> list[bool]:
+    """Whether each row's tokenizer maps tokens to ids as the baseline row's does: only then do equal
+    ids mean equal text, so only then is the lossless check meaningful across models."""
+    base = _vocab(tokenizers[0])
+    return [t is tokenizers[0] or (base is not None and _vocab(t) == base) for t in tokenizers]
 
 
 def check_bench_out(out_dir: str | Path) -> dict[str, OutputFile]:
@@ -406,17 +508,22 @@ def run_bench(
 
     `shard` = (i, n) makes this process one of n that share `out_dir`: it decodes only its share of
     each row's chunks and writes the table only when its rows are whole (the last shard to finish).
-    Running again without `shard` and with `resume` assembles the table without decoding again."""
+    Running again without `shard` and with `resume` assembles the table without decoding again.
+
+    A spec with `model=PATH` is decoded by that checkpoint and its tokenizer (`load_row_models`), the
+    others by `model`. `examples` are shared text: the CLI refuses --chat with such rows, since a chat
+    template rendered for `model` may not be the other model's."""
     check_run_options(repeats, resume, chunk, shard)
     parsed, configs = plan_bench(specs, task, overrides)  # validate all first: every spec,
-    outputs = check_bench_out(out_dir)  # and where the results will go
+    outputs = check_bench_out(out_dir)  # where the results will go,
+    models = load_row_models(specs, parsed, model, tokenizer)  # and every row's model (`model=`)
     if examples is None:  # (given: e.g. chat-templated by the CLI's --chat)
         examples = load_examples(task, limit=limit, split=split, data=data)
-    keys, chunk_keys = _row_keys(specs, configs, task, examples, model, repeats)
+    keys, chunk_keys = _row_keys(specs, configs, task, examples, [m for m, _ in models], repeats)
     if shard is not None and not all(keys):
         raise ValueError("--shard needs rows that can be saved and resumed: a diffspec model (torch module), "
                          "not an external backend")
-    run = _BenchRun(task, model, tokenizer, examples, outputs["results.json"].path.parent, keys, chunk_keys,
+    run = _BenchRun(task, models, examples, outputs["results.json"].path.parent, keys, chunk_keys,
                     chunk, resume, shard, walls=[[] for _ in specs])
     for rep in range(repeats):
         for i, ((method, opts), cfg, spec) in enumerate(zip(parsed, configs, specs)):
@@ -431,7 +538,7 @@ def run_bench(
         for r, w in zip(run.rows, run.walls):
             r["wall_seconds_repeats"] = w
             r["wall_seconds"] = statistics.median(w)
-    _compare_to_baseline(run.rows)
+    _compare_to_baseline(run.rows, same_vocab_as_baseline([t for _, t in models]))
     result = _bench_result(task, examples, command, run.resumed, run.rows, split)
     table = format_table(run.rows)
     print(table)  # before saving: a failure to save never hides the numbers
@@ -441,17 +548,28 @@ def run_bench(
     return result
 
 
-def _row_keys(specs: list[str], configs: list[Any], task: str, examples: Sequence[Example], model: Any,
+def _row_keys(specs: list[str], configs: list[Any], task: str, examples: Sequence[Example], models: Sequence[Any],
               repeats: int) -> tuple[list[str | None], list[str | None]]:
     """Each row's key in the saved-rows store and its chunks' key (None: the row is not saved, as with
-    repeats > 1 or an external backend). Chunks are keyed by their own examples, so a run over more
-    examples reuses the first ones."""
-    if repeats != 1 or not isinstance(model, torch.nn.Module):
+    repeats > 1 or an external backend). `models` are the rows' own models (`model=` or the run's):
+    each key hashes its row's weights, so --resume never takes a row another model measured. Chunks
+    are keyed by their own examples, so a run over more examples reuses the first ones."""
+    if repeats != 1:
         return [None] * len(specs), [None] * len(specs)
-    ex_hash, model_hash = rows_store.examples_fingerprint(examples), rows_store.weights_fingerprint(model)
-    keys = [rows_store.row_key(s, task, c, ex_hash, model_hash, model) for s, c in zip(specs, configs)]
-    chunk_keys = [rows_store.row_key(s, task, c, rows_store.WITHOUT_EXAMPLES, model_hash, model)
-                  for s, c in zip(specs, configs)]
+    ex_hash = rows_store.examples_fingerprint(examples)
+    hashes: dict[int, str] = {}  # a model shared by several rows is hashed once
+    keys: list[str | None] = []
+    chunk_keys: list[str | None] = []
+    for s, c, m in zip(specs, configs, models):
+        if not isinstance(m, torch.nn.Module):
+            keys.append(None)
+            chunk_keys.append(None)
+            continue
+        if id(m) not in hashes:
+            hashes[id(m)] = rows_store.weights_fingerprint(m)
+        h = hashes[id(m)]
+        keys.append(rows_store.row_key(s, task, c, ex_hash, h, m))
+        chunk_keys.append(rows_store.row_key(s, task, c, rows_store.WITHOUT_EXAMPLES, h, m))
     return keys, chunk_keys
 
 
@@ -461,8 +579,7 @@ class _BenchRun:
     reused from the store, measured, or left unfinished for other shards)."""
 
     task: str
-    model: Any
-    tokenizer: Any
+    models: list[tuple[Any, Any]]  # each row's (model, tokenizer): the run's, or its spec's model=
     examples: Sequence[Example]
     out_path: Path
     keys: list[str | None]
@@ -498,6 +615,8 @@ class _BenchRun:
               f"{r['flops'] / 1e9:,.1f} GFLOPs, {r['wall_seconds']:.1f} s{_load_note(r['load'])}", file=sys.stderr)
         if rep == 0:
             r.update(label=label, bench_spec=spec)  # r["spec"] holds the method's stats
+            if ROW_MODEL in opts:
+                r[ROW_MODEL] = opts[ROW_MODEL]  # as given in the spec: which model decoded this row
             self.rows.append(r)
             if self.keys[i]:  # kept at once: a run stopped later still has this row
                 rows_store.save_row(self.out_path, self.keys[i], spec, r)
@@ -511,27 +630,31 @@ class _BenchRun:
         """Decode row i on every example (in saved chunks when asked); None when other shards' chunks
         are still missing."""
         start = machine_load()
+        model, tokenizer = self.models[i]  # the row's own tokenizer: prompts are text, encoded per model
         if self.chunk and self.keys[i]:
-            r = decode_in_chunks(self.task, self.model, self.tokenizer, method, cfg, self.examples, self.out_path,
+            r = decode_in_chunks(self.task, model, tokenizer, method, cfg, self.examples, self.out_path,
                                  self.chunk_keys[i], self.chunk, self.resume, self.shard)
             if r is None:
                 return None
         else:
-            r = evaluate(self.task, self.model, self.tokenizer, method, cfg, examples=self.examples, progress=True,
+            r = evaluate(self.task, model, tokenizer, method, cfg, examples=self.examples, progress=True,
                          keep_samples=False, keep_ids=True)
         r["load"] = load_during(start)
         r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         return r
 
 
-def _compare_to_baseline(rows: list[dict[str, Any]]) -> None:
-    """Add each row's lossless check and speed-ups against the first row, dropping its token ids."""
+def _compare_to_baseline(rows: list[dict[str, Any]], comparable: Sequence[bool] | None = None) -> None:
+    """Add each row's lossless check and speed-ups against the first row, dropping its token ids.
+    A row whose tokenizer differs from the baseline's (`comparable` False) gets None for the lossless
+    check: its ids name other tokens, so equal or unequal ids would say nothing about the text."""
     base = rows[0]
     base_ids = base["token_ids"]
-    for r in rows:
+    for i, r in enumerate(rows):
         # Lossless check: the share of examples whose generated ids equal the baseline's exactly.
         ids = r.pop("token_ids")
-        r["same_ids_as_baseline"] = sum(a == b for a, b in zip(ids, base_ids)) / len(base_ids)
+        same = comparable is None or comparable[i]
+        r["same_ids_as_baseline"] = sum(a == b for a, b in zip(ids, base_ids)) / len(base_ids) if same else None
         r["speedup_wall"] = base["wall_seconds"] / r["wall_seconds"] if r["wall_seconds"] else float("nan")
         r["speedup_flops"] = base["flops"] / r["flops"] if r["flops"] else float("nan")
         r["speedup_nfe"] = base["nfe_per_sequence"] / r["nfe_per_sequence"] if r["nfe_per_sequence"] else float("nan")

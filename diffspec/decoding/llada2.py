@@ -43,7 +43,7 @@ models decode), without a cache.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ from .streamer import RowReporter, Streamer
 
 __all__ = ["LLaDA2DecodeConfig", "BlockKVCache", "llada2_generate", "llada2_decode_row", "even_schedule",
            "sample_candidates", "threshold_or_topk", "factor_or_topk", "choose_cells", "check_factor",
-           "decode_block_causal_row", "run_block_sampler", "check_counts",
+           "decode_block_causal_row", "run_block_sampler", "BlockForward", "BlockSteps", "schedule_steps", "check_counts",
            "check_sampling", "check_cache", "CACHES"]
 
 CACHES = ("auto", "block", "none")
@@ -192,12 +192,12 @@ class BlockKVCache:
         self._commit = n
 
     def layer(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k[index] is not None:
-            k = torch.cat([self.k[index], k], dim=2)
-            v = torch.cat([self.v[index], v], dim=2)
-        if self._commit:
+        if self.k[index] is not None:  # one stored copy, shared by every view of a batched forward
+            k = torch.cat([self.k[index].expand(len(k), -1, -1, -1), k], dim=2)
+            v = torch.cat([self.v[index].expand(len(v), -1, -1, -1), v], dim=2)
+        if self._commit:  # the finished columns are the same in every view: keep the first
             keep = self.length + self._commit
-            self.k[index], self.v[index] = k[:, :, :keep], v[:, :, :keep]
+            self.k[index], self.v[index] = k[:1, :, :keep], v[:1, :, :keep]
         self._last = k.shape[2]
         if index == len(self.k) - 1:  # the last layer: the forward's commit is done
             self.length += self._commit
@@ -257,19 +257,82 @@ def _at_least_topk(chosen: Tensor, conf: Tensor, active: Tensor, k: int) -> Tens
     return chosen
 
 
+class BlockForward:
+    """The forwards of one row's current block, over the canvas `x`: what every step rule in a
+    block-causal loop calls, so the exact cache, the reference's recompute and the bidirectional
+    models' full canvas are handled once. `views` (n, L) scores n versions of the block in one batched
+    forward (PSD's nested drafts, DualDiffusion's leftward views) against the same finished columns;
+    the cache stores those columns from the first forward of each block (one copy, shared by every
+    view). `model` may name another metered wrapper of the same network (a drafter's meter entry)."""
+
+    def __init__(self, model: MeteredModel, x: Tensor, block_length: int, cache: bool, bidirectional: bool):
+        self.model, self.x, self.L, self.bidirectional = model, x, block_length, bidirectional
+        self.positions = torch.arange(len(x), device=x.device)
+        self.kv = BlockKVCache(model.config.n_layers) if cache else None
+        self.s = self.e = 0
+
+    def start_block(self, s: int, e: int) -> None:
+        self.s, self.e = s, e
+
+    def __call__(self, views: Tensor | None = None, model: MeteredModel | None = None) -> Tensor:
+        """Logits (n, L, V) of the block's cells for each view (default: the block as it is, n = 1)."""
+        model = model or self.model
+        s, e, x = self.s, self.e, self.x
+        rows = x[None] if views is None else x[None].expand(len(views), -1).clone()
+        if views is not None:
+            rows[:, s:e] = views
+        if self.bidirectional:
+            return model(rows, positions=self.positions).logits[:, s:e]
+        if self.kv is None:  # the reference: the whole window, block-causal
+            pos = self.positions[:e]
+            mask = _block_causal(pos, pos, self.L)[None]
+            return model(rows[:, :e], positions=pos, attention_mask=mask).logits[:, -self.L:]
+        start = self.kv.length  # < s only at a block's first step: finished columns to store
+        pos = self.positions[start:e]
+        mask = None if start == s else _block_causal(pos, self.positions[:e], self.L)
+        self.kv.commit(s - start)
+        return model(rows[:, start:e], positions=pos, attention_mask=mask, kv_cache=self.kv).logits[:, -self.L:]
+
+
+# A block's step rule: given the forwards, the canvas, the block's columns [s, e) and the mask id, it
+# commits cells step by step and yields each step's committed tokens (so the loop can stream them and
+# stop at an EOS), returning when the block is done.
+BlockSteps = Callable[[BlockForward, Tensor, int, int, int], Iterator[Tensor]]
+
+
+def schedule_steps(schedule: Sequence[int], choose: Callable[[Tensor, Tensor, int], Tensor],
+                   sample: Callable[[Tensor], tuple[Tensor, Tensor]]) -> BlockSteps:
+    """The block samplers' own rule: each of at most len(schedule) steps is one forward, `sample`
+    (candidates and their probabilities), `choose(conf, active, k)` (conf is -inf off the masked
+    cells; k = schedule[step]) and the commit; the block ends when no cell is masked."""
+
+    def run(forward: BlockForward, x: Tensor, s: int, e: int, mask_id: int) -> Iterator[Tensor]:
+        for k in schedule:
+            active = x[s:e] == mask_id
+            if not active.any():
+                return
+            tokens, probs = sample(forward()[0])
+            conf = torch.where(active, probs, torch.tensor(-torch.inf, device=x.device))
+            chosen = choose(conf, active, k)
+            x[s:e] = torch.where(chosen, tokens, x[s:e])
+            yield tokens[chosen]
+
+    return run
+
+
 def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block_length: int, gen_length: int,
                             schedule: Sequence[int], choose: Callable[[Tensor, Tensor, int], Tensor],
                             sample: Callable[[Tensor], tuple[Tensor, Tensor]], stop_ids: Collection[int],
                             early_stop: bool, cache: bool, mask_id: int, device: torch.device,
-                            bidirectional: bool = False, report: RowReporter | None = None) -> list[int]:
-    """The block-diffusion loop shared by LLaDA2's and SDAR's samplers, for one prompt.
+                            bidirectional: bool = False, report: RowReporter | None = None,
+                            steps: BlockSteps | None = None) -> list[int]:
+    """The block-diffusion loop shared by LLaDA2's and SDAR's samplers (and PSD / DualDiffusion
+    within a block), for one prompt.
 
     Blocks of `block_length` columns from column 0; the prompt's last partial block is the first
-    one decoded. Each block runs at most len(schedule) steps: a forward, `sample` (candidates and
-    their probabilities for the block's cells), `choose(conf, active, k)` (conf is -inf off the
-    masked cells; k = schedule[step]) and the commit; a block ends when it has no masked cell.
-    After a block, decoding stops if a stop id appears in the generated columns; with
-    `early_stop`, also mid-block once a committed stop id has no masked cell before it.
+    one decoded. Each block runs `steps` (default `schedule_steps(schedule, choose, sample)`, the
+    samplers' rule). After a block, decoding stops if a stop id appears in the generated columns;
+    with `early_stop`, also mid-block once a committed stop id has no masked cell before it.
     `cache`: the exact K/V cache of finished blocks (else the reference's full recompute).
     `bidirectional`: a model trained with full attention (LLaDA, Dream) sees the whole canvas, later
     blocks' masks included, as it does in its own samplers (no mask, no cache). `report` hears each
@@ -279,35 +342,18 @@ def decode_block_causal_row(model: MeteredModel, prompt: Sequence[int], *, block
     n_blocks = -(-(P + G) // L)
     x = torch.full((n_blocks * L,), mask_id, dtype=torch.long, device=device)
     x[:P] = torch.tensor(list(prompt), dtype=torch.long, device=device)
-    positions = torch.arange(n_blocks * L, device=device)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    kv = BlockKVCache(model.config.n_layers) if cache else None
+    forward = BlockForward(model, x, L, cache, bidirectional)
+    steps = steps or schedule_steps(schedule, choose, sample)
     stopped = False
     for b in range(P // L, n_blocks):
         s, e = b * L, (b + 1) * L
-        for k in schedule:
-            active = x[s:e] == mask_id
-            if not active.any():
-                break
-            if bidirectional:
-                out = model(x[None], positions=positions)
-            elif kv is None:  # the reference: the whole window, block-causal
-                pos = positions[:e]
-                out = model(x[None, :e], positions=pos, attention_mask=_block_causal(pos, pos, L)[None])
-            else:
-                start = kv.length  # < s only at a block's first step: finished columns to store
-                pos = positions[start:e]
-                mask = None if start == s else _block_causal(pos, positions[:e], L)
-                kv.commit(s - start)
-                out = model(x[None, start:e], positions=pos, attention_mask=mask, kv_cache=kv)
-            tokens, probs = sample(out.logits[0, s:e] if bidirectional else out.logits[0, -L:])
-            conf = torch.where(active, probs, torch.tensor(-torch.inf, device=device))
-            chosen = choose(conf, active, k)
-            x[s:e] = torch.where(chosen, tokens, x[s:e])
+        forward.start_block(s, e)
+        for committed in steps(forward, x, s, e, mask_id):
             if report is not None and report.tick(x[P:P + G]):
                 stopped = True
                 break
-            if early_stop and bool(torch.isin(tokens[chosen], stops).any()):
+            if early_stop and bool(torch.isin(committed, stops).any()):
                 gen = x[P:e]
                 first = int(torch.isin(gen, stops).nonzero()[0])
                 if not bool((gen[:first] == mask_id).any()):

@@ -65,14 +65,16 @@ __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask
 
 MODEL_TYPE = "llada2_moe"
 # Each block-causal model_type's family, and the methods that decode each family: its block-diffusion
-# samplers. The bidirectional samplers (vanilla, fast-dllm, dkv-cache, dualdiffusion, psd, dream) would
-# let the prompt and early blocks attend to later, still-masked blocks, which these models never saw.
+# samplers, and PSD / DualDiffusion run within a block. The bidirectional samplers (vanilla, fast-dllm,
+# dkv-cache, dream) would let the prompt and early blocks attend to later, still-masked blocks, which
+# these models never saw.
 # LLaDA2's and SDAR's samplers read the logit of cell i at i, so either decodes either model; Fast-dLLM
 # v2's network predicts cell i at i - 1 and opens every block with an AR token: only its own sampler.
 _FAMILY_OF_TYPE = {MODEL_TYPE: "LLaDA2 / SDAR", "sdar": "LLaDA2 / SDAR", "Fast_dLLM_Qwen": "Fast-dLLM v2"}
 BLOCK_CAUSAL_MODEL_TYPES = tuple(_FAMILY_OF_TYPE)
-BLOCK_CAUSAL_FAMILIES = {"LLaDA2 / SDAR": ("llada2", "sdar"), "Fast-dLLM v2": ("fast-dllm-v2",)}
-BLOCK_CAUSAL_METHODS = tuple(m for methods in BLOCK_CAUSAL_FAMILIES.values() for m in methods)
+BLOCK_CAUSAL_FAMILIES = {"LLaDA2 / SDAR": ("llada2", "sdar", "psd", "dualdiffusion"),
+                         "Fast-dLLM v2": ("fast-dllm-v2",)}
+BLOCK_CAUSAL_METHODS = ("llada2", "sdar", "fast-dllm-v2")  # the families' own samplers
 
 
 def is_llada2_config(raw: dict[str, Any]) -> bool:

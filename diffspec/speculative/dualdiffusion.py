@@ -391,7 +391,16 @@ def dualdiffusion_generate(
     meter: CostMeter | None = None,
     streamer: Streamer | None = None,
 ) -> GenerationResult:
-    """Decode `prompts` with DualDiffusion: `model` verifies, `drafter_model` (default: `model`) drafts."""
+    """Decode `prompts` with DualDiffusion: `model` verifies, `drafter_model` (default: `model`) drafts.
+    On a block-causal model (LLaDA2, SDAR) the model drafts for itself within each block, on the exact
+    block cache (`speculative.block`)."""
+    from .block import dual_block_generate, is_block_causal
+
+    if is_block_causal(model):
+        if drafter_model is not None and drafter_model is not model:
+            raise ValueError("dualdiffusion on a block-causal model drafts with the model itself (drafter self); "
+                             "a separate drafter model is not supported there")
+        return dual_block_generate(model, tokenizer, prompts, cfg, progress=progress, meter=meter, streamer=streamer)
     drafter_model = model if drafter_model is None else drafter_model
     check_compatible(drafter_model, model, drafter_tokenizer, tokenizer)
     if model_device(drafter_model) != model_device(model):

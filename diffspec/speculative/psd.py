@@ -403,7 +403,12 @@ def psd_generate(
     meter: CostMeter | None = None,
     streamer: Streamer | None = None,
 ) -> GenerationResult:
-    """Decode `prompts` with PSD (or its lossless variant) on one masked diffusion model."""
+    """Decode `prompts` with PSD (or its lossless variant) on one masked diffusion model; on a
+    block-causal one (LLaDA2, SDAR), within each block on the exact block cache (`speculative.block`)."""
+    from .block import is_block_causal, psd_block_generate
+
+    if is_block_causal(model):
+        return psd_block_generate(model, tokenizer, prompts, cfg, progress=progress, meter=meter, streamer=streamer)
     meter, metered = meter_primary(model, meter)
     stats = PSDStats()
 
