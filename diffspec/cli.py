@@ -177,7 +177,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from .api import resolve_model
+    from .api import check_model, resolve_model
     from .bench.runner import (ROW_MODEL, check_bench_out, check_run_options, parse_shard, plan_bench, run_bench,
                                suite)
     from .methods import method_names
@@ -199,11 +199,17 @@ def cmd_bench(a: argparse.Namespace) -> None:
                          "model= may not share: run those rows without --chat, or in a run of their own with --model")
     check_bench_out(a.out)  # before loading anything; run_bench checks both again before decoding
     model_path = a.model
-    if model_path is None and a.suite == "dream" and not a.methods:
-        from .models.checkpoint import DEFAULT_DREAM_DIR
+    if model_path is None and a.suite in ("dream", "block") and not a.methods:
+        from .models.checkpoint import DEFAULT_BLOCK_DIR, DEFAULT_DREAM_DIR
 
-        model_path = str(DEFAULT_DREAM_DIR)  # the suite is about Dream: its bundled model
-    family_method = "ar" if is_ar == {True} else "vanilla"
+        # the suite is about Dream / block diffusion: its bundled model
+        model_path = str(DEFAULT_DREAM_DIR if a.suite == "dream" else DEFAULT_BLOCK_DIR)
+    # Every method of the rows that --model decodes, checked against it (a block-causal model refuses the
+    # bidirectional samplers, an AR one the diffusion methods) before anything is read or loaded.
+    own = list(dict.fromkeys(m for m, opts in parsed if ROW_MODEL not in opts))
+    for method in own[1:]:
+        check_model(model_path, method)
+    family_method = own[0] if own else ("ar" if is_ar == {True} else "vanilla")
     examples = _bench_examples(a, model_path, family_method)
     model, tok = resolve_model(model_path, None, a.device, a.dtype, method=family_method, compile=a.compile,
                                quantize=a.quantize)
@@ -367,7 +373,9 @@ def _bench_parser(sub: Any) -> None:
                         "| psd (PSD vs greedy and Fast-dLLM) | frontier (every family's knob swept) | dream (Dream's sampler algs "
                         "x steps and Fast-dLLM on a Dream model, default the bundled dream-arith) | d2sd (AR greedy, "
                         "AR spec, DFlash, D²SD sweeps; AR target) | d2sd-smollm2 (the AR family on SmolLM2: --model smollm2 "
-                        "--task gsm8k --chat --k-shot 0)")
+                        "--task gsm8k --chat --k-shot 0) | block (a block-diffusion model, default the bundled llada2-arith: its "
+                        "samplers with the exact block cache, PSD and DualDiffusion within a block, against Fast-dLLM's "
+                        "dual cache on llada-arith)")
     b.add_argument("--methods", nargs="+",
                    help="rows as specs, METHOD:key=value,... e.g. vanilla:steps=24 fast-dllm:cache=dual,policy=threshold "
                         "(psd depths as 1;3;5); replaces --suite. The decoding flags below apply to every row whose "

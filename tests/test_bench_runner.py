@@ -78,6 +78,23 @@ def test_dream_suite_covers_the_algs_and_the_cached_methods():
     assert parsed[0] == ("dream", {"alg": "entropy", "steps": 48})
 
 
+def test_block_suite_compares_the_block_model_with_its_bidirectional_teacher():
+    from pathlib import Path
+
+    from diffspec.bench.runner import plan_bench, suite
+    from diffspec.models.checkpoint import DEFAULT_MODEL_DIR
+
+    specs = suite("block", "arith")
+    parsed, configs = plan_bench(specs, "arith")
+    teacher = [(m, o) for m, o in parsed if "model" in o]
+    assert parsed[0] == ("vanilla", {"steps": 48, "model": teacher[0][1]["model"]})
+    assert {Path(o["model"]).resolve() for _, o in teacher} == {DEFAULT_MODEL_DIR.resolve()}
+    assert {m for m, _ in teacher} == {"vanilla", "fast-dllm"}
+    assert {m for m, o in parsed if "model" not in o} == {"llada2", "sdar", "psd", "dualdiffusion"}
+    caches = [c.cache for (m, o), c in zip(parsed, configs) if m == "llada2"]
+    assert "none" in caches and caches.count("auto") >= 4  # the exact cache, and once the recompute beside it
+
+
 def test_d2sd_smollm2_suite_has_the_issue_rows():
     from diffspec.bench.runner import plan_bench, suite
 

@@ -173,7 +173,8 @@ def test_psd_within_a_block_matches_its_reference_loop(ckpt, loaded, order):
         for cache in ("none", "dual"):
             res = psd_generate(model, tok, [prompt], _psd_cfg(cache, 0.3, (1, 3, 5), order))
             assert res.raw_ids[0][: len(want)] == want, (prompt, cache)
-            assert res.meter.models["model"].nfe == counter[0], (prompt, cache)
+            m = res.meter.models["model"]
+            assert m.nfe == m.sequence_forwards == counter[0], (prompt, cache)  # a batch of views: one forward
         accepted += res.stats["accepted"]
     assert accepted > 0  # the drafts did some of the work: the acceptance path ran
 
@@ -208,6 +209,7 @@ def test_dual_within_a_block_matches_its_reference_loop(ckpt, loaded, view):
             assert res.raw_ids[0][: len(want)] == want, (prompt, cache)
             m = res.meter.models
             assert m["drafter"].nfe + m["verifier"].nfe == counter[0], (prompt, cache)
+            assert m["verifier"].sequence_forwards == m["verifier"].nfe
         rejected += res.stats["remasked"]
         accepted += res.stats["drafted"] - res.stats["remasked"] - res.stats["discarded"]
     assert rejected > 0 and accepted > 0  # both paths of the verdict ran

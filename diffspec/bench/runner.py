@@ -20,7 +20,7 @@ import torch
 from ..api import method_options
 from ..decoding.config import DecodeConfig
 from ..methods import get_method, method_names, option_owners
-from ..models.checkpoint import DEFAULT_DRAFTER_DIR
+from ..models.checkpoint import DEFAULT_DRAFTER_DIR, DEFAULT_MODEL_DIR
 from ..evaluation.evaluate import TASK_DEFAULTS, evaluate, task_config
 from ..jsonio import OutputError, OutputFile, check_output_dir
 from ..speculative.dualdiffusion import DualConfig
@@ -232,6 +232,27 @@ def _suite_d2sd_smollm2(L: int, task: str) -> list[str]:
     return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd:k=4", "ar"]
 
 
+def _suite_block(L: int, task: str) -> list[str]:
+    # Issue #39: a block-diffusion model (default: the bundled llada2-arith) against the bidirectional
+    # model it was converted from (llada-arith, rows with model=): the baseline is that model's vanilla
+    # decoding at full steps; Fast-dLLM's approximate dual cache on it; the block samplers with the
+    # exact block cache (and once without it: same ids, more FLOPs); PSD and DualDiffusion within a block.
+    teacher = f"model={os.path.relpath(DEFAULT_MODEL_DIR)}"
+    return [
+        f"vanilla:steps={L},{teacher}",
+        *[f"fast-dllm:cache=dual,policy=threshold,threshold={t},{teacher}" for t in (0.7, 0.9, 0.99)],
+        *[f"llada2:block_length=4,steps=4,threshold={t}" for t in (0.7, 0.9, 0.99, 1.0)],
+        "llada2:block_length=4,steps=4,threshold=0.9,cache=none",
+        *[f"llada2:block_length={b},steps={b},threshold=0.9" for b in (8, 16)],
+        "llada2:block_length=4,steps=4,factor=1.0",
+        "sdar",
+        "psd:block_length=8,threshold=1.0,draft_order=position,depths=1;2;3;4;5;6;7,cache=dual",
+        "psd:block_length=8,threshold=0.9,depths=1;3;5;7,cache=dual",
+        "dualdiffusion:drafter=self,rule=exact_match,verifier_view=leftward,num_drafter_steps=2,"
+        "drafter_threshold=0.5,block_length=8,drafter_cache=dual",
+    ]
+
+
 # One builder per suite: (the task's gen_length L, the task) -> its rows' method specs.
 SUITES: dict[str, Callable[[int, str], list[str]]] = {
     "steps": _suite_steps,
@@ -242,6 +263,7 @@ SUITES: dict[str, Callable[[int, str], list[str]]] = {
     "dream": _suite_dream,
     "d2sd": _suite_d2sd,
     "d2sd-smollm2": _suite_d2sd_smollm2,
+    "block": _suite_block,
 }
 
 

@@ -263,7 +263,7 @@ class BlockForward:
     models' full canvas are handled once. `views` (n, L) scores n versions of the block in one batched
     forward (PSD's nested drafts, DualDiffusion's leftward views) against the same finished columns;
     the cache stores those columns from the first forward of each block (one copy, shared by every
-    view). `model` may name another metered wrapper of the same network (a drafter's meter entry)."""
+    view). Such a forward advances one sequence: the meter counts it once per prompt, FLOPs for every view. `model` may name another metered wrapper of the same network (a drafter's meter entry)."""
 
     def __init__(self, model: MeteredModel, x: Tensor, block_length: int, cache: bool, bidirectional: bool):
         self.model, self.x, self.L, self.bidirectional = model, x, block_length, bidirectional
@@ -282,16 +282,17 @@ class BlockForward:
         if views is not None:
             rows[:, s:e] = views
         if self.bidirectional:
-            return model(rows, positions=self.positions).logits[:, s:e]
+            return model(rows, positions=self.positions, sequences=1).logits[:, s:e]
         if self.kv is None:  # the reference: the whole window, block-causal
             pos = self.positions[:e]
             mask = _block_causal(pos, pos, self.L)[None]
-            return model(rows[:, :e], positions=pos, attention_mask=mask).logits[:, -self.L:]
+            return model(rows[:, :e], positions=pos, attention_mask=mask, sequences=1).logits[:, -self.L:]
         start = self.kv.length  # < s only at a block's first step: finished columns to store
         pos = self.positions[start:e]
         mask = None if start == s else _block_causal(pos, self.positions[:e], self.L)
         self.kv.commit(s - start)
-        return model(rows[:, start:e], positions=pos, attention_mask=mask, kv_cache=self.kv).logits[:, -self.L:]
+        out = model(rows[:, start:e], positions=pos, attention_mask=mask, kv_cache=self.kv, sequences=1)
+        return out.logits[:, -self.L:]
 
 
 # A block's step rule: given the forwards, the canvas, the block's columns [s, e) and the mask id, it

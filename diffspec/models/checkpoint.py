@@ -25,6 +25,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "llada-a
 # DualDiffusion's small drafter for the bundled model (same tokenizer; about a fifth of its decoding FLOPs).
 DEFAULT_DRAFTER_DIR = DEFAULT_MODEL_DIR.parent / "llada-arith-drafter"
 DEFAULT_DREAM_DIR = DEFAULT_MODEL_DIR.parent / "dream-arith"  # the bundled Dream-architecture model (issue #18)
+DEFAULT_BLOCK_DIR = DEFAULT_MODEL_DIR.parent / "llada2-arith"  # the bundled block-diffusion model (issue #39)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
