@@ -247,11 +247,19 @@ def test_views_share_the_cached_prefix_exactly(loaded):
     (dict(verifier_view="drafted"), "leftward or masked"),
     (dict(rollback="keep"), "discard only"),
     (dict(drafter="some/dir"), "drafter self"),
+    (dict(max_iterations=3), "max_iterations"),
 ])
 def test_dual_refuses_what_a_block_cannot_honour(loaded, kw, match):
     model, tok = loaded
     with pytest.raises(ValueError, match=match):
         dualdiffusion_generate(model, tok, ["Hi"], _dual_cfg("dual", 0.5, 2, **kw))
+
+
+def test_dual_refuses_sampling_on_a_block_model(loaded):
+    model, tok = loaded
+    cfg = _dual_cfg("dual", 0.5, 2)
+    with pytest.raises(ValueError, match="temperature 0"):
+        dualdiffusion_generate(model, tok, ["Hi"], cfg.replace(decode=cfg.decode.replace(temperature=0.7)))
 
 
 def test_psd_refuses_lossless_and_local_on_a_block_model(loaded):

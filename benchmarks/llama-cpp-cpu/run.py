@@ -87,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [template.render([{"role": "user", "content": e.prompt}])
                for e in load_examples("gsm8k", limit=a.limit, k_shot=0)]
     start = machine_load()
-    rows = diffspec_rows(prompts, a.max_tokens, threads)
+    # llama.cpp first (minutes), so a build that cannot run here fails before diffspec's rows (longer)
     cfg = {"gguf": str(smollm2_gguf()), "prompts": prompts, "max_tokens": a.max_tokens, "threads": threads}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(py), "-c", LLAMA], input=json.dumps(cfg), capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"llama.cpp run failed:\n{done.stderr[-3000:]}")
-    rows += json.loads(done.stdout)
+        why = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        raise SystemExit(f"llama.cpp run failed ({why}; SIGILL = 4: rebuild without the instruction set "
+                         f"that is missing, see install.sh):\n{done.stderr[-3000:]}")
+    rows = diffspec_rows(prompts, a.max_tokens, threads) + json.loads(done.stdout)
     load = load_during(start)
     ref = rows[0]["texts"]
     for r in rows:

@@ -277,6 +277,10 @@ def _check_dual(cfg: Any) -> None:
         bad.append("rollback keep (discard only)")
     if cfg.num_verifier_steps != 1 or cfg.adaptive_drafter_steps:
         bad.append("num_verifier_steps > 1 / adaptive_drafter_steps (one verification per iteration)")
+    if cfg.decode.temperature != 0:
+        bad.append(f"temperature {cfg.decode.temperature} (drafts and verdicts are argmax: temperature 0)")
+    if cfg.max_iterations is not None:
+        bad.append("max_iterations (a block runs until it has no masked cell, at most block-length iterations)")
     if cfg.verifier_unmask not in (0, 1):
         bad.append(f"verifier_unmask {cfg.verifier_unmask} (0 or 1)")
     if bad:
