@@ -197,6 +197,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
     if a.chat and any(ROW_MODEL in opts for _, opts in parsed):
         raise ValueError("--chat renders every prompt with --model's chat template, which a row with its own "
                          "model= may not share: run those rows without --chat, or in a run of their own with --model")
+    if (a.compile or a.quantize) and any(ROW_MODEL in opts for _, opts in parsed):
+        raise ValueError("--compile / --quantize apply to --model only; rows with their own model= would run "
+                         "without them and their wall clock would not compare: run them without those flags")
     check_bench_out(a.out)  # before loading anything; run_bench checks both again before decoding
     model_path = a.model
     if model_path is None and a.suite in ("dream", "block") and not a.methods:

@@ -132,6 +132,8 @@ def test_cli_refuses_model_rows_under_chat_and_lets_them_mix_families(tiny_check
     spec = f"vanilla:model={tiny_checkpoint}"
     assert main(["bench", "--chat", "--methods", "vanilla", spec, "--out", str(tmp_path / "a")]) == 2
     assert "--chat" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["bench", "--quantize", "int8", "--methods", "vanilla", spec, "--out", str(tmp_path / "q")]) == 2
+    assert "--model only" in capsys.readouterr().err and not (tmp_path / "q").exists()
     qwen = Path(__file__).resolve().parents[1] / "diffspec" / "assets" / "qwen3-arith"
     args = ["bench", "--model", str(tiny_checkpoint), "--limit", "1", "--gen-length", "8",
             "--methods", "vanilla:steps=8,block_length=8", f"ar:model={qwen}", "--out", str(tmp_path / "b")]

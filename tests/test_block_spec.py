@@ -94,7 +94,7 @@ def ref_psd(forward, prompt, threshold, depths, order, counter):
                 for i in ranked[:d]:
                     v[s + i] = tok[i]
                 views.append(v)
-            preds = [forward(v, e, counter).argmax(-1) for v in views]  # the batched forward, one by one
+            preds = [_greedy(forward(v, e, counter))[0] for v in views]  # the batched forward, one by one
             for j in range(1, len(views)):
                 added = [i for i in ranked[depths[j - 2] if j > 1 else 0:depths[j - 1]]]
                 if not added or any(int(preds[j - 1][i]) != int(tok[i]) for i in added):
@@ -230,16 +230,20 @@ def test_views_share_the_cached_prefix_exactly(loaded):
     views[1, :2] = torch.tensor([5, 9])
     views[2, :5] = torch.tensor([5, 9, 11, 3, 4])
     metered = MeteredModel(model, CostMeter(), "model")
-    cached = BlockForward(metered, x, L, cache=True, bidirectional=False)
-    cached.start_block(s, s + L)
     with torch.no_grad():
-        first = cached(views[:1])  # stores the finished columns
-        batched = cached(views)
-        for i in range(3):
-            plain = BlockForward(metered, x, L, cache=False, bidirectional=False)
-            plain.start_block(s, s + L)
-            torch.testing.assert_close(batched[i], plain(views[i:i + 1])[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(first[0], batched[0], atol=1e-4, rtol=1e-4)
+        plain = BlockForward(metered, x, L, cache=False, bidirectional=False)
+        plain.start_block(s, s + L)
+        want = [plain(views[i:i + 1])[0] for i in range(3)]
+        for first_views in (views[:1], views):  # the block's first forward (storing the finished columns), 1 or 3 views
+            cached = BlockForward(metered, x, L, cache=True, bidirectional=False)
+            cached.start_block(s, s + L)
+            first = cached(first_views)
+            assert cached.kv.length == s and cached.kv.k[0].shape[0] == 1  # one stored copy
+            batched = cached(views)
+            for i in range(3):
+                torch.testing.assert_close(batched[i], want[i], atol=1e-4, rtol=1e-4)
+            for i in range(len(first_views)):
+                torch.testing.assert_close(first[i], want[i], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -248,11 +252,35 @@ def test_views_share_the_cached_prefix_exactly(loaded):
     (dict(rollback="keep"), "discard only"),
     (dict(drafter="some/dir"), "drafter self"),
     (dict(max_iterations=3), "max_iterations"),
+    (dict(verifier_unmask=0, progress_guard=False), "without the progress guard"),
+    (dict(num_verifier_steps=2), "num_verifier_steps"),
+    (dict(adaptive_drafter_steps=True), "adaptive_drafter_steps"),
 ])
 def test_dual_refuses_what_a_block_cannot_honour(loaded, kw, match):
     model, tok = loaded
     with pytest.raises(ValueError, match=match):
         dualdiffusion_generate(model, tok, ["Hi"], _dual_cfg("dual", 0.5, 2, **kw))
+
+
+def test_psd_accept_threshold_and_steps_on_a_block_model(loaded):
+    """A confidence requirement keeps fewer drafts; --steps does not change PSD's iterations (each
+    commits at least one cell, as on the full canvas)."""
+    model, tok = loaded
+    base = _psd_cfg("dual", 0.3, (1, 3, 5), "position")
+    free = psd_generate(model, tok, PROMPTS, base)
+    sure = psd_generate(model, tok, PROMPTS, base.replace(accept_threshold=0.6))
+    assert 0 <= sure.stats["accepted"] < free.stats["accepted"]
+    few = psd_generate(model, tok, PROMPTS, base.replace(decode=base.decode.replace(steps=3)))
+    assert few.raw_ids == free.raw_ids and few.stats == free.stats
+
+
+def test_dual_progress_guard_fills_a_stalled_block(loaded):
+    """Without the verifier's own cell, a rejected first draft would stall the block: the guard
+    writes the verifier's token there, and the answer has no masked cell left."""
+    model, tok = loaded
+    res = dualdiffusion_generate(model, tok, PROMPTS, _dual_cfg("dual", 0.2, 2, verifier_unmask=0))
+    assert res.stats["guard_fills"] > 0 and res.stats["verifier_unmasked"] == 0
+    assert all(MASK not in r for r in res.raw_ids)
 
 
 def test_dual_refuses_sampling_on_a_block_model(loaded):
@@ -268,7 +296,7 @@ def test_psd_refuses_lossless_and_local_on_a_block_model(loaded):
         psd_generate(model, tok, ["Hi"], PSDConfig(decode=DecodeConfig(gen_length=G, block_length=L, steps=G),
                                                    lossless=True))
     local = PSDConfig(decode=DecodeConfig(gen_length=G, block_length=L, steps=G, policy="local"), depths=(1, 3))
-    with pytest.raises(ValueError, match="policy threshold or factor"):
+    with pytest.raises(ValueError, match="threshold or factor"):
         psd_generate(model, tok, ["Hi"], local)
 
 

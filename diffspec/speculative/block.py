@@ -72,32 +72,44 @@ class _BlockRun:
 
 
 def _block_run(decode: Any, method: str) -> _BlockRun:
-    """The block loop's settings from a full-canvas method's DecodeConfig: `steps` over the whole
-    answer become steps per block, and the cache maps to the exact one (see the module docstring)."""
+    """The block loop's settings from a full-canvas method's DecodeConfig, checked: the cache maps to
+    the exact one (see the module docstring); every iteration commits at least one cell, as the
+    full-canvas methods' threshold and factor policies do, so a block takes at most block_length
+    iterations and `steps` is not used (as on the full canvas under those policies)."""
     L, G = decode.block_length, decode.gen_length
     cache = {"none": "none", "prefix": "block", "dual": "block"}.get(decode.cache)
     if cache is None:
         raise ValueError(f"method {method!r} on a block-causal model takes cache none (recompute the window) or "
                          f"prefix / dual (both are the exact block cache there); got {decode.cache!r}")
-    return _BlockRun(G, L, max(1, decode.steps * L // G), cache, decode.seed, decode.batch_size)
+    bad = []
+    if decode.policy not in ("threshold", "factor"):
+        bad.append(f"policy {decode.policy!r} (threshold or factor)")
+    if decode.remasking != "low_confidence" or decode.temperature != 0:
+        bad.append("random remasking or a temperature (cells are ranked by the argmax's confidence)")
+    if decode.cfg_scale != 0 or decode.logits_eos_inf or decode.confidence_eos_eot_inf:
+        bad.append("cfg_scale / logits_eos_inf / confidence_eos_eot_inf (vanilla LLaDA's sampler options)")
+    if bad:
+        raise ValueError(f"{method} on a block-causal model does not take " + "; ".join(bad))
+    return _BlockRun(G, L, L, cache, decode.seed, decode.batch_size)
 
 
-def _commit_rule(decode: Any, method: str, threshold: float | None = None) -> Choose:
+def _commit_rule(decode: Any) -> Choose:
     """The threshold or factor rule of `decode` (floored at the schedule's k), as the block samplers."""
     if decode.policy == "factor":
         return lambda conf, active, k: factor_or_topk(conf, active, k, decode.factor)
-    if decode.policy in ("threshold", "schedule"):
-        t = decode.threshold if threshold is None else threshold
-        return lambda conf, active, k: threshold_or_topk(conf, active, k, t)
-    raise ValueError(f"method {method!r} on a block-causal model commits by policy threshold or factor; "
-                     f"got policy {decode.policy!r}")
+    return lambda conf, active, k: threshold_or_topk(conf, active, k, decode.threshold)
+
+
+def _no_mask(logits: Tensor, mask_id: int) -> Tensor:
+    """The logits with the mask token ruled out: nobody proposes or predicts it (as on the full canvas)."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = -torch.inf
+    return logits
 
 
 def _greedy(logits: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     """Argmax token and its probability per cell; the mask token never proposed."""
-    logits = logits.float().clone()
-    logits[..., mask_id] = -torch.inf
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(_no_mask(logits, mask_id), dim=-1)
     conf, tok = probs.max(dim=-1)
     return tok, conf
 
@@ -133,7 +145,7 @@ def psd_block_steps(depths: Sequence[int], draft_order: str, accept_threshold: f
             key = leftmost_first(rest[None]) if draft_order == "position" else rest[None]
             drafts = nested_drafts(key, depths)  # (J, 1, L)
             views = torch.cat([x[None, s:e], torch.where(drafts[:, 0], tok, x[s:e])])
-            logits = forward(views)
+            logits = _no_mask(forward(views), mask_id)
             sure = None
             if accept_threshold > 0:
                 probs = F.softmax(logits.float(), dim=-1).max(dim=-1).values
@@ -159,7 +171,7 @@ def psd_block_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Se
         raise ValueError("lossless PSD reproduces vanilla LLaDA's one-token greedy decoding over the whole canvas; "
                          "on a block-causal model use method psd without lossless (or llada2 / sdar)")
     run_cfg = _block_run(cfg.decode, "psd")
-    choose = _commit_rule(cfg.decode, "psd")
+    choose = _commit_rule(cfg.decode)
     stats = PSDStats()
     stops = eos_ids(model)
     steps = psd_block_steps(cfg.depths, cfg.draft_order, cfg.accept_threshold,
@@ -205,7 +217,7 @@ def _draft(forward: BlockForward, drafter: MeteredModel, x: Tensor, s: int, e: i
 
 
 def _verify_leftward(forward: BlockForward, verifier: MeteredModel, x: Tensor, s: int, e: int, start: Tensor,
-                     cols: Tensor, view: str) -> tuple[int, Tensor]:
+                     cols: Tensor, view: str, mask_id: int) -> tuple[int, Tensor]:
     """How many drafts (at block columns `cols`, left to right) stand, and the verifier's logits of
     the view that judged the first rejected one (or of the whole accepted block)."""
     drafted = x[s:e].clone()
@@ -216,7 +228,7 @@ def _verify_leftward(forward: BlockForward, verifier: MeteredModel, x: Tensor, s
     else:  # masked: every draft hidden, except in the last view (the accepted block, for the bonus cell)
         views = [start.clone(), start.clone()]
     views[-1][cols] = drafted[cols]
-    logits = forward(torch.stack(views), model=verifier)
+    logits = _no_mask(forward(torch.stack(views), model=verifier), mask_id)
     judge = logits[torch.arange(len(cols)) if view == "leftward" else torch.zeros(len(cols), dtype=torch.long)]
     ok = judge[torch.arange(len(cols)), cols].argmax(-1) == drafted[cols]
     n_ok = int(ok.long().cumprod(0).sum())
@@ -239,7 +251,7 @@ def dual_block_steps(n_drafter_steps: int, verifier_unmask: int, progress_guard:
             stats.iterations += 1
             stats.drafter_steps += n_drafter_steps
             stats.drafted += len(cols)
-            n_ok, logits = _verify_leftward(forward, verifier, x, s, e, start, cols, view)
+            n_ok, logits = _verify_leftward(forward, verifier, x, s, e, start, cols, view, mask_id)
             block = x[s:e]
             block[cols[n_ok:]] = mask_id
             if n_ok < len(cols):
@@ -281,6 +293,9 @@ def _check_dual(cfg: Any) -> None:
         bad.append(f"temperature {cfg.decode.temperature} (drafts and verdicts are argmax: temperature 0)")
     if cfg.max_iterations is not None:
         bad.append("max_iterations (a block runs until it has no masked cell, at most block-length iterations)")
+    if cfg.verifier_unmask == 0 and not cfg.progress_guard:
+        bad.append("verifier_unmask 0 without the progress guard (a rejected first draft would be drafted and "
+                   "rejected again forever, leaving masks in the answer)")
     if cfg.verifier_unmask not in (0, 1):
         bad.append(f"verifier_unmask {cfg.verifier_unmask} (0 or 1)")
     if bad:
@@ -299,7 +314,7 @@ def dual_block_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: S
     meter.primary = "verifier"
     stats = DualBlockStats()
     steps = dual_block_steps(cfg.num_drafter_steps, cfg.verifier_unmask, cfg.progress_guard, cfg.verifier_view,
-                             _commit_rule(cfg.decode, "dualdiffusion"), MeteredModel(model, meter, "drafter"),
+                             _commit_rule(cfg.decode), MeteredModel(model, meter, "drafter"),
                              MeteredModel(model, meter, "verifier"), run_cfg.block_length, stats)
     result = _run(model, tokenizer, prompts, run_cfg, steps, eos_ids(model), "dualdiffusion", progress, meter,
                   streamer)
