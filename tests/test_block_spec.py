@@ -210,6 +210,10 @@ def test_dual_within_a_block_matches_its_reference_loop(ckpt, loaded, view):
             m = res.meter.models
             assert m["drafter"].nfe + m["verifier"].nfe == counter[0], (prompt, cache)
             assert m["verifier"].sequence_forwards == m["verifier"].nfe
+        from diffspec.methods._stats import stats_class
+        from diffspec.speculative.dualdiffusion import SpecStats
+
+        assert stats_class(res.stats) is SpecStats  # so a bench row's chunks merge their counters
         rejected += res.stats["remasked"]
         accepted += res.stats["drafted"] - res.stats["remasked"] - res.stats["discarded"]
     assert rejected > 0 and accepted > 0  # both paths of the verdict ran

@@ -42,6 +42,7 @@ from ..decoding.meter import CostMeter, MeteredModel
 from ..decoding.runner import GenerationResult, eos_ids
 from ..decoding.streamer import RowReporter, Streamer
 from ..models.tokenizer import Tokenizer
+from .dualdiffusion import SpecStats
 from .psd import PSDStats, hierarchical_accept, leftmost_first, nested_drafts
 
 __all__ = ["is_block_causal", "psd_block_generate", "dual_block_generate", "psd_block_steps", "dual_block_steps"]
@@ -182,26 +183,6 @@ def psd_block_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Se
 
 # ---------------------------------------------------------------- DualDiffusion within a block
 
-@dataclass
-class DualBlockStats:
-    """What happened to the drafts, summed over rows (the names of `dualdiffusion.SpecStats`)."""
-
-    iterations: int = 0
-    drafter_steps: int = 0
-    drafted: int = 0
-    remasked: int = 0  # the first rejected draft of an iteration
-    discarded: int = 0  # drafts after it, masked again unjudged
-    verifier_unmasked: int = 0  # corrections and the verifier's own cells
-    guard_fills: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        accepted = self.drafted - self.remasked - self.discarded
-        d["acceptance_rate"] = accepted / self.drafted if self.drafted else 0.0
-        d["accepted_per_iteration"] = accepted / self.iterations if self.iterations else 0.0
-        return d
-
-
 def _draft(forward: BlockForward, drafter: MeteredModel, x: Tensor, s: int, e: int, mask_id: int, n_steps: int,
            choose: Choose) -> Tensor:
     """The drafter's steps on the block (floor one cell a step); returns the block before them."""
@@ -239,7 +220,7 @@ def _verify_leftward(forward: BlockForward, verifier: MeteredModel, x: Tensor, s
 
 def dual_block_steps(n_drafter_steps: int, verifier_unmask: int, progress_guard: bool, view: str, choose: Choose,
                      drafter: MeteredModel, verifier: MeteredModel, max_iterations: int,
-                     stats: DualBlockStats) -> BlockSteps:
+                     stats: SpecStats) -> BlockSteps:
     """DualDiffusion's iterations on one block with the model as its own drafter (module docstring)."""
 
     def run(forward: BlockForward, x: Tensor, s: int, e: int, mask_id: int) -> Iterator[Tensor]:
@@ -312,7 +293,7 @@ def dual_block_generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: S
     run_cfg = _block_run(cfg.decode, "dualdiffusion")
     meter = meter or CostMeter(primary="verifier")
     meter.primary = "verifier"
-    stats = DualBlockStats()
+    stats = SpecStats()  # the full-canvas method's counters (replaced and finish_filled stay 0 here)
     steps = dual_block_steps(cfg.num_drafter_steps, cfg.verifier_unmask, cfg.progress_guard, cfg.verifier_view,
                              _commit_rule(cfg.decode), MeteredModel(model, meter, "drafter"),
                              MeteredModel(model, meter, "verifier"), run_cfg.block_length, stats)
