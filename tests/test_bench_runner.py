@@ -95,6 +95,26 @@ def test_block_suite_compares_the_block_model_with_its_bidirectional_teacher():
     assert "none" in caches and caches.count("auto") >= 4  # the exact cache, and once the recompute beside it
 
 
+def test_block_suite_runs_from_the_cli_on_the_bundled_block_model(tmp_path):
+    """`--suite block` without --model decodes on the bundled llada2-arith (the bidirectional methods
+    would refuse it) and its teacher rows on llada-arith."""
+    import json
+
+    from diffspec.cli import main
+    from diffspec.models.checkpoint import DEFAULT_BLOCK_DIR
+
+    if not (DEFAULT_BLOCK_DIR / "config.json").is_file():
+        pytest.skip("diffspec/assets/llada2-arith is not trained")
+    assert main(["bench", "--suite", "block", "--limit", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["label"] == "vanilla steps=48 [llada-arith]" and len(rows) == 16
+    by_label = {r["label"]: r for r in rows}
+    cached = by_label["llada2 block_length=4 steps=4 threshold=0.9"]
+    recomputed = by_label["llada2 block_length=4 steps=4 threshold=0.9 cache=none"]
+    assert cached["same_ids_as_baseline"] == recomputed["same_ids_as_baseline"]
+    assert cached["flops"] < recomputed["flops"] / 2  # the exact cache does cache
+
+
 def test_d2sd_smollm2_suite_has_the_issue_rows():
     from diffspec.bench.runner import plan_bench, suite
 
