@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, help="max_tokens of every request (default: the server's)")
     p.add_argument("--url", help="a running server (loopback only); default: start one in this process")
     p.add_argument("--model", help="checkpoint for the in-process server (default: the bundled model)")
+    p.add_argument("--device", default="cpu", help="device of the in-process server's model (cpu, cuda; default cpu)")
+    p.add_argument("--dtype", help="dtype of the in-process server's model (default: the checkpoint's loader default)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-window", type=float, default=0.02)
     p.add_argument("--batching", nargs="+", choices=("static", "step"), default=["step"],
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
             port = free_port()
             app = create_app(ServeSettings(model=a.model, method=a.methods[0], max_batch=a.max_batch,
-                                           batch_window=a.batch_window, batching=mode))
+                                           batch_window=a.batch_window, batching=mode, device=a.device,
+                                           dtype=a.dtype))
             server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
             threading.Thread(target=server.run, daemon=True).start()
             while not server.started:
