@@ -43,7 +43,7 @@ from ..decoding.runner import GenerationResult, eos_ids
 from ..decoding.streamer import RowReporter, Streamer
 from ..models.tokenizer import Tokenizer
 from .dualdiffusion import SpecStats
-from .psd import PSDStats, hierarchical_accept, leftmost_first, nested_drafts
+from .psd import PSDStats, _no_mask, hierarchical_accept, leftmost_first, nested_drafts
 
 __all__ = ["is_block_causal", "psd_block_generate", "dual_block_generate", "psd_block_steps", "dual_block_steps"]
 
@@ -101,16 +101,9 @@ def _commit_rule(decode: Any) -> Choose:
     return lambda conf, active, k: threshold_or_topk(conf, active, k, decode.threshold)
 
 
-def _no_mask(logits: Tensor, mask_id: int) -> Tensor:
-    """The logits with the mask token ruled out: nobody proposes or predicts it (as on the full canvas)."""
-    logits = logits.float().clone()
-    logits[..., mask_id] = -torch.inf
-    return logits
-
-
 def _greedy(logits: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     """Argmax token and its probability per cell; the mask token never proposed."""
-    probs = F.softmax(_no_mask(logits, mask_id), dim=-1)
+    probs = F.softmax(_no_mask(logits.float(), mask_id), dim=-1)
     conf, tok = probs.max(dim=-1)
     return tok, conf
 
