@@ -103,6 +103,33 @@ def test_ar_greedy_matches_uncached_reference(target, tokenizer, batch_size) -> 
     assert res.meter.tokens_generated == sum(len(r) for r in res.raw_ids)
 
 
+def test_ar_batch_drops_finished_rows_without_changing_answers(target, tokenizer, monkeypatch) -> None:
+    """Rows ending at different steps leave the batch (their cache rows too), and every row's answer and
+    hidden states stay exactly what it gets decoded alone by full forwards."""
+    from diffspec.models.causal import CausalKVCache
+    from diffspec.speculative.ar import ar_batch
+    from diffspec.decoding.meter import CostMeter, MeteredModel
+
+    alone = [reference_greedy(target, tokenizer.encode(p), 12, None) for p in PROMPTS]
+    eos = alone[0][2]  # prompt 0 ends after 3 tokens; the others at their first copy of it, or at 12
+    model = with_eos(target, eos)
+    want = [a[:a.index(eos) + 1] if eos in a else a for a in alone]
+    assert len({len(w) for w in want}) > 1, "the rows must end at different steps for this test to mean anything"
+    dropped: list[list[int]] = []
+    real = CausalKVCache.select_rows
+    monkeypatch.setattr(CausalKVCache, "select_rows", lambda self, rows: (dropped.append(list(rows)), real(self, rows)))
+    meter = CostMeter()
+    rows, hidden = [tokenizer.encode(p) for p in PROMPTS], []
+    out = ar_batch(MeteredModel(model, meter, "target"), rows, ARConfig(gen_length=12, batch_size=4),
+                   frozenset({eos}), torch.Generator().manual_seed(0), [1, 2], hidden)
+    assert out == want
+    assert dropped and all(len(d) < 4 for d in dropped)
+    for row, ans, h in zip(rows, out, hidden):
+        with torch.no_grad():
+            full = model(torch.tensor([row + ans[:-1]]), hidden_layers=[1, 2]).hidden_states
+        assert torch.allclose(h, torch.cat(full, dim=-1)[0], atol=1e-5)
+
+
 def test_ar_meter_charges_cache_keys(target, tokenizer) -> None:
     res = ar_generate(target, tokenizer, ["Question: 1+1="], ARConfig(gen_length=3, stop_at_eos=False))
     P = len(tokenizer.encode("Question: 1+1="))

@@ -317,3 +317,26 @@ def test_bad_configs_raise(change: dict, match: str) -> None:
     d.pop("rope_parameters")  # let rope_scaling speak for itself
     with pytest.raises(ValueError, match=match):
         Qwen3Config.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "mask"])
+def test_grouped_query_attention_paths_agree(case: str, monkeypatch) -> None:
+    """SDPA's enable_gqa (the CPU path) and repeating K/V heads must give the same attention, with each
+    query head h reading key/value head h // group (the Qwen3 / Llama layout); a wrong grouping (heads
+    tiled instead of interleaved) differs by O(1)."""
+    from diffspec.models import layers
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, Q, K, D = 2, 6, 2, 3, 3 if case == "causal" else 7, 8
+    q, k, v = torch.randn(B, H, Q, D, generator=g), torch.randn(B, Hk, K, D, generator=g), torch.randn(B, Hk, K, D,
+                                                                                                        generator=g)
+    mask = torch.rand(B, 1, Q, K, generator=g) > 0.3 if case == "mask" else None
+    if mask is not None:
+        mask[..., 0] = True  # every query attends somewhere
+    kr, vr = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=case == "causal")
+    want = want.transpose(1, 2).reshape(B, Q, -1)
+    for native in (True, False):
+        monkeypatch.setattr(layers, "_NATIVE_GQA", native and layers._NATIVE_GQA)
+        got = layers.attend(q, k, v, mask, is_causal=case == "causal")
+        assert torch.allclose(got, want, atol=1e-6)

@@ -53,6 +53,9 @@ def check_positive_ints(cfg: Any, names: Collection[str]) -> None:
             raise ValueError(f"config {name} must be an integer >= 1, got {v!r}")
 
 
+# SDPA's enable_gqa (torch >= 2.5) attends grouped key/value heads without copying them.
+_NATIVE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 _HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "max_position_embeddings")
 
@@ -260,16 +263,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     """Scaled dot-product attention of q (B, H, Q, D) over k/v (B, H_kv, K, D) -> (B, Q, H·D).
 
     With a `kv_cache`, the fresh k/v first go through `kv_cache.layer(layer, k, v)`.
-    Key/value heads are repeated for grouped-query attention (repeat_interleave
-    rather than SDPA's enable_gqa, which needs torch >= 2.5). `mask` is a bool
-    mask broadcastable to (B, H, Q, K), True = attend.
+    Grouped-query attention: on the CPU with torch >= 2.5, SDPA's `enable_gqa`
+    reads each key/value head in place; repeating them (repeat_interleave)
+    copies the whole cache every layer and step, which cost 4x the attention
+    itself at batch 32 (benchmarks/gqa-attention-cpu), for the same bits. On
+    CUDA the repeat stays: with a mask, `enable_gqa` would leave the
+    memory-efficient kernel for the math one. `mask` is a bool mask
+    broadcastable to (B, H, Q, K), True = attend.
     """
     if kv_cache is not None:
         k, v = kv_cache.layer(layer, k, v)
     rep = q.shape[1] // k.shape[1]
-    if rep != 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if rep != 1 and _NATIVE_GQA and q.device.type == "cpu":
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    else:
+        if rep != 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     B, _, Q, _ = q.shape
     return att.transpose(1, 2).reshape(B, Q, -1)
 
