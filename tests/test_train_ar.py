@@ -412,3 +412,61 @@ def test_draft_vocab_from_a_manifest(tmp_path, capsys):
     assert "75.00% of the answer tokens" in err and "50.00% of held-out" in err
     assert main(["draft-vocab", str(drafter), "--manifest", str(tmp_path / "none")]) == 2
     assert "no manifest chunks" in capsys.readouterr().err
+
+
+def test_drafter_trains_and_ships_a_draft_vocabulary(tmp_path, target_dir):
+    """data.draft_vocab: the most frequent tokens of the target's training answers (plus EOS) become the
+    head the drafter trains and ships with; a resume keeps them, a resume with another size is refused."""
+    arith = REPO / "diffspec" / "assets" / "qwen3-arith"  # a target that writes varied answers
+    cfg = drafter_config(tmp_path, arith, "dflash", tokenizer_from=str(DEFAULT_MODEL_DIR))
+    raw = json.loads(cfg.read_text())
+    raw["data"]["draft_vocab"] = 6
+    cfg.write_text(json.dumps(raw))
+    out = train_dflash(cfg, kind="dflash")
+    target, tok = load_causal(arith)
+    seqs = []
+    for f in sorted((tmp_path / "state" / "continuations" / "train").glob("chunk-*.pt")):
+        seqs += torch.load(f, map_location="cpu", weights_only=False)["seqs"]
+    counts: dict[int, int] = {}
+    for _, ans in seqs:
+        for t in ans:
+            counts[t] = counts.get(t, 0) + 1
+    top = sorted(counts, key=lambda i: (-counts[i], i))[:6]
+    ids = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    assert len(counts) > 6 and ids[:6] == top and set(ids[6:]) <= {tok.token_to_id(EOS_TOKEN)}
+    drafter = load_dflash(out, target)
+    assert drafter.draft_vocab.tolist() == ids and drafter.head_size() == len(ids)
+    train_dflash(cfg, kind="dflash", resume=True, max_steps=4)
+    assert json.loads((out / "draft_vocab.json").read_text())["ids"] == ids
+    raw["data"]["draft_vocab"] = 7
+    cfg.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="draft_vocab 6, the config now says 7"):
+        train_dflash(cfg, kind="dflash", resume=True, max_steps=5)
+
+
+def test_window_loss_over_a_draft_vocabulary_is_the_restricted_cross_entropy(target_dir):
+    """The loss with a draft vocabulary is the cross-entropy of the head's draft columns alone, each
+    label at its column in the draft order, and a label outside the vocabulary adds nothing."""
+    from diffspec.models.dflash import DFlashConfig, DFlashDrafter
+
+    target, tok = load_causal(target_dir)
+    mask = tok.token_to_id(MASK_TOKEN)
+    torch.manual_seed(0)
+    drafter = DFlashDrafter(DFlashConfig.for_target(target, mask, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                    intermediate_size=64, target_layers=[1, 2], block_size=4), target)
+    seqs = [(tok.encode("Question: 3+4?\nAnswer:"), tok.encode(" 7\n#### 7") + [tok.token_to_id(EOS_TOKEN)])]
+    hid = [torch.randn(len(seqs[0][0]) + len(seqs[0][1]), 64)]
+    b = WindowData(seqs, hid, "dflash", 4, 4, mask, seed=0).sample(1, 4, torch.device("cpu"))
+    labels = b["labels"]
+    seen = sorted({int(t) for t in labels[labels != -100]})
+    vocab = [seen[-1], 3, *seen[:-2]]  # out of frequency order, with one label left out and one never used
+    with torch.no_grad():
+        full = drafter(b["block_ids"], b["block_positions"], b["ctx_hidden"], b["ctx_positions"], b["ctx_mask"],
+                       b["ctx_index"])
+        drafter.set_draft_vocab(vocab)
+        got = window_loss(drafter, b)
+    cols = full[..., vocab].log_softmax(-1)
+    want = [-cols[i, j, vocab.index(int(t))] for i, row in enumerate(labels) for j, t in enumerate(row)
+            if int(t) in vocab]
+    assert len(want) < int((labels != -100).sum())  # the left-out label really was skipped
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)

@@ -330,6 +330,7 @@ class DFlashDrafter(nn.Module):
         *,
         ctx_cache: ContextKV | None = None,
         read: Tensor | None = None,
+        draft_space: bool = False,
     ) -> Tensor:
         """Logits (B, W, V) for every window position (unshifted), or (N, V) for the N cells of `read`.
 
@@ -343,7 +344,9 @@ class DFlashDrafter(nn.Module):
         ctx_cache: this row's ContextKV (ctx_hidden (1, C, L·H) at positions 0..C-1,
         no mask or index): only cells it lacks are projected. read (B, W) bool: the
         cells whose logits the caller reads, in row-major order; the head runs on them only.
-        Outside a `draft_vocab` the logits are −inf.
+        Outside a `draft_vocab` the logits are −inf; with `draft_space` they are
+        returned over the draft vocabulary's columns only (..., Vd), in its order:
+        training's cross-entropy then never touches the other 49 k SmolLM2 columns.
         """
         if block_ids.dim() != 2:
             raise ValueError(f"block_ids must be (B, W), got {tuple(block_ids.shape)}")
@@ -351,7 +354,11 @@ class DFlashDrafter(nn.Module):
         if read is not None and (read.dtype != torch.bool or tuple(read.shape) != (B, W)):
             raise ValueError(f"read must be a ({B}, {W}) bool mask of window cells, got {read.dtype} "
                              f"{tuple(read.shape)}")
+        if draft_space and self.draft_vocab is None:
+            raise ValueError("draft_space needs a draft vocabulary (set_draft_vocab)")
         if ctx_cache is not None:
+            if draft_space:
+                raise ValueError("draft_space is for training windows, not a ctx_cache forward")
             return self._cached_forward(block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask, ctx_index,
                                         ctx_cache, read)
         ctx = self.context_features(ctx_hidden)
@@ -385,6 +392,8 @@ class DFlashDrafter(nn.Module):
         x = F.embedding(block_ids, emb)
         for layer in self.layers:
             x = layer(x, ctx, rope_q, rope_c, mask, ctx_index)
+        if draft_space:
+            return F.linear(self.norm(x if read is None else x[read]), self._draft_head(head))
         return self._logits(x, head, read)
 
     def _cached_forward(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,

@@ -25,6 +25,11 @@ end of the answer are ignored. Loss: cross-entropy on masked positions,
 optionally weighted exp(−k / data.loss_decay) for the k-th masked position
 (early drafts matter most for acceptance). Only the drafter's own weights
 train; the target (and so the shared embedding / LM head) stays frozen.
+With `data.draft_vocab` (a size N) the drafter trains and ships with a draft
+vocabulary: the N tokens the target writes most often in its training answers
+(plus EOS), written beside the weights as draft_vocab.json. Its head reads
+N × hidden weights instead of the whole vocabulary's, at inference and in
+every training step.
 
 Validation: mean accepted length, i.e. how many leading masked positions
 the drafter's argmax gets right against the target's tokens, over every
@@ -44,7 +49,7 @@ from torch import Tensor
 
 from ..decoding.runner import eos_ids
 from ..models.checkpoint import DTYPES
-from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
+from ..models.dflash import DRAFT_VOCAB_FILE, DFlashConfig, DFlashDrafter, read_draft_vocab, save_dflash
 from ..models.tokenizer import MASK_TOKEN, Tokenizer
 from .common import TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, setup, \
     text, train_loop
@@ -67,7 +72,7 @@ SCHEMA: Schema = {
     "data": {"pool": integer(1), "gen_length": integer(1), "anchors_per_seq": integer(1), "gamma": integer(2),
              "loss_decay": number(0), "hidden_dtype": choice(*DTYPES), "source": choice(*SOURCES),
              "questions": text, "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
-             "manifest": text},
+             "manifest": text, "draft_vocab": integer(1)},
     "train": TRAIN_KEYS,
 }
 
@@ -140,10 +145,19 @@ class WindowData:
 
 
 def window_loss(drafter: DFlashDrafter, b: dict[str, Tensor], decay: float = 0.0) -> Tensor:
-    """Cross-entropy on labelled (masked, in-answer) positions, weighted exp(-k/decay) by masked index k."""
+    """Cross-entropy on labelled (masked, in-answer) positions, weighted exp(-k/decay) by masked index k.
+
+    With a draft vocabulary the head and the softmax run over its columns only (on SmolLM2 the full
+    49 k-column head was most of a training step), and a label outside it is not trained on: the
+    drafter can never propose it, and the target writes it in its own verification step."""
+    small = getattr(drafter, "draft_vocab", None) is not None
     logits = drafter(b["block_ids"], b["block_positions"], b["ctx_hidden"], b["ctx_positions"], b["ctx_mask"],
-                     b["ctx_index"])
+                     b["ctx_index"], **({"draft_space": True} if small else {}))
     labels = b["labels"]
+    if small:
+        lut = labels.new_full((drafter.config.vocab_size,), -100)
+        lut[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab), device=labels.device)
+        labels = torch.where(labels == -100, labels, lut[labels.clamp(min=0)])
     valid = labels != -100
     ce = F.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
     if not decay:
@@ -168,6 +182,34 @@ def accepted_length(drafter: DFlashDrafter, data: WindowData, device: torch.devi
         total += int((run.bool() & masked).sum())
         n += len(windows)
     return total / max(n, 1)
+
+
+def training_vocab(dcfg: dict[str, Any], state_dir: Path, seqs: list[Seq], eos: frozenset[int], resume: bool
+                   ) -> list[int] | None:
+    """The draft vocabulary a drafter trains with (data.draft_vocab: its size), or None for the full one:
+    the most frequent tokens of the target's own training answers, plus its EOS ids.
+
+    It is kept in the state directory so that a resumed run, whose cache may have grown since, keeps
+    the columns its head was trained on."""
+    size = dcfg.get("draft_vocab")
+    kept = Path(state_dir) / DRAFT_VOCAB_FILE
+    if size is None:
+        return None
+    if resume and kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved.get("size") != size:
+            raise ValueError(f"{kept} was made for data.draft_vocab {saved.get('size')}, the config now says {size}; "
+                             "train from scratch (without --resume) to change the draft vocabulary")
+        return read_draft_vocab(kept)
+    counts: dict[int, int] = {}
+    for _, ans in seqs:
+        for t in ans:
+            counts[t] = counts.get(t, 0) + 1
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    ids = list(dict.fromkeys([*ranked[:size], *sorted(eos)]))
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"size": size, "ids": ids}) + "\n")
+    return ids
 
 
 def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
@@ -230,6 +272,8 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
                                                 manifest=manifest and manifest / "val")
     if data_only:
         return cache
+    vocab = training_vocab(dcfg, state_path.parent, train_seqs, eos_ids(target), resume)
+    drafter.set_draft_vocab(vocab)
     data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)
     val = WindowData(val_seqs, val_hidden, kind, W, gamma, mask_id, seed)
     n_seqs, per_seq = int(tr.get("batch_size", 16)), int(dcfg.get("anchors_per_seq", 4))
@@ -237,6 +281,8 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
 
     def save() -> None:
         save_dflash(drafter, out_dir, DTYPES[cfg["save_dtype"]] if "save_dtype" in cfg else None)
+        if vocab is not None:
+            (out_dir / DRAFT_VOCAB_FILE).write_text(json.dumps({"ids": vocab}) + "\n")
         (out_dir / "trained_for.json").write_text(json.dumps({"kind": kind, "target": str(cfg["target"]),
                                                               "gamma": gamma}, indent=2) + "\n")
 
