@@ -158,12 +158,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
         per_model = " (" + " + ".join(f"{name} {c['nfe']}" for name, c in s["models"].items()) + ")"
     print(f"[{a.method}] forwards {s['nfe']}{per_model}, tokens/forward {s['tokens_per_forward']:.2f}, "
           f"GFLOPs {s['flops'] / 1e9:.2f}, {s['wall_seconds']:.2f}s", file=sys.stderr)
-    auto = (res.stats or {}).get("auto_k") if isinstance(res.stats, dict) else None
-    if auto:  # d2sd --k auto: say what it chose and from what, so the next run can pass --k directly
-        timed = ", ".join(f"K={c['k']} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])
-        why = (f" ({timed}; {auto['calibration_seconds']:.1f}s of calibration, included above)" if timed else
-               " (the calibration answer was too short to time: D²SD's default)")
-        print(f"[{a.method}] --k auto chose K={auto['chosen']}{why}", file=sys.stderr)
+    for field in ("k", "drafts"):  # d2sd --k auto, dflash --drafts auto: what it chose and from what, so
+        auto = (res.stats or {}).get(f"auto_{field}") if isinstance(res.stats, dict) else None
+        if auto:  # the next run can pass the number directly
+            timed = ", ".join(f"{field}={c[field]} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])
+            why = (f" ({timed}; {auto['calibration_seconds']:.1f}s of calibration, included above)" if timed else
+                   " (the calibration answer was too short to time: the default)")
+            print(f"[{a.method}] --{field} auto chose {field}={auto['chosen']}{why}", file=sys.stderr)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:

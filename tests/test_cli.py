@@ -30,6 +30,20 @@ def test_generate_prints_completion_and_cost(tiny_checkpoint, capsys):
     assert "forwards 16" in err  # steps default to gen-length
 
 
+def test_generate_reports_what_drafts_auto_chose(capsys):
+    """dflash --drafts auto says which count it picked and each count's speed, so a user can pass it next."""
+    from diffspec.speculative import sizing
+
+    sizing._CHOSEN.clear()
+    rc, out, err = run(["generate", "--prompt", "Ana has 3 pens. Ana buys 4 more. How many pens does Ana have now?",
+                        "--model", str(DEFAULT_MODEL_DIR.parent / "qwen3-arith"), "--method", "dflash",
+                        "--drafts", "auto"], capsys)
+    assert rc == 0, err
+    line = re.search(r"--drafts auto chose drafts=(\d+) \((.*)\)", err)
+    assert line and int(line.group(1)) in sizing.DRAFT_CANDIDATES
+    assert line.group(2).count("tok/s") == len(sizing.DRAFT_CANDIDATES) or "too short" in line.group(2)
+
+
 @pytest.mark.parametrize("extra", [
     ["--method", "fast-dllm", "--cache", "dual", "--policy", "threshold", "--threshold", "0.9"],
     ["--method", "fast-dllm", "--cache", "prefix", "--policy", "factor", "--factor", "1.0"],

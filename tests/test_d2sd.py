@@ -180,6 +180,52 @@ def test_d2sd_equals_ar_greedy(target, drafters, tokenizer, k, gamma, gamma2) ->
     assert m.tokens_per_forward == pytest.approx(m.tokens_generated / (s["rounds"] + len(PROMPTS)))
 
 
+def test_dflash_verifies_only_the_first_drafts(target, tokenizer) -> None:
+    """drafts=n: each round verifies the anchor and the first n drafts, so a perfect drafter yields n + 1
+    tokens a round instead of γ, with AR greedy's ids; D²SD's boundaries come from those n drafts."""
+    prompt, budget, gamma = PROMPTS[0], 30, 8
+    block, vp = oracle_drafters(target, tokenizer, prompt, budget, gamma, 16)
+    ar = ar_generate(target, tokenizer, [prompt], ARConfig(gen_length=budget, stop_at_eos=False))
+    for n in (1, 3, 7):
+        cfg = DFlashSpecConfig(gen_length=budget, gamma=gamma, drafts=n, stop_at_eos=False)
+        res = dflash_generate(target, block, tokenizer, [prompt], cfg)
+        assert res.raw_ids == ar.raw_ids
+        assert res.stats["max_tree_nodes"] == n + 1 and res.stats["rounds"] == -(-(budget - 1) // (n + 1))
+    d2 = d2sd_generate(target, block, vp, tokenizer, [prompt],
+                       D2SDConfig(gen_length=budget, gamma=gamma, gamma2=16, k=4, drafts=2, stop_at_eos=False))
+    assert d2.raw_ids == ar.raw_ids and d2.stats["max_tree_nodes"] <= 1 + 3 * 15  # k clipped to 2 boundaries
+    for kw, match in [(dict(drafts=8), "0..7"), (dict(drafts=-1), "0..7"), (dict(drafts="3"), "drafts must be")]:
+        with pytest.raises(ValueError, match=match):
+            DFlashSpecConfig(gamma=8, **kw)
+    with pytest.raises(ValueError, match="D²SD sizes its tree with k=auto"):
+        D2SDConfig(drafts="auto")
+
+
+def test_auto_drafts_decodes_as_the_count_it_chose_and_reports_it(target, drafters, tokenizer) -> None:
+    from diffspec.speculative import sizing
+
+    sizing._CHOSEN.clear()
+    t = copy.deepcopy(target)
+    t.config.eos_token_id = tokenizer.vocab_size - 1  # an id no answer reaches: the calibration runs 64 tokens
+    block = copy.deepcopy(drafters["block"]).bind(t)
+    cfg = DFlashSpecConfig(gen_length=16, gamma=8, drafts="auto")
+    res = dflash_generate(t, block, tokenizer, PROMPTS, cfg)
+    report = res.stats["auto_drafts"]
+    n = report["chosen"]
+    assert [c["drafts"] for c in report["candidates"]] == [1, 2, 3, 4, 6] and n in (1, 2, 3, 4, 6)  # ≤ γ − 1
+    assert report["calibration_tokens"] == 64 and not report["remembered"] and res.config.drafts == "auto"
+    fixed = dflash_generate(t, block, tokenizer, PROMPTS, cfg.replace(drafts=n))
+    assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
+    assert res.meter.nfe == fixed.meter.nfe and res.meter.wall_seconds >= report["calibration_seconds"]
+    assert max(c["mean_tree_nodes"] for c in report["candidates"]) > 2  # the counts really verified more
+    again = dflash_generate(t, copy.deepcopy(block), tokenizer, PROMPTS[:1], cfg)
+    assert again.stats["auto_drafts"]["remembered"] and again.stats["auto_drafts"]["chosen"] == n
+    # D²SD's k=auto with the same drafter is another memo entry, not this one
+    vp = copy.deepcopy(drafters["vp"]).bind(t)
+    assert not d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], D2SDConfig(gen_length=8, gamma=8, gamma2=16,
+                                                                             k="auto")).stats["auto_k"]["remembered"]
+
+
 def test_stop_at_eos(target, drafters, tokenizer) -> None:
     free = ar_generate(target, tokenizer, PROMPTS[:1], ARConfig(gen_length=12, stop_at_eos=False)).raw_ids[0]
     eos = free[4]
@@ -427,8 +473,8 @@ def test_auto_k_keeps_the_default_when_the_answer_is_too_short_to_time(target, d
     assert report["too_short"] and report["chosen"] == sizing.DEFAULT_K == D2SDConfig().k and not report["candidates"]
 
 
-def test_choose_k_takes_the_most_tokens_per_second() -> None:
-    from diffspec.speculative.sizing import candidates, choose_k
+def test_choose_size_takes_the_most_tokens_per_second() -> None:
+    from diffspec.speculative.sizing import candidates, choose_size
 
     now = [0.0]
     seconds = {1: 2.0, 2: 1.0, 4: 1.5}  # K = 2 yields its 30 tokens fastest
@@ -440,15 +486,15 @@ def test_choose_k_takes_the_most_tokens_per_second() -> None:
         now[0] += seconds[k] + (5.0 if len(calls) == 3 else 0.0)  # one slow spell: the best of two runs counts
         return tokens[k], {"acceptance_length": 2.0}
 
-    k, report = choose_k(run, [1, 2, 4], clock=lambda: now[0])
+    k, report = choose_size(run, [1, 2, 4], clock=lambda: now[0])
     assert k == 2 and calls == [1, 1, 2, 4, 4, 2, 1]  # a warm-up, then both orders
     calls.clear()
-    assert choose_k(run, [1, 2, 4], clock=lambda: now[0], warm=False)[0] == 2 and calls == [1, 2, 4, 4, 2, 1]
+    assert choose_size(run, [1, 2, 4], clock=lambda: now[0], warm=False)[0] == 2 and calls == [1, 2, 4, 4, 2, 1]
     assert [c["seconds"] for c in report["candidates"]] == [2.0, 1.0, 1.5]
     assert report["candidates"][1]["tokens_per_second"] == 30.0
     tokens[4] = 60  # now K = 4 yields twice the tokens in 1.5 s
-    assert choose_k(run, [1, 2, 4], clock=lambda: now[0])[0] == 4
-    assert choose_k(run, [4], clock=lambda: now[0])[0] == 4  # one candidate: nothing to time
+    assert choose_size(run, [1, 2, 4], clock=lambda: now[0])[0] == 4
+    assert choose_size(run, [4], clock=lambda: now[0])[0] == 4  # one candidate: nothing to time
     assert candidates(16) == [1, 2, 4, 8] and candidates(3) == [1, 2] and candidates(2) == [1]
 
 

@@ -48,3 +48,13 @@ def test_d2sd_auto_k_report_survives_the_merge():
     assert m["auto_k"]["chosen"] == 2 and m["auto_k"]["chosen_per_part"] == [2, 2]
     assert m["auto_k"]["remembered"] is False  # the part that measured
     assert "auto_k" not in merge_summaries([a.summary(), b.summary()])
+
+
+def test_dflash_auto_drafts_report_survives_the_merge():
+    a, b = BlockSpecStats(rounds=2, accepted=4), BlockSpecStats(rounds=1, accepted=1)
+    sa, sb = a.summary(), b.summary()
+    sa["auto_drafts"] = {"chosen": 3, "candidates": [{"drafts": 3}], "remembered": False}
+    sb["auto_drafts"] = {"chosen": 4, "candidates": [{"drafts": 4}], "remembered": False}
+    m = merge_summaries([sa, sb])
+    assert m["auto_drafts"]["chosen"] == 3 and m["auto_drafts"]["chosen_per_part"] == [3, 4]
+    assert "auto_k" not in m

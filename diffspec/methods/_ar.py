@@ -13,6 +13,8 @@ COMMON = {
     "stop_at_eos": Option(parse_bool, "stop a row at its first EOS (default true)"),
 }
 GAMMA = Option(int, "draft tokens per round (ar-spec, default 4) or the DFlash block γ (dflash / d2sd, default 16)")
+DRAFTS = Option(int, "d2sd: drafts of the block the target's tree starts from, the first of its γ − 1 (default 0: "
+                     "all)")
 DRAFTER = Option(str, "the AR drafter (ar-spec) or DFlash block drafter (dflash / d2sd) checkpoint "
                       "(default: the bundled one)")
 

@@ -54,7 +54,8 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | Non
     for s in parts:
         add_counters(total, cls(**{f.name: s[f.name] for f in fields(cls)}))
     merged = total.summary()
-    reports = [s["auto_k"] for s in parts if "auto_k" in s]
-    if reports:  # D²SD's k=auto: the first part's measurement, and what every part chose
-        merged["auto_k"] = {**reports[0], "chosen_per_part": [r["chosen"] for r in reports]}
+    for key in ("auto_k", "auto_drafts"):  # D²SD's k=auto, DFlash's drafts=auto: the first part's
+        reports = [s[key] for s in parts if key in s]  # measurement, and what every part chose
+        if reports:
+            merged[key] = {**reports[0], "chosen_per_part": [r["chosen"] for r in reports]}
     return merged

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..options import int_or_auto
 from . import Option, Ref
-from ._ar import DRAFTER, GAMMA, ar_method
+from ._ar import DRAFTER, DRAFTS, GAMMA, ar_method
 
 ORDER = 53
 OPTIONS = {
     "gamma": GAMMA,
+    "drafts": DRAFTS,
     "drafter": DRAFTER,
     "gamma2": Option(int, "d2sd: the variable-prefix drafter's window γ₂ (default 32)"),
     "k": Option(int_or_auto, "d2sd: rejection boundaries re-anchored by the VP drafter (default 4); auto: the K "

@@ -62,7 +62,7 @@ boundaries per round and which branch each round's accepted path came from
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -75,7 +75,7 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
-from .sizing import AUTO, auto_k
+from .sizing import AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, auto_size, candidates
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -92,11 +92,27 @@ class DFlashSpecConfig(ARConfig):
     """
 
     gamma: int = 16
+    # Drafts the target verifies a round (the first `drafts` of the window's γ − 1; 0: all of them).
+    # On a CPU a verification costs by its length (benchmarks/verify-cost-cpu: 16 tokens 1.9x one
+    # token at two threads), so drafts the drafter rarely gets right cost more than they return.
+    # "auto": the count with the most tokens/s on this device (`speculative.sizing`).
+    drafts: int | str = 0
+    AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("drafts",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.gamma < 2:
             raise ValueError(f"gamma must be >= 2 (the anchor plus at least one draft), got {self.gamma}")
+        if self.drafts != AUTO and not 0 <= self.drafts <= self.gamma - 1:
+            raise ValueError(f"drafts (drafts verified a round) must be in 0..gamma-1 = 0..{self.gamma - 1} "
+                             f"(0: all), got {self.drafts}")
+
+    @property
+    def n_drafts(self) -> int:
+        """Drafts a full round proposes: `drafts`, or all γ − 1 of the window."""
+        if self.drafts == AUTO:
+            raise ValueError("drafts='auto' is resolved when decoding starts (dflash_generate)")
+        return self.drafts or self.gamma - 1
 
 
 @dataclass(frozen=True)
@@ -110,10 +126,13 @@ class D2SDConfig(DFlashSpecConfig):
 
     gamma2: int = 32
     k: int | str = 4  # or "auto": the K with the most tokens/s on this device (`speculative.sizing`)
-    AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("k",)
+    AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("k", "drafts")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.drafts == AUTO:
+            raise ValueError("drafts=auto sizes DFlash's chain; D²SD sizes its tree with k=auto (give drafts as a "
+                             "number, or leave it at 0: all)")
         if self.k != AUTO and self.k < 1:
             raise ValueError(f"k (rejection boundaries re-anchored by the VP drafter) must be >= 1, got {self.k}")
         if self.gamma2 < self.gamma:
@@ -419,7 +438,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
     if vp is not None and d2 is None:
         raise ValueError("D²SD (a vp_drafter) needs a D2SDConfig")
     T, budget = cfg.temperature, cfg.gen_length
-    max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.gamma - 1)  # tree size bound
+    max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.n_drafts)  # tree size bound
     st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator,
                       [drafter] + ([vp] if vp is not None else []))
     spec = _BlockSpeculator(st, drafter, vp, cfg, d2, eos, stats, generator)
@@ -438,7 +457,7 @@ class _BlockSpeculator:
 
     def propose(self, remaining: int) -> Proposal:
         cfg, d2, T = self.cfg, self.d2, self.cfg.temperature
-        n_draft = min(cfg.gamma - 1, remaining - 1)  # a round emits at most n_draft + 1 tokens
+        n_draft = min(cfg.n_drafts, remaining - 1)  # a round emits at most n_draft + 1 tokens
         branches: list[list[int]] = []
         labels: list[str] = []
         q: Tensor | None = None
@@ -509,7 +528,31 @@ def dflash_generate(
     temperature 0, exact speculative sampling (drafts drawn from the drafter) otherwise."""
     if not isinstance(cfg, DFlashSpecConfig):
         raise ValueError(f"dflash_generate needs a DFlashSpecConfig (or D2SDConfig), got {type(cfg).__name__}")
-    return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]", streamer)
+    if cfg.drafts != AUTO:
+        return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]",
+                    streamer)
+    return _auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES),
+                     cfg.gamma - 1,
+                     lambda ps, c, m, p=False, s=None: dflash_generate(target, drafter, tokenizer, ps, c, m,
+                                                                       progress=p, streamer=s),
+                     meter, progress, streamer)
+
+
+def _auto_run(target: torch.nn.Module, drafters: list[DFlashDrafter], prompts: Sequence[str], cfg: DFlashSpecConfig,
+              field: str, values: list[int], default: int, decode: Callable[..., GenerationResult],
+              meter: CostMeter | None, progress: bool, streamer: Streamer | None) -> GenerationResult:
+    """Decode with `cfg.field` = "auto" resolved on this device (`sizing.auto_size`, timed on the first
+    prompt); the report goes into the stats as auto_<field>, and a calibration's time into the wall clock."""
+    if not prompts:
+        raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
+    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default,
+                              lambda ps, c, m: decode(ps, c, m))
+    res = decode(prompts, replace(cfg, **{field: value}), meter, progress, streamer)
+    if not report["remembered"]:  # what choosing cost is part of this run's time
+        res.meter.wall_seconds += report["calibration_seconds"]
+    res.config = cfg
+    res.stats[f"auto_{field}"] = report
+    return res
 
 
 def d2sd_generate(
@@ -533,14 +576,7 @@ def d2sd_generate(
     if cfg.k != AUTO:
         return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
                     f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)
-    if not prompts:
-        raise ValueError("d2sd_generate: no prompts to decode")
-    k, report = auto_k(target, drafter, vp_drafter, prompts[0], cfg,
-                       lambda ps, c, m: _run(target, drafter, vp_drafter, tokenizer, ps, c, m, False, "", None))
-    res = d2sd_generate(target, drafter, vp_drafter, tokenizer, prompts, replace(cfg, k=k), meter,
-                        progress=progress, streamer=streamer)
-    if not report["remembered"]:  # what choosing K cost is part of this run's time
-        res.meter.wall_seconds += report["calibration_seconds"]
-    res.config = cfg
-    res.stats["auto_k"] = report
-    return res
+    return _auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", candidates(cfg.gamma, CANDIDATES), DEFAULT_K,
+                     lambda ps, c, m, p=False, s=None: d2sd_generate(target, drafter, vp_drafter, tokenizer, ps, c, m,
+                                                                     progress=p, streamer=s),
+                     meter, progress, streamer)
