@@ -261,6 +261,15 @@ def cmd_plot(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     if a.data_only and a.kind not in ("dflash", "vp"):
         raise ValueError("--data-only applies to dflash and vp (the target continuations they train on)")
+    shard = None
+    if a.shard is not None:
+        from .bench.runner import parse_shard
+
+        if not a.data_only:
+            raise ValueError("--shard applies to --data-only (processes sharing the continuation chunks)")
+        shard = parse_shard(a.shard)
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"--shard I/N needs 0 <= I < N, got {a.shard!r}")
     if a.kind == "mdm":
         from .train.mdm import train_mdm
 
@@ -277,7 +286,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         from .train.dflash import train_dflash
 
         out = train_dflash(a.config, kind=a.kind, out=a.out, resume=a.resume, device=a.device, max_steps=a.max_steps,
-                           data_only=a.data_only)
+                           data_only=a.data_only, shard=shard)
     else:
         raise ValueError(f"unknown training kind {a.kind!r}; use mdm, block, ar, dflash or vp")
     print(f"saved {out}")
@@ -486,6 +495,9 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's train.steps)")
     t.add_argument("--data-only", action="store_true",
                    help="dflash / vp: generate (or rebuild from data.manifest) the target continuations, then stop")
+    t.add_argument("--shard", metavar="I/N", default=None,
+                   help="with --data-only: make only chunks c with c %% N == I, so N one-thread processes fill the "
+                        "cache together (two run 1.3x the chunks of one two-thread process on a 2-core CPU)")
     t.set_defaults(func=cmd_train)
 
 

@@ -470,3 +470,27 @@ def test_window_loss_over_a_draft_vocabulary_is_the_restricted_cross_entropy(tar
             if int(t) in vocab]
     assert len(want) < int((labels != -100).sum())  # the left-out label really was skipped
     assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+
+
+def test_sharded_data_generation_fills_the_same_cache(tmp_path, target_dir, monkeypatch, capsys):
+    """`--data-only --shard I/N`: each process makes only its chunks (c % N == I); together they leave the
+    chunks, answers and manifest one unsharded run makes."""
+    monkeypatch.setattr(distill_mod, "CHUNK", 4)  # 12 train prompts: 3 chunks
+    whole = drafter_config(tmp_path / "whole", target_dir, "dflash")
+    train_dflash(whole, kind="dflash", data_only=True)
+    split = drafter_config(tmp_path / "split", target_dir, "dflash")
+    made: list[list[int]] = []
+    for i in (0, 1):
+        before = {f.name for f in (tmp_path / "split" / "state" / "continuations" / "train").glob("chunk-*.pt")}
+        assert main(["train", "dflash", "--config", str(split), "--data-only", "--shard", f"{i}/2"]) == 0
+        after = {f.name for f in (tmp_path / "split" / "state" / "continuations" / "train").glob("chunk-*.pt")}
+        made.append(sorted(int(n[6:11]) for n in after - before))
+    assert made == [[0, 2], [1]]
+    for c in range(3):
+        a, b = (torch.load(d / "state" / "continuations" / "train" / f"chunk-{c:05d}.pt", weights_only=False)
+                for d in (tmp_path / "whole", tmp_path / "split"))
+        assert a["seqs"] == b["seqs"] and all(torch.equal(x, y) for x, y in zip(a["hidden"], b["hidden"]))
+    assert main(["train", "dflash", "--config", str(split), "--shard", "0/2"]) == 2
+    assert "--shard applies to --data-only" in capsys.readouterr().err
+    assert main(["train", "dflash", "--config", str(split), "--data-only", "--shard", "2/2"]) == 2
+    assert "0 <= I < N" in capsys.readouterr().err

@@ -222,14 +222,19 @@ def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
 
 
 def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path | None = None, resume: bool = False,
-                 device: str | None = None, max_steps: int | None = None, data_only: bool = False) -> Path:
+                 device: str | None = None, max_steps: int | None = None, data_only: bool = False,
+                 shard: tuple[int, int] | None = None) -> Path:
     """Train a DFlash (kind "dflash") or variable-prefix (kind "vp") drafter for a frozen Qwen3 target.
 
     Config: {target, model (DFlashConfig fields besides the target-derived ones:
     n_layers, n_heads, n_kv_heads, intermediate_size, target_layers, block_size),
     data (pool, gen_length, anchors_per_seq, gamma for vp, loss_decay,
     hidden_dtype), train, out, state_dir, tokenizer_from, optional kind}.
+    `shard` (i, n), with data_only: make only chunks c % n == i of the continuations, so n processes
+    can fill the cache together.
     """
+    if shard is not None and not data_only:
+        raise ValueError("shard splits the continuation chunks among processes; it applies to data_only only")
     if kind not in KINDS:
         raise ValueError(f"unknown drafter kind {kind!r}; use dflash or vp")
     cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
@@ -266,10 +271,11 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     gen_bs = int(dcfg.get("gen_batch_size", 64))
     manifest = Path(dcfg["manifest"]) if dcfg.get("manifest") else None
     train_seqs, train_hidden = cached_continuations(cache / "train", meta, target, tok, train_prompts, gen_length,
-                                                    layers, hdt, gen_bs, manifest=manifest and manifest / "train")
+                                                    layers, hdt, gen_bs, manifest=manifest and manifest / "train",
+                                                    shard=shard)
     val_seqs, val_hidden = cached_continuations(cache / "val", meta, target, tok, val_prompts, gen_length, layers,
                                                 hdt, gen_bs, desc="validation continuations",
-                                                manifest=manifest and manifest / "val")
+                                                manifest=manifest and manifest / "val", shard=shard)
     if data_only:
         return cache
     vocab = training_vocab(dcfg, state_path.parent, train_seqs, eos_ids(target), resume)
