@@ -386,7 +386,8 @@ def _bench_parser(sub: Any) -> None:
                         "| psd (PSD vs greedy and Fast-dLLM) | frontier (every family's knob swept) | dream (Dream's sampler algs "
                         "x steps and Fast-dLLM on a Dream model, default the bundled dream-arith) | d2sd (AR greedy, "
                         "AR spec, DFlash, D²SD sweeps; AR target) | d2sd-smollm2 (the AR family on SmolLM2: --model smollm2 "
-                        "--task gsm8k --chat --k-shot 0) | block (a block-diffusion model, default the bundled llada2-arith: its "
+                        "--task gsm8k --chat --k-shot 0) | spec-smollm2 (its re-run with each method at the sizes it picks on the "
+                        "device: dflash drafts=auto, d2sd k=auto) | block (a block-diffusion model, default the bundled llada2-arith: its "
                         "samplers with the exact block cache, PSD and DualDiffusion within a block, against Fast-dLLM's "
                         "dual cache on llada-arith)")
     b.add_argument("--methods", nargs="+",

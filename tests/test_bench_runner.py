@@ -115,6 +115,15 @@ def test_block_suite_runs_from_the_cli_on_the_bundled_block_model(tmp_path):
     assert cached["flops"] < recomputed["flops"] / 2  # the exact cache does cache
 
 
+def test_spec_smollm2_suite_sizes_each_method_on_the_device():
+    from diffspec.bench.runner import plan_bench, suite
+
+    parsed, _ = plan_bench(suite("spec-smollm2", "gsm8k"), "gsm8k")
+    assert parsed[0] == ("ar", {"batch_size": 1}) and ("ar", {}) in parsed and ("dflash", {}) in parsed
+    assert ("dflash", {"drafts": "auto"}) in parsed and ("d2sd", {"k": "auto"}) in parsed
+    assert {m for m, _ in parsed} == {"ar", "ar-spec", "dflash", "d2sd"}
+
+
 def test_d2sd_smollm2_suite_has_the_issue_rows():
     from diffspec.bench.runner import plan_bench, suite
 

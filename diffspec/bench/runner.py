@@ -232,6 +232,13 @@ def _suite_d2sd_smollm2(L: int, task: str) -> list[str]:
     return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "d2sd:k=1", "d2sd:k=2", "d2sd:k=4", "ar"]
 
 
+def _suite_spec_smollm2(L: int, task: str) -> list[str]:
+    # Issue #34's re-run of d2sd-smollm2 with the drafters retrained on all GSM8K train answers, each
+    # method at the sizes it picks on the device (dflash drafts=auto, d2sd k=auto) and DFlash as
+    # published (all 15 drafts verified), against AR greedy at batch 1 (the baseline) and batched.
+    return ["ar:batch_size=1", "ar-spec:gamma=4", "dflash", "dflash:drafts=auto", "d2sd:k=auto", "ar"]
+
+
 def _suite_block(L: int, task: str) -> list[str]:
     # Issue #39: a block-diffusion model (default: the bundled llada2-arith) against the bidirectional
     # model it was converted from (llada-arith, rows with model=): the baseline is that model's vanilla
@@ -263,6 +270,7 @@ SUITES: dict[str, Callable[[int, str], list[str]]] = {
     "dream": _suite_dream,
     "d2sd": _suite_d2sd,
     "d2sd-smollm2": _suite_d2sd_smollm2,
+    "spec-smollm2": _suite_spec_smollm2,
     "block": _suite_block,
 }
 
