@@ -283,6 +283,11 @@ def test_a_lost_cache_is_rebuilt_from_its_committed_manifest(tmp_path, target_di
     for h, r in zip(hidden, rebuilt):
         assert h.shape == r.shape and torch.allclose(h, r, atol=1e-4)
     assert (man / "chunk-00000.json.gz").read_bytes() == first  # reading never rewrites the committed file
+    # generating data (only_new): a chunk the manifest holds is not replayed, read or returned
+    monkeypatch.setattr(distill, "replay_hidden", lambda *a, **k: pytest.fail("replayed a chunk already made"))
+    assert distill.cached_continuations(tmp_path / "c4", {"target": "t"}, target, tok, prompts, 10, [1, 2],
+                                        torch.float32, manifest=man, only_new=True) == ([], [])
+    assert not list((tmp_path / "c4").glob("chunk-*.pt"))
     with pytest.raises(ValueError, match="other prompts"):
         distill.cached_continuations(tmp_path / "c3", {"target": "t"}, target, tok, prompts[::-1], 10, [1, 2],
                                      torch.float32, manifest=man)
@@ -494,3 +499,34 @@ def test_sharded_data_generation_fills_the_same_cache(tmp_path, target_dir, monk
     assert "--shard applies to --data-only" in capsys.readouterr().err
     assert main(["train", "dflash", "--config", str(split), "--data-only", "--shard", "2/2"]) == 2
     assert "0 <= I < N" in capsys.readouterr().err
+
+
+def test_distilled_ar_drafter_reads_the_committed_answers(tmp_path, target_dir, monkeypatch):
+    """With data.manifest and a fresh cache, `train ar` reads the DFlash drafters' committed answers:
+    nothing is generated, no hidden state is replayed, and it trains on exactly those answers."""
+    data = drafter_config(tmp_path / "d", target_dir, "dflash", data={"pool": 16, "gen_length": 16,
+                                                                       "manifest": str(tmp_path / "man")})
+    train_dflash(data, kind="dflash", data_only=True)
+    answers = [a for f in sorted((tmp_path / "man" / "train").glob("*.json.gz"))
+               for a in distill_mod.read_manifest_chunk(f)["answers"]]
+    seen: list = []
+    real = distill_mod.cached_continuations
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(distill_mod, "cached_continuations", spy)
+    monkeypatch.setattr(distill_mod, "_generate_chunk", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(distill_mod, "replay_hidden", lambda *a, **k: pytest.fail("replayed hidden states"))
+    cfg = write(tmp_path / "ar.json", {
+        "target": str(target_dir),
+        "model": {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                  "intermediate_size": 48},
+        "data": {"pool": 16, "gen_length": 16, "loss_positions": 4, "cache": str(tmp_path / "own"),
+                 "manifest": str(tmp_path / "man")},
+        "train": {**TRAIN, "batch_size": 4, "eval_n": 3}, "out": str(tmp_path / "model"),
+        "state_dir": str(tmp_path / "state")})
+    train_ar(cfg)
+    assert [a for _, a in seen[0]] == answers and len(answers) == 16

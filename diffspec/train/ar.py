@@ -61,7 +61,7 @@ DISTILL_SCHEMA: Schema = {
     "model": dataclass_section(Qwen3Config, derived={k: "the target" for k in _FROM_TARGET}),
     "data": {"gen_length": integer(1), "pool": integer(1), "source": choice(*SOURCES), "questions": text,
              "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
-             "loss_positions": integer(1)},
+             "loss_positions": integer(1), "manifest": text},
     "train": TRAIN_KEYS,
 }
 
@@ -180,10 +180,14 @@ def distill_ar(config_path: str | Path, out: str | Path | None = None, resume: b
     cache = Path(dcfg.get("cache") or state_path.parent / "continuations")
     meta = continuation_meta(cfg, target, target_dir(cfg))
     gen_bs = int(dcfg.get("gen_batch_size", 64))
+    # With data.manifest (the DFlash drafters' committed answers) and a cache of its own, the answers
+    # are read from git in seconds: a cache holding hidden states would replay them first.
+    manifest = Path(dcfg["manifest"]) if dcfg.get("manifest") else None
     train_seqs, _ = cached_continuations(cache / "train", meta, target, tok, train_prompts, gen_length, None,
-                                         batch_size=gen_bs)
+                                         batch_size=gen_bs, manifest=manifest and manifest / "train")
     val_seqs, _ = cached_continuations(cache / "val", meta, target, tok, val_prompts, gen_length, None,
-                                       batch_size=gen_bs, desc="validation continuations")
+                                       batch_size=gen_bs, desc="validation continuations",
+                                       manifest=manifest and manifest / "val")
     pad = t.eos_token_ids[0] if t.eos_token_ids else 0
     items = [(p, a) for p, a in train_seqs if a]
     val_items = [(p, a) for p, a in val_seqs if a]

@@ -272,10 +272,11 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     manifest = Path(dcfg["manifest"]) if dcfg.get("manifest") else None
     train_seqs, train_hidden = cached_continuations(cache / "train", meta, target, tok, train_prompts, gen_length,
                                                     layers, hdt, gen_bs, manifest=manifest and manifest / "train",
-                                                    shard=shard)
+                                                    shard=shard, only_new=data_only)
     val_seqs, val_hidden = cached_continuations(cache / "val", meta, target, tok, val_prompts, gen_length, layers,
                                                 hdt, gen_bs, desc="validation continuations",
-                                                manifest=manifest and manifest / "val", shard=shard)
+                                                manifest=manifest and manifest / "val", shard=shard,
+                                                only_new=data_only)
     if data_only:
         return cache
     vocab = training_vocab(dcfg, state_path.parent, train_seqs, eos_ids(target), resume)

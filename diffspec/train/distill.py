@@ -186,7 +186,8 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
                          prompts: list[str], gen_length: int, layers: Sequence[int] | None = None,
                          hidden_dtype: torch.dtype = torch.float16, batch_size: int = 32,
                          desc: str = "target continuations", manifest: Path | None = None,
-                         shard: tuple[int, int] | None = None) -> tuple[list[Seq], list[Tensor] | None]:
+                         shard: tuple[int, int] | None = None, only_new: bool = False
+                         ) -> tuple[list[Seq], list[Tensor] | None]:
     """(prompt ids, greedy answer ids) per prompt, and with `layers` the target's hidden states at
     those layers per sequence ((T, len·H): the prompt and every answer token but the last).
 
@@ -197,7 +198,11 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
     cache but present in the manifest is rebuilt from its answers (`replay_hidden`) instead of
     being generated again. With `shard` (i, n) only chunks c with c % n == i are made or read, and
     only they are returned: n processes of one thread each fill one cache faster than one process
-    of n threads (batch-32 SmolLM2 steps: two threads run 1.5x one, not 2x).
+    of n threads (batch-32 SmolLM2 steps: two threads run 1.5x one, not 2x). With `only_new`
+    (generating data, not training) a chunk already made (in the cache or the manifest) is neither
+    read, replayed nor returned: on a fresh machine replaying SmolLM2's hidden states costs about a
+    minute a chunk, and reading them all holds gigabytes. Cached chunks are memory-mapped, so
+    trainers reading one cache at the same time share its pages.
     """
     cache_dir = Path(cache_dir)
     full_meta = {**meta, "gen_length": gen_length, "layers": list(layers) if layers is not None else None,
@@ -211,10 +216,11 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
     for c in range(n_chunks):
         f = cache_dir / f"chunk-{c:05d}.pt"
         part = prompts[c * CHUNK:(c + 1) * CHUNK]
-        if shard is not None and c % shard[1] != shard[0]:
+        mf = manifest / f"chunk-{c:05d}.json.gz" if manifest is not None else None
+        if (shard is not None and c % shard[1] != shard[0]) or \
+                (only_new and (f.is_file() or (mf is not None and mf.is_file()))):
             bar.update(len(part))
             continue
-        mf = manifest / f"chunk-{c:05d}.json.gz" if manifest is not None else None
         if f.is_file():
             st = _load_chunk(f, part, mf, cache_dir)
         else:
@@ -284,7 +290,7 @@ def _open_cache(cache_dir: Path, full_meta: dict[str, Any], layers: Sequence[int
 def _load_chunk(f: Path, part: list[str], mf: Path | None, cache_dir: Path) -> dict[str, Any]:
     """A cached chunk, refused when made for other prompts; its answers are copied to the manifest
     when that lacks them."""
-    st = torch.load(f, map_location="cpu", weights_only=False)
+    st = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     if st.get("prompts") != _fingerprint(part):
         raise ValueError(f"{f} was generated for other prompts (another data source, seed or chat "
                          f"setting); delete {cache_dir} (or point data.cache elsewhere) to regenerate")
