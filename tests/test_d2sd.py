@@ -194,6 +194,13 @@ def test_dflash_verifies_only_the_first_drafts(target, tokenizer) -> None:
     d2 = d2sd_generate(target, block, vp, tokenizer, [prompt],
                        D2SDConfig(gen_length=budget, gamma=gamma, gamma2=16, k=4, drafts=2, stop_at_eos=False))
     assert d2.raw_ids == ar.raw_ids and d2.stats["max_tree_nodes"] <= 1 + 3 * 15  # k clipped to 2 boundaries
+    # branch caps every branch (the oracle's would run to γ₂ − 1 = 15): the tree and each round stay short
+    capped = d2sd_generate(target, block, vp, tokenizer, [prompt], D2SDConfig(
+        gen_length=budget, gamma=gamma, gamma2=16, k=2, drafts=3, branch=5, stop_at_eos=False))
+    assert capped.raw_ids == ar.raw_ids and capped.stats["max_tree_nodes"] == 1 + 5  # all branches agree: one path
+    assert capped.stats["acceptance_length"] == pytest.approx(6.0, abs=0.5)
+    with pytest.raises(ValueError, match="drafts..γ₂ − 1 = 3..15"):
+        D2SDConfig(gamma=8, gamma2=16, drafts=3, branch=2)
     for kw, match in [(dict(drafts=8), "0..7"), (dict(drafts=-1), "0..7"), (dict(drafts="3"), "drafts must be")]:
         with pytest.raises(ValueError, match=match):
             DFlashSpecConfig(gamma=8, **kw)

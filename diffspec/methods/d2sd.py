@@ -15,6 +15,8 @@ OPTIONS = {
     "k": Option(int_or_auto, "d2sd: rejection boundaries re-anchored by the VP drafter (default 4); auto: the K "
                              "with the most tokens/s on this device, timed on the first prompt's first 64 tokens "
                              "(reported in the stats as auto_k)"),
+    "branch": Option(int, "d2sd: the most tokens a tree branch holds past the anchor (default 0: γ₂ − 1); a small "
+                          "cap keeps the tree cheap to verify on a CPU"),
     "vp_drafter": Option(str, "d2sd: variable-prefix drafter checkpoint (default: the bundled one)"),
 }
 

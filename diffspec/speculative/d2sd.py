@@ -126,6 +126,10 @@ class D2SDConfig(DFlashSpecConfig):
 
     gamma2: int = 32
     k: int | str = 4  # or "auto": the K with the most tokens/s on this device (`speculative.sizing`)
+    # The most tokens a branch holds past the round's anchor (0: γ₂ − 1, the VP window's). The VP
+    # drafter still fills its whole trained window; a cap only keeps the tree small where every
+    # node costs (a CPU verifies 63 nodes at about 3.5x one token, benchmarks/verify-cost-cpu).
+    branch: int = 0
     AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("k", "drafts")
 
     def __post_init__(self) -> None:
@@ -138,6 +142,10 @@ class D2SDConfig(DFlashSpecConfig):
         if self.gamma2 < self.gamma:
             raise ValueError(f"gamma2 (γ₂ = {self.gamma2}) must be >= gamma (γ = {self.gamma}): the VP drafter "
                              "extends prefixes of the first draft")
+        if self.branch != 0 and not self.n_drafts <= self.branch <= self.gamma2 - 1:
+            raise ValueError(f"branch (tokens a branch holds) must be 0 (γ₂ − 1) or in drafts..γ₂ − 1 = "
+                             f"{self.n_drafts}..{self.gamma2 - 1}: a branch extends the verified drafts, got "
+                             f"{self.branch}")
 
 
 FIRST_DRAFT, NONE = "first_draft", "none"
@@ -371,7 +379,7 @@ def _d2sd_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], con
     """
     full = len(drafts)
     boundaries = top_prefix_lengths(rejection_posterior(conf)[None], cfg.k)[0]
-    max_branch = min(cfg.gamma2 - 1, remaining - 1)  # a round emits at most max_branch + 1 tokens
+    max_branch = min(cfg.branch or cfg.gamma2 - 1, remaining - 1)  # a round emits at most max_branch + 1 tokens
     ended = cfg.stop_at_eos and drafts[-1] in eos  # an EOS ends it: nothing to extend
     extend = not ended and full < max_branch
     windows = ([full] if extend else []) + boundaries
@@ -438,7 +446,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
     if vp is not None and d2 is None:
         raise ValueError("D²SD (a vp_drafter) needs a D2SDConfig")
     T, budget = cfg.temperature, cfg.gen_length
-    max_nodes = 1 + ((d2.k + 1) * (d2.gamma2 - 1) if d2 is not None else cfg.n_drafts)  # tree size bound
+    max_nodes = 1 + ((d2.k + 1) * (d2.branch or d2.gamma2 - 1) if d2 is not None else cfg.n_drafts)  # tree bound
     st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator,
                       [drafter] + ([vp] if vp is not None else []))
     spec = _BlockSpeculator(st, drafter, vp, cfg, d2, eos, stats, generator)
