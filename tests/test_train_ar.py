@@ -530,3 +530,22 @@ def test_distilled_ar_drafter_reads_the_committed_answers(tmp_path, target_dir, 
         "state_dir": str(tmp_path / "state")})
     train_ar(cfg)
     assert [a for _, a in seen[0]] == answers and len(answers) == 16
+
+
+def test_train_pool_trains_on_the_first_answers_of_a_larger_pool(tmp_path, target_dir, monkeypatch):
+    """data.train_pool: training reads (and makes) only the pool's first answers; --data-only makes the
+    whole pool, so data generation can run ahead of a training run on one config."""
+    monkeypatch.setattr(distill_mod, "CHUNK", 4)
+    cfg = drafter_config(tmp_path, target_dir, "dflash")
+    raw = json.loads(cfg.read_text())
+    raw["data"]["train_pool"] = 8
+    cfg.write_text(json.dumps(raw))
+    train_dflash(cfg, kind="dflash")
+    chunks = tmp_path / "state" / "continuations" / "train"
+    assert sorted(f.name for f in chunks.glob("chunk-*.pt")) == ["chunk-00000.pt", "chunk-00001.pt"]
+    train_dflash(cfg, kind="dflash", data_only=True)
+    assert len(list(chunks.glob("chunk-*.pt"))) == 3
+    raw["data"]["train_pool"] = 13
+    cfg.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="train_pool .13. must be <= data.pool .12."):
+        train_dflash(cfg, kind="dflash")

@@ -72,7 +72,7 @@ SCHEMA: Schema = {
     "data": {"pool": integer(1), "gen_length": integer(1), "anchors_per_seq": integer(1), "gamma": integer(2),
              "loss_decay": number(0), "hidden_dtype": choice(*DTYPES), "source": choice(*SOURCES),
              "questions": text, "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
-             "manifest": text, "draft_vocab": integer(1)},
+             "manifest": text, "draft_vocab": integer(1), "train_pool": integer(1)},
     "train": TRAIN_KEYS,
 }
 
@@ -261,7 +261,12 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
 
     seed, gen_length = int(tr.get("seed", 0)), int(dcfg.get("gen_length", 48))
     n_val = int(tr.get("eval_n", 64))
-    train_prompts, val_prompts = source_prompts(dcfg, int(dcfg.get("pool", 2000)), n_val, seed, target_dir(cfg))
+    pool = int(dcfg.get("pool", 2000))
+    train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
+    if not data_only and "train_pool" in dcfg:  # train on the pool's first answers; --data-only makes them all
+        if dcfg["train_pool"] > pool:
+            raise ValueError(f"data.train_pool ({dcfg['train_pool']}) must be <= data.pool ({pool})")
+        train_prompts = train_prompts[:dcfg["train_pool"]]
     hdt = DTYPES.get(str(dcfg.get("hidden_dtype", "float16")))
     if hdt is None:
         raise ValueError(f"data.hidden_dtype must be one of {sorted(DTYPES)}, got {dcfg.get('hidden_dtype')!r}")
