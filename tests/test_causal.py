@@ -336,6 +336,8 @@ def test_grouped_query_attention_paths_agree(case: str, monkeypatch) -> None:
     kr, vr = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
     want = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=case == "causal")
     want = want.transpose(1, 2).reshape(B, Q, -1)
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5):
+        assert layers._NATIVE_GQA  # else both passes below would test the repeat path only
     for native in (True, False):
         monkeypatch.setattr(layers, "_NATIVE_GQA", native and layers._NATIVE_GQA)
         got = layers.attend(q, k, v, mask, is_causal=case == "causal")

@@ -288,6 +288,11 @@ def test_a_lost_cache_is_rebuilt_from_its_committed_manifest(tmp_path, target_di
     assert distill.cached_continuations(tmp_path / "c4", {"target": "t"}, target, tok, prompts, 10, [1, 2],
                                         torch.float32, manifest=man, only_new=True) == ([], [])
     assert not list((tmp_path / "c4").glob("chunk-*.pt"))
+    # a chunk made without a manifest (another drafter's reader) gets its answers into git all the same
+    (man / "chunk-00000.json.gz").unlink()
+    distill.cached_continuations(tmp_path / "c2", {"target": "t"}, target, tok, prompts, 10, [1, 2], torch.float32,
+                                 manifest=man, only_new=True)
+    assert (man / "chunk-00000.json.gz").is_file()
     with pytest.raises(ValueError, match="other prompts"):
         distill.cached_continuations(tmp_path / "c3", {"target": "t"}, target, tok, prompts[::-1], 10, [1, 2],
                                      torch.float32, manifest=man)
@@ -441,8 +446,11 @@ def test_drafter_trains_and_ships_a_draft_vocabulary(tmp_path, target_dir):
     assert len(counts) > 6 and ids[:6] == top and set(ids[6:]) <= {tok.token_to_id(EOS_TOKEN)}
     drafter = load_dflash(out, target)
     assert drafter.draft_vocab.tolist() == ids and drafter.head_size() == len(ids)
+    kept = tmp_path / "state" / "training_vocab.json"
+    edited = ids[::-1]  # what the head was trained on is kept, not recomputed from the (maybe grown) data
+    kept.write_text(json.dumps({"size": 6, "ids": edited}))
     train_dflash(cfg, kind="dflash", resume=True, max_steps=4)
-    assert json.loads((out / "draft_vocab.json").read_text())["ids"] == ids
+    assert json.loads((out / "draft_vocab.json").read_text())["ids"] == edited
     raw["data"]["draft_vocab"] = 7
     cfg.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="draft_vocab 6, the config now says 7"):
@@ -475,6 +483,9 @@ def test_window_loss_over_a_draft_vocabulary_is_the_restricted_cross_entropy(tar
             if int(t) in vocab]
     assert len(want) < int((labels != -100).sum())  # the left-out label really was skipped
     assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    with torch.no_grad():  # no label in the vocabulary: a zero loss, not NaN
+        drafter.set_draft_vocab([i for i in range(20) if i not in seen][:3])
+        assert window_loss(drafter, b).item() == 0.0 and window_loss(drafter, b, decay=2.0).item() == 0.0
 
 
 def test_sharded_data_generation_fills_the_same_cache(tmp_path, target_dir, monkeypatch, capsys):
@@ -545,6 +556,17 @@ def test_train_pool_trains_on_the_first_answers_of_a_larger_pool(tmp_path, targe
     assert sorted(f.name for f in chunks.glob("chunk-*.pt")) == ["chunk-00000.pt", "chunk-00001.pt"]
     train_dflash(cfg, kind="dflash", data_only=True)
     assert len(list(chunks.glob("chunk-*.pt"))) == 3
+    raw["data"]["train_pool"] = 6  # not whole chunks: the chunks are read whole, then cut to 6 answers
+    cfg.write_text(json.dumps(raw))
+    seen: list[int] = []
+
+    def counting(seqs, *a, **k):
+        seen.append(len(seqs))
+        return WindowData(seqs, *a, **k)
+
+    monkeypatch.setattr("diffspec.train.dflash.WindowData", counting)
+    train_dflash(cfg, kind="dflash", max_steps=1)
+    assert seen[0] == 6 and len(list(chunks.glob("chunk-*.pt"))) == 3
     raw["data"]["train_pool"] = 13
     cfg.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="train_pool .13. must be <= data.pool .12."):

@@ -539,7 +539,7 @@ def dflash_generate(
     if cfg.drafts != AUTO:
         return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]",
                     streamer)
-    return _auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES),
+    return _auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES, most=True),
                      cfg.gamma - 1,
                      lambda ps, c, m, p=False, s=None: dflash_generate(target, drafter, tokenizer, ps, c, m,
                                                                        progress=p, streamer=s),
@@ -584,7 +584,9 @@ def d2sd_generate(
     if cfg.k != AUTO:
         return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
                     f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)
-    return _auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", candidates(cfg.gamma, CANDIDATES), DEFAULT_K,
+    # a round has n_drafts boundaries: a larger K only repeats K = n_drafts
+    return _auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", candidates(cfg.n_drafts + 1, CANDIDATES),
+                     DEFAULT_K,
                      lambda ps, c, m, p=False, s=None: d2sd_generate(target, drafter, vp_drafter, tokenizer, ps, c, m,
                                                                      progress=p, streamer=s),
                      meter, progress, streamer)

@@ -54,10 +54,12 @@ _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple[int, dict
     weakref.WeakKeyDictionary()
 
 
-def candidates(gamma: int, values: Sequence[int] = CANDIDATES) -> list[int]:
+def candidates(gamma: int, values: Sequence[int] = CANDIDATES, most: bool = False) -> list[int]:
     """The sizes worth trying: a round has γ − 1 drafts (and so at most γ − 1 boundaries), so larger
-    sizes only repeat γ − 1."""
+    sizes only repeat γ − 1; with `most`, γ − 1 itself is always one (all the drafts)."""
     ks = [k for k in values if k <= gamma - 1]
+    if most and gamma - 1 not in ks:
+        ks.append(gamma - 1)
     return ks or [1]
 
 
@@ -101,9 +103,11 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
     from ..models.checkpoint import weights_fingerprint
 
     param = next(target.parameters())
-    rest = tuple((f, repr(getattr(cfg, f))) for f in cfg.__dataclass_fields__
-                 if f not in (field, "gen_length", "batch_size"))
-    key = (field, *(weights_fingerprint(d) for d in drafters), str(param.device), str(param.dtype), rest,
+    skip = {field, "gen_length", "batch_size"} | ({"seed"} if cfg.temperature == 0 else set())  # no bearing
+    rest = tuple((f, repr(getattr(cfg, f))) for f in cfg.__dataclass_fields__ if f not in skip)
+    vocabs = tuple(None if getattr(d, "draft_vocab", None) is None else tuple(d.draft_vocab.tolist())
+                   for d in drafters)  # a draft vocabulary is no weight, but changes the drafter's cost
+    key = (field, *(weights_fingerprint(d) for d in drafters), vocabs, str(param.device), str(param.dtype), rest,
            torch.get_num_threads())
     memo = _CHOSEN.setdefault(target, {})
     if key in memo:

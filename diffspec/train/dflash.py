@@ -53,6 +53,7 @@ from ..models.dflash import DRAFT_VOCAB_FILE, DFlashConfig, DFlashDrafter, read_
 from ..models.tokenizer import MASK_TOKEN, Tokenizer
 from .common import TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, setup, \
     text, train_loop
+from . import distill
 from .distill import (SOURCES, Seq, cached_continuations, continuation_meta, load_target, source_prompts, target_dir,
                       target_tokenizer)
 
@@ -159,6 +160,8 @@ def window_loss(drafter: DFlashDrafter, b: dict[str, Tensor], decay: float = 0.0
         lut[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab), device=labels.device)
         labels = torch.where(labels == -100, labels, lut[labels.clamp(min=0)])
     valid = labels != -100
+    if not valid.any():  # every label outside the draft vocabulary: nothing to learn from this batch
+        return logits.sum() * 0.0
     ce = F.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
     if not decay:
         return ce.mean()
@@ -192,7 +195,7 @@ def training_vocab(dcfg: dict[str, Any], state_dir: Path, seqs: list[Seq], eos: 
     It is kept in the state directory so that a resumed run, whose cache may have grown since, keeps
     the columns its head was trained on."""
     size = dcfg.get("draft_vocab")
-    kept = Path(state_dir) / DRAFT_VOCAB_FILE
+    kept = Path(state_dir) / "training_vocab.json"  # not draft_vocab.json: out and state may share a folder
     if size is None:
         return None
     if resume and kept.is_file():
@@ -235,6 +238,8 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     """
     if shard is not None and not data_only:
         raise ValueError("shard splits the continuation chunks among processes; it applies to data_only only")
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard (i, n) needs 0 <= i < n, got {shard}")
     if kind not in KINDS:
         raise ValueError(f"unknown drafter kind {kind!r}; use dflash or vp")
     cfg, tr, out_dir, state_path, dev = setup(config_path, out, device, SCHEMA)
@@ -263,10 +268,13 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     n_val = int(tr.get("eval_n", 64))
     pool = int(dcfg.get("pool", 2000))
     train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
+    n_train = len(train_prompts)
     if not data_only and "train_pool" in dcfg:  # train on the pool's first answers; --data-only makes them all
-        if dcfg["train_pool"] > pool:
-            raise ValueError(f"data.train_pool ({dcfg['train_pool']}) must be <= data.pool ({pool})")
-        train_prompts = train_prompts[:dcfg["train_pool"]]
+        n_train = dcfg["train_pool"]
+        if n_train > pool:
+            raise ValueError(f"data.train_pool ({n_train}) must be <= data.pool ({pool})")
+        # read whole cache chunks (a chunk is made for its 64 prompts), then keep the first n_train
+        train_prompts = train_prompts[:-(-n_train // distill.CHUNK) * distill.CHUNK]
     hdt = DTYPES.get(str(dcfg.get("hidden_dtype", "float16")))
     if hdt is None:
         raise ValueError(f"data.hidden_dtype must be one of {sorted(DTYPES)}, got {dcfg.get('hidden_dtype')!r}")
@@ -284,6 +292,7 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
                                                 only_new=data_only)
     if data_only:
         return cache
+    train_seqs, train_hidden = train_seqs[:n_train], train_hidden[:n_train]
     vocab = training_vocab(dcfg, state_path.parent, train_seqs, eos_ids(target), resume)
     drafter.set_draft_vocab(vocab)
     data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)

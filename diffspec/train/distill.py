@@ -150,7 +150,7 @@ def write_manifest_chunk(path: Path, fingerprint: str, seqs: list[Seq], seconds:
     body = json.dumps({"prompts": fingerprint, "answers": [a for _, a in seqs], "seconds": round(seconds, 1)},
                       separators=(",", ":")).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:  # mtime 0: same bytes every time
         z.write(body)
     tmp.replace(path)
@@ -217,6 +217,8 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         f = cache_dir / f"chunk-{c:05d}.pt"
         part = prompts[c * CHUNK:(c + 1) * CHUNK]
         mf = manifest / f"chunk-{c:05d}.json.gz" if manifest is not None else None
+        if only_new and f.is_file() and mf is not None and not mf.is_file():
+            _load_chunk(f, part, mf, cache_dir)  # made by a reader without a manifest: give git its answers
         if (shard is not None and c % shard[1] != shard[0]) or \
                 (only_new and (f.is_file() or (mf is not None and mf.is_file()))):
             bar.update(len(part))
@@ -237,8 +239,8 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
                 if mf is not None:
                     write_manifest_chunk(mf, _fingerprint(part), s, time.time() - t0)
             st = {"prompts": _fingerprint(part), "seqs": s, "hidden": h}
-            tmp = f.with_suffix(".tmp")
-            torch.save(st, tmp)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")  # written aside and renamed: a reader (or a mapped
+            torch.save(st, tmp)  # copy of an older file) never sees a half-written chunk
             tmp.replace(f)
             if meta_file.is_file():  # keep the cache maker's layer set, and the seconds other shards added
                 old = json.loads(meta_file.read_text())
@@ -257,7 +259,9 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         bar.update(len(part))
     bar.close()
     if not meta_file.is_file():  # every chunk was there already (copied caches)
-        meta_file.write_text(json.dumps({"meta": full_meta, "seconds": seconds}, indent=2, default=str) + "\n")
+        tmp = meta_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"meta": full_meta, "seconds": seconds}, indent=2, default=str) + "\n")
+        tmp.replace(meta_file)
     print(f"target continuations: {len(seqs)} in {cache_dir} ({seconds / 60:.1f} min of generation in all)")
     return seqs, hidden
 
