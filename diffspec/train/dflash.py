@@ -215,6 +215,22 @@ def training_vocab(dcfg: dict[str, Any], state_dir: Path, seqs: list[Seq], eos: 
     return ids
 
 
+def pool_prompts(cfg: dict[str, Any], dcfg: dict[str, Any], n_val: int, seed: int, data_only: bool
+                 ) -> tuple[list[str], list[str], int]:
+    """(train prompts to read, validation prompts, how many train answers to keep): data.train_pool
+    trains on the pool's first answers (--data-only makes them all), read as whole cache chunks (a
+    chunk is made for its 64 prompts) and cut after."""
+    pool = int(dcfg.get("pool", 2000))
+    train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
+    n_train = len(train_prompts)
+    if not data_only and "train_pool" in dcfg:
+        n_train = dcfg["train_pool"]
+        if n_train > pool:
+            raise ValueError(f"data.train_pool ({n_train}) must be <= data.pool ({pool})")
+        train_prompts = train_prompts[:-(-n_train // distill.CHUNK) * distill.CHUNK]
+    return train_prompts, val_prompts, n_train
+
+
 def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
     name = cfg.get("mask_token", MASK_TOKEN)
     mask_id = tok.token_to_id(name)
@@ -266,15 +282,7 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
 
     seed, gen_length = int(tr.get("seed", 0)), int(dcfg.get("gen_length", 48))
     n_val = int(tr.get("eval_n", 64))
-    pool = int(dcfg.get("pool", 2000))
-    train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
-    n_train = len(train_prompts)
-    if not data_only and "train_pool" in dcfg:  # train on the pool's first answers; --data-only makes them all
-        n_train = dcfg["train_pool"]
-        if n_train > pool:
-            raise ValueError(f"data.train_pool ({n_train}) must be <= data.pool ({pool})")
-        # read whole cache chunks (a chunk is made for its 64 prompts), then keep the first n_train
-        train_prompts = train_prompts[:-(-n_train // distill.CHUNK) * distill.CHUNK]
+    train_prompts, val_prompts, n_train = pool_prompts(cfg, dcfg, n_val, seed, data_only)
     hdt = DTYPES.get(str(dcfg.get("hidden_dtype", "float16")))
     if hdt is None:
         raise ValueError(f"data.hidden_dtype must be one of {sorted(DTYPES)}, got {dcfg.get('hidden_dtype')!r}")

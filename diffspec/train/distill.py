@@ -228,12 +228,7 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         else:
             t0 = time.time()
             if mf is not None and mf.is_file():
-                kept = read_manifest_chunk(mf)
-                if kept.get("prompts") != _fingerprint(part) or len(kept.get("answers", [])) != len(part):
-                    raise ValueError(f"{mf} holds answers to other prompts (another data source, seed or chat "
-                                     "setting); delete it or point data.manifest elsewhere")
-                s = [(tok.encode(q), list(a)) for q, a in zip(part, kept["answers"])]
-                h = replay_hidden(target, s, gen_layers, hidden_dtype) if gen_layers is not None else None
+                s, h = _from_manifest(mf, part, tok, target, gen_layers, hidden_dtype)
             else:
                 s, h = _generate_chunk(target, tok, part, gen_length, gen_layers, hidden_dtype, batch_size)
                 if mf is not None:
@@ -264,6 +259,17 @@ def cached_continuations(cache_dir: Path, meta: dict[str, Any], target: torch.nn
         tmp.replace(meta_file)
     print(f"target continuations: {len(seqs)} in {cache_dir} ({seconds / 60:.1f} min of generation in all)")
     return seqs, hidden
+
+
+def _from_manifest(mf: Path, part: list[str], tok: Tokenizer, target: torch.nn.Module,
+                   layers: Sequence[int] | None, hidden_dtype: torch.dtype) -> tuple[list[Seq], list[Tensor] | None]:
+    """A chunk rebuilt from its committed answers: the ids, and with `layers` the replayed hidden states."""
+    kept = read_manifest_chunk(mf)
+    if kept.get("prompts") != _fingerprint(part) or len(kept.get("answers", [])) != len(part):
+        raise ValueError(f"{mf} holds answers to other prompts (another data source, seed or chat "
+                         "setting); delete it or point data.manifest elsewhere")
+    s = [(tok.encode(q), list(a)) for q, a in zip(part, kept["answers"])]
+    return s, (replay_hidden(target, s, layers, hidden_dtype) if layers is not None else None)
 
 
 def _open_cache(cache_dir: Path, full_meta: dict[str, Any], layers: Sequence[int] | None,
