@@ -553,8 +553,7 @@ def _auto_run(target: torch.nn.Module, drafters: list[DFlashDrafter], prompts: S
     prompt); the report goes into the stats as auto_<field>, and a calibration's time into the wall clock."""
     if not prompts:
         raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
-    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default,
-                              lambda ps, c, m: decode(ps, c, m))
+    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode)
     res = decode(prompts, replace(cfg, **{field: value}), meter, progress, streamer)
     if not report["remembered"]:  # what choosing cost is part of this run's time
         res.meter.wall_seconds += report["calibration_seconds"]
