@@ -246,7 +246,7 @@ def _bench_examples(a: argparse.Namespace, model_path: str | None, method: str) 
 def cmd_draft_vocab(a: argparse.Namespace) -> None:
     from .train.distill import build_draft_vocab
 
-    r = build_draft_vocab(Path(a.drafter), Path(a.manifest), a.size)
+    r = build_draft_vocab(Path(a.drafter), Path(a.manifest), a.size, a.answers)
     val = f", {r['val_coverage']:.2%} of held-out answer tokens" if "val_coverage" in r else ""
     print(f"wrote {a.drafter}/draft_vocab.json: {r['size']} ids of {r['distinct_tokens']} seen in {r['answers']} "
           f"answers; they cover {r['train_coverage']:.2%} of the answer tokens{val}", file=sys.stderr)
@@ -475,12 +475,16 @@ def _serve_parser(sub: Any) -> None:
 
 def _draft_vocab_parser(sub: Any) -> None:
     """`diffspec draft-vocab`'s flags."""
-    dv = sub.add_parser("draft-vocab", help="give a DFlash / VP drafter a draft vocabulary: the target's most "
-                                            "frequent answer tokens (the head proposes only those; output unchanged)")
+    dv = sub.add_parser("draft-vocab", help="give a drafter (DFlash, VP or AR) a draft vocabulary: the target's "
+                                            "most frequent answer tokens (the head proposes only those; output "
+                                            "unchanged)")
     dv.add_argument("drafter", help="the drafter's checkpoint directory (draft_vocab.json is written there)")
     dv.add_argument("--manifest", required=True,
                     help="a continuation manifest with train/ (and val/) chunks, e.g. data/smollm2-continuations")
     dv.add_argument("--size", type=int, default=8192, help="ids to keep (default 8192)")
+    dv.add_argument("--answers", type=int, default=None,
+                    help="count only the first N train answers, in chunk order (default all): the same vocabulary "
+                         "however many chunks are made later, e.g. the answers a drafter trained on")
     dv.set_defaults(func=cmd_draft_vocab)
 
 

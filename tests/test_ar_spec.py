@@ -189,6 +189,97 @@ def test_stop_at_eos(target, drafters, tokenizer) -> None:
         assert res.meter.tokens_generated == first + 1
 
 
+# --- a drafter with a draft vocabulary ----------------------------------------------------------
+
+
+@torch.no_grad()
+def test_draft_vocabulary_narrows_an_ar_drafters_head(drafters, tokenizer) -> None:
+    d = copy.deepcopy(drafters["near"])
+    ids = torch.tensor([[3, 9, 27, 4]])
+    full = d(ids).logits
+    vocab = [5, 17, 40, 0, 2]
+    d.set_draft_vocab(vocab)
+    small = d(ids).logits
+    keep = torch.zeros(full.shape[-1], dtype=torch.bool)
+    keep[vocab] = True
+    assert torch.isneginf(small[..., ~keep]).all()
+    assert torch.allclose(small[..., keep], full[..., keep], atol=1e-5)
+    H, V = d.config.hidden_size, d.config.vocab_size
+    saved = d.forward_flops(1, 10)
+    assert d.set_draft_vocab(None).forward_flops(1, 10) - saved == pytest.approx(2.0 * H * (V - len(vocab)))
+    for bad in ([], [V], [1, 1]):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            d.set_draft_vocab(bad)
+
+
+def test_a_narrowed_drafter_stays_lossless_and_drafts_only_its_vocabulary(target, drafters, tokenizer,
+                                                                          monkeypatch) -> None:
+    """Greedy output stays AR greedy's whatever the drafter may propose; narrowed to the tokens AR
+    greedy emits it is still accepted, and narrowed to tokens AR never emits it is never accepted."""
+    import diffspec.speculative.ar as ar_mod
+
+    cfg = SpecConfig(gen_length=14, gamma=3)
+    ar = ar_generate(target, tokenizer, PROMPTS, cfg)
+    emitted = sorted({t for r in ar.raw_ids for t in r})
+    unused = [t for t in range(tokenizer.vocab_size) if t not in emitted][:50]
+    seen: list[int] = []
+    real = ar_mod._draft
+    monkeypatch.setattr(ar_mod, "_draft", lambda *a, **k: (lambda out: (seen.extend(out[0]), out)[1])(real(*a, **k)))
+    for vocab, accepts in ((emitted, True), (unused, False)):
+        d = copy.deepcopy(drafters["near"]).set_draft_vocab(vocab)
+        seen.clear()
+        spec = spec_generate(target, d, tokenizer, PROMPTS, cfg)
+        assert spec.raw_ids == ar.raw_ids
+        assert seen and set(seen) <= set(vocab)
+        assert (spec.stats["accepted"] > 0) == accepts
+    with pytest.raises(ValueError, match="only a drafter may have"):
+        spec_generate(copy.deepcopy(target).set_draft_vocab(emitted), drafters["near"], tokenizer, PROMPTS, cfg)
+    with pytest.raises(ValueError, match="only a drafter may have"):
+        ar_generate(copy.deepcopy(target).set_draft_vocab(emitted), tokenizer, PROMPTS, cfg)
+
+
+# --- gamma="auto": the chain sized on this device ------------------------------------------------
+
+
+def test_auto_gamma_decodes_as_the_gamma_it_chose_and_reports_it(tokenizer) -> None:
+    from diffspec.speculative import sizing
+
+    sizing._CHOSEN.clear()
+    # room for the 64-token calibration, and an EOS no answer reaches so it runs all 64
+    t = make_qwen(tokenizer, seed=0, max_position_embeddings=160, eos_token_id=tokenizer.vocab_size - 1)
+    near = copy.deepcopy(t)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in near.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = SpecConfig(gen_length=16, gamma="auto")
+    res = spec_generate(t, near, tokenizer, PROMPTS, cfg)
+    report = res.stats["auto_gamma"]
+    g = report["chosen"]
+    assert [c["gamma"] for c in report["candidates"]] == list(range(1, 9)) and g in range(1, 9)
+    assert report["calibration_tokens"] == 64 and not report["remembered"] and res.config.gamma == "auto"
+    assert len({c["acceptance_length"] for c in report["candidates"]}) > 1  # each candidate drafted its own γ
+    fixed = spec_generate(t, near, tokenizer, PROMPTS, cfg.replace(gamma=g))
+    assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
+    assert res.meter.nfe == fixed.meter.nfe and res.meter.wall_seconds >= report["calibration_seconds"]
+    again = spec_generate(t, copy.deepcopy(near), tokenizer, PROMPTS[:1], cfg)
+    assert again.stats["auto_gamma"]["remembered"] and again.stats["auto_gamma"]["chosen"] == g
+    narrowed = copy.deepcopy(near).set_draft_vocab(list(range(40)))  # cheaper drafts: measured anew
+    assert not spec_generate(t, narrowed, tokenizer, PROMPTS[:1], cfg).stats["auto_gamma"]["remembered"]
+
+
+def test_auto_gamma_option_parsing_and_errors() -> None:
+    from diffspec.api import build_config
+    from diffspec.bench.runner import parse_spec
+
+    assert parse_spec("ar-spec:gamma=auto")[1]["gamma"] == "auto"
+    assert build_config("ar-spec", gamma="auto").decode.gamma == "auto"
+    with pytest.raises(ValueError, match="or 'auto'"):
+        SpecConfig(gamma="four")
+    with pytest.raises(ValueError, match="dflash and d2sd keep the drafter's block"):
+        build_config("dflash", gamma="auto")
+
+
 # --- speculative, sampling ----------------------------------------------------------------------
 
 
@@ -220,6 +311,7 @@ def test_greedy_accept() -> None:
     ([0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.3, 0.5]),  # q puts mass where p has none
     ([0.05, 0.05, 0.1, 0.8], [0.7, 0.1, 0.1, 0.1]),
     ([0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]),  # identical: always accepted
+    ([0.4, 0.3, 0.2, 0.1], [0.5, 0.5, 0.0, 0.0]),  # a drafter narrowed to a draft vocabulary {0, 1}
 ])
 def test_rejection_rule_reproduces_target_distribution(p, q) -> None:
     p, q = torch.tensor(p, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)

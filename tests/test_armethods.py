@@ -63,6 +63,29 @@ def test_every_ar_method_gives_the_greedy_tokens(ckpts):
     assert set(d2sd.meter.models) == {"target", "drafter", "vp_drafter"}
 
 
+def test_an_ar_drafters_draft_vocabulary_is_read_beside_it_only(ckpts, tmp_path, tokenizer):
+    """draft_vocab.json narrows a drafter loaded as one; the same file beside a model loaded as the
+    target is not read (a target narrowed to a few ids would decode other text)."""
+    import shutil
+
+    from diffspec.models.draft_vocab import write_draft_vocab
+    from diffspec.speculative.armethods import build_ar_config, load_drafters
+
+    kw = dict(model=str(ckpts["target"]), gen_length=12)
+    base = generate([PROMPT], method="ar", **kw)
+    small = shutil.copytree(ckpts["small"], tmp_path / "small")
+    write_draft_vocab(small, {t: 1 for t in base.raw_ids[0]}, 100)
+    target, tok = load_any(ckpts["target"])
+    drafter = load_drafters(build_ar_config("ar-spec", drafter=str(small)), target, tok)["drafter"]
+    assert sorted(drafter.draft_vocab.tolist()) == sorted(set(base.raw_ids[0]))
+    spec = generate([PROMPT], method="ar-spec", drafter=str(small), gamma=3, **kw)
+    assert spec.raw_ids == base.raw_ids
+    narrowed_target = shutil.copytree(ckpts["target"], tmp_path / "target")
+    write_draft_vocab(narrowed_target, {5: 1}, 1)
+    assert load_any(narrowed_target)[0].draft_vocab is None
+    assert generate([PROMPT], method="ar", model=str(narrowed_target), gen_length=12).raw_ids == base.raw_ids
+
+
 def test_ar_methods_need_an_ar_target(tiny_checkpoint):
     with pytest.raises(ValueError, match="needs an autoregressive"):
         generate([PROMPT], method="ar", model=str(tiny_checkpoint), gen_length=8)

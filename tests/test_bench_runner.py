@@ -119,8 +119,9 @@ def test_spec_smollm2_suite_sizes_each_method_on_the_device():
     from diffspec.bench.runner import plan_bench, suite
 
     parsed, _ = plan_bench(suite("spec-smollm2", "gsm8k"), "gsm8k")
-    assert parsed[0] == ("ar", {"batch_size": 1}) and ("ar", {}) in parsed and ("dflash", {}) in parsed
-    assert ("dflash", {"drafts": "auto"}) in parsed and ("d2sd", {"k": "auto"}) in parsed
+    assert parsed[0] == ("ar", {"batch_size": 1}) and ("ar", {}) in parsed
+    assert ("ar-spec", {"gamma": "auto"}) in parsed and ("dflash", {"drafts": "auto"}) in parsed
+    assert parsed[-1] == ("d2sd", {"k": "auto"})
     assert {m for m, _ in parsed} == {"ar", "ar-spec", "dflash", "d2sd"}
 
 

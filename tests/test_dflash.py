@@ -257,7 +257,7 @@ def test_flops_charge_new_context_cells_and_read_logits_only(drafter) -> None:
 
 @torch.no_grad()
 def test_draft_vocabulary_narrows_the_head_and_round_trips(drafter, target, tmp_path) -> None:
-    from diffspec.models.dflash import read_draft_vocab, write_draft_vocab
+    from diffspec.models.draft_vocab import read_draft_vocab, write_draft_vocab
 
     d = make_drafter(target)
     block, bpos, ctx, cpos = inputs()

@@ -571,3 +571,28 @@ def test_train_pool_trains_on_the_first_answers_of_a_larger_pool(tmp_path, targe
     cfg.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="train_pool .13. must be <= data.pool .12."):
         train_dflash(cfg, kind="dflash")
+
+
+def test_draft_vocab_command_counts_the_first_answers_and_reports_coverage(tmp_path, target_dir, capsys):
+    """`diffspec draft-vocab` keeps the most frequent answer tokens; --answers pins the vocabulary to the
+    first answers, so chunks made later do not change a shipped drafter's head."""
+    from diffspec.models.draft_vocab import read_draft_vocab
+    from diffspec.train.distill import write_manifest_chunk
+
+    m = tmp_path / "manifest"
+    write_manifest_chunk(m / "train" / "chunk-00000.json.gz", "x", [([1], [5, 5, 6, 2]), ([1], [7, 2])], 0.0)
+    write_manifest_chunk(m / "train" / "chunk-00001.json.gz", "x", [([1], [9, 9, 9, 2])], 0.0)
+    write_manifest_chunk(m / "val" / "chunk-00000.json.gz", "x", [([1], [5, 9, 2, 11])], 0.0)
+    drafter = tmp_path / "drafter"
+    drafter.mkdir()
+    (drafter / "config.json").write_text("{}")
+    assert main(["draft-vocab", str(drafter), "--manifest", str(m), "--size", "100", "--answers", "2"]) == 0
+    assert read_draft_vocab(drafter / "draft_vocab.json") == [2, 5, 6, 7]  # by count, then id; 9 comes later
+    assert "in 2 answers" in capsys.readouterr().err
+    assert main(["draft-vocab", str(drafter), "--manifest", str(m), "--size", "2"]) == 0
+    assert read_draft_vocab(drafter / "draft_vocab.json") == [2, 9]
+    assert "50.00% of held-out answer tokens" in capsys.readouterr().err  # 2 and 9 of val's 5, 9, 2, 11
+    with pytest.raises(ValueError, match="holds 3 answers, fewer than the 5"):
+        distill_mod.build_draft_vocab(drafter, m, 10, answers=5)
+    with pytest.raises(ValueError, match="answers must be a whole number"):
+        distill_mod.build_draft_vocab(drafter, m, 10, answers=0)

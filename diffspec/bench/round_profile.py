@@ -88,10 +88,10 @@ def profile_method(method: str, model: Any, tok: Any, prompts: list[str], gen_le
         wall = time.perf_counter() - t0
     rows = res.meter.summary()["models"]
     vocab_rows = {model.config.vocab_size}  # and the bundled drafters' draft vocabularies
-    from ..models.dflash import DRAFT_VOCAB_FILE
+    from ..models.draft_vocab import DRAFT_VOCAB_FILE
     from ..speculative.armethods import bundled_drafter
 
-    for kind in ("dflash", "vp"):
+    for kind in ("ar-spec", "dflash", "vp"):
         f = bundled_drafter(kind, model) / DRAFT_VOCAB_FILE
         if f.is_file():
             vocab_rows.add(len(json.loads(f.read_text())["ids"]))

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from ..options import parse_bool
+from ..options import int_or_auto, parse_bool
 from . import Method, Option, Ref
 
 COMMON = {
     "max_new_tokens": Option(int, "another name for gen_length on AR targets"),
     "stop_at_eos": Option(parse_bool, "stop a row at its first EOS (default true)"),
 }
-GAMMA = Option(int, "draft tokens per round (ar-spec, default 4) or the DFlash block γ (dflash / d2sd, default 16)")
+GAMMA = Option(int_or_auto, "draft tokens per round (ar-spec, default 4; auto: the γ with the most tokens/s on this "
+                            "device, timed on the first prompt's first 64 tokens, reported as auto_gamma) or the "
+                            "DFlash block γ (dflash / d2sd, default 16)")
 DRAFTS = Option(int, "d2sd: drafts of the block the target's tree starts from, the first of its γ − 1 (default 0: "
                      "all)")
 DRAFTER = Option(str, "the AR drafter (ar-spec) or DFlash block drafter (dflash / d2sd) checkpoint "

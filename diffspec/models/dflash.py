@@ -47,12 +47,12 @@ from torch import Tensor, nn
 
 from .causal import Qwen3Model
 from .checkpoint import CheckpointError, _read_weights, check_state, read_config
+from .draft_vocab import DRAFT_VOCAB_FILE, check_draft_vocab, draft_logits, read_draft_vocab, write_draft_vocab
 from .layers import Attention, DecoderLayer, RMSNorm, SwiGLU, attend, project_q, rope_cos_sin
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "ContextKV", "check_target", "save_dflash", "load_dflash",
            "DRAFT_VOCAB_FILE", "read_draft_vocab", "write_draft_vocab"]
 
-DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside a drafter's weights: {"ids": [...]}, most frequent first
 # On the CPU the LM head's matmul is slower for 3-15 rows than for 16 (the BLAS picks another
 # kernel: on the project's machine 52 ms for 15 rows of SmolLM2's head, 27 ms for 16; see
 # benchmarks/verify-cost-cpu). So a CPU call that reads fewer cells runs the head on the whole
@@ -272,12 +272,7 @@ class DFlashDrafter(nn.Module):
         if ids is None:
             self.draft_vocab = None
             return self
-        t = torch.as_tensor(ids, dtype=torch.long, device=self.fc.weight.device).flatten()
-        if t.numel() == 0 or int(t.min()) < 0 or int(t.max()) >= self.config.vocab_size:
-            raise ValueError(f"a draft vocabulary needs ids in 0..{self.config.vocab_size - 1}; got {t.numel()} ids "
-                             f"from {int(t.min()) if t.numel() else None} to {int(t.max()) if t.numel() else None}")
-        if len(set(t.tolist())) != t.numel():
-            raise ValueError("the draft vocabulary repeats ids")
+        t = check_draft_vocab(ids, self.config.vocab_size, self.fc.weight.device)
         self.draft_vocab = t
         return self
 
@@ -393,7 +388,7 @@ class DFlashDrafter(nn.Module):
         for layer in self.layers:
             x = layer(x, ctx, rope_q, rope_c, mask, ctx_index)
         if draft_space:
-            return F.linear(self.norm(x if read is None else x[read]), self._draft_head(head))
+            return draft_logits(self, self.norm(x if read is None else x[read]), head, self.draft_vocab, full=False)
         return self._logits(x, head, read)
 
     def _cached_forward(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,
@@ -414,25 +409,13 @@ class DFlashDrafter(nn.Module):
             x = layer(x, cache.layer(i), rope_q, None, None)
         return self._logits(x, head, read)
 
-    def _draft_head(self, head: Tensor) -> Tensor:
-        """The head's draft-vocabulary rows, gathered once (not a Vd × H copy on every call) and
-        gathered again only when the head, the vocabulary or the weights change."""
-        key = (head.data_ptr(), head._version, self.draft_vocab.data_ptr(), head.dtype, head.device)
-        cached = self.__dict__.get("_draft_head_cache")
-        if cached is None or cached[0] != key or torch.is_grad_enabled():
-            cached = (key, head[self.draft_vocab])
-            self.__dict__["_draft_head_cache"] = cached
-        return cached[1]
-
     def _logits(self, x: Tensor, head: Tensor, read: Tensor | None) -> Tensor:
         if read is not None and self.head_rows(int(read.sum()), read.numel()) == read.numel():
             return self._logits(x, head, None)[read]  # the whole window is cheaper than a few rows here
         h = self.norm(x if read is None else x[read])
         if self.draft_vocab is None:
             return F.linear(h, head)
-        small = F.linear(h, self._draft_head(head))
-        out = small.new_full((*small.shape[:-1], self.config.vocab_size), float("-inf"))
-        return out.index_copy_(-1, self.draft_vocab, small)
+        return draft_logits(self, h, head, self.draft_vocab)
 
 
 def save_dflash(drafter: DFlashDrafter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -472,25 +455,3 @@ def load_dflash(path: str | Path, target: Qwen3Model) -> DFlashDrafter:
     if (path / DRAFT_VOCAB_FILE).is_file():
         drafter.set_draft_vocab(read_draft_vocab(path / DRAFT_VOCAB_FILE))
     return drafter.eval()
-
-
-def read_draft_vocab(file: Path) -> list[int]:
-    """The ids of a drafter's `draft_vocab.json` ({"ids": [...]}), checked to be a list of ints."""
-    try:
-        ids = json.loads(file.read_text())["ids"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{file} is not a draft vocabulary ({{\"ids\": [...]}}): {e}") from None
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise CheckpointError(f"{file}: 'ids' must be a list of token ids")
-    return ids
-
-
-def write_draft_vocab(drafter_dir: str | Path, counts: dict[int, int], size: int, always: Any = ()) -> list[int]:
-    """Write the `size` most frequent ids of `counts` (plus `always`, e.g. the EOS ids) as the drafter's
-    draft vocabulary; returns them, most frequent first."""
-    if size < 1:
-        raise ValueError(f"a draft vocabulary needs size >= 1, got {size}")
-    ranked = sorted(counts, key=lambda i: (-counts[i], i))
-    ids = list(dict.fromkeys([*ranked[:size], *always]))
-    Path(drafter_dir, DRAFT_VOCAB_FILE).write_text(json.dumps({"ids": ids}) + "\n")
-    return ids

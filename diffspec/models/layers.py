@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .draft_vocab import check_draft_vocab, draft_logits
+
 __all__ = ["ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm", "rope_cos_sin", "apply_rope", "swiglu",
            "SwiGLU", "project_q", "project_kv", "attend", "attention", "bidirectional_mask", "Attention",
            "DecoderLayer", "LMParts", "TransformerLM", "DecoderLM", "check_positive_ints", "HFConfigNames",
@@ -407,10 +409,26 @@ class TransformerLM(nn.Module):
             n -= p.embed.weight.numel()
         return n
 
+    # Target ids the head may propose when this model drafts for another (None: the whole
+    # vocabulary); see `models.draft_vocab` and `set_draft_vocab`.
+    draft_vocab: Tensor | None = None
+
+    def set_draft_vocab(self, ids: Any | None) -> "TransformerLM":
+        """Let the head propose only these ids, as an AR drafter (None: all). Never on a target: it
+        must verify over its whole vocabulary (`speculative.ar.check_compatible` refuses one)."""
+        w = self.parts().embed.weight
+        self.draft_vocab = None if ids is None else check_draft_vocab(ids, w.shape[0], w.device)
+        return self
+
     def forward_flops(self, n_query: int, n_keys: int) -> float:
-        """FLOPs of one sequence's forward: 2·params·tokens plus attention scores and mixing."""
+        """FLOPs of one sequence's forward: 2·params·tokens plus attention scores and mixing (less the
+        head rows a draft vocabulary leaves out)."""
         p = self.parts()
-        return 2.0 * self.num_params() * n_query + 4.0 * len(p.blocks) * p.attn_dim * n_query * n_keys
+        flops = 2.0 * self.num_params() * n_query + 4.0 * len(p.blocks) * p.attn_dim * n_query * n_keys
+        if self.draft_vocab is not None:
+            w = p.embed.weight if p.head is None else p.head.weight
+            flops -= 2.0 * (w.shape[0] - self.draft_vocab.numel()) * w.shape[1] * n_query
+        return flops
 
     def run_blocks(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
                    kv_cache: KVCacheHook | None, keep: Collection[int] = (),
@@ -432,6 +450,8 @@ class TransformerLM(nn.Module):
         head = p.embed.weight if p.head is None else p.head.weight
         if logits_mask is not None:
             x = x[logits_mask]
+        if self.draft_vocab is not None:
+            return draft_logits(self, p.norm(x), head, self.draft_vocab), states
         return F.linear(p.norm(x), head), states
 
     def rope_forward(self, input_ids: Tensor, positions: Tensor | None,

@@ -34,7 +34,7 @@ decoding has exactly one token per forward.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from ..decoding.streamer import Streamer, commit_tail
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
 from .round import Proposal, chain, speculate, through_eos
+from .sizing import AUTO, DEFAULT_GAMMA, GAMMA_CANDIDATES, auto_run
 
 __all__ = ["ARConfig", "SpecConfig", "ar_generate", "spec_generate", "ar_batch", "greedy_accept",
            "rejection_accept", "check_compatible", "through_eos", "run_rows"]
@@ -93,12 +94,15 @@ class SpecConfig(ARConfig):
     baseline run with the same options.
     """
 
-    gamma: int = 4
+    # "auto": the γ with the most tokens/s on this device (`speculative.sizing`): each draft costs a
+    # drafter forward, and on a CPU the verification's width has an uneven cost of its own.
+    gamma: int | str = 4
+    AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("gamma",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.gamma != AUTO and self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1 or 'auto', got {self.gamma}")
 
 
 # ---------------------------------------------------------------- sampling and acceptance (unit-tested)
@@ -155,16 +159,21 @@ def rejection_accept(p: Tensor, q: Tensor, drafts: Sequence[int], generator: tor
 # ---------------------------------------------------------------- shared checks
 
 
-def check_ar(model: torch.nn.Module, who: str) -> None:
+def check_ar(model: torch.nn.Module, who: str, drafts: bool = False) -> None:
+    """An AR model; unless it only `drafts`, one whose head covers the whole vocabulary: a model
+    narrowed to a draft vocabulary would decode or verify silently different text."""
     if not capabilities(model).logits_shifted:
         raise ValueError(f"the {who} ({type(model).__name__}) is not an autoregressive model: "
                          "AR decoding needs logit i to predict token i+1 (e.g. a Qwen3Model)")
+    if not drafts and getattr(model, "draft_vocab", None) is not None:
+        raise ValueError(f"the {who} has a draft vocabulary ({model.draft_vocab.numel()} ids), which only a "
+                         "drafter may have: call set_draft_vocab(None) on it, or load it as a model, not a drafter")
 
 
 def check_compatible(target: torch.nn.Module, drafter: torch.nn.Module) -> None:
     """The drafter must be AR, on the target's device, and read/write the same token ids."""
     check_ar(target, "target")
-    check_ar(drafter, "drafter")
+    check_ar(drafter, "drafter", drafts=True)
     tv, dv = target.config.vocab_size, drafter.config.vocab_size
     if tv != dv:
         raise ValueError(f"drafter and target vocabularies differ (drafter vocab_size {dv}, target {tv}); "
@@ -445,10 +454,16 @@ def spec_generate(
     progress: bool = False,
     streamer: Streamer | None = None,
 ) -> GenerationResult:
-    """Decode `prompts` with `target`, speculating `cfg.gamma` tokens per round with `drafter`, row by row."""
+    """Decode `prompts` with `target`, speculating `cfg.gamma` tokens per round with `drafter`, row by row
+    (γ = "auto": chosen on this device first, `speculative.sizing`)."""
     if not isinstance(cfg, SpecConfig):
         raise ValueError(f"spec_generate needs a SpecConfig, got {type(cfg).__name__}")
     check_compatible(target, drafter)
+    if cfg.gamma == AUTO:
+        return auto_run(target, [drafter], prompts, cfg, "gamma", GAMMA_CANDIDATES, DEFAULT_GAMMA,
+                        lambda ps, c, m, p=False, s=None: spec_generate(target, drafter, tokenizer, ps, c, m,
+                                                                        progress=p, streamer=s),
+                        meter, progress, streamer)
     meter = meter or CostMeter(primary="target")
     meter.primary = "target"
     t_metered, d_metered = MeteredModel(target, meter, "target"), MeteredModel(drafter, meter, "drafter")

@@ -19,6 +19,7 @@ from ..decoding.config import WrapsDecodeConfig
 from ..decoding.meter import CostMeter
 from ..decoding.runner import GenerationResult
 from ..decoding.streamer import Streamer
+from ..models.draft_vocab import DRAFT_VOCAB_FILE, read_draft_vocab
 from ..models.tokenizer import Tokenizer, check_same_tokenizer
 from .ar import ARConfig, SpecConfig, ar_generate, spec_generate
 from .d2sd import D2SDConfig, DFlashSpecConfig, d2sd_generate, dflash_generate
@@ -102,13 +103,17 @@ def load_causal_or_default(path: str | None, default: Path, what: str, device: t
                             target: torch.nn.Module | None = None) -> torch.nn.Module:
     """The AR drafter at `path` (or the bundled one), refused unless its tokenizer is the target's:
     equal vocabulary sizes are not enough, a swapped pair of ids would make its drafts garbage.
-    A drafter saved without its own embedding takes `target`'s."""
+    A drafter saved without its own embedding takes `target`'s; a `draft_vocab.json` beside it
+    (`diffspec draft-vocab`) narrows its head to those ids."""
     from ..models.causal import load_causal
 
     if path is None and not default.is_dir():
         raise FileNotFoundError(f"no {what} given and no bundled one at {default}; pass a checkpoint directory")
     model, tok = load_causal(path or default, device=device, dtype=dtype, embeddings_from=target)
     check_same_tokenizer(tok, tokenizer, f"the {what} {path or default}", "the target")
+    vocab = Path(path or default) / DRAFT_VOCAB_FILE
+    if vocab.is_file():  # read here, not by load_causal: only a drafter may narrow its head
+        model.set_draft_vocab(read_draft_vocab(vocab))
     return model
 
 

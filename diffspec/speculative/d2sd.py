@@ -61,8 +61,8 @@ boundaries per round and which branch each round's accepted path came from
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, ClassVar, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -75,7 +75,7 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
-from .sizing import AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, auto_size, candidates
+from .sizing import AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, auto_run, candidates
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -100,6 +100,9 @@ class DFlashSpecConfig(ARConfig):
     AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("drafts",)
 
     def __post_init__(self) -> None:
+        if self.gamma == AUTO:
+            raise ValueError("gamma=auto sizes ar-spec's chain; dflash and d2sd keep the drafter's block γ and "
+                             "size their rounds with drafts=auto (dflash) or k=auto (d2sd)")
         super().__post_init__()
         if self.gamma < 2:
             raise ValueError(f"gamma must be >= 2 (the anchor plus at least one draft), got {self.gamma}")
@@ -539,27 +542,11 @@ def dflash_generate(
     if cfg.drafts != AUTO:
         return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]",
                     streamer)
-    return _auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES, most=True),
+    return auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES, most=True),
                      cfg.gamma - 1,
                      lambda ps, c, m, p=False, s=None: dflash_generate(target, drafter, tokenizer, ps, c, m,
                                                                        progress=p, streamer=s),
                      meter, progress, streamer)
-
-
-def _auto_run(target: torch.nn.Module, drafters: list[DFlashDrafter], prompts: Sequence[str], cfg: DFlashSpecConfig,
-              field: str, values: list[int], default: int, decode: Callable[..., GenerationResult],
-              meter: CostMeter | None, progress: bool, streamer: Streamer | None) -> GenerationResult:
-    """Decode with `cfg.field` = "auto" resolved on this device (`sizing.auto_size`, timed on the first
-    prompt); the report goes into the stats as auto_<field>, and a calibration's time into the wall clock."""
-    if not prompts:
-        raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
-    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode)
-    res = decode(prompts, replace(cfg, **{field: value}), meter, progress, streamer)
-    if not report["remembered"]:  # what choosing cost is part of this run's time
-        res.meter.wall_seconds += report["calibration_seconds"]
-    res.config = cfg
-    res.stats[f"auto_{field}"] = report
-    return res
 
 
 def d2sd_generate(
@@ -584,7 +571,7 @@ def d2sd_generate(
         return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
                     f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)
     # a round has n_drafts boundaries: a larger K only repeats K = n_drafts
-    return _auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", candidates(cfg.n_drafts + 1, CANDIDATES),
+    return auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", candidates(cfg.n_drafts + 1, CANDIDATES),
                      DEFAULT_K,
                      lambda ps, c, m, p=False, s=None: d2sd_generate(target, drafter, vp_drafter, tokenizer, ps, c, m,
                                                                      progress=p, streamer=s),

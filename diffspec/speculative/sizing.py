@@ -1,4 +1,4 @@
-"""Speculation sized for the device it runs on (`k="auto"`, `drafts="auto"`, issue #34).
+"""Speculation sized for the device it runs on (`k="auto"`, `drafts="auto"`, `gamma="auto"`, issue #34).
 
 Two sizes trade a longer accepted path against a costlier verification, and
 what a wider verification costs depends on the device: on a GPU a verification
@@ -8,7 +8,9 @@ of 100 tree nodes costs about what one token costs; on a 2-core CPU
   and the VP drafter's batch of K + 1 windows, grow with K);
 - DFlash's `drafts`, how many of the block's γ − 1 drafts the target verifies
   (a draft the drafter rarely gets right costs a verified token and returns
-  little: on SmolLM2 with τ ≈ 2, verifying 3 instead of 15 ran 1.3× faster).
+  little: on SmolLM2 with τ ≈ 2, verifying 3 instead of 15 ran 1.3× faster);
+- ar-spec's γ, the chain the AR drafter proposes (each draft is one drafter
+  forward, and the verification's width has a cost of its own).
 The gain depends on the drafters and the text. Neither is known before
 decoding, so `auto_size` measures both: it decodes the first prompt's first
 `AUTO_TOKENS` tokens at each candidate size, twice, in opposite orders (so a
@@ -45,6 +47,11 @@ import torch
 AUTO = "auto"
 CANDIDATES = (1, 2, 4, 8)  # D²SD's K
 DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8, 11, 15)  # DFlash's drafts a round
+# ar-spec's γ: every width from 2 to 9 verified tokens, since on a CPU the cost of a width is not
+# monotonic (on the project's machine 3 tokens cost 2.0x one token, 5 tokens 1.3x: MKL picks its
+# kernel by the number of rows; benchmarks/verify-cost-fine-cpu).
+GAMMA_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8)
+DEFAULT_GAMMA = 4  # SpecConfig's default
 AUTO_TOKENS = 64  # calibration length: enough rounds (τ ≈ 2-10) for a stable tokens/s
 MIN_TOKENS = 16  # fewer than this in the calibration answer: too few rounds to time, keep the default K
 DEFAULT_K = 4  # D2SDConfig's default, the paper's
@@ -134,3 +141,20 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
                   calibration_forwards=forwards["nfe"], calibration_flops=forwards["flops"], remembered=False)
     memo[key] = (k, copy.deepcopy(report))
     return k, report
+
+
+def auto_run(target: torch.nn.Module, drafters: list[torch.nn.Module], prompts: Sequence[str], cfg: Any,
+             field: str, values: Sequence[int], default: int, decode: Callable[..., Any],
+             meter: Any, progress: bool, streamer: Any) -> Any:
+    """Decode with `cfg.field` = "auto" resolved on this device (`auto_size`, timed on the first
+    prompt) by `decode(prompts, cfg, meter, progress, streamer)`; the report goes into the stats as
+    auto_<field>, and a calibration's time into the wall clock."""
+    if not prompts:
+        raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
+    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode)
+    res = decode(prompts, replace(cfg, **{field: value}), meter, progress, streamer)
+    if not report["remembered"]:  # what choosing cost is part of this run's time
+        res.meter.wall_seconds += report["calibration_seconds"]
+    res.config = cfg
+    res.stats[f"auto_{field}"] = report
+    return res

@@ -49,7 +49,8 @@ from torch import Tensor
 
 from ..decoding.runner import eos_ids
 from ..models.checkpoint import DTYPES
-from ..models.dflash import DRAFT_VOCAB_FILE, DFlashConfig, DFlashDrafter, read_draft_vocab, save_dflash
+from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
+from ..models.draft_vocab import DRAFT_VOCAB_FILE, read_draft_vocab
 from ..models.tokenizer import MASK_TOKEN, Tokenizer
 from .common import TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, setup, \
     text, train_loop

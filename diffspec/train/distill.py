@@ -309,8 +309,9 @@ def _load_chunk(f: Path, part: list[str], mf: Path | None, cache_dir: Path) -> d
     return st
 
 
-def manifest_counts(manifest: Path) -> tuple[dict[int, int], int]:
-    """Token counts over every answer of a manifest split directory, and the number of answers."""
+def manifest_counts(manifest: Path, answers: int | None = None) -> tuple[dict[int, int], int]:
+    """Token counts over the answers of a manifest split directory (its first `answers`, in chunk
+    order, when given: a vocabulary that does not change as more chunks are made), and how many."""
     files = sorted(Path(manifest).glob("chunk-*.json.gz"))
     if not files:
         raise FileNotFoundError(f"no manifest chunks (chunk-*.json.gz) in {manifest}; generate them with "
@@ -319,21 +320,29 @@ def manifest_counts(manifest: Path) -> tuple[dict[int, int], int]:
     n = 0
     for f in files:
         for ans in read_manifest_chunk(f)["answers"]:
+            if answers is not None and n >= answers:
+                return counts, n
             n += 1
             for t in ans:
                 counts[t] = counts.get(t, 0) + 1
+    if answers is not None and n < answers:
+        raise ValueError(f"{manifest} holds {n} answers, fewer than the {answers} asked for; make more chunks "
+                         "or ask for fewer")
     return counts, n
 
 
-def build_draft_vocab(drafter_dir: Path, manifest: Path, size: int) -> dict[str, Any]:
-    """Write `drafter_dir`/draft_vocab.json from the target's own answers in `manifest`/train, and
-    measure on `manifest`/val (when present) the share of answer tokens the vocabulary covers: a
-    token outside it can never be drafted, so that share bounds every draft's acceptance."""
-    from ..models.dflash import write_draft_vocab
+def build_draft_vocab(drafter_dir: Path, manifest: Path, size: int, answers: int | None = None) -> dict[str, Any]:
+    """Write `drafter_dir`/draft_vocab.json from the target's own answers in `manifest`/train (the first
+    `answers` of them when given), and measure on `manifest`/val (when present) the share of answer
+    tokens the vocabulary covers: a token outside it can never be drafted, so that share bounds every
+    draft's acceptance."""
+    from ..models.draft_vocab import write_draft_vocab
 
     if not (Path(drafter_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{drafter_dir} is not a drafter checkpoint directory (no config.json)")
-    counts, n = manifest_counts(Path(manifest) / "train")
+    if answers is not None and (isinstance(answers, bool) or not isinstance(answers, int) or answers < 1):
+        raise ValueError(f"answers must be a whole number >= 1 (or None: all), got {answers!r}")
+    counts, n = manifest_counts(Path(manifest) / "train", answers)
     ids = write_draft_vocab(drafter_dir, counts, size)
     report: dict[str, Any] = {"size": len(ids), "answers": n, "distinct_tokens": len(counts),
                               "train_coverage": sum(counts.get(i, 0) for i in ids) / max(1, sum(counts.values()))}

@@ -1,0 +1,82 @@
+"""A drafter's draft vocabulary: the target ids its LM head may propose.
+
+With a 49k vocabulary the LM head is most of a small drafter's cost (SmolLM2's
+tied head is 28 M weights; a two-layer AR drafter has 5 M of its own, a DFlash
+window spends about 83 % of its FLOPs there). EAGLE-3 and DFlash keep only the
+target's most frequent output tokens: the head multiplies those rows, and every
+other id gets logit −inf, so the drafter never proposes it. The target still
+verifies over its whole vocabulary, so greedy output stays AR greedy's, and a
+sampled draft's probability is the one the drafter really used (exact rejection
+sampling). One module for every drafter family (`DFlashDrafter`, and the causal
+`TransformerLM` used as an AR drafter), so the file format, the checks and the
+gathered head are one implementation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DRAFT_VOCAB_FILE", "check_draft_vocab", "draft_logits", "read_draft_vocab", "write_draft_vocab"]
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside a drafter's weights: {"ids": [...]}, most frequent first
+
+
+def check_draft_vocab(ids: Any, vocab_size: int, device: torch.device) -> Tensor:
+    """`ids` as a long tensor on `device`, refused unless they are distinct ids of the vocabulary."""
+    t = torch.as_tensor(ids, dtype=torch.long, device=device).flatten()
+    if t.numel() == 0 or int(t.min()) < 0 or int(t.max()) >= vocab_size:
+        raise ValueError(f"a draft vocabulary needs ids in 0..{vocab_size - 1}; got {t.numel()} ids "
+                         f"from {int(t.min()) if t.numel() else None} to {int(t.max()) if t.numel() else None}")
+    if len(set(t.tolist())) != t.numel():
+        raise ValueError("the draft vocabulary repeats ids")
+    return t
+
+
+def _gathered_head(owner: nn.Module, head: Tensor, ids: Tensor) -> Tensor:
+    """The head's draft-vocabulary rows, gathered once per (head, vocabulary, weights) rather than a
+    Vd × H copy on every call; kept in `owner`'s __dict__ so it is not a buffer or a parameter."""
+    key = (head.data_ptr(), head._version, ids.data_ptr(), head.dtype, head.device)
+    cached = owner.__dict__.get("_draft_head_cache")
+    if cached is None or cached[0] != key or torch.is_grad_enabled():
+        cached = (key, head[ids])
+        owner.__dict__["_draft_head_cache"] = cached
+    return cached[1]
+
+
+def draft_logits(owner: nn.Module, h: Tensor, head: Tensor, ids: Tensor, full: bool = True) -> Tensor:
+    """Logits of the normed hidden states `h` over the draft vocabulary `ids` only: (..., V) with −inf
+    outside it, or (..., Vd) in draft-vocabulary order when not `full`."""
+    small = F.linear(h, _gathered_head(owner, head, ids))
+    if not full:
+        return small
+    out = small.new_full((*small.shape[:-1], head.shape[0]), float("-inf"))
+    return out.index_copy_(-1, ids, small)
+
+
+def read_draft_vocab(file: Path) -> list[int]:
+    """The ids of a drafter's `draft_vocab.json` ({"ids": [...]}), checked to be a list of ints."""
+    from .checkpoint import CheckpointError  # checkpoint imports the models, which import this module
+
+    try:
+        ids = json.loads(Path(file).read_text())["ids"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file} is not a draft vocabulary ({{\"ids\": [...]}}): {e}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CheckpointError(f"{file}: 'ids' must be a list of token ids")
+    return ids
+
+
+def write_draft_vocab(drafter_dir: str | Path, counts: dict[int, int], size: int, always: Any = ()) -> list[int]:
+    """Write the `size` most frequent ids of `counts` (plus `always`, e.g. the EOS ids) as the drafter's
+    draft vocabulary; returns them, most frequent first."""
+    if size < 1:
+        raise ValueError(f"a draft vocabulary needs size >= 1, got {size}")
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    ids = list(dict.fromkeys([*ranked[:size], *always]))
+    Path(drafter_dir, DRAFT_VOCAB_FILE).write_text(json.dumps({"ids": ids}) + "\n")
+    return ids
