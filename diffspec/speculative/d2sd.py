@@ -93,7 +93,7 @@ class DFlashSpecConfig(ARConfig):
 
     gamma: int = 16
     # Drafts the target verifies a round (the first `drafts` of the window's γ − 1; 0: all of them).
-    # On a CPU a verification costs by its length (benchmarks/verify-cost-cpu: 16 tokens 1.9x one
+    # On a CPU a verification costs by its length (benchmarks/verify-cost-cpu: 16 tokens 1.6x one
     # token at two threads), so drafts the drafter rarely gets right cost more than they return.
     # "auto": the count with the most tokens/s on this device (`speculative.sizing`).
     drafts: int | str = 0

@@ -3,7 +3,8 @@
 Two sizes trade a longer accepted path against a costlier verification, and
 what a wider verification costs depends on the device: on a GPU a verification
 of 100 tree nodes costs about what one token costs; on a 2-core CPU
-(benchmarks/verify-cost-cpu) 16 tokens cost 1.9× one token and 128 cost 6×.
+(benchmarks/verify-cost-cpu, 2026-12-07) 16 tokens cost 1.6× one token, 128 cost 5.4×,
+and 3 tokens cost more than 5.
 - D²SD's K, how many rejection boundaries the VP drafter re-anchors (its tree,
   and the VP drafter's batch of K + 1 windows, grow with K);
 - DFlash's `drafts`, how many of the block's γ − 1 drafts the target verifies
@@ -49,7 +50,7 @@ CANDIDATES = (1, 2, 4, 8)  # D²SD's K
 DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8, 11, 15)  # DFlash's drafts a round
 # ar-spec's γ: every width from 2 to 9 verified tokens, since on a CPU the cost of a width is not
 # monotonic (on the project's machine 3 tokens cost 2.0x one token, 5 tokens 1.3x: MKL picks its
-# kernel by the number of rows; benchmarks/verify-cost-fine-cpu).
+# kernel by the number of rows; benchmarks/verify-cost-cpu).
 GAMMA_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8)
 DEFAULT_GAMMA = 4  # SpecConfig's default
 AUTO_TOKENS = 64  # calibration length: enough rounds (τ ≈ 2-10) for a stable tokens/s
