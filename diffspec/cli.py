@@ -158,7 +158,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         per_model = " (" + " + ".join(f"{name} {c['nfe']}" for name, c in s["models"].items()) + ")"
     print(f"[{a.method}] forwards {s['nfe']}{per_model}, tokens/forward {s['tokens_per_forward']:.2f}, "
           f"GFLOPs {s['flops'] / 1e9:.2f}, {s['wall_seconds']:.2f}s", file=sys.stderr)
-    for field in ("k", "drafts"):  # d2sd --k auto, dflash --drafts auto: what it chose and from what, so
+    for field in ("k", "drafts", "gamma"):  # --k / --drafts / --gamma auto: what it chose and from what, so
         auto = (res.stats or {}).get(f"auto_{field}") if isinstance(res.stats, dict) else None
         if auto:  # the next run can pass the number directly
             timed = ", ".join(f"{field}={c[field]} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])

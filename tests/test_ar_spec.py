@@ -210,6 +210,17 @@ def test_draft_vocabulary_narrows_an_ar_drafters_head(drafters, tokenizer) -> No
     for bad in ([], [V], [1, 1]):
         with pytest.raises(ValueError, match="draft vocabulary"):
             d.set_draft_vocab(bad)
+    # another vocabulary of the same length, after the first was dropped: its own head rows, not cached ones
+    other = [6, 18, 41, 1, 3]
+    d.set_draft_vocab(vocab)
+    d(ids)
+    d.set_draft_vocab(None)
+    d.set_draft_vocab(other)
+    assert torch.allclose(d(ids).logits[..., other], full[..., other], atol=1e-5)
+    mine = [7, 8, 9]
+    d.set_draft_vocab(mine)
+    mine.append(10)  # the caller's list is theirs: the drafter kept a copy
+    assert d.draft_vocab.tolist() == [7, 8, 9]
 
 
 def test_a_narrowed_drafter_stays_lossless_and_drafts_only_its_vocabulary(target, drafters, tokenizer,

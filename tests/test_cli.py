@@ -44,6 +44,20 @@ def test_generate_reports_what_drafts_auto_chose(capsys):
     assert line.group(2).count("tok/s") == len(sizing.DRAFT_CANDIDATES) or "too short" in line.group(2)
 
 
+def test_generate_reports_what_gamma_auto_chose(capsys):
+    """ar-spec --gamma auto prints its choice and every γ's speed, as --drafts auto does."""
+    from diffspec.speculative import sizing
+
+    sizing._CHOSEN.clear()
+    rc, out, err = run(["generate", "--prompt", "Ana has 3 pens. Ana buys 4 more. How many pens does Ana have now?",
+                        "--model", str(DEFAULT_MODEL_DIR.parent / "qwen3-arith"), "--method", "ar-spec",
+                        "--gamma", "auto"], capsys)
+    assert rc == 0, err
+    line = re.search(r"--gamma auto chose gamma=(\d+) \((.*)\)", err)
+    assert line and int(line.group(1)) in sizing.GAMMA_CANDIDATES
+    assert line.group(2).count("tok/s") == len(sizing.GAMMA_CANDIDATES) or "too short" in line.group(2)
+
+
 @pytest.mark.parametrize("extra", [
     ["--method", "fast-dllm", "--cache", "dual", "--policy", "threshold", "--threshold", "0.9"],
     ["--method", "fast-dllm", "--cache", "prefix", "--policy", "factor", "--factor", "1.0"],

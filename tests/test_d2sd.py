@@ -482,6 +482,8 @@ def test_auto_k_keeps_the_default_when_the_answer_is_too_short_to_time(target, d
     res = d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], D2SDConfig(gen_length=16, gamma=8, gamma2=8, k="auto"))
     report = res.stats["auto_k"]
     assert report["too_short"] and report["chosen"] == sizing.DEFAULT_K == D2SDConfig().k and not report["candidates"]
+    assert not sizing._CHOSEN.get(t)  # a default kept for want of a measurement is not remembered: the next
+    # request, whose answer may be long enough, measures
 
 
 def test_choose_size_takes_the_most_tokens_per_second() -> None:

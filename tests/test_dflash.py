@@ -279,6 +279,9 @@ def test_draft_vocabulary_narrows_the_head_and_round_trips(drafter, target, tmp_
     (tmp_path / "dv" / "draft_vocab.json").write_text('{"ids": "all"}')
     with pytest.raises(CheckpointError, match="list of token ids"):
         load_dflash(tmp_path / "dv", target)
+    (tmp_path / "dv" / "draft_vocab.json").write_text('{"ids": [3, 300]}')  # 300 is past the vocabulary
+    with pytest.raises(CheckpointError, match=r"draft_vocab.json: a draft vocabulary needs ids in 0..299"):
+        load_dflash(tmp_path / "dv", target)
 
 
 @torch.no_grad()

@@ -58,3 +58,14 @@ def test_dflash_auto_drafts_report_survives_the_merge():
     m = merge_summaries([sa, sb])
     assert m["auto_drafts"]["chosen"] == 3 and m["auto_drafts"]["chosen_per_part"] == [3, 4]
     assert "auto_k" not in m
+
+
+def test_ar_spec_auto_gamma_report_survives_the_merge():
+    from diffspec.speculative.ar import ARSpecStats
+
+    sa, sb = ARSpecStats(rounds=2, drafted=8, accepted=3).summary(), ARSpecStats(rounds=1, drafted=4).summary()
+    sa["auto_gamma"] = {"chosen": 4, "candidates": [{"gamma": 4}], "remembered": False}
+    sb["auto_gamma"] = {"chosen": 4, "candidates": [{"gamma": 4}], "remembered": True}
+    m = merge_summaries([sa, sb])
+    assert m["auto_gamma"]["chosen"] == 4 and m["auto_gamma"]["chosen_per_part"] == [4, 4]
+    assert m["rounds"] == 3 and m["accepted"] == 3

@@ -596,3 +596,5 @@ def test_draft_vocab_command_counts_the_first_answers_and_reports_coverage(tmp_p
         distill_mod.build_draft_vocab(drafter, m, 10, answers=5)
     with pytest.raises(ValueError, match="answers must be a whole number"):
         distill_mod.build_draft_vocab(drafter, m, 10, answers=0)
+    with pytest.raises(ValueError, match="size must be a whole number"):
+        distill_mod.build_draft_vocab(drafter, m, 0)

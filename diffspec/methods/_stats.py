@@ -54,7 +54,7 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | Non
     for s in parts:
         add_counters(total, cls(**{f.name: s[f.name] for f in fields(cls)}))
     merged = total.summary()
-    for key in ("auto_k", "auto_drafts"):  # D²SD's k=auto, DFlash's drafts=auto: the first part's
+    for key in ("auto_k", "auto_drafts", "auto_gamma"):  # k=auto, drafts=auto, gamma=auto: the first part's
         reports = [s[key] for s in parts if key in s]  # measurement, and what every part chose
         if reports:
             merged[key] = {**reports[0], "chosen_per_part": [r["chosen"] for r in reports]}

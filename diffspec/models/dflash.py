@@ -453,5 +453,5 @@ def load_dflash(path: str | Path, target: Qwen3Model) -> DFlashDrafter:
     w = target.model.embed_tokens.weight
     drafter.load_state_dict({k: v.to(device=w.device, dtype=w.dtype) for k, v in state.items()}, assign=True)
     if (path / DRAFT_VOCAB_FILE).is_file():
-        drafter.set_draft_vocab(read_draft_vocab(path / DRAFT_VOCAB_FILE))
+        drafter.set_draft_vocab(read_draft_vocab(path / DRAFT_VOCAB_FILE, cfg.vocab_size))
     return drafter.eval()

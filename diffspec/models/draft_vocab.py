@@ -28,7 +28,7 @@ DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside a drafter's weights: {"ids": [..
 
 def check_draft_vocab(ids: Any, vocab_size: int, device: torch.device) -> Tensor:
     """`ids` as a long tensor on `device`, refused unless they are distinct ids of the vocabulary."""
-    t = torch.as_tensor(ids, dtype=torch.long, device=device).flatten()
+    t = torch.as_tensor(ids, dtype=torch.long, device=device).flatten().clone()  # the caller's list stays theirs
     if t.numel() == 0 or int(t.min()) < 0 or int(t.max()) >= vocab_size:
         raise ValueError(f"a draft vocabulary needs ids in 0..{vocab_size - 1}; got {t.numel()} ids "
                          f"from {int(t.min()) if t.numel() else None} to {int(t.max()) if t.numel() else None}")
@@ -39,18 +39,23 @@ def check_draft_vocab(ids: Any, vocab_size: int, device: torch.device) -> Tensor
 
 def _gathered_head(owner: nn.Module, head: Tensor, ids: Tensor) -> Tensor:
     """The head's draft-vocabulary rows, gathered once per (head, vocabulary, weights) rather than a
-    Vd × H copy on every call; kept in `owner`'s __dict__ so it is not a buffer or a parameter."""
-    key = (head.data_ptr(), head._version, ids.data_ptr(), head.dtype, head.device)
+    Vd × H copy on every call; kept in `owner`'s __dict__ so it is not a buffer or a parameter. The
+    entry holds the `ids` tensor itself (compared by identity): a freed vocabulary's address reused
+    by a new one cannot hit it."""
+    key = (head.data_ptr(), head._version, head.dtype, head.device)
     cached = owner.__dict__.get("_draft_head_cache")
-    if cached is None or cached[0] != key or torch.is_grad_enabled():
-        cached = (key, head[ids])
+    if cached is None or cached[0] != key or cached[1] is not ids or torch.is_grad_enabled():
+        cached = (key, ids, head[ids])
         owner.__dict__["_draft_head_cache"] = cached
-    return cached[1]
+    return cached[2]
 
 
 def draft_logits(owner: nn.Module, h: Tensor, head: Tensor, ids: Tensor, full: bool = True) -> Tensor:
     """Logits of the normed hidden states `h` over the draft vocabulary `ids` only: (..., V) with −inf
     outside it, or (..., Vd) in draft-vocabulary order when not `full`."""
+    if ids.device != head.device:  # the module was moved after set_draft_vocab: follow it, once
+        ids = ids.to(head.device)
+        owner.draft_vocab = ids
     small = F.linear(h, _gathered_head(owner, head, ids))
     if not full:
         return small
@@ -58,8 +63,9 @@ def draft_logits(owner: nn.Module, h: Tensor, head: Tensor, ids: Tensor, full: b
     return out.index_copy_(-1, ids, small)
 
 
-def read_draft_vocab(file: Path) -> list[int]:
-    """The ids of a drafter's `draft_vocab.json` ({"ids": [...]}), checked to be a list of ints."""
+def read_draft_vocab(file: Path, vocab_size: int | None = None) -> list[int]:
+    """The ids of a drafter's `draft_vocab.json` ({"ids": [...]}), checked to be a list of distinct ints
+    (in 0..vocab_size − 1 when given), or a CheckpointError naming the file."""
     from .checkpoint import CheckpointError  # checkpoint imports the models, which import this module
 
     try:
@@ -68,6 +74,11 @@ def read_draft_vocab(file: Path) -> list[int]:
         raise CheckpointError(f"{file} is not a draft vocabulary ({{\"ids\": [...]}}): {e}") from None
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise CheckpointError(f"{file}: 'ids' must be a list of token ids")
+    if vocab_size is not None:
+        try:
+            check_draft_vocab(ids, vocab_size, torch.device("cpu"))
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {e}; rewrite it with `diffspec draft-vocab`") from None
     return ids
 
 

@@ -113,7 +113,7 @@ def load_causal_or_default(path: str | None, default: Path, what: str, device: t
     check_same_tokenizer(tok, tokenizer, f"the {what} {path or default}", "the target")
     vocab = Path(path or default) / DRAFT_VOCAB_FILE
     if vocab.is_file():  # read here, not by load_causal: only a drafter may narrow its head
-        model.set_draft_vocab(read_draft_vocab(vocab))
+        model.set_draft_vocab(read_draft_vocab(vocab, model.config.vocab_size))
     return model
 
 

@@ -1,6 +1,6 @@
 """Speculation sized for the device it runs on (`k="auto"`, `drafts="auto"`, `gamma="auto"`, issue #34).
 
-Two sizes trade a longer accepted path against a costlier verification, and
+Three sizes trade a longer accepted path against a costlier verification, and
 what a wider verification costs depends on the device: on a GPU a verification
 of 100 tree nodes costs about what one token costs; on a 2-core CPU
 (benchmarks/verify-cost-cpu, 2026-12-07) 16 tokens cost 1.6× one token, 128 cost 5.4×,
@@ -111,7 +111,8 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
     from ..models.checkpoint import weights_fingerprint
 
     param = next(target.parameters())
-    skip = {field, "gen_length", "batch_size"} | ({"seed"} if cfg.temperature == 0 else set())  # no bearing
+    skip = {field, "gen_length", "batch_size", "seed"}  # no bearing on speed (with sampling the seed changes
+    # which tokens are drawn, not what a size costs: a server's requests with new seeds calibrate once)
     rest = tuple((f, repr(getattr(cfg, f))) for f in cfg.__dataclass_fields__ if f not in skip)
     vocabs = tuple(None if getattr(d, "draft_vocab", None) is None else tuple(d.draft_vocab.tolist())
                    for d in drafters)  # a draft vocabulary is no weight, but changes the drafter's cost
@@ -140,7 +141,8 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
         report["calibration_seconds"] = time.perf_counter() - start  # the first run's included
     report.update(calibration_tokens=AUTO_TOKENS, threads=torch.get_num_threads(),
                   calibration_forwards=forwards["nfe"], calibration_flops=forwards["flops"], remembered=False)
-    memo[key] = (k, copy.deepcopy(report))
+    if not report.get("too_short"):  # a default kept for want of a measurement is not a choice to remember
+        memo[key] = (k, copy.deepcopy(report))
     return k, report
 
 

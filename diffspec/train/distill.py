@@ -342,7 +342,11 @@ def build_draft_vocab(drafter_dir: Path, manifest: Path, size: int, answers: int
         raise FileNotFoundError(f"{drafter_dir} is not a drafter checkpoint directory (no config.json)")
     if answers is not None and (isinstance(answers, bool) or not isinstance(answers, int) or answers < 1):
         raise ValueError(f"answers must be a whole number >= 1 (or None: all), got {answers!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a whole number >= 1, got {size!r}")
     counts, n = manifest_counts(Path(manifest) / "train", answers)
+    if not counts:
+        raise ValueError(f"the answers in {manifest}/train hold no tokens: nothing to make a vocabulary of")
     ids = write_draft_vocab(drafter_dir, counts, size)
     report: dict[str, Any] = {"size": len(ids), "answers": n, "distinct_tokens": len(counts),
                               "train_coverage": sum(counts.get(i, 0) for i in ids) / max(1, sum(counts.values()))}
