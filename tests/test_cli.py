@@ -30,32 +30,21 @@ def test_generate_prints_completion_and_cost(tiny_checkpoint, capsys):
     assert "forwards 16" in err  # steps default to gen-length
 
 
-def test_generate_reports_what_drafts_auto_chose(capsys):
-    """dflash --drafts auto says which count it picked and each count's speed, so a user can pass it next."""
+@pytest.mark.parametrize("method, field, values", [("dflash", "drafts", "DRAFT_CANDIDATES"),
+                                                   ("ar-spec", "gamma", "GAMMA_CANDIDATES")])
+def test_generate_reports_what_auto_chose(capsys, method, field, values):
+    """dflash --drafts auto and ar-spec --gamma auto say which size they picked and each size's speed,
+    so a user can pass it next."""
     from diffspec.speculative import sizing
 
     sizing._CHOSEN.clear()
     rc, out, err = run(["generate", "--prompt", "Ana has 3 pens. Ana buys 4 more. How many pens does Ana have now?",
-                        "--model", str(DEFAULT_MODEL_DIR.parent / "qwen3-arith"), "--method", "dflash",
-                        "--drafts", "auto"], capsys)
+                        "--model", str(DEFAULT_MODEL_DIR.parent / "qwen3-arith"), "--method", method,
+                        f"--{field}", "auto"], capsys)
     assert rc == 0, err
-    line = re.search(r"--drafts auto chose drafts=(\d+) \((.*)\)", err)
-    assert line and int(line.group(1)) in sizing.DRAFT_CANDIDATES
-    assert line.group(2).count("tok/s") == len(sizing.DRAFT_CANDIDATES) or "too short" in line.group(2)
-
-
-def test_generate_reports_what_gamma_auto_chose(capsys):
-    """ar-spec --gamma auto prints its choice and every γ's speed, as --drafts auto does."""
-    from diffspec.speculative import sizing
-
-    sizing._CHOSEN.clear()
-    rc, out, err = run(["generate", "--prompt", "Ana has 3 pens. Ana buys 4 more. How many pens does Ana have now?",
-                        "--model", str(DEFAULT_MODEL_DIR.parent / "qwen3-arith"), "--method", "ar-spec",
-                        "--gamma", "auto"], capsys)
-    assert rc == 0, err
-    line = re.search(r"--gamma auto chose gamma=(\d+) \((.*)\)", err)
-    assert line and int(line.group(1)) in sizing.GAMMA_CANDIDATES
-    assert line.group(2).count("tok/s") == len(sizing.GAMMA_CANDIDATES) or "too short" in line.group(2)
+    line = re.search(rf"--{field} auto chose {field}=(\d+) \((.*)\)", err)
+    assert line and int(line.group(1)) in getattr(sizing, values)
+    assert line.group(2).count("tok/s") == len(getattr(sizing, values)) or "too short" in line.group(2)
 
 
 @pytest.mark.parametrize("extra", [
