@@ -10,19 +10,30 @@ from diffspec.speculative.armethods import DEFAULT_TARGET
 
 
 def test_verify_cost_writes_curve_table_and_plot(tmp_path):
+    import shutil
+
+    from diffspec.models.draft_vocab import write_draft_vocab
+    from diffspec.speculative.armethods import bundled_drafter
+
+    ar_drafter = shutil.copytree(bundled_drafter("ar-spec", None), tmp_path / "ar")
+    write_draft_vocab(ar_drafter, {i: 1 for i in range(40)}, 40)
     out = tmp_path / "vc"
     assert main(["--out", str(out), "--model", str(DEFAULT_TARGET), "--threads", "1", "--repeats", "1",
-                 "--sizes", "1,4", "--context", "16", "--vp-windows", "2"]) == 0
+                 "--sizes", "1,4", "--context", "16", "--vp-windows", "2", "--ar-drafter", str(ar_drafter)]) == 0
     r = json.loads((out / "results.json").read_text())
     curve = r["runs"]["1"]["target"]
     assert [c["Q"] for c in curve] == [1, 4]
     assert all(c["ms"] > 0 and c["ms_layers"] > 0 and c["ms_head"] >= 0 for c in curve)
     drafters = r["runs"]["1"]["drafters"]
-    assert len(drafters) == 2 and all(set(d) >= {"recompute_context_full_head", "cached_context_read_cells"}
-                                      for d in drafters.values())
+    assert all(set(drafters[k]) >= {"recompute_context_full_head", "cached_context_read_cells"}
+               for k in drafters if k != "ar-spec drafter")
+    ar = drafters.pop("ar-spec drafter")
+    assert len(drafters) == 2 and set(ar) == {"one_token_full_head", "two_tokens_full_head",
+                                              "one_token_draft_vocab", "two_tokens_draft_vocab"}
+    assert all(v > 0 for v in ar.values())
     assert r["load"]["cores"] >= 1 and r["context"] == 16
     table = (out / "table.md").read_text()
-    assert "| Q | 1 | 4 |" in table and "Load average" in table
+    assert "| Q | 1 | 4 |" in table and "Load average" in table and "ar-spec drafter: one token full head" in table
     assert (out / "curve.png").stat().st_size > 0
 
 

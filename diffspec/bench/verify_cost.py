@@ -99,6 +99,34 @@ def drafter_costs(drafter: DFlashDrafter, hidden: torch.Tensor, windows: int, re
 
 
 @torch.inference_mode()
+def ar_drafter_costs(drafter: Qwen3Model, context: list[int], repeats: int) -> dict[str, float]:
+    """ms of the AR drafter's decoding calls after `context`: one drafted token (Q = 1) and the
+    catch-up after a fully accepted round (Q = 2), each with the head over the whole vocabulary and
+    over the drafter's draft vocabulary when it has one (its head is most of what a token reads)."""
+    P = len(context)
+    cache = CausalKVCache.for_model(drafter, 1, P + 2)
+    drafter(torch.tensor([context]), kv_cache=cache)
+
+    def call(q: int) -> None:
+        drafter(torch.tensor([[1] * q]), kv_cache=cache)
+        cache.crop(P)
+
+    saved = drafter.draft_vocab
+    out: dict[str, float] = {}
+    try:
+        drafter.set_draft_vocab(None)
+        out["one_token_full_head"] = median_ms(lambda: call(1), repeats)
+        out["two_tokens_full_head"] = median_ms(lambda: call(2), repeats)
+        if saved is not None:
+            drafter.draft_vocab = saved
+            out["one_token_draft_vocab"] = median_ms(lambda: call(1), repeats)
+            out["two_tokens_draft_vocab"] = median_ms(lambda: call(2), repeats)
+    finally:
+        drafter.draft_vocab = saved
+    return out
+
+
+@torch.inference_mode()
 def head_gemm_rows(target: Qwen3Model, rows: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
     """ms of the target's LM head matmul alone for M rows: the BLAS picks its kernel by M, and on
     some CPUs a few rows cost more than 16 (why the curve above can fall from Q = 8 to Q = 16)."""
@@ -183,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="AR target (default smollm2)")
     p.add_argument("--drafter", help="DFlash drafter dir (default: the bundled one for the target)")
     p.add_argument("--vp-drafter", help="VP drafter dir (default: the bundled one for the target)")
+    p.add_argument("--ar-drafter", help="ar-spec drafter dir (default: the bundled one for the target)")
     p.add_argument("--context", type=int, default=200, help="tokens before the verified ones (default 200)")
     p.add_argument("--threads", default="1,2", help="torch thread counts to measure (default 1,2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; default 5)")
@@ -191,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from ..models.causal import load_causal
     from ..models.gguf import resolve_checkpoint
-    from ..speculative.armethods import bundled_drafter, load_dflash_or_default
+    from ..speculative.armethods import bundled_drafter, load_causal_or_default, load_dflash_or_default
 
     try:
         threads = [int(t) for t in a.threads.split(",")]
@@ -204,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     target, tok = load_causal(tdir, dtype=torch.float32)
     drafters = {"dflash": load_dflash_or_default(a.drafter, bundled_drafter("dflash", target), "drafter", target),
                 "vp": load_dflash_or_default(a.vp_drafter, bundled_drafter("vp", target), "vp drafter", target)}
+    ar_drafter = load_causal_or_default(a.ar_drafter, bundled_drafter("ar-spec", target), "ar drafter",
+                                        torch.device("cpu"), torch.float32, tok, target)
     context = gsm8k_context(tok, tdir, a.context)
     with torch.inference_mode():
         layers = sorted({i for d in drafters.values() for i in d.config.target_layers})
@@ -223,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[verify-cost] {n} thread(s): {name} drafter ({windows} window(s))", file=sys.stderr)
             run["drafters"][f"{name} ({windows}×{d.config.block_size})"] = drafter_costs(
                 d, hidden, windows, a.repeats, d.draft_vocab)
+        run["drafters"]["ar-spec drafter"] = ar_drafter_costs(ar_drafter, context, a.repeats)
         result["runs"][str(n)] = run
     result["load"] = load_during(start)  # a busy machine flattens or bends the curve: say how busy it was
     out_dir = Path(a.out)
