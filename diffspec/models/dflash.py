@@ -269,11 +269,8 @@ class DFlashDrafter(nn.Module):
 
     def set_draft_vocab(self, ids: Any | None) -> "DFlashDrafter":
         """Let the head propose only these target ids (None: the whole vocabulary)."""
-        if ids is None:
-            self.draft_vocab = None
-            return self
-        t = check_draft_vocab(ids, self.config.vocab_size, self.fc.weight.device)
-        self.draft_vocab = t
+        self.draft_vocab = None if ids is None else check_draft_vocab(ids, self.config.vocab_size,
+                                                                      self.fc.weight.device)
         return self
 
     def head_rows(self, n_read: int, n_cells: int) -> int:
