@@ -217,8 +217,10 @@ def decode_recorded(monkeypatch, model, ps, **kw) -> tuple[torch.Tensor, list]:
 def test_batch_of_different_prompt_lengths_matches_each_row_alone(cache, monkeypatch):
     """Left padding must not leak, and batch companions must not change a row.
 
-    Exact for the longest prompt (no padding) where every forward feeds the
-    same columns batched or alone (none, prefix, dual, dkv-prefill). Close
+    Equal up to float rounding (1e-5) for the longest prompt (no padding), where
+    every forward feeds the same columns batched or alone (none, prefix, dual,
+    dkv-prefill): not bit-exact, because on the CPU `models.matmul.linear` sums
+    a few rows in an order that depends on how many rows the batch has. Close
     otherwise: a shorter prompt decoded alone sits at other columns, so RoPE
     sees shifted absolute positions (same math, since attention depends on
     relative positions only, different floats); and dkv-decode/greedy feed the
@@ -235,7 +237,7 @@ def test_batch_of_different_prompt_lengths_matches_each_row_alone(cache, monkeyp
         assert torch.equal(x[r, -8:], alone[0, -8:]), f"row {r} differs from decoding it alone"
         for batch_step, alone_step in zip(batch_log, alone_log, strict=True):
             if r == 0 and cache in ("none", "prefix", "dual", "dkv-prefill"):
-                assert torch.equal(batch_step[r], alone_step[0])
+                torch.testing.assert_close(batch_step[r], alone_step[0], atol=1e-5, rtol=1e-5)
             else:
                 torch.testing.assert_close(batch_step[r], alone_step[0], atol=1e-4, rtol=1e-4)
     kw.update(policy="threshold", threshold=0.3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from diffspec.bench.verify_cost import main
+from diffspec.bench.verify_cost import GEMM_ROWS, main
 from diffspec.speculative.armethods import DEFAULT_TARGET
 
 
@@ -31,8 +31,12 @@ def test_verify_cost_writes_curve_table_and_plot(tmp_path):
     assert len(drafters) == 2 and set(ar) == {"one_token_full_head", "two_tokens_full_head",
                                               "one_token_draft_vocab", "two_tokens_draft_vocab"}
     assert all(v > 0 for v in ar.values())
+    gemm = r["runs"]["1"]["gemm_layouts"]  # both layouts of the head and the blocks, every row count
+    assert [g["rows"] for g in gemm] == list(GEMM_ROWS)
+    assert all(g[f"{part}_{how}"] > 0 for g in gemm for part in ("head", "blocks") for how in ("f_linear", "weight_left"))
     assert r["load"]["cores"] >= 1 and r["context"] == 16
     table = (out / "table.md").read_text()
+    assert "| the blocks' linears |" in table
     assert "| Q | 1 | 4 |" in table and "Load average" in table and "ar-spec drafter: one token full head" in table
     assert (out / "curve.png").stat().st_size > 0
 
@@ -44,7 +48,7 @@ def test_round_profile_splits_model_head_and_host_time(tmp_path):
 
     out = tmp_path / "rp"
     assert profile(["--out", str(out), "--model", str(DEFAULT_TARGET), "--task", "arith", "--no-chat", "--limit",
-                    "1", "--gen-length", "24", "--threads", "1", "--methods", "ar,d2sd"]) == 0
+                    "1", "--gen-length", "24", "--threads", "1", "--methods", "ar", "d2sd:k=1"]) == 0
     r = json.loads((out / "results.json").read_text())
     ar, d2 = r["results"]
     assert set(ar["models"]) == {"model"} and set(d2["models"]) == {"target", "drafter", "vp_drafter"}
@@ -52,4 +56,4 @@ def test_round_profile_splits_model_head_and_host_time(tmp_path):
         assert res["host_s"] >= 0 and sum(m["s"] for m in res["models"].values()) <= res["wall_s"]
         assert 0 < res["models"][target]["head_share"] < 1
     assert d2["models"]["drafter"]["calls"] >= 1 and d2["acceptance_length"] >= 1
-    assert "| d2sd |" in (out / "table.md").read_text()
+    assert "| d2sd:k=1 |" in (out / "table.md").read_text()

@@ -58,7 +58,7 @@ def timed_calls(times: dict[str, float], label: bool) -> Iterator[None]:
 
 
 def head_shares(prof: Any, vocab_rows: set[int]) -> dict[str, float]:
-    """Per model label: the share of its profiled CPU time spent in LM-head matmuls (a linear whose
+    """Per model label: the share of its profiled CPU time spent in LM-head matmuls (a matmul whose
     weight has one of `vocab_rows` rows)."""
     total: dict[str, float] = defaultdict(float)
     head: dict[str, float] = defaultdict(float)
@@ -66,9 +66,10 @@ def head_shares(prof: Any, vocab_rows: set[int]) -> dict[str, float]:
         if ev.name.startswith("model::"):
             total[ev.name[7:]] += ev.cpu_time_total
             continue
-        if ev.name != "aten::linear" or len(ev.input_shapes) < 2 or len(ev.input_shapes[1]) != 2:
-            continue
-        if ev.input_shapes[1][0] not in vocab_rows:
+        # F.linear(x, W): the weight is the second operand; `models.matmul.linear`: mm(W, xᵀ), the first
+        weight_at = {"aten::linear": 1, "aten::mm": 0}.get(ev.name)
+        shapes = ev.input_shapes
+        if weight_at is None or len(shapes) < 2 or len(shapes[weight_at]) != 2 or shapes[weight_at][0] not in vocab_rows:
             continue
         parent = ev.cpu_parent
         while parent is not None and not parent.name.startswith("model::"):
@@ -78,13 +79,16 @@ def head_shares(prof: Any, vocab_rows: set[int]) -> dict[str, float]:
     return {k: head[k] / total[k] for k in total if total[k] > 0}
 
 
-def profile_method(method: str, model: Any, tok: Any, prompts: list[str], gen_length: int) -> dict[str, Any]:
+def profile_method(spec: str, model: Any, tok: Any, prompts: list[str], gen_length: int) -> dict[str, Any]:
     from ..api import generate
+    from .runner import parse_spec
 
+    method, opts = parse_spec(spec)
     times: dict[str, float] = defaultdict(float)
     with timed_calls(times, label=False):
         t0 = time.perf_counter()
-        res = generate(prompts, model=model, tokenizer=tok, method=method, gen_length=gen_length, batch_size=1)
+        res = generate(prompts, model=model, tokenizer=tok, method=method, gen_length=gen_length, batch_size=1,
+                       **opts)
         wall = time.perf_counter() - t0
     rows = res.meter.summary()["models"]
     vocab_rows = {model.config.vocab_size}  # and the bundled drafters' draft vocabularies
@@ -99,11 +103,11 @@ def profile_method(method: str, model: Any, tok: Any, prompts: list[str], gen_le
     # so one short answer measures it.
     with timed_calls(defaultdict(float), label=True), torch.profiler.profile(record_shapes=True) as prof:
         generate(prompts[:1], model=model, tokenizer=tok, method=method, gen_length=min(gen_length, PROFILED_TOKENS),
-                 batch_size=1)
+                 batch_size=1, **opts)
     shares = head_shares(prof, vocab_rows)
     s = res.stats or {}
     rounds = s.get("rounds") or res.meter.tokens_generated
-    out: dict[str, Any] = {"method": method, "wall_s": wall, "tokens": res.meter.tokens_generated,
+    out: dict[str, Any] = {"method": spec, "wall_s": wall, "tokens": res.meter.tokens_generated,
                            "rounds": rounds, "acceptance_length": s.get("acceptance_length"), "models": {}}
     for name, secs in times.items():
         out["models"][name] = {"s": secs, "calls": rows[name]["nfe"], "head_share": shares.get(name, 0.0),
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffspec.bench.round_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (results.json, table.md)")
     p.add_argument("--model", default="smollm2", help="AR target (default smollm2)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help=f"bench specs, e.g. dflash:drafts=4 (default {' '.join(METHODS)})")
     p.add_argument("--limit", type=int, default=3, help="GSM8K test questions (default 3)")
     p.add_argument("--gen-length", type=int, default=128, help="tokens per answer at most (default 128)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -146,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..tasks import load_examples
     from .runner import load_during, machine_load
 
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    methods = a.methods
+    bad = [m for m in methods if m.partition(":")[0] not in METHODS]
     if bad or a.limit < 1 or a.gen_length < 2 or a.threads < 1:
-        p.error(f"--methods from {','.join(METHODS)} (got {bad}), --limit >= 1, --gen-length >= 2, --threads >= 1")
+        p.error(f"--methods from {', '.join(METHODS)} (got {bad}), --limit >= 1, --gen-length >= 2, --threads >= 1")
     torch.set_num_threads(a.threads)
     path = resolve_checkpoint(a.model)
     model, tok = resolve_model(str(path), None, "cpu", None, method="ar")

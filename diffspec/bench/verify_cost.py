@@ -27,9 +27,11 @@ import torch
 
 from ..models.causal import CausalKVCache, Qwen3Model
 from ..models.dflash import ContextKV, DFlashDrafter
+from ..models.matmul import linear
 from .runner import load_during, machine_load
 
 Q_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+GEMM_ROWS = (1, 2, 3, 4, 5, 8, 16, 32, 64, 128)
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -127,14 +129,20 @@ def ar_drafter_costs(drafter: Qwen3Model, context: list[int], repeats: int) -> d
 
 
 @torch.inference_mode()
-def head_gemm_rows(target: Qwen3Model, rows: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
-    """ms of the target's LM head matmul alone for M rows: the BLAS picks its kernel by M, and on
-    some CPUs a few rows cost more than 16 (why the curve above can fall from Q = 8 to Q = 16)."""
+def gemm_layouts(target: Qwen3Model, rows: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    """ms of the target's matmuls alone for M rows, as F.linear computes them (x · Wᵀ) and as
+    `models.matmul.linear` does (W · xᵀ): the LM head, and every linear of the blocks once (one
+    forward's worth). The BLAS picks its kernel by the layout and M (`models.matmul`)."""
     w = target.model.embed_tokens.weight if target.config.tie_word_embeddings else target.lm_head.weight
+    blocks = [m.weight for m in target.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     out = []
     for m in rows:
-        h = torch.randn(m, w.shape[1], dtype=w.dtype, device=w.device)
-        out.append({"rows": m, "ms": median_ms(lambda: torch.nn.functional.linear(h, w), repeats)})
+        xs = {n: torch.randn(m, n, dtype=w.dtype, device=w.device) for n in {b.shape[1] for b in blocks} | {w.shape[1]}}
+        row: dict[str, Any] = {"rows": m}
+        for name, fn in (("f_linear", torch.nn.functional.linear), ("weight_left", linear)):
+            row[f"head_{name}"] = median_ms(lambda: fn(xs[w.shape[1]], w), repeats)
+            row[f"blocks_{name}"] = median_ms(lambda: [fn(xs[b.shape[1]], b) for b in blocks], repeats)
+        out.append(row)
     return out
 
 
@@ -171,9 +179,14 @@ def table(result: dict[str, Any]) -> str:
                   "|---|" + "---|" * len(curve),
                   "| ms (× Q=1) | " + " | ".join(f"{r['ms']:.0f} ({r['ms'] / base:.1f})" for r in curve) + " |",
                   "| of which LM head, ms | " + " | ".join(f"{r['ms_head']:.0f}" for r in curve) + " |", ""]
-        gemm = run.get("head_gemm", [])
+        gemm = run.get("gemm_layouts", [])
         if gemm:
-            lines += ["LM head matmul alone, by rows: " + ", ".join(f"{g['rows']} → {g['ms']:.1f} ms" for g in gemm), ""]
+            lines += ["The matmuls alone, ms by rows M: F.linear (x · Wᵀ) → diffspec's `linear` (W · xᵀ)", "",
+                      "| M | " + " | ".join(str(g["rows"]) for g in gemm) + " |", "|---|" + "---|" * len(gemm)]
+            for part, label in (("head", "LM head"), ("blocks", "the blocks' linears")):
+                lines.append(f"| {label} | " + " | ".join(f"{g[part + '_f_linear']:.1f} → {g[part + '_weight_left']:.1f}"
+                                                          for g in gemm) + " |")
+            lines.append("")
         for name, costs in run["drafters"].items():
             lines += [f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} ms" for k, v in costs.items()), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         print(f"[verify-cost] {n} thread(s): target", file=sys.stderr)
         run: dict[str, Any] = {"target": target_curve(target, context, sizes, a.repeats), "drafters": {},
-                               "head_gemm": head_gemm_rows(target, (1, 2, 4, 8, 15, 16, 32, 64), a.repeats)}
+                               "gemm_layouts": gemm_layouts(target, GEMM_ROWS, a.repeats)}
         for name, d in drafters.items():
             hidden = torch.cat([states[i] for i in d.config.target_layers], dim=-1)
             windows = 1 if name == "dflash" else a.vp_windows

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..jsonio import parse_json_file
 from .llada import LLaDAConfig, LLaDAModel
+from .matmul import ALIGN
 from .tokenizer import Tokenizer
 
 C = TypeVar("C")
@@ -81,7 +82,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(f)))
         except Exception as e:  # safetensors raises several unrelated error types
             raise CheckpointError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
-    return state
+    # safetensors hands out views into the file's bytes at any 4-byte offset; `models.matmul.linear`
+    # rounds by the weight's alignment and steps aside for an unaligned one, so give every tensor its own
+    return {k: v if v.data_ptr() % ALIGN == 0 else v.clone() for k, v in state.items()}
 
 
 def read_config(path: str | Path) -> dict:

@@ -49,6 +49,7 @@ from .causal import Qwen3Model
 from .checkpoint import CheckpointError, _read_weights, check_state, read_config
 from .draft_vocab import DRAFT_VOCAB_FILE, check_draft_vocab, draft_logits, read_draft_vocab, write_draft_vocab
 from .layers import Attention, DecoderLayer, RMSNorm, SwiGLU, attend, project_q, rope_cos_sin
+from .matmul import Linear, linear
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "ContextKV", "check_target", "save_dflash", "load_dflash",
            "DRAFT_VOCAB_FILE", "read_draft_vocab", "write_draft_vocab"]
@@ -235,7 +236,7 @@ class DFlashDrafter(nn.Module):
         check_target(cfg, target)
         self.config = cfg
         H = cfg.hidden_size
-        self.fc = nn.Linear(len(cfg.target_layers) * H, H, bias=False)
+        self.fc = Linear(len(cfg.target_layers) * H, H, bias=False)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
@@ -411,7 +412,7 @@ class DFlashDrafter(nn.Module):
             return self._logits(x, head, None)[read]  # the whole window is cheaper than a few rows here
         h = self.norm(x if read is None else x[read])
         if self.draft_vocab is None:
-            return F.linear(h, head)
+            return linear(h, head)
         return draft_logits(self, h, head, self.draft_vocab)
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .matmul import linear
 
 __all__ = ["DRAFT_VOCAB_FILE", "check_draft_vocab", "draft_logits", "read_draft_vocab", "write_draft_vocab"]
 
@@ -56,7 +57,7 @@ def draft_logits(owner: nn.Module, h: Tensor, head: Tensor, ids: Tensor, full: b
     if ids.device != head.device:  # the module was moved after set_draft_vocab: follow it, once
         ids = ids.to(head.device)
         owner.draft_vocab = ids
-    small = F.linear(h, _gathered_head(owner, head, ids))
+    small = linear(h, _gathered_head(owner, head, ids))
     if not full:
         return small
     out = small.new_full((*small.shape[:-1], head.shape[0]), float("-inf"))

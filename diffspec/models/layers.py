@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .draft_vocab import check_draft_vocab, draft_logits
+from .matmul import Linear, linear
 
 __all__ = ["ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm", "rope_cos_sin", "apply_rope", "swiglu",
            "SwiGLU", "project_q", "project_kv", "attend", "attention", "bidirectional_mask", "Attention",
@@ -231,9 +232,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
@@ -325,10 +326,10 @@ class Attention(nn.Module):
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False):
         super().__init__()
         self.head_dim, self.qk_norm = head_dim, qk_norm
-        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=o_bias)
+        self.q_proj = Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(n_heads * head_dim, hidden_size, bias=o_bias)
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, eps)
             self.k_norm = RMSNorm(head_dim, eps)
@@ -452,7 +453,7 @@ class TransformerLM(nn.Module):
             x = x[logits_mask]
         if self.draft_vocab is not None:
             return draft_logits(self, p.norm(x), head, self.draft_vocab), states
-        return F.linear(p.norm(x), head), states
+        return linear(p.norm(x), head), states
 
     def rope_forward(self, input_ids: Tensor, positions: Tensor | None,
                      mask_for: Callable[[int, int], Tensor | None], kv_cache: KVCacheHook | None,
@@ -505,7 +506,7 @@ class DecoderLM(TransformerLM):
         self.model.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._init_unless_meta()
 
     @staticmethod

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 # ModelOutput, KVCacheHook, RMSNorm, rope_cos_sin and apply_rope are re-exported: they used to live here.
 from .layers import (KVCacheHook, LMParts, MaskedKVCacheHook, ModelOutput, RMSNorm, TransformerLM, apply_rope,
                      attention, check_positive_ints, rope_cos_sin, swiglu)
+from .matmul import Linear
 
 __all__ = ["LLaDAConfig", "LLaDABlock", "LLaDAModel", "ModelOutput", "KVCacheHook", "MaskedKVCacheHook", "RMSNorm",
            "rope_cos_sin", "apply_rope"]
@@ -99,14 +100,14 @@ class LLaDABlock(nn.Module):
         self.cfg = cfg
         d, hd = cfg.d_model, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.attn_out = Linear(cfg.n_heads * hd, d, bias=False)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        self.ff_proj = Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.up_proj = Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = Linear(cfg.mlp_hidden_size, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, layer: int,
                 kv_cache: MaskedKVCacheHook | None) -> Tensor:
@@ -131,7 +132,7 @@ class LLaDAModel(TransformerLM):
         t.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
         t.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.weight_tying:
-            t.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+            t.ff_out = Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.model.transformer = t
         self._init_unless_meta()
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .layers import DecoderLM, HFConfigNames, ModelOutput, RMSNorm, TransformerLM, apply_rope, attend, \
     check_attention_sizes, check_positive_ints, check_special_ids, hf_kwargs, require_hf_keys, swiglu
+from .matmul import Linear
 from .tokenizer import Tokenizer
 
 __all__ = ["MODEL_TYPE", "LLaDA2MoeConfig", "LLaDA2MoeModel", "block_causal_mask", "load_llada2",
@@ -248,9 +249,9 @@ def block_causal_mask(q_positions: Tensor, k_positions: Tensor, block_length: in
 class LLaDA2MLP(nn.Module):
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner, bias=False)
+        self.up_proj = Linear(hidden, inner, bias=False)
+        self.down_proj = Linear(inner, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
@@ -312,11 +313,11 @@ class LLaDA2Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, (H + 2 * Hkv) * D, bias=cfg.use_qkv_bias)
+        self.query_key_value = Linear(cfg.hidden_size, (H + 2 * Hkv) * D, bias=cfg.use_qkv_bias)
         if cfg.use_qk_norm:
             self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.dense = nn.Linear(H * D, cfg.hidden_size, bias=cfg.use_bias)
+        self.dense = Linear(H * D, cfg.hidden_size, bias=cfg.use_bias)
 
     def _rope(self, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         rd = self.cfg.rotary_dim

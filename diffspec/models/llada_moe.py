@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from .layers import (DecoderLM, HFConfigNames, MaskedKVCacheHook, ModelOutput, RMSNorm, SwiGLU, apply_rope, attend,
                      bidirectional_mask, check_positive_ints, check_special_ids, hf_kwargs)
+from .matmul import Linear
 from .llada2 import RoutedExpertCost
 from .tokenizer import Tokenizer
 
@@ -229,7 +230,7 @@ class LLaDAMoESparseMoe(nn.Module):
     def __init__(self, cfg: LLaDAMoEConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size)
                                      for _ in range(cfg.num_experts))
         if cfg.moe_router_enable_expert_bias:
@@ -255,10 +256,10 @@ class LLaDAMoEAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, H, Hkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(d, H * D, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * D, d, bias=cfg.attention_bias)
+        self.q_proj = Linear(d, H * D, bias=cfg.attention_bias)
+        self.k_proj = Linear(d, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = Linear(d, Hkv * D, bias=cfg.attention_bias)
+        self.o_proj = Linear(H * D, d, bias=cfg.attention_bias)
         if cfg.qk_layernorm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)

@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from .matmul import Linear
+
 SCHEMES = ("int8",)
 
 
@@ -49,6 +51,9 @@ def quantize_blocks(model: torch.nn.Module, scheme: str = "int8") -> torch.nn.Mo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+            for m in parts().blocks.modules():  # torch maps module types exactly: give it plain nn.Linear
+                if isinstance(m, Linear):
+                    m.__class__ = torch.nn.Linear
             spec = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
             torch.ao.quantization.quantize_dynamic(parts().blocks, spec, dtype=torch.qint8, inplace=True)
     except (AttributeError, ImportError, RuntimeError) as e:

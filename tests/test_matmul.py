@@ -1,0 +1,93 @@
+"""`models.matmul.linear`: the weight-left product must be F.linear's result (to float32 rounding),
+for every row count and layout a forward sends it, and must step aside where it does not apply."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffspec.models import matmul
+from diffspec.models.matmul import MAX_ROWS, MAX_ROWS_ONE_THREAD, Linear, linear, weight_left
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 5), (2, 1, 5), (3, 2, 5), (1, MAX_ROWS, 5), (MAX_ROWS + 1, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(7, 5, generator=g)
+    b = torch.randn(7, generator=g) if bias else None
+    with torch.no_grad():
+        got = linear(x, w, b)
+    assert got.shape == F.linear(x, w, b).shape and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_reads_a_strided_input():
+    """The MLP hands the down projection a transposed (column-major) activation; it must be read as
+    its values, not its storage order."""
+    x = torch.randn(5, 3).t()  # (3, 5), not contiguous
+    w = torch.randn(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_left_applies_only_to_few_float32_rows_on_cpu():
+    w = torch.randn(4, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert weight_left(torch.randn(MAX_ROWS_ONE_THREAD, 5), w)
+        assert not weight_left(torch.randn(MAX_ROWS_ONE_THREAD + 1, 5), w)
+        torch.set_num_threads(2)
+        assert weight_left(torch.randn(1, 5), w) and weight_left(torch.randn(2, MAX_ROWS // 2, 5), w)
+        assert weight_left(torch.randn(2, 5), w.clone().requires_grad_())  # autograd must not change the output
+        assert not weight_left(torch.randn(MAX_ROWS + 1, 5), w)
+        assert not weight_left(torch.randn(2, 5, dtype=torch.float64), w.double())
+        assert not weight_left(torch.randn(0, 5), w)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_linear_gradients_match_f_linear():
+    g = torch.Generator().manual_seed(1)
+    w0, x0 = torch.randn(3, 5, generator=g), torch.randn(1, 5, generator=g)
+    grads = []
+    for fn in (linear, F.linear):
+        w, x = w0.clone().requires_grad_(), x0.clone().requires_grad_()
+        fn(x, w).pow(2).sum().backward()
+        grads.append((x.grad, w.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_module_takes_the_weight_left_path(monkeypatch):
+    """A Linear module in inference must go through the weight-left product (else the speed-up is gone)."""
+    calls = []
+    real = torch.mm
+    monkeypatch.setattr(matmul.torch, "mm", lambda a, b: calls.append((a.shape, b.shape)) or real(a, b))
+    lin = Linear(5, 3)
+    with torch.inference_mode():
+        lin(torch.randn(1, 5))
+    assert calls == [((3, 5), (5, 2))]  # W · xᵀ, one row padded to two
+
+
+def test_weight_offset_decides_the_path_and_nothing_else():
+    """The BLAS rounds W · xᵀ by W's offset modulo 16 bytes. A weight at another 16-byte boundary must
+    give bit-identical output; an unaligned one (a view into a safetensors file) must take F.linear
+    exactly, not a weight-left product rounded some third way."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(320, 48, generator=g), torch.randn(6, 48, generator=g)
+    for offset in range(1, 9):
+        buf = torch.empty(w.numel() + offset)
+        moved = buf[offset:].view_as(w).copy_(w)
+        want = linear(x, w) if offset % 4 == 0 else F.linear(x, w)
+        assert torch.equal(linear(x, moved), want), offset
+
+
+def test_loaded_checkpoint_weights_are_aligned(tmp_path):
+    """`_read_weights` must hand the matmuls aligned weights (else they run the slow F.linear path)."""
+    from safetensors.torch import save_file
+
+    from diffspec.models.checkpoint import _read_weights
+
+    save_file({"a": torch.randn(3), "b": torch.randn(5, 7)}, str(tmp_path / "model.safetensors"))
+    state = _read_weights(tmp_path)
+    assert all(t.data_ptr() % matmul.ALIGN == 0 for t in state.values())
