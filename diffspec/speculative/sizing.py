@@ -1,10 +1,11 @@
 """Speculation sized for the device it runs on (`k="auto"`, `drafts="auto"`, `gamma="auto"`, issue #34).
 
 Three sizes trade a longer accepted path against a costlier verification, and
-what a wider verification costs depends on the device: on a GPU a verification
-of 100 tree nodes costs about what one token costs; on a 2-core CPU
-(benchmarks/verify-cost-cpu, 2026-12-07) 16 tokens cost 1.6× one token, 128 cost 5.4×,
-and 3 tokens cost more than 5.
+what a wider verification costs depends on the device and the kernels: on a GPU a
+verification of 100 tree nodes costs about what one token costs; on the project's
+2-core CPU (benchmarks/verify-cost-cpu, 2026-12-07) 2 tokens cost 1.1× one token, 5
+cost 1.7× and 16 cost 2.7× with the weight-left matmul, where through F.linear 3
+tokens had cost 2.0× and 5 only 1.3×.
 - D²SD's K, how many rejection boundaries the VP drafter re-anchors (its tree,
   and the VP drafter's batch of K + 1 windows, grow with K);
 - DFlash's `drafts`, how many of the block's γ − 1 drafts the target verifies
@@ -48,9 +49,8 @@ import torch
 AUTO = "auto"
 CANDIDATES = (1, 2, 4, 8)  # D²SD's K
 DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8, 11, 15)  # DFlash's drafts a round
-# ar-spec's γ: every width from 2 to 9 verified tokens, since on a CPU the cost of a width is not
-# monotonic (on the project's machine 3 tokens cost 2.0x one token, 5 tokens 1.3x: MKL picks its
-# kernel by the number of rows; benchmarks/verify-cost-cpu).
+# ar-spec's γ: every width from 2 to 9 verified tokens, since on a CPU the cost of a width need not be
+# monotonic (the BLAS picks its kernel by the number of rows; benchmarks/verify-cost-cpu).
 GAMMA_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8)
 DEFAULT_GAMMA = 4  # SpecConfig's default
 AUTO_TOKENS = 64  # calibration length: enough rounds (τ ≈ 2-10) for a stable tokens/s
