@@ -276,3 +276,18 @@ def test_a_shard_assembles_the_row_when_the_other_shard_finished_meanwhile(tiny_
     assert calls == [2, 1, 2]  # shard 0: chunks 0 and 2; shard 1 (inside): chunk 1 only
     r = json.loads((out / "results.json").read_text())
     assert r["rows"][0]["n"] == 5 and r["rows"][0]["chunks"]["reused"] == 1
+
+
+def test_weights_fingerprint_reads_an_int8_model(tiny_model):
+    """`bench --quantize int8` fingerprints the quantized model (its state holds packed-weight tuples):
+    it must hash, differ from the float model's, and follow the int8 weights' values."""
+    from diffspec.models.quantized import quantize_blocks
+
+    base = rows_store.weights_fingerprint(tiny_model)
+    q = quantize_blocks(copy.deepcopy(tiny_model))
+    fp = rows_store.weights_fingerprint(q)
+    assert fp != base and fp == rows_store.weights_fingerprint(q)
+    nudged = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(m for m in nudged.modules() if isinstance(m, torch.nn.Linear) and m.weight.shape[0] > 1).weight.mul_(2)
+    assert rows_store.weights_fingerprint(quantize_blocks(nudged)) != fp
