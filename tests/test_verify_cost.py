@@ -57,3 +57,15 @@ def test_round_profile_splits_model_head_and_host_time(tmp_path):
         assert 0 < res["models"][target]["head_share"] < 1
     assert d2["models"]["drafter"]["calls"] >= 1 and d2["acceptance_length"] >= 1
     assert "| d2sd:k=1 |" in (out / "table.md").read_text()
+
+
+def test_round_profile_rejects_a_bad_spec_before_loading(capsys):
+    """A misspelt method option must stop the profiler with argparse's message, not a traceback after
+    the model has loaded."""
+    import pytest
+
+    from diffspec.bench.round_profile import main as profile
+
+    with pytest.raises(SystemExit) as e:
+        profile(["--out", "unused", "--model", "/nonexistent", "--methods", "dflash:draftz=4"])
+    assert e.value.code == 2 and "draftz" in capsys.readouterr().err

@@ -149,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.chat import ChatTemplate
     from ..models.gguf import resolve_checkpoint
     from ..tasks import load_examples
-    from .runner import load_during, machine_load
+    from .runner import load_during, machine_load, parse_spec
 
     methods = a.methods
     bad = [m for m in methods if m.partition(":")[0] not in METHODS]
     if bad or a.limit < 1 or a.gen_length < 2 or a.threads < 1:
         p.error(f"--methods from {', '.join(METHODS)} (got {bad}), --limit >= 1, --gen-length >= 2, --threads >= 1")
+    for m in methods:  # a bad option fails here, before the model loads
+        try:
+            parse_spec(m)
+        except ValueError as e:
+            p.error(str(e))
     torch.set_num_threads(a.threads)
     path = resolve_checkpoint(a.model)
     model, tok = resolve_model(str(path), None, "cpu", None, method="ar")

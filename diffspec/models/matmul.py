@@ -6,9 +6,10 @@ the transposed right operand); for so few rows the BLAS then streams the weight 
 this project's 2-core EPYC, and handles 2–3 rows worse than 1. Computed as W · xᵀ, the same product
 streams at about 30 GB/s, and one row, padded to two, avoids the matrix-vector path, which is as slow
 as `F.linear`. Measured on SmolLM2-135M's weights (`benchmarks/verify-cost-cpu`, two threads): the
-30 blocks' matmuls at one row 35 → 18 ms, at two 52 → 17 ms, at five 53 → 31 ms; the 49k-row LM head
-at one row 9.6 → 3.6 ms, at five 18 → 6 ms; at 128 rows the two agree. With one thread W · xᵀ wins
-up to 5 rows only (blocks at one row 37 → 27 ms, at eight 56 → 69 ms), so the cut depends on it.
+30 blocks' matmuls at one row 37.3 → 17.2 ms, at two 56.1 → 16.3 ms, at five 57.6 → 31.1 ms; the
+49k-row LM head at one row 10.3 → 4.3 ms, at five 19.1 → 6.6 ms; at 128 rows the two agree. With one
+thread W · xᵀ wins up to 5 rows only (blocks at one row 37.1 → 28.1 ms; at eight rows 55.8 → 69.0 ms
+in a run without the cut, NOTE.md there), so the cut depends on it.
 
 Only the summation order inside each dot product can differ from `F.linear` (about 1e-6 relative), as
 it already does between row counts; the same input gives the same output every time, with or without
