@@ -497,7 +497,8 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--out", help="checkpoint directory (default: the config's 'out')")
     t.add_argument("--resume", action="store_true", help="continue from the saved trainer state")
     t.add_argument("--device", default=None, help="cpu | cuda | auto (default: the config's, else cpu)")
-    t.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's train.steps)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's train.steps; "
+                   "with train.stages, the steps of each stage that sets none)")
     t.add_argument("--data-only", action="store_true",
                    help="dflash / vp: generate (or rebuild from data.manifest) the target continuations, then stop")
     t.add_argument("--shard", metavar="I/N", default=None,

@@ -279,7 +279,7 @@ def test_a_shard_assembles_the_row_when_the_other_shard_finished_meanwhile(tiny_
 
 
 def test_weights_fingerprint_reads_an_int8_model(tiny_model):
-    """`bench --quantize int8` fingerprints the quantized model (its state holds packed-weight tuples):
+    """`bench --quantize int8` fingerprints the quantized model (int8 weights and their scales):
     it must hash, differ from the float model's, and follow the int8 weights' values."""
     from diffspec.models.quantized import quantize_blocks
 

@@ -231,16 +231,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     Hashing every byte of a 135M-parameter model costs seconds; a strided sample of each tensor
     still changes when any checkpoint is swapped, retrained or cast to another dtype."""
     h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        # `--quantize int8` modules store a (packed int8 weight, bias) tuple, not a tensor
-        # (its entries get a suffix; plain tensors hash as they always did, so stored rows stay valid)
-        parts = [(f"{name}.{i}", t) for i, t in enumerate(value)] if isinstance(value, tuple) else [(name, value)]
-        for key, p in parts:
-            if not isinstance(p, torch.Tensor):
-                continue
-            flat = (p.dequantize() if p.is_quantized else p).detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLE)
-            sample = flat[::step][:_SAMPLE].to("cpu", torch.float32).contiguous()
-            h.update(f"{key}|{tuple(p.shape)}|{p.dtype}|".encode())
-            h.update(sample.numpy().tobytes())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE)
+        sample = flat[::step][:_SAMPLE].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
     return h.hexdigest()

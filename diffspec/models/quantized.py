@@ -2,29 +2,28 @@
 
 At batch 1 a CPU forward streams every weight from memory once per call, so fp32 weights cost
 four bytes a parameter where int8 costs one. SmolLM2's weights even arrive as 4-bit GGUF blocks and
-are widened to fp32 on conversion. PyTorch's dynamic quantization (`quantize_dynamic`, fbgemm
-kernels) stores each `nn.Linear` weight as int8 with one scale per output channel and quantizes
-activations on the fly. On this 2-core AVX2 machine a SmolLM2 forward ran about 1.4× faster at Q = 1 and 1.7× at
-Q = 16 under load (measured in the session that added this; `benchmarks/verify-cost-cpu` has the
-curve).
+are widened to fp32 on conversion.
+
+`Int8Linear` stores each `nn.Linear` weight as int8 with one scale per output channel, quantizes
+each token's activations to int8 with the token's own scale, multiplies in int32 (`torch._int_mm`)
+and rescales. The per-token scale is what keeps speculation lossless: integer sums are exact, so a
+token's output does not depend on which other tokens share the call, and a verification forward
+over Q drafted tokens gives each of them the logits AR would have computed one token at a time.
+PyTorch's dynamic quantization (`quantize_dynamic`, which this module used first) takes one
+activation scale per call instead; on SmolLM2 that made DFlash on the int8 target match AR greedy
+of the same weights on only 5 of 16 GSM8K answers (`benchmarks/int8-cpu`), and a token's output
+moved by ~0.05 when other tokens joined it (tests/test_quantized.py measures that).
 
 Only the blocks are quantized: the embedding (a lookup) and the LM head stay as they are, because
 the DFlash / VP drafters read the target's embedding and head weights directly. The output changes
 (an int8 model is another model), so every speculative method's losslessness is measured against
 AR greedy of the same int8 weights: a bench run with `--quantize int8` quantizes the target of every
 row, the AR baseline included.
-
-`torch.ao.quantization` is deprecated upstream in favour of torchao but still ships (and works) in
-the torch this project installs; its deprecation warnings are silenced here, and if a later torch
-drops it, `--quantize` fails with one clear line instead of a traceback.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
-
-from .matmul import Linear
+from torch import Tensor
 
 SCHEMES = ("int8",)
 
@@ -34,31 +33,55 @@ def check_scheme(scheme: str) -> None:
         raise ValueError(f"unknown --quantize scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
+class Int8Linear(torch.nn.Module):
+    """y = x Wᵀ + b with W as int8 × a per-channel scale, x as int8 × a per-token scale, int32 sums."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        token_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        q = torch.round(rows / token_scale).to(torch.int8)
+        out = torch._int_mm(q, self.qweight.t()).float() * (token_scale * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def quantize_blocks(model: torch.nn.Module, scheme: str = "int8") -> torch.nn.Module:
-    """`model` with every nn.Linear inside its transformer blocks replaced by a dynamically quantized
-    int8 one (in place; quantizing twice is refused)."""
+    """`model` with every nn.Linear inside its transformer blocks replaced by an `Int8Linear`
+    (in place; quantizing twice is refused)."""
     check_scheme(scheme)
     parts = getattr(model, "parts", None)
     if not callable(parts):
         raise ValueError(f"--quantize needs one of diffspec's transformer models, got {type(model).__name__}")
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        raise ValueError(f"--quantize int8 runs on the CPU in float32 (PyTorch's dynamic int8 kernels); the model "
-                         f"is on {weight.device.type} in {weight.dtype}: use --device cpu --dtype float32")
+        raise ValueError(f"--quantize int8 runs on the CPU in float32; the model is on {weight.device.type} in "
+                         f"{weight.dtype}: use --device cpu --dtype float32")
     if getattr(model, "_diffspec_quantized", None):
         raise ValueError("the model is already quantized; load it again to quantize it another way")
+    if not hasattr(torch, "_int_mm"):
+        raise ValueError(f"--quantize int8 needs torch._int_mm (int8 matmul, torch >= 2.2); this torch is "
+                         f"{torch.__version__}")
     sizes = {True: model.num_params(), False: model.num_params(False)}  # type: ignore[operator]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-            for m in parts().blocks.modules():  # torch maps module types exactly: give it plain nn.Linear
-                if isinstance(m, Linear):
-                    m.__class__ = torch.nn.Linear
-            spec = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-            torch.ao.quantization.quantize_dynamic(parts().blocks, spec, dtype=torch.qint8, inplace=True)
-    except (AttributeError, ImportError, RuntimeError) as e:
-        raise ValueError(f"--quantize int8 needs torch.ao.quantization's dynamic int8 kernels, which this torch "
-                         f"({torch.__version__}) lacks: {e}") from None
+    blocks = parts().blocks
+    for m in list(blocks.modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(m, child_name, Int8Linear(child))
     # A quantized weight is no Parameter: keep the FLOP estimate's parameter count.
     model.num_params = lambda non_embedding=True: sizes[bool(non_embedding)]  # type: ignore[method-assign]
     model._diffspec_quantized = scheme  # type: ignore[assignment]

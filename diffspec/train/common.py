@@ -151,6 +151,26 @@ TOP_KEYS: dict[str, Check] = {"out": text, "state_dir": text, "tokenizer_from": 
 REQUIRED = ("model", "train", "out")
 
 
+# What a stage of train.stages may set; the rest it inherits from the train section.
+STAGE_KEYS: dict[str, Check] = {k: TRAIN_KEYS[k] for k in ("steps", "lr", "warmup", "max_minutes")}
+
+
+def stages_check(extra: Mapping[str, Check] | None = None) -> Check:
+    """Check for train.stages: a non-empty list of sections with STAGE_KEYS (plus a trainer's `extra`)."""
+    keys = {**STAGE_KEYS, **(extra or {})}
+
+    def check(name: str, v: Any) -> None:
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"{name} must be a non-empty list of stage sections (keys {', '.join(sorted(keys))}), "
+                             f"got {v!r}")
+        for i, stage in enumerate(v):
+            check_schema(stage, keys, f"{name}[{i}]")
+    return check
+
+
+TRAIN_KEYS["stages"] = stages_check()
+
+
 def read_train_config(path: str | Path, schema: Schema | None = None) -> dict[str, Any]:
     """The parsed config at `path`, with its required sections, checked against `schema` (each
     trainer's; None checks only that the required sections exist)."""
@@ -269,9 +289,41 @@ def setup(config_path: str | Path, out: str | Path | None, device: str | None, s
     return cfg, tr, out_dir, state_path, resolve_device(device or tr.get("device", "auto"))
 
 
+def stage_plan(tr: Mapping[str, Any], total: int) -> list[dict[str, Any]]:
+    """The run's stages: each of train.stages with the steps / lr / warmup / max_minutes it does
+    not set taken from the train section (steps: `total`), or the train section as one stage.
+
+    Stages let a recipe grow across sessions and stay one reproducible command: a later stage
+    warm-restarts the LR on its own schedule and budget (and, for the drafter trainer, may read
+    more of the data), instead of a resumed run's decayed schedule being stretched by hand.
+    """
+    base = {"steps": total, "lr": float(tr.get("lr", 1e-3)), "warmup": int(tr.get("warmup", 100)),
+            "max_minutes": float(tr.get("max_minutes", 0))}
+    return [{**base, **stage} for stage in tr.get("stages") or [{}]]
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one train_loop call shares."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    state_path: Path
+    device: torch.device
+    amp: bool
+    eval_every: int
+    save_every: int
+    grad_clip: float
+    loss_fn: Callable[[], torch.Tensor]
+    eval_fn: Callable[[], dict[str, float]]
+    save_fn: Callable[[], None]
+    rngs: Sequence[random.Random]
+    extra: dict[str, Any]
+
+
 def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int, state_path: Path, resume: bool,
                device: torch.device, loss_fn: Callable[[], torch.Tensor], eval_fn: Callable[[], dict[str, float]],
-               save_fn: Callable[[], None], rngs: Sequence[random.Random] = ()) -> dict[str, Any]:
+               save_fn: Callable[[], None], rngs: Sequence[random.Random] = (),
+               on_stage: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """AdamW on `model`'s trainable parameters for `total` steps; returns the history dict.
 
     loss_fn() draws a batch and returns its loss (run under autocast when
@@ -284,10 +336,13 @@ def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int
     continues the step count (refused, with the first differing weight named,
     if the config now builds another shape). `rngs` (e.g. a batcher's
     random.Random) are saved and restored with it, so a resumed run draws the
-    batches an uninterrupted one would have drawn.
+    batches an uninterrupted one would have drawn. With train.stages
+    (`stage_plan`) the stages run in turn, each with its own cosine schedule
+    and budget; the state records the stage, so --resume goes on where the
+    last session stopped; on_stage(i, stage) runs as stage i starts (or resumes).
     """
-    peak = float(tr.get("lr", 1e-3))
-    opt = make_optimizer(model, peak, float(tr.get("weight_decay", 0.1)))
+    plan = stage_plan(tr, total)
+    opt = make_optimizer(model, plan[0]["lr"], float(tr.get("weight_decay", 0.1)))
     step, extra = 0, {"history": []}
     if resume:
         step, extra = load_train_state(state_path, model, opt)
@@ -297,43 +352,63 @@ def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int
     amp_name = str(tr.get("amp", "none"))
     if amp_name not in ("none", "bf16"):
         raise ValueError(f"train.amp must be 'none' or 'bf16', got {amp_name!r}")
-    TRAIN_KEYS["max_minutes"]("train.max_minutes", tr.get("max_minutes", 0))  # -1 would stop after one step
-    max_seconds = float(tr.get("max_minutes", 0)) * 60 or float("inf")
+    for stage in plan:
+        TRAIN_KEYS["max_minutes"]("train.max_minutes", stage["max_minutes"])  # -1 would stop after one step
+    run = _Run(model, opt, state_path, device, amp_name == "bf16", int(tr.get("eval_every", 250)),
+               int(tr.get("save_every", 250)), float(tr.get("grad_clip", 1.0)), loss_fn, eval_fn, save_fn, rngs, extra)
+    for i in range(int(extra.get("stage", 0)), len(plan)):
+        if int(extra.get("stage", 0)) != i:  # a new stage: its schedule and budget count from here
+            extra.update(stage=i, stage_start=step, elapsed_seconds=0.0)
+        if on_stage is not None:
+            on_stage(i, plan[i])
+        label = name if len(plan) == 1 else f"{name} stage {i + 1}/{len(plan)}"
+        step = _train_stage(run, label, plan[i], step, i if len(plan) > 1 else None)
+    return extra
+
+
+def _train_stage(run: _Run, label: str, stage: dict[str, Any], step: int, index: int | None) -> int:
+    """Train one stage from global `step` until its steps or minutes run out; returns the step reached."""
+    extra, start, total = run.extra, int(run.extra.get("stage_start", 0)), int(stage["steps"])
+    max_seconds = float(stage["max_minutes"]) * 60 or float("inf")
     t0 = time.time() - float(extra.get("elapsed_seconds", 0.0))
-    eval_every, save_every = int(tr.get("eval_every", 250)), int(tr.get("save_every", 250))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {name}")
-    while step < total:
+    if step - start >= total or time.time() - t0 > max_seconds:
+        return step  # this stage ended in an earlier session
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.model.train()
+    bar = tqdm(total=total, initial=step - start, desc=f"train {label}")
+    while step - start < total:
         # With a time budget the schedule follows whichever runs out first, steps or
         # minutes, so a slow or busy machine still ends with a fully decayed LR.
-        progress_step = max(step, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else step
-        lr = cosine_lr(progress_step, total, peak, int(tr.get("warmup", 100)))
-        for g in opt.param_groups:
+        own = step - start
+        progress = max(own, int(total * (time.time() - t0) / max_seconds)) if max_seconds < float("inf") else own
+        lr = cosine_lr(progress, total, float(stage["lr"]), int(stage["warmup"]))
+        for g in run.opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_name == "bf16"):
-            loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            loss = run.loss_fn()
+        run.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(tr.get("grad_clip", 1.0)))
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
+        run.opt.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-        timeout = time.time() - t0 > max_seconds or progress_step >= total
-        if step % eval_every == 0 or step == total or timeout:
-            model.eval()
-            metrics = eval_fn()
-            model.train()
-            extra["history"].append({"step": step, "loss": loss.item(), **metrics, "minutes": (time.time() - t0) / 60})
+        timeout = time.time() - t0 > max_seconds or progress >= total
+        last = step - start == total or timeout
+        if step % run.eval_every == 0 or last:
+            run.model.eval()
+            metrics = run.eval_fn()
+            run.model.train()
+            at = {"step": step, **({"stage": index} if index is not None else {})}
+            extra["history"].append({**at, "loss": loss.item(), **metrics, "minutes": (time.time() - t0) / 60})
             tqdm.write(f"step {step}: loss {loss.item():.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if step % save_every == 0 or step == total or timeout:
-            save_fn()
+        if step % run.save_every == 0 or last:
+            run.save_fn()
             extra["elapsed_seconds"] = time.time() - t0
-            extra["aux_rng"] = [r.getstate() for r in rngs]
-            save_train_state(state_path, step, model, opt, extra)
+            extra["aux_rng"] = [r.getstate() for r in run.rngs]
+            save_train_state(run.state_path, step, run.model, run.opt, extra)
         if timeout:
             tqdm.write(f"stopping at step {step}: max_minutes reached")
             break
     bar.close()
-    return extra
+    return step

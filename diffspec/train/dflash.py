@@ -35,6 +35,10 @@ Validation: mean accepted length, i.e. how many leading masked positions
 the drafter's argmax gets right against the target's tokens, over every
 anchor of `eval_n` held-out prompts (for vp with a fixed seeded prefix length
 per anchor). A DFlash round then yields about that many tokens plus one.
+
+`train.stages` (see `train.common.stage_plan`) may give each stage its own
+`train_pool`: a later stage trains on answers generated after the first
+began, while the draft vocabulary stays the first stage's.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ from ..models.dflash import DFlashConfig, DFlashDrafter, save_dflash
 from ..models.draft_vocab import DRAFT_VOCAB_FILE, read_draft_vocab
 from ..models.tokenizer import MASK_TOKEN, Tokenizer
 from .common import TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, setup, \
-    text, train_loop
+    stages_check, text, train_loop
 from . import distill
 from .distill import (SOURCES, Seq, cached_continuations, continuation_meta, load_target, source_prompts, target_dir,
                       target_tokenizer)
@@ -75,7 +79,8 @@ SCHEMA: Schema = {
              "loss_decay": number(0), "hidden_dtype": choice(*DTYPES), "source": choice(*SOURCES),
              "questions": text, "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
              "manifest": text, "draft_vocab": integer(1), "train_pool": integer(1)},
-    "train": TRAIN_KEYS,
+    # A stage may train on more of the pool than the one before (data.train_pool is the default).
+    "train": {**TRAIN_KEYS, "stages": stages_check({"train_pool": integer(1)})},
 }
 
 
@@ -86,10 +91,18 @@ class WindowData:
                  seed: int):
         keep = [i for i, (p, a) in enumerate(seqs) if len(a) >= 2]  # an anchor needs one token after it
         self.seqs, self.hidden = [seqs[i] for i in keep], [hidden[i] for i in keep]
+        self._kept_index = keep
+        self.active = len(self.seqs)
         if not self.seqs:
             raise ValueError("no target continuation has two or more tokens; nothing to draft")
         self.kind, self.W, self.gamma, self.mask = kind, width, gamma, mask_id
         self.rng = random.Random(seed)
+
+    def use_first(self, n: int) -> None:
+        """Draw training batches from the sequences among the first `n` given (a stage's train_pool)."""
+        self.active = sum(1 for i in self._kept_index if i < n)
+        if not self.active:
+            raise ValueError(f"none of the first {n} target continuations has two or more tokens")
 
     def _window(self, j: int, a: int, i: int) -> tuple[list[int], list[int]]:
         """(window ids, labels with -100 where there is no loss) for sequence j, anchor a, i visible drafts."""
@@ -133,7 +146,7 @@ class WindowData:
     def sample(self, n_seqs: int, per_seq: int, device: torch.device) -> dict[str, Tensor]:
         """A training batch: n_seqs random sequences × per_seq random anchors in each answer."""
         windows = []
-        for j in self.rng.sample(range(len(self.seqs)), min(n_seqs, len(self.seqs))):
+        for j in self.rng.sample(range(self.active), min(n_seqs, self.active)):
             p, ans = self.seqs[j]
             for _ in range(per_seq):
                 windows.append((j, self.rng.randrange(len(p), len(p) + len(ans) - 1), self._prefix(self.rng)))
@@ -219,15 +232,17 @@ def training_vocab(dcfg: dict[str, Any], state_dir: Path, seqs: list[Seq], eos: 
 def pool_prompts(cfg: dict[str, Any], dcfg: dict[str, Any], n_val: int, seed: int, data_only: bool
                  ) -> tuple[list[str], list[str], int]:
     """(train prompts to read, validation prompts, how many train answers to keep): data.train_pool
-    trains on the pool's first answers (--data-only makes them all), read as whole cache chunks (a
-    chunk is made for its 64 prompts) and cut after."""
+    (or the largest of train.stages' train_pool) trains on the pool's first answers (--data-only
+    makes them all), read as whole cache chunks (a chunk is made for its 64 prompts) and cut after."""
     pool = int(dcfg.get("pool", 2000))
     train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
     n_train = len(train_prompts)
-    if not data_only and "train_pool" in dcfg:
-        n_train = dcfg["train_pool"]
+    pools = [dcfg["train_pool"]] if "train_pool" in dcfg else []
+    pools += [s["train_pool"] for s in cfg["train"].get("stages", []) if "train_pool" in s]
+    if not data_only and pools:
+        n_train = max(pools)
         if n_train > pool:
-            raise ValueError(f"data.train_pool ({n_train}) must be <= data.pool ({pool})")
+            raise ValueError(f"data.train_pool and train.stages' train_pool ({n_train}) must be <= data.pool ({pool})")
         train_prompts = train_prompts[:-(-n_train // distill.CHUNK) * distill.CHUNK]
     return train_prompts, val_prompts, n_train
 
@@ -302,7 +317,8 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     if data_only:
         return cache
     train_seqs, train_hidden = train_seqs[:n_train], train_hidden[:n_train]
-    vocab = training_vocab(dcfg, state_path.parent, train_seqs, eos_ids(target), resume)
+    first_pool = tr.get("stages", [{}])[0].get("train_pool", dcfg.get("train_pool", n_train))
+    vocab = training_vocab(dcfg, state_path.parent, train_seqs[:first_pool], eos_ids(target), resume)
     drafter.set_draft_vocab(vocab)
     data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)
     val = WindowData(val_seqs, val_hidden, kind, W, gamma, mask_id, seed)
@@ -318,5 +334,6 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
 
     train_loop(kind, drafter, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev,
                lambda: window_loss(drafter, data.sample(n_seqs, per_seq, dev), decay),
-               lambda: {"val_accept_len": accepted_length(drafter, val, dev)}, save)
+               lambda: {"val_accept_len": accepted_length(drafter, val, dev)}, save,
+               rngs=(data.rng,), on_stage=lambda i, stage: data.use_first(int(stage.get("train_pool", dcfg.get("train_pool", n_train)))))
     return out_dir
