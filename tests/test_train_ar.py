@@ -512,6 +512,32 @@ def test_sharded_data_generation_fills_the_same_cache(tmp_path, target_dir, monk
     assert "0 <= I < N" in capsys.readouterr().err
 
 
+def test_distilled_ar_drafter_trains_each_stage_on_its_own_pool(tmp_path, target_dir, monkeypatch):
+    """train.stages' train_pool: the first stage draws from the first answers only, the next from all."""
+    from diffspec.train.mdm import MDMBatcher
+
+    cfg = {"target": str(target_dir),
+           "model": {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                     "intermediate_size": 48},
+           "data": {"pool": 12, "gen_length": 8, "loss_positions": 4, "cache": str(tmp_path / "cache")},
+           "train": {**TRAIN, "batch_size": 2, "stages": [{"train_pool": 3, "steps": 2}, {"steps": 2}]},
+           "out": str(tmp_path / "model"), "state_dir": str(tmp_path / "state")}
+    pools = []
+    real_next = MDMBatcher.next
+
+    def next_batch(self):
+        pools.append(len(self.items))
+        return real_next(self)
+
+    monkeypatch.setattr(MDMBatcher, "next", next_batch)
+    train_ar(write(tmp_path / "d.json", cfg))
+    assert len(pools) == 4 and max(pools[:2]) <= 3 and pools[2] == pools[3] > 3
+    assert state_step(tmp_path / "state") == 4
+    cfg["train"]["stages"][0]["train_pool"] = 13
+    with pytest.raises(ValueError, match=r"train.stages\[0\].train_pool \(13\) must be <= data.pool \(12\)"):
+        train_ar(write(tmp_path / "e.json", cfg))
+
+
 def test_distilled_ar_drafter_reads_the_committed_answers(tmp_path, target_dir, monkeypatch):
     """With data.manifest and a fresh cache, `train ar` reads the DFlash drafters' committed answers:
     nothing is generated, no hidden state is replayed, and it trains on exactly those answers."""

@@ -22,12 +22,14 @@ writes tokens through the target's embedding and LM head (frozen, not saved:
 ship. The head runs on `data.loss_positions` random answer cells per row (a
 49k-vocabulary head over every cell would cost more than the layers), and
 validation is the share of held-out answer tokens whose argmax is the
-target's token (teacher-forced), what drafting accepts.
+target's token (teacher-forced), what drafting accepts. `train.stages` may
+give each stage its own `train_pool` (the first answers of data.pool).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ from ..speculative.ar import ARConfig, ar_generate
 from ..tasks import Example, arith_examples, arith_mc_examples, score
 from ..models.checkpoint import DTYPES
 from .common import (TOP_KEYS, TRAIN_KEYS, Schema, boolean, choice, dataclass_section, integer, number, read_train_config,
-                     setup, shared_tokenizer, text, train_loop)
+                     setup, shared_tokenizer, stages_check, text, train_loop)
 from .distill import SOURCES
 from .mdm import MDMBatcher
 
@@ -62,7 +64,8 @@ DISTILL_SCHEMA: Schema = {
     "data": {"gen_length": integer(1), "pool": integer(1), "source": choice(*SOURCES), "questions": text,
              "chat": boolean, "system": text, "cache": text, "gen_batch_size": integer(1),
              "loss_positions": integer(1), "manifest": text},
-    "train": TRAIN_KEYS,
+    # A stage may train on more of data.pool than the one before (default: all of it).
+    "train": {**TRAIN_KEYS, "stages": stages_check({"train_pool": integer(1)})},
 }
 
 
@@ -189,6 +192,10 @@ def distill_ar(config_path: str | Path, out: str | Path | None = None, resume: b
                                        batch_size=gen_bs, desc="validation continuations",
                                        manifest=manifest and manifest / "val")
     pad = t.eos_token_ids[0] if t.eos_token_ids else 0
+    pool = len(train_seqs)
+    for i, stage in enumerate(tr.get("stages", [])):
+        if stage.get("train_pool", 0) > pool:
+            raise ValueError(f"train.stages[{i}].train_pool ({stage['train_pool']}) must be <= data.pool ({pool})")
     items = [(p, a) for p, a in train_seqs if a]
     val_items = [(p, a) for p, a in val_seqs if a]
     batcher = MDMBatcher(items, min(int(tr.get("batch_size", 8)), len(items)), pad, seed)
@@ -204,6 +211,10 @@ def distill_ar(config_path: str | Path, out: str | Path | None = None, resume: b
         (out_dir / "trained_for.json").write_text(json.dumps({"kind": "ar-spec", "target": str(cfg["target"])},
                                                              indent=2) + "\n")
 
+    def use_pool(i: int, stage: dict[str, Any]) -> None:  # a stage's train_pool: its first answers
+        batcher.items = [(p, a) for p, a in train_seqs[:int(stage.get("train_pool", pool))] if a]
+        batcher.queue.clear()
+
     train_loop("ar drafter", model, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev, loss_fn,
-               lambda: {"val_agreement": agreement(model, val_items, pad)}, save)
+               lambda: {"val_agreement": agreement(model, val_items, pad)}, save, on_stage=use_pool)
     return out_dir
