@@ -262,7 +262,7 @@ def project_kv(x: Tensor, k_proj: nn.Module, v_proj: nn.Module, head_dim: int, c
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False, layer: int = 0,
-           kv_cache: KVCacheHook | None = None) -> Tensor:
+           kv_cache: KVCacheHook | None = None, per_row: bool = False) -> Tensor:
     """Scaled dot-product attention of q (B, H, Q, D) over k/v (B, H_kv, K, D) -> (B, Q, H·D).
 
     With a `kv_cache`, the fresh k/v first go through `kv_cache.layer(layer, k, v)`.
@@ -273,28 +273,51 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     CUDA the repeat stays: with a mask, `enable_gqa` would leave the
     memory-efficient kernel for the math one. `mask` is a bool mask
     broadcastable to (B, H, Q, K), True = attend.
+
+    `per_row` (set on an int8 model, `models.quantized`): at batch 1 with a cache and a mask, each
+    query attends on its own, over just the keys its mask row allows, as a one-token forward
+    would, so its output has a one-token forward's bits whatever else is verified beside it.
     """
     if kv_cache is not None:
         k, v = kv_cache.layer(layer, k, v)
+    B, _, Q, _ = q.shape
+    if per_row and Q > 1 and B == 1 and mask is not None and kv_cache is not None:
+        rows = mask.reshape(-1, Q, mask.shape[-1])
+        if rows.shape[0] == 1:
+            att = torch.cat([_sdpa(q[:, :, i:i + 1], *_keys_of(k, v, rows[0, i]), None, False) for i in range(Q)],
+                            dim=2)
+            return att.transpose(1, 2).reshape(B, Q, -1)
+    att = _sdpa(q, k, v, mask, is_causal)
+    return att.transpose(1, 2).reshape(B, Q, -1)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     rep = q.shape[1] // k.shape[1]
     if rep != 1 and _NATIVE_GQA and q.device.type == "cpu":
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-    else:
-        if rep != 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    B, _, Q, _ = q.shape
-    return att.transpose(1, 2).reshape(B, Q, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    if rep != 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def _keys_of(k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys / values one query may read: a prefix as the same view a one-token forward
+    reads from the cache; a tree node's ancestors gathered in order."""
+    n = int(allowed.sum())
+    if bool(allowed[:n].all()):
+        return k[:, :, :n], v[:, :, :n]
+    idx = allowed.nonzero().squeeze(1)
+    return k.index_select(2, idx), v.index_select(2, idx)
 
 
 def attention(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, o_proj: nn.Module, head_dim: int,
               cos: Tensor, sin: Tensor, mask: Tensor | None = None, is_causal: bool = False, layer: int = 0,
               kv_cache: KVCacheHook | None = None, q_norm: nn.Module | None = None,
-              k_norm: nn.Module | None = None) -> Tensor:
+              k_norm: nn.Module | None = None, per_row: bool = False) -> Tensor:
     """Self-attention of x (B, Q, d): `project_q`, `project_kv`, `attend`, the output projection."""
     q = project_q(x, q_proj, head_dim, cos, sin, q_norm)
     k, v = project_kv(x, k_proj, v_proj, head_dim, cos, sin, k_norm)
-    return o_proj(attend(q, k, v, mask, is_causal, layer, kv_cache))
+    return o_proj(attend(q, k, v, mask, is_causal, layer, kv_cache, per_row))
 
 
 def bidirectional_mask(attention_mask: Tensor | None, kv_cache: MaskedKVCacheHook | None, B: int,
@@ -326,6 +349,7 @@ class Attention(nn.Module):
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False):
         super().__init__()
         self.head_dim, self.qk_norm = head_dim, qk_norm
+        self.per_row = False  # `attend`'s per_row: set by `models.quantized` on an int8 model
         self.q_proj = Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
@@ -345,7 +369,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, is_causal: bool = False,
                 layer: int = 0, kv_cache: KVCacheHook | None = None) -> Tensor:
         return attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.head_dim, cos, sin, mask,
-                         is_causal, layer, kv_cache, *self.norms())
+                         is_causal, layer, kv_cache, *self.norms(), per_row=self.per_row)
 
 
 class DecoderLayer(nn.Module):

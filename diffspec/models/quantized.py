@@ -11,8 +11,16 @@ token's output does not depend on which other tokens share the call, and a verif
 over Q drafted tokens gives each of them the logits AR would have computed one token at a time.
 PyTorch's dynamic quantization (`quantize_dynamic`, which this module used first) takes one
 activation scale per call instead; on SmolLM2 that made DFlash on the int8 target match AR greedy
-of the same weights on only 5 of 16 GSM8K answers (`benchmarks/int8-cpu`), and a token's output
-moved by ~0.05 when other tokens joined it (tests/test_quantized.py measures that).
+of the same weights on only 5 of 16 GSM8K answers (`benchmarks/int8-cpu`).
+
+Exact matmuls are not enough. Every int8 rounding is a step, so the ~1e-6 by which fp32 attention
+over Q queries differs from attention over one moves a few activations across a step, and the
+steps compound through the layers: on SmolLM2 the last block's states of a 4-token verification
+differed from four one-token forwards by 14.6 (logits by 1.3), where the fp32 model differs by
+2e-4. So an int8 model's attention layers also get `per_row`: at batch 1 each verified query
+attends on its own, over exactly the keys a one-token forward reads (`layers.attend`). The blocks'
+states are then bit-identical (tests/test_quantized.py); only the fp32 LM head still rounds by
+its batch, ~2e-5 in the logits, as in the fp32 model.
 
 Only the blocks are quantized: the embedding (a lookup) and the LM head stay as they are, because
 the DFlash / VP drafters read the target's embedding and head weights directly. The output changes
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .layers import Attention
 
 SCHEMES = ("int8",)
 
@@ -82,6 +92,8 @@ def quantize_blocks(model: torch.nn.Module, scheme: str = "int8") -> torch.nn.Mo
         for child_name, child in list(m.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(m, child_name, Int8Linear(child))
+        if isinstance(m, Attention):
+            m.per_row = True
     # A quantized weight is no Parameter: keep the FLOP estimate's parameter count.
     model.num_params = lambda non_embedding=True: sizes[bool(non_embedding)]  # type: ignore[method-assign]
     model._diffspec_quantized = scheme  # type: ignore[assignment]
