@@ -161,10 +161,19 @@ def cmd_generate(a: argparse.Namespace) -> None:
     for field in ("k", "drafts", "gamma"):  # --k / --drafts / --gamma auto: what it chose and from what, so
         auto = (res.stats or {}).get(f"auto_{field}") if isinstance(res.stats, dict) else None
         if auto:  # the next run can pass the number directly
-            timed = ", ".join(f"{field}={c[field]} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])
+            timed = ", ".join(f"{_sizes(c, field)} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])
             why = (f" ({timed}; {auto['calibration_seconds']:.1f}s of calibration, included above)" if timed else
                    " (the calibration answer was too short to time: the default)")
-            print(f"[{a.method}] --{field} auto chose {field}={auto['chosen']}{why}", file=sys.stderr)
+            chose = _sizes(auto.get("chosen_settings") or {field: auto["chosen"]}, field)
+            print(f"[{a.method}] --{field} auto chose {chose}{why}", file=sys.stderr)
+
+
+_MEASURED = {"seconds", "tokens", "acceptance_length", "mean_tree_nodes", "tokens_per_second"}
+
+
+def _sizes(row: dict, field: str) -> str:
+    """'k=1' or, for a D²SD small tree, 'k=1,drafts=3,branch=4': the sizes a calibration row set."""
+    return ",".join(f"{f}={v}" for f, v in row.items() if f not in _MEASURED) or f"{field}=?"
 
 
 def cmd_eval(a: argparse.Namespace) -> None:

@@ -47,6 +47,15 @@ def test_generate_reports_what_auto_chose(capsys, method, field, values):
     assert line.group(2).count("tok/s") == len(getattr(sizing, values)) or "too short" in line.group(2)
 
 
+def test_a_small_tree_is_reported_with_all_its_sizes():
+    """d2sd --k auto may pick a small tree (k, drafts and branch together): the line names all three."""
+    from diffspec.cli import _sizes
+
+    row = {"k": 1, "drafts": 3, "branch": 4, "seconds": 2.0, "tokens": 64, "acceptance_length": 2.1,
+           "mean_tree_nodes": 7.0, "tokens_per_second": 32.0}
+    assert _sizes(row, "k") == "k=1,drafts=3,branch=4" and _sizes({"k": 2, "seconds": 1.0}, "k") == "k=2"
+
+
 @pytest.mark.parametrize("extra", [
     ["--method", "fast-dllm", "--cache", "dual", "--policy", "threshold", "--threshold", "0.9"],
     ["--method", "fast-dllm", "--cache", "prefix", "--policy", "factor", "--factor", "1.0"],

@@ -449,16 +449,21 @@ def test_auto_k_decodes_as_the_k_it_chose_and_reports_it(target, drafters, token
     res = d2sd_generate(t, block, vp, tokenizer, PROMPTS, cfg)
     report = res.stats["auto_k"]
     k = report["chosen"]
-    assert [c["k"] for c in report["candidates"]] == [1, 2, 4] and k in (1, 2, 4)  # γ − 1 = 7 boundaries
+    chosen = report.get("chosen_settings") or {"k": k}
+    # γ − 1 = 7 boundaries: K up to 4; then the four small trees (drafts and branch were left at defaults)
+    assert [c["k"] for c in report["candidates"]] == [1, 2, 4, 1, 2, 1, 2] and k in (1, 2, 4)
+    small = report["candidates"][3:]
+    assert [(c["drafts"], c["branch"]) for c in small] == [(3, 4), (3, 4), (3, 6), (3, 6)]
+    assert max(c["mean_tree_nodes"] for c in small) < report["candidates"][2]["mean_tree_nodes"]
     assert report["calibration_tokens"] == 64 and not report["remembered"]  # whatever the request's length
     assert all(c["tokens"] == 64 for c in report["candidates"]) and report["calibration_forwards"] > 0
-    fixed = d2sd_generate(t, block, vp, tokenizer, PROMPTS, cfg.replace(k=k))
+    fixed = d2sd_generate(t, block, vp, tokenizer, PROMPTS, cfg.replace(**chosen))
     assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
     # the run is the chosen K's own (the calibration's forwards are reported, not mixed in): the tree
     # sizes differ between K even where the random drafters' acceptances do not
     assert res.meter.nfe == fixed.meter.nfe and res.meter.flops == fixed.meter.flops
     assert res.stats["mean_tree_nodes"] == fixed.stats["mean_tree_nodes"]
-    assert len({c["mean_tree_nodes"] for c in report["candidates"]}) == 3
+    assert len({c["mean_tree_nodes"] for c in report["candidates"][:3]}) == 3
     assert res.meter.wall_seconds >= report["calibration_seconds"]
     # drafters loaded again from the same weights (as every bench chunk and CLI call does) hit the memo
     again = d2sd_generate(t, copy.deepcopy(block), copy.deepcopy(vp), tokenizer, PROMPTS[:1], cfg)
@@ -503,12 +508,33 @@ def test_choose_size_takes_the_most_tokens_per_second() -> None:
     assert k == 2 and calls == [1, 1, 2, 4, 4, 2, 1]  # a warm-up, then both orders
     calls.clear()
     assert choose_size(run, [1, 2, 4], clock=lambda: now[0], warm=False)[0] == 2 and calls == [1, 2, 4, 4, 2, 1]
-    assert [c["seconds"] for c in report["candidates"]] == [2.0, 1.0, 1.5]
+    assert [c["seconds"] for c in report["candidates"]] == [2.0, 1.0, 1.5] and "chosen_settings" not in report
     assert report["candidates"][1]["tokens_per_second"] == 30.0
     tokens[4] = 60  # now K = 4 yields twice the tokens in 1.5 s
     assert choose_size(run, [1, 2, 4], clock=lambda: now[0])[0] == 4
     assert choose_size(run, [4], clock=lambda: now[0])[0] == 4  # one candidate: nothing to time
     assert candidates(16) == [1, 2, 4, 8] and candidates(3) == [1, 2] and candidates(2) == [1]
+    # a candidate that sets several fields (D²SD's small trees): its row and the report name them all;
+    # a tie goes to the candidate listed first
+    tree = (("k", 1), ("drafts", 3), ("branch", 4))
+    seconds[tree], tokens[tree] = 1.0, 60
+    best, report = choose_size(run, [2, tree], clock=lambda: now[0], warm=False)
+    assert best == tree and report["chosen"] == 1 and report["chosen_settings"] == {"k": 1, "drafts": 3, "branch": 4}
+    assert report["candidates"][1]["drafts"] == 3 and report["candidates"][1]["tokens_per_second"] == 60.0
+    tokens[tree] = 30
+    assert choose_size(run, [2, tree], clock=lambda: now[0], warm=False)[0] == 2
+
+
+def test_small_trees_are_timed_only_where_drafts_and_branch_are_left_to_auto() -> None:
+    from diffspec.speculative.d2sd import tree_candidates
+
+    full = tree_candidates(D2SDConfig(k="auto"))
+    assert full[:4] == [1, 2, 4, 8] and [dict(c) for c in full[4:]] == [
+        {"k": 1, "drafts": 3, "branch": 4}, {"k": 2, "drafts": 3, "branch": 4},
+        {"k": 1, "drafts": 3, "branch": 6}, {"k": 2, "drafts": 3, "branch": 6}]
+    assert tree_candidates(D2SDConfig(k="auto", drafts=5)) == [1, 2, 4]  # the user's drafts stand
+    assert tree_candidates(D2SDConfig(k="auto", branch=20)) == [1, 2, 4, 8]
+    assert [dict(c)["branch"] for c in tree_candidates(D2SDConfig(k="auto", gamma=4, gamma2=6))[2:]] == [4, 4]
 
 
 def test_auto_k_option_parsing_and_errors() -> None:

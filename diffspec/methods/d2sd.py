@@ -13,8 +13,9 @@ OPTIONS = {
     "drafter": DRAFTER,
     "gamma2": Option(int, "d2sd: the variable-prefix drafter's window γ₂ (default 32)"),
     "k": Option(int_or_auto, "d2sd: rejection boundaries re-anchored by the VP drafter (default 4); auto: the K "
-                             "with the most tokens/s on this device, timed on the first prompt's first 64 tokens "
-                             "(reported in the stats as auto_k)"),
+                             "with the most tokens/s on this device, timed on the first prompt's first 64 tokens, "
+                             "and with drafts and branch at their defaults also four small trees (K 1-2, 3 drafts, "
+                             "branches of 4-6) that suit a CPU (reported in the stats as auto_k)"),
     "branch": Option(int, "d2sd: the most tokens a tree branch holds past the anchor (default 0: γ₂ − 1); a small "
                           "cap keeps the tree cheap to verify on a CPU"),
     "vp_drafter": Option(str, "d2sd: variable-prefix drafter checkpoint (default: the bundled one)"),

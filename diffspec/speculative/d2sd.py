@@ -75,7 +75,7 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
-from .sizing import AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, auto_run, candidates
+from .sizing import AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SMALL_TREES, Candidate, auto_run, candidates
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -549,6 +549,18 @@ def dflash_generate(
                      meter, progress, streamer)
 
 
+def tree_candidates(cfg: D2SDConfig) -> list[Candidate]:
+    """What k=auto times: each K (a round has n_drafts boundaries, so a larger K only repeats
+    K = n_drafts) and, when drafts and branch are left at their defaults, the small trees of
+    `sizing.SMALL_TREES` that fit the windows: the device picks between a GPU's wide tree and a
+    CPU's narrow one."""
+    out: list[Candidate] = list(candidates(cfg.n_drafts + 1, CANDIDATES))
+    if cfg.drafts == 0 and cfg.branch == 0:
+        out += [(("k", k), ("drafts", d), ("branch", b)) for k, d, b in SMALL_TREES
+                if d <= cfg.gamma - 1 and k <= d and d <= b <= cfg.gamma2 - 1]
+    return out
+
+
 def d2sd_generate(
     target: torch.nn.Module,
     drafter: DFlashDrafter,
@@ -570,9 +582,7 @@ def d2sd_generate(
     if cfg.k != AUTO:
         return _run(target, drafter, vp_drafter, tokenizer, prompts, cfg, meter, progress,
                     f"d2sd[γ={cfg.gamma},γ₂={cfg.gamma2},k={cfg.k}]", streamer)
-    # a round has n_drafts boundaries: a larger K only repeats K = n_drafts
-    return auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", candidates(cfg.n_drafts + 1, CANDIDATES),
-                     DEFAULT_K,
+    return auto_run(target, [drafter, vp_drafter], prompts, cfg, "k", tree_candidates(cfg), DEFAULT_K,
                      lambda ps, c, m, p=False, s=None: d2sd_generate(target, drafter, vp_drafter, tokenizer, ps, c, m,
                                                                      progress=p, streamer=s),
                      meter, progress, streamer)

@@ -7,7 +7,9 @@ verification of 100 tree nodes costs about what one token costs; on the project'
 cost 1.7× and 16 cost 2.7× with the weight-left matmul, where through F.linear 3
 tokens had cost 2.0× and 5 only 1.3×.
 - D²SD's K, how many rejection boundaries the VP drafter re-anchors (its tree,
-  and the VP drafter's batch of K + 1 windows, grow with K);
+  and the VP drafter's batch of K + 1 windows, grow with K), timed beside a few
+  small trees (`SMALL_TREES`: K, drafts and branch set together) when the
+  caller left drafts and branch to their defaults;
 - DFlash's `drafts`, how many of the block's γ − 1 drafts the target verifies
   (a draft the drafter rarely gets right costs a verified token and returns
   little: on SmolLM2 with τ ≈ 2, verifying 3 instead of 15 ran 1.3× faster);
@@ -42,7 +44,7 @@ import copy
 import time
 import weakref
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -56,6 +58,20 @@ DEFAULT_GAMMA = 4  # SpecConfig's default
 AUTO_TOKENS = 64  # calibration length: enough rounds (τ ≈ 2-10) for a stable tokens/s
 MIN_TOKENS = 16  # fewer than this in the calibration answer: too few rounds to time, keep the default K
 DEFAULT_K = 4  # D2SDConfig's default, the paper's
+# D²SD trees small enough for a CPU, timed beside the K candidates when k=auto leaves drafts and
+# branch at their defaults: (K, drafts verified, tokens a branch holds). benchmarks/round-profile-cpu
+# (d2sd-small) measured K = 1-2, 3 drafts and branches of 4-6 as the fastest hand-sized trees on
+# SmolLM2, where the default (all 15 drafts, branches of γ₂ − 1) verified 58-node trees.
+SMALL_TREES = ((1, 3, 4), (2, 3, 4), (1, 3, 6), (2, 3, 6))
+
+# A candidate is a size for the field being chosen, or a tuple of (field, value) pairs that sets
+# several fields at once (D²SD's small trees).
+Candidate = Union[int, tuple]
+
+
+def settings(field: str, candidate: Candidate) -> dict[str, Any]:
+    """The config fields a candidate sets."""
+    return dict(candidate) if isinstance(candidate, tuple) else {field: candidate}
 
 # target -> {(field, drafters, config, threads): (chosen size, report)}
 _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple[int, dict[str, Any]]]]" = \
@@ -71,17 +87,18 @@ def candidates(gamma: int, values: Sequence[int] = CANDIDATES, most: bool = Fals
     return ks or [1]
 
 
-def choose_size(run: Callable[[int], tuple[int, dict[str, Any]]], ks: Sequence[int],
+def choose_size(run: Callable[[Candidate], tuple[int, dict[str, Any]]], ks: Sequence[Candidate],
                 clock: Callable[[], float] = time.perf_counter, warm: bool = True, name: str = "k"
-                ) -> tuple[int, dict[str, Any]]:
+                ) -> tuple[Candidate, dict[str, Any]]:
     """Time `run(k)` (which decodes the calibration prompt at size k and returns the tokens it
     generated and its stats) for every k, in order and then in reverse, after one untimed warm-up
     (unless `warm` is False: the caller ran one); the size with the most tokens per second wins
-    (ties: the smaller, the cheaper verification). Each candidate's row names its size `name`."""
+    (ties: the one listed first, the cheaper verification). Each candidate's row names its size
+    `name` (and, for a tuple candidate, every field it sets)."""
     if not ks:
         raise ValueError("choose_size needs at least one candidate size")
     start = clock()
-    rows: dict[int, dict[str, Any]] = {}
+    rows: dict[Candidate, dict[str, Any]] = {}
     if len(ks) > 1:
         if warm:
             run(ks[0])  # first calls allocate caches and buffers; keep that out of every K's timing
@@ -89,21 +106,26 @@ def choose_size(run: Callable[[int], tuple[int, dict[str, Any]]], ks: Sequence[i
             t0 = clock()
             tokens, stats = run(k)
             dt = clock() - t0
-            row = rows.setdefault(k, {name: k, "seconds": dt, "tokens": tokens,
+            row = rows.setdefault(k, {**settings(name, k), "seconds": dt, "tokens": tokens,
                                       "acceptance_length": stats.get("acceptance_length"),
                                       "mean_tree_nodes": stats.get("mean_tree_nodes")})
             row["seconds"] = min(row["seconds"], dt)
         for row in rows.values():
             row["tokens_per_second"] = row["tokens"] / row["seconds"] if row["seconds"] > 0 else float("inf")
-        best = max(rows.values(), key=lambda r: (r["tokens_per_second"], -r[name]))[name]
+        order = {k: i for i, k in enumerate(ks)}
+        best = max(ks, key=lambda k: (rows[k]["tokens_per_second"], -order[k]))
     else:
         best = ks[0]
-    return best, {"chosen": best, "candidates": [rows[k] for k in ks if k in rows],
-                  "calibration_seconds": clock() - start}
+    report = {"chosen": settings(name, best)[name], "candidates": [rows[k] for k in ks if k in rows],
+              "calibration_seconds": clock() - start}
+    if isinstance(best, tuple):
+        report["chosen_settings"] = settings(name, best)
+    return best, report
 
 
 def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prompt: str, cfg: Any, field: str,
-              values: Sequence[int], default: int, decode: Callable[..., Any]) -> tuple[int, dict[str, Any]]:
+              values: Sequence[Candidate], default: int, decode: Callable[..., Any]
+              ) -> tuple[Candidate, dict[str, Any]]:
     """The value of `cfg.field` (set to "auto") for this device: remembered, or measured on `prompt`
     over `values` with `decode(prompts, cfg, meter)` (the method's own loop), `default` when the
     calibration answer is too short to time. The report says what was measured."""
@@ -124,9 +146,9 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
         return k, {**copy.deepcopy(report), "remembered": True}
     forwards = {"nfe": 0, "flops": 0.0}
 
-    def run(k: int) -> tuple[int, dict[str, Any]]:
+    def run(k: Candidate) -> tuple[int, dict[str, Any]]:
         meter = CostMeter(primary="target")
-        res = decode([prompt], replace(cfg, **{field: k, "gen_length": AUTO_TOKENS}), meter)
+        res = decode([prompt], replace(cfg, **settings(field, k), gen_length=AUTO_TOKENS), meter)
         forwards["nfe"] += meter.nfe
         forwards["flops"] += meter.flops
         return meter.tokens_generated, res.stats
@@ -147,7 +169,7 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
 
 
 def auto_run(target: torch.nn.Module, drafters: list[torch.nn.Module], prompts: Sequence[str], cfg: Any,
-             field: str, values: Sequence[int], default: int, decode: Callable[..., Any],
+             field: str, values: Sequence[Candidate], default: int, decode: Callable[..., Any],
              meter: Any, progress: bool, streamer: Any) -> Any:
     """Decode with `cfg.field` = "auto" resolved on this device (`auto_size`, timed on the first
     prompt) by `decode(prompts, cfg, meter, progress, streamer)`; the report goes into the stats as
@@ -155,7 +177,7 @@ def auto_run(target: torch.nn.Module, drafters: list[torch.nn.Module], prompts: 
     if not prompts:
         raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
     value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode)
-    res = decode(prompts, replace(cfg, **{field: value}), meter, progress, streamer)
+    res = decode(prompts, replace(cfg, **settings(field, value)), meter, progress, streamer)
     if not report["remembered"]:  # what choosing cost is part of this run's time
         res.meter.wall_seconds += report["calibration_seconds"]
     res.config = cfg
