@@ -538,6 +538,24 @@ def test_distilled_ar_drafter_trains_each_stage_on_its_own_pool(tmp_path, target
         train_ar(write(tmp_path / "e.json", cfg))
 
 
+def test_dflash_drafter_trains_each_stage_on_its_own_pool(tmp_path, target_dir, monkeypatch):
+    """train.stages' train_pool for the DFlash trainer: batches come from the stage's first answers;
+    the draft vocabulary comes from the first stage's."""
+    seen = []
+    real_sample = WindowData.sample
+
+    def sample(self, *a, **k):
+        seen.append(self.active)
+        return real_sample(self, *a, **k)
+
+    monkeypatch.setattr(WindowData, "sample", sample)
+    cfg = json.loads(drafter_config(tmp_path, target_dir, "dflash").read_text())
+    cfg["train"]["stages"] = [{"train_pool": 4, "steps": 2}, {"steps": 3}]
+    train_dflash(write(tmp_path / "staged.json", cfg))
+    assert seen[:2] == [4, 4] and seen[2:] == [12, 12, 12]
+    assert state_step(tmp_path / "state") == 5
+
+
 def test_distilled_ar_drafter_reads_the_committed_answers(tmp_path, target_dir, monkeypatch):
     """With data.manifest and a fresh cache, `train ar` reads the DFlash drafters' committed answers:
     nothing is generated, no hidden state is replayed, and it trains on exactly those answers."""

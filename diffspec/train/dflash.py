@@ -237,9 +237,9 @@ def pool_prompts(cfg: dict[str, Any], dcfg: dict[str, Any], n_val: int, seed: in
     pool = int(dcfg.get("pool", 2000))
     train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
     n_train = len(train_prompts)
-    pools = [dcfg["train_pool"]] if "train_pool" in dcfg else []
-    pools += [s["train_pool"] for s in cfg["train"].get("stages", []) if "train_pool" in s]
-    if not data_only and pools:
+    default = dcfg.get("train_pool", n_train)  # a stage without train_pool trains on data.train_pool, else all
+    pools = [stage.get("train_pool", default) for stage in cfg["train"].get("stages") or [{}]]
+    if not data_only:
         n_train = max(pools)
         if n_train > pool:
             raise ValueError(f"data.train_pool and train.stages' train_pool ({n_train}) must be <= data.pool ({pool})")
@@ -317,8 +317,8 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     if data_only:
         return cache
     train_seqs, train_hidden = train_seqs[:n_train], train_hidden[:n_train]
-    first_pool = tr.get("stages", [{}])[0].get("train_pool", dcfg.get("train_pool", n_train))
-    vocab = training_vocab(dcfg, state_path.parent, train_seqs[:first_pool], eos_ids(target), resume)
+    pools = [int(stage.get("train_pool", dcfg.get("train_pool", n_train))) for stage in tr.get("stages") or [{}]]
+    vocab = training_vocab(dcfg, state_path.parent, train_seqs[:pools[0]], eos_ids(target), resume)
     drafter.set_draft_vocab(vocab)
     data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)
     val = WindowData(val_seqs, val_hidden, kind, W, gamma, mask_id, seed)
@@ -335,5 +335,5 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
     train_loop(kind, drafter, tr, int(max_steps or tr.get("steps", 2000)), state_path, resume, dev,
                lambda: window_loss(drafter, data.sample(n_seqs, per_seq, dev), decay),
                lambda: {"val_accept_len": accepted_length(drafter, val, dev)}, save,
-               rngs=(data.rng,), on_stage=lambda i, stage: data.use_first(int(stage.get("train_pool", dcfg.get("train_pool", n_train)))))
+               rngs=(data.rng,), on_stage=lambda i, _: data.use_first(pools[i]))
     return out_dir
