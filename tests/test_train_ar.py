@@ -556,6 +556,13 @@ def test_dflash_drafter_trains_each_stage_on_its_own_pool(tmp_path, target_dir, 
     assert state_step(tmp_path / "state") == 5
 
 
+@pytest.mark.parametrize("name, match", [(EOS_TOKEN, "one of the target's EOS ids"), ("<nope>", "has no token")])
+def test_dflash_mask_token_must_be_a_token_the_target_never_writes(tmp_path, target_dir, name, match):
+    cfg = json.loads(drafter_config(tmp_path, target_dir, "dflash").read_text())
+    with pytest.raises(ValueError, match=match):
+        train_dflash(write(tmp_path / "m.json", {**cfg, "mask_token": name}))
+
+
 def test_distilled_ar_drafter_reads_the_committed_answers(tmp_path, target_dir, monkeypatch):
     """With data.manifest and a fresh cache, `train ar` reads the DFlash drafters' committed answers:
     nothing is generated, no hidden state is replayed, and it trains on exactly those answers."""

@@ -247,12 +247,15 @@ def pool_prompts(cfg: dict[str, Any], dcfg: dict[str, Any], n_val: int, seed: in
     return train_prompts, val_prompts, n_train
 
 
-def mask_id_of(cfg: dict[str, Any], tok: Tokenizer) -> int:
+def mask_id_of(cfg: dict[str, Any], tok: Tokenizer, target: torch.nn.Module) -> int:
+    """The id of the drafter's mask cell: a special token of the target's tokenizer it never writes."""
     name = cfg.get("mask_token", MASK_TOKEN)
     mask_id = tok.token_to_id(name)
     if mask_id is None:
         raise ValueError(f"the tokenizer has no token {name!r} for the drafter's mask cell; set mask_token to one "
                          "of its special tokens that the target never writes")
+    if mask_id in eos_ids(target):
+        raise ValueError(f"mask_token {name!r} is one of the target's EOS ids; pick a token the target never writes")
     return mask_id
 
 
@@ -283,10 +286,7 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
                          "window is model.block_size")
     tok = target_tokenizer(cfg)
     target = load_target(cfg, tok, dev)
-    mask_id = mask_id_of(cfg, tok)
-    if mask_id in eos_ids(target):
-        raise ValueError(f"mask_token {cfg.get('mask_token', MASK_TOKEN)!r} is one of the target's EOS ids; pick a "
-                         "token the target never writes")
+    mask_id = mask_id_of(cfg, tok, target)
     dconf = DFlashConfig.for_target(target, mask_id, **cfg["model"])
     drafter = DFlashDrafter(dconf, target).to(dev)
     W = dconf.block_size
