@@ -86,6 +86,12 @@ def test_a_finished_single_stage_run_grows_a_second_stage_on_resume(tmp_path):
     assert saved(tmp_path)["step"] == 5
 
 
+def test_resuming_with_fewer_stages_than_the_state_ran_is_a_clear_error(tmp_path):
+    run(tmp_path, {"lr": 1e-2, "warmup": 1, "stages": [{"steps": 2}, {"steps": 2}]}, total=10)
+    with pytest.raises(ValueError, match="saved in stage 2 of train.stages, but the config now has 1"):
+        run(tmp_path, {"lr": 1e-2, "warmup": 1}, total=10, resume=True)
+
+
 def test_stage_plan_inherits_what_a_stage_does_not_set():
     plan = stage_plan({"lr": 1e-3, "warmup": 7, "max_minutes": 5, "stages": [{}, {"lr": 2e-4, "steps": 9}]}, 40)
     assert plan[0] == {"steps": 40, "lr": 1e-3, "warmup": 7, "max_minutes": 5.0}

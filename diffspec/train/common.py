@@ -356,6 +356,9 @@ def train_loop(name: str, model: torch.nn.Module, tr: dict[str, Any], total: int
         TRAIN_KEYS["max_minutes"]("train.max_minutes", stage["max_minutes"])  # -1 would stop after one step
     run = _Run(model, opt, state_path, device, amp_name == "bf16", int(tr.get("eval_every", 250)),
                int(tr.get("save_every", 250)), float(tr.get("grad_clip", 1.0)), loss_fn, eval_fn, save_fn, rngs, extra)
+    if int(extra.get("stage", 0)) >= len(plan):
+        raise ValueError(f"--resume: {state_path} was saved in stage {int(extra['stage']) + 1} of train.stages, but "
+                         f"the config now has {len(plan)}; keep the stages it ran, and add new ones after them")
     for i in range(int(extra.get("stage", 0)), len(plan)):
         if int(extra.get("stage", 0)) != i:  # a new stage: its schedule and budget count from here
             extra.update(stage=i, stage_start=step, elapsed_seconds=0.0)
