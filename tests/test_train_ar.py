@@ -554,6 +554,9 @@ def test_dflash_drafter_trains_each_stage_on_its_own_pool(tmp_path, target_dir, 
     train_dflash(write(tmp_path / "staged.json", cfg))
     assert seen[:2] == [4, 4] and seen[2:] == [12, 12, 12]
     assert state_step(tmp_path / "state") == 5
+    cfg["train"]["stages"][1]["train_pool"] = 13
+    with pytest.raises(ValueError, match=r"train_pool \(13\) must be <= data.pool \(12\)"):
+        train_dflash(write(tmp_path / "too_big.json", cfg))
 
 
 @pytest.mark.parametrize("name, match", [(EOS_TOKEN, "one of the target's EOS ids"), ("<nope>", "has no token")])

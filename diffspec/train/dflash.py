@@ -230,21 +230,21 @@ def training_vocab(dcfg: dict[str, Any], state_dir: Path, seqs: list[Seq], eos: 
 
 
 def pool_prompts(cfg: dict[str, Any], dcfg: dict[str, Any], n_val: int, seed: int, data_only: bool
-                 ) -> tuple[list[str], list[str], int]:
-    """(train prompts to read, validation prompts, how many train answers to keep): data.train_pool
-    (or the largest of train.stages' train_pool) trains on the pool's first answers (--data-only
-    makes them all), read as whole cache chunks (a chunk is made for its 64 prompts) and cut after."""
+                 ) -> tuple[list[str], list[str], list[int]]:
+    """(train prompts to read, validation prompts, how many train answers each stage trains on):
+    data.train_pool (or a stage's train_pool) trains on the pool's first answers (--data-only makes
+    them all), read as whole cache chunks (a chunk is made for its 64 prompts) and cut after."""
     pool = int(dcfg.get("pool", 2000))
     train_prompts, val_prompts = source_prompts(dcfg, pool, n_val, seed, target_dir(cfg))
     n_train = len(train_prompts)
     default = dcfg.get("train_pool", n_train)  # a stage without train_pool trains on data.train_pool, else all
     pools = [stage.get("train_pool", default) for stage in cfg["train"].get("stages") or [{}]]
     if not data_only:
-        n_train = max(pools)
-        if n_train > pool:
-            raise ValueError(f"data.train_pool and train.stages' train_pool ({n_train}) must be <= data.pool ({pool})")
-        train_prompts = train_prompts[:-(-n_train // distill.CHUNK) * distill.CHUNK]
-    return train_prompts, val_prompts, n_train
+        if max(pools) > pool:
+            raise ValueError(f"data.train_pool and train.stages' train_pool ({max(pools)}) must be <= data.pool "
+                             f"({pool})")
+        train_prompts = train_prompts[:-(-max(pools) // distill.CHUNK) * distill.CHUNK]
+    return train_prompts, val_prompts, pools
 
 
 def mask_id_of(cfg: dict[str, Any], tok: Tokenizer, target: torch.nn.Module) -> int:
@@ -298,7 +298,7 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
 
     seed, gen_length = int(tr.get("seed", 0)), int(dcfg.get("gen_length", 48))
     n_val = int(tr.get("eval_n", 64))
-    train_prompts, val_prompts, n_train = pool_prompts(cfg, dcfg, n_val, seed, data_only)
+    train_prompts, val_prompts, pools = pool_prompts(cfg, dcfg, n_val, seed, data_only)
     hdt = DTYPES.get(str(dcfg.get("hidden_dtype", "float16")))
     if hdt is None:
         raise ValueError(f"data.hidden_dtype must be one of {sorted(DTYPES)}, got {dcfg.get('hidden_dtype')!r}")
@@ -316,8 +316,7 @@ def train_dflash(config_path: str | Path, kind: str = "dflash", out: str | Path 
                                                 only_new=data_only)
     if data_only:
         return cache
-    train_seqs, train_hidden = train_seqs[:n_train], train_hidden[:n_train]
-    pools = [int(stage.get("train_pool", dcfg.get("train_pool", n_train))) for stage in tr.get("stages") or [{}]]
+    train_seqs, train_hidden = train_seqs[:max(pools)], train_hidden[:max(pools)]
     vocab = training_vocab(dcfg, state_path.parent, train_seqs[:pools[0]], eos_ids(target), resume)
     drafter.set_draft_vocab(vocab)
     data = WindowData(train_seqs, train_hidden, kind, W, gamma, mask_id, seed)
