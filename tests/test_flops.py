@@ -40,9 +40,10 @@ CASES = [
 @pytest.mark.parametrize("method, options", CASES, ids=[f"{m}-{o.get('cache', '')}" for m, o in CASES])
 def test_flop_estimate_matches_counted_matmuls(method, options, monkeypatch):
     # The CPU's weight-left matmul pads a one-row product to two rows (a kernel choice, free when the
-    # weights' bytes bound it); the counter would count the pad. Count F.linear's products instead.
+    # weights' bytes bound it), and the counter cannot see oneDNN's packed kernel. Count F.linear's.
     monkeypatch.setattr(matmul, "MAX_ROWS", 0)
     monkeypatch.setattr(matmul, "MAX_ROWS_ONE_THREAD", 0)
+    monkeypatch.setattr(matmul, "PACKED_MAX_ROWS", 0)
     prompts = [e.prompt for e in load_examples("arith", limit=2)]
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         res = generate(prompts, method=method, **options)

@@ -1,14 +1,18 @@
-"""`models.matmul.linear`: the weight-left product must be F.linear's result (to float32 rounding),
-for every row count and layout a forward sends it, and must step aside where it does not apply."""
+"""`models.matmul.linear`: the weight-left and packed products must be F.linear's result (to float32
+rounding), for every row count and layout a forward sends them, and must step aside where they do not
+apply."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffspec.models import matmul
-from diffspec.models.matmul import MAX_ROWS, MAX_ROWS_ONE_THREAD, Linear, linear, weight_left
+from diffspec.models.matmul import MAX_ROWS, MAX_ROWS_ONE_THREAD, PACKED_MAX_ROWS, Linear, kernel, linear, weight_left
+
+needs_packed = pytest.mark.skipif(not matmul._PACKED_OK, reason="oneDNN's packed kernel is x86 only here")
 
 
-@pytest.mark.parametrize("shape", [(5,), (1, 5), (2, 1, 5), (3, 2, 5), (1, MAX_ROWS, 5), (MAX_ROWS + 1, 5)])
+@pytest.mark.parametrize("shape", [(5,), (1, 5), (2, 1, 5), (3, 2, 5), (1, MAX_ROWS, 5), (MAX_ROWS + 1, 5),
+                                   (2, 8, 5), (PACKED_MAX_ROWS, 5), (PACKED_MAX_ROWS + 1, 5)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_f_linear(shape, bias):
     g = torch.Generator().manual_seed(0)
@@ -29,26 +33,56 @@ def test_linear_reads_a_strided_input():
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_weight_left_applies_only_to_few_float32_rows_on_cpu():
+def test_kernel_by_rows_threads_and_dtype():
     w = torch.randn(4, 5)
     threads = torch.get_num_threads()
+    packed = "packed" if matmul._PACKED_OK else "f_linear"
     try:
         torch.set_num_threads(1)
         assert weight_left(torch.randn(MAX_ROWS_ONE_THREAD, 5), w)
-        assert not weight_left(torch.randn(MAX_ROWS_ONE_THREAD + 1, 5), w)
+        assert kernel(torch.randn(MAX_ROWS_ONE_THREAD + 1, 5), w) == packed
         torch.set_num_threads(2)
-        assert weight_left(torch.randn(1, 5), w) and weight_left(torch.randn(2, MAX_ROWS // 2, 5), w)
+        assert weight_left(torch.randn(1, 5), w) and weight_left(torch.randn(1, MAX_ROWS, 5), w)
         assert weight_left(torch.randn(2, 5), w.clone().requires_grad_())  # autograd must not change the output
-        assert not weight_left(torch.randn(MAX_ROWS + 1, 5), w)
-        assert not weight_left(torch.randn(2, 5, dtype=torch.float64), w.double())
-        assert not weight_left(torch.randn(0, 5), w)
+        assert kernel(torch.randn(MAX_ROWS + 1, 5), w) == packed
+        assert kernel(torch.randn(2, PACKED_MAX_ROWS // 2, 5), w.clone().requires_grad_()) == packed
+        assert kernel(torch.randn(PACKED_MAX_ROWS + 1, 5), w) == "f_linear"
+        assert kernel(torch.randn(2, 5, dtype=torch.float64), w.double()) == "f_linear"
+        assert kernel(torch.randn(MAX_ROWS + 1, 5, dtype=torch.float64), w.double()) == "f_linear"
+        assert kernel(torch.randn(0, 5), w) == "f_linear"
     finally:
         torch.set_num_threads(threads)
 
 
-def test_linear_gradients_match_f_linear():
+@needs_packed
+def test_packed_copy_follows_the_weight():
+    """The reordered copy is made once per weight, reused, and remade when the weight changes in
+    place (an optimizer step, load_state_dict): a stale copy would give the old weights' output."""
+    lin = Linear(5, 7)
+    x = torch.randn(MAX_ROWS + 3, 5)
+    with torch.no_grad():
+        first = lin(x)
+        copy = matmul._PACKED[lin.weight][1]
+        torch.testing.assert_close(lin(x), first, rtol=0, atol=0)
+        assert matmul._PACKED[lin.weight][1] is copy  # reused, not reordered again
+        lin.weight.mul_(2)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin.load_state_dict({"weight": torch.ones(7, 5), "bias": torch.zeros(7)})
+        torch.testing.assert_close(lin(x), x.sum(-1, keepdim=True).expand(-1, 7), rtol=1e-5, atol=1e-5)
+
+
+@needs_packed
+def test_packed_copies_stop_at_their_memory_cap(monkeypatch):
+    monkeypatch.setattr(matmul, "PACKED_MAX_BYTES", 0)
+    w, x = torch.randn(7, 5), torch.randn(MAX_ROWS + 3, 5)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert w not in matmul._PACKED
+
+
+@pytest.mark.parametrize("rows", [1, MAX_ROWS + 3])
+def test_linear_gradients_match_f_linear(rows):
     g = torch.Generator().manual_seed(1)
-    w0, x0 = torch.randn(3, 5, generator=g), torch.randn(1, 5, generator=g)
+    w0, x0 = torch.randn(3, 5, generator=g), torch.randn(rows, 5, generator=g)
     grads = []
     for fn in (linear, F.linear):
         w, x = w0.clone().requires_grad_(), x0.clone().requires_grad_()
@@ -91,3 +125,16 @@ def test_loaded_checkpoint_weights_are_aligned(tmp_path):
     save_file({"a": torch.randn(3), "b": torch.randn(5, 7)}, str(tmp_path / "model.safetensors"))
     state = _read_weights(tmp_path)
     assert all(t.data_ptr() % matmul.ALIGN == 0 for t in state.values())
+
+
+@pytest.mark.parametrize("how", ["weight_left", "packed", "f_linear"])
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS + 3])
+def test_every_kernel_computes_the_same_product(how, rows):
+    """Each kernel a benchmark can force (`linear_by`) must give F.linear's product at any rows, so the
+    thresholds only ever choose speed."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(rows, 6, generator=g), torch.randn(9, 6, generator=g), torch.randn(9, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(matmul.linear_by(how, x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown matmul kernel"):
+        matmul.linear_by("fast", x, w)

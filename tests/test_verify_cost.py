@@ -33,7 +33,7 @@ def test_verify_cost_writes_curve_table_and_plot(tmp_path):
     assert all(v > 0 for v in ar.values())
     gemm = r["runs"]["1"]["gemm_layouts"]  # both layouts of the head and the blocks, every row count
     assert [g["rows"] for g in gemm] == list(GEMM_ROWS)
-    assert all(g[f"{part}_{how}"] > 0 for g in gemm for part in ("head", "blocks") for how in ("f_linear", "weight_left"))
+    assert all(g[f"{part}_{how}"] > 0 for g in gemm for part in ("head", "blocks") for how in ("f_linear", "weight_left", "packed"))
     assert r["load"]["cores"] >= 1 and r["context"] == 16
     table = (out / "table.md").read_text()
     assert "| the blocks' linears |" in table

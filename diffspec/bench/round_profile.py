@@ -66,8 +66,9 @@ def head_shares(prof: Any, vocab_rows: set[int]) -> dict[str, float]:
         if ev.name.startswith("model::"):
             total[ev.name[7:]] += ev.cpu_time_total
             continue
-        # F.linear(x, W): the weight is the second operand; `models.matmul.linear`: mm(W, xᵀ), the first
-        weight_at = {"aten::linear": 1, "aten::mm": 0}.get(ev.name)
+        # F.linear(x, W) and oneDNN's packed product: the weight is the second operand;
+        # `models.matmul.linear`'s weight-left product mm(W, xᵀ): the first
+        weight_at = {"aten::linear": 1, "aten::mm": 0, "mkldnn::_linear_pointwise": 1}.get(ev.name)
         shapes = ev.input_shapes
         if weight_at is None or len(shapes) < 2 or len(shapes[weight_at]) != 2 or shapes[weight_at][0] not in vocab_rows:
             continue

@@ -27,7 +27,7 @@ import torch
 
 from ..models.causal import CausalKVCache, Qwen3Model
 from ..models.dflash import ContextKV, DFlashDrafter
-from ..models.matmul import linear
+from ..models.matmul import linear_by
 from .runner import load_during, machine_load
 
 Q_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -130,20 +130,31 @@ def ar_drafter_costs(drafter: Qwen3Model, context: list[int], repeats: int) -> d
 
 @torch.inference_mode()
 def gemm_layouts(target: Qwen3Model, rows: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
-    """ms of the target's matmuls alone for M rows, as F.linear computes them (x · Wᵀ) and as
-    `models.matmul.linear` does (W · xᵀ): the LM head, and every linear of the blocks once (one
-    forward's worth). The BLAS picks its kernel by the layout and M (`models.matmul`)."""
+    """ms of the target's matmuls alone for M rows by each kernel `models.matmul.linear` chooses from
+    (F.linear's x · Wᵀ, the weight-left W · xᵀ, oneDNN's packed weight): the LM head, and every
+    linear of the blocks once (one forward's worth). These set `linear`'s row thresholds."""
     w = target.model.embed_tokens.weight if target.config.tie_word_embeddings else target.lm_head.weight
     blocks = [m.weight for m in target.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     out = []
     for m in rows:
         xs = {n: torch.randn(m, n, dtype=w.dtype, device=w.device) for n in {b.shape[1] for b in blocks} | {w.shape[1]}}
         row: dict[str, Any] = {"rows": m}
-        for name, fn in (("f_linear", torch.nn.functional.linear), ("weight_left", linear)):
-            row[f"head_{name}"] = median_ms(lambda: fn(xs[w.shape[1]], w), repeats)
-            row[f"blocks_{name}"] = median_ms(lambda: [fn(xs[b.shape[1]], b) for b in blocks], repeats)
+        for how in KERNELS:
+            row[f"head_{how}"] = median_ms(lambda: linear_by(how, xs[w.shape[1]], w), repeats)
+            row[f"blocks_{how}"] = median_ms(lambda: [linear_by(how, xs[b.shape[1]], b) for b in blocks], repeats)
         out.append(row)
     return out
+
+
+KERNELS = ("f_linear", "weight_left", "packed")
+
+
+def _kernel_cell(g: dict[str, Any], part: str) -> str:
+    """One table cell: the three kernels' ms, the fastest in bold (rows measured before the packed
+    kernel existed show two)."""
+    ms = {how: g[f"{part}_{how}"] for how in KERNELS if f"{part}_{how}" in g}
+    best = min(ms, key=ms.__getitem__)
+    return " / ".join(f"**{v:.1f}**" if how == best else f"{v:.1f}" for how, v in ms.items())
 
 
 def gsm8k_context(tok: Any, target_dir: Path, n: int) -> list[int]:
@@ -181,11 +192,11 @@ def table(result: dict[str, Any]) -> str:
                   "| of which LM head, ms | " + " | ".join(f"{r['ms_head']:.0f}" for r in curve) + " |", ""]
         gemm = run.get("gemm_layouts", [])
         if gemm:
-            lines += ["The matmuls alone, ms by rows M: F.linear (x · Wᵀ) → diffspec's `linear` (W · xᵀ)", "",
+            lines += ["The matmuls alone, ms by rows M: F.linear (x · Wᵀ) / weight-left (W · xᵀ) / oneDNN "
+                      "packed (`models.matmul`; fastest in bold)", "",
                       "| M | " + " | ".join(str(g["rows"]) for g in gemm) + " |", "|---|" + "---|" * len(gemm)]
             for part, label in (("head", "LM head"), ("blocks", "the blocks' linears")):
-                lines.append(f"| {label} | " + " | ".join(f"{g[part + '_f_linear']:.1f} → {g[part + '_weight_left']:.1f}"
-                                                          for g in gemm) + " |")
+                lines.append(f"| {label} | " + " | ".join(_kernel_cell(g, part) for g in gemm) + " |")
             lines.append("")
         for name, costs in run["drafters"].items():
             lines += [f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} ms" for k, v in costs.items()), ""]

@@ -1,56 +1,130 @@
-"""`linear`: x @ Wᵀ, with the weight as the left operand when only a few rows go through it on the CPU.
+"""`linear`: x @ Wᵀ on the CPU by the kernel that is fastest for the number of rows going through it.
 
-At batch 1 a decoding forward sends 1–64 rows through each weight, and on the CPU that matmul is
-bound by reading the weight from memory. PyTorch's `F.linear` computes it as x · Wᵀ (the weight as
-the transposed right operand); for so few rows the BLAS then streams the weight at about 10 GB/s on
-this project's 2-core EPYC, and handles 2–3 rows worse than 1. Computed as W · xᵀ, the same product
-streams at about 30 GB/s, and one row, padded to two, avoids the matrix-vector path, which is as slow
-as `F.linear`. Measured on SmolLM2-135M's weights (`benchmarks/verify-cost-cpu`, two threads): the
-30 blocks' matmuls at one row 37.3 → 17.2 ms, at two 56.1 → 16.3 ms, at five 57.6 → 31.1 ms; the
-49k-row LM head at one row 10.3 → 4.3 ms, at five 19.1 → 6.6 ms; at 128 rows the two agree. With one
-thread W · xᵀ wins up to 5 rows only (blocks at one row 37.1 → 28.1 ms; at eight rows 55.8 → 69.0 ms
-in a run without the cut, NOTE.md there), so the cut depends on it.
+At batch 1 a decoding forward sends 1–64 rows through each weight (one token for AR, a drafted block
+for a speculative verification), and on the CPU that matmul is bound by reading the weight from
+memory. PyTorch's `F.linear` computes it as x · Wᵀ with MKL; for so few rows MKL streams the weight at
+about 10 GB/s on this project's 2-core EPYC, and handles 2–3 rows worse than 1. Three kernels, by rows
+(measured on SmolLM2-135M's weights, `benchmarks/verify-cost-cpu`):
 
-Only the summation order inside each dot product can differ from `F.linear` (about 1e-6 relative), as
-it already does between row counts; the same input gives the same output every time, with or without
-autograd. CUDA and dtypes other than float32 take `F.linear` unchanged.
+- **weight-left** (1 to a few rows): W · xᵀ with one row padded to two streams the weight at about
+  30 GB/s: the 30 blocks' matmuls at one row 37.3 → 17.2 ms (two threads), the LM head 10.3 → 4.3.
+  It grows with the rows, though: 31 ms at five rows, 44 at sixteen.
+- **packed** (from there up to PACKED_MAX_ROWS): oneDNN's inner-product on a copy of W reordered once
+  into its blocked layout (`torch.ops.mkldnn`, what torch.compile's CPU freezing uses). Its cost
+  hardly grows with the rows: the blocks at sixteen rows 44.3 → 33.1 ms (two threads), at five rows
+  on one thread 53.2 → 25.1. A speculative verification is then not much dearer than a one-token
+  forward, which is what lets speculation pay on a CPU. The copy is made on first use, kept beside
+  the weight (a weak reference: it goes with the weight) and remade when the weight changes; it
+  doubles a float32 model's weight memory, so it stops at PACKED_MAX_BYTES in all (then the other
+  kernels serve). `DIFFSPEC_PACKED_MATMUL=0` turns it off.
+- **F.linear** above that.
+
+Only the summation order inside each dot product differs between kernels (about 1e-6 relative); each
+gives the same output for the same input every time, with or without autograd (the packed kernel has
+no backward of its own: `_PackedLinear` supplies the plain one). CUDA and dtypes other than float32
+take `F.linear` unchanged.
 """
 from __future__ import annotations
+
+import os
+import platform
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 ALIGN = 16  # bytes: the BLAS rounds W · xᵀ by where W starts modulo 16 (tests/test_matmul.py)
-# Above these F.linear is as fast or faster (benchmarks/verify-cost-cpu): on one thread the BLAS
-# parallelises nothing and W · xᵀ loses from 8 rows on; on two it wins up to 64.
-MAX_ROWS = 64
-MAX_ROWS_ONE_THREAD = 5
+# The row counts where each kernel wins (benchmarks/verify-cost-cpu): weight-left up to MAX_ROWS
+# (MAX_ROWS_ONE_THREAD on one thread, where it parallelises nothing and loses from 3 rows on), the
+# packed kernel from there to PACKED_MAX_ROWS, F.linear above.
+MAX_ROWS = 5
+MAX_ROWS_ONE_THREAD = 2
+PACKED_MAX_ROWS = 128
+PACKED_MAX_BYTES = 8 << 30  # the reordered copies, all weights together
+_PACKED_OK = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+              and os.environ.get("DIFFSPEC_PACKED_MATMUL", "1") != "0")
+_PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> (its _version, reordered copy)
+
+
+def kernel(x: Tensor, weight: Tensor) -> str:
+    """Which kernel `linear` runs for this call: "weight_left", "packed" or "f_linear". Only float32
+    on the CPU leaves F.linear. The BLAS rounds W · xᵀ differently for a weight at another offset (a
+    view into a safetensors file's bytes): such a weight never takes weight-left, so the same weights
+    give the same output wherever they sit (`checkpoint._read_weights` aligns what it loads).
+    Autograd does not decide it, so a model gives the same output with and without gradients."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2:
+        return "f_linear"
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows <= 0:
+        return "f_linear"
+    if rows <= (MAX_ROWS if torch.get_num_threads() > 1 else MAX_ROWS_ONE_THREAD):
+        return "weight_left" if weight.data_ptr() % ALIGN == 0 else "f_linear"
+    if rows <= PACKED_MAX_ROWS and _PACKED_OK and not weight.is_inference():
+        return "packed"
+    return "f_linear"
 
 
 def weight_left(x: Tensor, weight: Tensor) -> bool:
-    """Whether `linear` computes W · xᵀ for this call: float32 on the CPU, few rows, a weight on a
-    16-byte boundary. The BLAS rounds W · xᵀ differently for a weight at another offset (a view into
-    a safetensors file's bytes): such a weight takes F.linear, so the same weights give the same
-    output wherever they sit (`checkpoint._read_weights` aligns what it loads). Autograd does not
-    decide it, so a model gives the same output with and without gradients."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if weight.data_ptr() % ALIGN:
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
-    return 0 < rows <= (MAX_ROWS if torch.get_num_threads() > 1 else MAX_ROWS_ONE_THREAD)
+    """Whether `linear` computes W · xᵀ for this call (`kernel`)."""
+    return kernel(x, weight) == "weight_left"
+
+
+def packed_weight(weight: Tensor) -> Tensor | None:
+    """`weight` reordered for oneDNN's inner product, made once per weight and version; None when the
+    copies would pass PACKED_MAX_BYTES."""
+    hit = _PACKED.get(weight)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    if hit is None and sum(w.numel() * w.element_size() for w in _PACKED.keys()) + \
+            weight.numel() * weight.element_size() > PACKED_MAX_BYTES:
+        return None
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    _PACKED[weight] = (weight._version, packed)
+    return packed
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x · Wᵀ through the reordered weight, with the plain backward the oneDNN op lacks."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, packed: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        gx = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ x if ctx.needs_input_grad[1] else None
+        return gx, gw, None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias), faster for a few float32 rows on the CPU (see the module docstring)."""
-    if x.dim() == 0 or not weight_left(x, weight):
+    return linear_by("f_linear" if x.dim() == 0 else kernel(x, weight), x, weight, bias)
+
+
+def linear_by(how: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x · Wᵀ (+ bias) by the kernel named `how` ("weight_left", "packed", "f_linear"), whatever the
+    rows: `linear`'s choice, or a benchmark's (`bench.verify_cost` times each kernel)."""
+    if how not in ("weight_left", "packed", "f_linear"):
+        raise ValueError(f"unknown matmul kernel {how!r}; use weight_left, packed or f_linear")
+    packed = packed_weight(weight) if how == "packed" and _PACKED_OK else None
+    if how == "f_linear" or x.dim() == 0 or (how == "packed" and packed is None):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # a strided xᵀ sends the BLAS down its slow path
     n = rows.shape[0]
-    if n == 1:
-        rows = rows.expand(2, -1).contiguous()
-    y = torch.mm(weight, rows.t()).t()[:n].contiguous()
+    if packed is not None:
+        grad = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+        y = _PackedLinear.apply(rows, weight, packed) if grad else \
+            torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+    else:
+        if n == 1:
+            rows = rows.expand(2, -1).contiguous()
+        y = torch.mm(weight, rows.t()).t()[:n].contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
