@@ -42,7 +42,6 @@ def test_flop_estimate_matches_counted_matmuls(method, options, monkeypatch):
     # The CPU's weight-left matmul pads a one-row product to two rows (a kernel choice, free when the
     # weights' bytes bound it), and the counter cannot see oneDNN's packed kernel. Count F.linear's.
     monkeypatch.setattr(matmul, "MAX_ROWS", 0)
-    monkeypatch.setattr(matmul, "MAX_ROWS_ONE_THREAD", 0)
     monkeypatch.setattr(matmul, "PACKED_MAX_ROWS", 0)
     prompts = [e.prompt for e in load_examples("arith", limit=2)]
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

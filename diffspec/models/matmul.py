@@ -6,14 +6,14 @@ memory. PyTorch's `F.linear` computes it as x · Wᵀ with MKL; for so few rows 
 about 10 GB/s on this project's 2-core EPYC, and handles 2–3 rows worse than 1. Three kernels, by rows
 (measured on SmolLM2-135M's weights, `benchmarks/verify-cost-cpu`):
 
-- **weight-left** (1 to a few rows): W · xᵀ with one row padded to two streams the weight at about
-  30 GB/s: the 30 blocks' matmuls at one row 37.3 → 17.2 ms (two threads), the LM head 10.3 → 4.3.
-  It grows with the rows, though: 31 ms at five rows, 44 at sixteen.
-- **packed** (from there up to PACKED_MAX_ROWS): oneDNN's inner-product on a copy of W reordered once
+- **weight-left** (1–2 rows): W · xᵀ with one row padded to two streams the weight at about
+  30 GB/s: the 30 blocks' matmuls at one row 36.0 → 16.9 ms (two threads), the LM head 10.8 → 3.8.
+  It grows with the rows, though: 36.8 ms at five rows, 51.2 at sixteen.
+- **packed** (3 rows up to PACKED_MAX_ROWS): oneDNN's inner product on a copy of W reordered once
   into its blocked layout (`torch.ops.mkldnn`, what torch.compile's CPU freezing uses). Its cost
-  hardly grows with the rows: the blocks at sixteen rows 44.3 → 33.1 ms (two threads), at five rows
-  on one thread 53.2 → 25.1. A speculative verification is then not much dearer than a one-token
-  forward, which is what lets speculation pay on a CPU. The copy is made on first use, kept beside
+  hardly grows with the rows: the blocks at five rows 20.6 ms and at sixteen 34.7 (two threads; one
+  thread: 30.4 and 50.0 against weight-left's 52.1 and 87.3). A speculative verification is then not
+  much dearer than a one-token forward, which is what lets speculation pay on a CPU. The copy is made on first use, kept beside
   the weight (a weak reference: it goes with the weight) and remade when the weight changes; it
   doubles a float32 model's weight memory, so it stops at PACKED_MAX_BYTES in all (then the other
   kernels serve). `DIFFSPEC_PACKED_MATMUL=0` turns it off.
@@ -36,11 +36,10 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 ALIGN = 16  # bytes: the BLAS rounds W · xᵀ by where W starts modulo 16 (tests/test_matmul.py)
-# The row counts where each kernel wins (benchmarks/verify-cost-cpu): weight-left up to MAX_ROWS
-# (MAX_ROWS_ONE_THREAD on one thread, where it parallelises nothing and loses from 3 rows on), the
-# packed kernel from there to PACKED_MAX_ROWS, F.linear above.
-MAX_ROWS = 5
-MAX_ROWS_ONE_THREAD = 2
+# The row counts where each kernel wins (benchmarks/verify-cost-cpu, one and two threads alike):
+# weight-left up to MAX_ROWS, the packed kernel from there to PACKED_MAX_ROWS (the largest measured;
+# it still won there), F.linear above.
+MAX_ROWS = 2
 PACKED_MAX_ROWS = 128
 PACKED_MAX_BYTES = 8 << 30  # the reordered copies, all weights together
 _PACKED_OK = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
@@ -59,7 +58,7 @@ def kernel(x: Tensor, weight: Tensor) -> str:
     rows = x.numel() // max(1, x.shape[-1])
     if rows <= 0:
         return "f_linear"
-    if rows <= (MAX_ROWS if torch.get_num_threads() > 1 else MAX_ROWS_ONE_THREAD):
+    if rows <= MAX_ROWS:
         return "weight_left" if weight.data_ptr() % ALIGN == 0 else "f_linear"
     if rows <= PACKED_MAX_ROWS and _PACKED_OK and not weight.is_inference():
         return "packed"
