@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from diffspec.models import matmul
-from diffspec.models.matmul import MAX_ROWS, PACKED_MAX_ROWS, Linear, kernel, linear, weight_left
+from diffspec.models.matmul import MAX_ROWS, PACKED_MAX_ROWS, Linear, kernel, linear
+
+
+def weight_left(x, w):
+    return kernel(x, w) == "weight_left"
 
 needs_packed = pytest.mark.skipif(not matmul._PACKED_OK, reason="oneDNN's packed kernel is x86 only here")
 
@@ -138,3 +142,22 @@ def test_every_kernel_computes_the_same_product(how, rows):
         torch.testing.assert_close(matmul.linear_by(how, x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown matmul kernel"):
         matmul.linear_by("fast", x, w)
+
+
+def test_the_packed_kernel_setting_is_read_strictly():
+    """DIFFSPEC_PACKED_MATMUL=0 must turn the kernel off; a value like "false" must not silently leave it on."""
+    assert not matmul.packed_enabled("0")
+    assert matmul.packed_enabled("1") == matmul.packed_enabled(None) == matmul.packed_enabled("")
+    for bad in ("false", "off", "2"):
+        with pytest.raises(ValueError, match="DIFFSPEC_PACKED_MATMUL must be 0"):
+            matmul.packed_enabled(bad)
+
+
+@needs_packed
+def test_inference_mode_weights_take_f_linear():
+    """A weight made under inference_mode has no version counter: it must not take (or crash) the
+    packed path, forced or not."""
+    with torch.inference_mode():
+        w, x = torch.randn(7, 5), torch.randn(MAX_ROWS + 3, 5)
+        assert kernel(x, w) == "f_linear"
+        torch.testing.assert_close(matmul.linear_by("packed", x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ import torch
 
 from ..models.causal import CausalKVCache, Qwen3Model
 from ..models.dflash import ContextKV, DFlashDrafter
-from ..models.matmul import linear_by
+from ..models.matmul import KERNELS, linear_by
 from .runner import load_during, machine_load
 
 Q_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -144,9 +144,6 @@ def gemm_layouts(target: Qwen3Model, rows: tuple[int, ...], repeats: int) -> lis
             row[f"blocks_{how}"] = median_ms(lambda: [linear_by(how, xs[b.shape[1]], b) for b in blocks], repeats)
         out.append(row)
     return out
-
-
-KERNELS = ("f_linear", "weight_left", "packed")
 
 
 def _kernel_cell(g: dict[str, Any], part: str) -> str:

@@ -7,16 +7,16 @@ about 10 GB/s on this project's 2-core EPYC, and handles 2–3 rows worse than 1
 (measured on SmolLM2-135M's weights, `benchmarks/verify-cost-cpu`):
 
 - **weight-left** (1–2 rows): W · xᵀ with one row padded to two streams the weight at about
-  30 GB/s: the 30 blocks' matmuls at one row 36.0 → 16.9 ms (two threads), the LM head 10.8 → 3.8.
-  It grows with the rows, though: 36.8 ms at five rows, 51.2 at sixteen.
+  30 GB/s: the 30 blocks' matmuls at one row 35.9 → 18.6 ms (two threads), the LM head 9.6 → 3.8.
+  It grows with the rows, though: 29.8 ms at five rows, 48.0 at sixteen.
 - **packed** (3 rows up to PACKED_MAX_ROWS): oneDNN's inner product on a copy of W reordered once
   into its blocked layout (`torch.ops.mkldnn`, what torch.compile's CPU freezing uses). Its cost
-  hardly grows with the rows: the blocks at five rows 20.6 ms and at sixteen 34.7 (two threads; one
-  thread: 30.4 and 50.0 against weight-left's 52.1 and 87.3). A speculative verification is then not
-  much dearer than a one-token forward, which is what lets speculation pay on a CPU. The copy is made on first use, kept beside
-  the weight (a weak reference: it goes with the weight) and remade when the weight changes; it
-  doubles a float32 model's weight memory, so it stops at PACKED_MAX_BYTES in all (then the other
-  kernels serve). `DIFFSPEC_PACKED_MATMUL=0` turns it off.
+  hardly grows with the rows: the blocks at five rows 22.7 ms and at sixteen 31.9 (two threads; one
+  thread: 31.4 and 52.8 against weight-left's 51.7 and 91.0). A speculative verification is then
+  not much dearer than a one-token forward, which is what lets speculation pay on a CPU. The copy
+  is made on first use, kept beside the weight (a weak reference: it goes with the weight) and
+  remade when the weight changes; it doubles a float32 model's weight memory, so it stops at
+  PACKED_MAX_BYTES in all (then F.linear serves). `DIFFSPEC_PACKED_MATMUL=0` turns it off.
 - **F.linear** above that.
 
 Only the summation order inside each dot product differs between kernels (about 1e-6 relative); each
@@ -42,9 +42,25 @@ ALIGN = 16  # bytes: the BLAS rounds W · xᵀ by where W starts modulo 16 (test
 MAX_ROWS = 2
 PACKED_MAX_ROWS = 128
 PACKED_MAX_BYTES = 8 << 30  # the reordered copies, all weights together
-_PACKED_OK = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-              and os.environ.get("DIFFSPEC_PACKED_MATMUL", "1") != "0")
+KERNELS = ("f_linear", "weight_left", "packed")
+
+
+def packed_enabled(setting: str | None) -> bool:
+    """Whether the packed kernel may run, from DIFFSPEC_PACKED_MATMUL ("1" or unset: on, "0": off):
+    it needs oneDNN, and was measured on x86 only."""
+    if setting not in (None, "", "0", "1"):
+        raise ValueError(f"DIFFSPEC_PACKED_MATMUL must be 0 (off) or 1 (on, the default), got {setting!r}")
+    return (setting != "0" and torch.backends.mkldnn.is_available()
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+_PACKED_OK = packed_enabled(os.environ.get("DIFFSPEC_PACKED_MATMUL"))
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> (its _version, reordered copy)
+
+
+def _packable(weight: Tensor) -> bool:
+    """An inference-mode tensor has no version counter, so its copy could not follow it."""
+    return _PACKED_OK and not weight.is_inference()
 
 
 def kernel(x: Tensor, weight: Tensor) -> str:
@@ -60,19 +76,14 @@ def kernel(x: Tensor, weight: Tensor) -> str:
         return "f_linear"
     if rows <= MAX_ROWS:
         return "weight_left" if weight.data_ptr() % ALIGN == 0 else "f_linear"
-    if rows <= PACKED_MAX_ROWS and _PACKED_OK and not weight.is_inference():
-        return "packed"
-    return "f_linear"
-
-
-def weight_left(x: Tensor, weight: Tensor) -> bool:
-    """Whether `linear` computes W · xᵀ for this call (`kernel`)."""
-    return kernel(x, weight) == "weight_left"
+    return "packed" if rows <= PACKED_MAX_ROWS and _packable(weight) else "f_linear"
 
 
 def packed_weight(weight: Tensor) -> Tensor | None:
-    """`weight` reordered for oneDNN's inner product, made once per weight and version; None when the
-    copies would pass PACKED_MAX_BYTES."""
+    """`weight` reordered for oneDNN's inner product, made once per weight and version; None where the
+    kernel cannot run or the copies would pass PACKED_MAX_BYTES."""
+    if not _packable(weight):
+        return None
     hit = _PACKED.get(weight)
     if hit is not None and hit[0] == weight._version:
         return hit[1]
@@ -109,9 +120,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def linear_by(how: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x · Wᵀ (+ bias) by the kernel named `how` ("weight_left", "packed", "f_linear"), whatever the
     rows: `linear`'s choice, or a benchmark's (`bench.verify_cost` times each kernel)."""
-    if how not in ("weight_left", "packed", "f_linear"):
-        raise ValueError(f"unknown matmul kernel {how!r}; use weight_left, packed or f_linear")
-    packed = packed_weight(weight) if how == "packed" and _PACKED_OK else None
+    if how not in KERNELS:
+        raise ValueError(f"unknown matmul kernel {how!r}; use one of {', '.join(KERNELS)}")
+    packed = packed_weight(weight) if how == "packed" else None
     if how == "f_linear" or x.dim() == 0 or (how == "packed" and packed is None):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # a strided xᵀ sends the BLAS down its slow path
