@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffspec.models import matmul
 from diffspec.models.causal import Qwen3Config, Qwen3Model
 from diffspec.models.checkpoint import CheckpointError
 from diffspec.models.dflash import DFlashConfig, DFlashDrafter, load_dflash, save_dflash
@@ -285,10 +286,17 @@ def test_draft_vocabulary_narrows_the_head_and_round_trips(drafter, target, tmp_
 
 
 @torch.no_grad()
-def test_a_few_read_cells_run_the_head_on_the_whole_window_on_cpu(drafter) -> None:
-    """Below 16 rows the CPU's matmul is slower than at 16, so a call reading fewer cells computes the
-    whole window's head (and is charged for it); from 16 read cells on, only those."""
-    assert drafter.head_rows(4, 8) == 8 and drafter.head_rows(4, 3 * 8) == 24
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_few_read_cells_run_the_head_on_the_whole_window_without_the_packed_kernel(drafter, packed,
+                                                                                    monkeypatch) -> None:
+    """Without the packed kernel the CPU's matmul is slower below 16 rows than at 16, so a call reading
+    fewer cells computes the whole window's head (and is charged for it); from 16 read cells on, only
+    those. With it, a few rows are cheap: only the read cells, always."""
+    monkeypatch.setattr(matmul, "_PACKED_OK", packed)
+    if packed:
+        assert drafter.head_rows(4, 8) == 4 and drafter.head_rows(1, 3 * 8) == 1
+    else:
+        assert drafter.head_rows(4, 8) == 8 and drafter.head_rows(4, 3 * 8) == 24
     assert drafter.head_rows(16, 40) == 16 and drafter.head_rows(20, 40) == 20
     block, bpos, ctx, cpos = inputs(B=5, W=8)
     full = drafter(block, bpos, ctx[:1], cpos)
@@ -296,3 +304,20 @@ def test_a_few_read_cells_run_the_head_on_the_whole_window_on_cpu(drafter) -> No
         read = torch.zeros(5, 8, dtype=torch.bool)
         read.view(-1)[:n] = True
         assert torch.allclose(drafter(block, bpos, ctx[:1], cpos, read=read), full[read], atol=1e-5)
+
+
+@pytest.mark.skipif(not matmul._PACKED_OK, reason="the packed (oneDNN) kernel is not available here")
+def test_the_draft_vocabulary_head_made_inside_inference_mode_takes_the_packed_kernel(drafter) -> None:
+    """Decoding runs under inference_mode; a head gathered there would be an inference tensor, which
+    `matmul.linear` refuses its packed copy, and a few-row draft head would take the BLAS's slow path."""
+    d = make_drafter(drafter.target).set_draft_vocab([5, 17, 3, 8, 0])
+    block, bpos, ctx, cpos = inputs(B=1, W=8)
+    read = torch.zeros(1, 8, dtype=torch.bool)
+    read[0, 1:5] = True
+    with torch.inference_mode():
+        logits = d(block, bpos, ctx[:1], cpos, read=read)
+    gathered = d.__dict__["_draft_head_cache"][2]
+    assert not gathered.is_inference()
+    assert matmul.kernel(torch.zeros(4, d.config.hidden_size), gathered) == "packed"
+    with torch.no_grad():  # the same logits as outside inference mode
+        assert torch.equal(d(block, bpos, ctx[:1], cpos, read=read), logits)

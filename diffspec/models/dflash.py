@@ -49,15 +49,15 @@ from .causal import Qwen3Model
 from .checkpoint import CheckpointError, _read_weights, check_state, read_config
 from .draft_vocab import DRAFT_VOCAB_FILE, check_draft_vocab, draft_logits, read_draft_vocab, write_draft_vocab
 from .layers import Attention, DecoderLayer, RMSNorm, SwiGLU, attend, project_q, rope_cos_sin
-from .matmul import Linear, linear
+from .matmul import Linear, few_rows_cheap, linear
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "ContextKV", "check_target", "save_dflash", "load_dflash",
            "DRAFT_VOCAB_FILE", "read_draft_vocab", "write_draft_vocab"]
 
-# On the CPU the LM head's matmul is slower for 3-15 rows than for 16 (the BLAS picks another
+# Through F.linear the CPU's LM-head matmul is slower for 3-15 rows than for 16 (MKL picks another
 # kernel: on the project's machine 52 ms for 15 rows of SmolLM2's head, 27 ms for 16; see
-# benchmarks/verify-cost-cpu). So a CPU call that reads fewer cells runs the head on the whole
-# window instead, and keeps the cells it reads.
+# benchmarks/verify-cost-cpu). So where the packed kernel cannot run (`matmul.few_rows_cheap`), a CPU
+# call that reads fewer cells runs the head on the whole window instead, and keeps the cells it reads.
 CPU_HEAD_MIN_ROWS = 16
 
 
@@ -276,7 +276,7 @@ class DFlashDrafter(nn.Module):
 
     def head_rows(self, n_read: int, n_cells: int) -> int:
         """Rows the LM head computes for `n_read` read cells of `n_cells` (see CPU_HEAD_MIN_ROWS)."""
-        if self.fc.weight.device.type == "cpu" and n_read < min(CPU_HEAD_MIN_ROWS, n_cells):
+        if not few_rows_cheap(self.fc.weight.device) and n_read < min(CPU_HEAD_MIN_ROWS, n_cells):
             return n_cells
         return n_read
 

@@ -63,6 +63,14 @@ def _packable(weight: Tensor) -> bool:
     return _PACKED_OK and not weight.is_inference()
 
 
+def few_rows_cheap(device: torch.device) -> bool:
+    """Whether a product over a few rows (3-15) costs less than one over 16 on `device`: on the GPU,
+    and on the CPU with the packed kernel. Without it MKL's 3-15-row path is slower than 16 rows
+    (benchmarks/verify-cost-cpu, F.linear), so a caller computing logits for a few cells does
+    better to run the whole window."""
+    return device.type != "cpu" or _PACKED_OK
+
+
 def kernel(x: Tensor, weight: Tensor) -> str:
     """Which kernel `linear` runs for this call: "weight_left", "packed" or "f_linear". Only float32
     on the CPU leaves F.linear. The BLAS rounds W · xᵀ differently for a weight at another offset (a
