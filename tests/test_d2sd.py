@@ -140,12 +140,47 @@ def test_cache_keep_equals_sequential_cache(target) -> None:
     nxt = target(torch.tensor([[7, 8]]), kv_cache=cache).logits[0]
     ref = target(torch.cat([committed, torch.tensor([[7, 8]])], dim=1)).logits[0, -2:]
     assert torch.allclose(nxt, ref, atol=1e-4)
+    # A chain's accepted path is already in place (nothing moves); a run of slots that starts one
+    # later is not, and must move.
+    L = cache.length
+    target(torch.tensor([[41, 42, 43]]), kv_cache=cache)
+    cache.keep(L, [L, L + 1])
+    ref = target(torch.cat([committed, torch.tensor([[7, 8, 41, 42, 5]])], dim=1)).logits[0, -1]
+    assert torch.allclose(target(torch.tensor([[5]]), kv_cache=cache).logits[0, -1], ref, atol=1e-4)
+    L = cache.length - 1
+    cache.crop(L)
+    sib = torch.ones(1, 1, 3, L + 3, dtype=torch.bool)  # 51 and 52 siblings at position L, 53 after 52
+    sib[..., L:] = torch.tensor([[True, False, False], [False, True, False], [False, True, True]])
+    target(torch.tensor([[51, 52, 53]]), positions=torch.tensor([L, L, L + 1]), kv_cache=cache,
+           attn_mask_override=sib)
+    cache.keep(L, [L + 1, L + 2])  # 52, 53 at positions L, L+1
+    ref = target(torch.cat([committed, torch.tensor([[7, 8, 41, 42, 52, 53, 6]])], dim=1)).logits[0, -1]
+    assert torch.allclose(target(torch.tensor([[6]]), kv_cache=cache).logits[0, -1], ref, atol=1e-4)
     cache.keep(2, [])  # keeping nothing after slot 2 is a crop
     assert cache.length == 2
     with pytest.raises(ValueError, match="not all in"):
         cache.keep(0, [5])
     with pytest.raises(ValueError, match="cannot keep from slot"):
         cache.keep(3, [0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layers", [(1, 3), (1, 2), (2,)])
+def test_a_drafters_context_is_the_targets_hidden_states_at_its_layers(target, tokenizer, layers) -> None:
+    """The row's stored hidden states cover the union of the drafters' layers (here 1, 2, 3); each
+    drafter's context is its own layers' columns, in its order, whether they sit together (read as
+    a view) or not (gathered)."""
+    from diffspec.decoding.meter import CostMeter, MeteredModel
+    from diffspec.speculative.d2sd import _TargetState
+
+    prompt = [5, 9, 14, 3, 7]
+    st = _TargetState(MeteredModel(target, CostMeter(), "target"), prompt, [1, 2, 3], 16, 0.0,
+                      torch.Generator().manual_seed(0))
+    d = make_drafter(target, tokenizer, target_layers=layers)
+    ctx, pos = st.context(d)
+    ref = torch.cat(target(torch.tensor([prompt]), hidden_layers=list(layers)).hidden_states, dim=-1)
+    assert torch.equal(pos, torch.arange(len(prompt)))
+    assert torch.allclose(ctx, ref, atol=1e-5)
 
 
 # --- exactness ----------------------------------------------------------------------------------

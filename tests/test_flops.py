@@ -15,6 +15,7 @@ missing forward would be far outside that.
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,3 +50,37 @@ def test_flop_estimate_matches_counted_matmuls(method, options, monkeypatch):
     counted = counter.get_total_flops()
     assert counted > 0
     assert res.meter.flops == pytest.approx(counted, rel=5e-3)
+
+
+class _Costed(torch.nn.Module):
+    """A stand-in model: its forward does nothing, its cost model is `cost` and counts its calls."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.config, self.cost, self.calls = None, cost, 0
+
+    def forward(self, input_ids, **kw):
+        return None
+
+    def forward_flops(self, n_query: int, n_keys: int) -> float:
+        self.calls += 1
+        return self.cost(n_query, n_keys)
+
+
+@pytest.mark.parametrize("cost, linear", [(lambda q, k: 2.0 * 1000 * q + 12.0 * q * k, True),
+                                          (lambda q, k: 2.0 * 1000 * q + 12.0 * q * k + q * q, False)])
+def test_the_meter_charges_forward_flops_without_calling_it_every_forward(cost, linear):
+    """The meter reads a·Q + b·Q·K off the model once (forward_flops walks every parameter); a cost
+    model of another form is called every forward, so the charge is always the model's own figure."""
+    from diffspec.decoding.meter import CostMeter, MeteredModel
+
+    model = _Costed(cost)
+    meter = CostMeter()
+    wrapped = MeteredModel(model, meter)
+    shapes = [(1, 1), (3, 1), (1, 5), (2, 2), (1, 40)]  # (batch, Q) with no cache: n_keys = Q
+    for B, Q in shapes:
+        wrapped(torch.zeros(B, Q, dtype=torch.long))
+        if (B, Q) == shapes[0]:
+            after_first = model.calls
+    assert meter.flops == pytest.approx(sum(B * cost(Q, Q) for B, Q in shapes), rel=1e-12)
+    assert model.calls == after_first + (0 if linear else len(shapes) - 1)

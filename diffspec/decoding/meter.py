@@ -200,9 +200,25 @@ class MeteredModel:
         B, Q = input_ids.shape
         cache: KVCacheHook | None = kw.get("kv_cache")
         n_keys = cache.last_n_keys if cache is not None else Q
-        self.meter.record(self.name, B, Q, n_keys, B * self.model.forward_flops(Q, n_keys), sequences,
-                          params=self._params())
+        self.meter.record(self.name, B, Q, n_keys, B * self._flops(Q, n_keys), sequences, params=self._params())
         return out
+
+    def _flops(self, n_query: int, n_keys: int) -> float:
+        """model.forward_flops(n_query, n_keys) without calling it every forward: it walks every parameter
+        (about 1 ms for SmolLM2's 273 tensors, 3 % of a one-token CPU forward). Every cost model
+        here is a·Q + b·Q·K (weights, then attention); that is read off three calls and checked on two
+        more, once per wrapper (one run), and a model whose cost is not of that form is called as is."""
+        coef = self.__dict__.get("_flops_coef")
+        if coef is None:
+            f = self.model.forward_flops
+            a = f(1, 0)
+            b = f(1, 1) - a
+            fits = all(f(q, k) == q * a + q * k * b for q, k in ((2, 3), (7, 40)))
+            coef = self._flops_coef = (a, b) if fits else ()
+        if not coef:
+            return self.model.forward_flops(n_query, n_keys)
+        a, b = coef
+        return n_query * a + n_query * n_keys * b
 
     def _params(self) -> int:
         n = getattr(self, "_n_params", None)

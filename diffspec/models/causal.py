@@ -314,6 +314,9 @@ class CausalKVCache:
         if idx.numel() and not (int(idx.min()) >= 0 and int(idx.max()) < self.length):
             raise ValueError(f"slots {idx.tolist()} are not all in [0, {self.length})")
         end = start + idx.numel()
+        if idx.numel() and int(idx[0]) == start and bool((idx.diff() == 1).all()):
+            self.length = end  # a chain's accepted path already sits at start..end-1: nothing moves
+            return
         for buf in (*self.k, *self.v):
             buf[:, :, start:end] = buf[:, :, idx]  # advanced indexing copies first, so overlaps are safe
         self.length = end

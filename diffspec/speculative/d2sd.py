@@ -281,7 +281,10 @@ class _TargetState:
         """(1, C, L·H) hidden states at this drafter's target_layers, and positions 0..C-1."""
         C = self.n_cached
         cols = [self.layers.index(i) for i in drafter.config.target_layers]
-        ctx = self.hidden[:C, cols].reshape(1, C, -1)
+        if cols == list(range(cols[0], cols[0] + len(cols))):  # a view, no copy (~0.7 ms at C = 300)
+            ctx = self.hidden[:C, cols[0]:cols[0] + len(cols)].reshape(1, C, -1)
+        else:
+            ctx = self.hidden[:C, cols].reshape(1, C, -1)
         return ctx, torch.arange(C, device=ctx.device)
 
     def score(self, tree: DraftTree) -> Tensor:
