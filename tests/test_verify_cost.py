@@ -69,3 +69,20 @@ def test_round_profile_rejects_a_bad_spec_before_loading(capsys):
     with pytest.raises(SystemExit) as e:
         profile(["--out", "unused", "--model", "/nonexistent", "--methods", "dflash:draftz=4"])
     assert e.value.code == 2 and "draftz" in capsys.readouterr().err
+
+
+def test_round_profile_pairs_each_target_forward_with_the_same_width_alone(tmp_path):
+    """--paired: every cached target forward of the decode is paired with a standalone one of the
+    same width (AR: one token each; DFlash: its verification widths), and the table says so."""
+    from diffspec.bench.round_profile import main as profile
+
+    out = tmp_path / "pp"
+    assert profile(["--out", str(out), "--model", str(DEFAULT_TARGET), "--task", "arith", "--no-chat", "--limit",
+                    "1", "--gen-length", "16", "--threads", "1", "--methods", "ar", "dflash:drafts=3",
+                    "--paired"]) == 0
+    rows = json.loads((out / "paired.json").read_text())["pairs"]
+    ar = [r for r in rows if r["method"] == "ar"]
+    assert [r["q"] for r in ar] == [1] and ar[0]["n"] == 15  # 16 tokens: the prefill's, then 15 forwards
+    df = [r for r in rows if r["method"] == "dflash:drafts=3"]
+    assert df and max(r["q"] for r in df) == 4 and all(r["ratio"] > 0 and r["alone_ms"] > 0 for r in df)
+    assert "| dflash:drafts=3 | 4 |" in (out / "paired.md").read_text()

@@ -10,6 +10,12 @@ with shapes recorded, to split each model's time into its LM head (the matmul wh
 vocabulary's rows) and the rest. The profiler slows Python and keeps every op event, so it profiles one short answer
 (the first prompt's first 32 tokens), and the split is reported as a share of each model's
 profiled time, applied to the first pass's unprofiled times.
+
+`--paired` asks another question: does a target forward cost more inside decoding than the same
+forward alone (verify-cost's isolated curve)? Right after each cached target call of a decode, the
+same number of new tokens goes through the target again on a standalone cache of the same length,
+and both are timed. Pairs taken a few milliseconds apart see the same machine, so their ratio is
+free of the drift between runs that comparing two benchmarks' medians is not.
 """
 from __future__ import annotations
 
@@ -117,6 +123,56 @@ def profile_method(spec: str, model: Any, tok: Any, prompts: list[str], gen_leng
     return out
 
 
+def paired_forwards(spec: str, model: Any, tok: Any, prompts: list[str], gen_length: int) -> list[dict[str, Any]]:
+    """Per width Q of the target's cached forwards in a decode of `spec`: median ms inside decoding,
+    median ms of the same width alone right after it (a standalone cache at the same length, the
+    same hidden-state outputs), and the median of the per-pair ratios."""
+    import statistics
+
+    from ..api import generate
+    from ..models.causal import CausalKVCache
+    from .runner import parse_spec
+
+    method, opts = parse_spec(spec)
+    alone: list[CausalKVCache] = []  # the standalone cache, shaped like the decode's on first use
+    pairs: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    orig = meter_mod.MeteredModel.__call__
+
+    def call(self: Any, ids: torch.Tensor, **kw: Any) -> Any:
+        cache = kw.get("kv_cache")
+        past = cache.length if cache is not None else 0
+        t0 = time.perf_counter()
+        out = orig(self, ids, **kw)
+        inside = time.perf_counter() - t0
+        if self.model is model and past > 0 and ids.shape[0] == 1:
+            if not alone or alone[0].max_len != cache.max_len:
+                alone[:] = [CausalKVCache.for_model(model, 1, cache.max_len)]
+            alone[0].length = past  # what its slots hold does not change what the forward costs
+            t0 = time.perf_counter()
+            model(ids, kv_cache=alone[0], hidden_layers=kw.get("hidden_layers"))
+            pairs[ids.shape[1]].append((inside, time.perf_counter() - t0))
+        return out
+
+    meter_mod.MeteredModel.__call__ = call
+    try:
+        generate(prompts, model=model, tokenizer=tok, method=method, gen_length=gen_length, batch_size=1, **opts)
+    finally:
+        meter_mod.MeteredModel.__call__ = orig
+    return [{"method": spec, "q": q, "n": len(v), "inside_ms": 1000 * statistics.median(a for a, _ in v),
+             "alone_ms": 1000 * statistics.median(b for _, b in v),
+             "ratio": statistics.median(a / b for a, b in v)} for q, v in sorted(pairs.items())]
+
+
+def paired_table(rows: list[dict[str, Any]], load: dict[str, Any]) -> str:
+    lines = [f"A target forward inside decoding against the same width alone right after it (pairs), ms. "
+             f"Load average {load['loadavg_start']:.1f} → {load['loadavg_end']:.1f} on {load['cores']} cores.", "",
+             "| method | Q | forwards | inside decoding | alone | inside / alone (median of pairs) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['q']} | {r['n']} | {r['inside_ms']:.1f} | {r['alone_ms']:.1f} | {r['ratio']:.3f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def table(results: list[dict[str, Any]], load: dict[str, Any]) -> str:
     lines = [f"Milliseconds per round (one round = one target forward; `ar`: one token). Load average "
              f"{load['loadavg_start']:.1f} → {load['loadavg_end']:.1f} on {load['cores']} cores.", "",
@@ -145,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-chat", action="store_true", help="plain prompts (a target without a chat template)")
     p.add_argument("--task", default="gsm8k", help="prompts' task (default gsm8k, zero-shot)")
+    p.add_argument("--paired", action="store_true",
+                   help="time each target forward inside decoding against the same width alone (paired.md)")
     a = p.parse_args(argv)
     from ..api import resolve_model
     from ..models.chat import ChatTemplate
@@ -170,16 +228,27 @@ def main(argv: list[str] | None = None) -> int:
         template = ChatTemplate.from_pretrained(path)
         prompts = [template.render([{"role": "user", "content": q}]) for q in prompts]
     start = machine_load()
+    out = Path(a.out)
+    command = "python -m diffspec.bench.round_profile " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.paired:
+        with torch.inference_mode():
+            rows = [r for m in methods for r in paired_forwards(m, model, tok, prompts, a.gen_length)]
+        load = load_during(start)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "paired.json").write_text(json.dumps({"model": a.model, "threads": a.threads, "limit": a.limit,
+                                                     "gen_length": a.gen_length, "torch": torch.__version__,
+                                                     "load": load, "command": command, "pairs": rows}, indent=2) + "\n")
+        (out / "paired.md").write_text(paired_table(rows, load))
+        print(paired_table(rows, load))
+        return 0
     results = []
     for m in methods:
         print(f"[round-profile] {m}", file=sys.stderr)
         results.append(profile_method(m, model, tok, prompts, a.gen_length))
     load = load_during(start)
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": a.model, "task": a.task, "limit": a.limit, "gen_length": a.gen_length, "threads": a.threads,
-           "torch": torch.__version__, "load": load, "command": "python -m diffspec.bench.round_profile "
-           + " ".join(argv if argv is not None else sys.argv[1:]), "results": results}
+           "torch": torch.__version__, "load": load, "command": command, "results": results}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "table.md").write_text(table(results, load))
     print(table(results, load))
