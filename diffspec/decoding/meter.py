@@ -206,7 +206,7 @@ class MeteredModel:
     def _flops(self, n_query: int, n_keys: int) -> float:
         """model.forward_flops(n_query, n_keys) without calling it every forward: it walks every parameter
         (about 1 ms for SmolLM2's 273 tensors, 3 % of a one-token CPU forward). Every cost model
-        here is a·Q + b·Q·K (weights, then attention); that is read off three calls and checked on two
+        here is a·Q + b·Q·K (weights, then attention); that is read off two calls and checked on two
         more, once per wrapper (one run), and a model whose cost is not of that form is called as is."""
         coef = self.__dict__.get("_flops_coef")
         if coef is None:
