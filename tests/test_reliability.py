@@ -334,6 +334,17 @@ def test_fingerprint_covers_every_id(tokenizer):
     assert vocab_difference(tokenizer, Tokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()))) is None
 
 
+def test_the_remembered_fingerprint_follows_an_added_token(tokenizer):
+    """The fingerprint is remembered per tokenizer; adding a token (the only change a loaded
+    tokenizer's ids can take) must give a new one."""
+    tok = Tokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()))
+    before = tok.fingerprint()
+    assert tok.fingerprint() is before  # remembered, not hashed again
+    tok.hf.add_tokens(["<brand-new>"])
+    after = tok.fingerprint()
+    assert after != before and after[0] == before[0] + 1
+
+
 def test_dualdiffusion_refuses_a_drafter_with_swapped_ids(tiny_checkpoint, tiny_model, tokenizer, tmp_path, capsys):
     drafter = save_model(tiny_model, swapped(tokenizer), tmp_path / "drafter")
     with pytest.raises(ValueError, match="tokenizers differ"):
