@@ -343,6 +343,8 @@ def test_the_remembered_fingerprint_follows_an_added_token(tokenizer):
     tok.hf.add_tokens(["<brand-new>"])
     after = tok.fingerprint()
     assert after != before and after[0] == before[0] + 1
+    tok.hf.add_special_tokens(["<brand-new>"])  # the same id, now special: same size, another identity
+    assert tok.fingerprint()[0] == after[0] and tok.fingerprint() != after
 
 
 def test_dualdiffusion_refuses_a_drafter_with_swapped_ids(tiny_checkpoint, tiny_model, tokenizer, tmp_path, capsys):

@@ -125,8 +125,8 @@ def profile_method(spec: str, model: Any, tok: Any, prompts: list[str], gen_leng
 
 def paired_forwards(spec: str, model: Any, tok: Any, prompts: list[str], gen_length: int) -> list[dict[str, Any]]:
     """Per width Q of the target's cached forwards in a decode of `spec`: median ms inside decoding,
-    median ms of the same width alone right after it (a standalone cache at the same length, the
-    same hidden-state outputs), and the median of the per-pair ratios."""
+    median ms of the same call alone right after it (a standalone cache at the same length, every
+    other argument the decode's), and the median of the per-pair ratios."""
     import statistics
 
     from ..api import generate
@@ -149,7 +149,8 @@ def paired_forwards(spec: str, model: Any, tok: Any, prompts: list[str], gen_len
                 alone[:] = [CausalKVCache.for_model(model, 1, cache.max_len)]
             alone[0].length = past  # what its slots hold does not change what the forward costs
             t0 = time.perf_counter()
-            model(ids, kv_cache=alone[0], hidden_layers=kw.get("hidden_layers"))
+            same = {k: v for k, v in kw.items() if k != "sequences"}  # the meter's own argument
+            model(ids, **{**same, "kv_cache": alone[0]})  # the same call (tree mask, positions, taps)
             pairs[ids.shape[1]].append((inside, time.perf_counter() - t0))
         return out
 

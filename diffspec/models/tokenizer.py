@@ -63,17 +63,18 @@ class Tokenizer:
         SHA-256 of the whole id -> token map and the special tokens. Every entry counts: two
         tokenizers of one size that swap two ids decode each other's output into garbage.
         Remembered per object (hashing 49 k entries takes ~0.1 s, and every speculative run checks its
-        drafter's tokenizer): loaded ids never move, and an added token changes the size."""
-        size = self.vocab_size
+        drafter's tokenizer): loaded ids never move, an added token changes the size, and the
+        special tokens (a few dozen, read every call) are part of the key."""
+        key = (self.vocab_size, repr(self.special_tokens()))
         memo = self.__dict__.get("_fingerprint")
-        if memo is not None and memo[0] == size:
-            return memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
         h = hashlib.sha256()
         for i, tok in sorted(self.id_to_token().items()):
             h.update(f"{i}\t{tok}\n".encode("utf-8", "surrogatepass"))
-        h.update(repr(self.special_tokens()).encode("utf-8", "surrogatepass"))
-        self._fingerprint = (size, h.hexdigest())
-        return self._fingerprint
+        h.update(key[1].encode("utf-8", "surrogatepass"))
+        self._fingerprint = (key, (key[0], h.hexdigest()))
+        return self._fingerprint[1]
 
 
 def vocab_difference(a: Tokenizer, b: Tokenizer) -> str | None:
