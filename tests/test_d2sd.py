@@ -53,7 +53,7 @@ class Oracle(DFlashDrafter):
     wrong: tuple[int, ...] = ()
 
     def forward(self, block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask=None, ctx_index=None, *,
-                ctx_cache=None, read=None):
+                ctx_cache=None, read=None, compact=False):  # no draft vocabulary: compact = full logits
         B, W = block_ids.shape
         V = self.config.vocab_size
         pos = block_positions.expand(B, W).reshape(-1).tolist()
@@ -449,6 +449,33 @@ def test_a_narrow_draft_vocabulary_keeps_the_output_and_costs_less(target, draft
     narrow = d2sd_generate(target, block, vp, tokenizer, PROMPTS, cfg)
     per_call = {m: narrow.meter.models[m].flops / narrow.meter.models[m].nfe for m in ("drafter", "vp_drafter")}
     assert all(per_call[m] < wide.meter.models[m].flops / wide.meter.models[m].nfe for m in per_call)
+
+
+def test_greedy_drafts_never_build_full_vocabulary_logits(target, drafters, tokenizer, monkeypatch) -> None:
+    """With a draft vocabulary, a greedy round reads the drafters' compact logits (draft-vocabulary
+    columns only): the −inf-filled full-vocabulary form is never built, and the ids stay AR greedy's.
+    Ties in the compact columns go to the lowest target id, as an argmax over the whole vocabulary."""
+    from diffspec.models import dflash as dflash_module
+    from diffspec.speculative.d2sd import _pick_drafts
+
+    cfg = D2SDConfig(gen_length=16, gamma=4, gamma2=8, k=2)
+    ar = ar_generate(target, tokenizer, PROMPTS, cfg)
+    block, vp = copy.deepcopy(drafters["block"]), copy.deepcopy(drafters["vp"])
+    few = sorted({t for r in ar.raw_ids for t in r}, reverse=True)[:40]  # not in id order
+    block.set_draft_vocab(few), vp.set_draft_vocab(few)
+
+    def refuse(*a, **kw):
+        raise AssertionError("a greedy round built full-vocabulary drafter logits")
+
+    monkeypatch.setattr(dflash_module, "draft_logits", refuse)
+    for res in (dflash_generate(target, block, tokenizer, PROMPTS, cfg),
+                d2sd_generate(target, block, vp, tokenizer, PROMPTS, cfg)):
+        assert res.raw_ids == ar.raw_ids
+    ids = torch.tensor([3, 9, 20])  # compact columns' target ids, ascending
+    drafts, _, q = _pick_drafts(torch.tensor([[1.0, 5.0, 5.0]]), 0.0, False, torch.Generator(), lambda c: ids[c])
+    assert drafts == [9] and q is None
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        _pick_drafts(torch.tensor([[1.0, 5.0, 5.0]]), 0.7, True, torch.Generator(), lambda c: ids[c])
 
 
 def test_drafter_context_is_projected_once_per_committed_token(target, drafters, tokenizer) -> None:

@@ -321,3 +321,27 @@ def test_the_draft_vocabulary_head_made_inside_inference_mode_takes_the_packed_k
     assert matmul.kernel(torch.zeros(4, d.config.hidden_size), gathered) == "packed"
     with torch.no_grad():  # the same logits as outside inference mode
         assert torch.equal(d(block, bpos, ctx[:1], cpos, read=read), logits)
+
+
+@torch.no_grad()
+def test_compact_logits_are_the_draft_vocabulary_columns_in_id_order(drafter) -> None:
+    """Decoding's compact logits hold only the draft vocabulary's columns, in ascending id order (so an
+    argmax breaks ties as over the whole vocabulary: the lowest id), with the full form's values."""
+    from diffspec.models.dflash import ContextKV
+
+    d = make_drafter(drafter.target).set_draft_vocab([42, 5, 299, 17, 0])  # most frequent first, not sorted
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 6, 2 * 48, generator=g)
+    block = torch.full((1, 8), MASK)
+    block[0, 0] = 7
+    read = torch.zeros(1, 8, dtype=torch.bool)
+    read[0, 1:5] = True
+    args = (block, torch.arange(6, 14), hidden, torch.arange(6))
+    full = d(*args, ctx_cache=ContextKV(d, 8), read=read)
+    compact = d(*args, ctx_cache=ContextKV(d, 8), read=read, compact=True)
+    assert d.compact_ids().tolist() == [0, 5, 17, 42, 299]
+    assert compact.shape == (4, 5) and torch.allclose(compact, full[:, d.compact_ids()], atol=1e-6)
+    assert torch.equal(d.compact_ids()[compact.argmax(-1)], full.argmax(-1))
+    assert drafter.compact_ids() is None  # no draft vocabulary: compact logits are the full ones
+    with pytest.raises(ValueError, match="compact logits are for decoding with a ctx_cache"):
+        d(*args, compact=True)

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from .causal import Qwen3Model
 from .checkpoint import CheckpointError, _read_weights, check_state, read_config
-from .draft_vocab import DRAFT_VOCAB_FILE, check_draft_vocab, draft_logits, read_draft_vocab, write_draft_vocab
+from .draft_vocab import (DRAFT_VOCAB_FILE, ascending, check_draft_vocab, compact_logits, draft_logits,
+                          read_draft_vocab, write_draft_vocab)
 from .layers import Attention, DecoderLayer, RMSNorm, SwiGLU, attend, project_q, rope_cos_sin
 from .matmul import Linear, few_rows_cheap, linear
 
@@ -324,6 +325,7 @@ class DFlashDrafter(nn.Module):
         ctx_cache: ContextKV | None = None,
         read: Tensor | None = None,
         draft_space: bool = False,
+        compact: bool = False,
     ) -> Tensor:
         """Logits (B, W, V) for every window position (unshifted), or (N, V) for the N cells of `read`.
 
@@ -340,6 +342,8 @@ class DFlashDrafter(nn.Module):
         Outside a `draft_vocab` the logits are −inf; with `draft_space` they are
         returned over the draft vocabulary's columns only (..., Vd), in its order:
         training's cross-entropy then never touches the other 49 k SmolLM2 columns.
+        `compact` (decoding, with `ctx_cache`): over the draft vocabulary's columns in
+        ascending id order (`compact_ids`), for callers that take an argmax or confidence.
         """
         if block_ids.dim() != 2:
             raise ValueError(f"block_ids must be (B, W), got {tuple(block_ids.shape)}")
@@ -349,11 +353,13 @@ class DFlashDrafter(nn.Module):
                              f"{tuple(read.shape)}")
         if draft_space and self.draft_vocab is None:
             raise ValueError("draft_space needs a draft vocabulary (set_draft_vocab)")
+        if compact and ctx_cache is None:
+            raise ValueError("compact logits are for decoding with a ctx_cache; training uses draft_space")
         if ctx_cache is not None:
             if draft_space:
                 raise ValueError("draft_space is for training windows, not a ctx_cache forward")
             return self._cached_forward(block_ids, block_positions, ctx_hidden, ctx_positions, ctx_mask, ctx_index,
-                                        ctx_cache, read)
+                                        ctx_cache, read, compact)
         ctx = self.context_features(ctx_hidden)
         C = ctx.shape[1]
         bpos = _rows(block_positions, B, W, "block_positions")
@@ -391,7 +397,7 @@ class DFlashDrafter(nn.Module):
 
     def _cached_forward(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,
                         ctx_mask: Tensor | None, ctx_index: Tensor | None, cache: ContextKV,
-                        read: Tensor | None) -> Tensor:
+                        read: Tensor | None, compact: bool = False) -> Tensor:
         B, W = block_ids.shape
         C = ctx_hidden.shape[1] if ctx_hidden.dim() == 3 else -1
         if ctx_mask is not None or ctx_index is not None or ctx_hidden.dim() != 3 or ctx_hidden.shape[0] != 1 \
@@ -405,14 +411,20 @@ class DFlashDrafter(nn.Module):
         x = F.embedding(block_ids, emb)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache.layer(i), rope_q, None, None)
-        return self._logits(x, head, read)
+        return self._logits(x, head, read, compact)
 
-    def _logits(self, x: Tensor, head: Tensor, read: Tensor | None) -> Tensor:
+    def compact_ids(self) -> Tensor | None:
+        """The target id of each column of `compact` logits (None: the whole vocabulary, in order)."""
+        return None if self.draft_vocab is None else ascending(self, self.draft_vocab)
+
+    def _logits(self, x: Tensor, head: Tensor, read: Tensor | None, compact: bool = False) -> Tensor:
         if read is not None and self.head_rows(int(read.sum()), read.numel()) == read.numel():
-            return self._logits(x, head, None)[read]  # the whole window is cheaper than a few rows here
+            return self._logits(x, head, None, compact)[read]  # the whole window is cheaper than a few rows here
         h = self.norm(x if read is None else x[read])
         if self.draft_vocab is None:
             return linear(h, head)
+        if compact:
+            return compact_logits(self, h, head, self.draft_vocab)
         return draft_logits(self, h, head, self.draft_vocab)
 
 

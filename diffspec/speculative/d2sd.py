@@ -62,7 +62,7 @@ boundaries per round and which branch each round's accepted path came from
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -236,11 +236,12 @@ class _MeteredDrafter:
         self.params = drafter.num_params()  # counted once, not in every round
 
     def __call__(self, block_ids: Tensor, block_positions: Tensor, ctx_hidden: Tensor, ctx_positions: Tensor,
-                 cache: ContextKV, read: Tensor) -> Tensor:
-        """Logits (N, V) of the N cells of `read` (a CPU bool mask (B, W), so counting it never syncs)."""
+                 cache: ContextKV, read: Tensor, compact: bool = False) -> Tensor:
+        """Logits (N, V) of the N cells of `read` (a CPU bool mask (B, W), so counting it never syncs);
+        with `compact`, (N, Vd) over the draft vocabulary (`ids` maps their argmax to target ids)."""
         before = cache.length
         logits = self.model(block_ids, block_positions, ctx_hidden, ctx_positions, ctx_cache=cache,
-                            read=read.to(block_ids.device, non_blocking=True))
+                            read=read.to(block_ids.device, non_blocking=True), compact=compact)
         B, W = block_ids.shape
         n_keys = ctx_hidden.shape[1] + W
         # One row's windows share its context (computed once) and advance one sequence; the batch
@@ -249,6 +250,11 @@ class _MeteredDrafter:
         flops = self.model.forward_flops(W, n_keys, windows=B, n_ctx=cache.length - before, n_logits=n_logits)
         self.meter.record(self.name, B, W, n_keys, flops, sequences=1, params=self.params)
         return logits
+
+    def ids(self, columns: Tensor) -> Tensor:
+        """Target ids of columns of `compact` logits."""
+        vocab = self.model.compact_ids()
+        return columns if vocab is None else vocab[columns]
 
 
 class _TargetState:
@@ -317,20 +323,22 @@ class _TargetState:
 # ---------------------------------------------------------------- drafting
 
 
-def _block_logits(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int) -> Tensor:
+def _block_logits(drafter: _MeteredDrafter, st: _TargetState, gamma: int, n_draft: int,
+                  compact: bool = False) -> Tensor:
     """The block drafter's logits (n_draft, V) for the n_draft positions after the anchor (the only ones
-    that go through its head)."""
+    that go through its head); `compact`: over its draft vocabulary (`_MeteredDrafter.ids`)."""
     d = drafter.model
     C = st.n_cached
     block = torch.full((1, gamma), d.config.mask_token_id, device=st.hidden.device)
     block[0, 0] = st.seq[-1]
     read = torch.zeros(1, gamma, dtype=torch.bool)
     read[0, 1:1 + n_draft] = True
-    return drafter(block, torch.arange(C, C + gamma, device=block.device), *st.context(d), st.ctx_kv[id(d)], read)
+    return drafter(block, torch.arange(C, C + gamma, device=block.device), *st.context(d), st.ctx_kv[id(d)], read,
+                   compact)
 
 
-def _pick_drafts(logits: Tensor, temperature: float, sampled: bool,
-                 generator: torch.Generator) -> tuple[list[int], Tensor, Tensor | None]:
+def _pick_drafts(logits: Tensor, temperature: float, sampled: bool, generator: torch.Generator,
+                 to_ids: Callable[[Tensor], Tensor] | None = None) -> tuple[list[int], Tensor, Tensor | None]:
     """(drafts, conf, q): the drafted tokens, the drafter's probability of each, and q (n, V).
 
     Greedy, or `sampled` False: the argmax, with softmax(logits / T) confidences
@@ -338,11 +346,14 @@ def _pick_drafts(logits: Tensor, temperature: float, sampled: bool,
     at T > 0): each position drawn independently from q_j = softmax(logits_j / T).
     The block drafter fills all positions in one forward from [anchor, mask…], so
     q_j does not depend on d_1..d_{j−1}: d_j ~ q_j is what the speculative-sampling
-    rule needs at every step of the chain.
+    rule needs at every step of the chain. `to_ids` maps the argmax columns of compact
+    (draft-vocabulary) logits to target ids; sampling needs q over the whole vocabulary.
     """
     if temperature == 0 or not sampled:
         conf, ids = probs(logits, temperature or 1.0).max(dim=-1)
-        return ids.tolist(), conf, None
+        return (ids if to_ids is None else to_ids(ids)).tolist(), conf, None
+    if to_ids is not None:
+        raise ValueError("sampled drafts need the drafter's logits over the whole vocabulary, not compact ones")
     q = probs(logits, temperature)
     ids = sample(logits, temperature, generator)
     return ids.tolist(), q.gather(-1, ids[:, None])[:, 0], q
@@ -359,8 +370,8 @@ def _vp_branches(vp: _MeteredDrafter, st: _TargetState, drafts: list[int], lengt
     read = torch.zeros(len(lengths), gamma2, dtype=torch.bool)  # the cells a branch keeps: 1 + i .. max_branch
     for b, i in enumerate(lengths):
         read[b, 1 + i:1 + max_branch] = True
-    flat = vp(ids, torch.arange(C, C + gamma2, device=ids.device), *st.context(d), st.ctx_kv[id(d)],
-              read).argmax(-1).tolist()
+    flat = vp.ids(vp(ids, torch.arange(C, C + gamma2, device=ids.device), *st.context(d), st.ctx_kv[id(d)],
+                     read, compact=True).argmax(-1)).tolist()
     out, at = [], 0
     for i in lengths:
         n = max(0, min(gamma2, 1 + max_branch) - (1 + i))
@@ -476,8 +487,10 @@ class _BlockSpeculator:
         labels: list[str] = []
         q: Tensor | None = None
         if n_draft > 0:
-            drafts, conf, q = _pick_drafts(_block_logits(self.drafter, self.st, cfg.gamma, n_draft), T, d2 is None,
-                                           self.generator)
+            sampled = d2 is None and T > 0  # DFlash's sampled chain needs q over the whole vocabulary
+            logits = _block_logits(self.drafter, self.st, cfg.gamma, n_draft, compact=not sampled)
+            drafts, conf, q = _pick_drafts(logits, T, sampled, self.generator,
+                                           None if sampled else self.drafter.ids)
             self.stats.drafter_forwards += 1
             if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
                 drafts = through_eos(drafts, self.eos)
