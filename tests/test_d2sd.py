@@ -259,7 +259,12 @@ def test_auto_drafts_decodes_as_the_count_it_chose_and_reports_it(target, drafte
     fixed = dflash_generate(t, block, tokenizer, PROMPTS, cfg.replace(drafts=n))
     assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
     assert res.meter.nfe == fixed.meter.nfe and res.meter.wall_seconds >= report["calibration_seconds"]
-    assert max(c["mean_tree_nodes"] for c in report["candidates"]) > 2  # the counts really verified more
+    # estimated from one decode at the widest count: its τ is that decode's, the others' are no more
+    assert report["estimate"] == "chain" and report["measured"]["drafts"] == 7 and report["measured"]["rounds"] > 0
+    widest = dflash_generate(t, block, tokenizer, PROMPTS[:1], cfg.replace(drafts=7, gen_length=64))
+    taus = [c["acceptance_length"] for c in report["candidates"]]
+    assert taus[-1] == pytest.approx(widest.stats["acceptance_length"]) and taus == sorted(taus)
+    assert all(c["verify_ms"] > 0 and c["round_ms"] >= c["verify_ms"] for c in report["candidates"])
     again = dflash_generate(t, copy.deepcopy(block), tokenizer, PROMPTS[:1], cfg)
     assert again.stats["auto_drafts"]["remembered"] and again.stats["auto_drafts"]["chosen"] == n
     # D²SD's K candidates stop at the round's boundaries: drafts=2 gives 2, so K = 4 would repeat K = 2
@@ -270,6 +275,45 @@ def test_auto_drafts_decodes_as_the_count_it_chose_and_reports_it(target, drafte
     vp = copy.deepcopy(drafters["vp"]).bind(t)
     assert not d2sd_generate(t, block, vp, tokenizer, PROMPTS[:1], D2SDConfig(gen_length=8, gamma=8, gamma2=16,
                                                                              k="auto")).stats["auto_k"]["remembered"]
+
+
+def test_estimate_chain_reads_each_round_and_prices_each_width() -> None:
+    """The chain estimate: rounds from the streamer (the prefill's token is no round), τ(n) = 1 + the
+    mean of min(accepted, n), a round's cost = what the widest decode spent beside its verification
+    + the verification at n + 1 tokens; the fastest predicted count wins (ties: the fewer drafts)."""
+    from diffspec.speculative.sizing import estimate_chain
+
+    now = [0.0]
+
+    def run(n, streamer):  # the prefill's token, then rounds that accepted 4, 2, 0 and 4 drafts
+        assert n == 4
+        for size in (1, 5, 3, 1, 5):
+            streamer.on_commit(0, list(range(size)), [7] * size)
+        now[0] += 4 * 0.100  # four rounds of 100 ms: verifying 5 tokens cost 80, the rest 20
+        return 15, {}
+
+    verify = {2: 0.050, 3: 0.060, 5: 0.080}
+    n, report = estimate_chain(run, [1, 2, 4], lambda widths: {w: verify[w] for w in widths}, "drafts",
+                               clock=lambda: now[0])
+    rows = {r["drafts"]: r for r in report["candidates"]}
+    assert [rows[k]["acceptance_length"] for k in (1, 2, 4)] == pytest.approx([1.75, 2.5, 3.5])
+    assert [rows[k]["round_ms"] for k in (1, 2, 4)] == pytest.approx([70, 80, 100])
+    assert n == 4 and rows[4]["tokens_per_second"] == pytest.approx(35.0)  # 2.5 / 0.08 = 31.25 at 2
+    assert report["measured"] == pytest.approx({"drafts": 4, "rounds": 4, "seconds": 0.4, "round_ms": 100,
+                                                "other_ms": 20})
+    verify[5] = 0.200  # a dear wide verification: two drafts win
+    assert estimate_chain(run, [1, 2, 4], lambda widths: {w: verify[w] for w in widths}, "drafts",
+                          clock=lambda: now[0])[0] == 2
+
+
+def test_forward_seconds_times_each_width_once_per_pass(target) -> None:
+    from diffspec.speculative.sizing import forward_seconds
+
+    ticks = iter(range(10_000))
+    got = forward_seconds(target, [3, 4, 5, 6], [1, 3, 2], repeats=2, clock=lambda: float(next(ticks)))
+    assert sorted(got) == [1, 2, 3] and all(v == 1.0 for v in got.values())  # each timed call: one tick
+    with pytest.raises(ValueError, match="a context and at least one width"):
+        forward_seconds(target, [], [1])
 
 
 def test_stop_at_eos(target, drafters, tokenizer) -> None:

@@ -75,7 +75,8 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
-from .sizing import AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SMALL_TREES, Candidate, auto_run, candidates
+from .sizing import (AUTO, AUTO_TOKENS, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SMALL_TREES, Candidate, auto_run,
+                     candidates, forward_seconds)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -558,11 +559,18 @@ def dflash_generate(
     if cfg.drafts != AUTO:
         return _run(target, drafter, None, tokenizer, prompts, cfg, meter, progress, f"dflash[γ={cfg.gamma}]",
                     streamer)
+    layers = list(drafter.config.target_layers)  # a verification also returns these hidden states
+
+    def verify_seconds(widths: list[int]) -> dict[int, float]:
+        context = tokenizer.encode(prompts[0])
+        context += context[-1:] * (AUTO_TOKENS // 2)  # about where the calibration's rounds verify
+        return forward_seconds(target, context, widths, hidden_layers=layers)
+
     return auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES, most=True),
                      cfg.gamma - 1,
                      lambda ps, c, m, p=False, s=None: dflash_generate(target, drafter, tokenizer, ps, c, m,
                                                                        progress=p, streamer=s),
-                     meter, progress, streamer)
+                     meter, progress, streamer, verify_seconds)
 
 
 def tree_candidates(cfg: D2SDConfig) -> list[Candidate]:

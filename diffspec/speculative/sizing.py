@@ -24,6 +24,14 @@ Greedy output is the same at every size (each is AR greedy's), so the choice
 changes only speed; with sampling the choice fixes the random stream, so pass
 the reported size to reproduce a run elsewhere.
 
+DFlash's `drafts` is estimated instead of swept (`estimate_chain`): its drafter
+fills the whole window whatever the number verified, so a round that verifies N
+drafts accepts min(a, N) of the a that all γ − 1 would have had accepted. One
+decode at the widest size gives each round's a (and the drafting and host cost
+a round pays whatever N); one KV-cached target forward per width, timed alone,
+gives what verifying N costs. On SmolLM2 (two threads) it took 6.2 s, warm-up
+decode included, and chose the 4 drafts the sweep's 17 decodes chose in 26 s.
+
 The calibration always decodes `AUTO_TOKENS` tokens, whatever the request's
 length: it measures the device and the drafters, not the request, and a
 choice made on a handful of tokens (no tree built) would be noise. When the
@@ -47,6 +55,8 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence, Union
 
 import torch
+
+from ..decoding.streamer import Streamer
 
 AUTO = "auto"
 CANDIDATES = (1, 2, 4, 8)  # D²SD's K
@@ -123,12 +133,90 @@ def choose_size(run: Callable[[Candidate], tuple[int, dict[str, Any]]], ks: Sequ
     return best, report
 
 
+class RoundSizes(Streamer):
+    """Hears a one-row speculative decode: the tokens each round made final (the prefill's first)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
+        self.sizes.append(len(token_ids))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def forward_seconds(target: torch.nn.Module, context: Sequence[int], widths: Sequence[int], repeats: int = 3,
+                    clock: Callable[[], float] = time.perf_counter, **forward_kw: Any) -> dict[int, float]:
+    """Seconds of one KV-cached forward of `target` over Q new tokens after `context`, for each Q of
+    `widths`: the fastest of `repeats` passes over the widths (alternating their order, after one
+    untimed pass: a kernel's first call at a new shape sets it up)."""
+    from ..models.causal import CausalKVCache
+
+    if not context or not widths:
+        raise ValueError("forward_seconds needs a context and at least one width")
+    device = next(target.parameters()).device
+    ids = torch.tensor([list(context)], device=device)
+    C = ids.shape[1]
+    cache = CausalKVCache.for_model(target, 1, C + max(widths))
+    target(ids, kv_cache=cache, **forward_kw)
+    new = {q: ids[:, -1:].expand(1, q).contiguous() for q in widths}
+    best: dict[int, float] = {}
+    for n in range(repeats + 1):
+        for q in (widths if n % 2 == 0 else list(reversed(widths))):
+            cache.crop(C)
+            _sync(device)
+            t0 = clock()
+            target(new[q], kv_cache=cache, **forward_kw)
+            _sync(device)
+            if n:
+                best[q] = min(best.get(q, float("inf")), clock() - t0)
+    cache.crop(C)
+    return best
+
+
+def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], values: Sequence[int],
+                   verify_seconds: Callable[[list[int]], dict[int, float]], name: str,
+                   clock: Callable[[], float] = time.perf_counter) -> tuple[int, dict[str, Any]]:
+    """The number of drafts to verify a round, for a drafter whose drafts do not depend on how many
+    are verified (see the module docstring): `run(n, streamer)` decodes the calibration prompt at n;
+    `verify_seconds(widths)` times a target forward of each width (n + 1 tokens)."""
+    widest = max(values)
+    rec = RoundSizes()
+    t0 = clock()
+    run(widest, rec)
+    seconds = clock() - t0
+    accepted = [n - 1 for n in rec.sizes[1:]]  # a round emits its accepted drafts and one target token
+    if not accepted:
+        raise ValueError("estimate_chain: the calibration decode made no round")
+    verify = verify_seconds([n + 1 for n in values])
+    per_round = seconds / len(accepted)
+    other = max(0.0, per_round - verify[widest + 1])  # drafting and host work: the same at every n
+    rows = []
+    for n in values:
+        tau = 1 + sum(min(a, n) for a in accepted) / len(accepted)
+        round_s = other + verify[n + 1]
+        rows.append({name: n, "acceptance_length": tau, "verify_ms": 1e3 * verify[n + 1],
+                     "round_ms": 1e3 * round_s, "tokens_per_second": tau / round_s})
+    best = max(rows, key=lambda r: (r["tokens_per_second"], -r[name]))  # ties: the cheaper verification
+    report = {"chosen": best[name], "candidates": rows, "estimate": "chain",
+              "measured": {name: widest, "rounds": len(accepted), "seconds": seconds,
+                           "round_ms": 1e3 * per_round, "other_ms": 1e3 * other}}
+    return best[name], report
+
+
 def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prompt: str, cfg: Any, field: str,
-              values: Sequence[Candidate], default: int, decode: Callable[..., Any]
+              values: Sequence[Candidate], default: int, decode: Callable[..., Any],
+              verify_seconds: Callable[[list[int]], dict[int, float]] | None = None
               ) -> tuple[Candidate, dict[str, Any]]:
     """The value of `cfg.field` (set to "auto") for this device: remembered, or measured on `prompt`
     over `values` with `decode(prompts, cfg, meter)` (the method's own loop), `default` when the
-    calibration answer is too short to time. The report says what was measured."""
+    calibration answer is too short to time. With `verify_seconds` (a chain whose drafts do not
+    depend on how many are verified: DFlash) the size is estimated (`estimate_chain`) rather than
+    each value decoded. The report says what was measured."""
     from ..decoding.meter import CostMeter
     from ..models.checkpoint import weights_fingerprint
 
@@ -146,9 +234,9 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
         return k, {**copy.deepcopy(report), "remembered": True}
     forwards = {"nfe": 0, "flops": 0.0}
 
-    def run(k: Candidate) -> tuple[int, dict[str, Any]]:
+    def run(k: Candidate, streamer: Streamer | None = None) -> tuple[int, dict[str, Any]]:
         meter = CostMeter(primary="target")
-        res = decode([prompt], replace(cfg, **settings(field, k), gen_length=AUTO_TOKENS), meter)
+        res = decode([prompt], replace(cfg, **settings(field, k), gen_length=AUTO_TOKENS), meter, False, streamer)
         forwards["nfe"] += meter.nfe
         forwards["flops"] += meter.flops
         return meter.tokens_generated, res.stats
@@ -159,7 +247,10 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
         k, report = default, {"chosen": default, "candidates": [], "too_short": True,
                               "calibration_seconds": time.perf_counter() - start}
     else:
-        k, report = choose_size(run, values, warm=False, name=field)
+        if verify_seconds is not None and all(isinstance(v, int) for v in values):
+            k, report = estimate_chain(run, values, verify_seconds, field)  # type: ignore[arg-type]
+        else:
+            k, report = choose_size(run, values, warm=False, name=field)
         report["calibration_seconds"] = time.perf_counter() - start  # the first run's included
     report.update(calibration_tokens=AUTO_TOKENS, threads=torch.get_num_threads(),
                   calibration_forwards=forwards["nfe"], calibration_flops=forwards["flops"], remembered=False)
@@ -170,13 +261,14 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
 
 def auto_run(target: torch.nn.Module, drafters: list[torch.nn.Module], prompts: Sequence[str], cfg: Any,
              field: str, values: Sequence[Candidate], default: int, decode: Callable[..., Any],
-             meter: Any, progress: bool, streamer: Any) -> Any:
+             meter: Any, progress: bool, streamer: Any,
+             verify_seconds: Callable[[list[int]], dict[int, float]] | None = None) -> Any:
     """Decode with `cfg.field` = "auto" resolved on this device (`auto_size`, timed on the first
     prompt) by `decode(prompts, cfg, meter, progress, streamer)`; the report goes into the stats as
     auto_<field>, and a calibration's time into the wall clock."""
     if not prompts:
         raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
-    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode)
+    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode, verify_seconds)
     res = decode(prompts, replace(cfg, **settings(field, value)), meter, progress, streamer)
     if not report["remembered"]:  # what choosing cost is part of this run's time
         res.meter.wall_seconds += report["calibration_seconds"]
