@@ -162,7 +162,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         auto = (res.stats or {}).get(f"auto_{field}") if isinstance(res.stats, dict) else None
         if auto:  # the next run can pass the number directly
             timed = ", ".join(f"{_sizes(c, field)} {c['tokens_per_second']:.1f} tok/s" for c in auto["candidates"])
-            if timed and auto.get("estimate"):  # DFlash's drafts: from one decode and timed verifications
+            if timed and auto.get("estimate"):  # from one decode and timed forwards (sizing.estimate_chain)
                 timed = "estimated: " + timed
             why = (f" ({timed}; {auto['calibration_seconds']:.1f}s of calibration, included above)" if timed else
                    " (the calibration answer was too short to time: the default)")
@@ -170,7 +170,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print(f"[{a.method}] --{field} auto chose {chose}{why}", file=sys.stderr)
 
 
-_MEASURED = {"seconds", "tokens", "acceptance_length", "mean_tree_nodes", "tokens_per_second", "verify_ms", "round_ms"}
+_MEASURED = {"seconds", "tokens", "acceptance_length", "mean_tree_nodes", "tokens_per_second", "width_ms", "round_ms"}
 
 
 def _sizes(row: dict, field: str) -> str:

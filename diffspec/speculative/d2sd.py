@@ -75,8 +75,8 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
-from .sizing import (AUTO, AUTO_TOKENS, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SMALL_TREES, Candidate, auto_run,
-                     candidates, forward_seconds)
+from .sizing import (AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SMALL_TREES, Candidate, auto_run,
+                     calibration_context, candidates, forward_seconds)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -561,10 +561,10 @@ def dflash_generate(
                     streamer)
     layers = list(drafter.config.target_layers)  # a verification also returns these hidden states
 
-    def verify_seconds(widths: list[int]) -> dict[int, float]:
-        context = tokenizer.encode(prompts[0])
-        context += context[-1:] * (AUTO_TOKENS // 2)  # about where the calibration's rounds verify
-        return forward_seconds(target, context, widths, hidden_layers=layers)
+    def verify_seconds(ns: list[int]) -> dict[int, float]:  # n drafts: a verification of n + 1 tokens
+        t = forward_seconds(target, calibration_context(tokenizer.encode(prompts[0])), [n + 1 for n in ns],
+                            hidden_layers=layers)
+        return {n: t[n + 1] for n in ns}
 
     return auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES, most=True),
                      cfg.gamma - 1,

@@ -24,12 +24,14 @@ Greedy output is the same at every size (each is AR greedy's), so the choice
 changes only speed; with sampling the choice fixes the random stream, so pass
 the reported size to reproduce a run elsewhere.
 
-DFlash's `drafts` is estimated instead of swept (`estimate_chain`): its drafter
-fills the whole window whatever the number verified, so a round that verifies N
-drafts accepts min(a, N) of the a that all γ − 1 would have had accepted. One
-decode at the widest size gives each round's a (and the drafting and host cost
-a round pays whatever N); one KV-cached target forward per width, timed alone,
-gives what verifying N costs. On SmolLM2 (two threads) it took 6.2 s, warm-up
+DFlash's `drafts` and ar-spec's γ are estimated instead of swept
+(`estimate_chain`): a chain's first N drafts are the same whatever N (DFlash's
+drafter fills its whole window whatever is verified; a greedy AR drafter's
+chain is a prefix of a longer one), so a round that verifies N drafts accepts
+min(a, N) of the a that the widest would have had accepted. One decode at the
+widest size gives each round's a and what a round costs; the target's
+verification of N + 1 tokens, timed alone for each N, prices what grows with N
+(for ar-spec so do its N drafter steps, priced by a second decode at the fewest). On SmolLM2 (two threads) it took 6.2 s, warm-up
 decode included, and chose the 4 drafts the sweep's 17 decodes chose in 26 s.
 
 The calibration always decodes `AUTO_TOKENS` tokens, whatever the request's
@@ -178,45 +180,68 @@ def forward_seconds(target: torch.nn.Module, context: Sequence[int], widths: Seq
     return best
 
 
-def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], values: Sequence[int],
-                   verify_seconds: Callable[[list[int]], dict[int, float]], name: str,
-                   clock: Callable[[], float] = time.perf_counter) -> tuple[int, dict[str, Any]]:
-    """The number of drafts to verify a round, for a drafter whose drafts do not depend on how many
-    are verified (see the module docstring): `run(n, streamer)` decodes the calibration prompt at n;
-    `verify_seconds(widths)` times a target forward of each width (n + 1 tokens)."""
-    widest = max(values)
+def calibration_context(prompt_ids: list[int]) -> list[int]:
+    """A context as long as the calibration's mid-answer rounds see (the prompt and half of
+    AUTO_TOKENS): a forward's cost depends on its length, not on the ids."""
+    if not prompt_ids:
+        raise ValueError("the calibration prompt encodes to no tokens")
+    return prompt_ids + prompt_ids[-1:] * (AUTO_TOKENS // 2)
+
+
+def _timed_rounds(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], n: int,
+                  clock: Callable[[], float]) -> tuple[list[int], float]:
+    """Each round's accepted drafts in a calibration decode at n, and the decode's seconds per round."""
     rec = RoundSizes()
     t0 = clock()
-    run(widest, rec)
+    run(n, rec)
     seconds = clock() - t0
-    accepted = [n - 1 for n in rec.sizes[1:]]  # a round emits its accepted drafts and one target token
+    accepted = [size - 1 for size in rec.sizes[1:]]  # a round emits its accepted drafts and one target token
     if not accepted:
         raise ValueError("estimate_chain: the calibration decode made no round")
-    verify = verify_seconds([n + 1 for n in values])
-    per_round = seconds / len(accepted)
-    other = max(0.0, per_round - verify[widest + 1])  # drafting and host work: the same at every n
+    return accepted, seconds / len(accepted)
+
+
+def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], values: Sequence[int],
+                   width_seconds: Callable[[list[int]], dict[int, float]], name: str, per_draft: bool = False,
+                   clock: Callable[[], float] = time.perf_counter) -> tuple[int, dict[str, Any]]:
+    """The number of drafts a round proposes, for a chain whose first n drafts do not depend on how
+    many there are (see the module docstring): `run(n, streamer)` decodes the calibration prompt at
+    n; `width_seconds(ns)` times the target's verification of n + 1 tokens, alone, for each n.
+
+    A round at n costs other + verification(n) + n · step. `step` (an AR drafter's forward and
+    the Python around it, as decoding runs them) is solved from a second decode at the fewest
+    drafts when `per_draft`, else 0 (DFlash: one drafter call a round whatever n); `other` is what
+    the widest decode spent beside those."""
+    widest, fewest = max(values), min(values)
+    accepted, per_round = _timed_rounds(run, widest, clock)
+    width = width_seconds(list(values))
+    step = 0.0
+    if per_draft and fewest < widest:
+        _, per_round_fewest = _timed_rounds(run, fewest, clock)
+        step = max(0.0, (per_round - per_round_fewest - width[widest] + width[fewest]) / (widest - fewest))
+    other = max(0.0, per_round - width[widest] - widest * step)
     rows = []
     for n in values:
         tau = 1 + sum(min(a, n) for a in accepted) / len(accepted)
-        round_s = other + verify[n + 1]
-        rows.append({name: n, "acceptance_length": tau, "verify_ms": 1e3 * verify[n + 1],
+        round_s = other + width[n] + n * step
+        rows.append({name: n, "acceptance_length": tau, "width_ms": 1e3 * (width[n] + n * step),
                      "round_ms": 1e3 * round_s, "tokens_per_second": tau / round_s})
     best = max(rows, key=lambda r: (r["tokens_per_second"], -r[name]))  # ties: the cheaper verification
     report = {"chosen": best[name], "candidates": rows, "estimate": "chain",
-              "measured": {name: widest, "rounds": len(accepted), "seconds": seconds,
-                           "round_ms": 1e3 * per_round, "other_ms": 1e3 * other}}
+              "measured": {name: widest, "rounds": len(accepted), "round_ms": 1e3 * per_round,
+                           "other_ms": 1e3 * other, "step_ms": 1e3 * step}}
     return best[name], report
 
 
 def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prompt: str, cfg: Any, field: str,
               values: Sequence[Candidate], default: int, decode: Callable[..., Any],
-              verify_seconds: Callable[[list[int]], dict[int, float]] | None = None
+              width_seconds: Callable[[list[int]], dict[int, float]] | None = None, per_draft: bool = False
               ) -> tuple[Candidate, dict[str, Any]]:
     """The value of `cfg.field` (set to "auto") for this device: remembered, or measured on `prompt`
     over `values` with `decode(prompts, cfg, meter)` (the method's own loop), `default` when the
-    calibration answer is too short to time. With `verify_seconds` (a chain whose drafts do not
-    depend on how many are verified: DFlash) the size is estimated (`estimate_chain`) rather than
-    each value decoded. The report says what was measured."""
+    calibration answer is too short to time. With `width_seconds` (a chain whose first drafts do
+    not depend on how many there are: DFlash, ar-spec) the size is estimated (`estimate_chain`)
+    rather than each value decoded. The report says what was measured."""
     from ..decoding.meter import CostMeter
     from ..models.checkpoint import weights_fingerprint
 
@@ -247,8 +272,8 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
         k, report = default, {"chosen": default, "candidates": [], "too_short": True,
                               "calibration_seconds": time.perf_counter() - start}
     else:
-        if verify_seconds is not None and all(isinstance(v, int) for v in values):
-            k, report = estimate_chain(run, values, verify_seconds, field)  # type: ignore[arg-type]
+        if width_seconds is not None and all(isinstance(v, int) for v in values):
+            k, report = estimate_chain(run, values, width_seconds, field, per_draft)  # type: ignore[arg-type]
         else:
             k, report = choose_size(run, values, warm=False, name=field)
         report["calibration_seconds"] = time.perf_counter() - start  # the first run's included
@@ -262,13 +287,14 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
 def auto_run(target: torch.nn.Module, drafters: list[torch.nn.Module], prompts: Sequence[str], cfg: Any,
              field: str, values: Sequence[Candidate], default: int, decode: Callable[..., Any],
              meter: Any, progress: bool, streamer: Any,
-             verify_seconds: Callable[[list[int]], dict[int, float]] | None = None) -> Any:
+             width_seconds: Callable[[list[int]], dict[int, float]] | None = None, per_draft: bool = False) -> Any:
     """Decode with `cfg.field` = "auto" resolved on this device (`auto_size`, timed on the first
     prompt) by `decode(prompts, cfg, meter, progress, streamer)`; the report goes into the stats as
     auto_<field>, and a calibration's time into the wall clock."""
     if not prompts:
         raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
-    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode, verify_seconds)
+    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode, width_seconds,
+                              per_draft)
     res = decode(prompts, replace(cfg, **settings(field, value)), meter, progress, streamer)
     if not report["remembered"]:  # what choosing cost is part of this run's time
         res.meter.wall_seconds += report["calibration_seconds"]
