@@ -27,12 +27,14 @@ the reported size to reproduce a run elsewhere.
 DFlash's `drafts` and ar-spec's γ are estimated instead of swept
 (`estimate_chain`): a chain's first N drafts are the same whatever N (DFlash's
 drafter fills its whole window whatever is verified; a greedy AR drafter's
-chain is a prefix of a longer one), so a round that verifies N drafts accepts
-min(a, N) of the a that the widest would have had accepted. One decode at the
-widest size gives each round's a and what a round costs; the target's
-verification of N + 1 tokens, timed alone for each N, prices what grows with N
-(for ar-spec so do its N drafter steps, priced by a second decode at the fewest). On SmolLM2 (two threads) it took 6.2 s, warm-up
-decode included, and chose the 4 drafts the sweep's 17 decodes chose in 26 s.
+chain is a prefix of a longer one; sampled, the same holds in distribution), so
+a round that verifies N drafts accepts min(a, N) of the a that the widest would
+have had accepted. One decode at the widest size gives each round's a and what
+a round costs; the target's verification of N + 1 tokens, timed alone for each
+N, prices what grows with N (for ar-spec so do its N drafter steps, priced from
+a second decode at the fewest). On SmolLM2 (two threads, one GSM8K question)
+DFlash's took 6.0 s and kept the 4 drafts the sweep's 17 decodes kept in 26 s;
+ar-spec's 7.0 s for the γ = 1 the sweep kept in 29.7 s.
 
 The calibration always decodes `AUTO_TOKENS` tokens, whatever the request's
 length: it measures the device and the drafters, not the request, and a
