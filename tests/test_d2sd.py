@@ -243,6 +243,30 @@ def test_dflash_verifies_only_the_first_drafts(target, tokenizer) -> None:
         D2SDConfig(drafts="auto")
 
 
+def test_a_round_unsure_of_its_first_two_drafts_verifies_one(target, tokenizer) -> None:
+    """shorten_below: where the drafter's confidence in its first two drafts (their product) is below
+    it, the round verifies only the first (a 2-node chain); above it, every draft. Output: AR greedy's."""
+    prompt, budget, gamma = PROMPTS[0], 24, 8
+    block, _ = oracle_drafters(target, tokenizer, prompt, budget, gamma, 16)
+    block.wrong = (2,)  # the second draft is wrong and drafted with low confidence (~0.02), the first ~0.99
+    ar = ar_generate(target, tokenizer, [prompt], ARConfig(gen_length=budget, stop_at_eos=False))
+    base = DFlashSpecConfig(gen_length=budget, gamma=gamma, drafts=4, stop_at_eos=False)
+    plain = dflash_generate(target, block, tokenizer, [prompt], base)
+    short = dflash_generate(target, block, tokenizer, [prompt], base.replace(shorten_below=0.5))
+    kept = dflash_generate(target, block, tokenizer, [prompt], base.replace(shorten_below=0.01))
+    assert plain.raw_ids == short.raw_ids == kept.raw_ids == ar.raw_ids
+    assert short.stats["max_tree_nodes"] == 2 and short.stats["rounds"] == plain.stats["rounds"]
+    assert plain.stats["max_tree_nodes"] == kept.stats["max_tree_nodes"] == 5
+    assert short.stats["accepted"] == plain.stats["accepted"]  # the second draft was never right: nothing lost
+    assert short.stats["drafted"] < plain.stats["drafted"] / 3
+    for kw, match in [(dict(shorten_below=1.5), r"in \[0, 1\]"), (dict(shorten_below=0.3, drafts="auto"),
+                      "drafts=auto chooses shorten_below"), (dict(shorten_below=0.3, drafts=1), "drafts >= 2")]:
+        with pytest.raises(ValueError, match=match):
+            DFlashSpecConfig(gamma=8, **kw)
+    with pytest.raises(ValueError, match="D²SD's tree re-anchors"):
+        D2SDConfig(gamma=8, gamma2=16, shorten_below=0.3)
+
+
 def test_auto_drafts_decodes_as_the_count_it_chose_and_reports_it(target, drafters, tokenizer) -> None:
     from diffspec.speculative import sizing
 
@@ -254,15 +278,19 @@ def test_auto_drafts_decodes_as_the_count_it_chose_and_reports_it(target, drafte
     res = dflash_generate(t, block, tokenizer, PROMPTS, cfg)
     report = res.stats["auto_drafts"]
     n = report["chosen"]
-    assert [c["drafts"] for c in report["candidates"]] == [1, 2, 3, 4, 6, 7] and n in (1, 2, 3, 4, 6, 7)  # γ − 1 too
+    chosen = report.get("chosen_settings", {"drafts": n})
+    plain = [c for c in report["candidates"] if "shorten_below" not in c]
+    assert [c["drafts"] for c in plain] == [1, 2, 3, 4, 6, 7] and n in (1, 2, 3, 4, 5, 6, 7)  # γ − 1 too
+    assert {(c["drafts"], c["shorten_below"]) for c in report["candidates"][6:]} == \
+        {(d, t) for d in (4, 5, 6) for t in (0.15, 0.3, 0.45)}  # the shortened counts that fit γ − 1 = 7
     assert report["calibration_tokens"] == 64 and not report["remembered"] and res.config.drafts == "auto"
-    fixed = dflash_generate(t, block, tokenizer, PROMPTS, cfg.replace(drafts=n))
+    fixed = dflash_generate(t, block, tokenizer, PROMPTS, cfg.replace(**chosen))
     assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
     assert res.meter.nfe == fixed.meter.nfe and res.meter.wall_seconds >= report["calibration_seconds"]
     # estimated from one decode at the widest count: its τ is that decode's, the others' are no more
     assert report["estimate"] == "chain" and report["measured"]["drafts"] == 7 and report["measured"]["rounds"] > 0
     widest = dflash_generate(t, block, tokenizer, PROMPTS[:1], cfg.replace(drafts=7, gen_length=64))
-    taus = [c["acceptance_length"] for c in report["candidates"]]
+    taus = [c["acceptance_length"] for c in plain]
     assert taus[-1] == pytest.approx(widest.stats["acceptance_length"]) and taus == sorted(taus)
     assert all(c["width_ms"] > 0 and c["round_ms"] >= c["width_ms"] for c in report["candidates"])
     again = dflash_generate(t, copy.deepcopy(block), tokenizer, PROMPTS[:1], cfg)
@@ -306,6 +334,27 @@ def test_estimate_chain_reads_each_round_and_prices_each_width() -> None:
     verify[4] = 0.200  # a dear wide verification: two drafts win
     assert estimate_chain(run, [1, 2, 4], lambda ns: {k: verify[k] for k in ns}, "drafts",
                           clock=lambda: now[0])[0] == 2
+    # a shortened candidate: rounds whose first two confidences multiply below t verify one draft
+    confs = {"rounds": [[0.9, 0.9], [0.9, 0.2], [0.3, 0.9], [0.95, 0.9]]}  # products 0.81, 0.18, 0.27, 0.855
+
+    def run_conf(n, streamer):
+        for a, conf in zip((None, 4, 2, 0, 4), [None, *confs["rounds"]]):
+            if conf is not None:
+                streamer.on_draft(0, conf)
+            size = 1 if a is None else min(a, n) + 1
+            streamer.on_commit(0, list(range(size)), [7] * size)
+        now[0] += 4 * (0.020 + verify[n])
+        return 15, {}
+
+    verify[4] = 0.080
+    short = (("drafts", 4), ("shorten_below", 0.5))
+    best, report = estimate_chain(run_conf, [4, short], lambda ns: {k: verify[k] for k in ns}, "drafts",
+                                  clock=lambda: now[0])
+    rows = report["candidates"]
+    # rounds 2 and 3 verify one draft: accepted min(2, 1) = 1 and min(0, 1) = 0
+    assert rows[1]["acceptance_length"] == pytest.approx(1 + (4 + 1 + 0 + 4) / 4)
+    assert rows[1]["round_ms"] == pytest.approx(20 + (80 + 50 + 50 + 80) / 4)
+    assert best == short and report["chosen"] == 4 and report["chosen_settings"] == {"drafts": 4, "shorten_below": 0.5}
     verify[4], step["s"] = 0.080, 0.015  # each draft a 15 ms drafter step, seen only in decoding
     n, report = estimate_chain(run, [1, 2, 4], lambda ns: {k: verify[k] for k in ns}, "gamma", per_draft=True,
                                clock=lambda: now[0])
@@ -660,3 +709,25 @@ def test_auto_k_option_parsing_and_errors() -> None:
         parse_spec("d2sd:k=many")
     with pytest.raises(ValueError, match="or 'auto'"):
         D2SDConfig(k="Auto ")
+
+
+def test_round_sizes_pairs_each_round_with_its_drafts_confidences() -> None:
+    """A round that drafted nothing (the budget's last token) has no confidences; an offset streamer
+    (one batch of many) passes a round's confidences on under the row's own number."""
+    from diffspec.decoding.streamer import OffsetStreamer
+    from diffspec.speculative.sizing import RoundSizes
+
+    rec = RoundSizes()
+    rec.on_commit(0, [0], [5])  # the prefill's token
+    rec.on_draft(0, [0.9, 0.4])
+    rec.on_commit(0, [1, 2], [6, 7])
+    rec.on_commit(0, [3], [8])  # no drafts this round
+    assert rec.sizes == [1, 2, 1] and rec.confidences == [[], [0.9, 0.4], []]
+    heard = []
+
+    class Hear(RoundSizes):
+        def on_draft(self, row, confidences):
+            heard.append((row, list(confidences)))
+
+    OffsetStreamer(Hear(), 3).on_draft(1, [0.5])
+    assert heard == [(4, [0.5])]

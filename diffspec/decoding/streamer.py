@@ -30,6 +30,10 @@ class Streamer:
     def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
         """Cells `positions` of row `row`'s answer are final, holding `token_ids`."""
 
+    def on_draft(self, row: int, confidences: Sequence[float]) -> None:
+        """A speculative round of row `row` drafted tokens with these drafter probabilities (before
+        verification; DFlash and D²SD report them: `speculative.sizing` reads them)."""
+
     def should_stop(self) -> bool:
         """Whether the loop may end now (every row's answer is done for whoever listens)."""
         return False
@@ -56,6 +60,9 @@ class OffsetStreamer(Streamer):
 
     def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
         self.streamer.on_commit(self.offset + row, positions, token_ids)
+
+    def on_draft(self, row: int, confidences: Sequence[float]) -> None:
+        self.streamer.on_draft(self.offset + row, confidences)
 
     def should_stop(self) -> bool:
         return self.streamer.should_stop()

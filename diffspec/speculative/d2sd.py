@@ -75,7 +75,7 @@ from ..models.dflash import ContextKV, DFlashDrafter, check_target
 from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
-from .sizing import (AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SMALL_TREES, Candidate, auto_run,
+from .sizing import (AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SHORTENED, SMALL_TREES, Candidate, auto_run,
                      calibration_context, candidates, forward_seconds)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
@@ -98,6 +98,11 @@ class DFlashSpecConfig(ARConfig):
     # token at two threads), so drafts the drafter rarely gets right cost more than they return.
     # "auto": the count with the most tokens/s on this device (`speculative.sizing`).
     drafts: int | str = 0
+    # A round verifies only its first draft when the drafter's confidence that its first two are
+    # right (the product of their probabilities) is below this (0: never). On a CPU a verification
+    # of two tokens costs about one token's forward and five cost ~1.3x (benchmarks/verify-cost-cpu),
+    # so a round the drafter is unsure of is cheaper short. drafts=auto chooses it with the count.
+    shorten_below: float = 0.0
     AUTO_FIELDS: ClassVar[tuple[str, ...]] = ("drafts",)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,13 @@ class DFlashSpecConfig(ARConfig):
         if self.drafts != AUTO and not 0 <= self.drafts <= self.gamma - 1:
             raise ValueError(f"drafts (drafts verified a round) must be in 0..gamma-1 = 0..{self.gamma - 1} "
                              f"(0: all), got {self.drafts}")
+        if not 0.0 <= self.shorten_below <= 1.0:
+            raise ValueError(f"shorten_below (a confidence) must be in [0, 1], got {self.shorten_below}")
+        if self.shorten_below and self.drafts == AUTO:
+            raise ValueError("drafts=auto chooses shorten_below with the count; to set shorten_below, give drafts "
+                             "as a number")
+        if self.shorten_below and self.drafts == 1:
+            raise ValueError("shorten_below shortens a round to its first draft: it needs drafts >= 2 (or 0: all)")
 
     @property
     def n_drafts(self) -> int:
@@ -141,6 +153,9 @@ class D2SDConfig(DFlashSpecConfig):
         if self.drafts == AUTO:
             raise ValueError("drafts=auto sizes DFlash's chain; D²SD sizes its tree with k=auto (give drafts as a "
                              "number, or leave it at 0: all)")
+        if self.shorten_below:
+            raise ValueError("shorten_below shortens DFlash's chain; D²SD's tree re-anchors the drafts instead "
+                             "(leave it at 0)")
         if self.k != AUTO and self.k < 1:
             raise ValueError(f"k (rejection boundaries re-anchored by the VP drafter) must be >= 1, got {self.k}")
         if self.gamma2 < self.gamma:
@@ -467,7 +482,7 @@ def _decode_row(target: MeteredModel, drafter: _MeteredDrafter, vp: _MeteredDraf
     max_nodes = 1 + ((d2.k + 1) * (d2.branch or d2.gamma2 - 1) if d2 is not None else cfg.n_drafts)  # tree bound
     st = _TargetState(target, prompt, layers, len(prompt) + budget + max_nodes, T, generator,
                       [drafter] + ([vp] if vp is not None else []))
-    spec = _BlockSpeculator(st, drafter, vp, cfg, d2, eos, stats, generator)
+    spec = _BlockSpeculator(st, drafter, vp, cfg, d2, eos, stats, generator, streamer)
     return speculate(spec, st.first, budget, eos=eos, stop_at_eos=cfg.stop_at_eos, stats=stats, streamer=streamer,
                      on_round=spec.record)
 
@@ -477,9 +492,10 @@ class _BlockSpeculator:
     and for D²SD the VP drafter's re-anchored branches, as one tree over the row's `_TargetState`."""
 
     def __init__(self, st: _TargetState, drafter: _MeteredDrafter, vp: _MeteredDrafter | None, cfg: DFlashSpecConfig,
-                 d2: D2SDConfig | None, eos: frozenset[int], stats: BlockSpecStats, generator: torch.Generator):
+                 d2: D2SDConfig | None, eos: frozenset[int], stats: BlockSpecStats, generator: torch.Generator,
+                 streamer: Streamer | None = None):
         self.st, self.drafter, self.vp, self.cfg, self.d2 = st, drafter, vp, cfg, d2
-        self.eos, self.stats, self.generator = eos, stats, generator
+        self.eos, self.stats, self.generator, self.streamer = eos, stats, generator, streamer
 
     def propose(self, remaining: int) -> Proposal:
         cfg, d2, T = self.cfg, self.d2, self.cfg.temperature
@@ -493,6 +509,12 @@ class _BlockSpeculator:
             drafts, conf, q = _pick_drafts(logits, T, sampled, self.generator,
                                            None if sampled else self.drafter.ids)
             self.stats.drafter_forwards += 1
+            if self.streamer is not None:
+                self.streamer.on_draft(0, conf.tolist())
+            if d2 is None and cfg.shorten_below and len(drafts) > 1 and \
+                    float(conf[0]) * float(conf[1]) < cfg.shorten_below:
+                drafts, conf = drafts[:1], conf[:1]  # unsure of the first two: verify one (see DFlashSpecConfig)
+                q = q[:1] if q is not None else None
             if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
                 drafts = through_eos(drafts, self.eos)
                 conf = conf[:len(drafts)]
@@ -566,8 +588,9 @@ def dflash_generate(
                             hidden_layers=layers)
         return {n: t[n + 1] for n in ns}
 
-    return auto_run(target, [drafter], prompts, cfg, "drafts", candidates(cfg.gamma, DRAFT_CANDIDATES, most=True),
-                     cfg.gamma - 1,
+    shortened = [(("drafts", n), ("shorten_below", t)) for n, t in SHORTENED if n <= cfg.gamma - 1]
+    return auto_run(target, [drafter], prompts, cfg, "drafts",
+                     [*candidates(cfg.gamma, DRAFT_CANDIDATES, most=True), *shortened], cfg.gamma - 1,
                      lambda ps, c, m, p=False, s=None: dflash_generate(target, drafter, tokenizer, ps, c, m,
                                                                        progress=p, streamer=s),
                      meter, progress, streamer, verify_seconds)

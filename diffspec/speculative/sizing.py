@@ -65,6 +65,10 @@ from ..decoding.streamer import Streamer
 AUTO = "auto"
 CANDIDATES = (1, 2, 4, 8)  # D²SD's K
 DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8, 11, 15)  # DFlash's drafts a round
+# DFlash's drafts with a shorten_below (a round the drafter is unsure of verifies one draft), priced by
+# the estimate beside the plain counts: an offline replay of SmolLM2's rounds (8 GSM8K test questions
+# past the benchmark's 200) put 5 drafts shortened below 0.3 at 1.07x the best plain count.
+SHORTENED = tuple((n, t) for n in (4, 5, 6, 8) for t in (0.15, 0.3, 0.45))
 # ar-spec's γ: every width from 2 to 9 verified tokens, since on a CPU the cost of a width need not be
 # monotonic (the BLAS picks its kernel by the number of rows; benchmarks/verify-cost-cpu).
 GAMMA_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -138,13 +142,21 @@ def choose_size(run: Callable[[Candidate], tuple[int, dict[str, Any]]], ks: Sequ
 
 
 class RoundSizes(Streamer):
-    """Hears a one-row speculative decode: the tokens each round made final (the prefill's first)."""
+    """Hears a one-row speculative decode: the tokens each round made final (the prefill's first),
+    and the drafter's confidences in each round's drafts where the method reports them (else [])."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.confidences: list[list[float]] = []
+        self._drafted: list[float] = []
+
+    def on_draft(self, row: int, confidences: Sequence[float]) -> None:
+        self._drafted = list(confidences)
 
     def on_commit(self, row: int, positions: Sequence[int], token_ids: Sequence[int]) -> None:
         self.sizes.append(len(token_ids))
+        self.confidences.append(self._drafted)
+        self._drafted = []
 
 
 def _sync(device: torch.device) -> None:
@@ -191,8 +203,9 @@ def calibration_context(prompt_ids: list[int]) -> list[int]:
 
 
 def _timed_rounds(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], n: int,
-                  clock: Callable[[], float]) -> tuple[list[int], float]:
-    """Each round's accepted drafts in a calibration decode at n, and the decode's seconds per round."""
+                  clock: Callable[[], float]) -> tuple[list[int], list[list[float]], float]:
+    """Each round's accepted drafts and drafter confidences in a calibration decode at n, and the
+    decode's seconds per round."""
     rec = RoundSizes()
     t0 = clock()
     run(n, rec)
@@ -200,39 +213,54 @@ def _timed_rounds(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]
     accepted = [size - 1 for size in rec.sizes[1:]]  # a round emits its accepted drafts and one target token
     if not accepted:
         raise ValueError("estimate_chain: the calibration decode made no round")
-    return accepted, seconds / len(accepted)
+    return accepted, rec.confidences[1:], seconds / len(accepted)
 
 
-def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], values: Sequence[int],
+def verified(n: int, shorten_below: float, confidences: Sequence[float]) -> int:
+    """Drafts a round verifies at `drafts` n with DFlash's `shorten_below` (d2sd.DFlashSpecConfig)."""
+    if shorten_below and n > 1 and len(confidences) > 1 and confidences[0] * confidences[1] < shorten_below:
+        return 1
+    return n
+
+
+def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], values: Sequence[Candidate],
                    width_seconds: Callable[[list[int]], dict[int, float]], name: str, per_draft: bool = False,
-                   clock: Callable[[], float] = time.perf_counter) -> tuple[int, dict[str, Any]]:
+                   clock: Callable[[], float] = time.perf_counter) -> tuple[Candidate, dict[str, Any]]:
     """The number of drafts a round proposes, for a chain whose first n drafts do not depend on how
     many there are (see the module docstring): `run(n, streamer)` decodes the calibration prompt at
-    n; `width_seconds(ns)` times the target's verification of n + 1 tokens, alone, for each n.
+    n; `width_seconds(ns)` times the target's verification of n + 1 tokens, alone, for each n. A
+    candidate is n, or n with a `shorten_below` (set as a tuple, see `settings`), priced round by
+    round from the drafter's confidences in the widest decode.
 
     A round at n costs other + verification(n) + n · step. `step` (an AR drafter's forward and
     the Python around it, as decoding runs them) is solved from a second decode at the fewest
     drafts when `per_draft`, else 0 (DFlash: one drafter call a round whatever n); `other` is what
     the widest decode spent beside those."""
-    widest, fewest = max(values), min(values)
-    accepted, per_round = _timed_rounds(run, widest, clock)
-    width = width_seconds(list(values))
+    sizes = {c: settings(name, c) for c in values}
+    ns = sorted({int(v[name]) for v in sizes.values()} | {1})
+    widest, fewest = max(ns), min(ns)
+    accepted, confidences, per_round = _timed_rounds(run, widest, clock)
+    width = width_seconds(ns)
     step = 0.0
     if per_draft and fewest < widest:
-        _, per_round_fewest = _timed_rounds(run, fewest, clock)
+        _, _, per_round_fewest = _timed_rounds(run, fewest, clock)
         step = max(0.0, (per_round - per_round_fewest - width[widest] + width[fewest]) / (widest - fewest))
     other = max(0.0, per_round - width[widest] - widest * step)
-    rows = []
-    for n in values:
-        tau = 1 + sum(min(a, n) for a in accepted) / len(accepted)
-        round_s = other + width[n] + n * step
-        rows.append({name: n, "acceptance_length": tau, "width_ms": 1e3 * (width[n] + n * step),
-                     "round_ms": 1e3 * round_s, "tokens_per_second": tau / round_s})
-    best = max(rows, key=lambda r: (r["tokens_per_second"], -r[name]))  # ties: the cheaper verification
-    report = {"chosen": best[name], "candidates": rows, "estimate": "chain",
+    rows = {}
+    for c, size in sizes.items():
+        lengths = [verified(int(size[name]), size.get("shorten_below", 0.0), conf) for conf in confidences]
+        tau = 1 + sum(min(a, n) for a, n in zip(accepted, lengths)) / len(accepted)
+        round_s = sum(other + width[n] + n * step for n in lengths) / len(lengths)
+        rows[c] = {**size, "acceptance_length": tau, "width_ms": 1e3 * (round_s - other),
+                   "round_ms": 1e3 * round_s, "tokens_per_second": tau / round_s}
+    order = {c: i for i, c in enumerate(values)}
+    best = max(values, key=lambda c: (rows[c]["tokens_per_second"], -order[c]))  # ties: the one listed first
+    report = {"chosen": sizes[best][name], "candidates": [rows[c] for c in values], "estimate": "chain",
               "measured": {name: widest, "rounds": len(accepted), "round_ms": 1e3 * per_round,
                            "other_ms": 1e3 * other, "step_ms": 1e3 * step}}
-    return best[name], report
+    if isinstance(best, tuple):
+        report["chosen_settings"] = sizes[best]
+    return best, report
 
 
 def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prompt: str, cfg: Any, field: str,
@@ -274,8 +302,8 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
         k, report = default, {"chosen": default, "candidates": [], "too_short": True,
                               "calibration_seconds": time.perf_counter() - start}
     else:
-        if width_seconds is not None and all(isinstance(v, int) for v in values):
-            k, report = estimate_chain(run, values, width_seconds, field, per_draft)  # type: ignore[arg-type]
+        if width_seconds is not None:
+            k, report = estimate_chain(run, values, width_seconds, field, per_draft)
         else:
             k, report = choose_size(run, values, warm=False, name=field)
         report["calibration_seconds"] = time.perf_counter() - start  # the first run's included
