@@ -284,6 +284,10 @@ def test_auto_drafts_decodes_as_the_count_it_chose_and_reports_it(target, drafte
     assert {(c["drafts"], c["shorten_below"]) for c in report["candidates"][6:]} == \
         {(d, t) for d in (4, 5, 6) for t in (0.15, 0.3, 0.45)}  # the shortened counts that fit γ − 1 = 7
     assert report["calibration_tokens"] == 64 and not report["remembered"] and res.config.drafts == "auto"
+    # the widest decode's confidences reached the estimate (through the runner's streamer): a shortened
+    # count prices some rounds at one draft, so it is not its plain count's twin
+    plain_ms = {c["drafts"]: c["width_ms"] for c in plain}
+    assert any(c["width_ms"] < plain_ms[c["drafts"]] for c in report["candidates"][6:] if c["drafts"] in plain_ms)
     fixed = dflash_generate(t, block, tokenizer, PROMPTS, cfg.replace(**chosen))
     assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
     assert res.meter.nfe == fixed.meter.nfe and res.meter.wall_seconds >= report["calibration_seconds"]

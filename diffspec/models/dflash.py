@@ -342,8 +342,7 @@ class DFlashDrafter(nn.Module):
         Outside a `draft_vocab` the logits are −inf; with `draft_space` they are
         returned over the draft vocabulary's columns only (..., Vd), in its order:
         training's cross-entropy then never touches the other 49 k SmolLM2 columns.
-        `compact` (decoding, with `ctx_cache`): over the draft vocabulary's columns in
-        ascending id order (`compact_ids`), for callers that take an argmax or confidence.
+        `compact` (decoding, with `ctx_cache`): over the draft vocabulary's columns (`compact_ids`).
         """
         if block_ids.dim() != 2:
             raise ValueError(f"block_ids must be (B, W), got {tuple(block_ids.shape)}")
