@@ -270,11 +270,7 @@ def test_auto_gamma_decodes_as_the_gamma_it_chose_and_reports_it(tokenizer) -> N
     assert [c["gamma"] for c in report["candidates"]] == list(range(1, 9)) and g in range(1, 9)
     assert report["calibration_tokens"] == 64 and not report["remembered"] and res.config.gamma == "auto"
     assert len({c["acceptance_length"] for c in report["candidates"]}) > 1  # each candidate drafted its own γ
-    # estimated from one decode at γ = 8: its τ is that decode's; a round's cost grows with γ (drafter steps)
-    assert report["estimate"] == "chain" and report["measured"]["gamma"] == 8
-    widest = spec_generate(t, near, tokenizer, PROMPTS[:1], cfg.replace(gamma=8, gen_length=64))
-    assert report["candidates"][-1]["acceptance_length"] == pytest.approx(widest.stats["acceptance_length"])
-    assert all(a["width_ms"] < b["width_ms"] for a, b in zip(report["candidates"][:2], report["candidates"][-2:]))
+    assert "estimate" not in report and all(c["seconds"] > 0 for c in report["candidates"])  # γ by γ, timed
     fixed = spec_generate(t, near, tokenizer, PROMPTS, cfg.replace(gamma=g))
     assert res.raw_ids == fixed.raw_ids == ar_generate(t, tokenizer, PROMPTS, cfg).raw_ids
     assert res.meter.nfe == fixed.meter.nfe and res.meter.wall_seconds >= report["calibration_seconds"]

@@ -48,7 +48,7 @@ from ..decoding.streamer import Streamer, commit_tail
 from ..models.causal import CausalKVCache
 from ..models.tokenizer import Tokenizer
 from .round import Proposal, chain, speculate, through_eos
-from .sizing import AUTO, DEFAULT_GAMMA, GAMMA_CANDIDATES, auto_run, calibration_context, forward_seconds
+from .sizing import AUTO, DEFAULT_GAMMA, GAMMA_CANDIDATES, auto_run
 
 __all__ = ["ARConfig", "SpecConfig", "ar_generate", "spec_generate", "ar_batch", "greedy_accept",
            "rejection_accept", "check_compatible", "through_eos", "run_rows"]
@@ -459,15 +459,11 @@ def spec_generate(
     if not isinstance(cfg, SpecConfig):
         raise ValueError(f"spec_generate needs a SpecConfig, got {type(cfg).__name__}")
     check_compatible(target, drafter)
-    if cfg.gamma == AUTO:
-        def verify_seconds(ns: list[int]) -> dict[int, float]:  # γ = n: n + 1 tokens verified
-            t = forward_seconds(target, calibration_context(tokenizer.encode(prompts[0])), [n + 1 for n in ns])
-            return {n: t[n + 1] for n in ns}
-
+    if cfg.gamma == AUTO:  # timed γ by γ: the chain estimate chose too long a chain here (`sizing`)
         return auto_run(target, [drafter], prompts, cfg, "gamma", GAMMA_CANDIDATES, DEFAULT_GAMMA,
                         lambda ps, c, m, p=False, s=None: spec_generate(target, drafter, tokenizer, ps, c, m,
                                                                         progress=p, streamer=s),
-                        meter, progress, streamer, verify_seconds, per_draft=True)
+                        meter, progress, streamer)
     meter = meter or CostMeter(primary="target")
     meter.primary = "target"
     t_metered, d_metered = MeteredModel(target, meter, "target"), MeteredModel(drafter, meter, "drafter")

@@ -24,17 +24,22 @@ Greedy output is the same at every size (each is AR greedy's), so the choice
 changes only speed; with sampling the choice fixes the random stream, so pass
 the reported size to reproduce a run elsewhere.
 
-DFlash's `drafts` and ar-spec's γ are estimated instead of swept
-(`estimate_chain`): a chain's first N drafts are the same whatever N (DFlash's
-drafter fills its whole window whatever is verified; a greedy AR drafter's
-chain is a prefix of a longer one; sampled, the same holds in distribution), so
-a round that verifies N drafts accepts min(a, N) of the a that the widest would
-have had accepted. One decode at the widest size gives each round's a and what
-a round costs; the target's verification of N + 1 tokens, timed alone for each
-N, prices what grows with N (for ar-spec so do its N drafter steps, priced from
-a second decode at the fewest). On SmolLM2 (two threads, one GSM8K question)
-DFlash's took 6.0 s and kept the 4 drafts the sweep's 17 decodes kept in 26 s;
-ar-spec's 7.0 s for the γ = 1 the sweep kept in 29.7 s.
+DFlash's `drafts` is estimated instead of swept (`estimate_chain`): its drafter
+fills its whole window whatever is verified, so a round verifying N drafts keeps
+the same first N tokens, and accepts min(a, N) of the a that the widest would
+have had accepted. One decode at the widest size gives each round's a (and the
+drafter's confidences, which price `shorten_below`) and what a round costs; the
+target's verification of N + 1 tokens, timed alone for each N, prices what
+grows with N. On SmolLM2 (two threads, one GSM8K question) it took 6.0 s and
+kept the 4 drafts the sweep's 17 decodes kept in 26 s.
+
+The estimate reads a(N) at the widest decode's round starts, and those follow a
+rejection, where the drafter does worse than on average: it underrates short
+rounds. ar-spec's γ, where that decides between γ = 1 and longer chains, is
+still swept: estimated the same way (with its drafter step priced from a second
+decode at γ = 1), it predicted τ 1.40 at γ = 1 on spec-smollm2's first question,
+where γ = 1 reached 1.55 over the 200, and chose γ = 5, which ran 1.28× AR in
+that benchmark against 1.34× for the sweep's γ = 1 in the run before.
 
 The calibration always decodes `AUTO_TOKENS` tokens, whatever the request's
 length: it measures the device and the drafters, not the request, and a
@@ -224,40 +229,32 @@ def verified(n: int, shorten_below: float, confidences: Sequence[float]) -> int:
 
 
 def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]]], values: Sequence[Candidate],
-                   width_seconds: Callable[[list[int]], dict[int, float]], name: str, per_draft: bool = False,
+                   width_seconds: Callable[[list[int]], dict[int, float]], name: str,
                    clock: Callable[[], float] = time.perf_counter) -> tuple[Candidate, dict[str, Any]]:
-    """The number of drafts a round proposes, for a chain whose first n drafts do not depend on how
+    """The number of drafts a round verifies, for a chain whose first n drafts do not depend on how
     many there are (see the module docstring): `run(n, streamer)` decodes the calibration prompt at
     n; `width_seconds(ns)` times the target's verification of n + 1 tokens, alone, for each n. A
     candidate is n, or n with a `shorten_below` (set as a tuple, see `settings`), priced round by
-    round from the drafter's confidences in the widest decode.
-
-    A round at n costs other + verification(n) + n · step. `step` (an AR drafter's forward and
-    the Python around it, as decoding runs them) is solved from a second decode at the fewest
-    drafts when `per_draft`, else 0 (DFlash: one drafter call a round whatever n); `other` is what
-    the widest decode spent beside those."""
+    round from the drafter's confidences in the widest decode. A round at n costs `other` (what the
+    widest decode spent beside its verification: the drafter call, host work) + verification(n)."""
     sizes = {c: settings(name, c) for c in values}
     ns = sorted({int(v[name]) for v in sizes.values()} | {1})
-    widest, fewest = max(ns), min(ns)
+    widest = max(ns)
     accepted, confidences, per_round = _timed_rounds(run, widest, clock)
     width = width_seconds(ns)
-    step = 0.0
-    if per_draft and fewest < widest:
-        _, _, per_round_fewest = _timed_rounds(run, fewest, clock)
-        step = max(0.0, (per_round - per_round_fewest - width[widest] + width[fewest]) / (widest - fewest))
-    other = max(0.0, per_round - width[widest] - widest * step)
+    other = max(0.0, per_round - width[widest])
     rows = {}
     for c, size in sizes.items():
         lengths = [verified(int(size[name]), size.get("shorten_below", 0.0), conf) for conf in confidences]
         tau = 1 + sum(min(a, n) for a, n in zip(accepted, lengths)) / len(accepted)
-        round_s = sum(other + width[n] + n * step for n in lengths) / len(lengths)
+        round_s = sum(other + width[n] for n in lengths) / len(lengths)
         rows[c] = {**size, "acceptance_length": tau, "width_ms": 1e3 * (round_s - other),
                    "round_ms": 1e3 * round_s, "tokens_per_second": tau / round_s}
     order = {c: i for i, c in enumerate(values)}
     best = max(values, key=lambda c: (rows[c]["tokens_per_second"], -order[c]))  # ties: the one listed first
     report = {"chosen": sizes[best][name], "candidates": [rows[c] for c in values], "estimate": "chain",
               "measured": {name: widest, "rounds": len(accepted), "round_ms": 1e3 * per_round,
-                           "other_ms": 1e3 * other, "step_ms": 1e3 * step}}
+                           "other_ms": 1e3 * other}}
     if isinstance(best, tuple):
         report["chosen_settings"] = sizes[best]
     return best, report
@@ -265,13 +262,13 @@ def estimate_chain(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any
 
 def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prompt: str, cfg: Any, field: str,
               values: Sequence[Candidate], default: int, decode: Callable[..., Any],
-              width_seconds: Callable[[list[int]], dict[int, float]] | None = None, per_draft: bool = False
+              width_seconds: Callable[[list[int]], dict[int, float]] | None = None
               ) -> tuple[Candidate, dict[str, Any]]:
     """The value of `cfg.field` (set to "auto") for this device: remembered, or measured on `prompt`
     over `values` with `decode(prompts, cfg, meter)` (the method's own loop), `default` when the
-    calibration answer is too short to time. With `width_seconds` (a chain whose first drafts do
-    not depend on how many there are: DFlash, ar-spec) the size is estimated (`estimate_chain`)
-    rather than each value decoded. The report says what was measured."""
+    calibration answer is too short to time. With `width_seconds` (DFlash's chain, whose drafts do
+    not depend on how many are verified) the size is estimated (`estimate_chain`) rather than
+    each value decoded. The report says what was measured."""
     from ..decoding.meter import CostMeter
     from ..models.checkpoint import weights_fingerprint
 
@@ -303,7 +300,7 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
                               "calibration_seconds": time.perf_counter() - start}
     else:
         if width_seconds is not None:
-            k, report = estimate_chain(run, values, width_seconds, field, per_draft)
+            k, report = estimate_chain(run, values, width_seconds, field)
         else:
             k, report = choose_size(run, values, warm=False, name=field)
         report["calibration_seconds"] = time.perf_counter() - start  # the first run's included
@@ -317,14 +314,13 @@ def auto_size(target: torch.nn.Module, drafters: Sequence[torch.nn.Module], prom
 def auto_run(target: torch.nn.Module, drafters: list[torch.nn.Module], prompts: Sequence[str], cfg: Any,
              field: str, values: Sequence[Candidate], default: int, decode: Callable[..., Any],
              meter: Any, progress: bool, streamer: Any,
-             width_seconds: Callable[[list[int]], dict[int, float]] | None = None, per_draft: bool = False) -> Any:
+             width_seconds: Callable[[list[int]], dict[int, float]] | None = None) -> Any:
     """Decode with `cfg.field` = "auto" resolved on this device (`auto_size`, timed on the first
     prompt) by `decode(prompts, cfg, meter, progress, streamer)`; the report goes into the stats as
     auto_<field>, and a calibration's time into the wall clock."""
     if not prompts:
         raise ValueError(f"{field}=auto needs a prompt to calibrate on; no prompts to decode")
-    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode, width_seconds,
-                              per_draft)
+    value, report = auto_size(target, drafters, prompts[0], cfg, field, values, default, decode, width_seconds)
     res = decode(prompts, replace(cfg, **settings(field, value)), meter, progress, streamer)
     if not report["remembered"]:  # what choosing cost is part of this run's time
         res.meter.wall_seconds += report["calibration_seconds"]
