@@ -46,6 +46,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..decoding.meter import sync_device
 from ..models.causal import CausalKVCache, Qwen3Config, Qwen3Model
 from ..models.llada import LLaDAConfig, LLaDAModel, RMSNorm
 from ..speculative.tree import DraftTree
@@ -82,8 +83,7 @@ class Timer:
         self.device, self.warmup, self.reps = device, warmup, reps
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync_device(self.device)
 
     def __call__(self, fn: Callable[[], Any], reps: int | None = None) -> dict[str, float]:
         reps = reps or self.reps

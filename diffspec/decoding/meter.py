@@ -35,6 +35,13 @@ def answer_length(ids: list[int], eos_ids: Collection[int]) -> int:
     return next((i + 1 for i, t in enumerate(ids) if t in eos_ids), len(ids))
 
 
+
+def sync_device(device: torch.device | None) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a wall-clock reading around
+    it measures the work; nothing to wait for on the CPU."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 @dataclass
 class ModelCost:
     """One model's totals, and the shapes of its forwards: `shapes` counts forwards by "B,Q,K"
@@ -90,16 +97,12 @@ class CostMeter:
 
     @contextmanager
     def timed(self, device: torch.device | None = None) -> Iterator[None]:
-        def sync() -> None:
-            if device is not None and device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        sync()
+        sync_device(device)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            sync()
+            sync_device(device)
             self.wall_seconds += time.perf_counter() - t0
 
     @classmethod

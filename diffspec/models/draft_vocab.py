@@ -58,12 +58,18 @@ def _gathered_head(owner: nn.Module, head: Tensor, ids: Tensor, slot: str = "") 
     return cached[2]
 
 
+def _on_head_device(owner: nn.Module, head: Tensor, ids: Tensor) -> Tensor:
+    """`ids` on the head's device: the module was moved after set_draft_vocab, so follow it, once."""
+    if ids.device != head.device:
+        ids = ids.to(head.device)
+        owner.draft_vocab = ids
+    return ids
+
+
 def draft_logits(owner: nn.Module, h: Tensor, head: Tensor, ids: Tensor, full: bool = True) -> Tensor:
     """Logits of the normed hidden states `h` over the draft vocabulary `ids` only: (..., V) with −inf
     outside it, or (..., Vd) in draft-vocabulary order when not `full`."""
-    if ids.device != head.device:  # the module was moved after set_draft_vocab: follow it, once
-        ids = ids.to(head.device)
-        owner.draft_vocab = ids
+    ids = _on_head_device(owner, head, ids)
     small = linear(h, _gathered_head(owner, head, ids))
     if not full:
         return small
@@ -87,10 +93,7 @@ def compact_logits(owner: nn.Module, h: Tensor, head: Tensor, ids: Tensor) -> Te
     columns of the full (..., V) form cost a 49 k-wide fill and reduction per cell on SmolLM2
     (0.5 ms of a 4.8 ms DFlash call, benchmarks/round-profile-cpu), and in id order an argmax breaks
     a tie as it would over the whole vocabulary (the lowest id), so the drafts are the same."""
-    if ids.device != head.device:
-        ids = ids.to(head.device)
-        owner.draft_vocab = ids
-    sorted_ids = ascending(owner, ids)
+    sorted_ids = ascending(owner, _on_head_device(owner, head, ids))
     return linear(h, _gathered_head(owner, head, sorted_ids, slot="_ascending"))
 
 

@@ -76,7 +76,7 @@ from ..models.tokenizer import Tokenizer
 from .ar import ARConfig, check_ar, probs, rejection_accept, run_rows, sample
 from .round import Acceptance, Proposal, speculate, through_eos
 from .sizing import (AUTO, CANDIDATES, DEFAULT_K, DRAFT_CANDIDATES, SHORTENED, SMALL_TREES, Candidate, auto_run,
-                     calibration_context, candidates, forward_seconds)
+                     calibration_context, candidates, forward_seconds, verified)
 from .tree import DraftTree, rejection_posterior, top_prefix_lengths
 
 __all__ = ["DFlashSpecConfig", "D2SDConfig", "BlockSpecStats", "dflash_generate", "d2sd_generate", "check_drafter"]
@@ -511,10 +511,10 @@ class _BlockSpeculator:
             self.stats.drafter_forwards += 1
             if self.streamer is not None:
                 self.streamer.on_draft(0, conf.tolist())
-            if d2 is None and cfg.shorten_below and len(drafts) > 1 and \
-                    float(conf[0]) * float(conf[1]) < cfg.shorten_below:
-                drafts, conf = drafts[:1], conf[:1]  # unsure of the first two: verify one (see DFlashSpecConfig)
-                q = q[:1] if q is not None else None
+            if cfg.shorten_below:  # unsure of the first two: verify one (see DFlashSpecConfig; 0 for D²SD)
+                n = verified(len(drafts), cfg.shorten_below, conf[:2].tolist())
+                drafts, conf = drafts[:n], conf[:n]
+                q = q[:n] if q is not None else None
             if cfg.stop_at_eos:  # decoding stops at an EOS, so nothing drafted after one can be emitted
                 drafts = through_eos(drafts, self.eos)
                 conf = conf[:len(drafts)]

@@ -164,17 +164,13 @@ class RoundSizes(Streamer):
         self._drafted = []
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def forward_seconds(target: torch.nn.Module, context: Sequence[int], widths: Sequence[int], repeats: int = 3,
                     clock: Callable[[], float] = time.perf_counter, **forward_kw: Any) -> dict[int, float]:
     """Seconds of one KV-cached forward of `target` over Q new tokens after `context`, for each Q of
     `widths`: the fastest of `repeats` passes over the widths (alternating their order, after one
     untimed pass: a kernel's first call at a new shape sets it up)."""
+    from ..decoding.meter import sync_device
     from ..models.causal import CausalKVCache
 
     if not context or not widths:
@@ -189,10 +185,10 @@ def forward_seconds(target: torch.nn.Module, context: Sequence[int], widths: Seq
     for n in range(repeats + 1):
         for q in (widths if n % 2 == 0 else list(reversed(widths))):
             cache.crop(C)
-            _sync(device)
+            sync_device(device)
             t0 = clock()
             target(new[q], kv_cache=cache, **forward_kw)
-            _sync(device)
+            sync_device(device)
             if n:
                 best[q] = min(best.get(q, float("inf")), clock() - t0)
     cache.crop(C)
@@ -222,7 +218,8 @@ def _timed_rounds(run: Callable[[Candidate, Streamer], tuple[int, dict[str, Any]
 
 
 def verified(n: int, shorten_below: float, confidences: Sequence[float]) -> int:
-    """Drafts a round verifies at `drafts` n with DFlash's `shorten_below` (d2sd.DFlashSpecConfig)."""
+    """Drafts a round of n verifies under DFlash's `shorten_below` (d2sd.DFlashSpecConfig), from the
+    drafter's confidences in its first drafts: the rule decoding applies and the estimate prices."""
     if shorten_below and n > 1 and len(confidences) > 1 and confidences[0] * confidences[1] < shorten_below:
         return 1
     return n
